@@ -1,0 +1,20 @@
+"""The four decode-path ops of kvcomp. Each lives in its own folder:
+
+    ops/<op>/reference.py   pure torch: the ground truth and the CPU path
+    ops/<op>/kernels.py     @triton.jit bodies only
+    ops/<op>/__init__.py    the public function: validates, then dispatches
+                            (CUDA tensors -> Triton when available, else reference)
+
+``kvcomp.ops`` never imports transformers.
+
+Packed code layout (part of the API): a code of BITS bits is ``BITS // 32`` int32 words;
+bit ``b`` is ``(x @ W)[..., b] > 0`` and lives in word ``b // 32`` at bit ``b % 32``
+(least significant bit first). A word with bit 31 set is a negative int32.
+"""
+
+from kvcomp.ops.hamming_topk import hamming_topk
+from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
+from kvcomp.ops.sparse_mla_decode import sparse_mla_decode
+
+__all__ = ["hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode"]

@@ -1,0 +1,93 @@
+"""Shared helpers of the ops: input checks with clear messages, backend choice, bit tricks."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Decide the backend. ``auto``: Triton for CUDA tensors (or KVCOMP_BACKEND=triton), else
+    the reference. ``triton`` forces the kernels (on CPU only under TRITON_INTERPRET=1)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        env = os.environ.get("KVCOMP_BACKEND", "auto")
+        if env == "reference":
+            return False
+        if env != "triton" and not all(t.is_cuda for t in tensors):
+            return False
+    if not triton_available():
+        if backend == "triton":
+            raise RuntimeError("backend='triton' requested but triton is not importable")
+        return False
+    if not all(t.is_cuda for t in tensors) and not interpreting():
+        if backend == "triton" or os.environ.get("KVCOMP_BACKEND") == "triton":
+            raise RuntimeError(
+                "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+            )
+        return False
+    return True
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def popcount32(x: torch.Tensor) -> torch.Tensor:
+    """Bit count of each int32 word (as int64 in [0, 32]); SWAR on int64, exact."""
+    v = x.to(torch.int64) & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def unpack_bits(codes: torch.Tensor) -> torch.Tensor:
+    """int32 [..., W] -> bool [..., 32 * W], bit b of the code at position b."""
+    shifts = torch.arange(32, device=codes.device, dtype=torch.int64)
+    bits = (codes.to(torch.int64).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*codes.shape[:-1], codes.shape[-1] * 32).bool()
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., BITS] (BITS % 32 == 0) -> int32 [..., BITS // 32], LSB first."""
+    nbits = bits.shape[-1]
+    if nbits % 32:
+        raise ValueError(f"number of bits must be a multiple of 32, got {nbits}")
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int64)
+    words = (bits.reshape(*bits.shape[:-1], nbits // 32, 32).to(torch.int64) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)

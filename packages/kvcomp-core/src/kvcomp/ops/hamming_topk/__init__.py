@@ -1,0 +1,91 @@
+"""``hamming_topk``: pick the KV blocks each (sequence, kv-head) attends to at a decode step.
+
+    block_idx = hamming_topk(q_codes, k_codes, seq_lens, k_blocks=..., chunk_size=128,
+                             must_select=(0, -2, -1), chunk_repre="max")
+        q_codes   [B, Hq, W]        int32 query codes (W = BITS // 32)
+        k_codes   [B, Hkv, Lmax, W] int32 key-code cache; rows t >= seq_lens[b] are ignored
+        seq_lens  [B]               int32/int64 real lengths (ragged batch)
+        k_blocks  int, or [B] int tensor: blocks per sequence including the must-select ones
+                  (capped at the sequence's block count)
+        block_idx [B, Hkv, K]       int32, ascending block indices, -1 padding
+
+    K, the output width, is ``max(k_blocks, len(must_select))`` for an int k_blocks; for a
+    tensor pass ``max_blocks=`` (no host sync), else ``int(k_blocks.max())`` is read.
+    Hq % Hkv == 0 and query head j belongs to kv-head j // (Hq // Hkv).
+
+Scores are exact int32 (``BITS - 2 * Hamming`` summed over a kv-head's query heads), block
+score is the max (or mean) over the block's valid tokens, ties go to the lower block index.
+Full definition: ``kvcomp.ops.hamming_topk.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ops._common import INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops.hamming_topk.reference import hamming_topk_ref, token_scores_ref
+
+__all__ = ["hamming_topk", "hamming_topk_ref", "token_scores_ref"]
+
+CHUNK_REPRE = ("max", "mean")
+
+
+def _prepare(q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chunk_repre, max_blocks):
+    check_tensor("q_codes", q_codes, ndim=3, dtypes=(torch.int32,))
+    check_tensor("k_codes", k_codes, ndim=4, dtypes=(torch.int32,), device=q_codes.device)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INT_DTYPES, device=q_codes.device)
+    B, Hq, W = q_codes.shape
+    if k_codes.shape[0] != B or seq_lens.shape[0] != B:
+        raise ValueError(
+            f"batch mismatch: q_codes {tuple(q_codes.shape)}, k_codes {tuple(k_codes.shape)}, "
+            f"seq_lens {tuple(seq_lens.shape)}"
+        )
+    Hkv = k_codes.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv-heads ({Hkv})")
+    if k_codes.shape[3] != W:
+        raise ValueError(f"q_codes have {W} words per code, k_codes {k_codes.shape[3]}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if chunk_repre not in CHUNK_REPRE:
+        raise ValueError(f"chunk_repre must be one of {CHUNK_REPRE}, got {chunk_repre!r}")
+    must = tuple(must_select)
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in must):
+        raise TypeError(f"must_select entries must be ints, got {must!r}")
+    if isinstance(k_blocks, torch.Tensor):
+        check_tensor("k_blocks", k_blocks, ndim=1, dtypes=INT_DTYPES, device=q_codes.device)
+        if k_blocks.shape[0] != B:
+            raise ValueError(f"k_blocks has {k_blocks.shape[0]} entries, batch is {B}")
+        K = int(max_blocks) if max_blocks is not None else int(k_blocks.max().item())
+        kb = k_blocks
+    elif isinstance(k_blocks, int) and not isinstance(k_blocks, bool):
+        if k_blocks < 1:
+            raise ValueError(f"k_blocks must be >= 1, got {k_blocks}")
+        K = k_blocks if max_blocks is None else int(max_blocks)
+        kb = torch.full((B,), k_blocks, dtype=torch.int32, device=q_codes.device)
+    else:
+        raise TypeError(f"k_blocks must be an int or a [B] int tensor, got {type(k_blocks).__name__}")
+    K = max(K, len(set(must)), 1)
+    return must, kb, K
+
+
+def hamming_topk(
+    q_codes: torch.Tensor,
+    k_codes: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    k_blocks,
+    chunk_size: int = 128,
+    must_select=(0, -2, -1),
+    chunk_repre: str = "max",
+    max_blocks: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    must, kb, K = _prepare(
+        q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chunk_repre, max_blocks
+    )
+    if use_triton(backend, q_codes, k_codes, seq_lens):
+        from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
+
+        return hamming_topk_triton(q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre)
+    return hamming_topk_ref(q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre)

@@ -1,0 +1,107 @@
+"""Reference Hamming scoring, block reduction and top-k selection. Pure torch, exact.
+
+Definitions (the one source of truth every kernel is tested against):
+
+* token score  s[b, h, t] = sum over the G query heads g of kv-head h of (BITS - 2 * popc(q_g ^ k_t))
+  (int32, exact; G = Hq // Hkv, query head j belongs to kv-head j // G)
+* block score  "max":  max of s over the block's valid tokens (t < seq_lens[b]), int32
+               "mean": float32(sum of s over valid tokens) / float32(count of valid tokens)
+* selection    per (b, h) with n = ceil(seq_lens[b] / chunk_size) real blocks:
+               must-select blocks first (entries m of must_select with -n <= m < n, m % n),
+               then the best-scoring other blocks; among equal scores the lower block index wins;
+               count = min(n, max(k_blocks[b], #must-select)), at most K (the output width)
+* output       int32 [B, Hkv, K], the selected block indices ascending, then -1 padding
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ops._common import popcount32
+
+
+def token_scores_ref(q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tensor:
+    """q_codes [B, Hq, W], k_codes [B, Hkv, L, W] -> int32 [B, Hkv, L] group-summed scores."""
+    B, Hq, W = q_codes.shape
+    Hkv = k_codes.shape[1]
+    G = Hq // Hkv
+    bits = 32 * W
+    q = q_codes.view(B, Hkv, G, 1, W)
+    k = k_codes.unsqueeze(2)  # [B, Hkv, 1, L, W]
+    ham = popcount32(torch.bitwise_xor(q, k)).sum(-1)  # [B, Hkv, G, L] int64
+    return (bits - 2 * ham).sum(2).to(torch.int32)
+
+
+def block_scores_ref(
+    token_scores: torch.Tensor, seq_lens: torch.Tensor, chunk_size: int, chunk_repre: str
+) -> torch.Tensor:
+    """int32 [B, Hkv, L] -> float64 [B, Hkv, NB] (NB = ceil(L / chunk)); -inf for empty blocks.
+
+    float64 holds both int32 "max" scores and float32 "mean" scores exactly."""
+    B, H, L = token_scores.shape
+    nb = -(-L // chunk_size)
+    pad = nb * chunk_size - L
+    t = torch.arange(nb * chunk_size, device=token_scores.device)
+    valid = t.view(1, -1) < seq_lens.to(torch.long).view(-1, 1)  # [B, NB*C]
+    valid = valid.view(B, 1, nb, chunk_size)
+    s = torch.nn.functional.pad(token_scores, (0, pad)).view(B, H, nb, chunk_size)
+    if chunk_repre == "max":
+        s = s.to(torch.int64).masked_fill(~valid, -(2**62))
+        out = s.max(-1).values.to(torch.float64)
+    elif chunk_repre == "mean":
+        total = (s.to(torch.int64) * valid).sum(-1)
+        count = valid.sum(-1).expand(B, H, nb)
+        out = (total.to(torch.float32) / count.clamp(min=1).to(torch.float32)).to(torch.float64)
+    else:
+        raise ValueError(f"chunk_repre must be 'max' or 'mean', got {chunk_repre!r}")
+    empty = ~valid.any(-1).expand(B, H, nb)
+    return out.masked_fill(empty, float("-inf"))
+
+
+def select_blocks_ref(
+    block_scores: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k_blocks: torch.Tensor,
+    K: int,
+    chunk_size: int,
+    must_select: tuple[int, ...],
+) -> torch.Tensor:
+    """float64 [B, H, NB] scores -> int32 [B, H, K] selection (see module docstring)."""
+    B, H, NB = block_scores.shape
+    dev = block_scores.device
+    n = (seq_lens.to(torch.long) + chunk_size - 1) // chunk_size  # [B]
+    idx = torch.arange(NB, device=dev)
+    must = torch.zeros(B, NB, dtype=torch.bool, device=dev)
+    for m in must_select:
+        pos = torch.where(torch.tensor(m, device=dev) >= 0, torch.tensor(m, device=dev), n + m)
+        ok = (pos >= 0) & (pos < n)
+        must |= ok.view(B, 1) & (idx.view(1, NB) == pos.view(B, 1))
+    n_must = must.sum(-1)  # [B]
+    count = torch.minimum(n, torch.maximum(k_blocks.to(torch.long), n_must)).clamp(max=K)
+    key = block_scores.masked_fill(must.view(B, 1, NB), float("inf"))
+    key = key.masked_fill((idx.view(1, NB) >= n.view(B, 1)).view(B, 1, NB), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # ties: lower index
+    width = min(K, NB)
+    chosen = order[..., :width]
+    keep = torch.arange(width, device=dev).view(1, 1, width) < count.view(B, 1, 1)
+    big = torch.iinfo(torch.int64).max
+    chosen = torch.where(keep, chosen, torch.full_like(chosen, big)).sort(-1).values
+    chosen = torch.where(chosen == big, torch.full_like(chosen, -1), chosen)
+    out = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)
+    out[..., :width] = chosen.to(torch.int32)
+    return out
+
+
+def hamming_topk_ref(
+    q_codes: torch.Tensor,
+    k_codes: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k_blocks: torch.Tensor,
+    K: int,
+    chunk_size: int,
+    must_select: tuple[int, ...],
+    chunk_repre: str,
+) -> torch.Tensor:
+    s = token_scores_ref(q_codes, k_codes)
+    bs = block_scores_ref(s, seq_lens, chunk_size, chunk_repre)
+    return select_blocks_ref(bs, seq_lens, k_blocks, K, chunk_size, must_select)

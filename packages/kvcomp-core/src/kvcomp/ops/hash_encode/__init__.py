@@ -1,0 +1,75 @@
+"""``hash_encode``: the binary hash code of keys or queries.
+
+    codes = hash_encode(x, weight)
+        x       [..., D]          float16 / bfloat16 / float32
+        weight  [D, BITS]         one projection for all rows, or
+                [H, D, BITS]      one per head; then x is [B, H, *, D] (dim 1 is the head)
+        codes   [..., BITS // 32] int32
+
+    hash_encode(x, weight, out=code_cache, positions=pos)
+        writes the codes of x [B, H, T, D] into out [B, H, Lmax, BITS // 32] at rows
+        pos[b] + t (pos [B] int) and returns out: the cache's append path.
+
+Bit layout: bit b is ``(x @ W)[..., b] > 0`` (computed in fp32), stored in word b // 32 at
+bit b % 32, least significant bit first. Exact for fp32 inputs; for half inputs a bit can
+differ from the fp32 reference only where |x . w_b| is within rounding of zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops.hash_encode.reference import hash_encode_into_ref, hash_encode_ref
+
+__all__ = ["hash_encode", "hash_encode_ref"]
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"weight must be [D, BITS] or [H, D, BITS], got shape {tuple(weight.shape)}")
+    D, bits = weight.shape[-2], weight.shape[-1]
+    if bits % 32 or bits == 0:
+        raise ValueError(f"weight has {bits} bits (last dim); must be a positive multiple of 32")
+    if x.dim() < 1 or x.shape[-1] != D:
+        raise ValueError(f"x last dim {tuple(x.shape)[-1:]} != weight head_dim {D}")
+    if weight.dim() == 3 and (x.dim() < 3 or x.shape[1] != weight.shape[0]):
+        raise ValueError(
+            f"per-head weight {tuple(weight.shape)} needs x [B, H, *, D] with H={weight.shape[0]}, "
+            f"got x {tuple(x.shape)}"
+        )
+
+
+def hash_encode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    _check(x, weight)
+    if (out is None) != (positions is None):
+        raise ValueError("hash_encode: pass both out= and positions= (or neither)")
+    if out is not None:
+        W = weight.shape[-1] // 32
+        check_tensor("out", out, ndim=4, dtypes=(torch.int32,), device=x.device)
+        check_tensor("positions", positions, ndim=1, dtypes=INT_DTYPES, device=x.device)
+        if x.dim() != 4 or out.shape[:2] != x.shape[:2] or out.shape[3] != W:
+            raise ValueError(
+                f"out {tuple(out.shape)} must be [B, H, Lmax, {W}] for x {tuple(x.shape)} [B, H, T, D]"
+            )
+        if positions.shape[0] != x.shape[0]:
+            raise ValueError(f"positions has {positions.shape[0]} entries, batch is {x.shape[0]}")
+        if use_triton(backend, x, weight, out):
+            from kvcomp.ops.hash_encode.kernels import hash_encode_into_triton
+
+            return hash_encode_into_triton(x, weight, out, positions)
+        return hash_encode_into_ref(x, weight, out, positions)
+    if use_triton(backend, x, weight):
+        from kvcomp.ops.hash_encode.kernels import hash_encode_triton
+
+        return hash_encode_triton(x, weight)
+    return hash_encode_ref(x, weight)

@@ -1,0 +1,74 @@
+"""``sparse_decode_attention``: exact attention of one decode query over selected KV blocks.
+
+    out = sparse_decode_attention(q, k_cache, v_cache, block_idx, seq_lens,
+                                  chunk_size=128, scale=None)
+        q          [B, Hq, D]          float16 / bfloat16 / float32
+        k_cache    [B, Hkv, Lmax, D]   same dtype as q (any strides with a unit last stride)
+        v_cache    [B, Hkv, Lmax, D]
+        block_idx  [B, Hkv, K]         int32 block indices (-1 entries are skipped), e.g. from
+                                       ``hamming_topk``; a block covers tokens
+                                       [i * chunk_size, (i + 1) * chunk_size)
+        seq_lens   [B]                 int real lengths; tokens t >= seq_lens[b] never attend
+        scale      float, default 1 / sqrt(D)
+        out        [B, Hq, D]          q's dtype; zeros for a row that selects no token
+
+Softmax is exact over the union of the selected blocks' valid tokens: with every block
+selected it equals dense attention. Query head j reads kv-head j // (Hq // Hkv).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops.sparse_decode_attention.reference import sparse_decode_attention_ref
+
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_ref"]
+
+
+def _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size):
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    dev = q.device
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=dev)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=dev)
+    check_tensor("block_idx", block_idx, ndim=3, dtypes=(torch.int32,), device=dev)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INT_DTYPES, device=dev)
+    B, Hq, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} must be [B={B}, Hkv, Lmax, D={D}]")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}")
+    Hkv = k_cache.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv-heads ({Hkv})")
+    if block_idx.shape[:2] != (B, Hkv):
+        raise ValueError(f"block_idx {tuple(block_idx.shape)} must be [B={B}, Hkv={Hkv}, K]")
+    if seq_lens.shape[0] != B:
+        raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries, batch is {B}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_idx: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    chunk_size: int = 128,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if use_triton(backend, q, k_cache, v_cache, block_idx, seq_lens):
+        from kvcomp.ops.sparse_decode_attention.kernels import sparse_decode_attention_triton
+
+        return sparse_decode_attention_triton(
+            q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale)
+        )
+    return sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale))
