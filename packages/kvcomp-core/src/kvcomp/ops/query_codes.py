@@ -1,0 +1,68 @@
+"""Query codes for a decode step: how a kv-head's G query heads become the codes that
+``hamming_topk`` scores against the key codes.
+
+    q_codes = encode_query(q, kv_weight, mode="sum")
+        q          [B, Hq, D]         float, post-RoPE decode queries (one token per sequence)
+        kv_weight  [Hkv, D, BITS]     the layer's per-kv-head hash projections
+        q_weight   [Hq, D, BITS]      optional, ``kv_weight`` expanded per query head (pass it to
+                                      avoid re-expanding every step; ``expand_query_weight``)
+        mode
+          "sum"      (exact, the paper's):  every query head hashed with its kv-head's W
+                     -> int32 [B, Hq, W]; hamming_topk sums BITS - 2*Ham over the group
+          "majority": bit b = sign of the group's summed ±1 signs (ties -> 0)
+                     -> int32 [B, Hkv, W]; one code per kv-head (G = 1 for hamming_topk)
+          "mean":    the group's queries averaged, then hashed -> int32 [B, Hkv, W]
+
+"majority" and "mean" cost one popcount per word in the scan instead of G, at some recall:
+measure (kvcomp eval) before choosing them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ops._common import pack_bits
+from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.hash_encode.reference import project
+
+QUERY_MODES = ("sum", "majority", "mean")
+
+
+def expand_query_weight(kv_weight: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """[Hkv, D, BITS] -> [Hq, D, BITS]: query head j uses kv-head j // (Hq // Hkv)."""
+    hkv = kv_weight.shape[0]
+    if num_q_heads % hkv:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of kv-heads ({hkv})")
+    return kv_weight.repeat_interleave(num_q_heads // hkv, dim=0).contiguous()
+
+
+def encode_query(
+    q: torch.Tensor,
+    kv_weight: torch.Tensor,
+    mode: str = "sum",
+    *,
+    q_weight: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if kv_weight.dim() != 3:
+        raise ValueError(f"kv_weight must be [Hkv, D, BITS], got shape {tuple(kv_weight.shape)}")
+    if mode not in QUERY_MODES:
+        raise ValueError(f"query aggregation mode must be one of {QUERY_MODES}, got {mode!r}")
+    B, Hq, D = q.shape
+    Hkv = kv_weight.shape[0]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv-heads ({Hkv})")
+    G = Hq // Hkv
+    if mode == "sum":
+        w = q_weight if q_weight is not None else expand_query_weight(kv_weight, Hq)
+        return hash_encode(q, w, backend=backend)
+    if mode == "mean":
+        qm = q.float().view(B, Hkv, G, D).mean(2).to(q.dtype)
+        return hash_encode(qm, kv_weight, backend=backend)
+    # majority: per-bit vote of the group's signs
+    w = q_weight if q_weight is not None else expand_query_weight(kv_weight, Hq)
+    signs = (project(q, w) > 0).view(B, Hkv, G, -1)  # [B, Hkv, G, BITS]
+    votes = signs.sum(2) * 2 - G  # positive where most heads say 1
+    return pack_bits(votes > 0)
