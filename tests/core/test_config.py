@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kvcomp.cli import main as cli_main
 from kvcomp.config import ConfigError, KVCompConfig
 
