@@ -16,18 +16,37 @@
 Scores are exact int32 (``BITS - 2 * Hamming`` summed over a kv-head's query heads), block
 score is the max (or mean) over the block's valid tokens, ties go to the lower block index.
 Full definition: ``kvcomp.ops.hamming_topk.reference``.
+
+``mode`` picks how a kv-head's G query codes are combined:
+    "exact"     (default) the sum above, exact. The kernel computes it either directly (G
+                popcounts per code word) or from bit-planes of the per-bit counts
+                (bit_length(G) + 1 popcounts, chosen when cheaper); both are exact.
+    "majority"  cheaper approximation: one code per kv-head whose bit b is set iff more than
+                half of the G query codes have it (ties -> 0), scored ``BITS - 2 * Hamming``;
+                equals ``hamming_topk(majority_codes(q_codes, Hkv), ...)`` with G = 1.
+    "exact_direct" / "exact_planes" force one exact form (benchmarks).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops._common import INT_DTYPES, check_tensor, pack_bits, unpack_bits, use_triton
 from kvcomp.ops.hamming_topk.reference import hamming_topk_ref, token_scores_ref
 
-__all__ = ["hamming_topk", "hamming_topk_ref", "token_scores_ref"]
+__all__ = ["hamming_topk", "hamming_topk_ref", "majority_codes", "token_scores_ref"]
 
 CHUNK_REPRE = ("max", "mean")
+MODES = ("exact", "majority", "exact_direct", "exact_planes")
+
+
+def majority_codes(q_codes: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """int32 [B, Hq, W] -> int32 [B, Hkv, W]: bit b set iff more than half of the kv-head's G
+    query codes have bit b set (ties -> 0). Pure torch; the reference of ``mode="majority"``."""
+    B, Hq, W = q_codes.shape
+    G = Hq // num_kv_heads
+    ones = unpack_bits(q_codes).view(B, num_kv_heads, G, 32 * W).sum(2)  # [B, Hkv, BITS]
+    return pack_bits(2 * ones > G)
 
 
 def _prepare(q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chunk_repre, max_blocks):
@@ -79,13 +98,20 @@ def hamming_topk(
     must_select=(0, -2, -1),
     chunk_repre: str = "max",
     max_blocks: int | None = None,
+    mode: str = "exact",
     backend: str = "auto",
 ) -> torch.Tensor:
     must, kb, K = _prepare(
         q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chunk_repre, max_blocks
     )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if use_triton(backend, q_codes, k_codes, seq_lens):
         from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
 
-        return hamming_topk_triton(q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre)
+        return hamming_topk_triton(
+            q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, mode
+        )
+    if mode == "majority":
+        q_codes = majority_codes(q_codes, k_codes.shape[1])
     return hamming_topk_ref(q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre)

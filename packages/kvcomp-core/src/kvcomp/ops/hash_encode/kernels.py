@@ -1,0 +1,111 @@
+"""Triton kernel of ``hash_encode``: projection, sign and bit-packing fused in one pass.
+
+One program encodes ``BLOCK_N`` rows of one (batch, head): it loads the rows once
+([BLOCK_N, D], upcast to fp32 as the reference does), and for each 32-bit word of the code
+multiplies them by the word's 32 columns of the head's projection ([D, 32], fp32, IEEE
+products so that signs match the fp32 reference), takes ``> 0`` and ORs bit j into bit j of
+the word. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
+
+The same kernel serves the cache's append path: with ``HAS_POS`` the codes of row t of
+sequence b go to row ``positions[b] + t`` of the code cache (rows >= Lmax are not written).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _or_combine(a, b):
+    return a | b
+
+
+@triton.jit
+def _hash_encode_kernel(
+    x_ptr, w_ptr, out_ptr, pos_ptr,
+    N, D, H, L_out,
+    sxb, sxh, sxn, sxd,
+    swh, swd, swk,
+    sob, soh, son, sow,
+    W: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    row_ok = rows < N
+    x = tl.load(
+        x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn + dims[None, :] * sxd,
+        mask=row_ok[:, None] & (dims[None, :] < D),
+        other=0.0,
+    ).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+    bit = tl.arange(0, 32)  # [32]
+    if HAS_POS:
+        out_rows = tl.load(pos_ptr + b).to(tl.int64) + rows
+        out_ok = row_ok & (out_rows < L_out) & (out_rows >= 0)
+    else:
+        out_rows = rows.to(tl.int64)
+        out_ok = row_ok
+    for w in tl.static_range(W):
+        wt = tl.load(
+            w_ptr + h * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
+            mask=dims[:, None] < D,
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_D, 32]
+        proj = tl.dot(x, wt, input_precision="ieee")  # [BLOCK_N, 32]
+        bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
+        word = tl.reduce(bits, 1, _or_combine)  # [BLOCK_N]
+        tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
+
+
+def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.Tensor | None) -> None:
+    """x4 [B, H, N, D], w3 [H or 1, D, BITS] (head stride 0 when shared), out4 [B, H, L_out, W]."""
+    B, H, N, D = x4.shape
+    W = w3.shape[-1] // 32
+    if N == 0 or B * H == 0:
+        return
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = 64 if block_d <= 128 else 32
+    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
+    swh = w3.stride(0) if w3.shape[0] > 1 else 0
+    grid = (triton.cdiv(N, block_n), B * H)
+    _hash_encode_kernel[grid](
+        x4, w3, out4, pos if pos is not None else out4,
+        N, D, H, out4.shape[2],
+        *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(),
+        W=W, HAS_POS=pos is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def hash_encode_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with weight [D, BITS], or x [B, H, *, D] with weight [H, D, BITS]
+    -> int32 [..., BITS // 32]."""
+    D, bits = weight.shape[-2], weight.shape[-1]
+    W = bits // 32
+    if weight.dim() == 2:
+        x4 = x.reshape(1, 1, -1, D)
+        w3 = weight.unsqueeze(0)
+    else:
+        B, H = x.shape[0], x.shape[1]
+        x4 = x.reshape(B, H, -1, D)
+        w3 = weight
+    out = torch.empty(*x.shape[:-1], W, dtype=torch.int32, device=x.device)
+    _launch(x4, w3, out.view(*x4.shape[:3], W), None)
+    return out
+
+
+def hash_encode_into_triton(
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Codes of x [B, H, T, D] written into out [B, H, Lmax, W] at rows positions[b] + t."""
+    w3 = weight.unsqueeze(0) if weight.dim() == 2 else weight
+    _launch(x, w3, out, positions)
+    return out
