@@ -14,7 +14,8 @@ bit ``b`` is ``(x @ W)[..., b] > 0`` and lives in word ``b // 32`` at bit ``b % 
 
 from kvcomp.ops.hamming_topk import hamming_topk
 from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.mla_decode import mla_decode
 from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
 from kvcomp.ops.sparse_mla_decode import sparse_mla_decode
 
-__all__ = ["hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode"]
+__all__ = ["hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode"]
