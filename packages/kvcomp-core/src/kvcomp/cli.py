@@ -15,6 +15,7 @@ import sys
 COMMANDS = [
     "kvcomp.commands.adapters",
     "kvcomp.commands.config",
+    "kvcomp.commands.demo",
 ]
 
 
