@@ -1,0 +1,327 @@
+"""HATA hash training: one projection per (layer, kv-head), or per (layer, MLA part).
+
+    weights = train_hash_weights(model, documents, TrainConfig(bits=128), out="W.safetensors")
+
+Recipe (paper): initialise from kvcomp's seeded random orthogonal weights, SGD lr 0.1,
+momentum 0.9, weight decay 1e-6, ``epochs`` x ``iters_per_epoch`` iterations (15 x 20) per
+layer, the HATA loss of ``kvcomp.training.loss``. One iteration = one document's keys against a
+chunk of ``queries_per_iter`` of its sampled queries (the units are shuffled per epoch by a
+generator seeded with (seed, layer, epoch)). The kv-heads of a GQA layer are trained together
+as a batch of independent projections (their losses add, gradients stay separate).
+
+Deterministic for a seed: every random draw comes from a generator seeded by (seed, layer, ...),
+so a layer's result does not depend on which process trains it or on the others.
+
+Resumable: each finished layer is written to ``<out>.ckpt/layer_XXX.safetensors``; with
+``resume=True`` those layers are loaded instead of retrained (their pairs are not collected).
+
+Distributed: under ``accelerate launch --num_processes N`` or ``torchrun`` (WORLD_SIZE > 1 in
+the environment), torch.distributed is initialised (gloo) if it is not already; rank r trains
+layers l with l % N == r, the trained tensors are gathered on rank 0, which alone writes the
+output. The result equals a one-process run up to float summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvcomp.training.collect import PairSet, collect_pairs, dense_labels
+from kvcomp.training.loss import LossWeights, hata_loss
+
+log = logging.getLogger("kvcomp.training")
+
+
+@dataclass
+class TrainConfig:
+    bits: int = 128  # GQA bits; MLA: bits_kv + bits_rope
+    bits_kv: int = 512  # MLA latent bits
+    bits_rope: int = 64  # MLA rope bits
+    epochs: int = 15
+    iters_per_epoch: int = 20
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    loss: LossWeights = field(default_factory=LossWeights)
+    n_queries: int = 32  # sampled query positions per document (x G query heads)
+    queries_per_iter: int = 48  # query rows per iteration (per projection)
+    pos_frac: float = 0.1  # share of keys labelled positive
+    seed: int = 0
+    layers: tuple[int, ...] | None = None  # None = every layer
+
+    def validate(self) -> None:
+        for name in ("bits", "bits_kv", "bits_rope"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 32:
+                raise ValueError(f"TrainConfig.{name} must be a positive multiple of 32, got {v!r}")
+        for name in ("epochs", "iters_per_epoch", "n_queries", "queries_per_iter"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+
+# ----------------------------------------------------------------------------- model geometry
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    is_mla: bool
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    model_name: str = ""
+
+    @classmethod
+    def of(cls, model) -> ModelGeometry:
+        c = model.config
+        name = getattr(c, "_name_or_path", "") or getattr(c, "model_type", "")
+        if getattr(c, "kv_lora_rank", None):
+            return cls(c.num_hidden_layers, True, kv_lora_rank=c.kv_lora_rank,
+                       qk_rope_head_dim=c.qk_rope_head_dim, model_name=str(name))
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(c.num_hidden_layers, False, num_kv_heads=kv, head_dim=head_dim, model_name=str(name))
+
+
+def initial_weights(geo: ModelGeometry, cfg: TrainConfig):
+    """The seeded random orthogonal HashWeights training starts from (the "random" baseline)."""
+    from kvcomp.hashing import HashWeights
+
+    if geo.is_mla:
+        return HashWeights.random_mla(geo.num_layers, geo.kv_lora_rank, geo.qk_rope_head_dim,
+                                      bits_kv=cfg.bits_kv, bits_rope=cfg.bits_rope, seed=cfg.seed,
+                                      model_name=geo.model_name)
+    return HashWeights.random(geo.num_layers, geo.num_kv_heads, geo.head_dim, cfg.bits,
+                              seed=cfg.seed, model_name=geo.model_name)
+
+
+def layer_parts(geo: ModelGeometry, hw, layer: int) -> dict[str, torch.Tensor]:
+    """{part: W [D, BITS]} of a layer: ``h{i}`` per kv-head (GQA) or ``latent`` / ``rope``."""
+    if geo.is_mla:
+        return {"latent": hw.latent(layer)[0].float(), "rope": hw.rope(layer)[0].float()}
+    w = hw.layer(layer).float()
+    return {f"h{i}": w[i] for i in range(w.shape[0])}
+
+
+# ----------------------------------------------------------------------------- one layer
+def _units(pairs: PairSet, per_iter: int, gen: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    units = []
+    for d in range(pairs.num_docs):
+        n = pairs.q[d].shape[0]
+        order = torch.randperm(n, generator=gen)
+        for s in range(0, n, per_iter):
+            units.append((d, order[s : s + per_iter]))
+    return units
+
+
+def train_projections(
+    pair_sets: list[PairSet],
+    W0: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    layer: int,
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Train P projections together. ``pair_sets``: P PairSets with identical document shapes
+    (the kv-heads of a layer); W0 [P, D, BITS] float32. Returns (W [P, D, BITS] float32 on CPU,
+    per-iteration loss history)."""
+    P = len(pair_sets)
+    if W0.dim() != 3 or W0.shape[0] != P:
+        raise ValueError(f"W0 must be [{P}, D, BITS], got {tuple(W0.shape)}")
+    ref = pair_sets[0]
+    for ps in pair_sets[1:]:
+        if ps.num_docs != ref.num_docs or any(
+            a.shape != b.shape for a, b in zip(ps.q + ps.k, ref.q + ref.k)
+        ):
+            raise ValueError("train_projections: pair sets must have identical document shapes")
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 7919 + layer)
+    units = _units(ref, cfg.queries_per_iter, gen)
+    W = W0.detach().clone().float().to(device).requires_grad_(True)
+    opt = torch.optim.SGD([W], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    history = []
+    for epoch in range(cfg.epochs):
+        egen = torch.Generator().manual_seed((int(cfg.seed) * 7919 + layer) * 1000 + epoch)
+        perm = torch.randperm(len(units), generator=egen).tolist()
+        for it in range(cfg.iters_per_epoch):
+            d, rows = units[perm[it % len(units)]]
+            q = torch.stack([ps.q[d][rows] for ps in pair_sets]).to(device)  # [P, n, D]
+            k = torch.stack([ps.k[d] for ps in pair_sets]).to(device)  # [P, T, D]
+            S = torch.stack(
+                [dense_labels(ps.t[d][rows], ps.pos_idx[d][rows], ps.k[d].shape[0]) for ps in pair_sets]
+            ).to(device)  # [P, n, T]
+            loss, parts = hata_loss(q, k, S, W, cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            parts["loss"] = float(loss.detach())
+            history.append(parts)
+            if progress is not None:
+                progress.set_postfix(layer=layer, epoch=epoch, loss=f"{parts['loss']:.4f}", refresh=False)
+    return W.detach().cpu(), history
+
+
+# ----------------------------------------------------------------------------- distributed
+def _dist_setup() -> tuple[int, int, bool]:
+    """(rank, world, we_initialised). Initialises gloo from the environment when launched by
+    accelerate / torchrun (WORLD_SIZE > 1) and no process group exists yet."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group(backend="gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _ckpt_dir(out: str | os.PathLike) -> Path:
+    return Path(str(out) + ".ckpt")
+
+
+def _save_layer(ckpt: Path, layer: int, parts: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / f".layer_{layer:03d}.tmp"
+    save_file({k: v.contiguous() for k, v in parts.items()}, str(tmp))
+    os.replace(tmp, ckpt / f"layer_{layer:03d}.safetensors")
+
+
+def _load_layer(ckpt: Path, layer: int) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = ckpt / f"layer_{layer:03d}.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- entry point
+def train_hash_weights(
+    model,
+    documents: list[torch.Tensor],
+    cfg: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+):
+    """Train hash weights for every layer of ``model`` on ``documents`` ([T] int64 token ids).
+
+    Returns the trained ``kvcomp.hashing.HashWeights`` (trained="1") on rank 0 (``None`` on the
+    other ranks); writes it to ``out`` (safetensors) when given. ``resume`` reuses the per-layer
+    checkpoints under ``<out>.ckpt/`` (requires ``out``)."""
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (checkpoints live in <out>.ckpt/)")
+    if not documents:
+        raise ValueError("no training documents")
+    geo = ModelGeometry.of(model)
+    device = device or model.device
+    rank, world, owned = _dist_setup()
+    hw0 = initial_weights(geo, cfg)
+    layers = list(range(geo.num_layers)) if cfg.layers is None else sorted(set(cfg.layers))
+    for layer in layers:
+        if not 0 <= layer < geo.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {geo.num_layers})")
+    mine = [layer for layer in layers if layer % world == rank]
+    ckpt = _ckpt_dir(out) if out is not None else None
+    done: dict[int, dict[str, torch.Tensor]] = {}
+    if resume and ckpt is not None:
+        for layer in mine:
+            got = _load_layer(ckpt, layer)
+            if got is not None:
+                done[layer] = got
+    todo = [layer for layer in mine if layer not in done]
+    stats = {"rank": rank, "world": world, "layers_trained": todo, "layers_resumed": sorted(done)}
+    t0 = time.perf_counter()
+    if todo:
+        pairs = collect_pairs(model, documents, layers=todo, n_queries=cfg.n_queries,
+                              pos_frac=cfg.pos_frac, seed=cfg.seed, progress=progress and rank == 0)
+        stats["collect_s"] = time.perf_counter() - t0
+        stats["pairs_per_projection"] = {f"{k[0]}.{k[1]}": v.num_pairs() for k, v in list(pairs.items())[:4]}
+        bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"train (rank {rank}/{world})", unit="layer")
+        for layer in todo:
+            init = layer_parts(geo, hw0, layer)
+            trained: dict[str, torch.Tensor] = {}
+            groups = [["latent"], ["rope"]] if geo.is_mla else [list(init)]
+            for names in groups:
+                W, _ = train_projections([pairs[(layer, n)] for n in names],
+                                         torch.stack([init[n] for n in names]), cfg,
+                                         layer=layer, device=device, progress=bar)
+                for i, n in enumerate(names):
+                    trained[n] = W[i]
+            for n in list(pairs):
+                if n[0] == layer:
+                    del pairs[n]
+            if ckpt is not None:
+                _save_layer(ckpt, layer, trained)
+            done[layer] = trained
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    stats["total_s"] = time.perf_counter() - t0
+
+    gathered = [done]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(done, gathered, dst=0)
+    result = None
+    if rank == 0:
+        merged: dict[int, dict[str, torch.Tensor]] = {}
+        for part in gathered:
+            merged.update(part)
+        result = assemble(geo, hw0, merged, cfg)
+        result.train_stats = stats
+        if out is not None:
+            result.save(out)
+            log.info("wrote %s (%d trained layers)", out, len(merged))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if owned:
+            dist.destroy_process_group()
+    return result
+
+
+def assemble(geo: ModelGeometry, hw0, trained: dict[int, dict[str, torch.Tensor]], cfg: TrainConfig):
+    """A trained HashWeights: the trained layers' tensors, the random init elsewhere."""
+    from kvcomp.hashing import HashWeights
+
+    if geo.is_mla:
+        latents = [trained[i]["latent"].unsqueeze(0) if i in trained else hw0.latent(i).float()
+                   for i in range(geo.num_layers)]
+        ropes = [trained[i]["rope"].unsqueeze(0) if i in trained else hw0.rope(i).float()
+                 for i in range(geo.num_layers)]
+        return HashWeights.from_tensors(list(zip(latents, ropes)), model_name=geo.model_name,
+                                        trained=True)
+    keys = []
+    for i in range(geo.num_layers):
+        if i in trained:
+            keys.append(torch.stack([trained[i][f"h{h}"] for h in range(geo.num_kv_heads)]))
+        else:
+            keys.append(hw0.layer(i).float())
+    return HashWeights.from_tensors(keys, model_name=geo.model_name, trained=True)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["layers"] = list(cfg.layers) if cfg.layers is not None else None
+    return d
