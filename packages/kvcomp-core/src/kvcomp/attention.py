@@ -1,0 +1,228 @@
+"""The kvcomp attention function and mask function, registered with transformers under "kvcomp".
+
+``kvcomp_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs)``
+    query [B, Hq, T, D] (post-RoPE), key/value as returned by ``KVCompCache.update``;
+    returns (out [B, T, Hq, D], None) like transformers' own attention functions.
+
+Per call, in this order:
+    * no ``KVCompLayer`` behind ``key`` (no kvcomp cache, e.g. ``use_cache=False``), or the
+      layer's first update (prefill): the model's previous attention implementation, with the
+      mask transformers built (sdpa/eager/... exactly as before ``enable``);
+    * T > 1 with a past ("extend"), sliding-window layers, and decode steps the policy makes
+      dense (ratio 1.0 or the longest sequence below the threshold): dense attention over the
+      compacted cache with a mask built from ``seq_lens`` (none when no mask is needed, so a
+      dense decode is bit-identical to the unpatched model's);
+    * decode (T == 1), policy mode "compute": ``encode_query`` (config.query_aggregation) ->
+      ``hamming_topk`` (k_blocks from ``LayerPolicy.k_blocks_tensor``, width from
+      ``max_k_blocks``) -> ``sparse_decode_attention``; the block_idx is kept on the cache layer
+      for the layers that reuse it;
+    * decode, mode "reuse": the source layer's block_idx of this same step.
+Sequences of a batch below the threshold get all their blocks (``k_blocks_tensor``).
+
+Per-module settings come from ``module._kvcomp`` (a ``LayerBinding`` that ``kvcomp.enable``
+sets on every attention module and ``disable`` removes).
+
+The mask function ("kvcomp" in ``AttentionMaskInterface``) returns the previous
+implementation's mask, except for forwards that run on a ``KVCompCache`` with a past, where
+it returns None (the attention function builds what it needs from ``seq_lens``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    sdpa_mask,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
+from kvcomp.ops import hamming_topk, sparse_decode_attention
+from kvcomp.ops.query_codes import encode_query
+
+__all__ = ["ATTN_NAME", "LayerBinding", "kvcomp_attention", "kvcomp_mask", "register", "forward_scope"]
+
+ATTN_NAME = "kvcomp"
+_FORWARD = threading.local()
+# previous attention implementation per model config (configs are not hashable: keyed by id)
+_FALLBACK_BY_CONFIG: dict[int, str] = {}
+
+
+@dataclass
+class LayerBinding:
+    """What the attention function needs for one attention module.
+
+    kv_weight  [Hkv, D, BITS] float32 on the module's device (layers that compute a selection)
+    q_weight   [Hq, D, BITS]  the same, expanded per query head (prepared once)
+    """
+
+    layer_idx: int
+    handle: Any  # the KVCompHandle: .config (KVCompConfig), .policy (LayerPolicy)
+    fallback: str
+    kv_weight: torch.Tensor | None = None
+    q_weight: torch.Tensor | None = None
+    sliding_window: int | None = None
+
+
+class forward_scope:
+    """Context of one model forward: which cache it runs on (set by enable's hooks)."""
+
+    @staticmethod
+    def enter(cache) -> None:
+        stack = getattr(_FORWARD, "stack", None)
+        if stack is None:
+            stack = _FORWARD.stack = []
+        stack.append(cache)
+
+    @staticmethod
+    def exit() -> None:
+        stack = getattr(_FORWARD, "stack", None)
+        if stack:
+            stack.pop()
+
+    @staticmethod
+    def current():
+        stack = getattr(_FORWARD, "stack", None)
+        return stack[-1] if stack else None
+
+
+def _fallback_function(module, name: str):
+    if name == "sdpa":
+        return sdpa_attention_forward
+    if name == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise RuntimeError(
+                f"{type(module).__name__} has no eager_attention_forward in its module; "
+                "load the model with attn_implementation='sdpa' before kvcomp.enable"
+            )
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def kvcomp_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    binding: LayerBinding | None = getattr(module, "_kvcomp", None)
+    fallback = binding.fallback if binding is not None else "sdpa"
+    layer = layer_for_key(key) if binding is not None else None
+    if layer is None or layer.step_kind == "prefill":
+        fn = _fallback_function(module, fallback)
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    decode = layer.step_kind == "decode"
+    if decode and binding.sliding_window is None:
+        policy = binding.handle.policy
+        mode = policy.mode(binding.layer_idx, layer.max_len)
+        if mode != "dense":
+            return _sparse_decode(query, layer, binding, mode, scaling), None
+    out = _dense_cached(module, query, layer, binding.sliding_window, fallback, scaling, kwargs)
+    if decode:
+        layer.record_step("dense", None)
+    return out, None
+
+
+def _dense_cached(module, query, layer: KVCompLayer, window, fallback, scaling, kwargs):
+    """Exact attention over the compacted cache: query t of sequence b sees the stored tokens
+    j <= qpos[b, t] (and j > qpos[b, t] - window on sliding layers)."""
+    L = layer.max_len
+    k, v = layer.keys_buf[:, :, :L], layer.values_buf[:, :, :L]
+    uniform = len(set(layer.lens)) <= 1
+    mask = None
+    if not (layer.step_kind == "decode" and uniform and window is None):
+        qpos = layer.step_query_pos  # [B, T]
+        j = torch.arange(L, device=k.device).view(1, 1, L)
+        mask = j <= qpos.unsqueeze(-1)
+        if window is not None:
+            mask &= j > (qpos.unsqueeze(-1) - window)
+        mask = mask.unsqueeze(1)  # [B, 1, T, L]
+    if fallback == "eager":
+        fn = _fallback_function(module, "eager")
+        if mask is not None:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
+    else:
+        fn = sdpa_attention_forward
+    kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("is_causal", "position_bias")}
+    out, _ = fn(module, query, k, v, mask, scaling=scaling, dropout=0.0, **kw)
+    return out
+
+
+def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, scaling: float):
+    handle = binding.handle
+    cfg, policy = handle.config, handle.policy
+    i = binding.layer_idx
+    L = layer.max_len
+    q = query[:, :, 0, :].contiguous()  # [B, Hq, D]
+    seq_lens = layer.seq_lens
+    if mode == "compute":
+        if layer.codes_buf is None:
+            raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
+        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation, q_weight=binding.q_weight)
+        block_idx = hamming_topk(
+            q_codes,
+            layer.codes_buf[:, :, :L],
+            seq_lens,
+            k_blocks=policy.k_blocks_tensor(i, seq_lens),
+            max_blocks=policy.max_k_blocks(i, L),
+            chunk_size=cfg.chunk_size,
+            must_select=tuple(cfg.must_select_blocks),
+            chunk_repre=cfg.chunk_repre_method,
+        )
+        layer.step_block_idx = block_idx
+        layer.step_block_idx_update = layer.updates
+    else:  # reuse
+        cache: KVCompCache = layer._cache_ref()
+        j = policy.source(i)
+        src = cache.layers[j]
+        if src.step_block_idx is None or src.step_block_idx_update != layer.updates:
+            raise RuntimeError(
+                f"layer {i} reuses layer {j}'s selection, but layer {j} made none at this step"
+            )
+        block_idx = src.step_block_idx.to(q.device)
+    out = sparse_decode_attention(
+        q,
+        layer.keys_buf[:, :, :L],
+        layer.values_buf[:, :, :L],
+        block_idx,
+        seq_lens,
+        chunk_size=cfg.chunk_size,
+        scale=float(scaling),
+    )
+    layer.record_step(mode, block_idx)
+    return out.unsqueeze(1)  # [B, 1, Hq, D]
+
+
+def kvcomp_mask(*args, **kwargs):
+    """Mask function for "kvcomp": the previous implementation's mask (prefill, forwards
+    without a kvcomp cache), or None on a kvcomp cache with a past (not used there)."""
+    q_offset = kwargs.get("q_offset", 0)
+    if isinstance(forward_scope.current(), KVCompCache) and not (
+        isinstance(q_offset, int) and q_offset == 0
+    ):
+        return None
+    config = kwargs.get("config")
+    name = _FALLBACK_BY_CONFIG.get(id(config), "sdpa") if config is not None else "sdpa"
+    fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name, sdpa_mask)
+    return fn(*args, **kwargs)
+
+
+def register() -> None:
+    """Register "kvcomp" with transformers' AttentionInterface and AttentionMaskInterface."""
+    AttentionInterface.register(ATTN_NAME, kvcomp_attention)
+    AttentionMaskInterface.register(ATTN_NAME, kvcomp_mask)
