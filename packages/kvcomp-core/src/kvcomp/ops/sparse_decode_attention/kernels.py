@@ -1,0 +1,172 @@
+"""Triton kernels of ``sparse_decode_attention``: split-K flash-decoding over selected blocks.
+
+The selected tokens of a (sequence, kv-head) form a virtual sequence: virtual token v is token
+``v % CHUNK`` of the block ``block_idx[b, h, v // CHUNK]`` (skipped when that entry is -1 or the
+token is at or past seq_len). ``_sparse_decode_split_kernel``, grid (B * Hkv, SPLITS), walks one
+share of that virtual sequence in tiles of BLOCK_N tokens: it gathers each K/V tile once for all
+G query heads of the kv-head (the G rows padded to 16 for tl.dot), keeps an online softmax in
+fp32 (log2 domain) and writes its partial (m, l, acc) to [B, Hq, SPLITS(, D)] fp32 buffers.
+``_merge_kernel``, grid (B * Hq,), combines the splits by log-sum-exp and writes the output in
+q's dtype; a row without any attended token gets zeros.
+
+Entries of block_idx are expected to be distinct (as hamming_topk returns them); a repeated
+entry would be attended twice. Nothing here reads a length on the host: CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcomp.ops._common import interpreting
+
+# about two waves of programs on a 132-SM H200
+TARGET_PROGRAMS = 264
+MIN_TILES_PER_SPLIT = 2
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+    Hkv, K_ENT, TOK_PER_SPLIT, SPLITS, scale_log2,
+    sqb, sqh, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sib, sih, sik,
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = pid // Hkv
+    h = pid % Hkv
+    seq_len = tl.load(len_ptr + b).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < G
+    d_ok = d < D
+    q = tl.load(
+        q_ptr + b * sqb + (h * G + g[:, None]) * sqh + d[None, :] * sqd,
+        mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [G_PAD, BLOCK_D]
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    i_base = idx_ptr + b * sib + h * sih
+
+    m_i = tl.full([G_PAD], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
+    v_lo = split * TOK_PER_SPLIT
+    v_hi = tl.minimum(v_lo + TOK_PER_SPLIT, K_ENT * CHUNK)
+    for v0 in range(v_lo, v_hi, BLOCK_N):
+        vt = v0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual tokens
+        in_range = vt < v_hi
+        blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
+        t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
+        ok = in_range & (blk >= 0) & (t < seq_len)
+        kt = tl.load(
+            k_base + t[:, None] * skt + d[None, :] * skd, mask=ok[:, None] & d_ok[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        elif DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
+            s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))  # [G_PAD, BLOCK_N] fp32
+        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # 0 where masked
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt_ = tl.load(
+            v_base + t[:, None] * svt + d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            pv = tl.dot(p, vt_, input_precision="ieee")
+        elif DOT_F32:
+            pv = tl.dot(p.to(vt_.dtype).to(tl.float32), vt_.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt_.dtype), vt_)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    row = (b * Hkv * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
+    tl.store(m_ptr + row, m_i, mask=g_ok)
+    tl.store(l_ptr + row, l_i, mask=g_ok)
+    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr,
+    Hq, SPLITS, sob, soh, sod,
+    D: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hq
+    hq = pid % Hq
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < SPLITS
+    d_ok = d < D
+    m = tl.load(m_ptr + pid * SPLITS + s, mask=s_ok, other=NEG_BIG)  # [S_PAD]
+    l = tl.load(l_ptr + pid * SPLITS + s, mask=s_ok, other=0.0)
+    acc = tl.load(
+        acc_ptr + (pid * SPLITS + s[:, None]) * D + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [S_PAD, BLOCK_D]
+    m_all = tl.max(m, 0)
+    w = tl.exp2(m - m_all)
+    denom = tl.sum(l * w, 0)
+    o = tl.sum(acc * w[:, None], 0)  # [BLOCK_D]
+    o = tl.where(denom > 0, o / tl.where(denom > 0, denom, 1.0), 0.0)
+    tl.store(out_ptr + b * sob + hq * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads)."""
+    block_n = 64 if D <= 128 else 32
+    virtual = K * chunk
+    tiles = triton.cdiv(virtual, block_n)
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
+    per_split = triton.cdiv(tiles, splits) * block_n
+    splits = triton.cdiv(virtual, per_split)
+    return block_n, per_split, splits
+
+
+def sparse_decode_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor,
+    seq_lens: torch.Tensor, chunk_size: int, scale: float,
+) -> torch.Tensor:
+    """q [B, Hq, D], k/v [B, Hkv, Lmax, D], block_idx [B, Hkv, K] int32, seq_lens [B] -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    K = block_idx.shape[2]
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if B * Hq == 0 or D == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
+    m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    _sparse_decode_split_kernel[(B * Hkv, splits)](
+        q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
+        Hkv, K, per_split, splits, scale * math.log2(math.e),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
+        G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
+        BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
+        num_warps=4, num_stages=2,
+    )
+    _merge_kernel[(B * Hq,)](
+        m, l, acc, out, Hq, splits, *out.stride(),
+        D=D, S_PAD=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
