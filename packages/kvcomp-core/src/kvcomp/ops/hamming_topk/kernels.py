@@ -42,11 +42,6 @@ SELECT_BLOCK_MAX = 2048
 
 
 @triton.jit
-def _or_combine(a, b):
-    return a | b
-
-
-@triton.jit
 def _popc(x, USE_ASM: tl.constexpr):
     """Bit count of int32 words (as int32)."""
     if USE_ASM:
@@ -103,14 +98,15 @@ def _block_keys_kernel(
             qg = tl.load(q_base + g * sqh + wv * sqw, mask=w_ok, other=0)  # [BLOCK_W]
             cnt += (qg[:, None] >> bit[None, :]) & 1
         if MAJORITY:
-            maj = tl.reduce(tl.where(2 * cnt > G, 1, 0) << bit[None, :], 1, _or_combine)
+            # distinct bits: their sum is their OR
+            maj = tl.sum(tl.where(2 * cnt > G, 1, 0) << bit[None, :], 1)
             rows = tl.zeros([R_PAD, BLOCK_W], dtype=tl.int32) + maj[None, :]  # R_PAD == 1
             coef = tl.full([R_PAD], -2, dtype=tl.int32)
             base = BITS
         else:
-            planes = tl.reduce(
-                ((cnt[None, :, :] >> rv[:, None, None]) & 1) << bit[None, None, :], 2, _or_combine
-            )  # [R_PAD, BLOCK_W]: plane p holds bit p of every c_b
+            planes = tl.sum(
+                ((cnt[None, :, :] >> rv[:, None, None]) & 1) << bit[None, None, :], 2
+            )  # [R_PAD, BLOCK_W]: plane p holds bit p of every c_b (distinct bits: sum == OR)
             rows = planes
             coef = 4 << rv  # [R_PAD]; planes p >= bit_length(G) are all zero
             base = G * BITS - 2 * tl.sum(tl.sum(cnt, 1), 0)

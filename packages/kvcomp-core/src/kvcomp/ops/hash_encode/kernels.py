@@ -18,11 +18,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _or_combine(a, b):
-    return a | b
-
-
-@triton.jit
 def _hash_encode_kernel(
     x_ptr, w_ptr, out_ptr, pos_ptr,
     N, D, H, L_out,
@@ -61,7 +56,7 @@ def _hash_encode_kernel(
         ).to(tl.float32)  # [BLOCK_D, 32]
         proj = tl.dot(x, wt, input_precision="ieee")  # [BLOCK_N, 32]
         bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
-        word = tl.reduce(bits, 1, _or_combine)  # [BLOCK_N]
+        word = tl.sum(bits, 1)  # [BLOCK_N]: distinct bits, so the sum is their OR (wraps to int32)
         tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
 
 

@@ -1,0 +1,94 @@
+"""Timing, bandwidth and verification helpers shared by the ``kvcomp bench`` benchmarks.
+
+* ``cuda_time_us(fn)``: median time of ``fn()`` in microseconds from CUDA events, optionally
+  replaying a CUDA graph of ``fn`` (launch gaps shrink to what a served model sees).
+* ``copy_bandwidth_gbs()``: device-to-device copy bandwidth in GB/s, bytes read + written.
+* ``attention_ref_fp64`` / ``attention_ref_lowp`` / ``attention_close``: flash-attention's
+  tolerance rule (kernel error <= 2x the error of the same-precision torch computation against
+  an fp64 reference, plus a small atol), over a boolean token mask.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+
+class VerificationError(AssertionError):
+    """A kernel result differs from its reference: benchmarks refuse to report a speedup."""
+
+
+def cuda_time_us(fn: Callable[[], object], *, warmup: int = 5, reps: int = 50, graph: bool = True) -> float:
+    """Median wall time of one ``fn()`` on the current CUDA stream, in microseconds.
+
+    With ``graph`` the call is captured once into a CUDA graph (after ``warmup`` eager calls) and
+    each timed repetition replays it; each repetition is timed with its own pair of events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+            stream.synchronize()
+            with torch.cuda.graph(g, stream=stream):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        run = g.replay
+        for _ in range(3):
+            run()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        run()
+        e.record()
+    torch.cuda.synchronize()
+    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth in GB/s (1e9 B/s), counting bytes read plus written."""
+    src = torch.empty(nbytes // 4, dtype=torch.int32, device=device).random_()
+    dst = torch.empty_like(src)
+    t = cuda_time_us(lambda: dst.copy_(src), warmup=3, reps=20, graph=False)
+    return 2 * src.numel() * 4 / (t * 1e-6) / 1e9
+
+
+def attention_ref_fp64(q, k, v, mask, scale):
+    """q [B, Hq, D], k/v [B, Hkv, L, D], mask bool [B, Hkv, L] -> float64 [B, Hq, D]; rows
+    without any attended token are zeros."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    s = torch.einsum("bhgd,bhld->bhgl", q.double().view(B, Hkv, G, D), k.double()) * scale
+    s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhgl,bhld->bhgd", p, v.double()).reshape(B, Hq, v.shape[-1])
+
+
+def attention_ref_lowp(q, k, v, mask, scale):
+    """The same attention computed the way plain torch does it in q's dtype (scores and
+    probabilities rounded to that dtype): the yardstick of the tolerance rule."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    s = torch.einsum("bhgd,bhld->bhgl", q.view(B, Hkv, G, D), k) * scale
+    s = s.float().masked_fill(~mask.unsqueeze(2), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype)
+    return torch.einsum("bhgl,bhld->bhgd", p, v).reshape(B, Hq, v.shape[-1])
+
+
+def attention_close(out, ref64, reflowp, *, atol: float = 1e-5) -> tuple[bool, float, float]:
+    """flash-attention's rule: max|out - ref64| <= 2 * max|reflowp - ref64| + atol.
+    Returns (ok, kernel error, torch same-precision error); NaN anywhere fails."""
+    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+    base = (reflowp.double() - ref64).abs().max().item() if out.numel() else 0.0
+    ok = bool(torch.isfinite(out).all().item()) and err <= 2 * base + atol
+    return ok, err, base

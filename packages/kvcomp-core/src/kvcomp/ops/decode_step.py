@@ -1,0 +1,69 @@
+"""One sparse decode step of one attention layer: encode the query, select blocks, attend.
+
+    out, block_idx = decode_step(q, q_weight, k_codes, k_cache, v_cache, seq_lens,
+                                 k_blocks=..., max_blocks=..., chunk_size=128,
+                                 must_select=(0, -2, -1), chunk_repre="max", scale=None)
+        q          [B, Hq, D]            float16 / bfloat16 / float32, post-RoPE decode queries
+        q_weight   [Hq, D, BITS]         hash projection of each query head (its kv-head's W,
+                                         ``kvcomp.ops.query_codes.expand_query_weight``)
+        k_codes    [B, Hkv, Lmax, W]     int32 key-code cache (W = BITS // 32)
+        k_cache    [B, Hkv, Lmax, D]     q's dtype
+        v_cache    [B, Hkv, Lmax, D]
+        seq_lens   [B]                   int real lengths (the new token included)
+        k_blocks   int, or [B] int tensor: blocks to attend per sequence, must-select included
+        max_blocks int, the output width K (required with a tensor k_blocks: no host read)
+        out        [B, Hq, D]            q's dtype
+        block_idx  [B, Hkv, K]           int32, ascending, -1 padding (``hamming_topk``)
+
+The same three public ops the integration calls, in a row: ``hash_encode`` -> ``hamming_topk``
+-> ``sparse_decode_attention``. On CUDA tensors it launches kernels only (no host-device
+synchronisation, no allocation that depends on device values), so a step can be captured in a
+CUDA graph and replayed with new q / caches / seq_lens written into the captured tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ops.hamming_topk import hamming_topk
+from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
+
+__all__ = ["decode_step"]
+
+
+def decode_step(
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    k_blocks,
+    max_blocks: int | None = None,
+    chunk_size: int = 128,
+    must_select=(0, -2, -1),
+    chunk_repre: str = "max",
+    scale: float | None = None,
+    mode: str = "exact",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dim() != 3 or q_weight.dim() != 3 or q_weight.shape[0] != q.shape[1]:
+        raise ValueError(
+            f"decode_step needs q [B, Hq, D] and q_weight [Hq, D, BITS], got q {tuple(q.shape)} "
+            f"and q_weight {tuple(q_weight.shape)}"
+        )
+    if isinstance(k_blocks, torch.Tensor) and max_blocks is None:
+        raise ValueError("decode_step: a tensor k_blocks needs max_blocks= (no host read allowed)")
+    q_codes = hash_encode(q, q_weight, backend=backend)  # [B, Hq, W]
+    block_idx = hamming_topk(
+        q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
+        must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
+        backend=backend,
+    )
+    out = sparse_decode_attention(
+        q, k_cache, v_cache, block_idx, seq_lens, chunk_size=chunk_size, scale=scale,
+        backend=backend,
+    )
+    return out, block_idx
