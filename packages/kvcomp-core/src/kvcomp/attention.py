@@ -143,6 +143,8 @@ def _dense_cached(module, query, layer: KVCompLayer, window, fallback, scaling, 
     L = layer.max_len
     k, v = layer.keys_buf[:, :, :L], layer.values_buf[:, :, :L]
     uniform = len(set(layer.lens)) <= 1
+    if window is not None and L <= window:
+        window = None  # every stored token is inside the window: no restriction
     mask = None
     if not (layer.step_kind == "decode" and uniform and window is None):
         qpos = layer.step_query_pos  # [B, T]
