@@ -7,7 +7,6 @@ inputs a bit may differ only where the fp32 projection is within rounding of zer
 
 import pytest
 import torch
-
 from kvcomp.ops import hash_encode
 from kvcomp.ops.hash_encode.reference import hash_encode_into_ref, hash_encode_ref, project
 

@@ -266,15 +266,16 @@ def _form(G: int, mode: str) -> tuple[int, bool, int]:
 
 def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
-    chunk_size: int, chunk_repre: str, mode: str = "exact",
+    chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
-    past a sequence's ``ceil(seq_len / chunk)`` are not written."""
+    past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
+    that shape to write into."""
     B, Hq, W = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     G = Hq // Hkv
     nb = max(1, triton.cdiv(Lmax, chunk_size))
-    keys = torch.empty(B, Hkv, nb, dtype=torch.int32, device=q_codes.device)
+    keys = out if out is not None else torch.empty(B, Hkv, nb, dtype=torch.int32, device=q_codes.device)
     if B * Hkv == 0:
         return keys
     form, majority, r_pad = _form(G, mode)
@@ -315,11 +316,13 @@ def _must_tensor(must_select: tuple[int, ...], device: torch.device) -> torch.Te
 
 def select_triton(
     keys: torch.Tensor, seq_lens: torch.Tensor, k_blocks: torch.Tensor, K: int,
-    chunk_size: int, must_select: tuple[int, ...],
+    chunk_size: int, must_select: tuple[int, ...], out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage 2: int32 [B, Hkv, K] selection from stage 1's keys."""
+    """Stage 2: int32 [B, Hkv, K] selection from stage 1's keys (written into ``out`` if given;
+    every entry is written)."""
     B, Hkv, nb = keys.shape
-    out = torch.empty(B, Hkv, K, dtype=torch.int32, device=keys.device)
+    if out is None:
+        out = torch.empty(B, Hkv, K, dtype=torch.int32, device=keys.device)
     if B * Hkv == 0:
         return out
     must = _must_tensor(tuple(must_select), keys.device)

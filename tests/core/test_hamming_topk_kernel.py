@@ -1,0 +1,162 @@
+"""Triton ``hamming_topk`` against its reference, compared with torch.equal (indices are exact).
+
+CPU cases run under TRITON_INTERPRET=1 at small shapes; ``-m gpu`` cases at real shapes. Codes are
+drawn either uniformly (distinct scores) or from 3 low bits (many tied scores: the tie rule and
+the must-select handling are what those exercise)."""
+
+import importlib
+
+import pytest
+import torch
+from kvcomp.ops import hamming_topk
+from kvcomp.ops.hamming_topk import majority_codes
+
+kernels = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+
+
+def codes(*shape, low_entropy=False, gen=None, device="cpu"):
+    c = torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=gen)
+    if low_entropy:
+        c = c & 0x7
+    return c.to(device)
+
+
+def both(q, k, lens, **kw):
+    got = hamming_topk(q, k, lens, backend="triton", **kw)
+    want = hamming_topk(q, k, lens, backend="reference", **kw)
+    return got, want
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("low_entropy", [False, True])
+def test_gqa_ratios_ragged(G, low_entropy):
+    gen = torch.Generator().manual_seed(10 * G + low_entropy)
+    B, Hkv, W, L = 3, 2, 2, 300
+    q = codes(B, Hkv * G, W, low_entropy=low_entropy, gen=gen)
+    k = codes(B, Hkv, L, W, low_entropy=low_entropy, gen=gen)
+    lens = torch.tensor([L, 129, 1])
+    got, want = both(q, k, lens, k_blocks=5, chunk_size=16)
+    assert torch.equal(got, want)
+    assert (got[2] == torch.tensor([0, -1, -1, -1, -1], dtype=torch.int32)).all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact_direct", "exact_planes", "majority"])
+@pytest.mark.parametrize("repre", ["max", "mean"])
+def test_modes_and_block_repr(mode, repre):
+    gen = torch.Generator().manual_seed(len(mode) + len(repre))
+    B, Hkv, G, W, L = 2, 3, 8, 4, 127
+    q = codes(B, Hkv * G, W, gen=gen)
+    k = codes(B, Hkv, L, W, low_entropy=repre == "max", gen=gen)
+    lens = torch.tensor([127, 63])
+    got, want = both(q, k, lens, k_blocks=4, chunk_size=8, chunk_repre=repre, mode=mode)
+    assert torch.equal(got, want)
+    # three kv-heads with different keys must not all pick the same blocks
+    assert not (torch.equal(got[:, 0], got[:, 1]) and torch.equal(got[:, 1], got[:, 2]))
+
+
+def test_majority_equals_reference_on_majority_codes():
+    gen = torch.Generator().manual_seed(7)
+    q = codes(2, 8, 2, gen=gen)
+    k = codes(2, 2, 129, 2, gen=gen)
+    lens = torch.tensor([129, 100])
+    got = hamming_topk(q, k, lens, k_blocks=6, chunk_size=4, mode="majority", backend="triton")
+    qm = majority_codes(q, 2)
+    want = hamming_topk(qm, k, lens, k_blocks=6, chunk_size=4, backend="reference")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 100, 512])
+def test_chunk_sizes(chunk):
+    gen = torch.Generator().manual_seed(chunk)
+    B, Hkv, G, W, L = 2, 2, 4, 1, 1000
+    q = codes(B, Hkv * G, W, gen=gen)
+    k = codes(B, Hkv, L, W, low_entropy=True, gen=gen)
+    lens = torch.tensor([1000, 257])
+    got, want = both(q, k, lens, k_blocks=3, chunk_size=chunk, must_select=(0, -1))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("must", [(), (0, -2, -1), (0, 0, -1, 5, -100, 100)])
+def test_must_select_and_tensor_budget(must):
+    gen = torch.Generator().manual_seed(len(must))
+    B, Hkv, G, W, L = 4, 2, 2, 2, 200
+    q = codes(B, Hkv * G, W, low_entropy=True, gen=gen)
+    k = codes(B, Hkv, L, W, low_entropy=True, gen=gen)
+    lens = torch.tensor([200, 31, 96, 17])
+    kb = torch.tensor([2, 9, 1, 30])
+    got, want = both(q, k, lens, k_blocks=kb, max_blocks=12, chunk_size=8, must_select=must)
+    assert got.shape == (B, Hkv, 12)
+    assert torch.equal(got, want)
+
+
+def test_noncontiguous_inputs():
+    gen = torch.Generator().manual_seed(3)
+    big = codes(2, 300, 4, 3, gen=gen)  # token-major layout [B, L, Hkv, W'] sliced to W = 2
+    k = big.permute(0, 2, 1, 3)[..., :2]  # [B, Hkv=4, L, W=2]
+    q = codes(2, 8, 4, gen=gen)[..., ::2]  # [B, Hq=8, W=2], word stride 2
+    assert not k.is_contiguous() and not q.is_contiguous()
+    lens = torch.tensor([300, 129])
+    got, want = both(q, k, lens, k_blocks=5, chunk_size=16)
+    assert torch.equal(got, want)
+
+
+def test_selection_reading_tiles(monkeypatch):
+    """Rows with more blocks than the selection keeps in registers (the tiled path)."""
+    monkeypatch.setattr(kernels, "SELECT_BLOCK_MAX", 16)
+    gen = torch.Generator().manual_seed(11)
+    q = codes(2, 4, 1, low_entropy=True, gen=gen)
+    k = codes(2, 2, 400, 1, low_entropy=True, gen=gen)
+    lens = torch.tensor([400, 130])
+    for repre in ("max", "mean"):
+        got, want = both(q, k, lens, k_blocks=37, chunk_size=4, chunk_repre=repre)
+        assert torch.equal(got, want)
+
+
+def test_stage_buffers_poisoned():
+    """Stage 1 writes exactly the real blocks' keys (nothing over padding); stage 2 writes every
+    output entry."""
+    from kvcomp.ops.hamming_topk.reference import block_scores_ref, token_scores_ref
+
+    gen = torch.Generator().manual_seed(12)
+    q = codes(2, 4, 1, gen=gen)
+    k = codes(2, 2, 256, 1, gen=gen)
+    lens = torch.tensor([256, 40])
+    keys = torch.full((2, 2, 16), -999, dtype=torch.int32)
+    kernels.block_keys_triton(q, k, lens, 16, "max", out=keys)
+    want = block_scores_ref(token_scores_ref(q, k), lens, 16, "max")
+    assert torch.equal(keys[0].double(), want[0])
+    assert torch.equal(keys[1, :, :3].double(), want[1, :, :3])
+    assert (keys[1, :, 3:] == -999).all()
+    out = torch.full((2, 2, 9), -777, dtype=torch.int32)
+    kernels.select_triton(keys, lens, torch.tensor([4, 4]), 9, 16, (0, -1), out=out)
+    assert not (out == -777).any()
+    want_idx = hamming_topk(q, k, lens, k_blocks=4, max_blocks=9, chunk_size=16,
+                            must_select=(0, -1), backend="reference")
+    assert torch.equal(out, want_idx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("mode", ["exact", "exact_direct", "majority"])
+def test_gpu_real_shapes(G, mode):
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, W, L = 4, 8, 4, 4097
+    q = codes(B, Hkv * G, W, gen=gen, device="cuda")
+    k = codes(B, Hkv, L, W, gen=gen, device="cuda")
+    lens = torch.tensor([4097, 1, 127, 2050], device="cuda")
+    for repre in ("max", "mean"):
+        got, want = both(q, k, lens, k_blocks=7, chunk_size=128, chunk_repre=repre, mode=mode)
+        assert torch.equal(got, want)
+    kl = codes(B, Hkv, L, W, low_entropy=True, gen=gen, device="cuda")
+    got, want = both(q & 7, kl, lens, k_blocks=7, chunk_size=16, mode=mode)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_token_level_long():
+    gen = torch.Generator().manual_seed(99)
+    q = codes(2, 32, 4, gen=gen, device="cuda")
+    k = codes(2, 8, 8192, 4, gen=gen, device="cuda")
+    lens = torch.tensor([8192, 5000], device="cuda")
+    got, want = both(q, k, lens, k_blocks=300, chunk_size=1)
+    assert torch.equal(got, want)
