@@ -310,3 +310,16 @@ def test_cli_validate_ok_and_errors(tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["ok"] is True and lines[0]["config"]["num_hidden_layers"] == 36
     assert lines[1]["ok"] is False and "chunk_size" in lines[1]["error"]
+
+
+def test_shipped_core_configs_validate():
+    from pathlib import Path
+
+    import kvcomp
+
+    folder = Path(kvcomp.__file__).parent / "configs"
+    files = sorted(folder.glob("*.json"))
+    assert files, f"no config shipped in {folder}"
+    for f in files:
+        cfg = KVCompConfig.from_json(f)
+        assert KVCompConfig.from_dict(cfg.to_dict()) == cfg

@@ -444,8 +444,10 @@ class KVCompConfig:
         return out
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON (indent 4, the seed's key spelling)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n", encoding="utf-8")
+        """Write the config as JSON in the seed's layout: one key per line, lists on one line,
+        the seed's key spelling."""
+        items = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_dict().items()]
+        Path(path).write_text("{\n" + ",\n".join(items) + "\n}\n", encoding="utf-8")
 
     def replace(self, **changes) -> KVCompConfig:
         """A validated copy with the given fields changed (Python field names)."""
