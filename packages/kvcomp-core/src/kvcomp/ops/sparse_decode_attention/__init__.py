@@ -11,6 +11,8 @@
         seq_lens   [B]                 int real lengths; tokens t >= seq_lens[b] never attend
         scale      float, default 1 / sqrt(D)
         out        [B, Hq, D]          q's dtype; zeros for a row that selects no token
+                                       (pass ``out=`` to write into an existing tensor, e.g. a
+                                       CUDA-graph buffer)
 
 Softmax is exact over the union of the selected blocks' valid tokens: with every block
 selected it equals dense attention. Query head j reads kv-head j // (Hq // Hkv).
@@ -60,15 +62,21 @@ def sparse_decode_attention(
     *,
     chunk_size: int = 128,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size)
+    if out is not None:
+        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
+        if out.shape != q.shape:
+            raise ValueError(f"out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if use_triton(backend, q, k_cache, v_cache, block_idx, seq_lens):
         from kvcomp.ops.sparse_decode_attention.kernels import sparse_decode_attention_triton
 
         return sparse_decode_attention_triton(
-            q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale)
+            q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale), out=out
         )
-    return sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale))
+    res = sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale))
+    return res if out is None else out.copy_(res)

@@ -26,6 +26,8 @@ from kvcomp.ops._common import interpreting
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
 MIN_TILES_PER_SPLIT = 2
+# tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
+POISON_SCRATCH = False
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
 
 
@@ -139,14 +141,16 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
 
 def sparse_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor,
-    seq_lens: torch.Tensor, chunk_size: int, scale: float,
+    seq_lens: torch.Tensor, chunk_size: int, scale: float, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, D], k/v [B, Hkv, Lmax, D], block_idx [B, Hkv, K] int32, seq_lens [B] -> [B, Hq, D]."""
+    """q [B, Hq, D], k/v [B, Hkv, Lmax, D], block_idx [B, Hkv, K] int32, seq_lens [B] -> [B, Hq, D]
+    (written into ``out`` [B, Hq, D] of q's dtype, any strides, when given)."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     K = block_idx.shape[2]
     G = Hq // Hkv
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     if B * Hq == 0 or D == 0:
         return out
     if K == 0:
@@ -155,6 +159,9 @@ def sparse_decode_attention_triton(
     m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    if POISON_SCRATCH:
+        for t in (m, l, acc):
+            t.fill_(float("nan"))
     block_d = max(16, triton.next_power_of_2(D))
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,

@@ -1,0 +1,148 @@
+"""Triton ``sparse_decode_attention`` against an fp64 reference with flash-attention's tolerance
+rule (kernel error <= 2x the error of plain torch in the same precision, plus a small atol).
+
+CPU cases under TRITON_INTERPRET=1 at small shapes; ``-m gpu`` at real ones. Output and split
+buffers are filled with NaN before every kernel call so an unwritten element fails."""
+
+import importlib
+import math
+
+import pytest
+import torch
+from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp
+from kvcomp.ops import sparse_decode_attention
+from kvcomp.ops._blocks import selected_token_mask
+
+kernels = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _poison_scratch(monkeypatch):
+    monkeypatch.setattr(kernels, "POISON_SCRATCH", True)
+
+
+def random_selection(B, Hkv, n_blocks, K, gen, drop=0.3):
+    """[B, Hkv, K] distinct block indices per row (random order), some entries -1."""
+    rows = []
+    for _ in range(B * Hkv):
+        perm = torch.randperm(max(n_blocks, K), generator=gen)[:K]
+        perm = torch.where(perm < n_blocks, perm, -1)
+        perm = torch.where(torch.rand(K, generator=gen) < drop, -1, perm)
+        rows.append(perm)
+    return torch.stack(rows).view(B, Hkv, K).to(torch.int32)
+
+
+def check(q, k, v, idx, lens, chunk, scale=None, atol=1e-5):
+    D = q.shape[-1]
+    scale = scale if scale is not None else 1 / math.sqrt(D)
+    out = torch.full_like(q, float("nan"))
+    got = sparse_decode_attention(
+        q, k, v, idx, lens, chunk_size=chunk, scale=scale, out=out, backend="triton"
+    )
+    assert got.data_ptr() == out.data_ptr()
+    mask = selected_token_mask(idx.to(k.device), lens, k.shape[2], chunk)
+    ref64 = attention_ref_fp64(q, k, v, mask, scale)
+    lowp = attention_ref_lowp(q, k, v, mask, scale)
+    ok, err, base = attention_close(got, ref64, lowp, atol=atol)
+    assert ok, f"kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g} + {atol}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_gqa_ragged(G, dtype):
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, D, L, chunk = 3, 2, 32, 300, 16
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    lens = torch.tensor([300, 129, 1])
+    idx = random_selection(B, Hkv, 19, 7, gen)
+    idx[2, :, 0] = 0  # the length-1 row attends its only token
+    check(q, k, v, idx, lens, chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 100])
+def test_chunk_sizes_and_lengths(chunk):
+    gen = torch.Generator().manual_seed(chunk)
+    B, Hkv, G, D, L = 3, 2, 4, 64, 1000
+    q = torch.randn(B, Hkv * G, D, generator=gen).half()
+    k = torch.randn(B, Hkv, L, D, generator=gen).half()
+    v = torch.randn(B, Hkv, L, D, generator=gen).half()
+    lens = torch.tensor([1000, 127, 129])
+    nb = -(-L // chunk)
+    idx = random_selection(B, Hkv, nb, min(nb, 9), gen, drop=0.1)
+    check(q, k, v, idx, lens, chunk)
+
+
+def test_all_blocks_equals_dense_and_empty_rows_are_zero():
+    gen = torch.Generator().manual_seed(5)
+    B, Hkv, G, D, L, chunk = 3, 2, 2, 32, 129, 16
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    k = torch.randn(B, Hkv, L, D, generator=gen)
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    lens = torch.tensor([129, 63, 0])
+    idx = torch.arange(9, dtype=torch.int32).expand(B, Hkv, 9).contiguous()
+    got = check(q, k, v, idx, lens, chunk)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q[:1, :, None], k[:1].repeat_interleave(G, 1), v[:1].repeat_interleave(G, 1)
+    )[:, :, 0]
+    torch.testing.assert_close(got[:1], dense, atol=1e-5, rtol=1e-5)
+    assert (got[2] == 0).all()
+    none = torch.full((B, Hkv, 4), -1, dtype=torch.int32)
+    assert (check(q, k, v, none, lens, chunk) == 0).all()
+
+
+def test_noncontiguous_caches_and_query():
+    gen = torch.Generator().manual_seed(6)
+    B, Hkv, G, D, L, chunk = 2, 2, 4, 32, 200, 16
+    kv = torch.randn(2, B, L, Hkv, D, generator=gen).bfloat16()  # token-major, K and V in one
+    k = kv[0].transpose(1, 2)  # [B, Hkv, L, D] with strides of [B, L, Hkv, D]
+    v = kv[1].transpose(1, 2)
+    q = torch.randn(B, D, Hkv * G, generator=gen).bfloat16().transpose(1, 2)  # [B, Hq, D]
+    assert not (k.is_contiguous() or v.is_contiguous() or q.is_contiguous())
+    idx = random_selection(B, Hkv, 13, 5, gen).transpose(1, 2).contiguous().transpose(1, 2)
+    check(q, k, v, idx, torch.tensor([200, 129]), chunk, scale=0.2)
+
+
+def test_many_splits(monkeypatch):
+    """Force many splits per row: the merge must combine them, empty splits included."""
+    monkeypatch.setattr(kernels, "MIN_TILES_PER_SPLIT", 1)
+    gen = torch.Generator().manual_seed(7)
+    B, Hkv, G, D, L, chunk = 1, 1, 8, 16, 1100, 64
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    k = torch.randn(B, Hkv, L, D, generator=gen) * 3
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    idx = torch.tensor([[[3, -1, 0, 17, 9, -1, 12, 5, 16]]], dtype=torch.int32)
+    assert kernels._plan(B, Hkv, 9, chunk, D)[2] == 9
+    check(q, k, v, idx, torch.tensor([1050]), chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_real_shapes(G, D, dtype):
+    gen = torch.Generator().manual_seed(G * D)
+    B, Hkv, L, chunk = 4, 8 if G <= 8 else 4, 4097, 128
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype).cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype).cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(dtype).cuda()
+    lens = torch.tensor([4097, 1, 127, 2049]).cuda()
+    idx = random_selection(B, Hkv, 33, 12, gen, drop=0.2)
+    idx[1, :, 0] = 0
+    check(q, k, v, idx.cuda(), lens, chunk, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_token_level():
+    gen = torch.Generator().manual_seed(1)
+    B, Hkv, G, D, L = 2, 8, 4, 128, 4097
+    q = torch.randn(B, Hkv * G, D, generator=gen).cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).cuda()
+    lens = torch.tensor([4097, 3000]).cuda()
+    check(q, k, v, random_selection(B, Hkv, 33, 20, gen).cuda(), lens, 128)
+    check(q, k, v, random_selection(B, Hkv, L, 700, gen).cuda(), lens, 1)
