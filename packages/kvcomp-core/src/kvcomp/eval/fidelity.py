@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
 from kvcomp.eval import selection as sel
 from kvcomp.eval.window import layer_weight
 

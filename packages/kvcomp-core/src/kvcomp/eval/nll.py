@@ -14,6 +14,7 @@ import math
 import time
 
 import torch
+
 from kvcomp.eval.window import SparseSpec, prefill, window_logits
 
 

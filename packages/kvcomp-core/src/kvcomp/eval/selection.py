@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from kvcomp.ops._blocks import selected_token_mask
 from kvcomp.ops._common import unpack_bits
 from kvcomp.ops.hamming_topk.reference import block_scores_ref, select_blocks_ref

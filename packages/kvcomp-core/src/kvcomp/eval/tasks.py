@@ -29,7 +29,8 @@ import random
 from dataclasses import dataclass
 
 import torch
-from kvcomp.eval.window import SparseSpec, window_logits
+
+from kvcomp.eval.window import SparseSpec, crop_cache, window_logits
 
 TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking")
 _WORDS = ("amber", "basil", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo",
@@ -154,7 +155,7 @@ def score_questions(model, tokenizer, haystacks: list[Haystack], specs: list[Spa
                 logits, _ = window_logits(model, cache, inp, spec)
                 ok = bool(torch.equal(logits.argmax(-1).cpu(), a_ids))
                 res[name][q.task].append(int(ok))
-            cache.crop(H)
+            crop_cache(cache, H)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -26,6 +26,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+
 from kvcomp.eval import selection as sel
 
 EVAL_NAME = "kvcomp_eval"
@@ -189,5 +190,14 @@ def window_logits(model, cache, window_ids: torch.Tensor, spec: SparseSpec, *, p
             out = model(input_ids=window_ids.view(1, -1).to(model.device), past_key_values=cache,
                         use_cache=True)
     finally:
-        cache.crop(prefix_len)
+        crop_cache(cache, prefix_len)
     return out.logits[0].float(), dict(state.stats)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Cut a DynamicCache back to its first ``length`` tokens (the meaning of ``crop(int)``
+    changed across transformers 5.x releases, so the layers are sliced directly)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
