@@ -85,3 +85,16 @@ def test_module_entry_runs_in_a_fresh_process():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "config" in r.stdout and "adapters" in r.stdout
+
+
+def test_light_imports_stay_light():
+    """The CLI frame, config and registry import neither torch nor transformers (the registry
+    loads adapter modules only when asked), and the ops never import transformers."""
+    code = (
+        "import sys, kvcomp.adapters, kvcomp.config, kvcomp.cli; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'light'; "
+        "import kvcomp.ops, kvcomp.hashing, kvcomp.policy; "
+        "assert 'transformers' not in sys.modules, 'ops'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
