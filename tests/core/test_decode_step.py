@@ -1,0 +1,105 @@
+"""``decode_step`` (encode the query, select, attend) with the Triton kernels against the same
+step on the references; on the GPU also captured in a CUDA graph and replayed on new inputs."""
+
+import math
+
+import pytest
+import torch
+from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp
+from kvcomp.ops._blocks import selected_token_mask
+from kvcomp.ops.decode_step import decode_step
+from kvcomp.ops.hash_encode import hash_encode
+
+
+def dyadic(*shape, gen):
+    """Values k / 8: projections are exact in fp32 whatever the summation order, so the query
+    codes of the kernel and of the reference are equal and so must be the selections."""
+    return torch.randint(-8, 9, shape, generator=gen).float() / 8
+
+
+def make_inputs(B, Hkv, G, D, L, bits, dtype, device, gen):
+    q = dyadic(B, Hkv * G, D, gen=gen).to(dtype).to(device)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype).to(device)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(dtype).to(device)
+    kv_w = dyadic(Hkv, D, bits, gen=gen).to(device)
+    q_w = kv_w.repeat_interleave(G, 0)
+    k_codes = hash_encode(k, kv_w, backend="reference")
+    return q, q_w, k, v, k_codes
+
+
+def check_step(q, q_w, k, v, k_codes, lens, chunk, **kw):
+    out, idx = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
+    out_r, idx_r = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="reference", **kw)
+    assert torch.equal(idx, idx_r)
+    scale = kw.get("scale") or 1 / math.sqrt(q.shape[-1])
+    mask = selected_token_mask(idx_r, lens, k.shape[2], chunk)
+    ok, err, base = attention_close(
+        out, attention_ref_fp64(q, k, v, mask, scale), attention_ref_lowp(q, k, v, mask, scale),
+        atol=1e-4,
+    )
+    assert ok, (err, base)
+    return out, idx
+
+
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("mode", ["exact", "majority"])
+def test_step_matches_reference(G, mode):
+    gen = torch.Generator().manual_seed(G)
+    q, q_w, k, v, k_codes = make_inputs(2, 2, G, 32, 129, 64, torch.float16, "cpu", gen)
+    lens = torch.tensor([129, 40])
+    check_step(q, q_w, k, v, k_codes, lens, 16, k_blocks=3, mode=mode)
+
+
+def test_step_tensor_budget_needs_max_blocks():
+    gen = torch.Generator().manual_seed(0)
+    q, q_w, k, v, k_codes = make_inputs(2, 1, 2, 16, 64, 32, torch.float32, "cpu", gen)
+    lens = torch.tensor([64, 17])
+    with pytest.raises(ValueError, match="max_blocks"):
+        decode_step(q, q_w, k_codes, k, v, lens, k_blocks=torch.tensor([2, 3]), chunk_size=16)
+    check_step(q, q_w, k, v, k_codes, lens, 16, k_blocks=torch.tensor([2, 3]), max_blocks=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_gpu_step_real_shapes(G):
+    gen = torch.Generator().manual_seed(G)
+    q, q_w, k, v, k_codes = make_inputs(3, 8, G, 128, 4097, 128, torch.bfloat16, "cuda", gen)
+    lens = torch.tensor([4097, 1, 2049], device="cuda")
+    check_step(q, q_w, k, v, k_codes, lens, 128, k_blocks=5)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    gen = torch.Generator().manual_seed(1)
+    B, Hkv, G, D, L, chunk = 2, 8, 4, 128, 4097, 128
+    q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, L, 128, torch.bfloat16, "cuda", gen)
+    lens = torch.tensor([4097, 1000], device="cuda")
+    kb = torch.tensor([6, 3], device="cuda")
+    kw = dict(k_blocks=kb, max_blocks=6, chunk_size=chunk)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_step(q, q_w, k_codes, k, v, lens, **kw)  # warm-up: compile, caches
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out, idx = decode_step(q, q_w, k_codes, k, v, lens, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    for step in range(3):
+        # new query, new lengths and budgets, new cache contents: written in place
+        q.copy_(dyadic(*q.shape, gen=gen).to(q.dtype))
+        lens.copy_(torch.tensor([4097 - 500 * step, 129 + step]))
+        kb.copy_(torch.tensor([6 - step, 2 + step]))
+        v.add_(0.1)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        out_r, idx_r = decode_step(q, q_w, k_codes, k, v, lens, backend="reference", **kw)
+        assert torch.equal(idx, idx_r)
+        mask = selected_token_mask(idx_r, lens, L, chunk)
+        scale = 1 / math.sqrt(D)
+        ok, err, base = attention_close(
+            out, attention_ref_fp64(q, k, v, mask, scale), attention_ref_lowp(q, k, v, mask, scale),
+            atol=1e-4,
+        )
+        assert ok, (step, err, base)
