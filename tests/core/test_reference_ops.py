@@ -331,6 +331,23 @@ def test_sparse_decode_attention_subset_equals_masked_sdpa():
     assert not torch.allclose(out, swapped)
 
 
+def test_sparse_decode_attention_block_idx_order_duplicates_and_padding():
+    """-1 entries anywhere, duplicates and unsorted indices select the same token set."""
+    g = torch.Generator().manual_seed(11)
+    B, Hkv, G, D, chunk, L = 1, 2, 2, 8, 4, 30
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, D, generator=g)
+    lens = torch.tensor([30])
+    tidy = torch.tensor([[[0, 3, 7, -1, -1], [1, 2, -1, -1, -1]]], dtype=torch.int32)
+    messy = torch.tensor([[[7, -1, 3, 0, 3], [-1, 2, 1, 2, -1]]], dtype=torch.int32)
+    a = sparse_decode_attention(q, k, v, tidy, lens, chunk_size=chunk, **REF)
+    b = sparse_decode_attention(q, k, v, messy, lens, chunk_size=chunk, **REF)
+    assert torch.equal(a, b)
+    mask = token_mask([[{0, 3, 7}, {1, 2}]], [30], L, chunk)
+    assert_attention_close(a, q, k, v, mask, 1 / math.sqrt(D))
+
+
 @pytest.mark.xfail(strict=True, reason="reported to the lead: the attention references multiply "
                    "unselected / padding V rows by 0, so NaN or inf garbage there leaks into the "
                    "output (fix: zero the masked rows of V / ckv before the weighted sum)")
