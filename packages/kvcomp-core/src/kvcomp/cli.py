@@ -16,6 +16,7 @@ COMMANDS = [
     "kvcomp.commands.adapters",
     "kvcomp.commands.config",
     "kvcomp.commands.demo",
+    "kvcomp.commands.bench",
 ]
 
 

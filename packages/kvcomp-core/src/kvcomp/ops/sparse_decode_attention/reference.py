@@ -27,5 +27,7 @@ def sparse_decode_attention_ref(
     s = torch.einsum("bhgd,bhld->bhgl", qf, k_cache.float()) * scale
     s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("bhgl,bhld->bhgd", p, v_cache.float())
+    # rows never attended may hold anything (NaN included): zero them so 0 * NaN cannot leak
+    v = v_cache.float().masked_fill(~mask.unsqueeze(-1), 0.0)
+    out = torch.einsum("bhgl,bhld->bhgd", p, v)
     return out.reshape(B, Hq, v_cache.shape[-1]).to(q.dtype)

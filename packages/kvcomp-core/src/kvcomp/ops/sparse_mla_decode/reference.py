@@ -25,4 +25,6 @@ def sparse_mla_decode_ref(
     s = (s + torch.einsum("bhp,blp->bhl", q_pe.float(), kpe.float())) * scale
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhl,blr->bhr", p, ckv.float()).to(q_lat.dtype)
+    # rows never attended may hold anything (NaN included): zero them so 0 * NaN cannot leak
+    c = ckv.float().masked_fill(~mask[:, 0, :, None], 0.0)
+    return torch.einsum("bhl,blr->bhr", p, c).to(q_lat.dtype)
