@@ -103,3 +103,11 @@ def test_gpu_cuda_graph_capture_and_replay():
             atol=1e-4,
         )
         assert ok, (step, err, base)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_decode_refuses_without_gpu(capsys):
+    from kvcomp.cli import main
+
+    assert main(["bench", "decode", "--quick"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().out

@@ -1,0 +1,254 @@
+"""``kvcomp bench decode``: one GQA decode step of one layer, kvcomp against dense SDPA.
+
+Per (L, B) it builds a bf16 KV cache [B, 8, L, 128] (random), its 128-bit key codes (per
+kv-head random orthogonal projections, ``hash_encode``) and, per model geometry (Qwen3-8B:
+32 query heads, Qwen3-32B: 64; both 8 kv-heads, head_dim 128), a decode query. Per budget
+(2048 tokens, 10%, 30% of the blocks; chunk 128; must-select first + last two blocks) it
+verifies, then times with CUDA events (median, CUDA-graph replays):
+
+    encode   hash_encode of the query (per query head)
+    select   hamming_topk, exact group sum (the default form for the geometry), and the other
+             forms: exact_direct / exact_planes (same result) and majority (cheaper, approximate)
+    attend   sparse_decode_attention over the selected blocks
+    step     decode_step (encode + select + attend), graph and eager
+    dense    torch scaled_dot_product_attention (flash backend when available) on the same
+             tensors, graph and eager
+
+Verification (a failure prints no speedup and exits 1): query codes equal to the reference up
+to bits whose projection is ~0; every selection equal (torch.equal) to the pure-torch reference
+on the same query codes (majority: on the majority codes); attention within flash-attention's
+rule of an fp64 computation over the selected tokens; the step's output equal to the stages'.
+Achieved bandwidth: select over the code bytes, attend over the K/V bytes of the attended
+tokens, dense over the whole cache; all against the device copy bandwidth measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+
+import torch
+
+from kvcomp.bench.timing import (
+    attention_close,
+    attention_ref_fp64,
+    attention_ref_lowp,
+    copy_bandwidth_gbs,
+    cuda_time_us,
+)
+
+MODELS = {"qwen3-8b": 32, "qwen3-32b": 64}  # query heads; 8 kv-heads, head_dim 128 both
+HKV, HEAD_DIM, BITS, CHUNK = 8, 128, 128, 128
+MUST_SELECT = (0, -2, -1)
+FULL = dict(lengths=[8192, 32768, 131072], batches=[1, 8], budgets=["2048", "10%", "30%"],
+            models=list(MODELS))
+QUICK = dict(lengths=[32768], batches=[1, 8], budgets=["2048", "10%"], models=["qwen3-8b"])
+# the issue's targets for the full step against dense at L = 128K
+TARGETS = {("2048", 8): 12.0, ("2048", 1): 8.0, ("10%", 1): 5.0, ("10%", 8): 5.0,
+           ("30%", 1): 2.5, ("30%", 8): 2.5}
+SELECT_MODES = ("exact", "exact_direct", "exact_planes", "majority")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
+    p.add_argument("--quick", action="store_true", help="a small subset (L 32K, Qwen3-8B)")
+    p.add_argument("--reps", type=int, default=100, help="timed repetitions per measurement")
+
+
+def _blocks_for(budget: str, n_blocks: int) -> int:
+    if budget.endswith("%"):
+        return max(1, math.ceil(float(budget[:-1]) / 100 * n_blocks))
+    return max(1, math.ceil(int(budget) / CHUNK))
+
+
+def _gather_selected(k, v, idx, lens):
+    """K/V rows of the selected blocks [B, Hkv, K * CHUNK, D] and their validity mask."""
+    tok = (idx.long().unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=idx.device)).flatten(2)
+    valid = (tok >= 0) & (tok < lens.view(-1, 1, 1)) & (idx.repeat_interleave(CHUNK, 2) >= 0)
+    safe = tok.clamp(min=0, max=k.shape[2] - 1).unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, safe), v.gather(2, safe), valid
+
+
+def _dense_fn(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
+    F = torch.nn.functional
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, None):
+        def fn(backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+        try:
+            fn()
+            return fn, (backend.name if backend is not None else "default")
+        except RuntimeError:
+            continue
+    raise RuntimeError("no SDPA backend runs this decode shape")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _stage_times(q, q_w, q_codes, k_codes, k, v, lens, idx, kb, scale, reps) -> dict:
+    """Median CUDA-graph times (us) of each stage and of the whole step (graph and eager)."""
+    from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
+    from kvcomp.ops.decode_step import decode_step
+
+    t = {"encode": cuda_time_us(lambda: hash_encode(q, q_w), reps=reps)}
+    for mode in SELECT_MODES:
+        t[f"select_{mode}"] = cuda_time_us(
+            lambda mode=mode: hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK,
+                                           must_select=MUST_SELECT, mode=mode), reps=reps)
+    t["attend"] = cuda_time_us(
+        lambda: sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale),
+        reps=reps)
+
+    def step():
+        return decode_step(q, q_w, k_codes, k, v, lens, k_blocks=kb, chunk_size=CHUNK,
+                           must_select=MUST_SELECT, scale=scale)
+    t["step"] = cuda_time_us(step, reps=reps)
+    t["step_eager"] = cuda_time_us(step, reps=reps, graph=False)
+    return t
+
+
+def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
+    from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
+    from kvcomp.ops.decode_step import decode_step
+    from kvcomp.ops.hamming_topk import majority_codes
+    from kvcomp.ops.hamming_topk.reference import (
+        block_scores_ref,
+        select_blocks_ref,
+        token_scores_ref,
+    )
+    from kvcomp.ops.hash_encode.reference import project
+
+    dev = "cuda"
+    k = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0]
+    kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
+    k_codes = hash_encode(k, kv_w)  # [B, Hkv, L, 4]
+    lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+    n_blocks = math.ceil(L / CHUNK)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    rows = []
+    for model in cfg["models"]:
+        Hq = MODELS[model]
+        G = Hq // HKV
+        q = torch.randn(B, Hq, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        q_w = kv_w.repeat_interleave(G, 0)
+        dense, dense_backend = _dense_fn(q, k, v)
+        t_dense = cuda_time_us(dense, reps=reps)
+        t_dense_eager = cuda_time_us(dense, reps=reps, graph=False)
+        dense_bytes = 2 * B * HKV * L * HEAD_DIM * 2
+        # query codes: equal to the reference but where the fp32 projection is ~0
+        q_codes = hash_encode(q, q_w)
+        proj = project(q, q_w)
+        ref_codes = hash_encode(q, q_w, backend="reference")
+        flip = ((q_codes ^ ref_codes).long().unsqueeze(-1) >> torch.arange(32, device=dev)) & 1
+        codes_ok = bool((proj.abs()[flip.flatten(-2).bool()] <= 1e-4 * proj.abs().max()).all())
+        scores = {
+            "exact": block_scores_ref(token_scores_ref(q_codes, k_codes), lens, CHUNK, "max"),
+            "majority": block_scores_ref(
+                token_scores_ref(majority_codes(q_codes, HKV), k_codes), lens, CHUNK, "max"
+            ),
+        }
+        for budget in cfg["budgets"]:
+            kb = min(_blocks_for(budget, n_blocks), n_blocks)
+            kbt = torch.full((B,), kb, dtype=torch.int32, device=dev)
+            checks = {"query_codes": codes_ok}
+            sel = {}
+            for mode in SELECT_MODES:
+                sel[mode] = hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK,
+                                         must_select=MUST_SELECT, mode=mode)
+                want = select_blocks_ref(scores["majority" if mode == "majority" else "exact"],
+                                         lens, kbt, sel[mode].shape[2], CHUNK, MUST_SELECT)
+                checks[f"select_{mode}"] = bool(torch.equal(sel[mode], want))
+            idx = sel["exact"]
+            out = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
+            kg, vg, valid = _gather_selected(k, v, idx, lens)
+            ok, err, base = attention_close(out, attention_ref_fp64(q, kg, vg, valid, scale),
+                                            attention_ref_lowp(q, kg, vg, valid, scale), atol=1e-4)
+            checks["attend"] = ok
+            step_out, step_idx = decode_step(q, q_w, k_codes, k, v, lens, k_blocks=kb,
+                                              chunk_size=CHUNK, must_select=MUST_SELECT, scale=scale)
+            checks["step"] = bool(torch.equal(step_idx, idx) and torch.equal(step_out, out))
+            del kg, vg
+            verified = all(checks.values())
+            row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
+                       k_blocks=kb, selected_tokens=int(valid.sum().item()) // (B * HKV),
+                       dense_backend=dense_backend, verified=verified, checks=checks,
+                       attend_err=err, attend_torch_err=base)
+            if verified:
+                t = {"dense": t_dense, "dense_eager": t_dense_eager}
+                t.update(_stage_times(q, q_w, q_codes, k_codes, k, v, lens, idx, kb, scale, reps))
+                code_bytes = B * HKV * L * (BITS // 8)
+                kv_bytes = int(valid.sum().item()) * HEAD_DIM * 2 * 2
+                row.update(
+                    times_us=t,
+                    bw_frac=dict(
+                        select=code_bytes / (t["select_exact"] * 1e-6) / 1e9 / copy_gbs,
+                        select_majority=code_bytes / (t["select_majority"] * 1e-6) / 1e9 / copy_gbs,
+                        attend=kv_bytes / (t["attend"] * 1e-6) / 1e9 / copy_gbs,
+                        dense=dense_bytes / (t["dense"] * 1e-6) / 1e9 / copy_gbs,
+                    ),
+                    speedup=t["dense"] / t["step"],
+                    speedup_eager=t["dense_eager"] / t["step_eager"],
+                    floor_speedup=dense_bytes / (code_bytes + kv_bytes),
+                    target=TARGETS.get((budget, B)) if L == 131072 else None,
+                )
+            rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("kvcomp bench decode measures GPU kernels and needs a CUDA GPU; none is visible.")
+        return 1
+    if args.reps < 5:
+        print("kvcomp bench decode: --reps must be >= 5")
+        return 2
+    cfg = QUICK if args.quick else FULL
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    rows = []
+    for L in cfg["lengths"]:
+        for B in cfg["batches"]:
+            rows.extend(run_length_batch(L, B, cfg, args.reps, copy_gbs, gen))
+            torch.cuda.empty_cache()
+    import triton
+
+    result = dict(bench="decode", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=triton.__version__, commit=_git_commit(), copy_GBps=copy_gbs, rows=rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}")
+    print(f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
+          f"{'maj':>6} {'attend':>6} {'step':>6} {'x':>6} {'xeager':>6} {'floor':>5} "
+          f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}")
+    bad = False
+    for r in rows:
+        head = f"{r['model']:<10} {r['L']:>6} {r['B']:>2} {r['budget']:>6}"
+        if not r["verified"]:
+            bad = True
+            failed = [name for name, ok in r["checks"].items() if not ok]
+            print(f"{head} VERIFICATION FAILED ({', '.join(failed)}): no speedup reported")
+            continue
+        t, bw = r["times_us"], r["bw_frac"]
+        target = f"{r['target']:.1f}" if r["target"] else "-"
+        print(f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
+              f"{t['select_majority']:6.1f} {t['attend']:6.1f} {t['step']:6.1f} "
+              f"{r['speedup']:6.2f} {r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
+              f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
+    return 1 if bad else 0
