@@ -135,9 +135,13 @@ def test_stage_buffers_poisoned():
     assert torch.equal(out, want_idx)
 
 
+GPU_CASES = [(G, "exact") for G in (1, 2, 4, 8, 16)] + [
+    (8, "exact_direct"), (8, "majority"), (4, "exact_planes")
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
-@pytest.mark.parametrize("mode", ["exact", "exact_direct", "majority"])
+@pytest.mark.parametrize("G,mode", GPU_CASES)
 def test_gpu_real_shapes(G, mode):
     gen = torch.Generator().manual_seed(G)
     B, Hkv, W, L = 4, 8, 4, 4097
