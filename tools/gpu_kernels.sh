@@ -5,6 +5,7 @@
 # The packages are put on PYTHONPATH (no install needed: torch and triton come from the machine).
 # Logs go to $OUT (default .out/); the benchmark's table is printed last.
 #   SKIP_TESTS=1 tools/gpu_kernels.sh --quick      benchmark only, small subset
+#   SWEEP=1 tools/gpu_kernels.sh                     also time the kernels' launch knobs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/packages/kvcomp-core/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,5 +23,10 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
 fi
 python3 -m kvcomp.cli bench decode --json "$OUT/decode.json" "$@" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
+if [ "${SWEEP:-0}" = "1" ]; then
+    python3 -m kvcomp.cli bench decode --sweep --reps 50 --json "$OUT/sweep.json" 2>&1 \
+        | tee "$OUT/sweep.log" | tail -80
+fi
+tail -n 60 "$OUT/bench.log"
 echo "gpu tests rc=$test_rc  bench rc=$bench_rc"
 [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     p.add_argument("--quick", action="store_true", help="a small subset (L 32K, Qwen3-8B)")
     p.add_argument("--reps", type=int, default=100, help="timed repetitions per measurement")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: time the kernels' launch knobs at L=128K (tuning), verified")
 
 
 def _blocks_for(budget: str, n_blocks: int) -> int:
@@ -211,6 +213,71 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     return rows
 
 
+SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS)
+    (256, 528, 4), (512, 528, 4), (256, 1056, 4), (512, 264, 8), (1024, 528, 8), (128, 1056, 4),
+]
+ATTEND_KNOBS = [  # (TILE_N, WARPS, STAGES, TARGET_PROGRAMS, MIN_TILES_PER_SPLIT)
+    (64, 4, 2, 264, 2), (64, 4, 3, 264, 2), (32, 4, 2, 528, 2), (64, 4, 2, 528, 1),
+    (128, 8, 2, 264, 1), (32, 2, 2, 1056, 1), (64, 4, 1, 264, 2),
+]
+
+
+def sweep(reps: int) -> list[dict]:
+    """Median times of hamming_topk and sparse_decode_attention under each launch knob set at
+    L = 128K, every result checked equal to the default knobs' result first."""
+    import importlib
+
+    from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
+
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    L, rows = 131072, []
+    for B in (1, 8):
+        k = torch.randn(B, HKV, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        k_codes = torch.randint(-(2**31), 2**31 - 1, (B, HKV, L, BITS // 32), device="cuda",
+                                dtype=torch.int32, generator=gen)
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        for G in (4, 8):
+            q = torch.randn(B, HKV * G, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+            w = torch.randn(HKV * G, HEAD_DIM, BITS, device="cuda", generator=gen)
+            q_codes = hash_encode(q, w)
+            for mode in ("exact", "majority"):
+                base = None
+                for knobs in SCAN_KNOBS:
+                    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = knobs
+
+                    def sel(mode=mode):
+                        return hamming_topk(q_codes, k_codes, lens, k_blocks=16, chunk_size=CHUNK,
+                                            must_select=MUST_SELECT, mode=mode)
+                    res = sel()
+                    base = res if base is None else base
+                    ok = bool(torch.equal(res, base))
+                    t = cuda_time_us(sel, reps=reps) if ok else float("nan")
+                    rows.append(dict(stage="select", B=B, G=G, mode=mode, knobs=knobs, ok=ok, us=t))
+            for kb in (16, 103):
+                idx = hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK)
+                base = None
+                for knobs in ATTEND_KNOBS:
+                    (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS,
+                     ak.MIN_TILES_PER_SPLIT) = knobs
+
+                    def att(idx=idx):
+                        return sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+                    res = att()
+                    base = res if base is None else base
+                    ok = bool((res.float() - base.float()).abs().max().item() < 2e-2)
+                    t = cuda_time_us(att, reps=reps) if ok else float("nan")
+                    rows.append(dict(stage="attend", B=B, G=G, k_blocks=kb, knobs=knobs, ok=ok,
+                                     us=t, kv_GBps=B * HKV * kb * CHUNK * HEAD_DIM * 4 / t / 1e3))
+        del k, v, k_codes
+        torch.cuda.empty_cache()
+    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = SCAN_KNOBS[0]
+    (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS, ak.MIN_TILES_PER_SPLIT) = ATTEND_KNOBS[0]
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("kvcomp bench decode measures GPU kernels and needs a CUDA GPU; none is visible.")
@@ -218,6 +285,17 @@ def run(args: argparse.Namespace) -> int:
     if args.reps < 5:
         print("kvcomp bench decode: --reps must be >= 5")
         return 2
+    if args.sweep:
+        rows = sweep(args.reps)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(dict(bench="decode-sweep", device=torch.cuda.get_device_name(),
+                               commit=_git_commit(), rows=rows), fh, indent=1)
+        for r in rows:
+            extra = r.get("mode") or f"kb={r.get('k_blocks')}"
+            print(f"{r['stage']:<7} B={r['B']} G={r['G']} {extra:<9} {str(r['knobs']):<24} "
+                  f"{'ok' if r['ok'] else 'MISMATCH'} {r['us']:8.1f} us")
+        return 0 if all(r["ok"] for r in rows) else 1
     cfg = QUICK if args.quick else FULL
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()

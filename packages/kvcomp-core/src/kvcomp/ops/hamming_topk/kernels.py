@@ -37,6 +37,7 @@ FORM_PLANES = 1
 BLOCK_T = 256
 # blocks per program are chosen so that about this many programs run (4 waves of 132 SMs)
 TARGET_PROGRAMS = 528
+SCAN_WARPS = 4
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
 
@@ -295,7 +296,7 @@ def block_keys_triton(
         G=G, W=W, BLOCK_W=block_w, FORM=form, MAJORITY=majority, R_PAD=r_pad,
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), BLOCK_T=block_t,
-        num_warps=4,
+        num_warps=SCAN_WARPS,
     )
     return keys
 

@@ -26,6 +26,10 @@ from kvcomp.ops._common import interpreting
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
 MIN_TILES_PER_SPLIT = 2
+# tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
+TILE_N = 64
+WARPS = 4
+STAGES = 2
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
@@ -130,7 +134,7 @@ def _merge_kernel(
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
     """(BLOCK_N, tokens per split, splits) from shapes only (no device reads)."""
-    block_n = 64 if D <= 128 else 32
+    block_n = TILE_N if D <= 128 else TILE_N // 2
     virtual = K * chunk
     tiles = triton.cdiv(virtual, block_n)
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
@@ -169,7 +173,7 @@ def sparse_decode_attention_triton(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
-        num_warps=4, num_stages=2,
+        num_warps=WARPS, num_stages=STAGES,
     )
     _merge_kernel[(B * Hq,)](
         m, l, acc, out, Hq, splits, *out.stride(),
