@@ -25,6 +25,7 @@ tokens, dense over the whole cache; all against the device copy bandwidth measur
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -247,10 +248,8 @@ def sweep(reps: int) -> list[dict]:
                 base = None
                 for knobs in SCAN_KNOBS:
                     hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = knobs
-
-                    def sel(mode=mode):
-                        return hamming_topk(q_codes, k_codes, lens, k_blocks=16, chunk_size=CHUNK,
-                                            must_select=MUST_SELECT, mode=mode)
+                    sel = functools.partial(hamming_topk, q_codes, k_codes, lens, k_blocks=16,
+                                            chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode)
                     res = sel()
                     base = res if base is None else base
                     ok = bool(torch.equal(res, base))
@@ -262,16 +261,14 @@ def sweep(reps: int) -> list[dict]:
                 for knobs in ATTEND_KNOBS:
                     (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS,
                      ak.MIN_TILES_PER_SPLIT) = knobs
-
-                    def att(idx=idx):
-                        return sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+                    att = functools.partial(sparse_decode_attention, q, k, v, idx, lens,
+                                            chunk_size=CHUNK)
                     res = att()
                     base = res if base is None else base
                     ok = bool((res.float() - base.float()).abs().max().item() < 2e-2)
                     t = cuda_time_us(att, reps=reps) if ok else float("nan")
                     rows.append(dict(stage="attend", B=B, G=G, k_blocks=kb, knobs=knobs, ok=ok,
                                      us=t, kv_GBps=B * HKV * kb * CHUNK * HEAD_DIM * 4 / t / 1e3))
-        del k, v, k_codes
         torch.cuda.empty_cache()
     hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = SCAN_KNOBS[0]
     (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS, ak.MIN_TILES_PER_SPLIT) = ATTEND_KNOBS[0]
