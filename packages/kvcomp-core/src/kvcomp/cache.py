@@ -252,9 +252,9 @@ class KVCompLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` columns (a negative int, as transformers >= 5.18
-        calls it); a positive value keeps that many columns (the older transformers meaning).
+        calls it); a positive value keeps that many columns (the older transformers meaning); 0 is a no-op.
         Each sequence loses its tokens in those columns (at most all of its tokens)."""
-        if not self.is_initialized:
+        if not self.is_initialized or tokens_to_remove == 0:
             return
         remove = -tokens_to_remove if tokens_to_remove < 0 else self.padded_len - tokens_to_remove
         if remove <= 0:
