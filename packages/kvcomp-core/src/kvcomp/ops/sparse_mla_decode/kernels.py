@@ -134,26 +134,27 @@ def _mla_merge_kernel(
     s_outb, s_outh, s_outr,
     R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """out[b, h] = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m); zeros when every split is empty."""
+    """out[b, h, r-tile] = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m); zeros when every split
+    is empty. Grid (H, B, cdiv(R, BLOCK_R)); all splits are loaded at once (no serial loop)."""
     pid_h = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_r = tl.program_id(2).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)  # [BLOCK_S]
-    offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    mask_s = offs_s < n_splits
     mask_r = offs_r < R
-    lse_row = LSE_PART + pid_b * s_lb + pid_h * s_lh
-    lse_all = tl.load(lse_row + offs_s, mask=offs_s < n_splits, other=float("-inf"))
-    m = tl.max(lse_all, axis=0)
+    lse = tl.load(LSE_PART + pid_b * s_lb + pid_h * s_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    denom = 0.0
-    for s in range(0, n_splits):
-        w = tl.exp2(tl.load(lse_row + s) - m_safe)  # 0 for an empty split
-        if w > 0.0:
-            o = tl.load(O_PART + pid_b * s_ob + pid_h * s_oh + s * s_os + offs_r, mask=mask_r, other=0.0)
-            acc += w * o
-            denom += w
-    out = acc / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(OUT + pid_b * s_outb + pid_h * s_outh + offs_r * s_outr, out.to(OUT.dtype.element_ty), mask=mask_r)
+    w = tl.exp2(lse - m_safe)  # [BLOCK_S], 0 for empty or missing splits
+    denom = tl.sum(w, axis=0)
+    o = tl.load(
+        O_PART + pid_b * s_ob + pid_h * s_oh + offs_s[:, None] * s_os + offs_r[None, :],
+        mask=(mask_s & (w > 0.0))[:, None] & mask_r[None, :], other=0.0,
+    )  # [BLOCK_S, BLOCK_R]
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + pid_b * s_outb + pid_h * s_outh + offs_r * s_outr, out.to(OUT.dtype.element_ty),
+             mask=mask_r)
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,14 +162,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch_config(H: int, R: int, on_gpu: bool, block_h, block_t, num_warps, num_stages):
-    """Tile sizes: BLOCK_H heads share one kv tile (tl.dot needs >= 16 rows)."""
+def _launch_config(B: int, H: int, R: int, sparse: bool, on_gpu: bool,
+                   block_h, block_t, num_warps, num_stages):
+    """Tile sizes: BLOCK_H heads share one kv tile (tl.dot needs >= 16 rows). Defaults from the
+    H200 sweep (docs/benchmarks/mla.md): 32 heads x 32 tokens on 4 warps, except dense decode of
+    a batch >= 8, where 64 heads on 8 warps halve the kv re-reads and win by ~20%."""
+    big = on_gpu and not sparse and B >= 8 and R >= 256
     if block_h is None:
-        block_h = min(64 if R <= 256 else 32, max(16, triton.next_power_of_2(H)))
+        block_h = 64 if big else (32 if R >= 256 else 64)
+        block_h = min(block_h, max(16, triton.next_power_of_2(H)))
     if block_t is None:
         block_t = 32 if on_gpu else 16
     if num_warps is None:
-        num_warps = 8 if block_h * R >= 32 * 512 else 4
+        num_warps = 8 if big else 4
     if num_stages is None:
         num_stages = 2
     return block_h, block_t, num_warps, num_stages
@@ -202,7 +208,7 @@ def mla_decode_launch(
     sparse = block_idx is not None
     n_virtual = block_idx.shape[2] * chunk_size if sparse else ckv.shape[1]
     block_h, block_t, num_warps, num_stages = _launch_config(
-        H, R, on_gpu, block_h, block_t, num_warps, num_stages
+        B, H, R, sparse, on_gpu, block_h, block_t, num_warps, num_stages
     )
     n_htiles = triton.cdiv(H, block_h)
     if num_splits is None:
@@ -236,13 +242,15 @@ def mla_decode_launch(
         BLOCK_H=block_h, BLOCK_T=block_t, SPARSE=sparse, IEEE=ieee,
         num_warps=num_warps, num_stages=num_stages,
     )
-    _mla_merge_kernel[(H, B)](
+    block_s = max(2, triton.next_power_of_2(num_splits))
+    merge_r = max(16, min(triton.next_power_of_2(R), 8192 // block_s))  # <= 8K fp32 per program
+    _mla_merge_kernel[(H, B, triton.cdiv(R, merge_r))](
         o_part, lse_part, out,
         H, num_splits,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         *out.stride(),
-        R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        R=R, BLOCK_R=merge_r, BLOCK_S=block_s,
         num_warps=4,
     )
     return out
