@@ -144,6 +144,14 @@ def train_projections(
             raise ValueError("train_projections: pair sets must have identical document shapes")
     gen = torch.Generator().manual_seed(int(cfg.seed) * 7919 + layer)
     units = _units(ref, cfg.queries_per_iter, gen)
+    # materialise each unit once: q [P, n, D], k [P, T, D], labels [P, n, T] on the device
+    keys = [torch.stack([ps.k[d] for ps in pair_sets]).to(device) for d in range(ref.num_docs)]
+    batches = []
+    for d, rows in units:
+        q = torch.stack([ps.q[d][rows] for ps in pair_sets]).to(device)
+        S = torch.stack([dense_labels(ps.t[d][rows], ps.pos_idx[d][rows], ps.k[d].shape[0])
+                         for ps in pair_sets]).to(device)
+        batches.append((q, keys[d], S))
     W = W0.detach().clone().float().to(device).requires_grad_(True)
     opt = torch.optim.SGD([W], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history = []
@@ -151,12 +159,7 @@ def train_projections(
         egen = torch.Generator().manual_seed((int(cfg.seed) * 7919 + layer) * 1000 + epoch)
         perm = torch.randperm(len(units), generator=egen).tolist()
         for it in range(cfg.iters_per_epoch):
-            d, rows = units[perm[it % len(units)]]
-            q = torch.stack([ps.q[d][rows] for ps in pair_sets]).to(device)  # [P, n, D]
-            k = torch.stack([ps.k[d] for ps in pair_sets]).to(device)  # [P, T, D]
-            S = torch.stack(
-                [dense_labels(ps.t[d][rows], ps.pos_idx[d][rows], ps.k[d].shape[0]) for ps in pair_sets]
-            ).to(device)  # [P, n, T]
+            q, k, S = batches[perm[it % len(units)]]
             loss, parts = hata_loss(q, k, S, W, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
