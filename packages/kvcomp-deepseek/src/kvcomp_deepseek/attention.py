@@ -1,0 +1,238 @@
+"""MLA attention for kvcomp: the absorbed sparse decode, and the dense paths around it.
+
+How it hooks into transformers' DeepSeek-V2/V3 attention (5.17 .. 5.2x), whose forward does
+
+    kv_nope, k_rot = cache.update(kv_nope, k_rot, layer_idx)     # the latent, [B, 1, L, R|P]
+    key, value = self.expand_kv(kv_nope, k_rot)                  # per head [B, H, L, 192|128]
+    out, _ = attention_interface(self, query, key, value, mask, scaling=self.scaling)
+    return self.o_proj(out.reshape(B, T, -1))
+
+``kvcomp_deepseek`` registers the attention function "kvcomp_mla" and sets an instance
+``expand_kv`` on every attention module. On a sparse decode step (T == 1, an ``MLACache``
+behind the forward, policy mode "compute" or "reuse") ``expand_kv`` returns the latent as it
+is (no expansion) and the attention function runs the absorbed decode:
+
+    q_nope, q_pe = query[..., :nope], query[..., nope:]        (post-RoPE, from the model)
+    q_lat  = q_nope @ W_UK              per head, [B, H, R]   (W_UK, W_UV from kv_b_proj,
+                                                               prepared once per layer)
+    codes  = [hash(q_lat) | hash(q_pe)] per head -> hamming_topk (G = H, one latent kv-head)
+    o_lat  = sparse_mla_decode(q_lat, q_pe, c_kv, k_pe, block_idx, scale=module.scaling)
+    out    = o_lat @ W_UV^T             per head, [B, 1, H, v_head_dim] -> the model's o_proj
+
+Every other call is dense and exact: prefill runs the model's previous attention with the mask
+transformers built; later dense steps (below the threshold, dense layers, T > 1) expand the
+compacted latent with the model's own ``expand_kv`` and attend with a mask from the real
+lengths (none for a decode step of equal lengths, so such a step is bit-identical to the
+unpatched model).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kvcomp.attention import forward_scope, kvcomp_mask
+from kvcomp.ops import hamming_topk, hash_encode, sparse_mla_decode
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from kvcomp_deepseek.cache import MLACache, MLACacheLayer
+
+__all__ = ["ATTN_NAME", "MLABinding", "absorb_weights", "kvcomp_mla_attention", "register"]
+
+ATTN_NAME = "kvcomp_mla"
+_MODES = {"sum": "exact", "majority": "majority"}
+
+
+@dataclass
+class MLABinding:
+    """What the attention function needs for one DeepSeek attention module.
+
+    w_lat [R, bits_kv] / w_rope [P, bits_rope]: float32 hash weights on the module's device
+    (layers that compute a selection, else None). ``absorbed``: (W_UK [H, nope, R],
+    W_UV [H, v, R]) float32, made from kv_b_proj on first use."""
+
+    layer_idx: int
+    handle: Any
+    fallback: str
+    w_lat: torch.Tensor | None = None
+    w_rope: torch.Tensor | None = None
+    absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
+    sparse_step: bool = field(default=False)
+
+
+def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The float weight [out, in] of a linear layer, dequantized when it is stored quantized:
+    block-wise fp8 with ``weight_scale_inv`` [ceil(out / bo), ceil(in / bi)] (DeepSeek-V3's
+    checkpoint format, transformers' FP8Linear), or a float weight as is."""
+    w = getattr(linear, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"kv_b_proj ({type(linear).__name__}) has no weight tensor to absorb")
+    scale = getattr(linear, "weight_scale_inv", None)
+    if scale is None:
+        scale = getattr(linear, "weight_scale", None)
+    if w.is_floating_point() and w.element_size() >= 2 and scale is None:
+        return w.detach().float()
+    if scale is None:
+        raise TypeError(
+            f"kv_b_proj weight has dtype {w.dtype} and no weight_scale_inv / weight_scale: "
+            "kvcomp-deepseek cannot dequantize it for the absorbed decode"
+        )
+    s = scale.detach().float()
+    out_f, in_f = w.shape
+    if s.dim() == 2:  # block-wise scales
+        bo, bi = -(-out_f // s.shape[0]), -(-in_f // s.shape[1])
+        s = s.repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    elif s.numel() == out_f:  # per output channel
+        s = s.view(out_f, 1)
+    return w.detach().float() * s
+
+
+def absorb_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_UK [H, nope, R], W_UV [H, v, R]) float32 from ``module.kv_b_proj`` (dequantized)."""
+    w = dense_weight(module.kv_b_proj)  # [H * (nope + v), R]
+    H, nope, v = module.num_heads, module.qk_nope_head_dim, module.v_head_dim
+    w = w.view(H, nope + v, w.shape[-1])
+    return w[:, :nope].contiguous(), w[:, nope:].contiguous()
+
+
+def current_layer(binding: MLABinding) -> MLACacheLayer | None:
+    cache = forward_scope.current()
+    if not isinstance(cache, MLACache):
+        return None
+    return cache.layers[binding.layer_idx]
+
+
+def patched_expand_kv(module):
+    """The instance ``expand_kv``: the latent unexpanded on a sparse decode step, else the
+    model's own expansion."""
+    own = type(module).expand_kv
+
+    def expand_kv(kv_nope: torch.Tensor, k_rot: torch.Tensor):
+        binding: MLABinding | None = getattr(module, "_kvcomp", None)
+        if binding is not None:
+            binding.sparse_step = False
+            layer = current_layer(binding)
+            if layer is not None and layer.step_kind == "decode":
+                mode = binding.handle.policy.mode(binding.layer_idx, layer.max_len)
+                if mode != "dense":
+                    binding.sparse_step = True
+                    return kv_nope, k_rot
+        return own(module, kv_nope, k_rot)
+
+    return expand_kv
+
+
+def _fallback_function(module, name: str):
+    if name == "sdpa":
+        return sdpa_attention_forward
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def kvcomp_mla_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         **kwargs):
+    """The "kvcomp_mla" attention function (signature of transformers' attention functions):
+    returns (out [B, T, H, v_head_dim], None)."""
+    binding: MLABinding | None = getattr(module, "_kvcomp", None)
+    fallback = binding.fallback if binding is not None else "sdpa"
+    layer = current_layer(binding) if binding is not None else None
+    if scaling is None:
+        scaling = module.scaling
+    if binding is not None and binding.sparse_step:
+        binding.sparse_step = False
+        return _sparse_decode(module, binding, layer, query, key, value, float(scaling)), None
+    if layer is None or layer.step_kind == "prefill":
+        fn = _fallback_function(module, fallback)
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = _dense_compacted(module, query, key, value, layer, fallback, scaling, kwargs)
+    if layer.step_kind == "decode":
+        layer.record_step("dense", None)
+    return out, None
+
+
+def _dense_compacted(module, query, key, value, layer: MLACacheLayer, fallback, scaling, kwargs):
+    """Exact attention over the expanded compacted cache: query t of sequence b sees stored
+    tokens j <= step_query_pos[b, t]; no mask for a decode step of equal lengths."""
+    L = key.shape[2]
+    mask = None
+    if not (layer.step_kind == "decode" and len(set(layer.lens)) <= 1):
+        j = torch.arange(L, device=key.device).view(1, 1, L)
+        mask = (j <= layer.step_query_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
+    if fallback == "eager":
+        fn = _fallback_function(module, "eager")
+        if mask is not None:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
+    else:
+        fn = sdpa_attention_forward
+    kw = {k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")}
+    out, _ = fn(module, query, key, value, mask, scaling=scaling, dropout=0.0, **kw)
+    return out
+
+
+def query_codes(q_lat, q_pe, binding: MLABinding, aggregation: str) -> torch.Tensor:
+    """Per-head split codes [B, H, W] (aggregation "sum" / "majority"), or the codes of the
+    head-averaged query [B, 1, W] ("mean")."""
+    if aggregation == "mean":
+        q_lat = q_lat.float().mean(1, keepdim=True)
+        q_pe = q_pe.float().mean(1, keepdim=True)
+    return torch.cat([hash_encode(q_lat, binding.w_lat), hash_encode(q_pe, binding.w_rope)], -1)
+
+
+def _sparse_decode(module, binding: MLABinding, layer: MLACacheLayer, query, ckv, kpe, scaling):
+    """Absorbed decode over the selected blocks; query [B, H, 1, nope + P], ckv [B, 1, L, R],
+    kpe [B, 1, L, P] -> [B, 1, H, v_head_dim]."""
+    handle = binding.handle
+    cfg, policy = handle.config, handle.policy
+    i = binding.layer_idx
+    if binding.absorbed is None:
+        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module))
+    w_uk, w_uv = binding.absorbed
+    nope = module.qk_nope_head_dim
+    q = query[:, :, 0]  # [B, H, nope + P]
+    dt = ckv.dtype
+    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].float(), w_uk).to(dt)  # [B, H, R]
+    q_pe = q[..., nope:].to(dt).contiguous()  # [B, H, P]
+    L = layer.max_len
+    seq_lens = layer.seq_lens
+    mode = policy.mode(i, L)
+    if mode == "compute":
+        if layer.mla_codes is None:
+            raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no codes")
+        codes = query_codes(q_lat, q_pe, binding, cfg.query_aggregation)
+        block_idx = hamming_topk(
+            codes, layer.mla_codes[:, :, :L], seq_lens,
+            k_blocks=policy.k_blocks_tensor(i, seq_lens),
+            max_blocks=policy.max_k_blocks(i, L),
+            chunk_size=cfg.chunk_size,
+            must_select=tuple(cfg.must_select_blocks),
+            chunk_repre=cfg.chunk_repre_method,
+            mode=_MODES.get(cfg.query_aggregation, "exact"),
+        )
+        layer.step_block_idx = block_idx
+        layer.step_block_idx_update = layer.updates
+    else:  # reuse
+        j = policy.source(i)
+        src = layer._cache_ref().layers[j]
+        if src.step_block_idx is None or src.step_block_idx_update != layer.updates:
+            raise RuntimeError(f"layer {i} reuses layer {j}'s selection, but layer {j} made none at this step")
+        block_idx = src.step_block_idx.to(q.device)
+    o_lat = sparse_mla_decode(
+        q_lat, q_pe, ckv[:, 0], kpe[:, 0], block_idx, seq_lens,
+        chunk_size=cfg.chunk_size, scale=scaling,
+    )  # [B, H, R]
+    out = torch.einsum("bhr,hvr->bhv", o_lat.float(), w_uv).to(query.dtype)
+    layer.record_step(mode, block_idx)
+    return out.unsqueeze(1)  # [B, 1, H, v]
+
+
+def register() -> None:
+    """Register "kvcomp_mla" with transformers' attention and mask interfaces (the mask
+    function is core's: the previous implementation's mask, none on a kvcomp cache's past)."""
+    AttentionInterface.register(ATTN_NAME, kvcomp_mla_attention)
+    AttentionMaskInterface.register(ATTN_NAME, kvcomp_mask)
