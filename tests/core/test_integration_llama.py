@@ -136,9 +136,6 @@ def check_sparse_policy(model_type: str) -> None:
                 assert {0, n - 2, n - 1} <= sel
                 assert len(sel) == policy.k_blocks(i, total) < n
     assert torch.equal(cache.layers[3].last_block_idx, cache.layers[2].last_block_idx)
-    # the selection is per kv-head: with random hashes the heads choose differently somewhere
-    assert any(not torch.equal(b[0, 0], b[0, 1]) for b in
-               (cache.layers[2].last_block_idx, cache.layers[1].last_block_idx) if b is not None)
     diff = max((a - b).abs().max().item() for a, b in zip(dense.logits[1:], out.logits[1:]))
     assert diff > 1e-3, "sparse decoding gave the dense logits: the sparse path did not run"
     assert torch.equal(dense.logits[0], out.logits[0])  # prefill is dense

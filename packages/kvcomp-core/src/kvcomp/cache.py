@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcomp.ops import hash_encode
 
-__all__ = ["KVCompCache", "KVCompLayer", "layer_for_key"]
+__all__ = ["KVCompCache", "KVCompLayer", "LayerStats", "layer_for_key", "summarize"]
 
 _GROWTH = 1.5
 _ACTIVE = threading.local()
@@ -113,11 +113,7 @@ class KVCompLayer(CacheLayerMixin):
         self._reset_stats()
 
     def _reset_stats(self) -> None:
-        self.stat_steps = {"dense": 0, "compute": 0, "reuse": 0}
-        self.stat_attended: torch.Tensor | None = None
-        self.stat_available: torch.Tensor | None = None
-        self.last_block_idx: torch.Tensor | None = None
-        self.history: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.stat = LayerStats(self.debug)
 
     @property
     def max_len(self) -> int:
@@ -308,25 +304,70 @@ class KVCompLayer(CacheLayerMixin):
         H = self.keys_buf.shape[1]
         available = self.n_blocks().to(torch.int64).sum() * H
         attended = available if block_idx is None else (block_idx >= 0).sum()
-        self.stat_steps[mode] += 1
-        if self.stat_attended is None:
-            self.stat_attended, self.stat_available = attended.clone(), available.clone()
+        self.stat.add(mode, attended, available, block_idx)
+
+    def stats(self) -> dict:
+        return self.stat.summary()
+
+    # debug views (``debug=True``)
+    @property
+    def last_block_idx(self) -> torch.Tensor | None:
+        return self.stat.last_block_idx
+
+    @property
+    def history(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return self.stat.history
+
+
+class LayerStats:
+    """Decode-step counters of one layer, kept on the device (no host sync until read).
+
+    ``steps``: decode steps per mode ("dense", "compute", "reuse"); ``attended`` /
+    ``available``: blocks summed over steps, sequences and kv-heads. With ``debug``, also the
+    last block_idx [B, Hkv, K] and per step (mode, attended, available)."""
+
+    def __init__(self, debug: bool = False):
+        self.debug = debug
+        self.steps = {"dense": 0, "compute": 0, "reuse": 0}
+        self.attended: torch.Tensor | None = None
+        self.available: torch.Tensor | None = None
+        self.last_block_idx: torch.Tensor | None = None
+        self.history: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, mode: str, attended: torch.Tensor, available: torch.Tensor, block_idx) -> None:
+        self.steps[mode] += 1
+        if self.attended is None:
+            self.attended, self.available = attended.clone(), available.clone()
         else:
-            self.stat_attended = self.stat_attended.to(attended.device) + attended
-            self.stat_available = self.stat_available.to(available.device) + available
+            self.attended = self.attended.to(attended.device) + attended
+            self.available = self.available.to(available.device) + available
         if self.debug:
             self.last_block_idx = block_idx
             self.history.append((mode, attended, available))
 
-    def stats(self) -> dict:
-        attended = int(self.stat_attended) if self.stat_attended is not None else 0
-        available = int(self.stat_available) if self.stat_available is not None else 0
+    def summary(self) -> dict:
+        attended = int(self.attended) if self.attended is not None else 0
+        available = int(self.available) if self.available is not None else 0
         return {
-            "steps": dict(self.stat_steps),
+            "steps": dict(self.steps),
             "blocks_attended": attended,
             "blocks_available": available,
             "share_read": attended / available if available else None,
         }
+
+
+def summarize(layer_stats: Sequence[LayerStats]) -> dict:
+    """{"layers": {i: {...}}, "blocks_attended", "blocks_available", "share_read"}: counts
+    summed over decode steps, sequences and kv-heads (reading syncs once per layer)."""
+    per = {i: s.summary() for i, s in enumerate(layer_stats)}
+    att = sum(s["blocks_attended"] for s in per.values())
+    avail = sum(s["blocks_available"] for s in per.values())
+    return {
+        "layers": per,
+        "blocks_attended": att,
+        "blocks_available": avail,
+        "share_read": att / avail if avail else None,
+    }
 
 
 class KVCompCache(Cache):
@@ -412,18 +453,13 @@ class KVCompCache(Cache):
 
     # -------------------------------------------------------------------- observability
     @property
+    def layer_stats(self) -> list[LayerStats]:
+        return [layer.stat for layer in self.layers]
+
+    @property
     def stats(self) -> dict:
-        """{"layers": {i: {...}}, "blocks_attended", "blocks_available", "share_read"} where the
-        counts are summed over decode steps, sequences and kv-heads (reading syncs once)."""
-        per = {i: layer.stats() for i, layer in enumerate(self.layers)}
-        att = sum(s["blocks_attended"] for s in per.values())
-        avail = sum(s["blocks_available"] for s in per.values())
-        return {
-            "layers": per,
-            "blocks_attended": att,
-            "blocks_available": avail,
-            "share_read": att / avail if avail else None,
-        }
+        """Decode-step counters of every layer (``summarize``)."""
+        return summarize(self.layer_stats)
 
     def seq_lens(self, layer_idx: int = 0) -> list[int]:
         """Real (unpadded) token counts per sequence of a layer."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from kvcomp import attention as attn
-from kvcomp.cache import KVCompCache
+from kvcomp.cache import KVCompCache, summarize
 from kvcomp.config import ConfigError, KVCompConfig
 from kvcomp.hashing import HashWeights
 from kvcomp.ops.query_codes import expand_query_weight
@@ -126,6 +126,7 @@ class KVCompHandle:
         self._hooks: list = []
         self._modules: list[torch.nn.Module] = []
         self._last_cache = None
+        self._last_stats = None
         self._install()
 
     # ------------------------------------------------------------------ install / remove
@@ -210,8 +211,12 @@ class KVCompHandle:
             sliding_windows=self._windows,
             debug=self.debug,
         )
-        self._last_cache = weakref.ref(cache)
+        self._note(cache)
         return cache
+
+    def _note(self, cache: KVCompCache) -> None:
+        self._last_cache = weakref.ref(cache)
+        self._last_stats = cache.layer_stats
 
     @property
     def last_cache(self) -> KVCompCache | None:
@@ -219,9 +224,9 @@ class KVCompHandle:
 
     @property
     def stats(self) -> dict:
-        """Stats of the latest cache this handle made or saw (``KVCompCache.stats``), or {}."""
-        cache = self.last_cache
-        return cache.stats if cache is not None else {}
+        """Decode-step counters of the latest cache this handle made or saw (``KVCompCache.stats``;
+        they outlive the cache), or {} before any."""
+        return summarize(self._last_stats) if self._last_stats is not None else {}
 
     # ------------------------------------------------------------------ hooks
     def _cache_key(self, kwargs: dict) -> str:
@@ -253,7 +258,7 @@ class KVCompHandle:
             ids = kwargs.get("input_ids")
             x = ids if ids is not None else kwargs.get("inputs_embeds")
             cache.begin_step(kwargs.get("attention_mask"), int(x.shape[1]))
-            self._last_cache = weakref.ref(cache)
+            self._note(cache)
         attn.forward_scope.enter(cache)
         return args, kwargs
 
