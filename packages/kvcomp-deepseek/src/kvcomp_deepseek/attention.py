@@ -66,8 +66,9 @@ class MLABinding:
 
 def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
     """The float weight [out, in] of a linear layer, dequantized when it is stored quantized:
-    block-wise fp8 with ``weight_scale_inv`` [ceil(out / bo), ceil(in / bi)] (DeepSeek-V3's
-    checkpoint format, transformers' FP8Linear), or a float weight as is."""
+    block-wise fp8 with ``weight_scale_inv`` [ceil(out / bo), ceil(in / bi)] and blocks
+    ``linear.block_size`` (default 128 x 128: DeepSeek-V3's checkpoint format, transformers'
+    FP8Linear), a per-output-channel scale, or a float weight as is."""
     w = getattr(linear, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"kv_b_proj ({type(linear).__name__}) has no weight tensor to absorb")
@@ -83,8 +84,13 @@ def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
         )
     s = scale.detach().float()
     out_f, in_f = w.shape
-    if s.dim() == 2:  # block-wise scales
-        bo, bi = -(-out_f // s.shape[0]), -(-in_f // s.shape[1])
+    if s.dim() == 2:  # block-wise scales, blocks of linear.block_size (DeepSeek: 128 x 128)
+        bo, bi = tuple(getattr(linear, "block_size", None) or (128, 128))
+        if (-(-out_f // bo), -(-in_f // bi)) != tuple(s.shape):
+            raise ValueError(
+                f"kv_b_proj: weight_scale_inv {tuple(s.shape)} does not tile the weight "
+                f"{tuple(w.shape)} in blocks of {(bo, bi)}"
+            )
         s = s.repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
     elif s.numel() == out_f:  # per output channel
         s = s.view(out_f, 1)
