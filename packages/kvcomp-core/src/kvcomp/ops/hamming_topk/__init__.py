@@ -81,7 +81,7 @@ def _prepare(q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chun
         if k_blocks < 1:
             raise ValueError(f"k_blocks must be >= 1, got {k_blocks}")
         K = k_blocks if max_blocks is None else int(max_blocks)
-        kb = torch.full((B,), k_blocks, dtype=torch.int32, device=q_codes.device)
+        kb = k_blocks
     else:
         raise TypeError(f"k_blocks must be an int or a [B] int tensor, got {type(k_blocks).__name__}")
     K = max(K, len(set(must)), 1)
@@ -114,4 +114,6 @@ def hamming_topk(
         )
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])
+    if not isinstance(kb, torch.Tensor):
+        kb = torch.full((q_codes.shape[0],), kb, dtype=torch.int32, device=q_codes.device)
     return hamming_topk_ref(q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre)

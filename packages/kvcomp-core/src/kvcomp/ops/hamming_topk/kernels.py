@@ -33,10 +33,11 @@ from kvcomp.ops._common import interpreting
 FORM_XOR = 0
 FORM_PLANES = 1
 
-# 128 threads x 2 tokens x one 16-byte code each: enough bytes in flight per program
-BLOCK_T = 256
-# blocks per program are chosen so that about this many programs run (4 waves of 132 SMs)
-TARGET_PROGRAMS = 528
+# tokens per tile at 128-bit codes (8 KB of codes); scaled for other code widths
+BLOCK_T = 512
+# blocks per program are chosen so that at least this many programs run: with one tile per
+# program the whole scan is in flight at once instead of a chain of dependent loads per program
+TARGET_PROGRAMS = 1 << 16
 SCAN_WARPS = 4
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
@@ -58,17 +59,51 @@ def _popc(x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _query_rows_kernel(
+    q_ptr, rows_ptr, base_ptr,
+    Hkv, sqb, sqh, sqw,
+    G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
+    MAJORITY: tl.constexpr,
+):
+    """Per (b, kv-head): the R code-sized rows the scan combines each key code with (bit-planes
+    of the per-bit counts, or the majority code) -> rows [B * Hkv, R, W], and the constant part
+    of the score -> base [B * Hkv]."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hkv
+    h = pid % Hkv
+    wv = tl.arange(0, BLOCK_W)
+    w_ok = wv < W
+    bit = tl.arange(0, 32)
+    q_base = q_ptr + b * sqb + (h * G) * sqh
+    cnt = tl.zeros([BLOCK_W, 32], dtype=tl.int32)  # c_b: the group's codes with bit b set
+    for g in range(G):
+        qg = tl.load(q_base + g * sqh + wv * sqw, mask=w_ok, other=0)  # [BLOCK_W]
+        cnt += (qg[:, None] >> bit[None, :]) & 1
+    if MAJORITY:
+        maj = tl.sum(tl.where(2 * cnt > G, 1, 0) << bit[None, :], 1)  # distinct bits: sum == OR
+        tl.store(rows_ptr + pid * R * W + wv, maj, mask=w_ok)
+        tl.store(base_ptr + pid, 32 * W)
+    else:
+        for p in tl.static_range(R):
+            plane = tl.sum(((cnt >> p) & 1) << bit[None, :], 1)  # [BLOCK_W]: bit p of each c_b
+            tl.store(rows_ptr + (pid * R + p) * W + wv, plane, mask=w_ok)
+        tl.store(base_ptr + pid, G * 32 * W - 2 * tl.sum(tl.sum(cnt, 1), 0))
+
+
+@triton.jit
 def _block_keys_kernel(
-    q_ptr, k_ptr, len_ptr, key_ptr,
+    rows_ptr, base_ptr, k_ptr, len_ptr, key_ptr,
     Hkv, NB_OUT, BLOCKS_PER_PROG,
-    sqb, sqh, sqw,
+    srb, srh, srr, srw,
     skb, skh, skt, skw,
     G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-    FORM: tl.constexpr, MAJORITY: tl.constexpr, R_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr,
+    FORM: tl.constexpr, R: tl.constexpr, HAS_BASE: tl.constexpr,
+    CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr, NBT: tl.constexpr,
     MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_T: tl.constexpr,
 ):
+    """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
+    tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
+    (+ -2G popc(k) in the planes form); rows r at rows_ptr + b*srb + h*srh + r*srr."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -76,77 +111,51 @@ def _block_keys_kernel(
     n_blocks = (seq_len + CHUNK - 1) // CHUNK
     blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
     blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
-    NBT: tl.constexpr = BLOCK_T // CP  # blocks per tile
+    BITS: tl.constexpr = 32 * W
 
     wv = tl.arange(0, BLOCK_W)  # [BLOCK_W]
-    w_ok = wv < W
-    bit = tl.arange(0, 32)  # [32]
-    rv = tl.arange(0, R_PAD)  # [R_PAD]
-    BITS: tl.constexpr = 32 * W
-    q_base = q_ptr + b * sqb + (h * G) * sqh
-
-    # ---- prologue: the rows each key code is combined with, their weights and the base score
-    if FORM == 0 and not MAJORITY:
-        rows = tl.load(
-            q_base + rv[:, None] * sqh + wv[None, :] * sqw,
-            mask=(rv[:, None] < G) & w_ok[None, :], other=0,
-        )  # [R_PAD, BLOCK_W]
-        coef = tl.where(rv < G, -2, 0)  # [R_PAD]
-        base = G * BITS
+    r_base = rows_ptr + b * srb + h * srh
+    if HAS_BASE:
+        base = tl.load(base_ptr + pid)
     else:
-        cnt = tl.zeros([BLOCK_W, 32], dtype=tl.int32)  # c_b: query codes with bit b set
-        for g in range(G):
-            qg = tl.load(q_base + g * sqh + wv * sqw, mask=w_ok, other=0)  # [BLOCK_W]
-            cnt += (qg[:, None] >> bit[None, :]) & 1
-        if MAJORITY:
-            # distinct bits: their sum is their OR
-            maj = tl.sum(tl.where(2 * cnt > G, 1, 0) << bit[None, :], 1)
-            rows = tl.zeros([R_PAD, BLOCK_W], dtype=tl.int32) + maj[None, :]  # R_PAD == 1
-            coef = tl.full([R_PAD], -2, dtype=tl.int32)
-            base = BITS
-        else:
-            planes = tl.sum(
-                ((cnt[None, :, :] >> rv[:, None, None]) & 1) << bit[None, None, :], 2
-            )  # [R_PAD, BLOCK_W]: plane p holds bit p of every c_b (distinct bits: sum == OR)
-            rows = planes
-            coef = 4 << rv  # [R_PAD]; planes p >= bit_length(G) are all zero
-            base = G * BITS - 2 * tl.sum(tl.sum(cnt, 1), 0)
-
-    i = tl.arange(0, BLOCK_T)
-    bl = i // CP  # block within the tile
-    c = i % CP  # token within the (sub-)block
+        base = R * BITS  # direct form over R = G query codes, or majority
+    bi = tl.arange(0, NBT)[:, None, None]  # [NBT, 1, 1] block within the tile
+    ci = tl.arange(0, CP)[None, :, None]  # [1, CP, 1] token within the (sub-)block
+    w3 = wv[None, None, :]  # [1, 1, BLOCK_W]
     k_base = k_ptr + b * skb + h * skh
     for blk0 in range(blk_lo, blk_hi, NBT):
-        blk = blk0 + bl  # [BLOCK_T]
+        blk = blk0 + bi
         if MEAN:
             run = tl.zeros([NBT], dtype=tl.int32)
         else:
             run = tl.full([NBT], -2147483648, dtype=tl.int32)
         n_ok = tl.zeros([NBT], dtype=tl.int32)
         for s in tl.static_range(N_SUB):
-            in_blk = s * CP + c
-            t = blk * CHUNK + in_blk  # [BLOCK_T]
+            in_blk = s * CP + ci
+            t = blk * CHUNK + in_blk  # [NBT, CP, 1]
             ok = (in_blk < CHUNK) & (t < seq_len) & (blk < blk_hi)
             if K_CONTIG:
-                offs = t[:, None].to(tl.int64) * W + wv[None, :]
+                offs = t.to(tl.int64) * W + w3
             else:
-                offs = t[:, None].to(tl.int64) * skt + wv[None, :] * skw
-            kc = tl.load(k_base + offs, mask=ok[:, None] & w_ok[None, :], other=0)  # [BLOCK_T, BLOCK_W]
+                offs = t.to(tl.int64) * skt + w3 * skw
+            kc = tl.load(k_base + offs, mask=ok & (w3 < W), other=0)  # [NBT, CP, BLOCK_W]
+            acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
+            for r in tl.static_range(R):
+                row = tl.load(r_base + r * srr + w3 * srw, mask=w3 < W, other=0)  # [1, 1, BLOCK_W]
+                if FORM == 0:
+                    acc += _popc(row ^ kc, USE_ASM)
+                else:
+                    acc += _popc(row & kc, USE_ASM) << r
             if FORM == 0:
-                x = rows[None, :, :] ^ kc[:, None, :]  # [BLOCK_T, R_PAD, BLOCK_W]
+                score = base - 2 * tl.sum(acc, 2)  # [NBT, CP]
             else:
-                x = rows[None, :, :] & kc[:, None, :]
-            pc = tl.sum(_popc(x, USE_ASM), 2)  # [BLOCK_T, R_PAD]
-            score = base + tl.sum(pc * coef[None, :], 1)  # [BLOCK_T]
-            if FORM == 1:
-                score -= (2 * G) * tl.sum(_popc(kc, USE_ASM), 1)
-            s2 = tl.reshape(score, [NBT, CP])
-            ok2 = tl.reshape(ok, [NBT, CP])
+                score = base + 4 * tl.sum(acc, 2) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 2)
+            ok2 = tl.sum(ok.to(tl.int32), 2) > 0  # [NBT, CP]
             if MEAN:
-                run += tl.sum(tl.where(ok2, s2, 0), 1)
+                run += tl.sum(tl.where(ok2, score, 0), 1)
                 n_ok += tl.sum(ok2.to(tl.int32), 1)
             else:
-                run = tl.maximum(run, tl.max(tl.where(ok2, s2, -2147483648), 1))
+                run = tl.maximum(run, tl.max(tl.where(ok2, score, -2147483648), 1))
         if MEAN:
             mean = tl.math.div_rn(run.to(tl.float32), tl.maximum(n_ok, 1).to(tl.float32))
             bits = mean.to(tl.int32, bitcast=True)
@@ -176,9 +185,10 @@ def _row_keys(key_row, must_ptr, start, n, must_key, M: tl.constexpr, BLOCK: tl.
 @triton.jit
 def _select_kernel(
     key_ptr, len_ptr, kb_ptr, must_ptr, out_ptr,
-    Hkv, NB_IN, K,
+    Hkv, NB_IN, K, KB_CONST,
     sob, soh,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+    KB_TENSOR: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
@@ -187,7 +197,10 @@ def _select_kernel(
     out_row = out_ptr + b * sob + h * soh
     seq_len = tl.load(len_ptr + b).to(tl.int64)
     n = (seq_len + CHUNK - 1) // CHUNK
-    kb = tl.load(kb_ptr + b).to(tl.int64)
+    if KB_TENSOR:
+        kb = tl.load(kb_ptr + b).to(tl.int64)
+    else:
+        kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
     INF: tl.constexpr = 1 << 40
 
     # pass 1: number of must-select blocks, range of the other keys
@@ -256,13 +269,13 @@ def _select_kernel(
 
 
 def _form(G: int, mode: str) -> tuple[int, bool, int]:
-    """(FORM, MAJORITY, R_PAD) for a group of G query codes and a scoring mode."""
+    """(FORM, MAJORITY, R: rows per token) for a group of G query codes and a scoring mode."""
     if mode == "majority":
         return FORM_XOR, True, 1
     planes = G.bit_length()  # c_b in [0, G] needs this many bits
     if mode == "exact_planes" or (mode == "exact" and planes + 1 < G):
-        return FORM_PLANES, False, triton.next_power_of_2(planes)
-    return FORM_XOR, False, triton.next_power_of_2(G)
+        return FORM_PLANES, False, planes
+    return FORM_XOR, False, G
 
 
 def block_keys_triton(
@@ -276,12 +289,25 @@ def block_keys_triton(
     _, Hkv, Lmax, _ = k_codes.shape
     G = Hq // Hkv
     nb = max(1, triton.cdiv(Lmax, chunk_size))
-    keys = out if out is not None else torch.empty(B, Hkv, nb, dtype=torch.int32, device=q_codes.device)
+    dev = q_codes.device
+    keys = out if out is not None else torch.empty(B, Hkv, nb, dtype=torch.int32, device=dev)
     if B * Hkv == 0:
         return keys
-    form, majority, r_pad = _form(G, mode)
+    form, majority, R = _form(G, mode)
     block_w = triton.next_power_of_2(W)
-    block_t = max(BLOCK_T // block_w * 4, 32) if block_w > 4 else BLOCK_T
+    if form == FORM_XOR and not majority:
+        # the rows are the query codes themselves: row r of kv-head h is query head h * G + r
+        rows, base = q_codes, q_codes
+        srb, srh, srr, srw = q_codes.stride(0), G * q_codes.stride(1), q_codes.stride(1), q_codes.stride(2)
+    else:
+        rows = torch.empty(B, Hkv, R, W, dtype=torch.int32, device=dev)
+        base = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+        _query_rows_kernel[(B * Hkv,)](
+            q_codes, rows, base, Hkv, *q_codes.stride(),
+            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1,
+        )
+        srb, srh, srr, srw = rows.stride()
+    block_t = max(BLOCK_T * 4 // block_w, 32)  # tokens per tile, ~BLOCK_T * 16 bytes of codes
     cp = min(triton.next_power_of_2(chunk_size), block_t)
     nbt = block_t // cp
     n_sub = triton.cdiv(chunk_size, cp)
@@ -290,13 +316,12 @@ def block_keys_triton(
     splits = triton.cdiv(nb, per_prog)
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
     _block_keys_kernel[(B * Hkv, splits)](
-        q_codes, k_codes, seq_lens, keys,
+        rows, base, k_codes, seq_lens, keys,
         Hkv, nb, per_prog,
-        *q_codes.stride(), *k_codes.stride(),
-        G=G, W=W, BLOCK_W=block_w, FORM=form, MAJORITY=majority, R_PAD=r_pad,
-        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, MEAN=chunk_repre == "mean",
-        K_CONTIG=k_contig, USE_ASM=not interpreting(), BLOCK_T=block_t,
-        num_warps=SCAN_WARPS,
+        srb, srh, srr, srw, *k_codes.stride(),
+        G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
+        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
+        K_CONTIG=k_contig, USE_ASM=not interpreting(), num_warps=SCAN_WARPS,
     )
     return keys
 
@@ -316,7 +341,7 @@ def _must_tensor(must_select: tuple[int, ...], device: torch.device) -> torch.Te
 
 
 def select_triton(
-    keys: torch.Tensor, seq_lens: torch.Tensor, k_blocks: torch.Tensor, K: int,
+    keys: torch.Tensor, seq_lens: torch.Tensor, k_blocks: torch.Tensor | int, K: int,
     chunk_size: int, must_select: tuple[int, ...], out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 2: int32 [B, Hkv, K] selection from stage 1's keys (written into ``out`` if given;
@@ -329,17 +354,19 @@ def select_triton(
     must = _must_tensor(tuple(must_select), keys.device)
     block = min(triton.next_power_of_2(max(nb, K)), SELECT_BLOCK_MAX)
     block = max(block, 16)
+    kb_tensor = isinstance(k_blocks, torch.Tensor)
     _select_kernel[(B * Hkv,)](
-        keys, seq_lens, k_blocks, must, out,
-        Hkv, nb, K, out.stride(0), out.stride(1),
-        CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block,
+        keys, seq_lens, k_blocks if kb_tensor else seq_lens, must, out,
+        Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
+        CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         num_warps=4 if block <= 1024 else 8,
     )
     return out
 
 
 def hamming_topk_triton(
-    q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor, k_blocks: torch.Tensor,
+    q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
+    k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
 ) -> torch.Tensor:
     """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority)."""

@@ -6,7 +6,11 @@ multiplies them by the word's 32 columns of the head's projection ([D, 32], fp32
 products so that signs match the fp32 reference), takes ``> 0`` and ORs bit j into bit j of
 the word. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
 
-The same kernel serves the cache's append path: with ``HAS_POS`` the codes of row t of
+Decode-sized inputs (a few rows per head, e.g. one query token) take ``_hash_encode_row_kernel``
+instead: one program per (row, head, word), a [D] x [D, 32] product by broadcast-multiply and a
+tree sum in fp32, no matrix unit (what a one-row tl.dot would waste).
+
+Both kernels serve the cache's append path: with ``HAS_POS`` the codes of row t of
 sequence b go to row ``positions[b] + t`` of the code cache (rows >= Lmax are not written).
 """
 
@@ -60,6 +64,42 @@ def _hash_encode_kernel(
         tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
 
 
+@triton.jit
+def _hash_encode_row_kernel(
+    x_ptr, w_ptr, out_ptr, pos_ptr,
+    D, H, L_out,
+    sxb, sxh, sxn, sxd,
+    swh, swd, swk,
+    sob, soh, son, sow,
+    HAS_POS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    w = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    bit = tl.arange(0, 32)  # [32]
+    x = tl.load(x_ptr + b * sxb + h * sxh + n * sxn + dims * sxd, mask=dims < D, other=0.0)
+    wt = tl.load(
+        w_ptr + h * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
+        mask=dims[:, None] < D, other=0.0,
+    ).to(tl.float32)  # [BLOCK_D, 32]
+    proj = tl.sum(x.to(tl.float32)[:, None] * wt, 0)  # [32]
+    word = tl.sum(tl.where(proj > 0, 1, 0).to(tl.int32) << bit, 0)  # distinct bits: sum == OR
+    if HAS_POS:
+        row = tl.load(pos_ptr + b).to(tl.int64) + n
+        tl.store(out_ptr + b * sob + h * soh + row * son + w * sow, word,
+                 mask=(row < L_out) & (row >= 0))
+    else:
+        tl.store(out_ptr + b * sob + h * soh + n * son + w * sow, word)
+
+
+# at most this many rows per (batch, head) take the one-row kernel
+ROW_KERNEL_MAX_ROWS = 8
+
+
 def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.Tensor | None) -> None:
     """x4 [B, H, N, D], w3 [H or 1, D, BITS] (head stride 0 when shared), out4 [B, H, L_out, W]."""
     B, H, N, D = x4.shape
@@ -67,9 +107,17 @@ def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.T
     if N == 0 or B * H == 0:
         return
     block_d = max(16, triton.next_power_of_2(D))
+    swh = w3.stride(0) if w3.shape[0] > 1 else 0
+    if N <= ROW_KERNEL_MAX_ROWS:
+        _hash_encode_row_kernel[(N, B * H, W)](
+            x4, w3, out4, pos if pos is not None else out4,
+            D, H, out4.shape[2],
+            *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(),
+            HAS_POS=pos is not None, BLOCK_D=block_d, num_warps=4,
+        )
+        return
     block_n = 64 if block_d <= 128 else 32
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    swh = w3.stride(0) if w3.shape[0] > 1 else 0
     grid = (triton.cdiv(N, block_n), B * H)
     _hash_encode_kernel[grid](
         x4, w3, out4, pos if pos is not None else out4,
