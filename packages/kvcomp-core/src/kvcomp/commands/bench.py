@@ -12,6 +12,7 @@ import importlib
 
 SUBCOMMANDS = [
     "kvcomp.bench.decode",
+    "kvcomp.bench.mla",
 ]
 
 

@@ -223,6 +223,8 @@ def mla_select(
             q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
             must_select=must, chunk_repre=chunk_repre, max_blocks=max_blocks, backend=backend,
         )
+    if not isinstance(kb, torch.Tensor):
+        kb = torch.full((q_codes.shape[0],), int(kb), dtype=torch.int32, device=q_codes.device)
     planes, const = count_planes(q_codes)
     scores = block_scores_from_planes(k_codes, planes, const, seq_lens, H, chunk_size)
     return select_from_block_scores(scores, seq_lens, kb, K, chunk_size, must)
