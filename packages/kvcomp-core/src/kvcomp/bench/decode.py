@@ -50,6 +50,8 @@ QUICK = dict(lengths=[32768], batches=[1, 8], budgets=["2048", "10%"], models=["
 TARGETS = {("2048", 8): 12.0, ("2048", 1): 8.0, ("10%", 1): 5.0, ("10%", 8): 5.0,
            ("30%", 1): 2.5, ("30%", 8): 2.5}
 SELECT_MODES = ("exact", "exact_direct", "exact_planes", "majority")
+L2_BYTES = 50 << 20  # H100 / H200 L2
+MAX_SETS = 6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,25 +103,30 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _stage_times(q, q_w, q_codes, k_codes, k, v, lens, idx, kb, scale, reps) -> dict:
-    """Median CUDA-graph times (us) of each stage and of the whole step (graph and eager)."""
+def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
+    """Median device times (us) of each stage and of the whole step, rotating over the input
+    sets: CUDA-graph replays of back-to-back calls; the step and dense also eagerly."""
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
 
-    t = {"encode": cuda_time_us(lambda: hash_encode(q, q_w), reps=reps)}
+    P = functools.partial
+    n = range(len(sets))
+    q_codes = [hash_encode(qs[i], q_w) for i in n]
+    idx = [hamming_topk(q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
+                        chunk_size=CHUNK, must_select=MUST_SELECT) for i in n]
+    t = {"encode": cuda_time_us([P(hash_encode, qs[i], q_w) for i in n], reps=reps)}
     for mode in SELECT_MODES:
         t[f"select_{mode}"] = cuda_time_us(
-            lambda mode=mode: hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK,
-                                           must_select=MUST_SELECT, mode=mode), reps=reps)
+            [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
+               chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode) for i in n], reps=reps)
     t["attend"] = cuda_time_us(
-        lambda: sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale),
-        reps=reps)
-
-    def step():
-        return decode_step(q, q_w, k_codes, k, v, lens, k_blocks=kb, chunk_size=CHUNK,
-                           must_select=MUST_SELECT, scale=scale)
-    t["step"] = cuda_time_us(step, reps=reps)
-    t["step_eager"] = cuda_time_us(step, reps=reps, graph=False)
+        [P(sparse_decode_attention, qs[i], sets[i]["k"], sets[i]["v"], idx[i], sets[i]["lens"],
+           chunk_size=CHUNK, scale=scale) for i in n], reps=reps)
+    steps = [P(decode_step, qs[i], q_w, sets[i]["codes"], sets[i]["k"], sets[i]["v"],
+               sets[i]["lens"], k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT,
+               scale=scale) for i in n]
+    t["step"] = cuda_time_us(steps, reps=reps)
+    t["step_eager"] = cuda_time_us(steps, reps=reps, graph=False)
     return t
 
 
@@ -135,23 +142,32 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     from kvcomp.ops.hash_encode.reference import project
 
     dev = "cuda"
-    k = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
     kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0]
     kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
-    k_codes = hash_encode(k, kv_w)  # [B, Hkv, L, 4]
     lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+    # enough independent input sets that rotating through them leaves nothing in L2 to reuse
+    set_bytes = B * HKV * L * (2 * HEAD_DIM * 2 + BITS // 8)
+    n_sets = max(1, min(MAX_SETS, math.ceil(3 * L2_BYTES / set_bytes)))
+    sets = []
+    for _ in range(n_sets):
+        kk = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        vv = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        sets.append(dict(k=kk, v=vv, codes=hash_encode(kk, kv_w), lens=lens.clone()))
+    k, v, k_codes = sets[0]["k"], sets[0]["v"], sets[0]["codes"]  # the verified set
     n_blocks = math.ceil(L / CHUNK)
     scale = 1 / math.sqrt(HEAD_DIM)
     rows = []
     for model in cfg["models"]:
         Hq = MODELS[model]
         G = Hq // HKV
-        q = torch.randn(B, Hq, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        qs = [torch.randn(B, Hq, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+              for _ in sets]
+        q = qs[0]
         q_w = kv_w.repeat_interleave(G, 0)
-        dense, dense_backend = _dense_fn(q, k, v)
-        t_dense = cuda_time_us(dense, reps=reps)
-        t_dense_eager = cuda_time_us(dense, reps=reps, graph=False)
+        dense = [_dense_fn(qs[i], st["k"], st["v"]) for i, st in enumerate(sets)]
+        dense_backend = dense[0][1]
+        t_dense = cuda_time_us([d[0] for d in dense], reps=reps)
+        t_dense_eager = cuda_time_us([d[0] for d in dense], reps=reps, graph=False)
         dense_bytes = 2 * B * HKV * L * HEAD_DIM * 2
         # query codes: equal to the reference but where the fp32 projection is ~0
         q_codes = hash_encode(q, q_w)
@@ -189,11 +205,12 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             verified = all(checks.values())
             row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
                        k_blocks=kb, selected_tokens=int(valid.sum().item()) // (B * HKV),
-                       dense_backend=dense_backend, verified=verified, checks=checks,
+                       dense_backend=dense_backend, input_sets=n_sets, verified=verified,
+                       checks=checks,
                        attend_err=err, attend_torch_err=base)
             if verified:
                 t = {"dense": t_dense, "dense_eager": t_dense_eager}
-                t.update(_stage_times(q, q_w, q_codes, k_codes, k, v, lens, idx, kb, scale, reps))
+                t.update(_stage_times(sets, qs, q_w, kb, scale, reps))
                 code_bytes = B * HKV * L * (BITS // 8)
                 kv_bytes = int(valid.sum().item()) * HEAD_DIM * 2 * 2
                 row.update(
@@ -214,12 +231,13 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     return rows
 
 
-SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS)
-    (256, 528, 4), (512, 528, 4), (256, 1056, 4), (512, 264, 8), (1024, 528, 8), (128, 1056, 4),
+SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS); the first is the default
+    (512, 1 << 16, 4), (256, 1 << 16, 4), (1024, 1 << 16, 4), (1024, 1 << 16, 8),
+    (2048, 1 << 16, 8), (512, 1056, 4), (256, 1 << 16, 2),
 ]
 ATTEND_KNOBS = [  # (TILE_N, WARPS, STAGES, TARGET_PROGRAMS, MIN_TILES_PER_SPLIT)
-    (64, 4, 2, 264, 2), (64, 4, 3, 264, 2), (32, 4, 2, 528, 2), (64, 4, 2, 528, 1),
-    (128, 8, 2, 264, 1), (32, 2, 2, 1056, 1), (64, 4, 1, 264, 2),
+    (64, 4, 2, 264, 1), (64, 4, 2, 264, 2), (32, 4, 2, 528, 1), (32, 4, 2, 264, 1),
+    (64, 4, 3, 264, 1), (128, 8, 2, 264, 1), (32, 2, 2, 528, 2),
 ]
 
 
@@ -237,33 +255,40 @@ def sweep(reps: int) -> list[dict]:
     for B in (1, 8):
         k = torch.randn(B, HKV, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn_like(k)
-        k_codes = torch.randint(-(2**31), 2**31 - 1, (B, HKV, L, BITS // 32), device="cuda",
-                                dtype=torch.int32, generator=gen)
+        n_sets = 4 if B == 1 else 1  # 16 MB of codes at B = 1: rotate 4 copies past the L2
+        code_sets = [torch.randint(-(2**31), 2**31 - 1, (B, HKV, L, BITS // 32), device="cuda",
+                                   dtype=torch.int32, generator=gen) for _ in range(n_sets)]
+        k_codes = code_sets[0]
         lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
         for G in (4, 8):
             q = torch.randn(B, HKV * G, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
             w = torch.randn(HKV * G, HEAD_DIM, BITS, device="cuda", generator=gen)
             q_codes = hash_encode(q, w)
+            q_sets = [hash_encode(torch.randn_like(q), w) for _ in code_sets]
             for mode in ("exact", "majority"):
                 base = None
                 for knobs in SCAN_KNOBS:
                     hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = knobs
-                    sel = functools.partial(hamming_topk, q_codes, k_codes, lens, k_blocks=16,
-                                            chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode)
-                    res = sel()
+                    sel = [functools.partial(hamming_topk, qc, kc, lens, k_blocks=16,
+                                             chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode)
+                           for qc, kc in zip(q_sets, code_sets)]
+                    res = hamming_topk(q_codes, k_codes, lens, k_blocks=16, chunk_size=CHUNK,
+                                       must_select=MUST_SELECT, mode=mode)
                     base = res if base is None else base
                     ok = bool(torch.equal(res, base))
                     t = cuda_time_us(sel, reps=reps) if ok else float("nan")
                     rows.append(dict(stage="select", B=B, G=G, mode=mode, knobs=knobs, ok=ok, us=t))
             for kb in (16, 103):
                 idx = hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK)
+                idxs = [hamming_topk(qc, kc, lens, k_blocks=kb, chunk_size=CHUNK)
+                        for qc, kc in zip(q_sets, code_sets)]
                 base = None
                 for knobs in ATTEND_KNOBS:
                     (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS,
                      ak.MIN_TILES_PER_SPLIT) = knobs
-                    att = functools.partial(sparse_decode_attention, q, k, v, idx, lens,
-                                            chunk_size=CHUNK)
-                    res = att()
+                    att = [functools.partial(sparse_decode_attention, q, k, v, ix, lens,
+                                             chunk_size=CHUNK) for ix in idxs]
+                    res = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
                     base = res if base is None else base
                     ok = bool((res.float() - base.float()).abs().max().item() < 2e-2)
                     t = cuda_time_us(att, reps=reps) if ok else float("nan")

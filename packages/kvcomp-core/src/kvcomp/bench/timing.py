@@ -1,7 +1,7 @@
 """Timing, bandwidth and verification helpers shared by the ``kvcomp bench`` benchmarks.
 
-* ``cuda_time_us(fn)``: median time of ``fn()`` in microseconds from CUDA events, optionally
-  replaying a CUDA graph of ``fn`` (launch gaps shrink to what a served model sees).
+* ``cuda_time_us(fn)``: median device time of one ``fn()`` in microseconds from CUDA events,
+  back-to-back calls in a CUDA graph (or eager), rotating over input sets.
 * ``copy_bandwidth_gbs()``: device-to-device copy bandwidth in GB/s, bytes read + written.
 * ``attention_ref_fp64`` / ``attention_ref_lowp`` / ``attention_close``: flash-attention's
   tolerance rule (kernel error <= 2x the error of the same-precision torch computation against
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,27 +20,42 @@ class VerificationError(AssertionError):
     """A kernel result differs from its reference: benchmarks refuse to report a speedup."""
 
 
-def cuda_time_us(fn: Callable[[], object], *, warmup: int = 5, reps: int = 50, graph: bool = True) -> float:
-    """Median wall time of one ``fn()`` on the current CUDA stream, in microseconds.
+def cuda_time_us(
+    fn: Callable[[], object] | Sequence[Callable[[], object]],
+    *, warmup: int = 3, reps: int = 50, graph: bool = True, min_calls: int = 8,
+) -> float:
+    """Median device time of one call, in microseconds, from CUDA events.
 
-    With ``graph`` the call is captured once into a CUDA graph (after ``warmup`` eager calls) and
-    each timed repetition replays it; each repetition is timed with its own pair of events."""
+    ``fn`` may be a list of calls on different input sets (rotate them so that repeated calls do
+    not find their inputs in L2). The list is repeated to at least ``min_calls`` calls per timed
+    repetition and the time of a repetition is divided by its number of calls, so the device
+    queue stays full and host launch latency is not counted. With ``graph`` (default) the calls
+    are captured once into one CUDA graph, as a served model replays its decode step, and each
+    repetition replays it; without, they are launched eagerly (launch overheads included)."""
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    calls = fns * max(1, -(-min_calls // len(fns)))
     for _ in range(warmup):
-        fn()
+        for f in fns:
+            f()
     torch.cuda.synchronize()
-    run = fn
+
+    def run_all():
+        for f in calls:
+            f()
+
+    run = run_all
     if graph:
         g = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            fn()
+            run_all()
             stream.synchronize()
             with torch.cuda.graph(g, stream=stream):
-                fn()
+                run_all()
         torch.cuda.current_stream().wait_stream(stream)
         run = g.replay
-        for _ in range(3):
+        for _ in range(2):
             run()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -50,14 +65,15 @@ def cuda_time_us(fn: Callable[[], object], *, warmup: int = 5, reps: int = 50, g
         run()
         e.record()
     torch.cuda.synchronize()
-    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    per_rep = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return 1000.0 * per_rep / len(calls)
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30, device: str = "cuda") -> float:
     """Device-to-device copy bandwidth in GB/s (1e9 B/s), counting bytes read plus written."""
     src = torch.empty(nbytes // 4, dtype=torch.int32, device=device).random_()
     dst = torch.empty_like(src)
-    t = cuda_time_us(lambda: dst.copy_(src), warmup=3, reps=20, graph=False)
+    t = cuda_time_us(lambda: dst.copy_(src), warmup=3, reps=20, graph=False, min_calls=1)
     return 2 * src.numel() * 4 / (t * 1e-6) / 1e9
 
 

@@ -25,7 +25,7 @@ from kvcomp.ops._common import interpreting
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
-MIN_TILES_PER_SPLIT = 2
+MIN_TILES_PER_SPLIT = 1
 # tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
 TILE_N = 64
 WARPS = 4
@@ -77,6 +77,10 @@ def _sparse_decode_split_kernel(
         kt = tl.load(
             k_base + t[:, None] * skt + d[None, :] * skd, mask=ok[:, None] & d_ok[None, :], other=0.0
         )  # [BLOCK_N, BLOCK_D]
+        # V is gathered right after K (same rows): both loads are in flight before the dots
+        vt_ = tl.load(
+            v_base + t[:, None] * svt + d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_D]
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         elif DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
@@ -88,9 +92,6 @@ def _sparse_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # 0 where masked
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt_ = tl.load(
-            v_base + t[:, None] * svt + d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0
-        )  # [BLOCK_N, BLOCK_D]
         if IEEE:
             pv = tl.dot(p, vt_, input_precision="ieee")
         elif DOT_F32:
