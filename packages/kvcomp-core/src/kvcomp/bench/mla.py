@@ -214,7 +214,6 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
 
     # ---------------------------------------------------------------- time
     t = {}
-    use_mla = None
 
     def both(name, fn):
         """eager time, and on CUDA the time of a CUDA-graph replay of fn (no launch overhead)"""
