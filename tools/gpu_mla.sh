@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call for the MLA kernels: GPU tests, a tile/split sweep of the latent decode kernels,
-# then `kvcomp bench mla`. Logs and JSON go to $OUT (default /tmp/kvcomp_gpu_mla).
-# Usage (repo root, on the GPU machine): bash tools/gpu_mla.sh [--no-sweep]
+# One GPU call for the MLA kernels: GPU tests, then `kvcomp bench mla` (about 3-4 minutes on an
+# H200 including compilation); with --sweep first a tile/split sweep of the latent decode kernel
+# (about 5 more minutes, mostly compilation). Logs and JSON go to $OUT (default /tmp/kvcomp_gpu_mla).
+# Usage (repo root, on the GPU machine): bash tools/gpu_mla.sh [--sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/packages/kvcomp-core/src:$PWD/packages/kvcomp-deepseek/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -15,7 +16,7 @@ git rev-parse HEAD 2>/dev/null | tee "$OUT/commit.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_mla_decode_kernels.py 2>&1 \
     | tee "$OUT/tests.log"
 
-if [ "${1:-}" != "--no-sweep" ]; then
+if [ "${1:-}" = "--sweep" ]; then
 python3 - <<'PY' 2>&1 | tee "$OUT/sweep.log"
 import json, os, torch
 from triton.testing import do_bench
@@ -65,4 +66,4 @@ json.dump(dict(copy_GBps=copy, rows=rows), open(os.environ["OUT"] + "/sweep.json
 PY
 fi
 
-python3 -m kvcomp.bench.mla --json "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench.log"
+python3 -m kvcomp.bench.mla --rep-ms 100 --json "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench.log"

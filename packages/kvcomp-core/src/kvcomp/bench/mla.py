@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=128, help="block size (chunk_size)")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the kernels "
                    "under TRITON_INTERPRET=1 at small shapes (a smoke run, times meaningless)")
-    p.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement (ms)")
+    p.add_argument("--rep-ms", type=int, default=100, help="timing budget per measurement (ms)")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON here")
 
 
