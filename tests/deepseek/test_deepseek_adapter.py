@@ -294,3 +294,36 @@ def test_fp8_kv_b_proj_is_dequantized():
     lin.weight_scale_inv = None
     with pytest.raises(TypeError, match="dequantize"):
         dense_weight(lin)
+
+
+def test_beam_search_assisted_crop_and_hand_loop():
+    """Beam search (cache reorder), prompt-lookup decoding (crop) and a hand loop that feeds
+    the prompt in two pieces (the extend path: T > 1 with a past) on the latent cache."""
+    import inspect
+
+    model = tiny_model("deepseek_v3")
+    ids = prompt(PROMPT)
+    ref_beam = generate(model, ids, num_beams=3)
+    rep = torch.cat([ids[:, :20]] * 3, dim=1)
+    ref_rep = generate(model, rep)
+    h = kvcomp.enable(model, mla_config(threshold=10**6))
+    assert torch.equal(generate(model, ids, num_beams=3).sequences, ref_beam.sequences)
+    looked = generate(model, rep, prompt_lookup_num_tokens=4)
+    assert torch.equal(looked.sequences, ref_rep.sequences)
+    h.disable()
+    h = kvcomp.enable(model, mla_config(**SPARSE))
+    beam = generate(model, ids, num_beams=3, num_return_sequences=2)
+    assert beam.sequences.shape == (2, PROMPT + NEW)
+    ck = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        c2 = h.new_cache()
+        model(ids[:, :30], **{ck: c2}, use_cache=True)
+        out2 = model(ids[:, 30:], **{ck: c2}, use_cache=True)
+        full = model(ids, **{ck: h.new_cache()}, use_cache=True)
+        torch.testing.assert_close(out2.logits, full.logits[:, 30:], rtol=1e-5, atol=1e-5)
+        nxt = out2.logits[:, -1:].argmax(-1)
+        step = model(nxt, **{ck: c2}, use_cache=True)  # a sparse decode step after the extend
+        assert torch.isfinite(step.logits).all()
+        assert c2.layers[2].lens == [PROMPT + 1]
+        assert int((c2.layers[2].step_block_idx >= 0).sum()) == 3
+    h.disable()
