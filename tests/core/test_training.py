@@ -154,6 +154,10 @@ def test_loss_terms():
     S = torch.tensor([[2.0, -1.0, 0.0]])
     # sum_ij S_ij ||hq_i - hk_j||^2 / #pairs = (2 * 0 - 1 * 4) / 2
     assert similarity_term(hq, hk, S) == pytest.approx(-2.0)
+    # the cross term alone: -2 * (2 * (hq . hk0) - 1 * (hq . hk1)) / 2 = -2 * (4 - 0) / 2
+    assert similarity_term(hq, hk, S, "inner") == pytest.approx(-4.0)
+    with pytest.raises(ValueError, match="distance"):
+        similarity_term(hq, hk, S, "cosine")
     q, k = torch.randn(2, 5, 4), torch.randn(2, 9, 4)
     S = torch.randint(-1, 3, (2, 5, 9)).float()
     W = torch.randn(2, 4, 32, requires_grad=True)

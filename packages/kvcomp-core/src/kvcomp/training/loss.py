@@ -31,6 +31,10 @@ class LossWeights:
     eta: float = 2.0  # bit balance
     lam: float = 1.0  # decorrelation
     sigma: float = 0.1  # relaxation sharpness
+    # "distance": the paper's ||h(q) - h(k)||^2; "inner": only its cross term -2 h(q).h(k)
+    # (equal up to a constant for binary codes, where ||h||^2 = BITS; without the norm terms the
+    # relaxed loss cannot lower itself by shrinking or saturating codes instead of ranking keys)
+    similarity: str = "distance"
 
 
 def relaxed_hash(x: torch.Tensor, W: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -38,15 +42,20 @@ def relaxed_hash(x: torch.Tensor, W: torch.Tensor, sigma: float) -> torch.Tensor
     return 2.0 * torch.sigmoid(sigma * (x @ W)) - 1.0
 
 
-def similarity_term(hq: torch.Tensor, hk: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """sum_ij S_ij ||hq_i - hk_j||^2 / #(S_ij != 0) per batch entry.
+def similarity_term(hq: torch.Tensor, hk: torch.Tensor, S: torch.Tensor, form: str = "distance") -> torch.Tensor:
+    """sum_ij S_ij ||hq_i - hk_j||^2 / #(S_ij != 0) per batch entry ("distance"), or only the
+    cross term sum_ij S_ij (-2 hq_i . hk_j) / #pairs ("inner").
 
     hq [..., N, BITS], hk [..., M, BITS], S [..., N, M] -> [...] (no N x M x BITS tensor:
     ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b)."""
-    qq = (hq * hq).sum(-1)  # [..., N]
-    kk = (hk * hk).sum(-1)  # [..., M]
+    if form not in ("distance", "inner"):
+        raise ValueError(f"similarity form must be 'distance' or 'inner', got {form!r}")
     cross = hq @ hk.transpose(-1, -2)  # [..., N, M]
-    total = (S.sum(-1) * qq).sum(-1) + (S.sum(-2) * kk).sum(-1) - 2.0 * (S * cross).sum((-1, -2))
+    total = -2.0 * (S * cross).sum((-1, -2))
+    if form == "distance":
+        qq = (hq * hq).sum(-1)  # [..., N]
+        kk = (hk * hk).sum(-1)  # [..., M]
+        total = total + (S.sum(-1) * qq).sum(-1) + (S.sum(-2) * kk).sum(-1)
     n_pairs = (S != 0).sum((-1, -2)).clamp(min=1)
     return total / n_pairs
 
@@ -77,7 +86,7 @@ def hata_loss(
     loss and its three parts (floats, summed over P) for logging."""
     hq = relaxed_hash(q, W, weights.sigma)
     hk = relaxed_hash(k, W, weights.sigma)
-    sim = similarity_term(hq, hk, S)
+    sim = similarity_term(hq, hk, S, weights.similarity)
     bal = balance_term(hk)
     dec = decorrelation_term(W)
     loss = (weights.eps * sim + weights.eta * bal + weights.lam * dec).sum()
