@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--eta", type=float, default=None, help="bit-balance weight (default 2)")
     p.add_argument("--lam", type=float, default=None, help="decorrelation weight (default 1)")
     p.add_argument("--sigma", type=float, default=None, help="relaxation sharpness (default 0.1)")
+    p.add_argument("--similarity", choices=("distance", "inner"), default=None,
+                   help="similarity term: the paper's distance form (default) or its cross term")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="train only these layers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write training stats here")
@@ -57,7 +59,8 @@ def run(args) -> int:
     try:
         lw = LossWeights()
         lw = replace(lw, **{k: v for k, v in (("eps", args.eps), ("eta", args.eta), ("lam", args.lam),
-                                              ("sigma", args.sigma)) if v is not None})
+                                              ("sigma", args.sigma), ("similarity", args.similarity))
+                                  if v is not None})
         cfg = TrainConfig(bits=args.bits, bits_kv=args.bits_kv, bits_rope=args.bits_rope,
                           epochs=args.epochs, iters_per_epoch=args.iters, lr=args.lr, loss=lw,
                           n_queries=args.n_queries, queries_per_iter=args.queries_per_iter,
