@@ -112,6 +112,19 @@ def test_selection_reading_tiles(monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("arity", [2, 4])
+def test_threshold_search_arity(monkeypatch, arity):
+    """The binary search and a small-arity search pick the same blocks as the reference."""
+    monkeypatch.setattr(kernels, "SELECT_ARITY", arity)
+    gen = torch.Generator().manual_seed(arity)
+    q = codes(2, 4, 2, gen=gen)
+    k = codes(2, 2, 300, 2, low_entropy=True, gen=gen)
+    lens = torch.tensor([300, 77])
+    for repre in ("max", "mean"):
+        got, want = both(q, k, lens, k_blocks=6, chunk_size=8, chunk_repre=repre)
+        assert torch.equal(got, want)
+
+
 def test_stage_buffers_poisoned():
     """Stage 1 writes exactly the real blocks' keys (nothing over padding); stage 2 writes every
     output entry."""

@@ -119,6 +119,17 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
         t[f"select_{mode}"] = cuda_time_us(
             [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
                chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode) for i in n], reps=reps)
+    import importlib
+
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    keys = [hk.block_keys_triton(q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max")
+            for i in n]
+    t["scan"] = cuda_time_us(
+        [P(hk.block_keys_triton, q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max")
+         for i in n], reps=reps)
+    t["topk"] = cuda_time_us(
+        [P(hk.select_triton, keys[i], sets[i]["lens"], kb, idx[i].shape[2], CHUNK, MUST_SELECT)
+         for i in n], reps=reps)
     t["attend"] = cuda_time_us(
         [P(sparse_decode_attention, qs[i], sets[i]["k"], sets[i]["v"], idx[i], sets[i]["lens"],
            chunk_size=CHUNK, scale=scale) for i in n], reps=reps)
@@ -231,13 +242,11 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     return rows
 
 
-SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS); the first is the default
-    (512, 1 << 16, 4), (256, 1 << 16, 4), (1024, 1 << 16, 4), (1024, 1 << 16, 8),
-    (2048, 1 << 16, 8), (512, 1056, 4), (256, 1 << 16, 2),
+SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS, SELECT_ARITY); the first is the default
+    (256, 1 << 16, 2, 16), (256, 1 << 16, 2, 2), (512, 1 << 16, 4, 16), (128, 1 << 16, 1, 16),
 ]
 ATTEND_KNOBS = [  # (TILE_N, WARPS, STAGES, TARGET_PROGRAMS, MIN_TILES_PER_SPLIT)
-    (64, 4, 2, 264, 1), (64, 4, 2, 264, 2), (32, 4, 2, 528, 1), (32, 4, 2, 264, 1),
-    (64, 4, 3, 264, 1), (128, 8, 2, 264, 1), (32, 2, 2, 528, 2),
+    (64, 4, 2, 264, 1), (32, 4, 2, 528, 1), (32, 2, 2, 528, 1), (64, 4, 2, 528, 1),
 ]
 
 
@@ -268,7 +277,7 @@ def sweep(reps: int) -> list[dict]:
             for mode in ("exact", "majority"):
                 base = None
                 for knobs in SCAN_KNOBS:
-                    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = knobs
+                    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS, hk.SELECT_ARITY = knobs
                     sel = [functools.partial(hamming_topk, qc, kc, lens, k_blocks=16,
                                              chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode)
                            for qc, kc in zip(q_sets, code_sets)]
@@ -295,7 +304,7 @@ def sweep(reps: int) -> list[dict]:
                     rows.append(dict(stage="attend", B=B, G=G, k_blocks=kb, knobs=knobs, ok=ok,
                                      us=t, kv_GBps=B * HKV * kb * CHUNK * HEAD_DIM * 4 / t / 1e3))
         torch.cuda.empty_cache()
-    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS = SCAN_KNOBS[0]
+    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS, hk.SELECT_ARITY = SCAN_KNOBS[0]
     (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS, ak.MIN_TILES_PER_SPLIT) = ATTEND_KNOBS[0]
     return rows
 
@@ -335,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(result, fh, indent=1)
     print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}")
     print(f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
-          f"{'maj':>6} {'attend':>6} {'step':>6} {'x':>6} {'xeager':>6} {'floor':>5} "
+          f"{'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'step':>6} {'x':>6} {'xeager':>6} {'floor':>5} "
           f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}")
     bad = False
     for r in rows:
@@ -348,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         t, bw = r["times_us"], r["bw_frac"]
         target = f"{r['target']:.1f}" if r["target"] else "-"
         print(f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
-              f"{t['select_majority']:6.1f} {t['attend']:6.1f} {t['step']:6.1f} "
+              f"{t['scan']:6.1f} {t['topk']:6.1f} {t['select_majority']:6.1f} {t['attend']:6.1f} {t['step']:6.1f} "
               f"{r['speedup']:6.2f} {r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
               f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
     return 1 if bad else 0

@@ -15,11 +15,11 @@ int32 with the same order. Three exact-or-cheaper forms of the group score (FORM
   and c_b is written in P = bit_length(G) bit-planes, so sum_b c_b k_b =
   sum_p 2^p popc(plane_p & k): P + 1 popcounts per word instead of G, integer and exact.
 
-Stage 2, ``_select_kernel``, grid (B * Hkv): per row, a binary search over the key values finds
-the threshold T such that ``count`` keys are >= T (must-select blocks get a key above every real
-one), then one pass in index order keeps every key > T and the lowest-index keys == T up to
-``count``, and writes their indices ascending (prefix sums give the output slots), then -1 up to
-K. This is exactly the reference's order (score descending, lower index first on ties).
+Stage 2, ``_select_kernel``, grid (B * Hkv): per row, a 16-ary (or binary) search over the key
+values finds the threshold T such that ``count`` keys are >= T (must-select blocks get a key
+above every real one), then one pass in index order keeps every key > T and the lowest-index
+keys == T up to ``count``, and writes their indices ascending (prefix sums give the output
+slots), then -1 up to K. This is exactly the reference's order (score descending, lower index first on ties).
 """
 
 from __future__ import annotations
@@ -34,13 +34,16 @@ FORM_XOR = 0
 FORM_PLANES = 1
 
 # tokens per tile at 128-bit codes (8 KB of codes); scaled for other code widths
-BLOCK_T = 512
+BLOCK_T = 256
 # blocks per program are chosen so that at least this many programs run: with one tile per
 # program the whole scan is in flight at once instead of a chain of dependent loads per program
 TARGET_PROGRAMS = 1 << 16
-SCAN_WARPS = 4
+SCAN_WARPS = 2
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
+# candidates per round of the threshold search (2 = binary), used up to this many blocks a row
+SELECT_ARITY = 16
+ARITY_BLOCK_MAX = 1024
 
 
 @triton.jit
@@ -188,7 +191,7 @@ def _select_kernel(
     Hkv, NB_IN, K, KB_CONST,
     sob, soh,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-    KB_TENSOR: tl.constexpr,
+    KB_TENSOR: tl.constexpr, ARITY: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
@@ -220,8 +223,20 @@ def _select_kernel(
     if SINGLE:
         key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, must_key, M, BLOCK)
 
-    # binary search: the largest T with #(key >= T) >= count  (invariant holds for lo)
-    while lo < hi:
+    # search for the largest T with #(key >= T) >= count  (the invariant holds for lo)
+    if SINGLE and ARITY > 2:
+        # ARITY-ary: count against ARITY candidates lo + j * step at once, keep the last that
+        # still holds; ~log_ARITY(range) rounds of one [BLOCK, ARITY] reduction each
+        jv = tl.arange(0, ARITY)
+        while lo < hi:
+            step = (hi - lo + ARITY) // ARITY
+            cand = lo + jv.to(tl.int64) * step  # [ARITY] ascending, cand[0] == lo
+            hit = (key1[:, None] >= cand[None, :]) & real1[:, None]  # [BLOCK, ARITY]
+            holds = tl.sum(hit.to(tl.int32), 0) >= count  # [ARITY]: true for j <= j*
+            j_star = tl.sum(holds.to(tl.int64), 0) - 1
+            hi = tl.minimum(hi, lo + (j_star + 1) * step - 1)
+            lo = lo + j_star * step
+    while lo < hi:  # binary (what is left of it after the ARITY-ary rounds: nothing)
         mid = lo + (hi - lo + 1) // 2
         if SINGLE:
             ge = tl.sum((real1 & (key1 >= mid)).to(tl.int64), 0)
@@ -359,6 +374,7 @@ def select_triton(
         keys, seq_lens, k_blocks if kb_tensor else seq_lens, must, out,
         Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
+        ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
         num_warps=4 if block <= 1024 else 8,
     )
     return out
