@@ -53,7 +53,8 @@ class MLABinding:
 
     w_lat [R, bits_kv] / w_rope [P, bits_rope]: float32 hash weights on the module's device
     (layers that compute a selection, else None). ``absorbed``: (W_UK [H, nope, R],
-    W_UV [H, v, R]) float32, made from kv_b_proj on first use."""
+    W_UV [H, v, R]), views of kv_b_proj's weight (dequantized copies for quantized weights),
+    made on first use."""
 
     layer_idx: int
     handle: Any
@@ -97,12 +98,20 @@ def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
     return w.detach().float() * s
 
 
-def absorb_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_UK [H, nope, R], W_UV [H, v, R]) float32 from ``module.kv_b_proj`` (dequantized)."""
-    w = dense_weight(module.kv_b_proj)  # [H * (nope + v), R]
+def absorb_weights(module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_UK [H, nope, R], W_UV [H, v, R]) from ``module.kv_b_proj``: views of its weight when
+    it is a float weight (no copy), else the dequantized weight in ``dtype`` (default float32)."""
+    lin = module.kv_b_proj
+    w = getattr(lin, "weight", None)
+    quantized = getattr(lin, "weight_scale_inv", None) is not None or getattr(
+        lin, "weight_scale", None) is not None
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.element_size() >= 2 and not quantized:
+        w = w.detach()  # [H * (nope + v), R]
+    else:
+        w = dense_weight(lin).to(dtype or torch.float32)
     H, nope, v = module.num_heads, module.qk_nope_head_dim, module.v_head_dim
     w = w.view(H, nope + v, w.shape[-1])
-    return w[:, :nope].contiguous(), w[:, nope:].contiguous()
+    return w[:, :nope], w[:, nope:]
 
 
 def current_layer(binding: MLABinding) -> MLACacheLayer | None:
@@ -197,12 +206,12 @@ def _sparse_decode(module, binding: MLABinding, layer: MLACacheLayer, query, ckv
     cfg, policy = handle.config, handle.policy
     i = binding.layer_idx
     if binding.absorbed is None:
-        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module))
+        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module, query.dtype))
     w_uk, w_uv = binding.absorbed
     nope = module.qk_nope_head_dim
     q = query[:, :, 0]  # [B, H, nope + P]
     dt = ckv.dtype
-    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].float(), w_uk).to(dt)  # [B, H, R]
+    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].to(w_uk.dtype), w_uk).to(dt)  # [B, H, R]
     q_pe = q[..., nope:].to(dt).contiguous()  # [B, H, P]
     L = layer.max_len
     seq_lens = layer.seq_lens
@@ -232,7 +241,7 @@ def _sparse_decode(module, binding: MLABinding, layer: MLACacheLayer, query, ckv
         q_lat, q_pe, ckv[:, 0], kpe[:, 0], block_idx, seq_lens,
         chunk_size=cfg.chunk_size, scale=scaling,
     )  # [B, H, R]
-    out = torch.einsum("bhr,hvr->bhv", o_lat.float(), w_uv).to(query.dtype)
+    out = torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv).to(query.dtype)
     layer.record_step(mode, block_idx)
     return out.unsqueeze(1)  # [B, 1, H, v]
 
