@@ -69,7 +69,11 @@ def test_gpu_step_real_shapes(G):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_cuda_graph_capture_and_replay(monkeypatch, fused):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("kvcomp.ops.hamming_topk.kernels"), "FUSED_SELECT", fused)
     gen = torch.Generator().manual_seed(1)
     B, Hkv, G, D, L, chunk = 2, 8, 4, 128, 4097, 128
     q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, L, 128, torch.bfloat16, "cuda", gen)

@@ -125,6 +125,21 @@ def test_threshold_search_arity(monkeypatch, arity):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("repre", ["max", "mean"])
+def test_fused_selection(monkeypatch, repre):
+    """Selection run by the last scan program of each row (no second launch): same result, the
+    row counters are back to zero after the call, also with several programs per row."""
+    monkeypatch.setattr(kernels, "FUSED_SELECT", True)
+    gen = torch.Generator().manual_seed(13)
+    q = codes(3, 4, 2, low_entropy=True, gen=gen)
+    k = codes(3, 2, 2000, 2, low_entropy=True, gen=gen)
+    lens = torch.tensor([2000, 1, 700])
+    for kb in (7, torch.tensor([3, 9, 1])):
+        got, want = both(q, k, lens, k_blocks=kb, max_blocks=9, chunk_size=16, chunk_repre=repre)
+        assert torch.equal(got, want)
+    assert (kernels._row_counters(6, torch.device("cpu"))[:6] == 0).all()
+
+
 def test_stage_buffers_poisoned():
     """Stage 1 writes exactly the real blocks' keys (nothing over padding); stage 2 writes every
     output entry."""
@@ -167,6 +182,20 @@ def test_gpu_real_shapes(G, mode):
     kl = codes(B, Hkv, L, W, low_entropy=True, gen=gen, device="cuda")
     got, want = both(q & 7, kl, lens, k_blocks=7, chunk_size=16, mode=mode)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [4, 8])
+def test_gpu_fused_selection(monkeypatch, G):
+    monkeypatch.setattr(kernels, "FUSED_SELECT", True)
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, W, L = 4, 8, 4, 4097
+    q = codes(B, Hkv * G, W, gen=gen, device="cuda")
+    lens = torch.tensor([4097, 1, 127, 2050], device="cuda")
+    for rep in range(3):  # the row counters must be reset between launches
+        k = codes(B, Hkv, L, W, low_entropy=rep == 1, gen=gen, device="cuda")
+        got, want = both(q, k, lens, k_blocks=7, chunk_size=16 if rep == 2 else 128)
+        assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

@@ -242,8 +242,9 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     return rows
 
 
-SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS, SELECT_ARITY); the first is the default
-    (256, 1 << 16, 2, 16), (256, 1 << 16, 2, 2), (512, 1 << 16, 4, 16), (128, 1 << 16, 1, 16),
+SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS, SELECT_ARITY, FUSED_SELECT); 1st: default
+    (256, 1 << 16, 2, 16, False), (256, 1 << 16, 2, 16, True), (256, 1 << 16, 2, 2, False),
+    (512, 1 << 16, 4, 16, False), (128, 1 << 16, 1, 16, False),
 ]
 ATTEND_KNOBS = [  # (TILE_N, WARPS, STAGES, TARGET_PROGRAMS, MIN_TILES_PER_SPLIT)
     (64, 4, 2, 264, 1), (32, 4, 2, 528, 1), (32, 2, 2, 528, 1), (64, 4, 2, 528, 1),
@@ -277,7 +278,7 @@ def sweep(reps: int) -> list[dict]:
             for mode in ("exact", "majority"):
                 base = None
                 for knobs in SCAN_KNOBS:
-                    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS, hk.SELECT_ARITY = knobs
+                    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS, hk.SELECT_ARITY, hk.FUSED_SELECT = knobs
                     sel = [functools.partial(hamming_topk, qc, kc, lens, k_blocks=16,
                                              chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode)
                            for qc, kc in zip(q_sets, code_sets)]
@@ -304,7 +305,7 @@ def sweep(reps: int) -> list[dict]:
                     rows.append(dict(stage="attend", B=B, G=G, k_blocks=kb, knobs=knobs, ok=ok,
                                      us=t, kv_GBps=B * HKV * kb * CHUNK * HEAD_DIM * 4 / t / 1e3))
         torch.cuda.empty_cache()
-    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS, hk.SELECT_ARITY = SCAN_KNOBS[0]
+    hk.BLOCK_T, hk.TARGET_PROGRAMS, hk.SCAN_WARPS, hk.SELECT_ARITY, hk.FUSED_SELECT = SCAN_KNOBS[0]
     (ak.TILE_N, ak.WARPS, ak.STAGES, ak.TARGET_PROGRAMS, ak.MIN_TILES_PER_SPLIT) = ATTEND_KNOBS[0]
     return rows
 

@@ -44,6 +44,8 @@ SELECT_BLOCK_MAX = 2048
 # candidates per round of the threshold search (2 = binary), used up to this many blocks a row
 SELECT_ARITY = 16
 ARITY_BLOCK_MAX = 1024
+# run the selection inside the scan's launch (last program of each row) instead of a 2nd kernel
+FUSED_SELECT = False
 
 
 @triton.jit
@@ -103,6 +105,9 @@ def _block_keys_kernel(
     FORM: tl.constexpr, R: tl.constexpr, HAS_BASE: tl.constexpr,
     CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr, NBT: tl.constexpr,
     MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr,
+    cnt_ptr=None, kb_ptr=None, must_ptr=None, out_ptr=None, K=0, KB_CONST=0, sob=0, soh=0,
+    FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
+    SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
@@ -167,14 +172,35 @@ def _block_keys_kernel(
             key = run
         bo = blk0 + tl.arange(0, NBT)
         tl.store(key_ptr + pid * NB_OUT + bo, key, mask=bo < blk_hi)
+    if FUSED:
+        # the row's last program to finish runs the selection: every program of the row counts
+        # in once its keys are stored (barrier, then a gpu-scope acq_rel atomic), the last one
+        # reads all keys through L2 and resets the counter for the next launch
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(1) - 1:
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+            if KB_TENSOR:
+                kb = tl.load(kb_ptr + b).to(tl.int64)
+            else:
+                kb = KB_CONST + tl.zeros([], dtype=tl.int64)
+            _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
+                        seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
 
 
 @triton.jit
-def _row_keys(key_row, must_ptr, start, n, must_key, M: tl.constexpr, BLOCK: tl.constexpr):
-    """Keys of blocks [start, start + BLOCK) of one row: (key int64, is_must, is_real)."""
+def _row_keys(
+    key_row, must_ptr, start, n, must_key, M: tl.constexpr, BLOCK: tl.constexpr,
+    CG: tl.constexpr = False,
+):
+    """Keys of blocks [start, start + BLOCK) of one row: (key int64, is_must, is_real). CG: read
+    through L2 only (keys written by other programs of the same launch)."""
     idx = start + tl.arange(0, BLOCK)
     real = idx < n
-    key = tl.load(key_row + idx, mask=real, other=0).to(tl.int64)
+    if CG:
+        key = tl.load(key_row + idx, mask=real, other=0, cache_modifier=".cg").to(tl.int64)
+    else:
+        key = tl.load(key_row + idx, mask=real, other=0).to(tl.int64)
     must = tl.zeros([BLOCK], dtype=tl.int1)
     for j in tl.static_range(M):
         m = tl.load(must_ptr + j)
@@ -196,14 +222,23 @@ def _select_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
-    key_row = key_ptr + pid * NB_IN
-    out_row = out_ptr + b * sob + h * soh
     seq_len = tl.load(len_ptr + b).to(tl.int64)
-    n = (seq_len + CHUNK - 1) // CHUNK
     if KB_TENSOR:
         kb = tl.load(kb_ptr + b).to(tl.int64)
     else:
         kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
+    _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
+                CHUNK, M, BLOCK, SINGLE, ARITY, False)
+
+
+@triton.jit
+def _select_row(
+    key_row, out_row, must_ptr, seq_len, kb, K,
+    CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+    ARITY: tl.constexpr, CG: tl.constexpr,
+):
+    """Selection of one (b, kv-head) row from its block keys (see the module docstring)."""
+    n = (seq_len + CHUNK - 1) // CHUNK
     INF: tl.constexpr = 1 << 40
 
     # pass 1: number of must-select blocks, range of the other keys
@@ -211,7 +246,7 @@ def _select_kernel(
     kmin = tl.full([], INF, dtype=tl.int64)
     kmax = tl.full([], -INF, dtype=tl.int64)
     for start in range(0, n, BLOCK):
-        key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK)
+        key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
         other = real & ~must
         n_must += tl.sum(must.to(tl.int64), 0)
         kmin = tl.minimum(kmin, tl.min(tl.where(other, key, INF), 0))
@@ -221,7 +256,7 @@ def _select_kernel(
     lo = tl.minimum(kmin, must_key)
     hi = must_key
     if SINGLE:
-        key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, must_key, M, BLOCK)
+        key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, must_key, M, BLOCK, CG)
 
     # search for the largest T with #(key >= T) >= count  (the invariant holds for lo)
     if SINGLE and ARITY > 2:
@@ -243,7 +278,7 @@ def _select_kernel(
         else:
             ge = tl.zeros([], dtype=tl.int64)
             for start in range(0, n, BLOCK):
-                key, must, real = _row_keys(key_row, must_ptr, start, n, must_key, M, BLOCK)
+                key, must, real = _row_keys(key_row, must_ptr, start, n, must_key, M, BLOCK, CG)
                 ge += tl.sum((real & (key >= mid)).to(tl.int64), 0)
         if ge >= count:
             lo = mid
@@ -257,7 +292,7 @@ def _select_kernel(
     else:
         n_gt = tl.zeros([], dtype=tl.int64)
         for start in range(0, n, BLOCK):
-            key, must, real = _row_keys(key_row, must_ptr, start, n, must_key, M, BLOCK)
+            key, must, real = _row_keys(key_row, must_ptr, start, n, must_key, M, BLOCK, CG)
             n_gt += tl.sum((real & (key > thr)).to(tl.int64), 0)
     need_ties = count - n_gt
 
@@ -268,7 +303,7 @@ def _select_kernel(
         if SINGLE:
             key, real = key1, real1
         else:
-            key, must, real = _row_keys(key_row, must_ptr, start, n, must_key, M, BLOCK)
+            key, must, real = _row_keys(key_row, must_ptr, start, n, must_key, M, BLOCK, CG)
         tie = (real & (key == thr)).to(tl.int64)
         tie_rank = ties_before + tl.cumsum(tie, 0) - 1
         keep = real & ((key > thr) | ((tie > 0) & (tie_rank < need_ties)))
@@ -296,10 +331,12 @@ def _form(G: int, mode: str) -> tuple[int, bool, int]:
 def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
+    select: dict | None = None,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
-    that shape to write into."""
+    that shape to write into. ``select``: launch arguments of the fused selection (the last
+    program of each row runs stage 2 itself; see ``hamming_topk_triton``)."""
     B, Hq, W = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     G = Hq // Hkv
@@ -337,11 +374,25 @@ def block_keys_triton(
         G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), num_warps=SCAN_WARPS,
+        **(select or {}),
     )
     return keys
 
 
 _MUST_CACHE: dict = {}
+_COUNTERS: dict = {}
+
+
+def _row_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters of the fused selection, one per row, per (device, stream): the last
+    program of a row resets its counter, so launches on one stream can reuse them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    t = _COUNTERS.get(key)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = t
+    return t
 
 
 def _must_tensor(must_select: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -385,6 +436,22 @@ def hamming_topk_triton(
     k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
 ) -> torch.Tensor:
-    """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority)."""
-    keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode)
-    return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select)
+    """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority).
+    With FUSED_SELECT the selection runs in the scan's launch (no second kernel)."""
+    if not FUSED_SELECT:
+        keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode)
+        return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select)
+    B, Hkv = k_codes.shape[0], k_codes.shape[1]
+    nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))
+    out = torch.empty(B, Hkv, K, dtype=torch.int32, device=q_codes.device)
+    block = max(min(triton.next_power_of_2(max(nb, K)), SELECT_BLOCK_MAX), 16)
+    kb_tensor = isinstance(k_blocks, torch.Tensor)
+    select = dict(
+        cnt_ptr=_row_counters(B * Hkv, q_codes.device), kb_ptr=k_blocks if kb_tensor else seq_lens,
+        must_ptr=_must_tensor(tuple(must_select), q_codes.device), out_ptr=out, K=K,
+        KB_CONST=0 if kb_tensor else int(k_blocks), sob=out.stride(0), soh=out.stride(1),
+        FUSED=True, M=len(must_select), SEL_BLOCK=block, SINGLE=nb <= block,
+        KB_TENSOR=kb_tensor, ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
+    )
+    block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select)
+    return out
