@@ -243,8 +243,8 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
 
 
 SCAN_KNOBS = [  # (BLOCK_T, TARGET_PROGRAMS, SCAN_WARPS, SELECT_ARITY, FUSED_SELECT); 1st: default
-    (256, 1 << 16, 2, 16, False), (256, 1 << 16, 2, 16, True), (256, 1 << 16, 2, 2, False),
-    (512, 1 << 16, 4, 16, False), (128, 1 << 16, 1, 16, False),
+    (512, 1 << 16, 4, 2, False), (256, 1 << 16, 2, 2, False), (256, 1 << 16, 2, 16, False),
+    (256, 1 << 16, 2, 16, True), (128, 1 << 16, 1, 2, False),
 ]
 ATTEND_KNOBS = [  # (TILE_N, WARPS, STAGES, TARGET_PROGRAMS, MIN_TILES_PER_SPLIT)
     (64, 4, 2, 264, 1), (32, 4, 2, 528, 1), (32, 2, 2, 528, 1), (64, 4, 2, 528, 1),

@@ -15,7 +15,7 @@ int32 with the same order. Three exact-or-cheaper forms of the group score (FORM
   and c_b is written in P = bit_length(G) bit-planes, so sum_b c_b k_b =
   sum_p 2^p popc(plane_p & k): P + 1 popcounts per word instead of G, integer and exact.
 
-Stage 2, ``_select_kernel``, grid (B * Hkv): per row, a 16-ary (or binary) search over the key
+Stage 2, ``_select_kernel``, grid (B * Hkv): per row, a binary (or ARITY-ary) search over the key
 values finds the threshold T such that ``count`` keys are >= T (must-select blocks get a key
 above every real one), then one pass in index order keeps every key > T and the lowest-index
 keys == T up to ``count``, and writes their indices ascending (prefix sums give the output
@@ -34,17 +34,21 @@ FORM_XOR = 0
 FORM_PLANES = 1
 
 # tokens per tile at 128-bit codes (8 KB of codes); scaled for other code widths
-BLOCK_T = 256
+BLOCK_T = 512
 # blocks per program are chosen so that at least this many programs run: with one tile per
 # program the whole scan is in flight at once instead of a chain of dependent loads per program
 TARGET_PROGRAMS = 1 << 16
-SCAN_WARPS = 2
+SCAN_WARPS = 4
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
-# candidates per round of the threshold search (2 = binary), used up to this many blocks a row
-SELECT_ARITY = 16
+# candidates per round of the threshold search (2 = binary, the default: measured on the H200,
+# a 16-ary search's [BLOCK, 16] reductions cost more than the rounds they save), used up to
+# ARITY_BLOCK_MAX blocks a row
+SELECT_ARITY = 2
 ARITY_BLOCK_MAX = 1024
-# run the selection inside the scan's launch (last program of each row) instead of a 2nd kernel
+# run the selection inside the scan's launch (last program of each row) instead of a 2nd kernel;
+# off: measured 3x slower on the H200 (one small program then does a row's whole selection
+# after the scan, with the scan's 4 warps and L2-only reads), kept for the record and tested
 FUSED_SELECT = False
 
 
