@@ -92,11 +92,14 @@ def _teacher_forced(model, ids, n_ctx: int, cache):
     Returns (mean NLL of the fed continuation, top-1 predictions)."""
     import torch
 
+    from kvcomp.compat import cache_kwarg, output_cache
+
+    key = cache_kwarg(model)
     with torch.no_grad():
-        out = model(ids[:, :n_ctx], past_key_values=cache, use_cache=True)
+        out = model(ids[:, :n_ctx], use_cache=True, **{key: cache})
         logits = [out.logits[:, -1]]
         for t in range(n_ctx, ids.shape[1] - 1):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t : t + 1], use_cache=True, **{key: output_cache(out)})
             logits.append(out.logits[:, -1])
     logits = torch.stack(logits, 1).float()  # [1, N, V]
     target = ids[:, n_ctx:]
