@@ -106,7 +106,8 @@ class KVCompLayer(CacheLayerMixin):
         self.is_initialized = False
         self.updates = 0
         self.step_kind = "none"  # "prefill" | "decode" | "extend" for the latest update
-        self.step_query_pos: torch.Tensor | None = None  # [B, T] long, compacted index per query
+        self._step_qpos: torch.Tensor | None = None
+        self._step_T = 0
         self.step_block_idx: torch.Tensor | None = None
         self.step_block_idx_update = -1
         self._returned_key = None
@@ -114,6 +115,16 @@ class KVCompLayer(CacheLayerMixin):
 
     def _reset_stats(self) -> None:
         self.stat = LayerStats(self.debug)
+
+    @property
+    def step_query_pos(self) -> torch.Tensor:
+        """[B, T] long: the compacted row of each of the latest update's T queries (the last
+        row it may attend to)."""
+        if self._step_qpos is None:
+            T = self._step_T
+            dev = self.seq_lens.device
+            self._step_qpos = self.seq_lens.to(torch.long).view(-1, 1) - T + torch.arange(T, device=dev).view(1, T)
+        return self._step_qpos
 
     @property
     def max_len(self) -> int:
@@ -189,7 +200,7 @@ class KVCompLayer(CacheLayerMixin):
             codes = hash_encode(key_states, self.code_weight)  # [B, H, T, W]
         if valid is None:
             self._append_all(key_states, value_states, codes, old_lens, T)
-            qpos = self.seq_lens.to(torch.long).view(B, 1) - T + torch.arange(T, device=dev).view(1, T)
+            qpos = None  # computed on demand (step_query_pos)
         else:
             for b in range(B):
                 sel = valid[b].nonzero().view(-1)
@@ -204,7 +215,7 @@ class KVCompLayer(CacheLayerMixin):
         self.lens = new_lens
         self.padded_len += T
         self.updates += 1
-        self.step_query_pos = qpos
+        self._step_qpos, self._step_T = qpos, T
         self.step_kind = "prefill" if prefill else ("decode" if T == 1 and valid is None else "extend")
         L = self.max_len
         self.keys = self.keys_buf[:, :, :L]
