@@ -226,7 +226,10 @@ class KVCompHandle:
     def stats(self) -> dict:
         """Decode-step counters of the latest cache this handle made or saw (``KVCompCache.stats``;
         they outlive the cache), or {} before any."""
-        return summarize(self._last_stats) if self._last_stats is not None else {}
+        stats = self._last_stats
+        if stats is None and self.last_cache is not None:
+            stats = self.last_cache.layer_stats
+        return summarize(stats) if stats is not None else {}
 
     # ------------------------------------------------------------------ hooks
     def _cache_key(self, kwargs: dict) -> str:
