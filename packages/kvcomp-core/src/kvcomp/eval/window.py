@@ -112,14 +112,13 @@ def _eval_attention(module, query, key, value, attention_mask=None, scaling=None
     if state.probe is not None:
         state.probe.prepare_layer(layer, k)
     out = torch.empty(N, Hq, v.shape[-1], dtype=torch.float32, device=query.device)
-    k_rep = k.repeat_interleave(G, 0)  # [Hq, L, D]: query head j reads kv-head j // G
-    v_rep = v.repeat_interleave(G, 0)
     for s in range(0, N, state.pos_chunk):
         e = min(N, s + state.pos_chunk)
         q = q_all[s:e]  # [c, Hq, D]
         c = e - s
         seq_lens = positions[s:e] + 1
-        logits = torch.einsum("chd,hld->chl", q, k_rep) * scale  # [c, Hq, L]
+        # query head j reads kv-head j // G
+        logits = torch.einsum("chgd,hld->chgl", q.view(c, Hkv, G, D), k).reshape(c, Hq, L) * scale
         causal = torch.arange(L, device=k.device).view(1, 1, L) < seq_lens.view(c, 1, 1)
         if state.probe is not None:
             p_dense = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
@@ -145,8 +144,8 @@ def _eval_attention(module, query, key, value, attention_mask=None, scaling=None
             nb = (seq_lens + spec.chunk_size - 1) // spec.chunk_size
             state.stats["attended"] += int((block_idx >= 0).sum())
             state.stats["available"] += int(nb.sum()) * Hkv
-        p = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
-        out[s:e] = torch.einsum("chl,hld->chd", p, v_rep)
+        p = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).view(c, Hkv, G, L)
+        out[s:e] = torch.einsum("chgl,hld->chgd", p, v).reshape(c, Hq, -1)
     return out.to(query.dtype).unsqueeze(0), None
 
 
