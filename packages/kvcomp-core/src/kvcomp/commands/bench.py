@@ -32,9 +32,12 @@ def register(subparsers) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
         sp.set_defaults(func=mod.run)
-    p.set_defaults(func=lambda args: _no_bench(p))
+    p.set_defaults(func=run, _bench_parser=p)
 
 
-def _no_bench(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
+def run(args: argparse.Namespace) -> int:
+    """``kvcomp bench`` without a benchmark name: the list of benchmarks, exit code 2."""
+    parser = getattr(args, "_bench_parser", None)
+    if parser is not None:
+        parser.print_help()
     return 2
