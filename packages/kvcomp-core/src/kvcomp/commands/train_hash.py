@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
     p.add_argument("--n-queries", type=int, default=32, help="query positions per document")
     p.add_argument("--queries-per-iter", type=int, default=48)
+    p.add_argument("--keys-per-iter", type=int, default=None,
+                   help="keys per iteration (all positives + a sample of the rest; default all)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--eps", type=float, default=None, help="similarity weight (default 0.01)")
     p.add_argument("--eta", type=float, default=None, help="bit-balance weight (default 2)")
@@ -64,6 +66,7 @@ def run(args) -> int:
         cfg = TrainConfig(bits=args.bits, bits_kv=args.bits_kv, bits_rope=args.bits_rope,
                           epochs=args.epochs, iters_per_epoch=args.iters, lr=args.lr, loss=lw,
                           n_queries=args.n_queries, queries_per_iter=args.queries_per_iter,
+                          keys_per_iter=args.keys_per_iter,
                           seed=args.seed, layers=tuple(args.layers) if args.layers else None)
         cfg.validate()
         texts = load_texts(args.data)

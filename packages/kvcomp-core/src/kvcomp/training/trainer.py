@@ -51,6 +51,9 @@ class TrainConfig:
     n_queries: int = 32  # sampled query positions per document (x G query heads)
     queries_per_iter: int = 48  # query rows per iteration (per projection)
     pos_frac: float = 0.1  # share of keys labelled positive
+    # keys per iteration: None = all keys of the document; else every positive key of the
+    # iteration's queries plus a seeded random sample of the other keys, up to this many
+    keys_per_iter: int | None = None
     seed: int = 0
     layers: tuple[int, ...] | None = None  # None = every layer
 
@@ -59,6 +62,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 32:
                 raise ValueError(f"TrainConfig.{name} must be a positive multiple of 32, got {v!r}")
+        if self.keys_per_iter is not None and (not isinstance(self.keys_per_iter, int) or self.keys_per_iter < 1):
+            raise ValueError(f"TrainConfig.keys_per_iter must be None or an int >= 1, got {self.keys_per_iter!r}")
         for name in ("epochs", "iters_per_epoch", "n_queries", "queries_per_iter"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -150,8 +155,17 @@ def train_projections(
     for d, rows in units:
         q = torch.stack([ps.q[d][rows] for ps in pair_sets]).to(device)
         S = torch.stack([dense_labels(ps.t[d][rows], ps.pos_idx[d][rows], ps.k[d].shape[0])
-                         for ps in pair_sets]).to(device)
-        batches.append((q, keys[d], S))
+                         for ps in pair_sets])
+        k = keys[d]
+        T = S.shape[-1]
+        if cfg.keys_per_iter is not None and cfg.keys_per_iter < T:
+            pos = (S > 0).any(1).any(0)  # [T] keys that are a positive of some query
+            others = (~pos).nonzero().squeeze(1)
+            n_more = max(0, cfg.keys_per_iter - int(pos.sum()))
+            pick = others[torch.randperm(others.numel(), generator=gen)[:n_more]]
+            sub = torch.cat([pos.nonzero().squeeze(1), pick]).sort().values
+            S, k = S[..., sub], k[:, sub.to(k.device)]
+        batches.append((q, k, S.to(device)))
     W = W0.detach().clone().float().to(device).requires_grad_(True)
     opt = torch.optim.SGD([W], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history = []
