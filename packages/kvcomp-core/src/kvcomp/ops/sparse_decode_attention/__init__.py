@@ -16,6 +16,11 @@
 
 Softmax is exact over the union of the selected blocks' valid tokens: with every block
 selected it equals dense attention. Query head j reads kv-head j // (Hq // Hkv).
+
+Paged KV (as in vLLM): pass ``block_table`` [B, max_pages] int32 and page pools
+``k_cache`` / ``v_cache`` [num_pages, Hkv, page_size, D]; token t of sequence b is row
+t % page_size of page block_table[b, t // page_size] (seq_lens <= max_pages * page_size). The
+contiguous path is compiled without it (a constexpr), so it costs nothing there.
 """
 
 from __future__ import annotations
@@ -30,7 +35,24 @@ from kvcomp.ops.sparse_decode_attention.reference import sparse_decode_attention
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_ref"]
 
 
-def _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size):
+def _check_paged(q, k_cache, block_table):
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
+    if block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table {tuple(block_table.shape)} must be [B={q.shape[0]}, max_pages]")
+    if k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(
+            f"paged k_cache {tuple(k_cache.shape)} must be [num_pages, Hkv, page_size, D={q.shape[2]}]"
+        )
+
+
+def _gather_pages(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[num_pages, Hkv, page, D] pool + [B, max_pages] table -> contiguous [B, Hkv, L, D]."""
+    B, P = block_table.shape
+    x = pool[block_table.long()]  # [B, P, Hkv, page, D]
+    return x.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], P * pool.shape[2], pool.shape[3])
+
+
+def _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, paged=False):
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     dev = q.device
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=dev)
@@ -38,7 +60,7 @@ def _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size):
     check_tensor("block_idx", block_idx, ndim=3, dtypes=(torch.int32,), device=dev)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INT_DTYPES, device=dev)
     B, Hq, D = q.shape
-    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+    if (not paged and k_cache.shape[0] != B) or k_cache.shape[3] != D:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} must be [B={B}, Hkv, Lmax, D={D}]")
     if v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}")
@@ -63,9 +85,12 @@ def sparse_decode_attention(
     chunk_size: int = 128,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size)
+    _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, paged=block_table is not None)
+    if block_table is not None:
+        _check_paged(q, k_cache, block_table)
     if out is not None:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         if out.shape != q.shape:
@@ -76,7 +101,10 @@ def sparse_decode_attention(
         from kvcomp.ops.sparse_decode_attention.kernels import sparse_decode_attention_triton
 
         return sparse_decode_attention_triton(
-            q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale), out=out
+            q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale), out=out,
+            block_table=block_table,
         )
+    if block_table is not None:
+        k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
     res = sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale))
     return res if out is None else out.copy_(res)

@@ -45,7 +45,10 @@ def _sparse_decode_split_kernel(
     sib, sih, sik,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    tbl_ptr=None, stb=0, stp=0, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1,
 ):
+    """With PAGED, k/v are page pools [pages, Hkv, PAGE, D] (strides skb.. = page, head, row,
+    dim) and token t of sequence b lives in page tbl[b, t // PAGE] at row t % PAGE."""
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -59,8 +62,12 @@ def _sparse_decode_split_kernel(
         q_ptr + b * sqb + (h * G + g[:, None]) * sqh + d[None, :] * sqd,
         mask=g_ok[:, None] & d_ok[None, :], other=0.0,
     )  # [G_PAD, BLOCK_D]
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    if PAGED:
+        k_base = k_ptr + h * skh
+        v_base = v_ptr + h * svh
+    else:
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
     i_base = idx_ptr + b * sib + h * sih
 
     m_i = tl.full([G_PAD], NEG_BIG, dtype=tl.float32)
@@ -74,12 +81,19 @@ def _sparse_decode_split_kernel(
         blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
         t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
         ok = in_range & (blk >= 0) & (t < seq_len)
+        if PAGED:
+            page = tl.load(tbl_ptr + b * stb + (t // PAGE) * stp, mask=ok, other=0).to(tl.int64)
+            k_rows = page * skb + (t % PAGE) * skt  # [BLOCK_N]
+            v_rows = page * svb + (t % PAGE) * svt
+        else:
+            k_rows = t * skt
+            v_rows = t * svt
         kt = tl.load(
-            k_base + t[:, None] * skt + d[None, :] * skd, mask=ok[:, None] & d_ok[None, :], other=0.0
+            k_base + k_rows[:, None] + d[None, :] * skd, mask=ok[:, None] & d_ok[None, :], other=0.0
         )  # [BLOCK_N, BLOCK_D]
         # V is gathered right after K (same rows): both loads are in flight before the dots
         vt_ = tl.load(
-            v_base + t[:, None] * svt + d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0
+            v_base + v_rows[:, None] + d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0
         )  # [BLOCK_N, BLOCK_D]
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
@@ -147,9 +161,11 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
 def sparse_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor,
     seq_lens: torch.Tensor, chunk_size: int, scale: float, out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, Lmax, D], block_idx [B, Hkv, K] int32, seq_lens [B] -> [B, Hq, D]
-    (written into ``out`` [B, Hq, D] of q's dtype, any strides, when given)."""
+    (written into ``out`` [B, Hq, D] of q's dtype, any strides, when given). With ``block_table``
+    [B, max_pages] int32, k/v are page pools [num_pages, Hkv, page_size, D]."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     K = block_idx.shape[2]
@@ -168,12 +184,17 @@ def sparse_decode_attention_triton(
         for t in (m, l, acc):
             t.fill_(float("nan"))
     block_d = max(16, triton.next_power_of_2(D))
+    paged = {}
+    if block_table is not None:
+        paged = dict(tbl_ptr=block_table, stb=block_table.stride(0), stp=block_table.stride(1),
+                     PAGED=True, PAGE=k_cache.shape[2])
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
         Hkv, K, per_split, splits, scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
+        **paged,
         num_warps=WARPS, num_stages=STAGES,
     )
     _merge_kernel[(B * Hq,)](
