@@ -58,7 +58,8 @@ _ACTIVE = threading.local()
 
 def layer_for_key(key: torch.Tensor) -> KVCompLayer | None:
     """The ``KVCompLayer`` whose latest ``update()`` returned exactly ``key`` (same object), else None."""
-    layer = getattr(_ACTIVE, "layer", None)
+    ref = getattr(_ACTIVE, "layer", None)
+    layer = ref() if ref is not None else None  # weak: a finished cache is not kept alive
     if layer is None or layer._returned_key is None:
         return None
     return layer if layer._returned_key() is key else None
@@ -222,7 +223,7 @@ class KVCompLayer(CacheLayerMixin):
         self.values = self.values_buf[:, :, :L]
         ret = (key_states, value_states) if prefill else (self.keys, self.values)
         self._returned_key = weakref.ref(ret[0])
-        _ACTIVE.layer = self
+        _ACTIVE.layer = weakref.ref(self)
         return ret
 
     def _append_all(self, k, v, codes, old_lens, T) -> None:
