@@ -115,3 +115,20 @@ def test_bench_decode_refuses_without_gpu(capsys):
 
     assert main(["bench", "decode", "--quick"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_bench_command_without_torch():
+    """`kvcomp --help` and `kvcomp bench decode` work in an environment without torch: the
+    benchmark says why it cannot run (exit 1) instead of a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from kvcomp.cli import build_parser, main\n"
+        "build_parser()\n"
+        "sys.exit(main(['bench', 'decode', '--quick']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "cannot run here" in r.stdout and "torch" in r.stdout

@@ -8,7 +8,10 @@ module and one line to SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import importlib
+import importlib.util
 
 SUBCOMMANDS = [
     "kvcomp.bench.decode",
@@ -25,14 +28,36 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     for path in SUBCOMMANDS:
-        mod = importlib.import_module(path)
         name = path.rsplit(".", 1)[-1]
-        summary = (mod.__doc__ or name).strip().splitlines()[0]
-        sp = sub.add_parser(name, help=summary, description=mod.__doc__,
+        doc = _docstring(path) or name
+        summary = doc.strip().splitlines()[0]
+        try:
+            mod = importlib.import_module(path)
+        except ImportError as e:  # e.g. no torch: `kvcomp --help` still works, the bench says why
+            # prefix "\0": every argument is a positional, so the message shows whatever is passed
+            sp = sub.add_parser(name, help=summary, prefix_chars="\0", add_help=False)
+            sp.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+            sp.set_defaults(func=functools.partial(_unavailable, name, str(e)))
+            continue
+        sp = sub.add_parser(name, help=summary, description=doc,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
         sp.set_defaults(func=mod.run)
     p.set_defaults(func=run, _bench_parser=p)
+
+
+def _docstring(path: str) -> str | None:
+    """A benchmark module's docstring, read without importing it (it imports torch)."""
+    spec = importlib.util.find_spec(path)
+    if spec is None or not spec.origin:
+        return None
+    with open(spec.origin, encoding="utf-8") as fh:
+        return ast.get_docstring(ast.parse(fh.read()))
+
+
+def _unavailable(name: str, reason: str, args: argparse.Namespace) -> int:
+    print(f"kvcomp bench {name} cannot run here: {reason} (it needs torch, triton and a CUDA GPU)")
+    return 1
 
 
 def run(args: argparse.Namespace) -> int:
