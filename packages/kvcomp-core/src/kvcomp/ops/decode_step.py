@@ -12,6 +12,7 @@
         seq_lens   [B]                   int real lengths (the new token included)
         k_blocks   int, or [B] int tensor: blocks to attend per sequence, must-select included
         max_blocks int, the output width K (required with a tensor k_blocks: no host read)
+        mode       "exact" (default) or "majority": the group score of ``hamming_topk``
         out        [B, Hq, D]            q's dtype
         block_idx  [B, Hkv, K]           int32, ascending, -1 padding (``hamming_topk``)
 
