@@ -143,14 +143,18 @@ def run(args) -> int:
                 if m != "sum":
                     specs.append(SparseSpec(method="hash", ratio=b, weights=best, query_mode=m,
                                             label=f"{best_name}-{m}@{b:g}", **common))
-    if probe is not None or specs:
-        res = evaluate_nll(model, docs, specs, window=args.window, probe=probe, progress=progress, log=log)
+    def record(res: dict, stage: str) -> None:
         results["setup"]["positions"] = res["positions"]
         if probe is not None:
             results["fidelity"] = probe.summary(sparse_layers)
         if specs:
             results["nll"] = summarize_nll(res)
-        save("nll")
+        save(stage)
+
+    if probe is not None or specs:
+        res = evaluate_nll(model, docs, specs, window=args.window, probe=probe, progress=progress, log=log,
+                           on_document=lambda partial: record(partial, "nll (partial)"))
+        record(res, "nll")
     if not args.skip_tasks:
         hs = build_haystacks(texts, tok, n=args.task_haystacks, context_tokens=args.task_context, seed=args.seed)
         tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w,

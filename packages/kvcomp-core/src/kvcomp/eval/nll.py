@@ -32,11 +32,13 @@ def evaluate_nll(
     probe=None,
     progress: bool = True,
     log=None,
+    on_document=None,
 ) -> dict:
     """Per-position NLLs of ``documents`` for dense and every spec.
 
     Returns {"dense": {"nll": [P] float64, "argmax": [P]}, spec.name: {...}, "positions": P,
-    "seconds": s}, P = window x number of documents."""
+    "seconds": s}, P = window x number of documents. ``on_document(partial)`` is called after
+    each document with the result so far (same format), e.g. to save partial results."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate spec names: {names}")
@@ -72,14 +74,20 @@ def evaluate_nll(
         if log is not None:
             log(f"doc {d + 1}/{len(docs)} done, {time.perf_counter() - t0:.0f}s")
         del cache
+        if on_document is not None and d + 1 < len(docs):
+            on_document(_finish(out, t0))
     if bar is not None:
         bar.close()
-    for v in out.values():
-        v["nll"] = torch.cat(v["nll"])
-        v["argmax"] = torch.cat(v["argmax"])
-    out["positions"] = int(out["dense"]["nll"].numel())
-    out["seconds"] = time.perf_counter() - t0
-    return out
+    return _finish(out, t0)
+
+
+def _finish(out: dict, t0: float) -> dict:
+    res = {}
+    for name, v in out.items():
+        res[name] = {**v, "nll": torch.cat(v["nll"]), "argmax": torch.cat(v["argmax"])}
+    res["positions"] = int(res["dense"]["nll"].numel())
+    res["seconds"] = time.perf_counter() - t0
+    return res
 
 
 def summarize_nll(result: dict) -> dict:
