@@ -56,6 +56,11 @@ def register(subparsers) -> None:
     p.add_argument("--skip-nll", action="store_true")
     p.add_argument("--skip-tasks", action="store_true")
     p.add_argument("--no-random", action="store_true", help="leave out the random hash")
+    p.add_argument("--no-oracle", action="store_true", help="leave out the oracle selection")
+    p.add_argument("--nll-budgets", type=_floats, default=None,
+                   help="budgets of the perplexity runs (default: --budgets)")
+    p.add_argument("--merge", default=None,
+                   help="a JSON of an earlier run (same setup) whose sections are merged into this one")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -65,7 +70,7 @@ def run(args) -> int:
     from kvcomp.eval.fidelity import FidelityProbe, HashMethod
     from kvcomp.eval.loading import load_model, load_texts, make_documents
     from kvcomp.eval.nll import evaluate_nll, summarize_nll
-    from kvcomp.eval.report import write_report
+    from kvcomp.eval.report import merge_results, write_report
     from kvcomp.eval.tasks import build_haystacks, score_questions, summarize_tasks
     from kvcomp.eval.window import SparseSpec
     from kvcomp.hashing import HashWeights
@@ -116,12 +121,18 @@ def run(args) -> int:
         "chunk_size": args.chunk, "bits": args.bits, "budgets": args.budgets,
         "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed}}
 
+    earlier = None
+    if args.merge:
+        with open(args.merge) as f:
+            earlier = json.load(f)
+
     def save(stage: str) -> None:
         results.setdefault("seconds", {})[stage] = round(time.perf_counter() - t_start, 1)
+        out = merge_results(earlier, results) if earlier else results
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(out, f, indent=2)
         if args.plots:
-            write_report(results, args.plots)
+            write_report(out, args.plots)
 
     def log(msg: str) -> None:
         if progress:
@@ -130,13 +141,15 @@ def run(args) -> int:
     probe = None
     if not args.skip_fidelity:
         methods = [HashMethod(f"{n}-{m}", w, m) for n, w in weight_sets for m in modes]
-        probe = FidelityProbe(methods, ratios=tuple(args.budgets), chunk_size=args.chunk)
+        probe = FidelityProbe(methods, ratios=tuple(args.budgets), chunk_size=args.chunk,
+                              oracle=not args.no_oracle)
     specs = []
     if not args.skip_nll:
-        for b in args.budgets:
+        for b in args.nll_budgets if args.nll_budgets is not None else args.budgets:
             for n, w in weight_sets:
                 specs.append(SparseSpec(method="hash", ratio=b, weights=w, label=f"{n}-sum@{b:g}", **common))
-            specs.append(SparseSpec(method="oracle", ratio=b, **common))
+            if not args.no_oracle:
+                specs.append(SparseSpec(method="oracle", ratio=b, **common))
         best_name, best = weight_sets[-1]  # trained when given
         for b in args.mode_budgets:
             for m in modes:
@@ -159,7 +172,8 @@ def run(args) -> int:
         hs = build_haystacks(texts, tok, n=args.task_haystacks, context_tokens=args.task_context, seed=args.seed)
         tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w,
                              label=f"{n}-sum@{args.task_budget:g}", **common) for n, w in weight_sets]
-        tspecs.append(SparseSpec(method="oracle", ratio=args.task_budget, **common))
+        if not args.no_oracle:
+            tspecs.append(SparseSpec(method="oracle", ratio=args.task_budget, **common))
         results["tasks"] = summarize_tasks(score_questions(model, tok, hs, tspecs, progress=progress))
         results["setup"]["task_haystacks"] = args.task_haystacks
         results["setup"]["task_context"] = args.task_context

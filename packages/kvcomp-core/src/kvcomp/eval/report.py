@@ -130,6 +130,21 @@ def plot_nll(nll: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_results(earlier: dict, later: dict) -> dict:
+    """Merge two ``kvcomp eval`` results of the same setup (e.g. random + oracle, then trained):
+    method entries of ``fidelity``, ``nll`` and ``tasks`` are united (``later`` wins on a
+    clash); ``setup`` is ``later``'s with the earlier run's hash weights noted."""
+    out = {"setup": dict(later.get("setup", {}))}
+    if earlier.get("setup", {}).get("positions") not in (None, out["setup"].get("positions")):
+        raise ValueError("merge: the two runs scored different numbers of positions")
+    out["setup"]["merged_from"] = earlier.get("setup", {}).get("hash_weights") or "random/oracle run"
+    for section in ("fidelity", "nll", "tasks"):
+        if section in earlier or section in later:
+            out[section] = {**earlier.get(section, {}), **later.get(section, {})}
+    out["seconds"] = {"earlier": earlier.get("seconds"), "later": later.get("seconds")}
+    return out
+
+
 def write_report(results: dict, out_dir: str | Path, *, random_name: str = "random-sum",
                  trained_name: str = "trained-sum") -> Path:
     """Write report.md (+ PNGs) under ``out_dir``; returns the markdown path."""
