@@ -291,3 +291,23 @@ def test_report_tables_and_plots(tmp_path):
     assert pngs == ["captured_mass.png", "nll_vs_budget.png"]
     assert all((tmp_path / p).stat().st_size > 1000 for p in pngs)
     json.dumps(results)
+
+
+def test_merge_results_unites_methods_and_checks_positions():
+    from kvcomp.eval.report import merge_results
+
+    a = {"setup": {"positions": 10, "hash_weights": None},
+         "fidelity": {"random-sum": {"0.1": {"mass": 0.8}}, "oracle": {"0.1": {"mass": 0.9}}},
+         "nll": {"positions": 10, "dense": {"ppl": 5.0}, "random-sum@0.1": {"ppl": 5.5}},
+         "tasks": {"dense": {}, "oracle@0.2": {}}}
+    b = {"setup": {"positions": 10, "hash_weights": "W"},
+         "fidelity": {"trained-sum": {"0.1": {"mass": 0.85}}},
+         "nll": {"positions": 10, "dense": {"ppl": 5.0}, "trained-sum@0.1": {"ppl": 5.3}},
+         "tasks": {"dense": {}, "trained-sum@0.2": {}}}
+    m = merge_results(a, b)
+    assert set(m["fidelity"]) == {"random-sum", "oracle", "trained-sum"}
+    assert set(m["nll"]) == {"positions", "dense", "random-sum@0.1", "trained-sum@0.1"}
+    assert set(m["tasks"]) == {"dense", "oracle@0.2", "trained-sum@0.2"}
+    assert m["setup"]["hash_weights"] == "W"
+    with pytest.raises(ValueError, match="positions"):
+        merge_results({**a, "setup": {"positions": 11}}, b)
