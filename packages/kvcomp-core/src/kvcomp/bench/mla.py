@@ -285,43 +285,47 @@ def run(args) -> int:
         copy_gbps = copy_bandwidth_gbs(device=str(dev))  # the ceiling every bench uses
     else:
         copy_gbps = _copy_bandwidth(dev, timer)
-    rows = []
-    for L in args.lengths:
-        for B in args.batches:
-            rows.append(run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope))
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     result = dict(bench="mla", device=device_name, torch=torch.__version__,
-                  copy_GBps=copy_gbps, rows=rows)
+                  copy_GBps=copy_gbps, rows=[])
     try:
         import triton
 
         result["triton"] = triton.__version__
     except ImportError:  # pragma: no cover
         pass
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
     print(f"device {device_name}; copy {copy_gbps:.0f} GB/s (read + write)")
-    hdr = (f"{'B':>3} {'L':>7} {'dense':>8} {'%copy':>6} {'TF/s':>5} {'einsum':>8} "
-           f"{'qcodes':>7} {'select':>7} {'mla_sel':>7} {'sparse':>7} {'step':>7} "
-           f"{'x dense':>8} {'x einsum':>9}")
     print("times in us, CUDA-graph replays where capturable (eager in the JSON too)")
-    print(hdr)
+    print(f"{'B':>3} {'L':>7} {'dense':>8} {'%copy':>6} {'TF/s':>5} {'einsum':>8} "
+          f"{'qcodes':>7} {'select':>7} {'mla_sel':>7} {'sparse':>7} {'step':>7} "
+          f"{'x dense':>8} {'x einsum':>9}", flush=True)
     bad = False
-    for r in rows:
-        if not r["verified"]:
-            bad = True
-            print(f"{r['B']:>3} {r['L']:>7} VERIFICATION FAILED: {r['checks']}")
-            continue
-        t = r["times_us"]
-        g = lambda n, t=t: t.get(n + "_graph", t[n])
-        print(f"{r['B']:>3} {r['L']:>7} {g('dense'):8.1f} {100 * r['dense_bw_frac']:5.1f}% "
-              f"{r['dense_tflops']:5.0f} {g('einsum'):8.1f} {g('qcodes'):7.1f} {g('select'):7.1f} "
-              f"{g('mla_select'):7.1f} {g('sparse'):7.1f} {g('step'):7.1f} "
-              f"{r['speedup_vs_dense']:8.2f} {r['speedup_vs_einsum']:9.2f}")
+    # each row is printed and the JSON rewritten as soon as it is measured, so a run cut short
+    # by a time limit still returns what it measured
+    for L in args.lengths:
+        for B in args.batches:
+            r = run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope)
+            result["rows"].append(r)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(result, fh, indent=1)
+            bad |= not _print_row(r)
     return 1 if bad else 0
+
+
+def _print_row(r: dict) -> bool:
+    if not r["verified"]:
+        print(f"{r['B']:>3} {r['L']:>7} VERIFICATION FAILED: {r['checks']}", flush=True)
+        return False
+    t = r["times_us"]
+    g = lambda n: t.get(n + "_graph", t[n])
+    print(f"{r['B']:>3} {r['L']:>7} {g('dense'):8.1f} {100 * r['dense_bw_frac']:5.1f}% "
+          f"{r['dense_tflops']:5.0f} {g('einsum'):8.1f} {g('qcodes'):7.1f} {g('select'):7.1f} "
+          f"{g('mla_select'):7.1f} {g('sparse'):7.1f} {g('step'):7.1f} "
+          f"{r['speedup_vs_dense']:8.2f} {r['speedup_vs_einsum']:9.2f}", flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
