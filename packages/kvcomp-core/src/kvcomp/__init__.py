@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "KVCompConfig": "kvcomp.config",
     "ConfigError": "kvcomp.config",
-    "enable": "kvcomp.enable",
-    "KVCompHandle": "kvcomp.enable",
+    "enable": "kvcomp.handle",
+    "KVCompHandle": "kvcomp.handle",
     "HashWeights": "kvcomp.hashing",
 }
 _SUBMODULES = {"ops", "adapters", "hashing", "config", "policy", "training", "eval", "cli"}

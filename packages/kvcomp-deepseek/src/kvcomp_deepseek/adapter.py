@@ -29,7 +29,7 @@ import torch
 from kvcomp.adapters.base import Adapter
 from kvcomp.attention import _FALLBACK_BY_CONFIG
 from kvcomp.config import ConfigError, KVCompConfig
-from kvcomp.enable import KVCompHandle, resolve_config
+from kvcomp.handle import KVCompHandle, resolve_config
 from kvcomp.hashing import HashWeights
 from kvcomp.policy import LayerPolicy
 

@@ -131,7 +131,7 @@ class GQAAdapter(Adapter):
             )
 
     def enable(self, model: Any, config=None, hash_weights=None, **kwargs):
-        from kvcomp.enable import KVCompHandle, resolve_config, resolve_hash_weights
+        from kvcomp.handle import KVCompHandle, resolve_config, resolve_hash_weights
 
         cfg = resolve_config(self, model, config)
         self.check_config(cfg, model)

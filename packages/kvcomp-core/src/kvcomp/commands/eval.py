@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--mode-budgets", type=_floats, default=[0.1],
                    help="budgets at which majority / mean aggregation are also scored (nll)")
     p.add_argument("--modes", default="sum,majority,mean")
+    p.add_argument("--error-budgets", type=_floats, default=None,
+                   help="budgets at which the output relative error is measured (default: all)")
     p.add_argument("--chunk", type=int, default=16, help="chunk (block) size in tokens")
     p.add_argument("--bits", type=int, default=128)
     p.add_argument("--dense-layers", type=int, default=2, help="the first N layers stay dense")
@@ -142,7 +144,8 @@ def run(args) -> int:
     if not args.skip_fidelity:
         methods = [HashMethod(f"{n}-{m}", w, m) for n, w in weight_sets for m in modes]
         probe = FidelityProbe(methods, ratios=tuple(args.budgets), chunk_size=args.chunk,
-                              oracle=not args.no_oracle)
+                              oracle=not args.no_oracle,
+                              error_ratios=tuple(args.error_budgets) if args.error_budgets is not None else None)
     specs = []
     if not args.skip_nll:
         for b in args.nll_budgets if args.nll_budgets is not None else args.budgets:

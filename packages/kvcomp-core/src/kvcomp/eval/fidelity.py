@@ -41,6 +41,7 @@ class FidelityProbe:
     must_select: tuple[int, ...] = (0, -2, -1)
     chunk_repre: str = "max"
     oracle: bool = True
+    error_ratios: tuple[float, ...] | None = None  # budgets with output error (None = all)
     # (method, ratio) -> layer -> list of per-position tensors
     mass: dict = field(default_factory=dict)
     error: dict = field(default_factory=dict)
@@ -85,11 +86,13 @@ class FidelityProbe:
             hit.scatter_(2, slot, 1.0)
             hit = hit[..., :nb]  # [c, Hkv, NB]
             captured = (grp_mass * hit).sum(-1) / G  # [c, Hkv]
+            self._record(self.mass, method, ratio, layer, captured.mean(1))
+            if self.error_ratios is not None and ratio not in self.error_ratios:
+                return
             hq = hit.repeat_interleave(G, 1)  # [c, Hq, NB]
             m_sel = (head_mass * hq).sum(-1).clamp(min=1e-30)  # [c, Hq]
             o_sel = torch.einsum("chn,chnd->chd", hq, part) / m_sel.unsqueeze(-1)
             err = (o_sel - o).norm(dim=-1) / o_norm  # [c, Hq]
-            self._record(self.mass, method, ratio, layer, captured.mean(1))
             self._record(self.error, method, ratio, layer, err.mean(1))
 
         for m in self.methods:

@@ -270,15 +270,3 @@ class KVCompHandle:
         attn.forward_scope.exit()
         if isinstance(cache, KVCompCache):
             cache.end_step()
-
-
-class _CallableModule(type(os)):
-    """``kvcomp.enable`` names both this module and the function: once the module is imported
-    Python binds the module to ``kvcomp.enable``, so the module forwards calls to the function
-    (``kvcomp.enable(model)`` works either way)."""
-
-    def __call__(self, model, config=None, hash_weights=None, **kwargs) -> KVCompHandle:
-        return enable(model, config, hash_weights, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
