@@ -130,7 +130,7 @@ def run(args) -> int:
 
     def save(stage: str) -> None:
         results.setdefault("seconds", {})[stage] = round(time.perf_counter() - t_start, 1)
-        out = merge_results(earlier, results) if earlier else results
+        out = merge_results(earlier, results, check="partial" not in stage) if earlier else results
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         if args.plots:

@@ -130,12 +130,13 @@ def plot_nll(nll: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def merge_results(earlier: dict, later: dict) -> dict:
+def merge_results(earlier: dict, later: dict, *, check: bool = True) -> dict:
     """Merge two ``kvcomp eval`` results of the same setup (e.g. random + oracle, then trained):
     method entries of ``fidelity``, ``nll`` and ``tasks`` are united (``later`` wins on a
-    clash); ``setup`` is ``later``'s with the earlier run's hash weights noted."""
+    clash); ``setup`` is ``later``'s with the earlier run's hash weights noted. ``check``: the
+    two must have scored the same number of positions (off for a later run's partial saves)."""
     out = {"setup": dict(later.get("setup", {}))}
-    if earlier.get("setup", {}).get("positions") not in (None, out["setup"].get("positions")):
+    if check and earlier.get("setup", {}).get("positions") not in (None, out["setup"].get("positions")):
         raise ValueError("merge: the two runs scored different numbers of positions")
     out["setup"]["merged_from"] = earlier.get("setup", {}).get("hash_weights") or "random/oracle run"
     for section in ("fidelity", "nll", "tasks"):
