@@ -15,7 +15,7 @@ $PIP install --upgrade pip 2>&1 | grep -v "is ignored" || true
 # torch first and pinned to the CPU build (a plain `torch` would pull a multi-GB CUDA build)
 $PIP install "torch==${KVCOMP_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
 $PIP install "triton>=3.0" "transformers>=5.0" "accelerate>=1.0" "gguf>=0.10" "matplotlib>=3.5" \
-    pytest hypothesis ruff build 2>&1 | grep -v "is ignored" || true
+    "setuptools>=77" pytest hypothesis ruff build 2>&1 | grep -v "is ignored" || true
 $PIP install -e packages/kvcomp-core -e packages/kvcomp-qwen -e packages/kvcomp-deepseek \
     2>&1 | grep -v "is ignored" || true
 $VENV/bin/python -c "import torch, kvcomp, kvcomp_qwen, kvcomp_deepseek" 
