@@ -471,3 +471,22 @@ def test_other_input_errors():
         sparse_mla_decode(torch.randn(1, 2, 8), torch.randn(1, 2, 4), torch.randn(1, 5, 8),
                           torch.randn(1, 6, 4), torch.zeros(1, 1, 1, dtype=torch.int32),
                           torch.tensor([5]), scale=1.0, **REF)
+
+
+def test_attention_references_count_a_repeated_block_once():
+    g = torch.Generator().manual_seed(21)
+    B, Hkv, G, D, chunk, L = 2, 2, 3, 8, 4, 37
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, D, generator=g)
+    lens = torch.tensor([37, 22])
+    uniq = torch.tensor([[[0, 3, 9, -1], [1, 5, -1, -1]], [[0, 4, 5, -1], [2, -1, -1, -1]]], dtype=torch.int32)
+    dup = torch.tensor([[[9, 0, 3, 9], [5, 1, 5, 1]], [[0, 5, 4, 5], [2, 2, 2, -1]]], dtype=torch.int32)
+    a = sparse_decode_attention(q, k, v, uniq, lens, chunk_size=chunk, backend="reference")
+    b = sparse_decode_attention(q, k, v, dup, lens, chunk_size=chunk, backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    ckv, kpe = torch.randn(B, L, 16, generator=g), torch.randn(B, L, 4, generator=g)
+    ql, qp = torch.randn(B, 5, 16, generator=g), torch.randn(B, 5, 4, generator=g)
+    a = sparse_mla_decode(ql, qp, ckv, kpe, uniq[:, :1], lens, chunk_size=chunk, scale=0.2, backend="reference")
+    b = sparse_mla_decode(ql, qp, ckv, kpe, dup[:, :1], lens, chunk_size=chunk, scale=0.2, backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

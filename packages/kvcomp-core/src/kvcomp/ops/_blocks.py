@@ -20,3 +20,23 @@ def selected_token_mask(
     tok = hit[..., :nb].repeat_interleave(chunk_size, dim=2)[..., :L]
     valid = torch.arange(L, device=block_idx.device).view(1, 1, L) < seq_lens.to(torch.long).view(B, 1, 1)
     return tok & valid
+
+
+def selected_token_index(
+    block_idx: torch.Tensor, seq_lens: torch.Tensor, L: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_idx [B, H, K] -> (token index [B, H, K * chunk], valid [B, H, K * chunk]).
+
+    The tokens of each selected block in order; a slot is invalid when its block entry is -1 or
+    out of range, repeats an earlier entry of the row (a set: each token attends once), or its
+    token is >= seq_lens[b]. Invalid slots hold index 0 (safe to gather)."""
+    B, H, K = block_idx.shape
+    nb = -(-L // chunk_size)
+    blk = block_idx.to(torch.long).sort(-1).values
+    ok = (blk >= 0) & (blk < nb)
+    ok[..., 1:] &= blk[..., 1:] != blk[..., :-1]
+    tok = blk.unsqueeze(-1) * chunk_size + torch.arange(chunk_size, device=blk.device)
+    lens = seq_lens.to(torch.long).view(B, 1, 1, 1)
+    valid = ok.unsqueeze(-1) & (tok < lens) & (tok < L)
+    tok = torch.where(valid, tok, torch.zeros_like(tok))
+    return tok.reshape(B, H, K * chunk_size), valid.reshape(B, H, K * chunk_size)

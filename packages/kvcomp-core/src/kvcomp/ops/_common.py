@@ -67,12 +67,15 @@ INT_DTYPES = (torch.int32, torch.int64)
 
 
 def popcount32(x: torch.Tensor) -> torch.Tensor:
-    """Bit count of each int32 word (as int64 in [0, 32]); SWAR on int64, exact."""
-    v = x.to(torch.int64) & 0xFFFFFFFF
+    """Bit count of each int32 word (int32 in [0, 32]); SWAR in int32, exact.
+
+    Two's-complement wrap-around makes every step equal to its uint32 counterpart, and each
+    shifted term is masked, so arithmetic (sign-extending) shifts are harmless."""
+    v = x.to(torch.int32)
     v = v - ((v >> 1) & 0x55555555)
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
-    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+    return (v * 0x01010101) >> 24
 
 
 def unpack_bits(codes: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,14 @@
-"""Reference sparse decode attention: exact softmax over the selected blocks' tokens, fp32 math."""
+"""Reference sparse decode attention: exact softmax over the selected blocks' tokens, fp32 math.
+
+Only the selected tokens are gathered (work and memory proportional to the selection, so this
+is also a usable CPU path); tokens never attended are never read.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._blocks import selected_token_mask
+from kvcomp.ops._blocks import selected_token_index
 
 
 def sparse_decode_attention_ref(
@@ -18,16 +22,16 @@ def sparse_decode_attention_ref(
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, L, D], block_idx [B, Hkv, K] -> [B, Hq, D] (q's dtype).
 
-    A row with no selected token (seq_len 0) gives zeros."""
+    A block listed twice counts once; a row with no selected token (seq_len 0) gives zeros."""
     B, Hq, D = q.shape
-    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    Hkv, L, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     G = Hq // Hkv
-    mask = selected_token_mask(block_idx, seq_lens, L, chunk_size)  # [B, Hkv, L]
-    qf = q.float().view(B, Hkv, G, D)
-    s = torch.einsum("bhgd,bhld->bhgl", qf, k_cache.float()) * scale
-    s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    tok, valid = selected_token_index(block_idx, seq_lens, L, chunk_size)  # [B, Hkv, N]
+    kg = torch.gather(k_cache, 2, tok.unsqueeze(-1).expand(-1, -1, -1, D)).float()
+    vg = torch.gather(v_cache, 2, tok.unsqueeze(-1).expand(-1, -1, -1, Dv)).float()
+    vg = vg.masked_fill(~valid.unsqueeze(-1), 0.0)  # slots gathered from row 0: never counted
+    s = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, Hkv, G, D), kg) * scale
+    s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    # rows never attended may hold anything (NaN included): zero them so 0 * NaN cannot leak
-    v = v_cache.float().masked_fill(~mask.unsqueeze(-1), 0.0)
-    out = torch.einsum("bhgl,bhld->bhgd", p, v)
-    return out.reshape(B, Hq, v_cache.shape[-1]).to(q.dtype)
+    out = torch.einsum("bhgn,bhnd->bhgd", p, vg)
+    return out.reshape(B, Hq, Dv).to(q.dtype)

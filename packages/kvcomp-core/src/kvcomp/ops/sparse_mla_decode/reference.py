@@ -1,10 +1,12 @@
-"""Reference sparse MLA decode in latent space (absorbed form), fp32 math."""
+"""Reference sparse MLA decode in latent space (absorbed form), fp32 math.
+
+Only the selected tokens are gathered; tokens never attended are never read."""
 
 from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._blocks import selected_token_mask
+from kvcomp.ops._blocks import selected_token_index
 
 
 def sparse_mla_decode_ref(
@@ -19,12 +21,14 @@ def sparse_mla_decode_ref(
 ) -> torch.Tensor:
     """q_lat [B, H, R], q_pe [B, H, P], ckv [B, L, R], kpe [B, L, P], block_idx [B, 1, K]
     -> [B, H, R] = softmax((q_lat . ckv + q_pe . kpe) * scale) . ckv over selected tokens."""
-    L = ckv.shape[1]
-    mask = selected_token_mask(block_idx, seq_lens, L, chunk_size)  # [B, 1, L]
-    s = torch.einsum("bhr,blr->bhl", q_lat.float(), ckv.float())
-    s = (s + torch.einsum("bhp,blp->bhl", q_pe.float(), kpe.float())) * scale
-    s = s.masked_fill(~mask, float("-inf"))
+    R, P = ckv.shape[-1], kpe.shape[-1]
+    tok, valid = selected_token_index(block_idx, seq_lens, ckv.shape[1], chunk_size)
+    tok, valid = tok[:, 0], valid[:, 0]  # [B, N]: one selection for all heads
+    c = torch.gather(ckv, 1, tok.unsqueeze(-1).expand(-1, -1, R)).float()
+    c = c.masked_fill(~valid.unsqueeze(-1), 0.0)
+    kp = torch.gather(kpe, 1, tok.unsqueeze(-1).expand(-1, -1, P)).float()
+    s = torch.einsum("bhr,bnr->bhn", q_lat.float(), c)
+    s = (s + torch.einsum("bhp,bnp->bhn", q_pe.float(), kp)) * scale
+    s = s.masked_fill(~valid.unsqueeze(1), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    # rows never attended may hold anything (NaN included): zero them so 0 * NaN cannot leak
-    c = ckv.float().masked_fill(~mask[:, 0, :, None], 0.0)
-    return torch.einsum("bhl,blr->bhr", p, c).to(q_lat.dtype)
+    return torch.einsum("bhn,bnr->bhr", p, c).to(q_lat.dtype)
