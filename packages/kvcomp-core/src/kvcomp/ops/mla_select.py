@@ -24,6 +24,7 @@ import torch
 
 from kvcomp.ops._common import interpreting, unpack_bits, use_triton
 from kvcomp.ops.hamming_topk import _prepare, hamming_topk
+from kvcomp.ops.hamming_topk.reference import select_blocks_ref
 
 try:
     import triton
@@ -168,29 +169,10 @@ def select_from_block_scores(
 ) -> torch.Tensor:
     """int32 [B, NB] block scores -> int32 [B, 1, K], the selection rule of ``hamming_topk``
     (must-select first, then best scores, lower index on ties, ascending, -1 padding)."""
-    B, NB = scores.shape
-    dev = scores.device
-    n = (seq_lens.to(torch.long) + chunk_size - 1) // chunk_size  # [B]
-    idx = torch.arange(NB, device=dev).view(1, NB)
-    must = torch.zeros(B, NB, dtype=torch.bool, device=dev)
-    for m in must_select:
-        pos = (n + m if m < 0 else torch.full_like(n, m)).view(B, 1)
-        must |= (idx == pos) & (pos >= 0) & (pos < n.view(B, 1))
-    n_must = must.sum(-1)  # distinct blocks (0 and -2 coincide when n == 2)
-    key = torch.where(must, torch.full_like(scores, 0, dtype=torch.int64) + 2**32,
-                      scores.to(torch.int64) + 2**31)  # [0, 2^32]
-    key = (key << 22) | (2**22 - 1 - idx)  # unique: higher score, then lower index, wins
-    key = torch.where(idx < n.view(B, 1), key, torch.full_like(key, -1))
-    count = torch.minimum(n, torch.maximum(k_blocks.to(torch.long), n_must)).clamp(max=K)
-    width = min(K, NB)
-    top = torch.topk(key, width, dim=-1).indices  # [B, width], best first
-    keep = torch.arange(width, device=dev).view(1, width) < count.view(B, 1)
-    big = torch.iinfo(torch.int64).max
-    chosen = torch.where(keep, top, torch.full_like(top, big)).sort(-1).values
-    chosen = torch.where(chosen == big, torch.full_like(chosen, -1), chosen)
-    out = torch.full((B, 1, K), -1, dtype=torch.int32, device=dev)
-    out[:, 0, :width] = chosen.to(torch.int32)
-    return out
+    # one selection rule in the project: the reference's (exact on float64 keys)
+    return select_blocks_ref(
+        scores.unsqueeze(1).to(torch.float64), seq_lens, k_blocks, K, chunk_size, must_select
+    )
 
 
 def mla_select(
