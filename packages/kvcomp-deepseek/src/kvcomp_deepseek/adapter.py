@@ -139,13 +139,8 @@ class DeepseekAdapter(Adapter):
 
     name = "deepseek"
     model_types = ("deepseek_v2", "deepseek_v3")
+    attention_attrs = ("kv_a_proj_with_mqa",)
     configs_dir = Path(__file__).parent / "configs"
-
-    @staticmethod
-    def text_config(model: Any):
-        cfg = model.config
-        get = getattr(cfg, "get_text_config", None)
-        return get(decoder=True) if callable(get) else cfg
 
     def geometry(self, model: Any) -> dict:
         """{"num_layers", "num_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
@@ -160,23 +155,6 @@ class DeepseekAdapter(Adapter):
             "v_head_dim": c.v_head_dim,
             "q_lora_rank": getattr(c, "q_lora_rank", None),
         }
-
-    def attention_modules(self, model: Any) -> list:
-        """The MLA attention module of every decoder layer, indexed by layer_idx."""
-        n = self.geometry(model)["num_layers"]
-        found: dict[int, Any] = {}
-        for mod in model.modules():
-            idx = getattr(mod, "layer_idx", None)
-            if isinstance(idx, int) and hasattr(mod, "kv_a_proj_with_mqa"):
-                if idx in found:
-                    raise ValueError(f"two attention modules claim layer_idx {idx}")
-                found[idx] = mod
-        if sorted(found) != list(range(n)):
-            raise ValueError(
-                f"expected one MLA attention module (with kv_a_proj_with_mqa, layer_idx) per layer "
-                f"0..{n - 1}, found layers {sorted(found)}"
-            )
-        return [found[i] for i in range(n)]
 
     def default_config(self, model: Any) -> KVCompConfig:
         g = self.geometry(model)

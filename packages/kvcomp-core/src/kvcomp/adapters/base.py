@@ -31,6 +31,34 @@ class Adapter(abc.ABC):
             return {}
         return {p.stem: p for p in sorted(Path(self.configs_dir).glob("*.json"))}
 
+    #: attributes that mark a decoder layer's attention module (besides an int ``layer_idx``)
+    attention_attrs: tuple[str, ...] = ("q_proj", "k_proj")
+
+    @staticmethod
+    def text_config(model: Any):
+        """The decoder's config (the text config of a multimodal model)."""
+        cfg = model.config
+        get = getattr(cfg, "get_text_config", None)
+        return get(decoder=True) if callable(get) else cfg
+
+    def attention_modules(self, model: Any) -> list:
+        """The attention module of every decoder layer, indexed by ``layer_idx``: the modules
+        with an int ``layer_idx`` and every attribute of ``attention_attrs``."""
+        n = self.text_config(model).num_hidden_layers
+        found: dict[int, Any] = {}
+        for mod in model.modules():
+            idx = getattr(mod, "layer_idx", None)
+            if isinstance(idx, int) and all(hasattr(mod, a) for a in self.attention_attrs):
+                if idx in found:
+                    raise ValueError(f"two attention modules claim layer_idx {idx}")
+                found[idx] = mod
+        if sorted(found) != list(range(n)):
+            raise ValueError(
+                f"expected one attention module (with {', '.join(self.attention_attrs)}, layer_idx) "
+                f"per layer 0..{n - 1}, found layers {sorted(found)}"
+            )
+        return [found[i] for i in range(n)]
+
     @abc.abstractmethod
     def default_config(self, model: Any):
         """A KVCompConfig derived from the model (used when enable() gets no config)."""
@@ -56,12 +84,6 @@ class GQAAdapter(Adapter):
     name = "gqa"
 
     # ------------------------------------------------------------------ model facts
-    @staticmethod
-    def text_config(model: Any):
-        cfg = model.config
-        get = getattr(cfg, "get_text_config", None)
-        return get(decoder=True) if callable(get) else cfg
-
     def geometry(self, model: Any) -> dict:
         """{"num_layers", "num_heads", "num_kv_heads", "head_dim"} from the model config."""
         c = self.text_config(model)
@@ -70,23 +92,6 @@ class GQAAdapter(Adapter):
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         return {"num_layers": c.num_hidden_layers, "num_heads": heads, "num_kv_heads": kv,
                 "head_dim": head_dim}
-
-    def attention_modules(self, model: Any) -> list:
-        """The attention module of every decoder layer, indexed by layer (``layer_idx``)."""
-        n = self.geometry(model)["num_layers"]
-        found: dict[int, Any] = {}
-        for mod in model.modules():
-            idx = getattr(mod, "layer_idx", None)
-            if isinstance(idx, int) and hasattr(mod, "k_proj") and hasattr(mod, "q_proj"):
-                if idx in found:
-                    raise ValueError(f"two attention modules claim layer_idx {idx}")
-                found[idx] = mod
-        if sorted(found) != list(range(n)):
-            raise ValueError(
-                f"expected one attention module (with q_proj, k_proj, layer_idx) per layer 0..{n - 1}, "
-                f"found layers {sorted(found)}"
-            )
-        return [found[i] for i in range(n)]
 
     def sliding_windows(self, model: Any) -> list:
         """Per layer, the sliding window of a sliding-attention layer (kept dense) or None."""
