@@ -93,7 +93,8 @@ class forward_scope:
         return stack[-1] if stack else None
 
 
-def _fallback_function(module, name: str):
+def fallback_function(module, name: str):
+    """The attention function registered as ``name`` (the model's own eager one for "eager")."""
     if name == "sdpa":
         return sdpa_attention_forward
     if name == "eager":
@@ -121,7 +122,7 @@ def kvcomp_attention(
     fallback = binding.fallback if binding is not None else "sdpa"
     layer = layer_for_key(key) if binding is not None else None
     if layer is None or layer.step_kind == "prefill":
-        fn = _fallback_function(module, fallback)
+        fn = fallback_function(module, fallback)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -138,30 +139,42 @@ def kvcomp_attention(
 
 
 def _dense_cached(module, query, layer: KVCompLayer, window, fallback, scaling, kwargs):
-    """Exact attention over the compacted cache: query t of sequence b sees the stored tokens
-    j <= qpos[b, t] (and j > qpos[b, t] - window on sliding layers)."""
+    """Exact attention over the compacted cache of ``layer``."""
     L = layer.max_len
     k, v = layer.keys_buf[:, :, :L], layer.values_buf[:, :, :L]
-    uniform = len(set(layer.lens)) <= 1
+    mask = compacted_mask(layer, L, k.device, window)
+    return dense_attention(module, query, k, v, mask, fallback, scaling, kwargs)
+
+
+def compacted_mask(layer, L: int, device, window: int | None = None):
+    """bool [B, 1, T, L] or None: over a compacted cache (each sequence's tokens at 0..len-1),
+    query t of sequence b sees the stored tokens j <= layer.step_query_pos[b, t] (and
+    j > qpos - window on sliding layers). None where nothing is masked (a decode step of
+    equal lengths), which keeps dense decoding bit-identical to the model's own."""
     if window is not None and L <= window:
         window = None  # every stored token is inside the window: no restriction
-    mask = None
-    if not (layer.step_kind == "decode" and uniform and window is None):
-        qpos = layer.step_query_pos  # [B, T]
-        j = torch.arange(L, device=k.device).view(1, 1, L)
-        mask = j <= qpos.unsqueeze(-1)
-        if window is not None:
-            mask &= j > (qpos.unsqueeze(-1) - window)
-        mask = mask.unsqueeze(1)  # [B, 1, T, L]
+    if layer.step_kind == "decode" and len(set(layer.lens)) <= 1 and window is None:
+        return None
+    qpos = layer.step_query_pos  # [B, T]
+    j = torch.arange(L, device=device).view(1, 1, L)
+    mask = j <= qpos.unsqueeze(-1)
+    if window is not None:
+        mask &= j > (qpos.unsqueeze(-1) - window)
+    return mask.unsqueeze(1)
+
+
+def dense_attention(module, query, key, value, mask, fallback: str, scaling, kwargs):
+    """Exact attention through the model's previous implementation ("eager" or sdpa for any
+    other): query [B, H, T, D], key / value [B, Hkv, L, D], mask bool [B, 1, T, L] or None."""
     if fallback == "eager":
-        fn = _fallback_function(module, "eager")
+        fn = fallback_function(module, "eager")
         if mask is not None:
             zero = torch.zeros((), dtype=query.dtype, device=query.device)
             mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
     else:
         fn = sdpa_attention_forward
     kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("is_causal", "position_bias")}
-    out, _ = fn(module, query, k, v, mask, scaling=scaling, dropout=0.0, **kw)
+    out, _ = fn(module, query, key, value, mask, scaling=scaling, dropout=0.0, **kw)
     return out
 
 

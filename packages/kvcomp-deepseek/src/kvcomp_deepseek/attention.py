@@ -28,16 +28,20 @@ unpatched model).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from kvcomp.attention import forward_scope, kvcomp_mask
+from kvcomp.attention import (
+    compacted_mask,
+    dense_attention,
+    fallback_function,
+    forward_scope,
+    kvcomp_mask,
+)
 from kvcomp.ops import hamming_topk, hash_encode, sparse_mla_decode
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.modeling_utils import AttentionInterface
 
 from kvcomp_deepseek.cache import MLACache, MLACacheLayer
 
@@ -141,14 +145,6 @@ def patched_expand_kv(module):
     return expand_kv
 
 
-def _fallback_function(module, name: str):
-    if name == "sdpa":
-        return sdpa_attention_forward
-    if name == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
 def kvcomp_mla_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                          **kwargs):
     """The "kvcomp_mla" attention function (signature of transformers' attention functions):
@@ -162,7 +158,7 @@ def kvcomp_mla_attention(module, query, key, value, attention_mask, scaling=None
         binding.sparse_step = False
         return _sparse_decode(module, binding, layer, query, key, value, float(scaling)), None
     if layer is None or layer.step_kind == "prefill":
-        fn = _fallback_function(module, fallback)
+        fn = fallback_function(module, fallback)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     out = _dense_compacted(module, query, key, value, layer, fallback, scaling, kwargs)
     if layer.step_kind == "decode":
@@ -171,23 +167,9 @@ def kvcomp_mla_attention(module, query, key, value, attention_mask, scaling=None
 
 
 def _dense_compacted(module, query, key, value, layer: MLACacheLayer, fallback, scaling, kwargs):
-    """Exact attention over the expanded compacted cache: query t of sequence b sees stored
-    tokens j <= step_query_pos[b, t]; no mask for a decode step of equal lengths."""
-    L = key.shape[2]
-    mask = None
-    if not (layer.step_kind == "decode" and len(set(layer.lens)) <= 1):
-        j = torch.arange(L, device=key.device).view(1, 1, L)
-        mask = (j <= layer.step_query_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
-    if fallback == "eager":
-        fn = _fallback_function(module, "eager")
-        if mask is not None:
-            zero = torch.zeros((), dtype=query.dtype, device=query.device)
-            mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
-    else:
-        fn = sdpa_attention_forward
-    kw = {k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")}
-    out, _ = fn(module, query, key, value, mask, scaling=scaling, dropout=0.0, **kw)
-    return out
+    """Exact attention over the expanded compacted cache (core's mask rule and dense path)."""
+    mask = compacted_mask(layer, key.shape[2], key.device)
+    return dense_attention(module, query, key, value, mask, fallback, scaling, kwargs)
 
 
 def query_codes(q_lat, q_pe, binding: MLABinding, aggregation: str) -> torch.Tensor:
