@@ -167,12 +167,17 @@ class KVCompHandle:
         self._windows = windows
         self._prev_impl = prev
         attn._FALLBACK_BY_CONFIG[id(model.config)] = prev
-        model.set_attn_implementation(attn.ATTN_NAME)
-        if model.config._attn_implementation != attn.ATTN_NAME:
+        self._activate(model, attn.ATTN_NAME)
+
+    def _activate(self, model, attn_name: str) -> None:
+        """Switch the model to the attention function ``attn_name`` and install the forward
+        hooks (the last step of ``_install``, shared by family handles)."""
+        model.set_attn_implementation(attn_name)
+        if model.config._attn_implementation != attn_name:
             self._remove_bindings()
             raise RuntimeError(
-                f"{type(model).__name__} refused attn_implementation='kvcomp' (it does not use "
-                "transformers' AttentionInterface)"
+                f"{type(model).__name__} refused attn_implementation='{attn_name}' (it does not "
+                "use transformers' AttentionInterface)"
             )
         base = model.base_model
         self._sig = inspect.signature(base.forward)

@@ -105,16 +105,7 @@ class DeepseekHandle(KVCompHandle):
         self._modules = modules
         self._prev_impl = prev
         _FALLBACK_BY_CONFIG[id(model.config)] = prev
-        model.set_attn_implementation(mla.ATTN_NAME)
-        if model.config._attn_implementation != mla.ATTN_NAME:
-            self._remove_bindings()
-            raise RuntimeError(f"{type(model).__name__} refused attn_implementation='{mla.ATTN_NAME}'")
-        base = model.base_model
-        self._sig = inspect.signature(base.forward)
-        self._hooks.append(base.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self._hooks.append(base.register_forward_hook(self._post_hook, always_call=True))
-        model._kvcomp_handle = self
-        self.enabled = True
+        self._activate(model, mla.ATTN_NAME)
 
     def _remove_bindings(self) -> None:
         for m in self._modules:
