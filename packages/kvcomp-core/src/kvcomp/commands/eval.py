@@ -16,6 +16,12 @@ from ``--data`` (default: the held-out essays, ``essays:heldout``):
 
 The first ``--dense-layers`` layers stay dense (as kvcomp's default config). The JSON is
 rewritten after each stage; ``--plots DIR`` writes report.md and PNGs there.
+
+Several processes: ``accelerate launch --multi_gpu --num_processes N -m kvcomp.cli eval ...``
+(or ``torchrun --nproc_per_node N``) gives document i and haystack i to rank i % N (rank r on
+cuda:{LOCAL_RANK} with ``--device cuda``); rank 0 gathers the per-document results and alone
+writes the JSON, report and plots, whose numbers equal a one-process run's (only ``seconds`` and
+``processes`` differ). Partial saves happen in one-process runs only.
 """
 
 from __future__ import annotations
@@ -63,21 +69,20 @@ def register(subparsers) -> None:
                    help="budgets of the perplexity runs (default: --budgets)")
     p.add_argument("--merge", default=None,
                    help="a JSON of an earlier run (same setup) whose sections are merged into this one")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda (under a launcher: cuda:{LOCAL_RANK}) or cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from kvcomp.eval.fidelity import FidelityProbe, HashMethod
-    from kvcomp.eval.loading import load_model, load_texts, make_documents
-    from kvcomp.eval.nll import evaluate_nll, summarize_nll
-    from kvcomp.eval.report import merge_results, write_report
-    from kvcomp.eval.tasks import build_haystacks, score_questions, summarize_tasks
-    from kvcomp.eval.window import SparseSpec
+    from kvcomp import distributed
     from kvcomp.hashing import HashWeights
-    from kvcomp.training.trainer import ModelGeometry
 
+    if args.docs < 1 or (not args.skip_tasks and args.task_haystacks < 1):
+        print("error: --docs and --task-haystacks must be >= 1 (use --skip-* to leave a stage out)",
+              file=sys.stderr)
+        return 1
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in ("sum", "majority", "mean")]
     if bad or "sum" not in modes:
@@ -87,14 +92,34 @@ def run(args) -> int:
         print("error: budgets must be in (0, 1]", file=sys.stderr)
         return 1
     try:
+        from kvcomp.eval.loading import load_texts
+
         texts = load_texts(args.data)
         trained = HashWeights.load(args.hash_weights) if args.hash_weights else None
-    except (ValueError, FileNotFoundError) as e:
+        device = distributed.local_device(args.device)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    progress = not args.no_progress
+    ctx = distributed.init()
+    rc = _run(args, ctx, device, texts, trained, modes)
+    distributed.finish(ctx)
+    return rc
+
+
+def _run(args, ctx, device: str, texts, trained, modes: list[str]) -> int:
+    from kvcomp import distributed
+    from kvcomp.eval.fidelity import FidelityProbe, HashMethod
+    from kvcomp.eval.loading import load_model, make_documents
+    from kvcomp.eval.nll import combine_documents, evaluate_documents, summarize_nll
+    from kvcomp.eval.report import merge_results, write_report
+    from kvcomp.eval.tasks import build_haystacks, combine_scores, score_haystacks, summarize_tasks
+    from kvcomp.eval.window import SparseSpec
+    from kvcomp.hashing import HashWeights
+    from kvcomp.training.trainer import ModelGeometry
+
+    progress = not args.no_progress and ctx.is_main
     t_start = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=device)
     geo = ModelGeometry.of(model)
     if geo.is_mla:
         print("error: kvcomp eval measures GQA models (MLA selection is evaluated by kvcomp bench mla)",
@@ -121,7 +146,8 @@ def run(args) -> int:
         "model": args.model, "hash_weights": args.hash_weights, "data": args.data,
         "context": args.context, "window": args.window, "documents": len(docs),
         "chunk_size": args.chunk, "bits": args.bits, "budgets": args.budgets,
-        "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed}}
+        "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed},
+        "processes": ctx.world}
 
     earlier = None
     if args.merge:
@@ -129,6 +155,8 @@ def run(args) -> int:
             earlier = json.load(f)
 
     def save(stage: str) -> None:
+        if not ctx.is_main:
+            return
         results.setdefault("seconds", {})[stage] = round(time.perf_counter() - t_start, 1)
         out = merge_results(earlier, results, check="partial" not in stage) if earlier else results
         with open(args.json, "w") as f:
@@ -168,18 +196,39 @@ def run(args) -> int:
         save(stage)
 
     if probe is not None or specs:
-        res = evaluate_nll(model, docs, specs, window=args.window, probe=probe, progress=progress, log=log,
-                           on_document=lambda partial: record(partial, "nll (partial)"))
-        record(res, "nll")
+        t_nll = time.perf_counter()
+        partial = None
+        if not ctx.active:
+            partial = lambda recs: record(combine_documents(recs, time.perf_counter() - t_nll), "nll (partial)")
+        records = evaluate_documents(model, docs, specs, indices=distributed.shard(len(docs), ctx),
+                                     window=args.window, probe=probe, progress=progress, log=log,
+                                     on_document=partial)
+        gathered = distributed.gather((records, probe.state() if probe is not None else None), ctx)
+        if ctx.is_main:
+            united: dict = {}
+            for r, (recs, state) in enumerate(gathered):
+                united.update(recs)
+                if r > 0 and probe is not None:
+                    probe.merge_state(state)
+            record(combine_documents(united, time.perf_counter() - t_nll), "nll")
     if not args.skip_tasks:
         hs = build_haystacks(texts, tok, n=args.task_haystacks, context_tokens=args.task_context, seed=args.seed)
         tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w,
                              label=f"{n}-sum@{args.task_budget:g}", **common) for n, w in weight_sets]
         if not args.no_oracle:
             tspecs.append(SparseSpec(method="oracle", ratio=args.task_budget, **common))
-        results["tasks"] = summarize_tasks(score_questions(model, tok, hs, tspecs, progress=progress))
-        results["setup"]["task_haystacks"] = args.task_haystacks
-        results["setup"]["task_context"] = args.task_context
-        save("tasks")
+        scores = score_haystacks(model, tok, hs, tspecs, indices=distributed.shard(len(hs), ctx),
+                                 progress=progress)
+        gathered = distributed.gather(scores, ctx)
+        if ctx.is_main:
+            united = {}
+            for part in gathered:
+                united.update(part)
+            results["tasks"] = summarize_tasks(combine_scores(united))
+            results["setup"]["task_haystacks"] = args.task_haystacks
+            results["setup"]["task_context"] = args.task_context
+            save("tasks")
+    if not ctx.is_main:
+        return 0
     print(f"wrote {args.json} ({time.perf_counter() - t_start:.0f}s)")
     return 0

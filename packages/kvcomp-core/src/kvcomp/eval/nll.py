@@ -6,6 +6,10 @@ t + 1, so the last ``window`` tokens are scored. Each ``SparseSpec`` (method x b
 mode) is one window pass over the same prefilled cache; the dense pass (optionally carrying a
 ``FidelityProbe``) is the baseline. Results keep per-position NLLs so that differences against
 dense are paired and their standard errors honest.
+
+Documents are independent: ``evaluate_documents`` scores any subset of them (one process's
+share under ``kvcomp.distributed``) and ``combine_documents`` unites the subsets in document
+order, so a split run gives the numbers of a one-process run exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +25,91 @@ from kvcomp.eval.window import SparseSpec, prefill, window_logits
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits [N, V], targets [N] -> float64 [N] negative log-likelihoods."""
     return -torch.log_softmax(logits.double(), -1).gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def evaluate_documents(
+    model,
+    documents: list[torch.Tensor],
+    specs: list[SparseSpec],
+    *,
+    indices: list[int] | None = None,
+    window: int = 512,
+    probe=None,
+    progress: bool = True,
+    log=None,
+    on_document=None,
+) -> dict[int, dict]:
+    """Per-position NLLs of the documents ``indices`` (default: all) for dense and every spec.
+
+    Returns {document index: record}, a record being {"dense": {"nll": [window] float64,
+    "argmax": [window] int64}, spec.name: {"nll", "argmax", "attended", "available"}} (CPU
+    tensors). A ``probe`` observes each document's dense pass under that document's index
+    (``probe.document``). ``on_document(records)`` is called after each document but the last
+    with the records so far, e.g. to save partial results."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate spec names: {names}")
+    indices = list(range(len(documents))) if indices is None else list(indices)
+    for d in indices:
+        if not 0 <= d < len(documents):
+            raise ValueError(f"document index {d} out of range [0, {len(documents)})")
+    t0 = time.perf_counter()
+    records: dict[int, dict] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices) * (len(specs) + 1), desc="nll windows", unit="pass")
+    for n_done, d in enumerate(indices, 1):
+        ids = documents[d].view(-1)
+        T = ids.numel()
+        if T < window + 2:
+            raise ValueError(f"document {d} has {T} tokens; window {window} needs at least {window + 2}")
+        cache = prefill(model, ids[: T - window - 1])
+        inp, tgt = ids[T - window - 1 : T - 1], ids[T - window :]
+        if probe is not None:
+            probe.document = d
+        logits, _ = window_logits(model, cache, inp, SparseSpec(method="dense"), probe=probe)
+        rec = {"dense": {"nll": token_nll(logits, tgt.to(logits.device)).cpu(), "argmax": logits.argmax(-1).cpu()}}
+        if bar is not None:
+            bar.update(1)
+        for spec in specs:
+            logits, stats = window_logits(model, cache, inp, spec)
+            rec[spec.name] = {"nll": token_nll(logits, tgt.to(logits.device)).cpu(),
+                              "argmax": logits.argmax(-1).cpu(),
+                              "attended": stats["attended"], "available": stats["available"]}
+            if bar is not None:
+                bar.update(1)
+        records[d] = rec
+        if log is not None:
+            log(f"doc {n_done}/{len(indices)} done, {time.perf_counter() - t0:.0f}s")
+        del cache
+        if on_document is not None and n_done < len(indices):
+            on_document(dict(records))
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def combine_documents(records: dict[int, dict], seconds: float = 0.0) -> dict:
+    """Records of ``evaluate_documents`` (from one or several processes, united) -> the result
+    of ``evaluate_nll``: per-position values concatenated in document order, block counts
+    summed. The same documents give the same result however they were split."""
+    if not records:
+        raise ValueError("combine_documents: no documents")
+    order = sorted(records)
+    names = list(records[order[0]])
+    res: dict = {}
+    for name in names:
+        parts = [records[d][name] for d in order]
+        entry = {"nll": torch.cat([p["nll"] for p in parts]), "argmax": torch.cat([p["argmax"] for p in parts])}
+        if name != "dense":
+            entry["attended"] = sum(p["attended"] for p in parts)
+            entry["available"] = sum(p["available"] for p in parts)
+        res[name] = entry
+    res["positions"] = int(res["dense"]["nll"].numel())
+    res["seconds"] = seconds
+    return res
 
 
 def evaluate_nll(
@@ -39,55 +128,13 @@ def evaluate_nll(
     Returns {"dense": {"nll": [P] float64, "argmax": [P]}, spec.name: {...}, "positions": P,
     "seconds": s}, P = window x number of documents. ``on_document(partial)`` is called after
     each document with the result so far (same format), e.g. to save partial results."""
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate spec names: {names}")
-    out = {"dense": {"nll": [], "argmax": []}, **{n: {"nll": [], "argmax": [], "attended": 0,
-                                                      "available": 0} for n in names}}
     t0 = time.perf_counter()
-    docs = documents
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(docs) * (len(specs) + 1), desc="nll windows", unit="pass")
-    for d, ids in enumerate(docs):
-        ids = ids.view(-1)
-        T = ids.numel()
-        if T < window + 2:
-            raise ValueError(f"document {d} has {T} tokens; window {window} needs at least {window + 2}")
-        cache = prefill(model, ids[: T - window - 1])
-        inp, tgt = ids[T - window - 1 : T - 1], ids[T - window :]
-        logits, _ = window_logits(model, cache, inp, SparseSpec(method="dense"), probe=probe)
-        out["dense"]["nll"].append(token_nll(logits, tgt.to(logits.device)).cpu())
-        out["dense"]["argmax"].append(logits.argmax(-1).cpu())
-        if bar is not None:
-            bar.update(1)
-        for spec in specs:
-            logits, stats = window_logits(model, cache, inp, spec)
-            out[spec.name]["nll"].append(token_nll(logits, tgt.to(logits.device)).cpu())
-            out[spec.name]["argmax"].append(logits.argmax(-1).cpu())
-            out[spec.name]["attended"] += stats["attended"]
-            out[spec.name]["available"] += stats["available"]
-            if bar is not None:
-                bar.update(1)
-        if log is not None:
-            log(f"doc {d + 1}/{len(docs)} done, {time.perf_counter() - t0:.0f}s")
-        del cache
-        if on_document is not None and d + 1 < len(docs):
-            on_document(_finish(out, t0))
-    if bar is not None:
-        bar.close()
-    return _finish(out, t0)
-
-
-def _finish(out: dict, t0: float) -> dict:
-    res = {}
-    for name, v in out.items():
-        res[name] = {**v, "nll": torch.cat(v["nll"]), "argmax": torch.cat(v["argmax"])}
-    res["positions"] = int(res["dense"]["nll"].numel())
-    res["seconds"] = time.perf_counter() - t0
-    return res
+    partial = None
+    if on_document is not None:
+        partial = lambda recs: on_document(combine_documents(recs, time.perf_counter() - t0))
+    records = evaluate_documents(model, documents, specs, window=window, probe=probe, progress=progress,
+                                 log=log, on_document=partial)
+    return combine_documents(records, time.perf_counter() - t0)
 
 
 def summarize_nll(result: dict) -> dict:

@@ -19,7 +19,8 @@ question token and the answer tokens go through a window pass in which every pos
 as a decode step (``kvcomp.eval.window``). An answer is correct when the model's argmax at every
 answer position is the answer token, which is exactly "greedy decoding produces the answer".
 This is stricter than ``generate()``, where the first answer token comes from the dense
-prefill. Everything is deterministic for a seed.
+prefill. Everything is deterministic for a seed. Haystacks are independent:
+``score_haystacks`` scores any subset (one process's share), ``combine_scores`` unites them.
 """
 
 from __future__ import annotations
@@ -128,20 +129,28 @@ def build_haystacks(texts: list[tuple[str, str]], tokenizer, *, n: int, context_
 
 
 @torch.no_grad()
-def score_questions(model, tokenizer, haystacks: list[Haystack], specs: list[SparseSpec],
-                    *, progress: bool = True) -> dict:
-    """{spec name ("dense" first): {task: [0/1 per question]}} by teacher-forced greedy match."""
+def score_haystacks(model, tokenizer, haystacks: list[Haystack], specs: list[SparseSpec], *,
+                    indices: list[int] | None = None, progress: bool = True) -> dict[int, dict]:
+    """Score the haystacks ``indices`` (default: all) by teacher-forced greedy match.
+
+    Returns {haystack index: {spec name ("dense" first): {task: [0/1 per question]}}}."""
     from kvcomp.eval.window import prefill
 
+    indices = list(range(len(haystacks))) if indices is None else list(indices)
+    for i in indices:
+        if not 0 <= i < len(haystacks):
+            raise ValueError(f"haystack index {i} out of range [0, {len(haystacks)})")
     names = ["dense"] + [s.name for s in specs]
     all_specs = [SparseSpec(method="dense")] + list(specs)
-    res = {n: {t: [] for t in TASKS} for n in names}
+    out: dict[int, dict] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(h.questions) for h in haystacks), desc="tasks", unit="question")
-    for h in haystacks:
+        bar = tqdm(total=sum(len(haystacks[i].questions) for i in indices), desc="tasks", unit="question")
+    for i in indices:
+        h = haystacks[i]
+        res = {n: {t: [] for t in TASKS} for n in names}
         h_ids = torch.tensor(tokenizer(h.text, add_special_tokens=False)["input_ids"])
         cache = prefill(model, h_ids)
         H = cache.get_seq_length()
@@ -158,9 +167,30 @@ def score_questions(model, tokenizer, haystacks: list[Haystack], specs: list[Spa
             crop_cache(cache, H)
             if bar is not None:
                 bar.update(1)
+        out[i] = res
     if bar is not None:
         bar.close()
+    return out
+
+
+def combine_scores(per_haystack: dict[int, dict]) -> dict:
+    """{haystack index: scores} (from one or several processes, united) -> the scores of all
+    haystacks in index order, in ``score_questions``' format."""
+    if not per_haystack:
+        raise ValueError("combine_scores: no haystacks")
+    order = sorted(per_haystack)
+    res = {n: {t: [] for t in per} for n, per in per_haystack[order[0]].items()}
+    for i in order:
+        for n, per in per_haystack[i].items():
+            for t, v in per.items():
+                res[n][t].extend(v)
     return res
+
+
+def score_questions(model, tokenizer, haystacks: list[Haystack], specs: list[SparseSpec],
+                    *, progress: bool = True) -> dict:
+    """{spec name ("dense" first): {task: [0/1 per question]}} by teacher-forced greedy match."""
+    return combine_scores(score_haystacks(model, tokenizer, haystacks, specs, progress=progress))
 
 
 def summarize_tasks(res: dict) -> dict:

@@ -15,10 +15,11 @@ so a layer's result does not depend on which process trains it or on the others.
 Resumable: each finished layer is written to ``<out>.ckpt/layer_XXX.safetensors``; with
 ``resume=True`` those layers are loaded instead of retrained (their pairs are not collected).
 
-Distributed: under ``accelerate launch --num_processes N`` or ``torchrun`` (WORLD_SIZE > 1 in
-the environment), torch.distributed is initialised (gloo) if it is not already; rank r trains
-layers l with l % N == r, the trained tensors are gathered on rank 0, which alone writes the
-output. The result equals a one-process run up to float summation order.
+Distributed: under ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun`` (WORLD_SIZE
+> 1 in the environment) the process group is joined through ``kvcomp.distributed.init`` (gloo);
+rank r trains the layers l with l % N == r (every rank runs the model over the documents to
+collect its layers' pairs), the trained tensors and each rank's stats are gathered on rank 0,
+which alone writes the output. The result equals a one-process run up to float summation order.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from kvcomp import distributed
 from kvcomp.training.collect import PairSet, collect_pairs, dense_labels
 from kvcomp.training.loss import LossWeights, hata_loss
 
@@ -185,21 +187,7 @@ def train_projections(
     return W.detach().cpu(), history
 
 
-# ----------------------------------------------------------------------------- distributed
-def _dist_setup() -> tuple[int, int, bool]:
-    """(rank, world, we_initialised). Initialises gloo from the environment when launched by
-    accelerate / torchrun (WORLD_SIZE > 1) and no process group exists yet."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group(backend="gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
+# ----------------------------------------------------------------------------- checkpoints
 def _ckpt_dir(out: str | os.PathLike) -> Path:
     return Path(str(out) + ".ckpt")
 
@@ -244,7 +232,8 @@ def train_hash_weights(
         raise ValueError("no training documents")
     geo = ModelGeometry.of(model)
     device = device or model.device
-    rank, world, owned = _dist_setup()
+    ctx = distributed.init()
+    rank, world = ctx.rank, ctx.world
     hw0 = initial_weights(geo, cfg)
     layers = list(range(geo.num_layers)) if cfg.layers is None else sorted(set(cfg.layers))
     for layer in layers:
@@ -293,28 +282,18 @@ def train_hash_weights(
             bar.close()
     stats["total_s"] = time.perf_counter() - t0
 
-    gathered = [done]
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(done, gathered, dst=0)
+    gathered = distributed.gather((done, stats), ctx)
     result = None
-    if rank == 0:
+    if ctx.is_main:
         merged: dict[int, dict[str, torch.Tensor]] = {}
-        for part in gathered:
+        for part, _ in gathered:
             merged.update(part)
         result = assemble(geo, hw0, merged, cfg)
-        result.train_stats = stats
+        result.train_stats = {**stats, "ranks": [s for _, s in gathered]} if world > 1 else stats
         if out is not None:
             result.save(out)
             log.info("wrote %s (%d trained layers)", out, len(merged))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if owned:
-            dist.destroy_process_group()
+    distributed.finish(ctx)
     return result
 
 
