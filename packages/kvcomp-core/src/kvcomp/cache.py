@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcomp.ops import hash_encode
+from kvcomp.ops import hash_encode, sparse_decode_attention
 
 __all__ = ["KVCompCache", "KVCompLayer", "LayerStats", "layer_for_key", "summarize"]
 
@@ -203,13 +203,7 @@ class KVCompLayer(CacheLayerMixin):
             self._append_all(key_states, value_states, codes, old_lens, T)
             qpos = None  # computed on demand (step_query_pos)
         else:
-            for b in range(B):
-                sel = valid[b].nonzero().view(-1)
-                s, e = old_lens[b], new_lens[b]
-                self.keys_buf[b, :, s:e] = key_states[b, :, sel]
-                self.values_buf[b, :, s:e] = value_states[b, :, sel]
-                if codes is not None:
-                    self.codes_buf[b, :, s:e] = codes[b, :, sel]
+            self._append_valid(key_states, value_states, codes, valid, old_lens, new_lens)
             self.seq_lens = torch.tensor(new_lens, dtype=torch.int32, device=dev)
             old = torch.tensor(old_lens, dtype=torch.long, device=dev).view(B, 1)
             qpos = (old + valid.to(torch.long).cumsum(1) - 1).clamp(min=0)
@@ -243,6 +237,30 @@ class KVCompLayer(CacheLayerMixin):
             if codes is not None:
                 self.codes_buf.scatter_(2, rows.expand_as(codes), codes)
         self.seq_lens = self.seq_lens + T
+
+    def _append_valid(self, k, v, codes, valid, old_lens, new_lens) -> None:
+        """Padded step: sequence b's real tokens (``valid[b]``, bool [T]) go to rows
+        old_lens[b] .. new_lens[b]-1 (one host read of each row's token positions)."""
+        for b in range(k.shape[0]):
+            sel = valid[b].nonzero().view(-1)
+            s, e = old_lens[b], new_lens[b]
+            self.keys_buf[b, :, s:e] = k[b, :, sel]
+            self.values_buf[b, :, s:e] = v[b, :, sel]
+            if codes is not None:
+                self.codes_buf[b, :, s:e] = codes[b, :, sel]
+
+    # ----------------------------------------------------------------------------- attention
+    def attend_blocks(self, q: torch.Tensor, block_idx: torch.Tensor, *, chunk_size: int,
+                      scale: float) -> torch.Tensor:
+        """Sparse decode attention of q [B, Hq, D] over the blocks block_idx [B, Hkv, K] of
+        this layer's cache -> [B, Hq, D] (``sparse_decode_attention``). The storage step that
+        the attention function calls; a layer keeping its K/V elsewhere (``kvcomp.offload``)
+        overrides it."""
+        L = self.max_len
+        return sparse_decode_attention(
+            q, self.keys_buf[:, :, :L], self.values_buf[:, :, :L], block_idx, self.seq_lens,
+            chunk_size=chunk_size, scale=scale,
+        )
 
     # ----------------------------------------------------------------------------- Cache API
     def get_seq_length(self) -> int:
@@ -415,7 +433,7 @@ class KVCompCache(Cache):
         self.debug = debug
         self._step: tuple | None = None
         layers = [
-            KVCompLayer(
+            self._make_layer(
                 i,
                 chunk_size=chunk_size,
                 code_weight=code_weights[i],
@@ -426,6 +444,11 @@ class KVCompCache(Cache):
             for i in range(num_layers)
         ]
         super().__init__(layers=layers)
+
+    def _make_layer(self, layer_idx: int, **kwargs) -> KVCompLayer:
+        """The storage of one layer (a subclass may return a KVCompLayer subclass, e.g. the
+        host-offloaded layers of ``kvcomp.offload``)."""
+        return KVCompLayer(layer_idx, **kwargs)
 
     # -------------------------------------------------------------------- padding per step
     def begin_step(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
