@@ -14,8 +14,9 @@ Per call, in this order:
       dense decode is bit-identical to the unpatched model's);
     * decode (T == 1), policy mode "compute": ``encode_query`` (config.query_aggregation) ->
       ``hamming_topk`` (k_blocks from ``LayerPolicy.k_blocks_tensor``, width from
-      ``max_k_blocks``) -> ``sparse_decode_attention``; the block_idx is kept on the cache layer
-      for the layers that reuse it;
+      ``max_k_blocks``) -> ``sparse_decode_attention`` through ``layer.attend_blocks`` (the
+      layer's storage step: K/V in HBM, or host-offloaded by ``kvcomp.offload``); the
+      block_idx is kept on the cache layer for the layers that reuse it;
     * decode, mode "reuse": the source layer's block_idx of this same step.
 Sequences of a batch below the threshold get all their blocks (``k_blocks_tensor``).
 
@@ -44,7 +45,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
-from kvcomp.ops import hamming_topk, sparse_decode_attention
+from kvcomp.ops import hamming_topk
 from kvcomp.ops.query_codes import encode_query
 
 __all__ = ["ATTN_NAME", "LayerBinding", "kvcomp_attention", "kvcomp_mask", "register", "forward_scope"]
@@ -210,15 +211,7 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
                 f"layer {i} reuses layer {j}'s selection, but layer {j} made none at this step"
             )
         block_idx = src.step_block_idx.to(q.device)
-    out = sparse_decode_attention(
-        q,
-        layer.keys_buf[:, :, :L],
-        layer.values_buf[:, :, :L],
-        block_idx,
-        seq_lens,
-        chunk_size=cfg.chunk_size,
-        scale=float(scaling),
-    )
+    out = layer.attend_blocks(q, block_idx, chunk_size=cfg.chunk_size, scale=float(scaling))
     layer.record_step(mode, block_idx)
     return out.unsqueeze(1)  # [B, 1, Hq, D]
 
