@@ -1,0 +1,319 @@
+"""``KVCompStaticCache``: a preallocated kvcomp cache whose decode step can run in a CUDA graph.
+
+    cache = handle.new_cache(static=True, max_cache_len=N)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=...)
+    # or by hand: model(ids, past_key_values=cache); kvcomp.graphs replays the decode steps
+
+Storage of one layer (``KVCompStaticLayer``), allocated once at its first update, full length:
+
+    keys_buf    [B, Hkv, max_cache_len, D]  the keys' dtype; token t of every sequence at row t
+    values_buf  [B, Hkv, max_cache_len, D]
+    codes_buf   [B, Hkv, max_cache_len, W]  int32 key codes (W = BITS // 32, layout of
+                                            ``kvcomp.ops.hash_encode``), only on layers that
+                                            compute a selection
+
+State shared by the layers of one cache (device tensors, made at the first update):
+
+    length      int64 [1]   tokens stored
+    seq_lens    int32 [B]   the same count per sequence (what the kernels read)
+    write_pos   int64 [T]   rows the current forward writes: length before it + arange(T)
+
+The first layer that updates in a forward advances the shared state (tensor ops only); every
+layer writes its keys, values and codes with ``index_copy_`` at ``write_pos``. The per-step
+hot path therefore has no host sync, no allocation whose size depends on device values and
+only shapes fixed by ``max_cache_len``: a one-token decode forward can be captured once and
+replayed (``kvcomp.graphs.DecodeGraphs``). The tensors above are never reallocated after the
+first update (``reset`` and ``crop`` work in place), so a captured graph stays valid.
+
+No padding: every sequence of the batch holds the same number of tokens. A forward whose
+``attention_mask`` marks padding among its new tokens raises ValueError (use the dynamic
+``handle.new_cache()`` for left-padded batches); a one-token decode step does not read the
+mask (that would be a host sync; ``generate`` only appends ones).
+
+Host mirrors: each layer's ``padded_len`` / ``lens`` (what ``get_seq_length`` returns and the
+eager paths use) advance in ``update`` and, for graph replays that run no Python, in
+``advance(T)``; ``checkpoint()`` / ``restore()`` save and put back the whole length state.
+
+Decode attention (``kvcomp.attention``): sparse layers always run encode -> select -> attend
+over the full buffers (below the threshold ``LayerPolicy.k_blocks_tensor`` selects every
+block, so the result is exact attention with no host branch on the length); dense layers
+attend to every real block through the same kernel. Tensors every layer of a step would make
+alike (the k_blocks of a ratio, the all-blocks index) are made once per forward
+(``step_shared``). Static caches keep no decode counters: they would add kernels to every
+step (``stats`` reports zero steps).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from kvcomp.cache import _ACTIVE, KVCompCache, KVCompLayer
+from kvcomp.ops import hash_encode
+
+__all__ = ["KVCompStaticCache", "KVCompStaticLayer"]
+
+
+class KVCompStaticLayer(KVCompLayer):
+    """One decoder layer's preallocated K/V (+ codes). See the module docstring."""
+
+    is_static = True
+
+    def __init__(self, layer_idx: int, *, max_cache_len: int, **kwargs):
+        self.max_cache_len = int(max_cache_len)
+        super().__init__(layer_idx, **kwargs)
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.capacity = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        dev = key_states.device
+        self.batch_size = B
+        self.capacity = self.max_cache_len
+        self.keys_buf = key_states.new_zeros(B, H, self.capacity, D)
+        self.values_buf = value_states.new_zeros(B, H, self.capacity, value_states.shape[-1])
+        if self.code_weight is not None:
+            if self.code_weight.shape[0] != H or self.code_weight.shape[1] != D:
+                raise ValueError(
+                    f"layer {self.layer_idx}: hash weight {tuple(self.code_weight.shape)} does not fit "
+                    f"keys [B, Hkv={H}, T, D={D}] (expected [Hkv, D, BITS])"
+                )
+            if self.code_weight.device != dev:
+                self.code_weight = self.code_weight.to(dev)
+            W = self.code_weight.shape[-1] // 32
+            self.codes_buf = torch.zeros(B, H, self.capacity, W, dtype=torch.int32, device=dev)
+        self.lens = [0] * B
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value states [B, Hkv, T, D] (and their codes) at rows ``padded_len ..
+        padded_len + T - 1``. Returns the new states on the first update (prefill runs the
+        model's own attention), else the full buffers [B, Hkv, max_cache_len, D] (the attention
+        function reads ``seq_lens``)."""
+        cache: KVCompStaticCache = self._cache_ref()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, T, _ = key_states.shape
+        if B != self.batch_size or H != self.keys_buf.shape[1]:
+            raise ValueError(
+                f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} do not match the static "
+                f"cache (batch {self.batch_size}, kv-heads {self.keys_buf.shape[1]}); make a new cache "
+                "for another batch size"
+            )
+        if self.padded_len + T > self.capacity:
+            raise ValueError(
+                f"static kvcomp cache is full: {self.padded_len} tokens stored + {T} new > "
+                f"max_cache_len={self.capacity}"
+            )
+        dev = self.keys_buf.device
+        key_states = key_states.to(dev)
+        value_states = value_states.to(dev)
+        write_pos, seq_lens = cache._advance_shared(self, B, T, dev)
+        self.keys_buf.index_copy_(2, write_pos, key_states)
+        self.values_buf.index_copy_(2, write_pos, value_states)
+        if self.codes_buf is not None:
+            self.codes_buf.index_copy_(2, write_pos, hash_encode(key_states, self.code_weight))
+        prefill = self.padded_len == 0
+        self.seq_lens = seq_lens
+        self._advance_host(T)
+        self.updates += 1
+        self.step_kind = "prefill" if prefill else ("decode" if T == 1 else "extend")
+        self.keys, self.values = self.keys_buf, self.values_buf
+        ret = (key_states, value_states) if prefill else (self.keys_buf, self.values_buf)
+        self._returned_key = weakref.ref(ret[0])
+        _ACTIVE.layer = weakref.ref(self)
+        return ret
+
+    def _advance_host(self, T: int) -> None:
+        self.padded_len += T
+        self.lens = [self.padded_len] * self.batch_size
+        self._step_qpos, self._step_T = None, T
+
+    # ----------------------------------------------------------------------------- Cache API
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Forget the stored tokens; the buffers stay (a captured graph stays valid)."""
+        if not self.is_initialized:
+            return
+        self.padded_len = 0
+        self.lens = [0] * self.batch_size
+        self.step_kind = "none"
+        self.step_block_idx = None
+        self._step_qpos, self._step_T = None, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (negative int, transformers >= 5.18) or keep
+        ``tokens_to_remove`` (positive, the older meaning); host mirror only, the cache moves
+        the shared device length (``KVCompStaticCache.crop``)."""
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        remove = -tokens_to_remove if tokens_to_remove < 0 else self.padded_len - tokens_to_remove
+        remove = max(0, min(remove, self.padded_len))
+        self.padded_len -= remove
+        self.lens = [self.padded_len] * self.batch_size
+        self.step_block_idx = None
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys_buf.device, torch.long)
+        if index.numel() != self.batch_size:
+            raise ValueError(
+                f"a static kvcomp cache keeps its batch size ({self.batch_size}); got a selection of "
+                f"{index.numel()} sequences (use the dynamic handle.new_cache())"
+            )
+        for buf in (self.keys_buf, self.values_buf, self.codes_buf):
+            if buf is not None:
+                buf.copy_(buf.index_select(0, index))
+        self.step_block_idx = None
+
+    def record_step(self, mode: str, block_idx) -> None:
+        """Static caches keep no per-step counters (see the module docstring)."""
+
+
+class KVCompStaticCache(KVCompCache):
+    """A transformers ``Cache`` of ``KVCompStaticLayer``s, preallocated to ``max_cache_len``.
+
+    Args: ``num_layers``, ``max_cache_len`` (tokens per sequence, prompt included),
+    ``chunk_size``, ``code_weights``, ``sliding_windows``, ``debug`` as ``KVCompCache``."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int, *, max_cache_len: int, chunk_size: int = 128,
+                 code_weights=None, sliding_windows=None, debug: bool = False):
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
+        super().__init__(num_layers, chunk_size=chunk_size, code_weights=code_weights,
+                         sliding_windows=sliding_windows, debug=debug)
+        self.length: torch.Tensor | None = None  # int64 [1]
+        self.seq_lens_shared: torch.Tensor | None = None  # int32 [B]
+        self.host_len = 0
+        self._write_pos: torch.Tensor | None = None
+        self._memo: dict = {}
+        self.storage_version = 0  # bumped when device state is (re)allocated
+
+    def _make_layer(self, layer_idx: int, **kwargs) -> KVCompStaticLayer:
+        return KVCompStaticLayer(layer_idx, max_cache_len=self.max_cache_len, **kwargs)
+
+    # -------------------------------------------------------------------- shared step state
+    def _advance_shared(self, layer: KVCompStaticLayer, B: int, T: int, dev: torch.device):
+        """(write_pos int64 [T], seq_lens int32 [B]) on ``dev`` for ``layer``'s update; the first
+        layer to update in a forward advances the shared device length (tensor ops only)."""
+        if self.length is None:
+            self.length = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.seq_lens_shared = torch.zeros(B, dtype=torch.int32, device=dev)
+            self.storage_version += 1
+        if self.seq_lens_shared.shape[0] != B:
+            raise ValueError(
+                f"static kvcomp cache holds a batch of {self.seq_lens_shared.shape[0]}, a layer got {B}"
+            )
+        if layer.padded_len == self.host_len:  # first layer of this forward
+            self._write_pos = torch.arange(T, device=self.length.device) + self.length
+            self.length.add_(T)
+            self.seq_lens_shared.add_(T)
+            self.host_len += T
+            self._memo = {}
+        elif layer.padded_len + T != self.host_len:
+            raise RuntimeError(
+                f"layer {layer.layer_idx} holds {layer.padded_len} tokens and gets {T}, but the cache "
+                f"is at {self.host_len}: layers of one static cache must update once per forward"
+            )
+        return (self.step_shared(("write_pos", dev), lambda: self._write_pos.to(dev)),
+                self.step_shared(("seq_lens", dev), lambda: self.seq_lens_shared.to(dev)))
+
+    def step_shared(self, key, make):
+        """A tensor every layer of the current forward shares: ``make()`` on first use."""
+        t = self._memo.get(key)
+        if t is None:
+            t = self._memo[key] = make()
+        return t
+
+    def begin_step(self, attention_mask, q_len: int) -> None:
+        """Reject padding among the new tokens of a multi-token forward (one host read); a
+        one-token step reads nothing (graph-safe)."""
+        self._step = None
+        if q_len == 1 or attention_mask is None or not isinstance(attention_mask, torch.Tensor):
+            return
+        if attention_mask.dim() != 2:
+            return
+        if not bool(attention_mask[:, attention_mask.shape[1] - q_len:].bool().all()):
+            raise ValueError(
+                "static kvcomp cache: the attention_mask marks padding among the new tokens; padded "
+                "batches need the dynamic cache (handle.new_cache())"
+            )
+
+    # -------------------------------------------------------------------- graph support
+    def advance(self, T: int) -> None:
+        """Advance the host mirrors by ``T`` tokens after a replayed step (no Python ran)."""
+        self.host_len += T
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer._advance_host(T)
+                layer.updates += 1
+                layer.step_kind = "decode" if T == 1 else "extend"
+
+    def checkpoint(self) -> tuple:
+        """The length state (host and device) to ``restore`` after a warm-up forward."""
+        dev = (self.length.clone(), self.seq_lens_shared.clone()) if self.length is not None else None
+        return self.host_len, [(layer.padded_len, layer.updates) for layer in self.layers], dev
+
+    def restore(self, state: tuple) -> None:
+        """Put back a ``checkpoint()`` (device tensors written in place)."""
+        host_len, per_layer, dev = state
+        self.host_len = host_len
+        for layer, (n, updates) in zip(self.layers, per_layer):
+            if layer.is_initialized:
+                layer.padded_len, layer.updates = n, updates
+                layer.lens = [n] * layer.batch_size
+        if dev is not None:
+            self.length.copy_(dev[0])
+            self.seq_lens_shared.copy_(dev[1])
+        self._memo = {}
+
+    # -------------------------------------------------------------------- Cache API
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Forget every stored token; buffers and device state stay allocated (graphs stay valid)."""
+        for layer in self.layers:
+            layer.reset()
+        self.host_len = 0
+        if self.length is not None:
+            self.length.zero_()
+            self.seq_lens_shared.zero_()
+        self._memo = {}
+
+    def crop(self, max_length: int) -> None:
+        """transformers' crop: a negative ``max_length`` drops that many tokens, a positive one
+        keeps that many."""
+        if self.length is None or max_length == 0:
+            return
+        remove = -max_length if max_length < 0 else self.host_len - max_length
+        remove = max(0, min(remove, self.host_len))
+        if remove == 0:
+            return
+        for layer in self.layers:
+            layer.crop(-remove)
+        self.host_len -= remove
+        self.length.sub_(remove)
+        self.seq_lens_shared.sub_(remove)
+        self._memo = {}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise ValueError("a static kvcomp cache keeps its batch size; use the dynamic handle.new_cache()")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("a static kvcomp cache keeps its batch size; use the dynamic handle.new_cache()")
