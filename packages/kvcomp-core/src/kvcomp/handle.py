@@ -205,17 +205,26 @@ class KVCompHandle:
         self.enabled = False
 
     # ------------------------------------------------------------------ caches
-    def new_cache(self) -> KVCompCache:
-        """A fresh KVCompCache for this model (pass it as past_key_values / cache)."""
+    def new_cache(self, *, static: bool = False, max_cache_len: int | None = None) -> KVCompCache:
+        """A fresh KVCompCache for this model (pass it as past_key_values / cache).
+
+        ``static=True``: a ``KVCompStaticCache`` preallocated to ``max_cache_len`` tokens per
+        sequence (prompt included), whose decode step can be captured in a CUDA graph
+        (``compile_decode``); batches without padding only."""
         if not self.enabled:
             raise RuntimeError("this kvcomp handle was disabled")
-        cache = KVCompCache(
-            self.config.num_hidden_layers,
-            chunk_size=self.config.chunk_size,
-            code_weights=self.code_weights,
-            sliding_windows=self._windows,
-            debug=self.debug,
-        )
+        kw = dict(chunk_size=self.config.chunk_size, code_weights=self.code_weights,
+                  sliding_windows=self._windows, debug=self.debug)
+        if static:
+            from kvcomp.static_cache import KVCompStaticCache
+
+            if max_cache_len is None:
+                raise ValueError("new_cache(static=True) needs max_cache_len= (tokens per sequence)")
+            cache = KVCompStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len, **kw)
+        elif max_cache_len is not None:
+            raise ValueError("max_cache_len is a setting of static caches: pass static=True")
+        else:
+            cache = KVCompCache(self.config.num_hidden_layers, **kw)
         self._note(cache)
         return cache
 
