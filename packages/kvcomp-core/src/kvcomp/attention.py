@@ -45,7 +45,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
-from kvcomp.ops import hamming_topk
+from kvcomp.ops import hamming_topk, sparse_decode_attention
 from kvcomp.ops.query_codes import encode_query
 
 __all__ = ["ATTN_NAME", "LayerBinding", "kvcomp_attention", "kvcomp_mask", "register", "forward_scope"]
@@ -128,6 +128,8 @@ def kvcomp_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     decode = layer.step_kind == "decode"
+    if decode and getattr(layer, "is_static", False):
+        return _static_decode(module, query, layer, binding, scaling, kwargs), None
     if decode and binding.sliding_window is None:
         policy = binding.handle.policy
         mode = policy.mode(binding.layer_idx, layer.max_len)
@@ -213,6 +215,59 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
         block_idx = src.step_block_idx.to(q.device)
     out = layer.attend_blocks(q, block_idx, chunk_size=cfg.chunk_size, scale=float(scaling))
     layer.record_step(mode, block_idx)
+    return out.unsqueeze(1)  # [B, 1, Hq, D]
+
+
+def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, kwargs):
+    """Decode step on a ``KVCompStaticLayer`` (``kvcomp.static_cache``): tensor ops on the full
+    buffers only (no host sync, shapes fixed by max_cache_len), so it can run in a CUDA graph.
+    Sparse layers select with ``k_blocks_tensor`` (every block below the threshold: exact);
+    dense layers attend to every real block with the same kernel; sliding-window layers use
+    the dense fallback with a mask made from ``seq_lens``."""
+    handle = binding.handle
+    cfg, policy = handle.config, handle.policy
+    cache = layer._cache_ref()
+    i = binding.layer_idx
+    q = query[:, :, 0, :].contiguous()  # [B, Hq, D]
+    seq_lens = layer.seq_lens  # [B] int32, the new token included
+    B, Hkv, cap = layer.keys_buf.shape[:3]
+    dev = q.device
+    if binding.sliding_window is not None:
+        w = binding.sliding_window
+        j = torch.arange(cap, device=dev).view(1, cap)
+        n = seq_lens.to(torch.long).view(B, 1)
+        mask = ((j < n) & (j >= n - w)).view(B, 1, 1, cap)
+        return dense_attention(module, query, layer.keys_buf, layer.values_buf, mask,
+                               binding.fallback, scaling, kwargs)
+    if not policy.is_sparse(i):
+        nb = -(-cap // cfg.chunk_size)
+
+        def all_blocks():
+            idx = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb)
+            n_blk = ((seq_lens + cfg.chunk_size - 1) // cfg.chunk_size).view(B, 1, 1)
+            return torch.where(idx < n_blk, idx, -1).expand(B, Hkv, nb).contiguous()
+
+        block_idx = cache.step_shared(("all_blocks", dev, Hkv), all_blocks)
+    elif policy.source(i) != i:
+        src = cache.layers[policy.source(i)]
+        if src.step_block_idx is None or src.step_block_idx_update != layer.updates:
+            raise RuntimeError(f"layer {i} reuses layer {policy.source(i)}'s selection, but it made none at this step")
+        block_idx = src.step_block_idx.to(dev)
+    else:
+        if layer.codes_buf is None:
+            raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
+        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation, q_weight=binding.q_weight)
+        ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
+        k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
+        block_idx = hamming_topk(
+            q_codes, layer.codes_buf, seq_lens, k_blocks=k_blocks,
+            max_blocks=policy.max_k_blocks(i, cap), chunk_size=cfg.chunk_size,
+            must_select=tuple(cfg.must_select_blocks), chunk_repre=cfg.chunk_repre_method,
+        )
+        layer.step_block_idx = block_idx
+        layer.step_block_idx_update = layer.updates
+    out = sparse_decode_attention(q, layer.keys_buf, layer.values_buf, block_idx, seq_lens,
+                                  chunk_size=cfg.chunk_size, scale=float(scaling))
     return out.unsqueeze(1)  # [B, 1, Hq, D]
 
 
