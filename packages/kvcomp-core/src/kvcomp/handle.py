@@ -11,7 +11,9 @@ ships (``kvcomp-qwen``: "qwen3-8b", ...), or None: ``adapter.default_config(mode
 chunk 128, 128 bits, first two layers dense, must_select [0, -2, -1], threshold 2048), logged.
 ``hash_weights``: a ``HashWeights``, a path to a safetensors file of them, or None: from the
 config (seeded random, or the config's trained file). Keyword arguments: ``debug=True`` keeps
-every layer's last block_idx and per-step counts on the caches.
+every layer's last block_idx and per-step counts on the caches; ``offload=OffloadConfig(...)``
+(``kvcomp.offload``; a dict of its fields or True also work) makes every new cache an
+``OffloadCache``: the sparse layers' K/V in host memory, codes and a block cache in HBM.
 
 What enable does (and disable undoes):
   * registers the "kvcomp" attention and mask functions (``kvcomp.attention``) and switches
@@ -115,7 +117,10 @@ class KVCompHandle:
     ``hash_weights`` (HashWeights), ``enabled``; ``stats`` of the latest cache."""
 
     def __init__(self, model, adapter, config: KVCompConfig, hash_weights: HashWeights, *,
-                 debug: bool = False):
+                 debug: bool = False, offload=None):
+        from kvcomp.offload import OffloadConfig
+
+        self.offload = OffloadConfig.coerce(offload)
         self.model = model
         self.adapter = adapter
         self.config = config
@@ -205,14 +210,22 @@ class KVCompHandle:
         self.enabled = False
 
     # ------------------------------------------------------------------ caches
-    def new_cache(self, *, static: bool = False, max_cache_len: int | None = None) -> KVCompCache:
+    def new_cache(self, *, static: bool = False, max_cache_len: int | None = None,
+                  offload="handle") -> KVCompCache:
         """A fresh KVCompCache for this model (pass it as past_key_values / cache).
 
         ``static=True``: a ``KVCompStaticCache`` preallocated to ``max_cache_len`` tokens per
         sequence (prompt included), whose decode step can be captured in a CUDA graph
-        (``compile_decode``); batches without padding only."""
+        (``compile_decode``); batches without padding only.
+        ``offload``: an ``OffloadConfig`` (or dict / True) for an ``OffloadCache`` whose sparse
+        layers keep K/V in host memory, None for K/V in HBM; default: the handle's setting."""
         if not self.enabled:
             raise RuntimeError("this kvcomp handle was disabled")
+        from kvcomp.offload import OffloadCache, OffloadConfig
+
+        offload = self.offload if isinstance(offload, str) and offload == "handle" else OffloadConfig.coerce(offload)
+        if offload is not None and static:
+            raise ValueError("new_cache: offload and static=True cannot be combined")
         kw = dict(chunk_size=self.config.chunk_size, code_weights=self.code_weights,
                   sliding_windows=self._windows, debug=self.debug)
         if static:
@@ -223,10 +236,21 @@ class KVCompHandle:
             cache = KVCompStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len, **kw)
         elif max_cache_len is not None:
             raise ValueError("max_cache_len is a setting of static caches: pass static=True")
+        elif offload is not None:
+            layers = [i for i in self.policy.sparse_layers if self._windows[i] is None]
+            cache = OffloadCache(self.config.num_hidden_layers, offload=offload, offload_layers=layers, **kw)
         else:
             cache = KVCompCache(self.config.num_hidden_layers, **kw)
         self._note(cache)
         return cache
+
+    def compile_decode(self, **kwargs):
+        """Replay one-token decode steps on static caches (``new_cache(static=True, ...)``) from
+        CUDA graphs: a ``kvcomp.graphs.DecodeGraphs`` on the model (``.remove()`` undoes it;
+        keyword arguments go to it)."""
+        from kvcomp.graphs import DecodeGraphs
+
+        return DecodeGraphs(self.model, **kwargs)
 
     def _note(self, cache: KVCompCache) -> None:
         self._last_cache = weakref.ref(cache)
