@@ -193,7 +193,7 @@ class KVCompStaticCache(KVCompCache):
                  code_weights=None, sliding_windows=None, debug: bool = False):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         super().__init__(num_layers, chunk_size=chunk_size, code_weights=code_weights,
                          sliding_windows=sliding_windows, debug=debug)
         self.length: torch.Tensor | None = None  # int64 [1]
@@ -203,8 +203,13 @@ class KVCompStaticCache(KVCompCache):
         self._memo: dict = {}
         self.storage_version = 0  # bumped when device state is (re)allocated
 
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens per sequence the cache holds (prompt included)."""
+        return self._max_cache_len
+
     def _make_layer(self, layer_idx: int, **kwargs) -> KVCompStaticLayer:
-        return KVCompStaticLayer(layer_idx, max_cache_len=self.max_cache_len, **kwargs)
+        return KVCompStaticLayer(layer_idx, max_cache_len=self._max_cache_len, **kwargs)
 
     # -------------------------------------------------------------------- shared step state
     def _advance_shared(self, layer: KVCompStaticLayer, B: int, T: int, dev: torch.device):
