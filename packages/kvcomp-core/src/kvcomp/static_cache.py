@@ -286,6 +286,22 @@ class KVCompStaticCache(KVCompCache):
             self.seq_lens_shared.copy_(dev[1])
         self._memo = {}
 
+    def set_length(self, n: int) -> None:
+        """Declare the first ``n`` rows of every initialized layer valid (host mirrors and
+        device lengths); for benchmarks and tests that write the buffers (and codes) directly."""
+        if self.length is None:
+            raise RuntimeError("set_length: the cache has no storage yet (run a forward first)")
+        if not 0 <= n <= self._max_cache_len:
+            raise ValueError(f"set_length: n must be in [0, max_cache_len={self._max_cache_len}], got {n}")
+        self.host_len = n
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.padded_len = n
+                layer.lens = [n] * layer.batch_size
+        self.length.fill_(n)
+        self.seq_lens_shared.fill_(n)
+        self._memo = {}
+
     # -------------------------------------------------------------------- Cache API
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len

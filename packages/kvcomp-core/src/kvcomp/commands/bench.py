@@ -16,6 +16,7 @@ import importlib.util
 SUBCOMMANDS = [
     "kvcomp.bench.decode",
     "kvcomp.bench.mla",
+    "kvcomp.bench.e2e",
 ]
 
 

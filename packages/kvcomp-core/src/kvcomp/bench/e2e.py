@@ -1,0 +1,481 @@
+"""End-to-end decode speed: a Qwen3-8B-shaped model, kvcomp against dense, static caches + CUDA graphs.
+
+The model is built from Qwen3-8B's real config values (hidden 4096, 36 layers, 32 q / 8 kv
+heads, head_dim 128, intermediate 12288, vocab 151936, rope theta 1e6) with random bf16
+weights (no download). Per context length L and batch B, three decoders run in the same
+process, one after the other (each cache is freed before the next is made), every one with a
+static cache and the same CUDA-graph runner (``kvcomp.graphs.DecodeGraphs``):
+
+    kvcomp    kvcomp.enable(model, config) + handle.new_cache(static=True): first two layers
+              dense, the others select 2048 tokens (16 blocks of 128) from 128-bit codes
+              (``--budget``), threshold 2048
+    dense     transformers' StaticCache + sdpa, exactly as transformers runs it (GQA heads
+              repeated, a mask over the whole preallocated cache)
+    dense_kv  kvcomp's static cache with every layer dense: attention over every real block
+              through kvcomp's split-K kernel (a flash-decoding kernel that reads exactly the
+              stored tokens): the strongest dense baseline we have
+
+Contexts are filled synthetically: a short real prefill makes the caches, then rows 0..L-1
+of every layer get random normal K / V and (kvcomp) their codes from ``hash_encode``, the op a
+prefill calls. Decode cost does not depend on the values. Then greedy decode steps (the first
+few capture the graph) are timed with CUDA events: per-step latency, tokens/s, peak memory.
+Speedups are quoted against both dense baselines. Prefill time and the share of it spent
+hashing keys are measured on a real prefill of ``--prefill-ctx`` tokens.
+
+Verified first, or no speedup is printed: (1) kvcomp with every block selected equals dense
+sdpa (logits, relative error within tolerance: the larger of 1e-2 and 3x the gap between
+sdpa's default and math backends); (2) graph replay equals the eager step (kvcomp sparse
+and dense, logits over several teacher-forced steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+QWEN3_8B = dict(
+    hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, intermediate_size=12288, vocab_size=151936, rope_theta=1e6,
+    max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, intermediate_size=256, vocab_size=512, rope_theta=1e6,
+    max_position_embeddings=16384, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+METHODS = ("kvcomp", "dense", "dense_kv")
+# the rows the targets are about come first (a run cut short keeps them)
+ORDER = [(1024, 1), (131072, 1), (65536, 4), (32768, 1), (65536, 1), (32768, 4), (131072, 4)]
+TARGETS = {(131072, 1): 1.8, (65536, 4): 3.0}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
+    p.add_argument("--tiny", action="store_true",
+                   help="a 4-layer toy model at small contexts (CPU smoke test of the whole bench)")
+    p.add_argument("--contexts", help="comma-separated context lengths (default 1024,32768,65536,131072)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default 1,4)")
+    p.add_argument("--steps", type=int, default=256, help="timed decode steps per run (default 256)")
+    p.add_argument("--budget", type=int, default=2048, help="kvcomp tokens attended per sparse layer")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--prefill-ctx", type=int, default=32768,
+                   help="tokens of the real prefill timed for the hashing share (0: skip)")
+    p.add_argument("--verify-ctx", type=int, default=4096, help="context of the verification runs")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler table of graph-replayed steps at the longest B=1 row")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="start no new row after this many seconds (0: no limit)")
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**(TINY if tiny else QWEN3_8B))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def kvcomp_config(model, *, budget: int | None, dense: bool):
+    from kvcomp.config import KVCompConfig
+
+    c = model.config
+    if dense:
+        return KVCompConfig.default("qwen3", c.num_hidden_layers, c.head_dim, ratio=1.0, dense_layers=0)
+    return KVCompConfig.default("qwen3", c.num_hidden_layers, c.head_dim, top_k_budget_tokens=budget)
+
+
+def cache_name(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Decoder:
+    """One of METHODS on the model: ``make_cache(max_len)``, ``close()``."""
+
+    def __init__(self, model, method: str, budget: int):
+        import kvcomp
+
+        self.model, self.method = model, method
+        self.handle = None
+        if method != "dense":
+            self.handle = kvcomp.enable(model, kvcomp_config(model, budget=budget, dense=method == "dense_kv"))
+
+    def make_cache(self, max_len: int):
+        if self.handle is not None:
+            return self.handle.new_cache(static=True, max_cache_len=max_len)
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=max_len)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.disable()
+            self.handle = None
+
+
+def forward(model, ids, cache, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=True, **{cache_name(model): cache}, **kw)
+
+
+def fill_synthetic(cache, method: str, ctx: int, seed: int = 0) -> None:
+    """Rows 0..ctx-1 of every layer: random normal K / V (and their codes); lengths = ctx."""
+    from kvcomp.ops import hash_encode
+
+    g = torch.Generator(device=cache.layers[0].keys_buf.device if method != "dense"
+                        else cache.layers[0].keys.device).manual_seed(seed)
+    step = 8192
+    for layer in cache.layers:
+        k = layer.keys_buf if method != "dense" else layer.keys
+        v = layer.values_buf if method != "dense" else layer.values
+        k[:, :, :ctx].normal_(generator=g)
+        v[:, :, :ctx].normal_(generator=g)
+        if method != "dense" and layer.codes_buf is not None:
+            for s in range(0, ctx, step):
+                e = min(ctx, s + step)
+                layer.codes_buf[:, :, s:e] = hash_encode(k[:, :, s:e], layer.code_weight)
+    if method == "dense":
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(ctx)
+    else:
+        cache.set_length(ctx)
+
+
+class Clock:
+    """Device time (CUDA events) or host time (CPU)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def start(self):
+        if self.cuda:
+            self._s = torch.cuda.Event(enable_timing=True)
+            self._e = torch.cuda.Event(enable_timing=True)
+            self._s.record()
+        else:
+            self._t = time.perf_counter()
+
+    def stop_ms(self) -> float:
+        if self.cuda:
+            self._e.record()
+            torch.cuda.synchronize()
+            return self._s.elapsed_time(self._e)
+        return 1000 * (time.perf_counter() - self._t)
+
+
+# ---------------------------------------------------------------------------------- verify
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _decode_logits(model, cache, ids_seq) -> list[torch.Tensor]:
+    return [forward(model, ids, cache).logits[:, -1].float() for ids in ids_seq]
+
+
+def verify(model, args, graphs, dev: str) -> dict:
+    """The two checks of the module docstring; raises VerificationError on a mismatch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kvcomp.bench.timing import VerificationError
+
+    ctx, B, n = args.verify_ctx, 2, 4
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(1, V, (B, ctx), generator=g).to(dev)
+    steps = [torch.randint(1, V, (B, 1), generator=g).to(dev) for _ in range(n)]
+    res: dict = {"ctx": ctx, "batch": B, "steps": n}
+    graphs.enabled = False  # eager first
+
+    def run(method, backend=None):
+        dec = Decoder(model, method, args.budget)
+        try:
+            cache = dec.make_cache(ctx + n + 4)
+            if backend is None:
+                forward(model, prompt, cache)
+                return _decode_logits(model, cache, steps), cache, dec
+            with sdpa_kernel(backend):
+                forward(model, prompt, cache)
+                return _decode_logits(model, cache, steps), cache, dec
+        except BaseException:
+            dec.close()
+            raise
+
+    dense, c, d = run("dense")
+    d.close()
+    del c
+    math_backend, c, d = run("dense", SDPBackend.MATH)
+    d.close()
+    del c
+    every, c, d = run("dense_kv")
+    d.close()
+    del c
+    yard = max(_rel(x, y) for x, y in zip(math_backend, dense))
+    err = max(_rel(x, y) for x, y in zip(every, dense))
+    tol = max(1e-2, 3 * yard)
+    finite = all(bool(torch.isfinite(x).all()) for x in every)
+    res["all_blocks_vs_dense"] = {"rel_err": err, "sdpa_math_vs_default": yard, "tol": tol, "ok": finite and err <= tol}
+    if not res["all_blocks_vs_dense"]["ok"]:
+        raise VerificationError(f"kvcomp with every block selected differs from dense sdpa: rel err {err:.3g} > {tol:.3g}")
+    # graph replay == eager step (teacher-forced), kvcomp sparse and transformers dense
+    if graphs is not None and torch.cuda.is_available():
+        for method in ("kvcomp", "dense"):
+            dec = Decoder(model, method, args.budget)
+            try:
+                cache = dec.make_cache(ctx + n + 4)
+                forward(model, prompt, cache)
+                kind = "hf" if method == "dense" else "kvcomp"
+                state = graphs._checkpoint(cache, kind)
+                graphs.enabled = False
+                eager = _decode_logits(model, cache, steps)
+                graphs._restore(cache, kind, state)
+                graphs.enabled = True
+                replay = _decode_logits(model, cache, steps)
+                graphs.clear()
+            finally:
+                dec.close()
+            e = max(_rel(x, y) for x, y in zip(replay, eager))
+            same = all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(replay, eager))
+            res[f"graph_vs_eager_{method}"] = {"rel_err": e, "same_argmax": same, "ok": same and e <= 1e-3}
+            if not res[f"graph_vs_eager_{method}"]["ok"]:
+                raise VerificationError(f"{method}: graph replay differs from the eager step (rel err {e:.3g})")
+            del cache
+    graphs.enabled = torch.cuda.is_available()
+    return res
+
+
+# ---------------------------------------------------------------------------------- measure
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(model, graphs, method: str, ctx: int, B: int, args, dev: str) -> dict:
+    """Per-step latency and throughput of ``method`` at context ``ctx`` and batch ``B``."""
+    cuda = dev == "cuda"
+    warm = 3
+    V = model.config.vocab_size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dec = Decoder(model, method, args.budget)
+    cache = None
+    try:
+        cache = dec.make_cache(ctx + args.steps + warm + 1)
+        g = torch.Generator().manual_seed(5)
+        stub = min(16, ctx)
+        forward(model, torch.randint(1, V, (B, stub), generator=g).to(dev), cache)  # makes the storage
+        fill_synthetic(cache, method, ctx)
+        ids = torch.randint(1, V, (B, 1), generator=g).to(dev)
+        for _ in range(warm):  # the first replays capture
+            ids = forward(model, ids, cache).logits[:, -1:].argmax(-1)
+        clock = Clock(cuda)
+        clock.start()
+        for _ in range(args.steps):
+            ids = forward(model, ids, cache).logits[:, -1:].argmax(-1)
+        ms = clock.stop_ms() / args.steps
+        row = {"method": method, "ctx": ctx, "batch": B, "steps": args.steps, "step_ms": ms,
+               "tokens_per_s": B * 1000.0 / ms, "graphs": bool(graphs.enabled)}
+        if cuda:
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if args.profile and cuda and method in ("kvcomp", "dense") and B == 1 and ctx == args._profile_ctx:
+            row["profile"] = profile_steps(model, cache, ids, 8)
+        return row
+    finally:
+        dec.close()
+        graphs.clear()
+        del cache
+        _free()
+
+
+def profile_steps(model, cache, ids, n: int) -> str:
+    """torch.profiler table (device time per kernel) of ``n`` replayed decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            ids = forward(model, ids, cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+
+
+def measure_prefill(model, args, dev: str) -> dict:
+    """Real prefill of ``--prefill-ctx`` tokens (B = 1): dense vs kvcomp, and the hashing share."""
+    from kvcomp.ops import hash_encode
+
+    ctx = args.prefill_ctx
+    cuda = dev == "cuda"
+    V = model.config.vocab_size
+    ids = torch.randint(1, V, (1, ctx), generator=torch.Generator().manual_seed(7)).to(dev)
+    out: dict = {"ctx": ctx}
+    for method in ("dense", "kvcomp"):
+        dec = Decoder(model, method, args.budget)
+        try:
+            warm = dec.make_cache(2048)
+            forward(model, ids[:, :1024], warm, logits_to_keep=1)  # compiles the kernels
+            del warm
+            cache = dec.make_cache(ctx + 8)
+            clock = Clock(cuda)
+            clock.start()
+            forward(model, ids, cache, logits_to_keep=1)
+            out[f"{method}_ms"] = clock.stop_ms()
+            if method == "kvcomp":
+                layers = [layer for layer in cache.layers if layer.codes_buf is not None]
+                k = layers[0].keys_buf[:, :, :ctx]
+                w = layers[0].code_weight
+                hash_encode(k, w)
+                clock.start()
+                for _ in layers:
+                    hash_encode(k, w)
+                out["hash_ms"] = clock.stop_ms()
+                out["hash_layers"] = len(layers)
+        finally:
+            dec.close()
+            cache = None
+            _free()
+    out["hash_share"] = out["hash_ms"] / out["kvcomp_ms"]
+    out["kvcomp_over_dense"] = out["kvcomp_ms"] / out["dense_ms"]
+    return out
+
+
+# ---------------------------------------------------------------------------------- run
+def _ints(s: str | None, default):
+    return default if s is None else [int(x) for x in s.split(",") if x]
+
+
+def _write(path, data) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvcomp.bench.timing import VerificationError
+    from kvcomp.graphs import DecodeGraphs
+
+    t_start = time.time()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("kvcomp bench e2e needs a CUDA GPU for the Qwen3-8B shape (use --tiny for a CPU smoke run)")
+        return 1
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    contexts = _ints(args.contexts, [512, 2560] if args.tiny else [1024, 32768, 65536, 131072])
+    batches = _ints(args.batches, [1, 2] if args.tiny else [1, 4])
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"--methods: unknown {bad}; choose from {METHODS}")
+        return 2
+    if args.tiny and args.verify_ctx == 4096:
+        args.verify_ctx = 2560
+    if args.tiny and args.prefill_ctx == 32768:
+        args.prefill_ctx = 2048
+    rows_todo = [rc for rc in ORDER if rc[0] in contexts and rc[1] in batches]
+    rows_todo += [(c, b) for b in batches for c in contexts if (c, b) not in rows_todo]
+    args._profile_ctx = max([c for c, b in rows_todo if b == 1], default=0)
+
+    import transformers
+
+    data: dict = {
+        "bench": "e2e", "model": "tiny" if args.tiny else "qwen3-8b-shape (random bf16 weights)",
+        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                "python": platform.python_version()},
+        "budget_tokens": args.budget, "steps": args.steps, "rows": [], "speedups": [],
+    }
+    try:
+        import triton
+
+        data["env"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    model = build_model(args.tiny, dev, dtype)
+    data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
+    graphs = DecodeGraphs(model, warmup=2)
+    try:
+        print(f"# model built in {time.time() - t_start:.1f}s; verifying", flush=True)
+        try:
+            data["verify"] = verify(model, args, graphs, dev)
+        except VerificationError as e:
+            data["verify"] = {"ok": False, "error": str(e)}
+            _write(args.json, data)
+            print(f"VERIFICATION FAILED, no speedups reported: {e}")
+            return 1
+        print(f"# verified: {json.dumps(data['verify'])}", flush=True)
+        _write(args.json, data)
+        if args.prefill_ctx:
+            data["prefill"] = measure_prefill(model, args, dev)
+            p = data["prefill"]
+            print(f"# prefill {p['ctx']} tokens: dense {p['dense_ms']:.1f} ms, kvcomp {p['kvcomp_ms']:.1f} ms "
+                  f"(x{p['kvcomp_over_dense']:.3f}), hashing {p['hash_ms']:.2f} ms = {100 * p['hash_share']:.2f}%",
+                  flush=True)
+            _write(args.json, data)
+        print(f"{'ctx':>7} {'B':>2} {'method':>8} {'step ms':>9} {'tok/s':>9} {'peak GB':>8}", flush=True)
+        for ctx, B in rows_todo:
+            if args.time_limit and time.time() - t_start > args.time_limit:
+                data.setdefault("skipped", []).append({"ctx": ctx, "batch": B, "why": "time limit"})
+                print(f"{ctx:>7} {B:>2} skipped (time limit)", flush=True)
+                continue
+            got = {}
+            for method in methods:
+                try:
+                    row = measure(model, graphs, method, ctx, B, args, dev)
+                except torch.cuda.OutOfMemoryError as e:
+                    _free()
+                    row = {"method": method, "ctx": ctx, "batch": B, "error": f"out of memory: {str(e)[:120]}"}
+                data["rows"].append(row)
+                if "error" in row:
+                    print(f"{ctx:>7} {B:>2} {method:>8} {row['error'][:60]}", flush=True)
+                    continue
+                got[method] = row
+                print(f"{ctx:>7} {B:>2} {method:>8} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} "
+                      f"{row.get('peak_gb', float('nan')):>8.1f}", flush=True)
+                if "profile" in row:
+                    print(row["profile"], flush=True)
+            if "kvcomp" in got:
+                sp = {"ctx": ctx, "batch": B}
+                for base in ("dense", "dense_kv"):
+                    if base in got:
+                        sp[f"vs_{base}"] = got[base]["step_ms"] / got["kvcomp"]["step_ms"]
+                bases = [got[b]["step_ms"] for b in ("dense", "dense_kv") if b in got]
+                if bases:
+                    sp["vs_best_dense"] = min(bases) / got["kvcomp"]["step_ms"]
+                    t = TARGETS.get((ctx, B))
+                    if t is not None and not args.tiny:
+                        sp["target"] = t
+                        sp["met"] = sp["vs_best_dense"] >= t
+                data["speedups"].append(sp)
+                print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
+                                                   if k.startswith("vs_")), flush=True)
+            _write(args.json, data)
+    finally:
+        graphs.remove()
+    print("\n| ctx | B | kvcomp ms | dense ms | dense_kv ms | kvcomp tok/s | vs dense | vs dense_kv |")
+    print("|---|---|---|---|---|---|---|---|")
+    by = {(r["ctx"], r["batch"], r["method"]): r for r in data["rows"] if "error" not in r}
+    for sp in data["speedups"]:
+        c, b = sp["ctx"], sp["batch"]
+
+        def ms(m, c=c, b=b):
+            r = by.get((c, b, m))
+            return f"{r['step_ms']:.2f}" if r else "-"
+
+        kv = by.get((c, b, "kvcomp"))
+        print(f"| {c} | {b} | {ms('kvcomp')} | {ms('dense')} | {ms('dense_kv')} | "
+              f"{kv['tokens_per_s']:.1f} | {sp.get('vs_dense', math.nan):.2f}x | {sp.get('vs_dense_kv', math.nan):.2f}x |")
+    print(f"# total {time.time() - t_start:.0f}s")
+    _write(args.json, data)
+    return 0
