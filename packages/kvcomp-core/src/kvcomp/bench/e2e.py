@@ -98,7 +98,7 @@ def kvcomp_config(model, *, budget: int | None, dense: bool):
 def cache_name(model) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 class Decoder:

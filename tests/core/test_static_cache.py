@@ -1,0 +1,227 @@
+"""``KVCompStaticCache`` (``handle.new_cache(static=True, ...)``) and the static-buffer path of
+``kvcomp.graphs.DecodeGraphs`` on the CPU (tiny random fp32 llama and qwen3, no downloads).
+
+What the tests establish:
+  (a) the static cache decodes exactly like the dynamic ``KVCompCache``: same greedy tokens and
+      logits (within fp32 rounding), sparse (selection active) and dense configs, B = 1 and an
+      unpadded B = 2 whose sequences select different blocks;
+  (b) nothing is allocated after the prefill: the buffers keep their storage and shape, the
+      shared device length and seq_lens are the same tensors, and the decode step reads only
+      device state (the host mirrors agree with it);
+  (c) crop and reset work in place (a re-decode after crop gives the same logits; after reset
+      a new prompt gives the fresh cache's logits, with the same buffers);
+  (d) clear errors: padded batch, full cache, batch change, missing max_cache_len;
+  (e) ``DecodeGraphs`` (static buffers, eager on the CPU) gives generate's tokens for kvcomp and
+      for transformers' StaticCache (the dense baseline).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import kvcomp
+import pytest
+import torch
+from kvcomp.config import KVCompConfig
+from kvcomp.graphs import DecodeGraphs
+from kvcomp.static_cache import KVCompStaticCache
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM, StaticCache  # noqa: E402
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 16
+PROMPT, NEW = 45, 8
+SPARSE = dict(threshold=16, chunk_size=4, ratio=0.25)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        max_position_embeddings=512, pad_token_id=0,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def config_for(model, **kw) -> KVCompConfig:
+    return KVCompConfig.default(model.config.model_type, LAYERS, HEAD_DIM, **kw)
+
+
+def ids_for(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 128, (batch, length), generator=g)
+
+
+def cache_kw(model) -> str:
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def generate(model, ids, cache=None, new=NEW, **kw):
+    if cache is not None:
+        kw[cache_kw(model)] = cache
+    with torch.no_grad():
+        return model.generate(
+            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+            output_logits=True, pad_token_id=0, **kw,
+        )
+
+
+def step(model, ids, cache):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=True, **{cache_kw(model): cache}).logits[:, -1]
+
+
+def assert_same(a, b, atol=1e-5):
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_static_equals_dynamic(model, kind):
+    cfg = config_for(model, **SPARSE) if kind == "sparse" else config_for(model, threshold=10**6, chunk_size=8)
+    h = kvcomp.enable(model, cfg, debug=True)
+    try:
+        for batch in (1, 2):
+            ids = ids_for(PROMPT, batch, seed=batch)
+            dyn = generate(model, ids, h.new_cache())
+            dyn_stats = h.stats
+            cache = h.new_cache(static=True, max_cache_len=PROMPT + NEW)
+            assert isinstance(cache, KVCompStaticCache)
+            st = generate(model, ids, cache)
+            assert_same(dyn, st)
+            total = PROMPT + NEW - 1
+            assert cache.get_seq_length() == total and cache.host_len == total
+            assert cache.seq_lens_shared.tolist() == [total] * batch and int(cache.length) == total
+            if kind == "sparse":
+                # the dynamic run really was sparse, and the static one made a selection of the
+                # width the policy gives at max_cache_len (every sparse layer, this step)
+                assert dyn_stats["share_read"] < 1.0
+                for i in h.policy.compute_layers:
+                    bi = cache.layers[i].step_block_idx
+                    assert bi is not None and bi.shape == (batch, KV_HEADS, h.policy.max_k_blocks(i, PROMPT + NEW))
+                if batch == 2:
+                    a, b = cache.layers[h.policy.compute_layers[0]].step_block_idx
+                    assert not torch.equal(a, b)  # the two sequences select differently
+    finally:
+        h.disable()
+
+
+def test_no_allocation_after_prefill(model):
+    h = kvcomp.enable(model, config_for(model, **SPARSE))
+    try:
+        cache = h.new_cache(static=True, max_cache_len=PROMPT + NEW)
+        step(model, ids_for(PROMPT), cache)
+        layers = cache.layers
+        before = [(layer.keys_buf.data_ptr(), layer.values_buf.data_ptr(),
+                   None if layer.codes_buf is None else layer.codes_buf.data_ptr()) for layer in layers]
+        state = (cache.length, cache.seq_lens_shared, cache.length.data_ptr(), cache.seq_lens_shared.data_ptr())
+        assert all(layer.keys_buf.shape[2] == PROMPT + NEW for layer in layers)
+        ids = ids_for(1, seed=9)
+        for _ in range(NEW - 1):
+            ids = step(model, ids, cache).argmax(-1, keepdim=True)
+        after = [(layer.keys_buf.data_ptr(), layer.values_buf.data_ptr(),
+                  None if layer.codes_buf is None else layer.codes_buf.data_ptr()) for layer in layers]
+        assert before == after
+        assert (cache.length, cache.seq_lens_shared) == state[:2]
+        assert (cache.length.data_ptr(), cache.seq_lens_shared.data_ptr()) == state[2:]
+        assert all(layer.seq_lens is cache.seq_lens_shared for layer in layers)
+        assert int(cache.length) == cache.host_len == PROMPT + NEW - 1
+        # codes of the decoded tokens were written at their rows
+        i = h.policy.compute_layers[0]
+        layer = layers[i]
+        from kvcomp.ops import hash_encode
+
+        want = hash_encode(layer.keys_buf[:, :, : cache.host_len], layer.code_weight)
+        assert torch.equal(layer.codes_buf[:, :, : cache.host_len], want)
+    finally:
+        h.disable()
+
+
+def test_crop_and_reset(model):
+    h = kvcomp.enable(model, config_for(model, **SPARSE))
+    try:
+        cache = h.new_cache(static=True, max_cache_len=64)
+        step(model, ids_for(PROMPT), cache)
+        toks = [ids_for(1, seed=20 + i) for i in range(4)]
+        first = [step(model, t, cache) for t in toks]
+        cache.crop(-3)
+        assert cache.get_seq_length() == PROMPT + 1 and int(cache.length) == PROMPT + 1
+        assert cache.seq_lens_shared.tolist() == [PROMPT + 1]
+        again = [step(model, t, cache) for t in toks[1:]]
+        for x, y in zip(first[1:], again):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        ptr = cache.layers[0].keys_buf.data_ptr()
+        cache.reset()
+        assert cache.get_seq_length() == 0 and int(cache.length) == 0
+        other = ids_for(30, seed=5)
+        got = step(model, other, cache)
+        fresh = step(model, other, h.new_cache(static=True, max_cache_len=64))
+        torch.testing.assert_close(got, fresh, rtol=0, atol=1e-6)
+        assert cache.layers[0].keys_buf.data_ptr() == ptr
+    finally:
+        h.disable()
+
+
+def test_errors(model):
+    h = kvcomp.enable(model, config_for(model, **SPARSE))
+    try:
+        with pytest.raises(ValueError, match="max_cache_len"):
+            h.new_cache(static=True)
+        with pytest.raises(ValueError, match="static=True"):
+            h.new_cache(max_cache_len=10)
+        with pytest.raises(ValueError, match="max_cache_len"):
+            h.new_cache(static=True, max_cache_len=0)
+        ids = ids_for(PROMPT, 2)
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        with pytest.raises(ValueError, match="padding"):
+            generate(model, ids, h.new_cache(static=True, max_cache_len=64), attention_mask=mask)
+        cache = h.new_cache(static=True, max_cache_len=PROMPT + 1)
+        step(model, ids_for(PROMPT), cache)
+        step(model, ids_for(1), cache)
+        with pytest.raises(ValueError, match="full"):
+            step(model, ids_for(1), cache)
+        with pytest.raises(ValueError, match="batch"):
+            cache.batch_repeat_interleave(2)
+        cache2 = h.new_cache(static=True, max_cache_len=64)
+        step(model, ids_for(PROMPT), cache2)
+        with pytest.raises(ValueError, match="batch"):
+            step(model, ids_for(1, 2), cache2)
+    finally:
+        h.disable()
+
+
+def test_decode_graphs_static_path(model):
+    """DecodeGraphs' static-buffer path (eager without CUDA) == plain generate, kvcomp and HF."""
+    ids = ids_for(PROMPT, 2, seed=4)
+    h = kvcomp.enable(model, config_for(model, **SPARSE))
+    try:
+        ref = generate(model, ids, h.new_cache(static=True, max_cache_len=PROMPT + NEW))
+        g = h.compile_decode(enabled=False)
+        try:
+            with pytest.raises(RuntimeError, match="already wrapped"):
+                DecodeGraphs(model)
+            got = generate(model, ids, h.new_cache(static=True, max_cache_len=PROMPT + NEW))
+            assert len(g._entries) == 1  # the decode steps took the static-buffer path
+        finally:
+            g.remove()
+        assert "forward" not in model.__dict__
+        assert_same(ref, got)
+    finally:
+        h.disable()
+    ref = generate(model, ids, StaticCache(config=model.config, max_cache_len=PROMPT + NEW), disable_compile=True)
+    g = DecodeGraphs(model, enabled=False)
+    try:
+        got = generate(model, ids, StaticCache(config=model.config, max_cache_len=PROMPT + NEW), disable_compile=True)
+        assert len(g._entries) == 1
+    finally:
+        g.remove()
+    assert_same(ref, got)
