@@ -27,11 +27,11 @@ def _fetch_pages_kernel(
     e = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     r = e // K
-    is_miss = tl.load(miss_ptr + e) != 0
+    n = tl.load(miss_ptr + e).to(tl.int64) * PAGE  # elements to copy: PAGE on a miss, else 0
     blk = tl.maximum(tl.load(sel_ptr + e).to(tl.int64), 0)
     slot = tl.maximum(tl.load(slot_ptr + e).to(tl.int64), 0)
     off = t * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    ok = (off < PAGE) & is_miss
+    ok = off < n
     src = r * row_stride + blk * PAGE + off
     dst = slot * PAGE + off
     kx = tl.load(hk_ptr + src, mask=ok)

@@ -267,8 +267,8 @@ class OffloadLayer(KVCompLayer):
         table = self.blocks.table[:, :nb]
         out = sparse_decode_attention(
             q.reshape(R, Hq // H, D), self.pool_k, self.pool_v, sel.view(R, 1, K),
-            self.seq_lens.repeat_interleave(H), chunk_size=self.chunk_size, scale=scale,
-            block_table=table, backend=self.offload.backend if self.offload.backend != "auto" else "auto",
+            self.seq_lens.view(B, 1).expand(B, H).reshape(R), chunk_size=self.chunk_size,
+            scale=scale, block_table=table,
         )
         return out.view(B, Hq, D)
 
