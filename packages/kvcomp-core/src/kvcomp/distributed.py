@@ -6,7 +6,9 @@ Both commands run unchanged as one process or under a launcher that starts N cop
     torchrun --nproc_per_node N -m kvcomp.cli train-hash ...
 
 The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-``init()`` then joins the process group (or uses one the caller already made). Work is split
+``init()`` then joins the process group (or uses one the caller already made); the group stays
+for the life of the process, so a second command or training run in the same process reuses it
+(re-creating a destroyed group against the launcher's store does not work). Work is split
 by ``shard()`` (item i goes to rank i % N, a deterministic assignment), results travel to
 rank 0 by ``gather()`` (``torch.distributed.gather_object``), and rank 0 alone writes files.
 
@@ -28,7 +30,7 @@ __all__ = ["DistContext", "env_ranks", "finish", "gather", "init", "local_device
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands: ``rank`` of ``world`` processes, ``local_rank`` on its host;
-    ``owned``: ``init()`` created the process group (``finish()`` then destroys it)."""
+    ``owned``: this ``init()`` call created the process group."""
 
     rank: int = 0
     world: int = 1
@@ -115,12 +117,10 @@ def gather(obj, ctx: DistContext) -> list | None:
 
 
 def finish(ctx: DistContext) -> None:
-    """Wait for every rank (rank 0 has written its files by now), then leave the group if
-    ``init()`` created it."""
+    """Wait for every rank (rank 0 has written its files by now). The group is kept (see the
+    module docstring); it goes with the process."""
     if not ctx.active:
         return
     import torch.distributed as dist
 
     dist.barrier()
-    if ctx.owned:
-        dist.destroy_process_group()
