@@ -233,7 +233,8 @@ class KVCompHandle:
 
             if max_cache_len is None:
                 raise ValueError("new_cache(static=True) needs max_cache_len= (tokens per sequence)")
-            cache = KVCompStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len, **kw)
+            cache = KVCompStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len,
+                                      seq_len_threshold=self.config.seq_len_threshold, **kw)
         elif max_cache_len is not None:
             raise ValueError("max_cache_len is a setting of static caches: pass static=True")
         elif offload is not None:
