@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "kvcomp.bench.decode",
     "kvcomp.bench.mla",
     "kvcomp.bench.e2e",
+    "kvcomp.bench.offload",
 ]
 
 
