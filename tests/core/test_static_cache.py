@@ -84,9 +84,16 @@ def model(request):
     return tiny_model(request.param)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "dense"])
+CONFIGS = {
+    "sparse": SPARSE,
+    "dense": dict(threshold=10**6, chunk_size=8),
+    "cross": dict(threshold=PROMPT + 3, chunk_size=4, ratio=0.25),  # dense, then sparse from step 3
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
 def test_static_equals_dynamic(model, kind):
-    cfg = config_for(model, **SPARSE) if kind == "sparse" else config_for(model, threshold=10**6, chunk_size=8)
+    cfg = config_for(model, **CONFIGS[kind])
     h = kvcomp.enable(model, cfg, debug=True)
     try:
         for batch in (1, 2):
@@ -100,7 +107,7 @@ def test_static_equals_dynamic(model, kind):
             total = PROMPT + NEW - 1
             assert cache.get_seq_length() == total and cache.host_len == total
             assert cache.seq_lens_shared.tolist() == [total] * batch and int(cache.length) == total
-            if kind == "sparse":
+            if kind != "dense":
                 # the dynamic run really was sparse, and the static one made a selection of the
                 # width the policy gives at max_cache_len (every sparse layer, this step)
                 assert dyn_stats["share_read"] < 1.0
@@ -200,9 +207,10 @@ def test_errors(model):
 
 
 def test_decode_graphs_static_path(model):
-    """DecodeGraphs' static-buffer path (eager without CUDA) == plain generate, kvcomp and HF."""
+    """DecodeGraphs' static-buffer path (eager without CUDA) == plain generate, kvcomp (crossing
+    the threshold: one graph entry per phase) and transformers' StaticCache."""
     ids = ids_for(PROMPT, 2, seed=4)
-    h = kvcomp.enable(model, config_for(model, **SPARSE))
+    h = kvcomp.enable(model, config_for(model, **CONFIGS["cross"]))
     try:
         ref = generate(model, ids, h.new_cache(static=True, max_cache_len=PROMPT + NEW))
         g = h.compile_decode(enabled=False)
@@ -210,7 +218,7 @@ def test_decode_graphs_static_path(model):
             with pytest.raises(RuntimeError, match="already wrapped"):
                 DecodeGraphs(model)
             got = generate(model, ids, h.new_cache(static=True, max_cache_len=PROMPT + NEW))
-            assert len(g._entries) == 1  # the decode steps took the static-buffer path
+            assert len(g._entries) == 2  # the decode steps took the static-buffer path, 2 phases
         finally:
             g.remove()
         assert "forward" not in model.__dict__

@@ -221,9 +221,10 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
 def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, kwargs):
     """Decode step on a ``KVCompStaticLayer`` (``kvcomp.static_cache``): tensor ops on the full
     buffers only (no host sync, shapes fixed by max_cache_len), so it can run in a CUDA graph.
-    Sparse layers select with ``k_blocks_tensor`` (every block below the threshold: exact);
-    dense layers attend to every real block with the same kernel; sliding-window layers use
-    the dense fallback with a mask made from ``seq_lens``."""
+    Sparse layers at or above the threshold select with ``k_blocks_tensor``; dense layers and
+    steps below the threshold (one length for the whole static batch, known on the host)
+    attend to every real block with the same kernel; sliding-window layers use the dense
+    fallback with a mask made from ``seq_lens``."""
     handle = binding.handle
     cfg, policy = handle.config, handle.policy
     cache = layer._cache_ref()
@@ -239,7 +240,7 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
         mask = ((j < n) & (j >= n - w)).view(B, 1, 1, cap)
         return dense_attention(module, query, layer.keys_buf, layer.values_buf, mask,
                                binding.fallback, scaling, kwargs)
-    if not policy.is_sparse(i):
+    if policy.mode(i, layer.padded_len) == "dense":  # a dense layer, or below the threshold
         nb = -(-cap // cfg.chunk_size)
 
         def all_blocks():

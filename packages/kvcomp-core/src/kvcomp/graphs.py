@@ -12,7 +12,8 @@ static cache with a past: ``input_ids`` [B, 1] (no ``inputs_embeds``) and as cac
 ``StaticCache`` of full-attention layers (the dense baseline: the same treatment). Any other
 call runs the model eagerly, unchanged.
 
-One graph per (cache, batch size), captured at the first such step: the current state is saved,
+One graph per (cache, batch size, ``KVCompStaticCache.decode_phase()``: below / at or above the
+threshold), captured at the first such step: the current state is saved,
 ``warmup`` eager steps run on a side stream (kernels compile, lazy buffers appear), the state is
 put back, the step is captured into a graph (all graphs share one memory pool), and the state
 is put back again. Each later step copies the step's inputs into the graph's static buffers
@@ -144,7 +145,7 @@ class DecodeGraphs:
         B = ids.shape[0]
         if kind == "kvcomp" and cache.host_len + 1 > cache.max_cache_len:
             raise ValueError(f"static kvcomp cache is full (max_cache_len={cache.max_cache_len})")
-        key = (id(cache), B, ids.device)
+        key = (id(cache), B, ids.device, cache.decode_phase() if kind == "kvcomp" else None)
         entry = self._entries.get(key)
         version = self._version(cache, kind)
         if entry is not None and (entry.cache_ref() is not cache or entry.version != version):

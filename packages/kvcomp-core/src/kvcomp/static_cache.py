@@ -34,10 +34,11 @@ Host mirrors: each layer's ``padded_len`` / ``lens`` (what ``get_seq_length`` re
 eager paths use) advance in ``update`` and, for graph replays that run no Python, in
 ``advance(T)``; ``checkpoint()`` / ``restore()`` save and put back the whole length state.
 
-Decode attention (``kvcomp.attention``): sparse layers always run encode -> select -> attend
-over the full buffers (below the threshold ``LayerPolicy.k_blocks_tensor`` selects every
-block, so the result is exact attention with no host branch on the length); dense layers
-attend to every real block through the same kernel. Tensors every layer of a step would make
+Decode attention (``kvcomp.attention``): at or above the threshold, sparse layers run encode
+-> select -> attend over the full buffers (``LayerPolicy.k_blocks_tensor``, no host read);
+below it, and on dense layers, every real block is attended through the same kernel (no
+query hashing). The length is the same for every sequence, so the choice is one per step
+(``decode_phase``), taken on the host; a graph is captured per phase. Tensors every layer of a step would make
 alike (the k_blocks of a ratio, the all-blocks index) are made once per forward
 (``step_shared``). Static caches keep no decode counters: they would add kernels to every
 step (``stats`` reports zero steps).
@@ -116,8 +117,9 @@ class KVCompStaticLayer(KVCompLayer):
         write_pos, seq_lens = cache._advance_shared(self, B, T, dev)
         self.keys_buf.index_copy_(2, write_pos, key_states)
         self.values_buf.index_copy_(2, write_pos, value_states)
-        if self.codes_buf is not None:
-            self.codes_buf.index_copy_(2, write_pos, hash_encode(key_states, self.code_weight))
+        if self.codes_buf is not None:  # encoded straight into the cache rows
+            start = cache.step_shared(("start", dev, B), lambda: write_pos[:1].expand(B))
+            hash_encode(key_states, self.code_weight, out=self.codes_buf, positions=start)
         prefill = self.padded_len == 0
         self.seq_lens = seq_lens
         self._advance_host(T)
@@ -185,15 +187,18 @@ class KVCompStaticCache(KVCompCache):
     """A transformers ``Cache`` of ``KVCompStaticLayer``s, preallocated to ``max_cache_len``.
 
     Args: ``num_layers``, ``max_cache_len`` (tokens per sequence, prompt included),
-    ``chunk_size``, ``code_weights``, ``sliding_windows``, ``debug`` as ``KVCompCache``."""
+    ``chunk_size``, ``code_weights``, ``sliding_windows``, ``debug`` as ``KVCompCache``;
+    ``seq_len_threshold``: the config's threshold (``decode_phase``; the handle passes it)."""
 
     is_compileable = False
 
     def __init__(self, num_layers: int, *, max_cache_len: int, chunk_size: int = 128,
-                 code_weights=None, sliding_windows=None, debug: bool = False):
+                 code_weights=None, sliding_windows=None, debug: bool = False,
+                 seq_len_threshold: int | None = None):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         self._max_cache_len = max_cache_len
+        self.seq_len_threshold = seq_len_threshold
         super().__init__(num_layers, chunk_size=chunk_size, code_weights=code_weights,
                          sliding_windows=sliding_windows, debug=debug)
         self.length: torch.Tensor | None = None  # int64 [1]
@@ -259,6 +264,13 @@ class KVCompStaticCache(KVCompCache):
             )
 
     # -------------------------------------------------------------------- graph support
+    def decode_phase(self) -> bool:
+        """Whether the next one-token step reaches ``seq_len_threshold`` (the attention then
+        runs the selection; below it every layer attends to all blocks without hashing the
+        query). A captured decode graph is valid for one phase (``DecodeGraphs`` keys on it)."""
+        t = self.seq_len_threshold
+        return t is not None and self.host_len + 1 >= t
+
     def advance(self, T: int) -> None:
         """Advance the host mirrors by ``T`` tokens after a replayed step (no Python ran)."""
         self.host_len += T
