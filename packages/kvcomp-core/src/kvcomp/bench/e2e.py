@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.profiler table of graph-replayed steps at the longest B=1 row")
     p.add_argument("--time-limit", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit)")
+    p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
+    p.add_argument("--replot", metavar="JSON", help="only draw --plot from a saved --json result")
 
 
 # ---------------------------------------------------------------------------------- model
@@ -371,10 +373,46 @@ def _write(path, data) -> None:
         Path(path).write_text(json.dumps(data, indent=2, default=str))
 
 
+def plot(data: dict, path: str) -> None:
+    """Decode speedup of kvcomp against context length, one line per (baseline, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sps = data.get("speedups", [])
+    for base, style in (("vs_dense", "-o"), ("vs_dense_kv", "--s")):
+        for b in sorted({s["batch"] for s in sps}):
+            pts = sorted((s["ctx"], s[base]) for s in sps if s["batch"] == b and base in s)
+            if pts:
+                ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], style,
+                        label=f"B={b}, {base[3:]} baseline")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel("decode speedup of kvcomp (x)")
+    ax.set_title(f"{data.get('model', '')}: {data.get('budget_tokens')} tokens/layer, "
+                 f"{data.get('env', {}).get('device', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     from kvcomp.bench.timing import VerificationError
     from kvcomp.graphs import DecodeGraphs
 
+    if args.replot:
+        if not args.plot:
+            print("--replot needs --plot PNG")
+            return 2
+        plot(json.loads(Path(args.replot).read_text()), args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     t_start = time.time()
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -495,4 +533,9 @@ def run(args: argparse.Namespace) -> int:
               f"{kv['tokens_per_s']:.1f} | {sp.get('vs_dense', math.nan):.2f}x | {sp.get('vs_dense_kv', math.nan):.2f}x |")
     print(f"# total {time.time() - t_start:.0f}s")
     _write(args.json, data)
+    if args.plot:
+        try:
+            plot(data, args.plot)
+        except ImportError as e:
+            print(f"# no plot: {e}")
     return 0
