@@ -303,8 +303,8 @@ def ragged_batch(lengths, seed=5):
     return ids, mask
 
 
-def check_offload_equals_hbm(model, lengths, steps, cache_blocks, evict=True, **offload_kw):
-    cfg = config_for(model, **SPARSE)
+def check_offload_equals_hbm(model, lengths, steps, cache_blocks, evict=True, threshold=16, **offload_kw):
+    cfg = config_for(model, **{**SPARSE, "threshold": threshold})
     h = kvcomp.enable(model, cfg)
     try:
         ids, mask = ragged_batch(lengths)
@@ -319,8 +319,9 @@ def check_offload_equals_hbm(model, lengths, steps, cache_blocks, evict=True, **
     assert torch.equal(ref[1], got[1]), "greedy tokens differ"
     for a, b in zip(ref[0], got[0]):
         assert torch.equal(a, b), f"logits differ by {(a - b).abs().max().item()}"
-    for sa, sb in zip(ref[2], got[2]):
-        assert sa.keys() == sb.keys() == {1, 2}
+    for step, (sa, sb) in enumerate(zip(ref[2], got[2])):
+        dense = max(lengths) + 1 + step < threshold  # the policy's dense steps select nothing
+        assert sa.keys() == sb.keys() == (set() if dense else {1, 2})
         for i in sa:
             assert torch.equal(sa[i], sb[i])
     # the block cache was smaller than the working set: blocks were evicted and fetched again
@@ -348,6 +349,15 @@ def test_offload_equals_hbm_tiny_llama():
     stats = cache.stats
     assert stats["layers"][1]["offload"]["fetch_steps"] == 14
     assert stats["offload"]["hit_rate"] == tot["hit_rate"]
+
+
+def test_offload_dense_steps_read_host_then_sparse():
+    """Below the threshold the offloaded layers attend densely over the host rows; the same
+    cache then turns sparse (the pool starts empty at the first sparse step)."""
+    model = tiny_model("llama")
+    cache, tot = check_offload_equals_hbm(model, (20, 14), steps=10, cache_blocks=6, evict=False,
+                                          threshold=24)
+    assert cache.layers[1].stat.steps["dense"] == 3 and cache.layers[1].stat.fetch_steps == 7
 
 
 def test_offload_equals_hbm_tiny_llama_triton(monkeypatch):
@@ -398,8 +408,11 @@ def test_offload_cache_too_small_is_a_clear_error():
 @pytest.mark.parametrize("side_stream", [True, False])
 def test_offload_equals_hbm_gpu(side_stream):
     model = tiny_model("llama", head_dim=32, hidden_size=128, num_attention_heads=4).to("cuda", torch.bfloat16)
-    cache, tot = check_offload_equals_hbm(model, (300, 171), steps=12, cache_blocks=24,
-                                          side_stream=side_stream)
+    # side stream: the first 4 steps dense over the host rows (threshold 305), then sparse
+    # with every block of the short sequence (76 blocks wide); else sparse from the start
+    kw = dict(threshold=305, cache_blocks=76) if side_stream else dict(cache_blocks=20)
+    cache, tot = check_offload_equals_hbm(model, (300, 171), steps=12, evict=False,
+                                          side_stream=side_stream, **kw)
     layer = cache.layers[1]
     assert layer.host_k.is_pinned() and not layer.host_k.is_cuda
     assert layer.keys_buf.is_cuda and layer.keys_buf.data_ptr() == layer.host_k.data_ptr()
