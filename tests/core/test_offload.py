@@ -470,3 +470,24 @@ def test_offload_decode_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert int(off.blocks.misses) > 0
+
+
+# ------------------------------------------------------------------------- bench (CPU smoke)
+def test_bench_offload_cpu_smoke(tmp_path):
+    import argparse
+    import json
+
+    from kvcomp.bench import offload as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    out = tmp_path / "offload.json"
+    args = p.parse_args(["--device", "cpu", "--tiny", "--layers", "3", "--lengths", "2304",
+                         "--batches", "2", "--steps", "2", "--warmup", "1", "--cache-blocks", "16",
+                         "--json", str(out)])
+    assert bench.run(args) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["verified"] and row["same_selections"] and row["logits_max_diff"] == 0.0
+    assert row["offload_tok_s"] > 0 and row["inhbm_tok_s"] > 0 and row["dense_tok_s"] > 0
+    assert 0 < row["hit_rate"] < 1 and row["h2d_bytes_per_step"] > 0
+    assert bench.run(p.parse_args(["--device", "cpu", "--tiny", "--lengths", "1000"])) == 2
