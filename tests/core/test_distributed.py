@@ -138,6 +138,12 @@ def _without_timing(res: dict) -> dict:
 
 
 def test_accelerate_two_processes_equal_one(tmp_path):
+    check_two_processes_equal_one(tmp_path, "cpu")
+
+
+def check_two_processes_equal_one(tmp_path, device: str) -> None:
+    """The 2-process check, on ``device`` ("cpu", or "cuda": one GPU per rank; tests/core/
+    test_multigpu.py runs it so)."""
     from kvcomp.cli import main
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -154,13 +160,15 @@ def test_accelerate_two_processes_equal_one(tmp_path):
     def train_args(out, stats):
         return ["train-hash", "--model", str(model_dir), "--data", str(text), "--bits", "32",
                 "--out", str(out), "--doc-tokens", "300", "--max-docs", "3", "--epochs", "2",
-                "--iters", "3", "--n-queries", "8", "--json", str(stats), "--no-progress"]
+                "--iters", "3", "--n-queries", "8", "--json", str(stats), "--device", device,
+                "--no-progress"]
 
     def eval_args(weights, res, plots):
         return ["eval", "--model", str(model_dir), "--hash-weights", str(weights), "--json", str(res),
                 "--plots", str(plots), "--data", str(text), "--context", "200", "--window", "20",
                 "--docs", "3", "--budgets", "0.2,0.5", "--mode-budgets", "0.2", "--bits", "32",
-                "--chunk", "4", "--task-haystacks", "3", "--task-context", "1200", "--no-progress"]
+                "--chunk", "4", "--task-haystacks", "3", "--task-context", "1200", "--device", device,
+                "--no-progress"]
 
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     threads = torch.get_num_threads()

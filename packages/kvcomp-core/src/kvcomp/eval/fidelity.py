@@ -104,7 +104,7 @@ class FidelityProbe:
         grp_mass = head_mass.view(c, Hkv, G, nb).sum(2)  # [c, Hkv, NB]
 
         def score(block_idx, method, ratio):
-            hit = torch.zeros(c, Hkv, nb + 1, dtype=torch.float32)
+            hit = torch.zeros(c, Hkv, nb + 1, dtype=torch.float32, device=p.device)
             slot = torch.where(block_idx >= 0, block_idx.long(), torch.full_like(block_idx, nb).long())
             hit.scatter_(2, slot, 1.0)
             hit = hit[..., :nb]  # [c, Hkv, NB]
