@@ -20,6 +20,7 @@ What is established:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import random
 from pathlib import Path
@@ -87,33 +88,46 @@ def lru_model(steps, rows: int, slots: int):
     return out, where
 
 
-def test_block_cache_hand_built_sequence():
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_cache_hand_built_sequence(backend):
     bc = BlockCache(rows=2, slots=3, n_blocks=10, device="cpu")
+    assign = functools.partial(bc.assign, backend=backend)
     # step 1: everything misses; free slots in order
-    slots, miss = bc.assign(torch.tensor([[0, 1, -1], [2, 5, 7]], dtype=torch.int32))
+    slots, miss = assign(torch.tensor([[0, 1, -1], [2, 5, 7]], dtype=torch.int32))
     assert slots.tolist() == [[0, 1, -1], [3, 4, 5]]
     assert miss.tolist() == [[True, True, False], [True, True, True]]
     # step 2: row 0: 0 hits, 2 takes the free slot 2; row 1: 5, 7 hit, 8 evicts 2 (the LRU)
-    slots, miss = bc.assign(torch.tensor([[0, 2, -1], [5, 7, 8]], dtype=torch.int32))
+    slots, miss = assign(torch.tensor([[0, 2, -1], [5, 7, 8]], dtype=torch.int32))
     assert slots.tolist() == [[0, 2, -1], [4, 5, 3]]
     assert miss.tolist() == [[False, True, False], [False, False, True]]
     assert bc.table[1, 2].item() == -1 and bc.table[1, 8].item() == 3
     # step 3: row 0: 1 hits (slot 1); 3 and 4 take slots 0 and 2 (both last used at step 2,
     # lower index first), evicting 0 and 2; row 1 selects nothing
-    slots, miss = bc.assign(torch.tensor([[1, 3, 4], [-1, -1, -1]], dtype=torch.int32))
+    slots, miss = assign(torch.tensor([[1, 3, 4], [-1, -1, -1]], dtype=torch.int32))
     assert slots.tolist() == [[1, 0, 2], [-1, -1, -1]]
     assert miss.tolist() == [[False, True, True], [False, False, False]]
     assert bc.table[0, :5].tolist() == [-1, 1, -1, 0, 2]
     assert bc.owner[0, :3].tolist() == [3, 1, 4]
-    assert int(bc.hits) == 4 and int(bc.misses) == 9 and int(bc.last_misses) == 2
+    assert int(bc.hits) == 4 and int(bc.misses) == 9
     assert bc.scratch_slot == 6 and bc.num_pool_slots == 7
 
 
-def test_block_cache_matches_python_lru():
-    rng = random.Random(0)
-    rows, slots, nb, K = 3, 5, 12, 4
+LRU_SHAPES = [(3, 5, 12, 4), (2, 7, 30, 7), (1, 1, 3, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,slots,nb,K", LRU_SHAPES)
+def test_block_cache_matches_python_lru(backend, rows, slots, nb, K):
+    check_lru(backend, rows, slots, nb, K, "cpu")
+
+
+def check_lru(backend, rows, slots, nb, K, device):
+    rng = random.Random(rows * 100 + slots)
     steps = []
-    for _ in range(60):
+    for _ in range(40):
         step = []
         for _ in range(rows):
             k = rng.randint(0, K)
@@ -121,9 +135,9 @@ def test_block_cache_matches_python_lru():
             step.append(blocks + [-1] * (K - k))
         steps.append(step)
     want, where = lru_model(steps, rows, slots)
-    bc = BlockCache(rows, slots, nb, "cpu")
+    bc = BlockCache(rows, slots, nb, device)
     for sel, (ws, wm) in zip(steps, want):
-        s, m = bc.assign(torch.tensor(sel, dtype=torch.int32))
+        s, m = bc.assign(torch.tensor(sel, dtype=torch.int32, device=device), backend=backend)
         assert s.tolist() == ws
         assert m.tolist() == wm
     for r in range(rows):
@@ -418,6 +432,12 @@ def test_offload_equals_hbm_gpu(side_stream):
     assert layer.keys_buf.is_cuda and layer.keys_buf.data_ptr() == layer.host_k.data_ptr()
     assert (layer._stream is not None) == side_stream
     assert tot["hbm_bytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,slots,nb,K", LRU_SHAPES + [(16, 32, 1024, 16), (4, 96, 600, 76)])
+def test_block_cache_gpu_matches_python_lru(rows, slots, nb, K):
+    check_lru("triton", rows, slots, nb, K, "cuda")
 
 
 @pytest.mark.gpu

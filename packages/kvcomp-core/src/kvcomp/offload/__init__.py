@@ -16,7 +16,7 @@ holds every token's K/V of the offloaded layers; new tokens are written through 
 One decode step of an offloaded layer (``OffloadLayer.attend_blocks``):
   1. select on the GPU with the codes, exactly as the in-HBM mode (same codes, same blocks);
   2. ``BlockCache.assign``: residency lookup, LRU victims (by last-use step; free slots first),
-     map update, hit/miss counters, all device tensor ops;
+     map update, hit/miss counters: one Triton launch on CUDA (torch ops as the reference);
   3. ``fetch_pages``: one fixed-shape Triton launch copies the missing pages from the pinned
      host memory (read in place over PCIe through its UVA address) into their slots, on a side
      stream ordered by stream waits (the attention needs the pages at once, and the next

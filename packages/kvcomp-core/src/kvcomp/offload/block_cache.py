@@ -3,7 +3,8 @@
 Rows are (sequence, kv-head) pairs, r = b * Hkv + h; each row owns ``slots`` page slots of the
 layer's page pool (global slot r * slots + j, j < slots), and one more global slot at the end
 of the pool is scratch (masked writes land there). All state is on the device and every update
-is a fixed-shape tensor op: no host synchronisation, no shape that depends on device values.
+is a fixed-shape device operation (one Triton launch, or the torch reference ops): no host
+synchronisation, no shape that depends on device values.
 
     table     int32 [R, NB + 1]     global slot holding block n of row r, or -1 (not resident);
                                     column NB is scratch
@@ -28,7 +29,15 @@ from __future__ import annotations
 
 import torch
 
+from kvcomp.ops._common import check_tensor, use_triton
+
 __all__ = ["BlockCache"]
+
+
+def _max_slots() -> int:
+    from kvcomp.offload.kernels import ASSIGN_MAX_SLOTS
+
+    return ASSIGN_MAX_SLOTS
 
 
 class BlockCache:
@@ -46,7 +55,6 @@ class BlockCache:
         self.step = 0
         self.hits = torch.zeros((), dtype=torch.int64, device=self.device)
         self.misses = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.last_misses = torch.zeros((), dtype=torch.int64, device=self.device)
 
     @property
     def scratch_slot(self) -> int:
@@ -78,10 +86,15 @@ class BlockCache:
         """Global slot of (rows, blocks) (long tensors of one shape), or -1 where not resident."""
         return self.table[rows, blocks]
 
-    def assign(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def assign(self, sel: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """One step's selection sel int32 [R, K] -> (global slot int32 [R, K], -1 at padding;
-        miss bool [R, K]). Updates residency and LRU state (see the module docstring)."""
-        if sel.dim() != 2 or sel.shape[0] != self.rows:
+        miss bool [R, K]). Updates residency and LRU state (see the module docstring).
+
+        backend: "triton" (``kernels._assign_kernel``: one launch, one program per row; up to
+        ``ASSIGN_MAX_SLOTS`` slots), "reference" (the torch ops below: the same rules, about 40
+        small ops), "auto" (Triton on CUDA when the slots fit, else the reference)."""
+        check_tensor("sel", sel, ndim=2, dtypes=(torch.int32,), device=self.device)
+        if sel.shape[0] != self.rows:
             raise ValueError(f"selection {tuple(sel.shape)} must be [R={self.rows}, K]")
         K, C, NB = sel.shape[1], self.slots, self.n_blocks
         if K > C:
@@ -91,6 +104,10 @@ class BlockCache:
             )
         self.step += 1
         step = self.step
+        if use_triton(backend, sel) and C <= _max_slots():
+            from kvcomp.offload.kernels import assign_triton
+
+            return assign_triton(self, sel)
         valid = sel >= 0
         blk = sel.to(torch.int64).clamp(min=0)
         cur = self.table.gather(1, blk)  # [R, K] global slot or -1
@@ -109,8 +126,6 @@ class BlockCache:
         self.owner.scatter_(1, victim, torch.where(miss, sel, -1))
         self.last_use.scatter_(1, victim, step)
         slots = torch.where(valid, self.table.gather(1, blk), -1)
-        n_miss = miss.sum()
         self.hits += hit.sum()
-        self.misses += n_miss
-        self.last_misses = n_miss
+        self.misses += miss.sum()
         return slots, miss

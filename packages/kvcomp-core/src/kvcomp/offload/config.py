@@ -27,8 +27,10 @@ class OffloadConfig:
                     when CUDA is available.
     side_stream     on CUDA, copy the missing blocks on a side stream (ordered by stream waits
                     before and after); False: on the current stream.
-    backend         block copy: "auto" (the Triton kernel on CUDA, the torch reference
-                    elsewhere), "triton" (also on CPU under TRITON_INTERPRET=1) or "reference".
+    backend         slot assignment and block copy: "auto" (the Triton kernels on CUDA, the
+                    torch references elsewhere), "triton" (also on CPU under
+                    TRITON_INTERPRET=1) or "reference". The attention always runs as in the
+                    in-HBM mode (its own "auto" choice), so the outputs stay identical.
     """
 
     cache_blocks: int = 64

@@ -249,7 +249,7 @@ class OffloadLayer(KVCompLayer):
             raise ValueError(f"block_idx {tuple(block_idx.shape)} must be [B={B}, Hkv={H}, K]")
         R, K = B * H, block_idx.shape[2]
         sel = block_idx.reshape(R, K)
-        slots, miss = self.blocks.assign(sel)
+        slots, miss = self.blocks.assign(sel, backend=self.offload.backend)
         host_k = self.keys_buf.view(R, self.capacity, D)
         host_v = self.values_buf.view(R, self.capacity, D)
         args = (host_k, host_v, self.pool_k, self.pool_v, sel, slots, miss, self.chunk_size)
