@@ -65,6 +65,15 @@ def test_query_layout_and_noncontiguous():
     assert torch.equal(got, hash_encode_ref(x, w))
 
 
+def test_wide_rows_loop_over_dims():
+    """D > 128 (the MLA latent is 512): the kernel accumulates the projection over slices of
+    the dims; D = 300 also leaves a ragged last slice."""
+    gen = torch.Generator().manual_seed(6)
+    x = dyadic(70, 300, gen=gen)
+    w = dyadic(300, 160, gen=gen)  # 5 words
+    assert torch.equal(hash_encode(x, w, backend="triton"), hash_encode_ref(x, w))
+
+
 def test_gaussian_fp32_matches_up_to_rounding():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 129, 64, generator=gen)
@@ -102,6 +111,9 @@ def test_gpu_real_shapes(dtype):
     q = torch.randn(4, 32, D, device="cuda").to(dtype)
     wq = wg.repeat_interleave(4, 0)
     assert_codes_match_up_to_rounding(hash_encode(q, wq), q, wq)
+    lat = dyadic(1, 1, 5000, 512, dtype=dtype, gen=gen).cuda()  # MLA latent: 512 dims, 512 bits
+    wl = dyadic(512, 512, dtype=dtype, gen=gen).cuda()
+    assert torch.equal(hash_encode(lat, wl), hash_encode_ref(lat, wl))
     pos = torch.tensor([0, 4000], device="cuda")
     out = torch.full((B, H, L + 8, 4), -7, dtype=torch.int32, device="cuda")
     got = hash_encode(x[:, :, :5], w, out=out.clone(), positions=pos)

@@ -4,13 +4,13 @@ On the CPU the integration runs the pure-torch references; here the same model r
 ``hash_encode`` / ``hamming_topk`` / ``sparse_decode_attention`` are the Triton kernels. What the
 tests establish, on tiny random llama models (no downloads):
 
-  (a) every block selected (ratio 1.0): greedy tokens equal the unpatched model on the GPU and
-      the logits agree within fp32 rounding (kernel softmax vs SDPA);
+  (a) ratio 1.0 (every step reads every block: the dense decode path): greedy tokens and logits
+      bit-identical to the unpatched model on the GPU;
   (b) sparse, teacher-forced: at every decode step and layer the GPU selects the same blocks
       (as sets) as the CPU reference run of the same weights, and the logits agree;
   (c) bf16 at a realistic head_dim (128) and chunk (64), a 2K prompt, batch 2 with left
       padding: generate runs sparse (block counts as the policy says) and the logits stay finite
-      and close to dense.
+      and close to dense while both runs have fed the same tokens.
 """
 
 from __future__ import annotations
@@ -56,18 +56,18 @@ def _compute_steps(stats: dict) -> int:
 
 
 @needs_cuda
-def test_all_blocks_equals_dense_on_gpu():
+def test_dense_mode_is_bit_identical_on_gpu():
     model = _model().cuda()
     ids = _ids(300).cuda()
     dense = _generate(model, ids, 12)
     cfg = KVCompConfig.default("llama", 4, 32, threshold=64, chunk_size=16, ratio=1.0)
     h = kvcomp.enable(model, cfg)
-    sparse = _generate(model, ids, 12)
+    out = _generate(model, ids, 12)
     h.disable()
-    assert torch.equal(dense.sequences, sparse.sequences)
-    for a, b in zip(dense.logits, sparse.logits):
-        torch.testing.assert_close(b, a, atol=2e-4, rtol=2e-4)
-    assert _compute_steps(h.stats) > 0
+    assert torch.equal(dense.sequences, out.sequences)
+    for a, b in zip(dense.logits, out.logits):
+        assert torch.equal(a, b)
+    assert h.stats["layers"][3]["steps"]["dense"] == 11  # ratio 1.0: every step reads everything
 
 
 @needs_cuda
@@ -121,7 +121,12 @@ def test_bf16_left_padded_batch_runs_sparse():
     s = h.stats["layers"][2]
     assert s["steps"]["compute"] == 7 and s["steps"]["dense"] == 0, s
     assert 0.2 < s["share_read"] < 0.45, s
-    for a, b in zip(dense.logits, sparse.logits):
+    # logits are comparable while both runs have fed the same tokens (random weights: a greedy
+    # token may differ, and later steps then condition on different text)
+    same = (dense.sequences == sparse.sequences).all(0)[ids.shape[1]:].tolist() + [False]
+    steps = same.index(False) + 1
+    assert steps >= 2, "the first sparse decode step must be compared"
+    for a, b in zip(dense.logits[:steps], sparse.logits[:steps]):
         assert torch.isfinite(b).all()
         cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-        assert (cos > 0.9).all(), cos
+        assert (cos > 0.95).all(), cos

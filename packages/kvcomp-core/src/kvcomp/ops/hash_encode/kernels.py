@@ -1,10 +1,12 @@
 """Triton kernel of ``hash_encode``: projection, sign and bit-packing fused in one pass.
 
-One program encodes ``BLOCK_N`` rows of one (batch, head): it loads the rows once
-([BLOCK_N, D], upcast to fp32 as the reference does), and for each 32-bit word of the code
-multiplies them by the word's 32 columns of the head's projection ([D, 32], fp32, IEEE
-products so that signs match the fp32 reference), takes ``> 0`` and ORs bit j into bit j of
-the word. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
+One program writes one 32-bit code word of ``BLOCK_N`` rows of one (batch, head): it
+multiplies the rows (upcast to fp32 as the reference does) by the word's 32 columns of the
+head's projection ([D, 32], fp32, IEEE products so that signs match the fp32 reference) in
+slices of at most 128 dims (a [BLOCK_N, D] tile for D = 512, the MLA latent, would not fit the
+registers: a first version with whole rows and all words unrolled did not finish compiling in
+minutes), takes ``> 0`` and ORs bit j into bit j of the word. The rows are re-read once per
+word, from L2. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
 
 Decode-sized inputs (a few rows per head, e.g. one query token) take ``_hash_encode_row_kernel``
 instead: one program per (row, head, word), a [D] x [D, 32] product by broadcast-multiply and a
@@ -28,40 +30,36 @@ def _hash_encode_kernel(
     sxb, sxh, sxn, sxd,
     swh, swd, swk,
     sob, soh, son, sow,
-    W: tl.constexpr,
     HAS_POS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
+    w = tl.program_id(2)  # the code word this program writes
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     row_ok = rows < N
-    x = tl.load(
-        x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn + dims[None, :] * sxd,
-        mask=row_ok[:, None] & (dims[None, :] < D),
-        other=0.0,
-    ).to(tl.float32)  # [BLOCK_N, BLOCK_D]
     bit = tl.arange(0, 32)  # [32]
+    x_rows = x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn  # [BLOCK_N, 1]
+    w_cols = w_ptr + h * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
+    proj = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):  # [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] per step: few registers
+        dims = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + dims[None, :] * sxd, mask=row_ok[:, None] & (dims[None, :] < D),
+                    other=0.0).to(tl.float32)
+        wt = tl.load(w_cols + dims[:, None] * swd, mask=dims[:, None] < D, other=0.0).to(tl.float32)
+        proj += tl.dot(x, wt, input_precision="ieee")
     if HAS_POS:
         out_rows = tl.load(pos_ptr + b).to(tl.int64) + rows
         out_ok = row_ok & (out_rows < L_out) & (out_rows >= 0)
     else:
         out_rows = rows.to(tl.int64)
         out_ok = row_ok
-    for w in tl.static_range(W):
-        wt = tl.load(
-            w_ptr + h * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
-            mask=dims[:, None] < D,
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_D, 32]
-        proj = tl.dot(x, wt, input_precision="ieee")  # [BLOCK_N, 32]
-        bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
-        word = tl.sum(bits, 1)  # [BLOCK_N]: distinct bits, so the sum is their OR (wraps to int32)
-        tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
+    bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
+    word = tl.sum(bits, 1)  # [BLOCK_N]: distinct bits, so the sum is their OR (wraps to int32)
+    tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
 
 
 @triton.jit
@@ -116,15 +114,13 @@ def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.T
             HAS_POS=pos is not None, BLOCK_D=block_d, num_warps=4,
         )
         return
-    block_n = 64 if block_d <= 128 else 32
-    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    grid = (triton.cdiv(N, block_n), B * H)
+    block_n = min(64, max(16, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(N, block_n), B * H, W)
     _hash_encode_kernel[grid](
         x4, w3, out4, pos if pos is not None else out4,
         N, D, H, out4.shape[2],
         *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(),
-        W=W, HAS_POS=pos is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4,
+        HAS_POS=pos is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128), num_warps=4,
     )
 
 
