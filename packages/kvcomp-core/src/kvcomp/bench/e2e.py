@@ -25,8 +25,10 @@ kvcomp: the same static storage, the difference is the hashing).
 
 Verified first, or no speedup is printed: (1) kvcomp with every block selected equals dense
 sdpa (logits, relative error within tolerance: the larger of 1e-2 and 3x the gap between
-sdpa's default and math backends); (2) graph replay equals the eager step (kvcomp sparse
-and dense, logits over several teacher-forced steps).
+sdpa's default and math backends); (2) graph replay equals the eager step over several
+teacher-forced steps: kvcomp sparse and all-blocks within 1e-3 relative and the same argmax;
+transformers' dense baseline the same argmax (its gap is recorded: eager and captured runs
+may pick other GEMM / SDPA kernels).
 """
 
 from __future__ import annotations
@@ -237,10 +239,13 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
     finite = all(bool(torch.isfinite(x).all()) for x in every)
     res["all_blocks_vs_dense"] = {"rel_err": err, "sdpa_math_vs_default": yard, "tol": tol, "ok": finite and err <= tol}
     if not res["all_blocks_vs_dense"]["ok"]:
-        raise VerificationError(f"kvcomp with every block selected differs from dense sdpa: rel err {err:.3g} > {tol:.3g}")
-    # graph replay == eager step (teacher-forced), kvcomp sparse and transformers dense
+        raise VerificationError(f"kvcomp with every block selected differs from dense sdpa: rel err {err:.3g} > {tol:.3g}", res)
+    # graph replay == eager step (teacher-forced). Blocking for kvcomp's own paths (sparse and
+    # all-blocks): rel err <= 1e-3 and the same argmax. For transformers' dense baseline only the
+    # argmax must agree: its eager and captured runs may pick other GEMM / SDPA kernels; the
+    # gap is recorded, with the gap between two eager runs beside it.
     if check_graphs and torch.cuda.is_available():
-        for method in ("kvcomp", "dense"):
+        for method in ("kvcomp", "dense_kv", "dense"):
             dec = Decoder(model, method, args.budget)
             try:
                 cache = dec.make_cache(ctx + n + 4)
@@ -250,6 +255,8 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
                 graphs.enabled = False
                 eager = _decode_logits(model, cache, steps)
                 graphs._restore(cache, kind, state)
+                eager2 = _decode_logits(model, cache, steps)
+                graphs._restore(cache, kind, state)
                 graphs.enabled = True
                 replay = _decode_logits(model, cache, steps)
                 graphs.clear()
@@ -257,9 +264,14 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
                 dec.close()
             e = max(_rel(x, y) for x, y in zip(replay, eager))
             same = all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(replay, eager))
-            res[f"graph_vs_eager_{method}"] = {"rel_err": e, "same_argmax": same, "ok": same and e <= 1e-3}
-            if not res[f"graph_vs_eager_{method}"]["ok"]:
-                raise VerificationError(f"{method}: graph replay differs from the eager step (rel err {e:.3g})")
+            ok = same and (e <= 1e-3 or method == "dense")
+            res[f"graph_vs_eager_{method}"] = {
+                "rel_err": e, "eager_vs_eager_rel_err": max(_rel(x, y) for x, y in zip(eager2, eager)),
+                "same_argmax": same, "ok": ok,
+            }
+            if not ok:
+                raise VerificationError(f"{method}: graph replay differs from the eager step "
+                                        f"({res[f'graph_vs_eager_{method}']})", res)
             del cache
     graphs.enabled = check_graphs and torch.cuda.is_available()
     return res
@@ -458,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             data["verify"] = verify(model, args, graphs, dev)
         except VerificationError as e:
-            data["verify"] = {"ok": False, "error": str(e)}
+            data["verify"] = {"ok": False, "error": str(e), "checks": e.args[1] if len(e.args) > 1 else None}
             _write(args.json, data)
             print(f"VERIFICATION FAILED, no speedups reported: {e}")
             return 1
@@ -491,6 +503,10 @@ def run(args: argparse.Namespace) -> int:
                 except torch.cuda.OutOfMemoryError as e:
                     _free()
                     row = {"method": method, "ctx": ctx, "batch": B, "error": f"out of memory: {str(e)[:120]}"}
+                except Exception as e:  # keep the other rows; the traceback goes to the log
+                    traceback.print_exc()
+                    _free()
+                    row = {"method": method, "ctx": ctx, "batch": B, "error": repr(e)[:300]}
                 data["rows"].append(row)
                 if "error" in row:
                     print(f"{ctx:>7} {B:>2} {method:>8} {row['error'][:60]}", flush=True)
