@@ -511,3 +511,30 @@ def test_bench_offload_cpu_smoke(tmp_path):
     assert row["offload_tok_s"] > 0 and row["inhbm_tok_s"] > 0 and row["dense_tok_s"] > 0
     assert 0 < row["hit_rate"] < 1 and row["h2d_bytes_per_step"] > 0
     assert bench.run(p.parse_args(["--device", "cpu", "--tiny", "--lengths", "1000"])) == 2
+
+
+def test_offload_layer_reset_and_beam_reorder():
+    torch.manual_seed(4)
+    B, D, chunk = 3, 16, 4
+    off, ref = _layer_pair("cpu", torch.float32, cache_blocks=4, chunk=chunk, D=D)
+    k, v = torch.randn(B, HKV, 14, D), torch.randn(B, HKV, 14, D)
+    for layer in (off, ref):
+        layer.update(k, v)
+    q = torch.randn(B, HKV * 2, D)
+    bi = torch.tensor([[0, 2, 3]], dtype=torch.int32).expand(B, HKV, 3).contiguous()
+    off.attend_blocks(q, bi, chunk_size=chunk, scale=0.3)
+    beams = torch.tensor([2, 2, 0])
+    for layer in (off, ref):
+        layer.reorder_cache(beams)
+    assert torch.equal(off.host_k[:, :, :14], k[beams]) and off.lens == ref.lens
+    assert (off.blocks.table == -1).all()  # the pool starts empty again after a reorder
+    one = torch.randn(B, HKV, 1, D)
+    for layer in (off, ref):
+        layer.update(one, one)
+    out = off.attend_blocks(q, bi, chunk_size=chunk, scale=0.3)
+    assert torch.equal(out, ref.attend_blocks(q, bi, chunk_size=chunk, scale=0.3))
+    assert off.stats()["offload"]["block_misses"] == 2 * B * HKV * 3  # counters carried over
+    off.reset()
+    assert off.host_k is None and off.blocks is None and off.stats()["offload"]["block_hits"] == 0
+    off.update(k[:1], v[:1])
+    assert off.batch_size == 1 and off.stats()["offload"]["block_misses"] == 0

@@ -119,9 +119,7 @@ class OffloadLayer(KVCompLayer):
         self._stream = None
 
     def _reset_stats(self) -> None:
-        self.stat = OffloadStats(self.debug)
-        if getattr(self, "blocks", None) is not None:
-            self._attach_stats()
+        self.stat = OffloadStats(self.debug)  # attached to the storage at the first update
 
     def _attach_stats(self) -> None:
         st = self.stat
@@ -291,7 +289,10 @@ class OffloadLayer(KVCompLayer):
         self._set_host(hk, hv)
         B, H, cap, D = hk.shape
         C = self.offload.cache_blocks
+        old = self.blocks
         self.blocks = BlockCache(B * H, C, cap // self.chunk_size, self.codes_dev)
+        self.blocks.hits += old.hits  # the counters go on; the residency starts empty
+        self.blocks.misses += old.misses
         shape = (self.blocks.num_pool_slots, 1, self.chunk_size, D)
         self.pool_k = self.pool_k.new_zeros(shape)
         self.pool_v = self.pool_v.new_zeros(shape)
