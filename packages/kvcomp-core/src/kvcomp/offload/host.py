@@ -52,10 +52,17 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda":
         return host
+    if device.index is None:  # as_tensor would copy to "cuda" from the pointer's "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
     if not host.is_pinned():
         raise ValueError("a CUDA view of host memory needs a pinned tensor (OffloadConfig.pin_memory)")
     if host.numel() == 0:
         return torch.empty(host.shape, dtype=host.dtype, device=device)
     with torch.cuda.device(device):
-        view = torch.as_tensor(_CudaArray(host), device=device)
-    return view.view(host.dtype)
+        view = torch.as_tensor(_CudaArray(host), device=device).view(host.dtype)
+    if view.data_ptr() != host.data_ptr():
+        raise RuntimeError(
+            f"the CUDA view of pinned host memory is a copy (host pointer {host.data_ptr():#x}, view "
+            f"{view.data_ptr():#x}, on {view.device}): this platform maps pinned memory elsewhere"
+        )
+    return view
