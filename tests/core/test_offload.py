@@ -538,3 +538,14 @@ def test_offload_layer_reset_and_beam_reorder():
     assert off.host_k is None and off.blocks is None and off.stats()["offload"]["block_hits"] == 0
     off.update(k[:1], v[:1])
     assert off.batch_size == 1 and off.stats()["offload"]["block_misses"] == 0
+
+
+def test_host_view_interface_and_cpu_identity():
+    from kvcomp.offload.host import _CudaArray, device_view
+
+    t = torch.zeros(2, 3, 8, 4, dtype=torch.bfloat16)[:, 1:]
+    cai = _CudaArray(t).__cuda_array_interface__
+    assert cai["shape"] == (2, 2, 8, 4) and cai["typestr"] == "<i2" and cai["version"] == 3
+    assert cai["strides"] == (3 * 8 * 4 * 2, 8 * 4 * 2, 4 * 2, 2)
+    assert cai["data"] == (t.data_ptr(), False)
+    assert device_view(t, "cpu") is t
