@@ -1,4 +1,7 @@
-"""``kvcomp bench offload``: decode with the sparse layers' K/V in pinned host memory (codes and a block cache in HBM), against in-HBM kvcomp and dense, verified first.
+"""KV offload decode speed: sparse layers' K/V in pinned host memory, against in-HBM kvcomp and dense.
+
+``kvcomp bench offload``: codes and a block cache in HBM, only missing blocks cross PCIe;
+equality with the in-HBM mode verified first.
 
 Model: Qwen3-8B's real shape (hidden 4096, 32 q / 8 kv heads, head_dim 128, intermediate
 12288, vocab 151936) with random bf16 weights, ``--layers`` decoder layers (default 8: a
