@@ -318,7 +318,11 @@ def ragged_batch(lengths, seed=5):
 
 
 def check_offload_equals_hbm(model, lengths, steps, cache_blocks, evict=True, threshold=16, **offload_kw):
-    cfg = config_for(model, **{**SPARSE, "threshold": threshold})
+    from kvcomp.config import KVCompConfig
+
+    mc = model.config
+    cfg = KVCompConfig.default(mc.model_type, mc.num_hidden_layers, mc.head_dim,
+                               **{**SPARSE, "threshold": threshold})
     h = kvcomp.enable(model, cfg)
     try:
         ids, mask = ragged_batch(lengths)
