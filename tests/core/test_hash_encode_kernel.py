@@ -82,6 +82,17 @@ def test_gaussian_fp32_matches_up_to_rounding():
     assert_codes_match_up_to_rounding(got, x, w)
 
 
+def assert_codes_match_tf32(codes, x, weight):
+    """16-bit rows with an fp32 weight: the kernel rounds the weight to tf32 (10-bit mantissa),
+    so a bit may differ only where |x.w| <= 2**-10 * sum_i |x_i w_i| (2x the rounding bound)."""
+    ref = hash_encode_ref(x, weight)
+    bound = 2.0**-10 * project(x.abs(), weight.abs())
+    proj = project(x, weight)
+    bits = (((codes ^ ref).to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=codes.device))
+            & 1).flatten(-2).bool()
+    assert (proj.abs()[bits] <= bound[bits]).all(), "a code bit differs beyond tf32 rounding"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_into_cache_ragged_positions(dtype):
     gen = torch.Generator().manual_seed(4)
@@ -111,6 +122,11 @@ def test_gpu_real_shapes(dtype):
     q = torch.randn(4, 32, D, device="cuda").to(dtype)
     wq = wg.repeat_interleave(4, 0)
     assert_codes_match_up_to_rounding(hash_encode(q, wq), q, wq)
+    if dtype != torch.float32:  # the real case: 16-bit keys / queries, fp32 hash weights
+        assert_codes_match_tf32(hash_encode(xg, wg.float()), xg, wg.float())
+        ql = torch.randn(8 * 128, 512, device="cuda").to(dtype)  # MLA query rows
+        wl32 = torch.randn(512, 512, device="cuda")
+        assert_codes_match_tf32(hash_encode(ql, wl32), ql, wl32)
     lat = dyadic(1, 1, 5000, 512, dtype=dtype, gen=gen).cuda()  # MLA latent: 512 dims, 512 bits
     wl = dyadic(512, 512, dtype=dtype, gen=gen).cuda()
     assert torch.equal(hash_encode(lat, wl), hash_encode_ref(lat, wl))

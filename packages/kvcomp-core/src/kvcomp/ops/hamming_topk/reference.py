@@ -73,7 +73,7 @@ def select_blocks_ref(
     idx = torch.arange(NB, device=dev)
     must = torch.zeros(B, NB, dtype=torch.bool, device=dev)
     for m in must_select:
-        pos = torch.where(torch.tensor(m, device=dev) >= 0, torch.tensor(m, device=dev), n + m)
+        pos = n + m if m < 0 else torch.full_like(n, m)  # no host tensor: graph-capturable
         ok = (pos >= 0) & (pos < n)
         must |= ok.view(B, 1) & (idx.view(1, NB) == pos.view(B, 1))
     n_must = must.sum(-1)  # [B]

@@ -6,7 +6,11 @@ head's projection ([D, 32], fp32, IEEE products so that signs match the fp32 ref
 slices of at most 128 dims (a [BLOCK_N, D] tile for D = 512, the MLA latent, would not fit the
 registers: a first version with whole rows and all words unrolled did not finish compiling in
 minutes), takes ``> 0`` and ORs bit j into bit j of the word. The rows are re-read once per
-word, from L2. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
+word, from L2. fp32 rows use IEEE fp32 products: codes equal the reference's except where
+a projection is within fp32 rounding of 0. fp16 / bf16 rows are exact in tf32, so the product
+runs on the tensor cores in tf32 with only the (fp32) weight rounded to 10 mantissa bits: a
+bit may then differ from the fp32 reference where ``|x.w| <= 2**-11 * sum_i |x_i w_i|``
+(tested); with 16-bit weights (exact in tf32) the codes are those of the fp32 reference. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
 
 Decode-sized inputs (a few rows per head, e.g. one query token) take ``_hash_encode_row_kernel``
 instead: one program per (row, head, word), a [D] x [D, 32] product by broadcast-multiply and a
@@ -22,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcomp.ops._common import interpreting
+
 
 @triton.jit
 def _hash_encode_kernel(
@@ -33,6 +39,7 @@ def _hash_encode_kernel(
     HAS_POS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TF32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -50,7 +57,10 @@ def _hash_encode_kernel(
         x = tl.load(x_rows + dims[None, :] * sxd, mask=row_ok[:, None] & (dims[None, :] < D),
                     other=0.0).to(tl.float32)
         wt = tl.load(w_cols + dims[:, None] * swd, mask=dims[:, None] < D, other=0.0).to(tl.float32)
-        proj += tl.dot(x, wt, input_precision="ieee")
+        if TF32:  # 16-bit rows are exact in tf32; only the weight is rounded (10-bit mantissa)
+            proj += tl.dot(x, wt, input_precision="tf32")
+        else:
+            proj += tl.dot(x, wt, input_precision="ieee")
     if HAS_POS:
         out_rows = tl.load(pos_ptr + b).to(tl.int64) + rows
         out_ok = row_ok & (out_rows < L_out) & (out_rows >= 0)
@@ -115,13 +125,22 @@ def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.T
         )
         return
     block_n = min(64, max(16, triton.next_power_of_2(N)))
+    while block_n > 16 and triton.cdiv(N, block_n) * B * H * W < 2 * _sm_count(x4.device):
+        block_n //= 2  # small inputs (MLA query rows): more, shorter programs
     grid = (triton.cdiv(N, block_n), B * H, W)
     _hash_encode_kernel[grid](
         x4, w3, out4, pos if pos is not None else out4,
         N, D, H, out4.shape[2],
         *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(),
-        HAS_POS=pos is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128), num_warps=4,
+        HAS_POS=pos is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128),
+        TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4,
     )
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def hash_encode_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
