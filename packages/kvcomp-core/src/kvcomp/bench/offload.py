@@ -282,25 +282,29 @@ def run_config(model, cfg, L: int, B: int, args, dev, dtype, kw) -> dict:
     for m in ("offload", "inhbm", "dense"):
         row[f"{m}_tok_s"] = B / row[f"{m}_step_s"]
     row["offload_vs_inhbm"] = row["offload_tok_s"] / row["inhbm_tok_s"]
+    row["sparse_layers"] = len(sparse)
+    row["overhead_ms_per_sparse_layer"] = 1e3 * (row["offload_step_s"] - row["inhbm_step_s"]) / len(sparse)
     row["offload_vs_dense"] = row["offload_tok_s"] / row["dense_tok_s"]
     return row
 
 
 def _fmt_row(r: dict, pcie: dict | None) -> str:
     if "offload_tok_s" not in r:
-        return f"| {r['L'] // 1024}K | {r['B']} | VERIFICATION FAILED: selections differ | | | | | | | | | | |"
+        return f"| {r['L'] // 1024}K | {r['B']} | VERIFICATION FAILED: selections differ | | | | | | | | | | | |"
     xfer_ms = (r["h2d_bytes_per_step"] / (pcie["h2d_gbs"] * 1e9) * 1e3) if pcie else float("nan")
     return (f"| {r['L'] // 1024}K | {r['B']} | {r['dense_kv_bytes'] / 2**30:.2f} | "
             f"{r['hbm_bytes_inhbm'] / 2**30:.2f} | {r['hbm_bytes_offload'] / 2**30:.2f} | "
             f"{100 * r['offload_layer_ratio']:.1f}% | {r['dense_tok_s']:.1f} | {r['inhbm_tok_s']:.1f} | "
             f"{r['offload_tok_s']:.1f} | {100 * r['offload_vs_inhbm']:.0f}% | "
-            f"{100 * (r['hit_rate'] or 0):.1f}% | {r['h2d_bytes_per_step'] / 2**20:.1f} | {xfer_ms:.2f} |"
+            f"{100 * (r['hit_rate'] or 0):.1f}% | {r['h2d_bytes_per_step'] / 2**20:.1f} | {xfer_ms:.2f} | "
+            f"{r['overhead_ms_per_sparse_layer']:.3f} |"
             + ("" if r["verified"] else f" LOGITS DIFFER by {r['logits_max_diff']:.3g}"))
 
 
 HEADER = ("| L | B | dense KV GiB | HBM in-HBM GiB | HBM offload GiB | offload layer / dense layer | "
           "dense tok/s | in-HBM tok/s | offload tok/s | offload / in-HBM | hit rate | "
-          "H2D MiB/step | H2D ms/step at copy-engine BW |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "H2D MiB/step | H2D ms/step at copy-engine BW | offload - in-HBM ms per sparse layer |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def run(args) -> int:
