@@ -55,7 +55,7 @@ def fetch_pages_triton(host_k, host_v, pool_k, pool_v, sel, slots, miss, chunk: 
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # the step number changes every call: one compile
 def _assign_kernel(
     sel_ptr, table_ptr, owner_ptr, last_ptr, slot_out_ptr, miss_out_ptr, hits_ptr, misses_ptr,
     K, C, step, s_sel, s_tab, s_own, s_last,
