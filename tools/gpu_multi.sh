@@ -122,10 +122,8 @@ cfg = Qwen3Config(vocab_size=len(tok), hidden_size=int(geom["hidden"]), intermed
                   num_key_value_heads=int(geom["kv"]), head_dim=int(geom["head_dim"]),
                   max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True)
 torch.manual_seed(0)
-model = Qwen3ForCausalLM(cfg).eval()
-for m in model.modules():  # a small init keeps the random model's activations tame
-    if isinstance(m, torch.nn.Linear | torch.nn.Embedding):
-        torch.nn.init.normal_(m.weight, std=0.02)
+with torch.device("cuda:0" if torch.cuda.is_available() else "cpu"):  # initialised where it is fast
+    model = Qwen3ForCausalLM(cfg).eval()  # transformers' init: normal(0, 0.02)
 model.save_pretrained(out)
 tok.save_pretrained(out)
 print(f"built {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {sys.argv[3]}")
