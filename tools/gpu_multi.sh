@@ -186,7 +186,7 @@ if ok("train_1p", "train_2p"):
     res["train"] = {"max_abs_diff": max(diffs), "bitwise_equal": max(diffs) == 0.0, "layers": len(diffs),
                     "speedup_wall": stages["train_1p"]["seconds"] / stages["train_2p"]["seconds"],
                     "epochs": n["epochs"], "iters_per_epoch": n["iters_per_epoch"],
-                    "ranks": [{k: s.get(k) for k in ("rank", "layers_trained", "collect_s", "total_s")}
+                    "ranks": [{k: s.get(k) for k in ("rank", "device", "layers_trained", "collect_s", "total_s")}
                               for s in t2.get("ranks", [])]}
 if ok("eval_1p", "eval_2p"):
     r1 = json.loads((out / "eval_1p.json").read_text())

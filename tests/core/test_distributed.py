@@ -197,6 +197,7 @@ def check_two_processes_equal_one(tmp_path, device: str) -> None:
         torch.testing.assert_close(a.layer(i), b.layer(i), rtol=1e-5, atol=1e-6)
     stats = json.loads((tmp_path / "two_train.json").read_text())
     assert [s["layers_trained"] for s in stats["ranks"]] == [[0, 2], [1]]
+    assert [s["device"] for s in stats["ranks"]] == (["cpu", "cpu"] if device == "cpu" else ["cuda:0", "cuda:1"])
     assert (tmp_path / "two.safetensors.ckpt" / "layer_001.safetensors").is_file()
 
     # eval: documents 0, 2 and haystacks 0, 2 on rank 0, the rest on rank 1; same numbers

@@ -248,7 +248,8 @@ def train_hash_weights(
             if got is not None:
                 done[layer] = got
     todo = [layer for layer in mine if layer not in done]
-    stats = {"rank": rank, "world": world, "layers_trained": todo, "layers_resumed": sorted(done)}
+    stats = {"rank": rank, "world": world, "device": str(device), "layers_trained": todo,
+             "layers_resumed": sorted(done)}
     t0 = time.perf_counter()
     if todo:
         pairs = collect_pairs(model, documents, layers=todo, n_queries=cfg.n_queries,
