@@ -59,7 +59,16 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if host.numel() == 0:
         return torch.empty(host.shape, dtype=host.dtype, device=device)
     with torch.cuda.device(device):
-        view = torch.as_tensor(_CudaArray(host), device=device).view(host.dtype)
+        try:
+            view = torch.as_tensor(_CudaArray(host), device=device).view(host.dtype)
+        except (RuntimeError, TypeError, ValueError) as err:  # e.g. numpy missing (it parses typestr)
+            make = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+            if make is None:
+                raise RuntimeError(f"cannot make a CUDA view of pinned host memory: {err}") from err
+            # a storage without a deleter: the caller keeps ``host`` alive as long as the view
+            storage = make(host.data_ptr(), device, host.untyped_storage().nbytes() - host.storage_offset()
+                           * host.element_size())
+            view = torch.empty(0, dtype=host.dtype, device=device).set_(storage, 0, host.shape, host.stride())
     if view.data_ptr() != host.data_ptr():
         raise RuntimeError(
             f"the CUDA view of pinned host memory is a copy (host pointer {host.data_ptr():#x}, view "
