@@ -9,8 +9,18 @@
 # Packages come from tools/gpu_env.sh (PYTHONPATH + entry points, no install). Logs go to $OUT
 # (default .out/). On a CPU machine it runs the same steps (GPU tests skipped, a tiny bench):
 #   CPU_SMOKE=1 tools/gpu_offload.sh
+#   TOTAL_BUDGET=190 (seconds, default none): each stage's timeout is cut to what is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
+left() {  # left DEFAULT: the stage timeout, at most what TOTAL_BUDGET leaves (>= 5 s)
+    local t="$1"
+    if [ -n "${TOTAL_BUDGET:-}" ]; then
+        local rest=$((TOTAL_BUDGET - SECONDS - 3))
+        [ "$rest" -lt "$t" ] && t="$rest"
+        [ "$t" -lt 5 ] && t=5
+    fi
+    echo "$t"
+}
 source tools/gpu_env.sh
 OUT="${OUT:-.out}"
 mkdir -p "$OUT"
@@ -22,7 +32,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 test_rc=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    timeout "${TEST_TIMEOUT:-80}" python3 -m pytest -q -m gpu tests/core/test_offload.py -p no:cacheprovider \
+    timeout "$(left "${TEST_TIMEOUT:-80}")" python3 -m pytest -q -m gpu tests/core/test_offload.py -p no:cacheprovider \
         --durations=5 2>&1 | tee "$OUT/pytest.log" | tail -30
     test_rc=${PIPESTATUS[0]}
 fi
@@ -34,11 +44,11 @@ if [ "${CPU_SMOKE:-0}" = "1" ]; then
 fi
 full_rc=0
 if [ "${FULL_ROW:-1}" = "1" ]; then
-    timeout "${FULL_TIMEOUT:-60}" python3 -m kvcomp.cli bench offload --json "$OUT/offload_full.json" "${full[@]}" \
+    timeout "$(left "${FULL_TIMEOUT:-60}")" python3 -m kvcomp.cli bench offload --json "$OUT/offload_full.json" "${full[@]}" \
         2>&1 | tee "$OUT/bench_full.log"
     full_rc=${PIPESTATUS[0]}
 fi
-timeout "${BENCH_TIMEOUT:-150}" python3 -m kvcomp.cli bench offload --json "$OUT/offload.json" "${extra[@]}" "$@" \
+timeout "$(left "${BENCH_TIMEOUT:-150}")" python3 -m kvcomp.cli bench offload --json "$OUT/offload.json" "${extra[@]}" "$@" \
     2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$test_rc  full-depth bench rc=$full_rc  bench rc=$bench_rc"
