@@ -164,9 +164,10 @@ def test_block_cache_errors_and_growth():
 
 # ------------------------------------------------------------------------- fetch_pages
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fetch_pages_copies_only_misses(backend):
+@pytest.mark.parametrize("chunk,D", [(4, 16), (5, 24)])
+def test_fetch_pages_copies_only_misses(backend, chunk, D):
     torch.manual_seed(0)
-    R, chunk, D, nb = 3, 4, 16, 5
+    R, nb = 3, 5
     host_k = torch.randn(R, nb * chunk, D)
     host_v = torch.randn(R, nb * chunk, D)
     S = 11
@@ -233,7 +234,9 @@ def test_offload_layer_write_through_and_attention():
     q = torch.randn(B, HKV * G, D)
     # blocks 0..3 exist (13 tokens); row-specific selections
     bi = torch.tensor([[[0, 2, 3], [1, 3, -1]], [[0, 1, 3], [3, -1, -1]]], dtype=torch.int32)
-    out = off.attend_blocks(q, bi, chunk_size=chunk, scale=0.25)
+    q_nc = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous inputs
+    bi_nc = bi.transpose(0, 1).contiguous().transpose(0, 1)
+    out = off.attend_blocks(q_nc, bi_nc, chunk_size=chunk, scale=0.25)
     assert torch.equal(out, ref.attend_blocks(q, bi, chunk_size=chunk, scale=0.25))
     misses_1 = int(off.blocks.misses)
     assert misses_1 == 9 and int(off.blocks.hits) == 0
