@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -58,8 +59,30 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
-    if device is not None and t.device != device:
+    if device is not None and not same_device(t.device, device):
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def same_device(a, b) -> bool:
+    """Device equality with a bare "cuda" read as the current CUDA device ("cuda" == "cuda:0"
+    while cuda:0 is current)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None or b.index is None):
+        cur = torch.cuda.current_device()
+        return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+    return a == b
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for a Triton launch (a no-op off CUDA or when it already
+    is). Triton launches on the *current* device and stream, not on the tensors' device: a model
+    split over GPUs by ``device_map`` never switches devices, so every op's Triton path runs
+    under this guard."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

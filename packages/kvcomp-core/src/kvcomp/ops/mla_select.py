@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import interpreting, unpack_bits, use_triton
+from kvcomp.ops._common import device_guard, interpreting, unpack_bits, use_triton
 from kvcomp.ops.hamming_topk import _prepare, hamming_topk
 from kvcomp.ops.hamming_topk.reference import select_blocks_ref
 
@@ -207,6 +207,7 @@ def mla_select(
         )
     if not isinstance(kb, torch.Tensor):
         kb = torch.full((q_codes.shape[0],), int(kb), dtype=torch.int32, device=q_codes.device)
-    planes, const = count_planes(q_codes)
-    scores = block_scores_from_planes(k_codes, planes, const, seq_lens, H, chunk_size)
-    return select_from_block_scores(scores, seq_lens, kb, K, chunk_size, must)
+    with device_guard(q_codes):
+        planes, const = count_planes(q_codes)
+        scores = block_scores_from_planes(k_codes, planes, const, seq_lens, H, chunk_size)
+        return select_from_block_scores(scores, seq_lens, kb, K, chunk_size, must)

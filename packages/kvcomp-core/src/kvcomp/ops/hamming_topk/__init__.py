@@ -31,7 +31,14 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import INT_DTYPES, check_tensor, pack_bits, unpack_bits, use_triton
+from kvcomp.ops._common import (
+    INT_DTYPES,
+    check_tensor,
+    device_guard,
+    pack_bits,
+    unpack_bits,
+    use_triton,
+)
 from kvcomp.ops.hamming_topk.reference import hamming_topk_ref, token_scores_ref
 
 __all__ = ["hamming_topk", "hamming_topk_ref", "majority_codes", "token_scores_ref"]
@@ -109,9 +116,10 @@ def hamming_topk(
     if use_triton(backend, q_codes, k_codes, seq_lens):
         from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
 
-        return hamming_topk_triton(
-            q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, mode
-        )
+        with device_guard(q_codes):
+            return hamming_topk_triton(
+                q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, mode
+            )
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])
     if not isinstance(kb, torch.Tensor):

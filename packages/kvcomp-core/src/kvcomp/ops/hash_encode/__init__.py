@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, device_guard, use_triton
 from kvcomp.ops.hash_encode.reference import hash_encode_into_ref, hash_encode_ref
 
 __all__ = ["hash_encode", "hash_encode_ref"]
@@ -66,10 +66,12 @@ def hash_encode(
         if use_triton(backend, x, weight, out):
             from kvcomp.ops.hash_encode.kernels import hash_encode_into_triton
 
-            return hash_encode_into_triton(x, weight, out, positions)
+            with device_guard(x):
+                return hash_encode_into_triton(x, weight, out, positions)
         return hash_encode_into_ref(x, weight, out, positions)
     if use_triton(backend, x, weight):
         from kvcomp.ops.hash_encode.kernels import hash_encode_triton
 
-        return hash_encode_triton(x, weight)
+        with device_guard(x):
+            return hash_encode_triton(x, weight)
     return hash_encode_ref(x, weight)

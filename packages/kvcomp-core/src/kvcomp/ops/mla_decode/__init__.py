@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, device_guard, use_triton
 from kvcomp.ops.mla_decode.reference import mla_decode_ref
 
 __all__ = ["mla_decode", "mla_decode_ref"]
@@ -61,5 +61,6 @@ def mla_decode(
     if use_triton(backend, q_lat, q_pe, ckv, kpe, seq_lens):
         from kvcomp.ops.mla_decode.kernels import mla_decode_triton
 
-        return mla_decode_triton(q_lat, q_pe, ckv, kpe, seq_lens, float(scale))
+        with device_guard(q_lat):
+            return mla_decode_triton(q_lat, q_pe, ckv, kpe, seq_lens, float(scale))
     return mla_decode_ref(q_lat, q_pe, ckv, kpe, seq_lens, float(scale))

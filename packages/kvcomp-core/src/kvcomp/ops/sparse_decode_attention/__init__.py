@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, device_guard, use_triton
 from kvcomp.ops.sparse_decode_attention.reference import sparse_decode_attention_ref
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_ref"]
@@ -100,10 +100,11 @@ def sparse_decode_attention(
     if use_triton(backend, q, k_cache, v_cache, block_idx, seq_lens):
         from kvcomp.ops.sparse_decode_attention.kernels import sparse_decode_attention_triton
 
-        return sparse_decode_attention_triton(
-            q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale), out=out,
-            block_table=block_table,
-        )
+        with device_guard(q):
+            return sparse_decode_attention_triton(
+                q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale), out=out,
+                block_table=block_table,
+            )
     if block_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
     res = sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale))

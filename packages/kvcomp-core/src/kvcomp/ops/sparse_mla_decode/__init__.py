@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, use_triton
+from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, device_guard, use_triton
 from kvcomp.ops.sparse_mla_decode.reference import sparse_mla_decode_ref
 
 __all__ = ["sparse_mla_decode", "sparse_mla_decode_ref"]
@@ -64,7 +64,8 @@ def sparse_mla_decode(
     if use_triton(backend, q_lat, q_pe, ckv, kpe, block_idx, seq_lens):
         from kvcomp.ops.sparse_mla_decode.kernels import sparse_mla_decode_triton
 
-        return sparse_mla_decode_triton(
-            q_lat, q_pe, ckv, kpe, block_idx, seq_lens, chunk_size, float(scale)
-        )
+        with device_guard(q_lat):
+            return sparse_mla_decode_triton(
+                q_lat, q_pe, ckv, kpe, block_idx, seq_lens, chunk_size, float(scale)
+            )
     return sparse_mla_decode_ref(q_lat, q_pe, ckv, kpe, block_idx, seq_lens, chunk_size, float(scale))
