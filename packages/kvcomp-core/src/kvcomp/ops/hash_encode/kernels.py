@@ -16,6 +16,10 @@ Decode-sized inputs (a few rows per head, e.g. one query token) take ``_hash_enc
 instead: one program per (row, head, word), a [D] x [D, 32] product by broadcast-multiply and a
 tree sum in fp32, no matrix unit (what a one-row tl.dot would waste).
 
+With ``HAS_BIAS`` bit j is ``proj_j > bias_j`` (fp32 compare) instead of ``proj_j > 0``: the sign
+of ``(x - mu) @ W`` for ``bias = mu @ W`` without forming ``x - mu``; the bias row is read with
+strides (0 along a shared batch / head dim).
+
 Both kernels serve the cache's append path: with ``HAS_POS`` the codes of row t of
 sequence b go to row ``positions[b] + t`` of the code cache (rows >= Lmax are not written).
 """
@@ -31,12 +35,14 @@ from kvcomp.ops._common import interpreting
 
 @triton.jit
 def _hash_encode_kernel(
-    x_ptr, w_ptr, out_ptr, pos_ptr,
+    x_ptr, w_ptr, out_ptr, pos_ptr, bias_ptr,
     N, D, H, L_out,
     sxb, sxh, sxn, sxd,
     swh, swd, swk,
     sob, soh, son, sow,
+    sbb, sbh, sbk,
     HAS_POS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TF32: tl.constexpr,
@@ -67,19 +73,25 @@ def _hash_encode_kernel(
     else:
         out_rows = rows.to(tl.int64)
         out_ok = row_ok
-    bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
+    if HAS_BIAS:  # bit = proj > bias (fp32 compare): the sign of x.w - bias
+        thr = tl.load(bias_ptr + b * sbb + h * sbh + (w * 32 + bit) * sbk)  # [32] fp32
+        bits = tl.where(proj > thr[None, :], 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
+    else:
+        bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
     word = tl.sum(bits, 1)  # [BLOCK_N]: distinct bits, so the sum is their OR (wraps to int32)
     tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
 
 
 @triton.jit
 def _hash_encode_row_kernel(
-    x_ptr, w_ptr, out_ptr, pos_ptr,
+    x_ptr, w_ptr, out_ptr, pos_ptr, bias_ptr,
     D, H, L_out,
     sxb, sxh, sxn, sxd,
     swh, swd, swk,
     sob, soh, son, sow,
+    sbb, sbh, sbk,
     HAS_POS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -95,7 +107,11 @@ def _hash_encode_row_kernel(
         mask=dims[:, None] < D, other=0.0,
     ).to(tl.float32)  # [BLOCK_D, 32]
     proj = tl.sum(x.to(tl.float32)[:, None] * wt, 0)  # [32]
-    word = tl.sum(tl.where(proj > 0, 1, 0).to(tl.int32) << bit, 0)  # distinct bits: sum == OR
+    if HAS_BIAS:
+        thr = tl.load(bias_ptr + b * sbb + h * sbh + (w * 32 + bit) * sbk)  # [32] fp32
+    else:
+        thr = tl.zeros([32], dtype=tl.float32)
+    word = tl.sum(tl.where(proj > thr, 1, 0).to(tl.int32) << bit, 0)  # distinct bits: sum == OR
     if HAS_POS:
         row = tl.load(pos_ptr + b).to(tl.int64) + n
         tl.store(out_ptr + b * sob + h * soh + row * son + w * sow, word,
@@ -108,20 +124,37 @@ def _hash_encode_row_kernel(
 ROW_KERNEL_MAX_ROWS = 8
 
 
-def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.Tensor | None) -> None:
-    """x4 [B, H, N, D], w3 [H or 1, D, BITS] (head stride 0 when shared), out4 [B, H, L_out, W]."""
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """(batch, head, bit) strides of a bias [BITS], [H, BITS] or [B, H, BITS]; 0 where shared."""
+    if bias is None:
+        return 0, 0, 0
+    if bias.dim() == 1:
+        return 0, 0, bias.stride(0)
+    if bias.dim() == 2:
+        return 0, bias.stride(0), bias.stride(1)
+    return bias.stride(0), bias.stride(1), bias.stride(2)
+
+
+def _launch(
+    x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """x4 [B, H, N, D], w3 [H or 1, D, BITS] (head stride 0 when shared), out4 [B, H, L_out, W],
+    bias None or fp32 [BITS] / [H, BITS] / [B, H, BITS]."""
     B, H, N, D = x4.shape
     W = w3.shape[-1] // 32
     if N == 0 or B * H == 0:
         return
     block_d = max(16, triton.next_power_of_2(D))
     swh = w3.stride(0) if w3.shape[0] > 1 else 0
+    sb = _bias_strides(bias)
+    bias_arg = bias if bias is not None else out4
     if N <= ROW_KERNEL_MAX_ROWS:
         _hash_encode_row_kernel[(N, B * H, W)](
-            x4, w3, out4, pos if pos is not None else out4,
+            x4, w3, out4, pos if pos is not None else out4, bias_arg,
             D, H, out4.shape[2],
-            *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(),
-            HAS_POS=pos is not None, BLOCK_D=block_d, num_warps=4,
+            *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
+            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=4,
         )
         return
     block_n = min(64, max(16, triton.next_power_of_2(N)))
@@ -129,10 +162,10 @@ def _launch(x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.T
         block_n //= 2  # small inputs (MLA query rows): more, shorter programs
     grid = (triton.cdiv(N, block_n), B * H, W)
     _hash_encode_kernel[grid](
-        x4, w3, out4, pos if pos is not None else out4,
+        x4, w3, out4, pos if pos is not None else out4, bias_arg,
         N, D, H, out4.shape[2],
-        *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(),
-        HAS_POS=pos is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128),
+        *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
+        HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128),
         TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4,
     )
 
@@ -143,27 +176,33 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def hash_encode_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., D] with weight [D, BITS], or x [B, H, *, D] with weight [H, D, BITS]
-    -> int32 [..., BITS // 32]."""
+def hash_encode_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., D] with weight [D, BITS], or x [B, H, *, D] with weight [H, D, BITS] or with a
+    per-head / per-sequence bias -> int32 [..., BITS // 32]."""
     D, bits = weight.shape[-2], weight.shape[-1]
     W = bits // 32
-    if weight.dim() == 2:
+    if weight.dim() == 2 and (bias is None or bias.dim() == 1):
         x4 = x.reshape(1, 1, -1, D)
+        w3 = weight.unsqueeze(0)
+    elif weight.dim() == 2:  # shared weight, bias per head (and sequence): x is [B, H, *, D]
+        x4 = x.reshape(x.shape[0], x.shape[1], -1, D)
         w3 = weight.unsqueeze(0)
     else:
         B, H = x.shape[0], x.shape[1]
         x4 = x.reshape(B, H, -1, D)
         w3 = weight
     out = torch.empty(*x.shape[:-1], W, dtype=torch.int32, device=x.device)
-    _launch(x4, w3, out.view(*x4.shape[:3], W), None)
+    _launch(x4, w3, out.view(*x4.shape[:3], W), None, bias)
     return out
 
 
 def hash_encode_into_triton(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, positions: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Codes of x [B, H, T, D] written into out [B, H, Lmax, W] at rows positions[b] + t."""
     w3 = weight.unsqueeze(0) if weight.dim() == 2 else weight
-    _launch(x, w3, out, positions)
+    _launch(x, w3, out, positions, bias)
     return out

@@ -19,16 +19,38 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return proj.reshape(*xf.shape[:-1], wf.shape[-1])
 
 
-def hash_encode_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., D] float, weight [D, BITS] or [H, D, BITS] -> int32 [..., BITS // 32]."""
-    return pack_bits(project(x, weight) > 0)
+def broadcast_bias(bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """fp32 bias [BITS], [H, BITS] or [B, H, BITS] -> a view that broadcasts against the
+    projection [..., BITS] of x (x [B, H, *, D] for the last two)."""
+    if bias.dim() == 1:
+        return bias
+    lead = (1,) * (x.dim() - 3)  # the row dims * of x [B, H, *, D]
+    if bias.dim() == 2:
+        return bias.view(bias.shape[0], *lead, bias.shape[1])
+    return bias.view(bias.shape[0], bias.shape[1], *lead, bias.shape[2])
+
+
+def hash_encode_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., D] float, weight [D, BITS] or [H, D, BITS] -> int32 [..., BITS // 32].
+
+    Bit b is ``proj[..., b] > bias[..., b]`` (fp32 compare; bias None: ``> 0``)."""
+    proj = project(x, weight)
+    if bias is None:
+        return pack_bits(proj > 0)
+    return pack_bits(proj > broadcast_bias(bias, x))
 
 
 def hash_encode_into_ref(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, positions: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    positions: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Codes of x [B, H, T, D] written to out [B, H, Lmax, W] at rows positions[b] + t."""
-    codes = hash_encode_ref(x, weight)  # [B, H, T, W]
+    codes = hash_encode_ref(x, weight, bias)  # [B, H, T, W]
     B, H, T, W = codes.shape
     rows = positions.to(torch.long).view(B, 1, 1) + torch.arange(T, device=x.device).view(1, 1, T)
     idx = rows.expand(B, H, T).unsqueeze(-1).expand(B, H, T, W)
