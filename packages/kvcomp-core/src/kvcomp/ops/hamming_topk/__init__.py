@@ -17,6 +17,13 @@ Scores are exact int32 (``BITS - 2 * Hamming`` summed over a kv-head's query hea
 score is the max (or mean) over the block's valid tokens, ties go to the lower block index.
 Full definition: ``kvcomp.ops.hamming_topk.reference``.
 
+``k_scale`` [B, Hkv, Lmax] float16 / bfloat16 / float32 (any strides; finite values), optional:
+per-token weights of the scores, e.g. the key norms ``||k - mu||`` of centred keys
+(``kvcomp.ops.key_stats``). A token's score is then ``float32(int score) * float32(k_scale)``,
+one fp32 multiply, so every backend computes the same bits; the block score is the max of those
+(chunk_repre="max" only: a float mean depends on the summation order, so "mean" with k_scale is
+rejected). Every ``mode`` combines with it; the selection rule is unchanged.
+
 ``mode`` picks how a kv-head's G query codes are combined:
     "exact"     (default) the sum above, exact. The kernel computes it either directly (G
                 popcounts per code word) or from bit-planes of the per-bit counts
@@ -32,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from kvcomp.ops._common import (
+    FLOAT_DTYPES,
     INT_DTYPES,
     check_tensor,
     device_guard,
@@ -106,6 +114,7 @@ def hamming_topk(
     chunk_repre: str = "max",
     max_blocks: int | None = None,
     mode: str = "exact",
+    k_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     must, kb, K = _prepare(
@@ -113,15 +122,35 @@ def hamming_topk(
     )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if use_triton(backend, q_codes, k_codes, seq_lens):
+    extra = ()
+    if k_scale is not None:
+        _check_scale(k_scale, k_codes, chunk_repre)
+        extra = (k_scale,)
+    if use_triton(backend, q_codes, k_codes, seq_lens, *extra):
         from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
 
         with device_guard(q_codes):
             return hamming_topk_triton(
-                q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, mode
+                q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, mode, k_scale
             )
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])
     if not isinstance(kb, torch.Tensor):
         kb = torch.full((q_codes.shape[0],), kb, dtype=torch.int32, device=q_codes.device)
-    return hamming_topk_ref(q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre)
+    return hamming_topk_ref(
+        q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, k_scale
+    )
+
+
+def _check_scale(k_scale, k_codes: torch.Tensor, chunk_repre: str) -> None:
+    check_tensor("k_scale", k_scale, ndim=3, dtypes=FLOAT_DTYPES, device=k_codes.device)
+    if tuple(k_scale.shape) != tuple(k_codes.shape[:3]):
+        raise ValueError(
+            f"k_scale must be [B, Hkv, Lmax] = {tuple(k_codes.shape[:3])} like k_codes, got "
+            f"{tuple(k_scale.shape)}"
+        )
+    if chunk_repre != "max":
+        raise ValueError(
+            f"k_scale needs chunk_repre='max' (got {chunk_repre!r}): the mean of float scores "
+            "depends on the summation order, so no two backends would agree"
+        )

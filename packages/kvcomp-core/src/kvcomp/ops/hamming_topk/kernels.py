@@ -4,7 +4,9 @@ Stage 1, ``_block_keys_kernel``, grid (B * Hkv, SPLITS): a program scans a range
 (sequence, kv-head), only blocks below ``ceil(seq_len / chunk)`` (no work over padding), scores
 every token from its packed code (token scores stay in registers) and writes one int32 *key* per
 block to a small buffer [B, Hkv, NB]: the block max, or for "mean" the fp32 mean mapped to an
-int32 with the same order. Three exact-or-cheaper forms of the group score (FORM):
+int32 with the same order. With per-token weights (``k_scale``, e.g. key norms) a token's value
+is ``float32(score) * float32(k_scale[t])`` (one IEEE multiply, -0.0 read as +0.0), the block key
+is the fp32 max mapped the same way. Three exact-or-cheaper forms of the group score (FORM):
 
 * ``FORM_XOR`` (direct): ``sum_g (BITS - 2 popc(q_g ^ k))``, G popcounts per word. With one
   row, the *majority* code (bit b set iff more than half of the G query codes have it) gives the
@@ -101,21 +103,24 @@ def _query_rows_kernel(
 
 @triton.jit
 def _block_keys_kernel(
-    rows_ptr, base_ptr, k_ptr, len_ptr, key_ptr,
+    rows_ptr, base_ptr, k_ptr, len_ptr, key_ptr, scale_ptr,
     Hkv, NB_OUT, BLOCKS_PER_PROG,
     srb, srh, srr, srw,
     skb, skh, skt, skw,
+    ssb, ssh, sst,
     G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
     FORM: tl.constexpr, R: tl.constexpr, HAS_BASE: tl.constexpr,
     CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr, NBT: tl.constexpr,
-    MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr,
+    MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
     cnt_ptr=None, kb_ptr=None, must_ptr=None, out_ptr=None, K=0, KB_CONST=0, sob=0, soh=0,
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
-    (+ -2G popc(k) in the planes form); rows r at rows_ptr + b*srb + h*srh + r*srr."""
+    (+ -2G popc(k) in the planes form); rows r at rows_ptr + b*srb + h*srh + r*srr. HAS_SCALE:
+    the token's value is float32(score) * float32(scale[b, h, t]) and the key is the block max of
+    those, mapped to an int32 of the same order."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -135,12 +140,16 @@ def _block_keys_kernel(
     ci = tl.arange(0, CP)[None, :, None]  # [1, CP, 1] token within the (sub-)block
     w3 = wv[None, None, :]  # [1, 1, BLOCK_W]
     k_base = k_ptr + b * skb + h * skh
+    s_base = scale_ptr + b * ssb + h * ssh
+    bi2 = tl.arange(0, NBT)[:, None]  # [NBT, 1]
+    ci2 = tl.arange(0, CP)[None, :]  # [1, CP]
     for blk0 in range(blk_lo, blk_hi, NBT):
         blk = blk0 + bi
         if MEAN:
             run = tl.zeros([NBT], dtype=tl.int32)
         else:
             run = tl.full([NBT], -2147483648, dtype=tl.int32)
+        frun = tl.full([NBT], float("-inf"), dtype=tl.float32)
         n_ok = tl.zeros([NBT], dtype=tl.int32)
         for s in tl.static_range(N_SUB):
             in_blk = s * CP + ci
@@ -163,12 +172,21 @@ def _block_keys_kernel(
             else:
                 score = base + 4 * tl.sum(acc, 2) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 2)
             ok2 = tl.sum(ok.to(tl.int32), 2) > 0  # [NBT, CP]
-            if MEAN:
+            if HAS_SCALE:  # one fp32 multiply per token, as the reference; max in fp32
+                t2 = (blk0 + bi2) * CHUNK + s * CP + ci2  # [NBT, CP]
+                sc = tl.load(s_base + t2.to(tl.int64) * sst, mask=ok2, other=0.0).to(tl.float32)
+                val = score.to(tl.float32) * sc
+                val = tl.where(val == 0.0, 0.0, val)  # -0.0 -> +0.0: equal scores, equal keys
+                frun = tl.maximum(frun, tl.max(tl.where(ok2, val, float("-inf")), 1))
+            elif MEAN:
                 run += tl.sum(tl.where(ok2, score, 0), 1)
                 n_ok += tl.sum(ok2.to(tl.int32), 1)
             else:
                 run = tl.maximum(run, tl.max(tl.where(ok2, score, -2147483648), 1))
-        if MEAN:
+        if HAS_SCALE:
+            bits = frun.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
+        elif MEAN:
             mean = tl.math.div_rn(run.to(tl.float32), tl.maximum(n_ok, 1).to(tl.float32))
             bits = mean.to(tl.int32, bitcast=True)
             key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
@@ -335,12 +353,16 @@ def _form(G: int, mode: str) -> tuple[int, bool, int]:
 def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
-    select: dict | None = None,
+    select: dict | None = None, k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
     that shape to write into. ``select``: launch arguments of the fused selection (the last
-    program of each row runs stage 2 itself; see ``hamming_topk_triton``)."""
+    program of each row runs stage 2 itself; see ``hamming_topk_triton``). ``k_scale``
+    [B, Hkv, Lmax] float (any strides): per-token weights of the scores ("max" only); the keys
+    are then the order-preserving int32 images of the fp32 block maxima."""
+    if k_scale is not None and chunk_repre != "max":
+        raise ValueError("k_scale needs chunk_repre='max'")
     B, Hq, W = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     G = Hq // Hkv
@@ -372,12 +394,14 @@ def block_keys_triton(
     splits = triton.cdiv(nb, per_prog)
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
     _block_keys_kernel[(B * Hkv, splits)](
-        rows, base, k_codes, seq_lens, keys,
+        rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
         Hkv, nb, per_prog,
         srb, srh, srr, srw, *k_codes.stride(),
+        *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
-        K_CONTIG=k_contig, USE_ASM=not interpreting(), num_warps=SCAN_WARPS,
+        K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
+        num_warps=SCAN_WARPS,
         **(select or {}),
     )
     return keys
@@ -439,11 +463,14 @@ def hamming_topk_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority).
-    With FUSED_SELECT the selection runs in the scan's launch (no second kernel)."""
+    """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority),
+    ``k_scale`` weights the token scores. With FUSED_SELECT the selection runs in the scan's
+    launch (no second kernel)."""
     if not FUSED_SELECT:
-        keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode)
+        keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
+                                 k_scale=k_scale)
         return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select)
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))
@@ -457,5 +484,6 @@ def hamming_topk_triton(
         FUSED=True, M=len(must_select), SEL_BLOCK=block, SINGLE=nb <= block,
         KB_TENSOR=kb_tensor, ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
     )
-    block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select)
+    block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select,
+                      k_scale=k_scale)
     return out

@@ -4,8 +4,13 @@ Definitions (the one source of truth every kernel is tested against):
 
 * token score  s[b, h, t] = sum over the G query heads g of kv-head h of (BITS - 2 * popc(q_g ^ k_t))
   (int32, exact; G = Hq // Hkv, query head j belongs to kv-head j // G)
-* block score  "max":  max of s over the block's valid tokens (t < seq_lens[b]), int32
+  with k_scale [B, Hkv, L] (per-token weights, e.g. the key norms ||k - mu||):
+  s[b, h, t] = float32(s) * float32(k_scale[b, h, t]), ONE fp32 multiply (so every backend gets
+  the same bits), -0.0 read as +0.0
+* block score  "max":  max of s over the block's valid tokens (t < seq_lens[b]), int32 (float32
+                       with k_scale)
                "mean": float32(sum of s over valid tokens) / float32(count of valid tokens)
+                       (int scores only: a float sum depends on the summation order)
 * selection    per (b, h) with n = ceil(seq_lens[b] / chunk_size) real blocks:
                must-select blocks first (entries m of must_select with -n <= m < n, m % n),
                then the best-scoring other blocks; among equal scores the lower block index wins;
@@ -20,8 +25,11 @@ import torch
 from kvcomp.ops._common import popcount32
 
 
-def token_scores_ref(q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tensor:
-    """q_codes [B, Hq, W], k_codes [B, Hkv, L, W] -> int32 [B, Hkv, L] group-summed scores."""
+def token_scores_ref(
+    q_codes: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q_codes [B, Hq, W], k_codes [B, Hkv, L, W] -> int32 [B, Hkv, L] group-summed scores;
+    with k_scale [B, Hkv, L] (float) -> float32 [B, Hkv, L], each score times its token's weight."""
     B, Hq, W = q_codes.shape
     Hkv = k_codes.shape[1]
     G = Hq // Hkv
@@ -29,15 +37,18 @@ def token_scores_ref(q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tens
     q = q_codes.view(B, Hkv, G, 1, W)
     k = k_codes.unsqueeze(2)  # [B, Hkv, 1, L, W]
     ham = popcount32(torch.bitwise_xor(q, k)).sum(-1)  # [B, Hkv, G, L] int64
-    return (bits - 2 * ham).sum(2).to(torch.int32)
+    s = (bits - 2 * ham).sum(2).to(torch.int32)
+    if k_scale is None:
+        return s
+    prod = s.to(torch.float32) * k_scale.to(torch.float32)
+    return torch.where(prod == 0, torch.zeros_like(prod), prod)  # -0.0 -> +0.0
 
 
 def block_scores_ref(
     token_scores: torch.Tensor, seq_lens: torch.Tensor, chunk_size: int, chunk_repre: str
 ) -> torch.Tensor:
-    """int32 [B, Hkv, L] -> float64 [B, Hkv, NB] (NB = ceil(L / chunk)); -inf for empty blocks.
-
-    float64 holds both int32 "max" scores and float32 "mean" scores exactly."""
+    """int32 or float32 [B, Hkv, L] -> float64 [B, Hkv, NB] (NB = ceil(L / chunk)); -inf for
+    empty blocks. float64 holds int32 and float32 scores exactly. "mean" takes int32 scores only."""
     B, H, L = token_scores.shape
     nb = -(-L // chunk_size)
     pad = nb * chunk_size - L
@@ -45,9 +56,14 @@ def block_scores_ref(
     valid = t.view(1, -1) < seq_lens.to(torch.long).view(-1, 1)  # [B, NB*C]
     valid = valid.view(B, 1, nb, chunk_size)
     s = torch.nn.functional.pad(token_scores, (0, pad)).view(B, H, nb, chunk_size)
-    if chunk_repre == "max":
+    if chunk_repre == "max" and s.is_floating_point():
+        out = s.to(torch.float64).masked_fill(~valid, float("-inf")).max(-1).values
+    elif chunk_repre == "max":
         s = s.to(torch.int64).masked_fill(~valid, -(2**62))
         out = s.max(-1).values.to(torch.float64)
+    elif chunk_repre == "mean" and s.is_floating_point():
+        raise ValueError("chunk_repre='mean' needs int32 token scores (no k_scale): a float sum "
+                         "depends on the summation order")
     elif chunk_repre == "mean":
         total = (s.to(torch.int64) * valid).sum(-1)
         count = valid.sum(-1).expand(B, H, nb)
@@ -101,7 +117,8 @@ def hamming_topk_ref(
     chunk_size: int,
     must_select: tuple[int, ...],
     chunk_repre: str,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    s = token_scores_ref(q_codes, k_codes)
+    s = token_scores_ref(q_codes, k_codes, k_scale)
     bs = block_scores_ref(s, seq_lens, chunk_size, chunk_repre)
     return select_blocks_ref(bs, seq_lens, k_blocks, K, chunk_size, must_select)
