@@ -7,6 +7,10 @@
 
 ``kvcomp.ops`` never imports transformers.
 
+``kvcomp.ops.key_stats`` (``key_mean``, ``hash_bias``, ``key_norms``) computes what centred,
+norm-weighted selection stores beside the codes: ``hash_encode(k, W, bias=hash_bias(mu, W))``
+and ``hamming_topk(..., k_scale=key_norms(k, mu))``.
+
 Packed code layout (part of the API): a code of BITS bits is ``BITS // 32`` int32 words;
 bit ``b`` is ``(x @ W)[..., b] > 0`` and lives in word ``b // 32`` at bit ``b % 32``
 (least significant bit first). A word with bit 31 set is a negative int32.
@@ -14,8 +18,12 @@ bit ``b`` is ``(x @ W)[..., b] > 0`` and lives in word ``b // 32`` at bit ``b % 
 
 from kvcomp.ops.hamming_topk import hamming_topk
 from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 from kvcomp.ops.mla_decode import mla_decode
 from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
 from kvcomp.ops.sparse_mla_decode import sparse_mla_decode
 
-__all__ = ["hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode"]
+__all__ = [
+    "hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode",
+    "key_mean", "key_norms", "hash_bias",
+]

@@ -13,6 +13,9 @@
         k_blocks   int, or [B] int tensor: blocks to attend per sequence, must-select included
         max_blocks int, the output width K (required with a tensor k_blocks: no host read)
         mode       "exact" (default) or "majority": the group score of ``hamming_topk``
+        k_scale    [B, Hkv, Lmax] float, optional per-token weights of the scores (the key
+                   norms ``||k - mu||`` of centred codes, ``kvcomp.ops.key_stats``); needs
+                   chunk_repre="max". The query codes are unchanged (no query bias).
         out        [B, Hq, D]            q's dtype
         block_idx  [B, Hkv, K]           int32, ascending, -1 padding (``hamming_topk``)
 
@@ -48,6 +51,7 @@ def decode_step(
     chunk_repre: str = "max",
     scale: float | None = None,
     mode: str = "exact",
+    k_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.dim() != 3 or q_weight.dim() != 3 or q_weight.shape[0] != q.shape[1]:
@@ -61,7 +65,7 @@ def decode_step(
     block_idx = hamming_topk(
         q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
         must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
-        backend=backend,
+        k_scale=k_scale, backend=backend,
     )
     out = sparse_decode_attention(
         q, k_cache, v_cache, block_idx, seq_lens, chunk_size=chunk_size, scale=scale,
