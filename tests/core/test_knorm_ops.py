@@ -386,3 +386,41 @@ def test_centred_knorm_decode_step():
     ok, err, base = attention_close(out, attention_ref_fp64(q, k, v, mask, scale),
                                     attention_ref_lowp(q, k, v, mask, scale), atol=1e-4)
     assert ok, (err, base)
+
+
+# ---------------------------------------------------------------- GPU, real shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,mode", [(1, "exact"), (4, "exact"), (8, "exact"), (8, "majority"),
+                                    (4, "exact_planes"), (8, "exact_direct")])
+def test_gpu_scaled_real_shapes(G, mode):
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, W, L = 4, 8, 4, 4097
+    q = codes(B, Hkv * G, W, gen=gen).cuda()
+    k = codes(B, Hkv, L, W, gen=gen).cuda()
+    lens = torch.tensor([4097, 1, 127, 2050], device="cuda")
+    for dtype in FLOATS:
+        k_scale = (torch.rand(B, Hkv, L, generator=gen) * 30).to(dtype).cuda()
+        for chunk in (128, 16, 1):
+            kw = dict(k_blocks=7 if chunk > 1 else 300, chunk_size=chunk, mode=mode, k_scale=k_scale)
+            got = hamming_topk(q, k, lens, backend="triton", **kw)
+            assert torch.equal(got, hamming_topk(q, k, lens, backend="reference", **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_bias_real_shapes(dtype):
+    gen = torch.Generator().manual_seed(8)
+    B, H, L, D = 2, 8, 4097, 128
+    x = dyadic(B, H, L, D, gen=gen, dtype=dtype).cuda()
+    w = dyadic(H, D, 128, gen=gen).cuda()
+    mu = dyadic(B, H, D, gen=gen).cuda()
+    bias = hash_bias(mu, w)
+    want = hash_encode_ref(x.float() - mu.unsqueeze(2), w)
+    assert torch.equal(hash_encode(x, w, bias=bias), want)
+    assert torch.equal(hash_encode(x[:, :, :1], w, bias=bias), want[:, :, :1])  # one-row kernel
+    pos = torch.tensor([0, 4000], device="cuda")
+    out = torch.full((B, H, L + 8, 4), -7, dtype=torch.int32, device="cuda")
+    got = hash_encode(x[:, :, :5], w, bias=bias, out=out.clone(), positions=pos)
+    assert torch.equal(got, hash_encode_into_ref(x[:, :, :5], w, out.clone(), pos, bias))
