@@ -12,8 +12,8 @@ norm-weighted selection stores beside the codes: ``hash_encode(k, W, bias=hash_b
 and ``hamming_topk(..., k_scale=key_norms(k, mu))``.
 
 Packed code layout (part of the API): a code of BITS bits is ``BITS // 32`` int32 words;
-bit ``b`` is ``(x @ W)[..., b] > 0`` and lives in word ``b // 32`` at bit ``b % 32``
-(least significant bit first). A word with bit 31 set is a negative int32.
+bit ``b`` is ``(x @ W)[..., b] > 0`` (``> bias[..., b]`` with a bias) and lives in word
+``b // 32`` at bit ``b % 32`` (least significant bit first). A word with bit 31 set is a negative int32.
 """
 
 from kvcomp.ops.hamming_topk import hamming_topk
