@@ -117,6 +117,9 @@ INVALID = [
     (base(must_select_blocks="0,-1"), "must_select_blocks", "list"),
     (base(top_k_budget_tokens=0), "top_k_budget_tokens", ">= 1"),
     (base(query_aggregation="max"), "query_aggregation", "'max'"),
+    (base(token_score="norm"), "token_score", "'norm'"),
+    (mla(token_score="centered_norm"), "token_score", "GQA"),
+    (base(token_score="centered_norm", chunk_repre_method="mean"), "token_score", "max"),
     (base(kv_lora_rank=512), "kv_lora_rank", "MLA"),
     (base(chunk_sise=16), "chunk_sise", "did you mean 'chunk_size'"),
     (base(dense_layers=2), "dense_layers", "1.0"),
@@ -323,3 +326,12 @@ def test_shipped_core_configs_validate():
     for f in files:
         cfg = KVCompConfig.from_json(f)
         assert KVCompConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_token_score_round_trip(tmp_path):
+    cfg = KVCompConfig.from_dict(base(token_score="centered_norm"))
+    assert cfg.to_dict()["token_score"] == "centered_norm"
+    p = tmp_path / "c.json"
+    cfg.to_json(p)
+    assert KVCompConfig.from_json(p) == cfg
+    assert KVCompConfig.from_dict(base()).token_score == "hamming"

@@ -201,6 +201,7 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
             chunk_size=cfg.chunk_size,
             must_select=tuple(cfg.must_select_blocks),
             chunk_repre=cfg.chunk_repre_method,
+            k_scale=layer.norms_buf[:, :, :L] if layer.norms_buf is not None else None,
         )
         layer.step_block_idx = block_idx
         layer.step_block_idx_update = layer.updates

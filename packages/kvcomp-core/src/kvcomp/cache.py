@@ -49,6 +49,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcomp.ops import hash_encode, sparse_decode_attention
+from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 
 __all__ = ["KVCompCache", "KVCompLayer", "LayerStats", "layer_for_key", "summarize"]
 
@@ -84,9 +85,13 @@ class KVCompLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         cache: KVCompCache | None = None,
         debug: bool = False,
+        centered_norm: bool = False,
     ):
         super().__init__()
         self.layer_idx = layer_idx
+        # token_score "centered_norm": codes of k - mu (mu: mean key of each sequence's first
+        # update, per kv-head) and an fp16 ||k - mu|| per token, the selection's k_scale
+        self.centered_norm = bool(centered_norm) and code_weight is not None
         self.chunk_size = int(chunk_size)
         self.code_weight = code_weight  # [Hkv, D, BITS] float, or None: no codes
         self.sliding_window = sliding_window
@@ -99,6 +104,9 @@ class KVCompLayer(CacheLayerMixin):
     def _clear(self) -> None:
         self.keys = self.values = None
         self.keys_buf = self.values_buf = self.codes_buf = None
+        self.norms_buf: torch.Tensor | None = None  # [B, Hkv, capacity] fp16 (centered_norm)
+        self.key_mu: torch.Tensor | None = None  # [B, Hkv, D] fp32 (centered_norm)
+        self.key_bias: torch.Tensor | None = None  # [B, Hkv, BITS] fp32 = key_mu @ W
         self.seq_lens: torch.Tensor | None = None
         self.lens: list[int] = []
         self.padded_len = 0
@@ -151,6 +159,8 @@ class KVCompLayer(CacheLayerMixin):
                 self.code_weight = self.code_weight.to(dev)
             W = self.code_weight.shape[-1] // 32
             self.codes_buf = torch.zeros(B, H, 0, W, dtype=torch.int32, device=dev)
+            if self.centered_norm:
+                self.norms_buf = torch.zeros(B, H, 0, dtype=torch.float16, device=dev)
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
         self.lens = [0] * B
         self.capacity = 0
@@ -170,6 +180,8 @@ class KVCompLayer(CacheLayerMixin):
         self.values_buf = grow(self.values_buf)
         if self.codes_buf is not None:
             self.codes_buf = grow(self.codes_buf)
+        if self.norms_buf is not None:
+            self.norms_buf = grow(self.norms_buf.unsqueeze(-1)).squeeze(-1)
         self.capacity = new_cap
 
     # ----------------------------------------------------------------------------- update
@@ -197,8 +209,9 @@ class KVCompLayer(CacheLayerMixin):
         self._ensure_capacity(max(new_lens) if new_lens else 0)
 
         codes = None
-        if self.codes_buf is not None:
-            codes = hash_encode(key_states, self.code_weight)  # [B, H, T, W]
+        first_centred = self.norms_buf is not None and self.key_mu is None
+        if self.codes_buf is not None and not first_centred:  # (first_centred: after the append)
+            codes = hash_encode(key_states, self.code_weight, bias=self.key_bias)  # [B, H, T, W]
         if valid is None:
             self._append_all(key_states, value_states, codes, old_lens, T)
             qpos = None  # computed on demand (step_query_pos)
@@ -208,6 +221,8 @@ class KVCompLayer(CacheLayerMixin):
             old = torch.tensor(old_lens, dtype=torch.long, device=dev).view(B, 1)
             qpos = (old + valid.to(torch.long).cumsum(1) - 1).clamp(min=0)
         self.lens = new_lens
+        if self.norms_buf is not None:
+            self._store_norms(key_states, valid, old_lens, new_lens, first_centred)
         self.padded_len += T
         self.updates += 1
         self._step_qpos, self._step_T = qpos, T
@@ -219,6 +234,26 @@ class KVCompLayer(CacheLayerMixin):
         self._returned_key = weakref.ref(ret[0])
         _ACTIVE.layer = weakref.ref(self)
         return ret
+
+    def _store_norms(self, k, valid, old_lens, new_lens, first: bool) -> None:
+        """centered_norm: after the append, the fp16 ``||k - mu||`` of the new rows. The first
+        update fixes mu (mean of each sequence's stored rows, per kv-head) and then encodes the
+        codes and norms of all its rows from the buffer (its codes were not written before)."""
+        if first:
+            L = max(new_lens) if new_lens else 0
+            keys = self.keys_buf[:, :, :L]
+            self.key_mu = key_mean(keys, self.seq_lens)
+            self.key_bias = hash_bias(self.key_mu, self.code_weight)
+            self.codes_buf[:, :, :L] = hash_encode(keys, self.code_weight, bias=self.key_bias)
+            self.norms_buf[:, :, :L] = key_norms(keys, self.key_mu)
+        elif valid is None:
+            T = k.shape[2]
+            key_norms(k, self.key_mu, out=self.norms_buf, positions=self.seq_lens - T)
+        else:
+            for b in range(k.shape[0]):
+                sel = valid[b].nonzero().view(-1)
+                self.norms_buf[b, :, old_lens[b] : new_lens[b]] = key_norms(
+                    k[b : b + 1, :, sel], self.key_mu[b : b + 1])[0]
 
     def _append_all(self, k, v, codes, old_lens, T) -> None:
         """Every new token is real: rows lens[b] .. lens[b]+T-1 (one slice write when all
@@ -302,6 +337,9 @@ class KVCompLayer(CacheLayerMixin):
         self.values_buf = self.values_buf.index_select(0, index)
         if self.codes_buf is not None:
             self.codes_buf = self.codes_buf.index_select(0, index)
+        for name in ("norms_buf", "key_mu", "key_bias"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, index))
         self.seq_lens = self.seq_lens.index_select(0, index)
         self.lens = [self.lens[i] for i in host]
         self.batch_size = len(host)
@@ -411,6 +449,8 @@ class KVCompCache(Cache):
         sliding_windows:  per layer, the sliding window (those layers attend densely within it)
                           or None
         debug:            keep each layer's last block_idx and per-step counts
+        token_score:      "hamming" (codes of k) or "centered_norm" (codes of k - mu and an
+                          fp16 ||k - mu|| per token; ``KVCompConfig.token_score``)
     """
 
     def __init__(
@@ -421,9 +461,13 @@ class KVCompCache(Cache):
         code_weights: Sequence[torch.Tensor | None] | None = None,
         sliding_windows: Sequence[int | None] | None = None,
         debug: bool = False,
+        token_score: str = "hamming",
     ):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if token_score not in ("hamming", "centered_norm"):
+            raise ValueError(f"token_score must be 'hamming' or 'centered_norm', got {token_score!r}")
+        extra = {"centered_norm": True} if token_score == "centered_norm" else {}
         code_weights = list(code_weights) if code_weights is not None else [None] * num_layers
         sliding_windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
         for name, seq in (("code_weights", code_weights), ("sliding_windows", sliding_windows)):
@@ -440,6 +484,7 @@ class KVCompCache(Cache):
                 sliding_window=sliding_windows[i],
                 cache=self,
                 debug=debug,
+                **extra,
             )
             for i in range(num_layers)
         ]

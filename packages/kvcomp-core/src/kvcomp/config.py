@@ -48,6 +48,12 @@ top_k_budget_tokens    int >= 1 | null           kvcomp extension: sparse layers
                                                  ceil(budget / chunk_size) blocks instead
 query_aggregation      "sum"|"majority"|"mean"   kvcomp extension: how a kv-head's query heads
                                                  are combined ("sum" = the paper's exact sum)
+token_score            "hamming" |               kvcomp extension: "hamming" = the group score
+                       "centered_norm"           of the codes (the paper's); "centered_norm" =
+                                                 codes of k - mu (mu: mean key of the sequence's
+                                                 first prefill, per kv-head) and the group score
+                                                 times ||k - mu|| (GQA only; see
+                                                 docs/results/smollm2.md)
 kv_lora_rank           int (MLA, required)       latent width R (512 in DeepSeek-V2/V3)
 qk_rope_head_dim       int (MLA, required)       rope key width P (64)
 hash_bits_kv_lora      int (MLA) = 512           bits of the latent part
@@ -101,6 +107,7 @@ _KEY_ORDER = (
     "must_select_blocks",
     "top_k_budget_tokens",
     "query_aggregation",
+    "token_score",
 )
 _KNOWN_KEYS = frozenset(_KEY_ORDER) | {"seq_len_threshold"}
 _REQUIRED = ("model_name", "num_hidden_layers", "hash_bits", "top_k_ratio_per_layer")
@@ -199,6 +206,7 @@ class KVCompConfig:
     must_select_blocks: list[int] = field(default_factory=lambda: [0, -2, -1])
     top_k_budget_tokens: int | None = None
     query_aggregation: str = "sum"
+    token_score: str = "hamming"
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
     hash_bits_kv_lora: int | None = None
@@ -233,6 +241,16 @@ class KVCompConfig:
         _need_int("chunk_size", self.chunk_size, minimum=1, what="an int >= 1")
         _need_choice("chunk_repre_method", self.chunk_repre_method, ("max", "mean"))
         _need_choice("query_aggregation", self.query_aggregation, ("sum", "majority", "mean"))
+        _need_choice("token_score", self.token_score, ("hamming", "centered_norm"))
+        if self.token_score == "centered_norm" and self.chunk_repre_method != "max":
+            raise ConfigError(
+                'token_score: "centered_norm" scores blocks by their max token (chunk_repre_method '
+                f'"max"), got chunk_repre_method "{self.chunk_repre_method}"'
+            )
+        if self.is_mla and self.token_score != "hamming":
+            raise ConfigError(
+                f'token_score: "{self.token_score}" is for GQA models; MLA configs use "hamming"'
+            )
         if self.head_dim is not None or not self.is_mla:
             if self.head_dim is None:
                 raise ConfigError("head_dim: required (an int >= 1) unless is_mla is true")

@@ -226,6 +226,11 @@ class KVCompHandle:
         offload = self.offload if isinstance(offload, str) and offload == "handle" else OffloadConfig.coerce(offload)
         if offload is not None and static:
             raise ValueError("new_cache: offload and static=True cannot be combined")
+        if self.config.token_score != "hamming" and (static or offload is not None):
+            raise ValueError(
+                f'new_cache: token_score "{self.config.token_score}" is implemented for the '
+                "default cache only (not static=True or offload)"
+            )
         kw = dict(chunk_size=self.config.chunk_size, code_weights=self.code_weights,
                   sliding_windows=self._windows, debug=self.debug)
         if static:
@@ -241,7 +246,7 @@ class KVCompHandle:
             layers = [i for i in self.policy.sparse_layers if self._windows[i] is None]
             cache = OffloadCache(self.config.num_hidden_layers, offload=offload, offload_layers=layers, **kw)
         else:
-            cache = KVCompCache(self.config.num_hidden_layers, **kw)
+            cache = KVCompCache(self.config.num_hidden_layers, token_score=self.config.token_score, **kw)
         self._note(cache)
         return cache
 
