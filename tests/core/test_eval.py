@@ -151,8 +151,10 @@ def test_sparse_window_equals_step_by_step_decoding(mode):
     assert (dense - got).abs().max() > 1e-3  # the selection really changed something
 
 
-def test_sparse_window_equals_kvcomp_enable_decoding():
-    """The window pass agrees with true decoding through kvcomp's own cache and attention."""
+@pytest.mark.parametrize("token_score", ["hamming", "centered_norm"])
+def test_sparse_window_equals_kvcomp_enable_decoding(token_score):
+    """The window pass agrees with true decoding through kvcomp's own cache and attention
+    (centered_norm: the same prefill mean, centred codes and key norms on both sides)."""
     import kvcomp
     from kvcomp.config import KVCompConfig
 
@@ -162,7 +164,7 @@ def test_sparse_window_equals_kvcomp_enable_decoding():
     chunk, ratio, prefix = 8, 0.3, 120
     cfg = KVCompConfig.from_dict(dict(
         model_name="tiny", num_hidden_layers=3, head_dim=16, hash_bits=64, chunk_size=chunk,
-        top_k_ratio_per_layer=[1.0, ratio, ratio], seq_len_threshhold=0))
+        top_k_ratio_per_layer=[1.0, ratio, ratio], seq_len_threshhold=0, token_score=token_score))
     handle = kvcomp.enable(m, config=cfg, hash_weights=hw)
     try:
         cache = handle.new_cache()
@@ -176,8 +178,14 @@ def test_sparse_window_equals_kvcomp_enable_decoding():
     want = torch.stack(steps)
     c2 = prefill(m, ids[:prefix])
     got, _ = window_logits(m, c2, ids[prefix:], SparseSpec(method="hash", ratio=ratio, weights=hw,
-                                                            chunk_size=chunk, dense_layers={0}))
+                                                            chunk_size=chunk, dense_layers={0},
+                                                            token_score=token_score))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if token_score == "centered_norm":  # and it is not the hamming selection
+        c3 = prefill(m, ids[:prefix])
+        plain, _ = window_logits(m, c3, ids[prefix:], SparseSpec(method="hash", ratio=ratio, weights=hw,
+                                                                 chunk_size=chunk, dense_layers={0}))
+        assert (plain - got).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- fidelity + nll
@@ -185,12 +193,13 @@ def test_fidelity_probe_bounds_and_oracle_dominates():
     m = tiny_llama(seed=2)
     ids = torch.randint(0, 97, (300,))
     hw = HashWeights.random(3, 3, 16, 64, seed=0)
-    probe = FidelityProbe([HashMethod("random", hw), HashMethod("random-maj", hw, "majority")],
+    probe = FidelityProbe([HashMethod("random", hw), HashMethod("random-maj", hw, "majority"),
+                           HashMethod("random+cn", hw, "sum", "centered_norm")],
                           ratios=(0.1, 0.3, 1.0), chunk_size=8)
     cache = prefill(m, ids[:200])
     window_logits(m, cache, ids[200:], SparseSpec(method="dense"), probe=probe, pos_chunk=40)
     s = probe.summary(sparse_layers=[1, 2])
-    for meth in ("random", "random-maj", "oracle"):
+    for meth in ("random", "random-maj", "random+cn", "oracle"):
         assert s[meth]["1.0"]["mass"] == pytest.approx(1.0, abs=1e-5)
         assert s[meth]["1.0"]["error"] == pytest.approx(0.0, abs=1e-4)
         assert s[meth]["0.1"]["positions"] == 100
@@ -311,3 +320,12 @@ def test_merge_results_unites_methods_and_checks_positions():
     assert m["setup"]["hash_weights"] == "W"
     with pytest.raises(ValueError, match="positions"):
         merge_results({**a, "setup": {"positions": 11}}, b)
+
+
+@pytest.mark.parametrize("value", ["bogus", "", "hamming,hamming", "hamming,centered"])
+def test_eval_cli_rejects_bad_token_scores(value, tmp_path, capsys):
+    from kvcomp.cli import main
+
+    rc = main(["eval", "--model", "smollm2", "--json", str(tmp_path / "x.json"), "--token-scores", value])
+    assert rc == 1
+    assert "--token-scores" in capsys.readouterr().err

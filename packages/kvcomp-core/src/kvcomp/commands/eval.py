@@ -51,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--mode-budgets", type=_floats, default=[0.1],
                    help="budgets at which majority / mean aggregation are also scored (nll)")
     p.add_argument("--modes", default="sum,majority,mean")
+    p.add_argument("--token-scores", default="hamming",
+                   help="comma list of hamming / centered_norm (KVCompConfig.token_score); "
+                        "centered_norm methods are named '<weights>+cn-...'")
     p.add_argument("--error-budgets", type=_floats, default=None,
                    help="budgets at which the output relative error is measured (default: all)")
     p.add_argument("--chunk", type=int, default=16, help="chunk (block) size in tokens")
@@ -75,6 +78,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+_TAG = {"hamming": "", "centered_norm": "+cn"}  # method-name tag of each token score
+
+
 def run(args) -> int:
     from kvcomp import distributed
     from kvcomp.hashing import HashWeights
@@ -87,6 +93,11 @@ def run(args) -> int:
     bad = [m for m in modes if m not in ("sum", "majority", "mean")]
     if bad or "sum" not in modes:
         print(f"error: --modes must list sum plus any of majority, mean; got {args.modes!r}", file=sys.stderr)
+        return 1
+    token_scores = [t for t in args.token_scores.split(",") if t]
+    if not token_scores or any(t not in _TAG for t in token_scores) or len(set(token_scores)) < len(token_scores):
+        print(f"error: --token-scores must list hamming and/or centered_norm; got {args.token_scores!r}",
+              file=sys.stderr)
         return 1
     if any(not 0 < b <= 1 for b in args.budgets + args.mode_budgets + [args.task_budget]):
         print("error: budgets must be in (0, 1]", file=sys.stderr)
@@ -101,12 +112,12 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     ctx = distributed.init()
-    rc = _run(args, ctx, device, texts, trained, modes)
+    rc = _run(args, ctx, device, texts, trained, modes, token_scores)
     distributed.finish(ctx)
     return rc
 
 
-def _run(args, ctx, device: str, texts, trained, modes: list[str]) -> int:
+def _run(args, ctx, device: str, texts, trained, modes: list[str], token_scores: list[str]) -> int:
     from kvcomp import distributed
     from kvcomp.eval.fidelity import FidelityProbe, HashMethod
     from kvcomp.eval.loading import load_model, make_documents
@@ -146,7 +157,8 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str]) -> int:
         "model": args.model, "hash_weights": args.hash_weights, "data": args.data,
         "context": args.context, "window": args.window, "documents": len(docs),
         "chunk_size": args.chunk, "bits": args.bits, "budgets": args.budgets,
-        "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed},
+        "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed,
+        "token_scores": token_scores},
         "processes": ctx.world}
 
     earlier = None
@@ -170,15 +182,18 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str]) -> int:
 
     probe = None
     if not args.skip_fidelity:
-        methods = [HashMethod(f"{n}-{m}", w, m) for n, w in weight_sets for m in modes]
+        methods = [HashMethod(f"{n}{_TAG[t]}-{m}", w, m, t)
+                   for t in token_scores for n, w in weight_sets for m in modes]
         probe = FidelityProbe(methods, ratios=tuple(args.budgets), chunk_size=args.chunk,
                               oracle=not args.no_oracle,
                               error_ratios=tuple(args.error_budgets) if args.error_budgets is not None else None)
     specs = []
     if not args.skip_nll:
         for b in args.nll_budgets if args.nll_budgets is not None else args.budgets:
-            for n, w in weight_sets:
-                specs.append(SparseSpec(method="hash", ratio=b, weights=w, label=f"{n}-sum@{b:g}", **common))
+            for t in token_scores:
+                for n, w in weight_sets:
+                    specs.append(SparseSpec(method="hash", ratio=b, weights=w, token_score=t,
+                                            label=f"{n}{_TAG[t]}-sum@{b:g}", **common))
             if not args.no_oracle:
                 specs.append(SparseSpec(method="oracle", ratio=b, **common))
         best_name, best = weight_sets[-1]  # trained when given
@@ -213,8 +228,9 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str]) -> int:
             record(combine_documents(united, time.perf_counter() - t_nll), "nll")
     if not args.skip_tasks:
         hs = build_haystacks(texts, tok, n=args.task_haystacks, context_tokens=args.task_context, seed=args.seed)
-        tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w,
-                             label=f"{n}-sum@{args.task_budget:g}", **common) for n, w in weight_sets]
+        tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w, token_score=t,
+                             label=f"{n}{_TAG[t]}-sum@{args.task_budget:g}", **common)
+                  for t in token_scores for n, w in weight_sets]
         if not args.no_oracle:
             tspecs.append(SparseSpec(method="oracle", ratio=args.task_budget, **common))
         scores = score_haystacks(model, tok, hs, tspecs, indices=distributed.shard(len(hs), ctx),

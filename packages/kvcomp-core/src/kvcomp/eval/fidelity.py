@@ -35,6 +35,7 @@ class HashMethod:
     name: str  # e.g. "trained-sum"
     weights: object  # HashWeights or per-layer [Hkv, D, BITS] list
     query_mode: str = "sum"
+    token_score: str = "hamming"  # or "centered_norm" (KVCompConfig.token_score)
 
 
 @dataclass
@@ -55,16 +56,15 @@ class FidelityProbe:
     def method_names(self) -> list[str]:
         return [m.name for m in self.methods] + (["oracle"] if self.oracle else [])
 
-    def prepare_layer(self, layer: int, k: torch.Tensor) -> None:
-        """k [Hkv, L, D]: encode the layer's keys once per weight set."""
-        from kvcomp.ops.hash_encode import hash_encode
-
+    def prepare_layer(self, layer: int, k: torch.Tensor, prefix_len: int | None = None) -> None:
+        """k [Hkv, L, D]: encode the layer's keys once per (weight set, token score);
+        ``prefix_len``: the prefill length (the centring mean of "centered_norm")."""
         self._codes = {}
         for m in self.methods:
-            key = id(m.weights)
+            key = (id(m.weights), m.token_score)
             if key not in self._codes:
                 w = layer_weight(m.weights, layer).to(k.device)
-                self._codes[key] = (w, hash_encode(k.unsqueeze(0), w)[0])
+                self._codes[key] = (w, *sel.key_codes(k, w, m.token_score, prefix_len))
 
     def _record(self, store: dict, method: str, ratio: float, layer: int, values: torch.Tensor):
         per_doc = store.setdefault((method, ratio), {}).setdefault(layer, {})
@@ -119,11 +119,11 @@ class FidelityProbe:
             self._record(self.error, method, ratio, layer, err.mean(1))
 
         for m in self.methods:
-            w, k_codes = self._codes[id(m.weights)]
+            w, k_codes, k_norms = self._codes[(id(m.weights), m.token_score)]
             from kvcomp.ops.query_codes import encode_query
 
             q_codes = encode_query(q.contiguous(), w, m.query_mode)
-            tok = sel.code_token_scores(q_codes, k_codes)
+            tok = sel.scale_scores(sel.code_token_scores(q_codes, k_codes), k_norms)
             for r in self.ratios:
                 bi = sel.select_from_token_scores(tok, seq_lens, r, chunk_size=C,
                                                   must_select=self.must_select,

@@ -44,6 +44,13 @@ def max_k(seq_lens: torch.Tensor, ratio: float, chunk_size: int, must_select) ->
     return max(int(k_blocks_for(seq_lens, ratio, chunk_size).max()), len(set(must_select)), 1)
 
 
+def scale_scores(scores: torch.Tensor, k_norms: torch.Tensor | None) -> torch.Tensor:
+    """int32 [N, Hkv, L] scores times fp16 [Hkv, L] norms (one fp32 multiply), or unchanged."""
+    if k_norms is None:
+        return scores
+    return scores.to(torch.float32) * k_norms.to(torch.float32).unsqueeze(0)
+
+
 def code_token_scores(q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tensor:
     """q_codes [N, Hc, W] (Hc a multiple of Hkv), k_codes [Hkv, L, W] -> int32 [N, Hkv, L]:
     the group-summed ``BITS - 2 * Hamming`` of ``hamming_topk``, for each of N query rows
@@ -100,6 +107,26 @@ def block_mass(probs: torch.Tensor, num_kv_heads: int, chunk_size: int) -> torch
     return g.view(N, num_kv_heads, nb, chunk_size).sum(-1)
 
 
+def key_codes(k: torch.Tensor, kv_weight: torch.Tensor, token_score: str = "hamming",
+              prefix_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The key side of a selection, as the kvcomp cache stores it: k [Hkv, L, D] (fp32),
+    kv_weight [Hkv, D, BITS] -> (codes int32 [Hkv, L, W], norms fp16 [Hkv, L] or None).
+    ``token_score="centered_norm"``: codes of ``k - mu`` and ``||k - mu||``, mu = the mean of
+    the first ``prefix_len`` keys (the prefill, as the cache's first update) per kv-head."""
+    from kvcomp.ops.hash_encode import hash_encode
+    from kvcomp.ops.key_stats import hash_bias, key_norms
+
+    if token_score == "hamming":
+        return hash_encode(k.unsqueeze(0), kv_weight)[0], None
+    if token_score != "centered_norm":
+        raise ValueError(f"token_score must be 'hamming' or 'centered_norm', got {token_score!r}")
+    if not prefix_len:
+        raise ValueError("token_score 'centered_norm' needs the prefill length (prefix_len >= 1)")
+    mu = k[:, :prefix_len].float().mean(1)  # [Hkv, D]
+    codes = hash_encode(k.unsqueeze(0), kv_weight, bias=hash_bias(mu, kv_weight))[0]
+    return codes, key_norms(k.unsqueeze(0), mu)[0]
+
+
 def hash_select(
     q: torch.Tensor,
     k_codes: torch.Tensor,
@@ -111,13 +138,16 @@ def hash_select(
     must_select=(0, -2, -1),
     chunk_repre: str = "max",
     query_mode: str = "sum",
+    k_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hash selection of N decode positions: q [N, Hq, D] post-RoPE queries, k_codes
-    [Hkv, L, W] the key codes, kv_weight [Hkv, D, BITS] -> int32 [N, Hkv, K]."""
+    [Hkv, L, W] the key codes, kv_weight [Hkv, D, BITS] -> int32 [N, Hkv, K]. ``k_norms``
+    [Hkv, L] (``key_codes``): token scores are ``float32(score) * float32(norm)``, as
+    ``hamming_topk(k_scale=)``."""
     from kvcomp.ops.query_codes import encode_query
 
     q_codes = encode_query(q.contiguous(), kv_weight, query_mode)
-    scores = code_token_scores(q_codes, k_codes)
+    scores = scale_scores(code_token_scores(q_codes, k_codes), k_norms)
     return select_from_token_scores(scores, seq_lens, ratio, chunk_size=chunk_size,
                                     must_select=must_select, chunk_repre=chunk_repre)
 

@@ -47,12 +47,15 @@ class SparseSpec:
     dense_layers: frozenset[int] = frozenset({0, 1})
     threshold: int = 0
     label: str | None = None  # overrides ``name`` (e.g. "trained-sum@0.1")
+    token_score: str = "hamming"  # or "centered_norm" (KVCompConfig.token_score)
 
     def __post_init__(self):
         if self.method not in ("dense", "hash", "oracle"):
             raise ValueError(f"SparseSpec.method must be dense / hash / oracle, got {self.method!r}")
         if self.method == "hash" and self.weights is None:
             raise ValueError("SparseSpec.method='hash' needs weights=")
+        if self.token_score not in ("hamming", "centered_norm"):
+            raise ValueError(f"SparseSpec.token_score must be hamming / centered_norm, got {self.token_score!r}")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"SparseSpec.ratio must be in (0, 1], got {self.ratio}")
         self.dense_layers = frozenset(self.dense_layers)
@@ -89,8 +92,6 @@ _ACTIVE: list[_State] = []
 
 def _eval_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """query [1, Hq, N, D], key/value [1, Hkv, L, D] (L = prefix + N) -> ([1, N, Hq, Dv], None)."""
-    from kvcomp.ops.hash_encode import hash_encode
-
     state = _ACTIVE[-1]
     spec = state.spec
     if query.shape[0] != 1:
@@ -105,12 +106,12 @@ def _eval_attention(module, query, key, value, attention_mask=None, scaling=None
     v = value[0].float()  # [Hkv, L, Dv]
     positions = torch.arange(L - N, L, device=query.device)
     sparse = spec.method != "dense" and layer not in spec.dense_layers
-    k_codes = None
+    k_codes = k_norms = None
     if sparse and spec.method == "hash":
         w = spec.layer_weight(layer).to(k.device)
-        k_codes = hash_encode(k.unsqueeze(0), w)[0]  # [Hkv, L, W]
+        k_codes, k_norms = sel.key_codes(k, w, spec.token_score, L - N)  # [Hkv, L, W], [Hkv, L]
     if state.probe is not None:
-        state.probe.prepare_layer(layer, k)
+        state.probe.prepare_layer(layer, k, prefix_len=L - N)
     out = torch.empty(N, Hq, v.shape[-1], dtype=torch.float32, device=query.device)
     for s in range(0, N, state.pos_chunk):
         e = min(N, s + state.pos_chunk)
@@ -130,7 +131,7 @@ def _eval_attention(module, query, key, value, attention_mask=None, scaling=None
                 block_idx = sel.hash_select(q, k_codes, spec.layer_weight(layer).to(k.device), seq_lens,
                                             spec.ratio, chunk_size=spec.chunk_size,
                                             must_select=spec.must_select, chunk_repre=spec.chunk_repre,
-                                            query_mode=spec.query_mode)
+                                            query_mode=spec.query_mode, k_norms=k_norms)
             else:
                 p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
                 mass = sel.block_mass(p, Hkv, spec.chunk_size)
