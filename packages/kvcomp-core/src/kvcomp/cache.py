@@ -144,11 +144,19 @@ class KVCompLayer(CacheLayerMixin):
         return self.keys_buf.device if self.keys_buf is not None else None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._allocate(key_states, value_states, 0)
+        self.seq_lens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.keys_buf.device)
+        self.is_initialized = True
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        """Zeroed buffers of ``capacity`` rows per (sequence, kv-head) for states shaped like
+        these [B, Hkv, T, D]: K, V, and with a hash weight the codes (and norms)."""
         B, H, _, D = key_states.shape
         dev = key_states.device
         self.batch_size = B
-        self.keys_buf = key_states.new_zeros(B, H, 0, D)
-        self.values_buf = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.capacity = capacity
+        self.keys_buf = key_states.new_zeros(B, H, capacity, D)
+        self.values_buf = value_states.new_zeros(B, H, capacity, value_states.shape[-1])
         if self.code_weight is not None:
             if self.code_weight.shape[0] != H or self.code_weight.shape[1] != D:
                 raise ValueError(
@@ -158,13 +166,10 @@ class KVCompLayer(CacheLayerMixin):
             if self.code_weight.device != dev:
                 self.code_weight = self.code_weight.to(dev)
             W = self.code_weight.shape[-1] // 32
-            self.codes_buf = torch.zeros(B, H, 0, W, dtype=torch.int32, device=dev)
+            self.codes_buf = torch.zeros(B, H, capacity, W, dtype=torch.int32, device=dev)
             if self.centered_norm:
-                self.norms_buf = torch.zeros(B, H, 0, dtype=torch.float16, device=dev)
-        self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
+                self.norms_buf = torch.zeros(B, H, capacity, dtype=torch.float16, device=dev)
         self.lens = [0] * B
-        self.capacity = 0
-        self.is_initialized = True
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:

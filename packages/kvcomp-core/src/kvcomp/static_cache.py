@@ -70,23 +70,7 @@ class KVCompStaticLayer(KVCompLayer):
         self.capacity = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, H, _, D = key_states.shape
-        dev = key_states.device
-        self.batch_size = B
-        self.capacity = self.max_cache_len
-        self.keys_buf = key_states.new_zeros(B, H, self.capacity, D)
-        self.values_buf = value_states.new_zeros(B, H, self.capacity, value_states.shape[-1])
-        if self.code_weight is not None:
-            if self.code_weight.shape[0] != H or self.code_weight.shape[1] != D:
-                raise ValueError(
-                    f"layer {self.layer_idx}: hash weight {tuple(self.code_weight.shape)} does not fit "
-                    f"keys [B, Hkv={H}, T, D={D}] (expected [Hkv, D, BITS])"
-                )
-            if self.code_weight.device != dev:
-                self.code_weight = self.code_weight.to(dev)
-            W = self.code_weight.shape[-1] // 32
-            self.codes_buf = torch.zeros(B, H, self.capacity, W, dtype=torch.int32, device=dev)
-        self.lens = [0] * B
+        self._allocate(key_states, value_states, self.max_cache_len)
         self.is_initialized = True
 
     def update(
