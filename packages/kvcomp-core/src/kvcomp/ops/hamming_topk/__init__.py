@@ -1,12 +1,13 @@
 """``hamming_topk``: pick the KV blocks each (sequence, kv-head) attends to at a decode step.
 
     block_idx = hamming_topk(q_codes, k_codes, seq_lens, k_blocks=..., chunk_size=128,
-                             must_select=(0, -2, -1), chunk_repre="max")
+                             must_select=(0, -2, -1), chunk_repre="max", k_scale=None)
         q_codes   [B, Hq, W]        int32 query codes (W = BITS // 32)
         k_codes   [B, Hkv, Lmax, W] int32 key-code cache; rows t >= seq_lens[b] are ignored
         seq_lens  [B]               int32/int64 real lengths (ragged batch)
         k_blocks  int, or [B] int tensor: blocks per sequence including the must-select ones
                   (capped at the sequence's block count)
+        k_scale   [B, Hkv, Lmax]    optional float per-token weights of the scores (below)
         block_idx [B, Hkv, K]       int32, ascending block indices, -1 padding
 
     K, the output width, is ``max(k_blocks, len(must_select))`` for an int k_blocks; for a
