@@ -556,3 +556,29 @@ def test_host_view_interface_and_cpu_identity():
     assert cai["strides"] == (3 * 8 * 4 * 2, 8 * 4 * 2, 4 * 2, 2)
     assert cai["data"] == (t.data_ptr(), False)
     assert device_view(t, "cpu") is t
+
+
+def test_offload_layer_centered_norm_matches_hbm():
+    """token_score "centered_norm" state (mean key, norms) lives in HBM beside the codes: the
+    offloaded layer keeps the same codes and norms as the in-HBM layer through growth."""
+    torch.manual_seed(6)
+    D, chunk = 16, 4
+    w = HashWeights.random(1, HKV, D, 64, seed=2).layer(0, dtype=torch.float32)
+    off = OffloadLayer(0, chunk_size=chunk, code_weight=w, centered_norm=True,
+                       offload=OffloadConfig(cache_blocks=4))
+    ref = KVCompLayer(0, chunk_size=chunk, code_weight=w, centered_norm=True)
+    k = torch.randn(2, HKV, 9, D)
+    for layer in (off, ref):
+        layer.update(k, k * 0.5)
+    for _ in range(12):  # grows past the first capacity
+        one = torch.randn(2, HKV, 1, D)
+        for layer in (off, ref):
+            layer.update(one, one)
+    n = off.lens[0]
+    assert torch.equal(off.codes_buf[:, :, :n], ref.codes_buf[:, :, :n])
+    assert torch.equal(off.norms_buf[:, :, :n], ref.norms_buf[:, :, :n])
+    assert torch.equal(off.host_k[:, :, :n], ref.keys_buf[:, :, :n])
+    q = torch.randn(2, HKV * 2, D)
+    bi = torch.tensor([[0, 3, 5], [1, 4, 5]], dtype=torch.int32).expand(2, HKV, 3).contiguous()
+    assert torch.equal(off.attend_blocks(q, bi, chunk_size=chunk, scale=0.3),
+                       ref.attend_blocks(q, bi, chunk_size=chunk, scale=0.3))

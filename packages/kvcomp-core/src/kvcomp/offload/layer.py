@@ -139,7 +139,8 @@ class OffloadLayer(KVCompLayer):
         and lengths. 0 on a CPU device."""
         if self.keys_buf is None or self.device.type == "cpu":
             return 0
-        ts = [t for t in (self.codes_buf, self.pool_k, self.pool_v, self.seq_lens) if t is not None]
+        extra = [getattr(self, n, None) for n in ("norms_buf", "key_mu", "key_bias")]
+        ts = [t for t in (self.codes_buf, self.pool_k, self.pool_v, self.seq_lens, *extra) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts) + self.blocks.nbytes()
 
     def _set_host(self, host_k: torch.Tensor, host_v: torch.Tensor) -> None:
@@ -187,6 +188,10 @@ class OffloadLayer(KVCompLayer):
             codes = self.codes_buf.new_zeros(B, H, new_cap, self.codes_buf.shape[3])
             codes[:, :, :cap] = self.codes_buf[:, :, :cap]
             self.codes_buf = codes
+        if getattr(self, "norms_buf", None) is not None:  # token_score "centered_norm"
+            norms = self.norms_buf.new_zeros(B, H, new_cap)
+            norms[:, :, :cap] = self.norms_buf[:, :, :cap]
+            self.norms_buf = norms
         self.blocks.grow(new_cap // self.chunk_size)
         self.capacity = new_cap
         self._attach_stats()
@@ -283,6 +288,9 @@ class OffloadLayer(KVCompLayer):
         dev_idx = host_idx.to(self.codes_dev)
         if self.codes_buf is not None:
             self.codes_buf = self.codes_buf.index_select(0, dev_idx)
+        for name in ("norms_buf", "key_mu", "key_bias"):  # token_score "centered_norm"
+            if getattr(self, name, None) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, dev_idx))
         self.seq_lens = self.seq_lens.index_select(0, dev_idx)
         self.lens = [self.lens[i] for i in host_idx.tolist()]
         self.batch_size = len(self.lens)
