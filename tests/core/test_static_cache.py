@@ -3,8 +3,9 @@
 
 What the tests establish:
   (a) the static cache decodes exactly like the dynamic ``KVCompCache``: same greedy tokens and
-      logits (within fp32 rounding), sparse (selection active) and dense configs, B = 1 and an
-      unpadded B = 2 whose sequences select different blocks;
+      logits (within fp32 rounding), sparse (selection active, also with token_score
+      "centered_norm") and dense configs, B = 1 and an unpadded B = 2 whose sequences select
+      different blocks;
   (b) nothing is allocated after the prefill: the buffers keep their storage and shape, the
       shared device length and seq_lens are the same tensors, and the decode step reads only
       device state (the host mirrors agree with it);
@@ -88,6 +89,7 @@ CONFIGS = {
     "sparse": SPARSE,
     "dense": dict(threshold=10**6, chunk_size=8),
     "cross": dict(threshold=PROMPT + 3, chunk_size=4, ratio=0.25),  # dense, then sparse from step 3
+    "centered_norm": dict(SPARSE, token_score="centered_norm"),  # centred codes, key norms
 }
 
 

@@ -5,7 +5,8 @@ and keeps an fp16 ``||k - mu||`` per token; the selection multiplies each token'
 by it (``hamming_topk(k_scale=)``). Checked here: what the cache stores (mu over the real rows
 of a left-padded batch, codes and norms of every row, prompt and decoded), that a padded batch
 decodes like its sequences alone, that beam search carries the per-sequence state, that the
-selection really changes, and the clear errors of the unsupported combinations.
+selection really changes, and the clear error of the unsupported combination (offload). The
+static cache is checked against the dynamic one in ``test_static_cache.py``.
 """
 
 from __future__ import annotations
@@ -90,8 +91,6 @@ def test_beam_search_carries_per_sequence_state():
 def test_unsupported_combinations_fail_clearly():
     model = tiny_model("llama")
     h = kvcomp.enable(model, config_for(model, **CENTRED))
-    with pytest.raises(ValueError, match="centered_norm"):
-        h.new_cache(static=True, max_cache_len=64)
     with pytest.raises(ValueError, match="centered_norm"):
         h.new_cache(offload=True)
     h.disable()

@@ -265,6 +265,7 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
             q_codes, layer.codes_buf, seq_lens, k_blocks=k_blocks,
             max_blocks=policy.max_k_blocks(i, cap), chunk_size=cfg.chunk_size,
             must_select=tuple(cfg.must_select_blocks), chunk_repre=cfg.chunk_repre_method,
+            k_scale=layer.norms_buf,
         )
         layer.step_block_idx = block_idx
         layer.step_block_idx_update = layer.updates

@@ -226,10 +226,10 @@ class KVCompHandle:
         offload = self.offload if isinstance(offload, str) and offload == "handle" else OffloadConfig.coerce(offload)
         if offload is not None and static:
             raise ValueError("new_cache: offload and static=True cannot be combined")
-        if self.config.token_score != "hamming" and (static or offload is not None):
+        if self.config.token_score != "hamming" and offload is not None:
             raise ValueError(
-                f'new_cache: token_score "{self.config.token_score}" is implemented for the '
-                "default cache only (not static=True or offload)"
+                f'new_cache: token_score "{self.config.token_score}" is not implemented for '
+                "offloaded caches (use offload=None)"
             )
         kw = dict(chunk_size=self.config.chunk_size, code_weights=self.code_weights,
                   sliding_windows=self._windows, debug=self.debug)
@@ -239,7 +239,8 @@ class KVCompHandle:
             if max_cache_len is None:
                 raise ValueError("new_cache(static=True) needs max_cache_len= (tokens per sequence)")
             cache = KVCompStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len,
-                                      seq_len_threshold=self.config.seq_len_threshold, **kw)
+                                      seq_len_threshold=self.config.seq_len_threshold,
+                                      token_score=self.config.token_score, **kw)
         elif max_cache_len is not None:
             raise ValueError("max_cache_len is a setting of static caches: pass static=True")
         elif offload is not None:

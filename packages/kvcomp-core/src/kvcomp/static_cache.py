@@ -52,6 +52,7 @@ import torch
 
 from kvcomp.cache import _ACTIVE, KVCompCache, KVCompLayer
 from kvcomp.ops import hash_encode
+from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 
 __all__ = ["KVCompStaticCache", "KVCompStaticLayer"]
 
@@ -71,6 +72,11 @@ class KVCompStaticLayer(KVCompLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._allocate(key_states, value_states, self.max_cache_len)
+        if self.norms_buf is not None:  # fixed buffers: a captured decode step reads them
+            B, H, _, D = key_states.shape
+            dev = self.keys_buf.device
+            self.key_mu = torch.zeros(B, H, D, dtype=torch.float32, device=dev)
+            self.key_bias = torch.zeros(B, H, self.code_weight.shape[-1], dtype=torch.float32, device=dev)
         self.is_initialized = True
 
     def update(
@@ -101,10 +107,17 @@ class KVCompStaticLayer(KVCompLayer):
         write_pos, seq_lens = cache._advance_shared(self, B, T, dev)
         self.keys_buf.index_copy_(2, write_pos, key_states)
         self.values_buf.index_copy_(2, write_pos, value_states)
+        prefill = self.padded_len == 0
+        if self.norms_buf is not None and prefill:  # centered_norm: mu of the prompt (no padding)
+            lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+            self.key_mu.copy_(key_mean(key_states, lens))
+            self.key_bias.copy_(hash_bias(self.key_mu, self.code_weight))
         if self.codes_buf is not None:  # encoded straight into the cache rows
             start = cache.step_shared(("start", dev, B), lambda: write_pos[:1].expand(B))
-            hash_encode(key_states, self.code_weight, out=self.codes_buf, positions=start)
-        prefill = self.padded_len == 0
+            hash_encode(key_states, self.code_weight, out=self.codes_buf, positions=start,
+                        bias=self.key_bias)
+            if self.norms_buf is not None:
+                key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
         self.seq_lens = seq_lens
         self._advance_host(T)
         self.updates += 1
@@ -158,7 +171,8 @@ class KVCompStaticLayer(KVCompLayer):
                 f"a static kvcomp cache keeps its batch size ({self.batch_size}); got a selection of "
                 f"{index.numel()} sequences (use the dynamic handle.new_cache())"
             )
-        for buf in (self.keys_buf, self.values_buf, self.codes_buf):
+        for buf in (self.keys_buf, self.values_buf, self.codes_buf, self.norms_buf, self.key_mu,
+                    self.key_bias):
             if buf is not None:
                 buf.copy_(buf.index_select(0, index))
         self.step_block_idx = None
@@ -178,13 +192,13 @@ class KVCompStaticCache(KVCompCache):
 
     def __init__(self, num_layers: int, *, max_cache_len: int, chunk_size: int = 128,
                  code_weights=None, sliding_windows=None, debug: bool = False,
-                 seq_len_threshold: int | None = None):
+                 seq_len_threshold: int | None = None, token_score: str = "hamming"):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         self._max_cache_len = max_cache_len
         self.seq_len_threshold = seq_len_threshold
         super().__init__(num_layers, chunk_size=chunk_size, code_weights=code_weights,
-                         sliding_windows=sliding_windows, debug=debug)
+                         sliding_windows=sliding_windows, debug=debug, token_score=token_score)
         self.length: torch.Tensor | None = None  # int64 [1]
         self.seq_lens_shared: torch.Tensor | None = None  # int32 [B]
         self.host_len = 0
