@@ -251,6 +251,29 @@ def test_training_improves_recall_of_top_keys():
     assert after > before + 0.03, (before, after)
 
 
+def test_center_keys_ignores_a_common_key_offset():
+    """center_keys trains on each document's keys minus the mean of its first half: adding one
+    vector to every key (which changes no query's key ranking) leaves the trained weights as
+    they are, and without centring it does not."""
+    from kvcomp.training.collect import PairSet
+    from kvcomp.training.trainer import train_projections
+
+    g = torch.Generator().manual_seed(1)
+    base = _offset_pairs(g, n_docs=2, T=128)
+    shifted = PairSet()
+    offset = torch.randn(16, generator=g) * 4
+    for d in range(base.num_docs):
+        shifted.add(base.q[d], base.k[d] + offset, base.t[d], base.pos_idx[d])
+    W0 = HashWeights.random(1, 1, 16, 32, seed=0).layer(0)
+    cfg = dict(bits=32, epochs=2, iters_per_epoch=5)
+    a, _ = train_projections([base], W0, TrainConfig(center_keys=True, **cfg), layer=0)
+    b, _ = train_projections([shifted], W0, TrainConfig(center_keys=True, **cfg), layer=0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    c, _ = train_projections([base], W0, TrainConfig(**cfg), layer=0)
+    d, _ = train_projections([shifted], W0, TrainConfig(**cfg), layer=0)
+    assert (c - d).abs().max() > 1e-3
+
+
 def test_train_mla_tiny_deepseek(tmp_path):
     m = tiny_deepseek()
     cfg = TrainConfig(bits_kv=64, bits_rope=32, **FAST)
@@ -264,6 +287,9 @@ def test_train_mla_tiny_deepseek(tmp_path):
         assert (hw.rope(i) - rnd.rope(i)).abs().max() > 1e-4
     loaded = HashWeights.load(out)
     assert torch.equal(loaded.rope(1), hw.rope(1))
+    with pytest.raises(ValueError, match="center_keys is for GQA"):
+        train_hash_weights(m, _docs(1, 96), TrainConfig(bits_kv=64, bits_rope=32, center_keys=True,
+                                                        **FAST), progress=False)
 
 
 # ----------------------------------------------------------------------------- distributed

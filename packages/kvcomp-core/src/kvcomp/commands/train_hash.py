@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--similarity", choices=("distance", "inner"), default=None,
                    help="similarity term: the paper's distance form (default) or its cross term")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="train only these layers")
+    p.add_argument("--center-keys", action="store_true",
+                   help="train on centred keys (for token_score centered_norm; GQA)")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda (under a launcher: cuda:{LOCAL_RANK}) or cuda:N")
     p.add_argument("--json", default=None, help="write training stats here")
@@ -70,7 +72,7 @@ def run(args) -> int:
         cfg = TrainConfig(bits=args.bits, bits_kv=args.bits_kv, bits_rope=args.bits_rope,
                           epochs=args.epochs, iters_per_epoch=args.iters, lr=args.lr, loss=lw,
                           n_queries=args.n_queries, queries_per_iter=args.queries_per_iter,
-                          keys_per_iter=args.keys_per_iter,
+                          keys_per_iter=args.keys_per_iter, center_keys=args.center_keys,
                           seed=args.seed, layers=tuple(args.layers) if args.layers else None)
         cfg.validate()
         texts = load_texts(args.data)

@@ -58,6 +58,9 @@ class TrainConfig:
     keys_per_iter: int | None = None
     seed: int = 0
     layers: tuple[int, ...] | None = None  # None = every layer
+    # train on centred keys (GQA): each document's keys minus the mean of its first half (the
+    # queries are drawn from the second half), as token_score "centered_norm" hashes k - mu
+    center_keys: bool = False
 
     def validate(self) -> None:
         for name in ("bits", "bits_kv", "bits_rope"):
@@ -153,6 +156,8 @@ def train_projections(
     units = _units(ref, cfg.queries_per_iter, gen)
     # materialise each unit once: q [P, n, D], k [P, T, D], labels [P, n, T] on the device
     keys = [torch.stack([ps.k[d] for ps in pair_sets]).to(device) for d in range(ref.num_docs)]
+    if cfg.center_keys:  # k - mu, mu = the mean of the document's first half per projection
+        keys = [k - k[:, : max(1, k.shape[1] // 2)].mean(1, keepdim=True) for k in keys]
     batches = []
     for d, rows in units:
         q = torch.stack([ps.q[d][rows] for ps in pair_sets]).to(device)
@@ -231,6 +236,8 @@ def train_hash_weights(
     if not documents:
         raise ValueError("no training documents")
     geo = ModelGeometry.of(model)
+    if cfg.center_keys and geo.is_mla:
+        raise ValueError("center_keys is for GQA models (token_score centered_norm); this model is MLA")
     device = device or model.device
     ctx = distributed.init()
     rank, world = ctx.rank, ctx.world
