@@ -282,6 +282,8 @@ def test_default_and_summary():
     r = KVCompConfig.from_dict(base(top_k_budget_tokens=1024)).summary()
     assert "2 compute" in r and "1 reuse" in r and "1 dense" in r and "budget 1024" in r
     assert "ratio 0.3-0.5" in KVCompConfig.from_dict(base()).summary()
+    assert "token score" not in s
+    assert cfg.replace(token_score="centered_norm").summary().endswith("token score centered_norm")
     with pytest.raises(ConfigError, match="dense_layers"):
         KVCompConfig.default("m", 4, 64, dense_layers=-1)
     with pytest.raises(ConfigError, match="top_k_ratio_per_layer"):

@@ -570,4 +570,5 @@ class KVCompConfig:
             f"{n_reuse} reuse, {n_dense} dense), {sel}, chunk {self.chunk_size}, {bits}, "
             f"{self.hash_weight_type} hashes, threshold {self.seq_len_threshold}, "
             f"must-select {self.must_select_blocks}"
+            + (f", token score {self.token_score}" if self.token_score != "hamming" else "")
         )

@@ -36,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per answer")
     p.add_argument("--nll-context", type=int, default=3000, help="context tokens of the NLL run")
     p.add_argument("--nll-tokens", type=int, default=128, help="teacher-forced tokens scored")
+    p.add_argument("--token-score", choices=("hamming", "centered_norm"), default="hamming",
+                   help="KVCompConfig.token_score (default: hamming, the paper's score)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=run)
@@ -129,6 +131,7 @@ def run(args) -> int:
     cfg = kvcomp.KVCompConfig.default(
         "HuggingFaceTB/SmolLM2-135M-Instruct", model.config.num_hidden_layers,
         model.config.head_dim, ratio=args.ratio, chunk_size=args.chunk, threshold=1024,
+        token_score=args.token_score,
     )
     _say(f"kvcomp config: {cfg.summary()}")
 
