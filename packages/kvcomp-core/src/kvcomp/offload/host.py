@@ -54,10 +54,10 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
         return host
     if device.index is None:  # as_tensor would copy to "cuda" from the pointer's "cuda:0"
         device = torch.device("cuda", torch.cuda.current_device())
+    if host.numel() == 0:  # nothing to alias (and torch reports an empty tensor as not pinned)
+        return torch.empty(host.shape, dtype=host.dtype, device=device)
     if not host.is_pinned():
         raise ValueError("a CUDA view of host memory needs a pinned tensor (OffloadConfig.pin_memory)")
-    if host.numel() == 0:
-        return torch.empty(host.shape, dtype=host.dtype, device=device)
     with torch.cuda.device(device):
         try:
             view = torch.as_tensor(_CudaArray(host), device=device).view(host.dtype)
