@@ -320,12 +320,13 @@ def ragged_batch(lengths, seed=5):
     return ids, mask
 
 
-def check_offload_equals_hbm(model, lengths, steps, cache_blocks, evict=True, threshold=16, **offload_kw):
+def check_offload_equals_hbm(model, lengths, steps, cache_blocks, evict=True, threshold=16,
+                             token_score="hamming", **offload_kw):
     from kvcomp.config import KVCompConfig
 
     mc = model.config
     cfg = KVCompConfig.default(mc.model_type, mc.num_hidden_layers, mc.head_dim,
-                               **{**SPARSE, "threshold": threshold})
+                               **{**SPARSE, "threshold": threshold}, token_score=token_score)
     h = kvcomp.enable(model, cfg)
     try:
         ids, mask = ragged_batch(lengths)
@@ -370,6 +371,15 @@ def test_offload_equals_hbm_tiny_llama():
     stats = cache.stats
     assert stats["layers"][1]["offload"]["fetch_steps"] == 14
     assert stats["offload"]["hit_rate"] == tot["hit_rate"]
+
+
+def test_offload_equals_hbm_centered_norm():
+    """token_score "centered_norm": the mean key, centred codes and norms stay in HBM, the
+    selection weights by them, and offload still equals the in-HBM cache bit for bit."""
+    model = tiny_model("llama")
+    cache, _ = check_offload_equals_hbm(model, (45, 30), steps=8, cache_blocks=5,
+                                        token_score="centered_norm")
+    assert cache.layers[1].norms_buf is not None and cache.layers[1].key_mu is not None
 
 
 def test_offload_dense_steps_read_host_then_sparse():

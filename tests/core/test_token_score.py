@@ -5,14 +5,13 @@ and keeps an fp16 ``||k - mu||`` per token; the selection multiplies each token'
 by it (``hamming_topk(k_scale=)``). Checked here: what the cache stores (mu over the real rows
 of a left-padded batch, codes and norms of every row, prompt and decoded), that a padded batch
 decodes like its sequences alone, that beam search carries the per-sequence state, that the
-selection really changes, and the clear error of the unsupported combination (offload). The
-static cache is checked against the dynamic one in ``test_static_cache.py``.
+selection really changes. The static cache is checked against the dynamic one in
+``test_static_cache.py``, the offloaded one against the in-HBM one in ``test_offload.py``.
 """
 
 from __future__ import annotations
 
 import kvcomp
-import pytest
 import torch
 from kvcomp.ops import hash_encode
 from kvcomp.ops.key_stats import hash_bias, key_norms
@@ -86,11 +85,3 @@ def test_beam_search_carries_per_sequence_state():
     assert beam.sequences.shape == (2, 45 + NEW)
     layer = cache.layers[3]
     assert layer.key_mu.shape[0] == layer.norms_buf.shape[0] == layer.keys_buf.shape[0]
-
-
-def test_unsupported_combinations_fail_clearly():
-    model = tiny_model("llama")
-    h = kvcomp.enable(model, config_for(model, **CENTRED))
-    with pytest.raises(ValueError, match="centered_norm"):
-        h.new_cache(offload=True)
-    h.disable()

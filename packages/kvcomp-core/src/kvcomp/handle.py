@@ -226,28 +226,22 @@ class KVCompHandle:
         offload = self.offload if isinstance(offload, str) and offload == "handle" else OffloadConfig.coerce(offload)
         if offload is not None and static:
             raise ValueError("new_cache: offload and static=True cannot be combined")
-        if self.config.token_score != "hamming" and offload is not None:
-            raise ValueError(
-                f'new_cache: token_score "{self.config.token_score}" is not implemented for '
-                "offloaded caches (use offload=None)"
-            )
         kw = dict(chunk_size=self.config.chunk_size, code_weights=self.code_weights,
-                  sliding_windows=self._windows, debug=self.debug)
+                  sliding_windows=self._windows, debug=self.debug, token_score=self.config.token_score)
         if static:
             from kvcomp.static_cache import KVCompStaticCache
 
             if max_cache_len is None:
                 raise ValueError("new_cache(static=True) needs max_cache_len= (tokens per sequence)")
             cache = KVCompStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len,
-                                      seq_len_threshold=self.config.seq_len_threshold,
-                                      token_score=self.config.token_score, **kw)
+                                      seq_len_threshold=self.config.seq_len_threshold, **kw)
         elif max_cache_len is not None:
             raise ValueError("max_cache_len is a setting of static caches: pass static=True")
         elif offload is not None:
             layers = [i for i in self.policy.sparse_layers if self._windows[i] is None]
             cache = OffloadCache(self.config.num_hidden_layers, offload=offload, offload_layers=layers, **kw)
         else:
-            cache = KVCompCache(self.config.num_hidden_layers, token_score=self.config.token_score, **kw)
+            cache = KVCompCache(self.config.num_hidden_layers, **kw)
         self._note(cache)
         return cache
 
