@@ -4,7 +4,8 @@ Public surface (names are stable, see docs/ARCHITECTURE in the repo):
 
     kvcomp.KVCompConfig, kvcomp.ConfigError     the config (seed JSON format), validated
     kvcomp.ops.hash_encode / hamming_topk / sparse_decode_attention / sparse_mla_decode
-    kvcomp.enable(model, config=None, hash_weights=None) -> handle
+    kvcomp.enable(model, config=None, hash_weights=None, offload=None) -> handle
+    kvcomp.OffloadConfig                        K/V of sparse layers in host memory (kvcomp.offload)
     kvcomp.adapters.available()
 
 Heavy or optional parts (transformers integration) are imported lazily on first use.
@@ -22,8 +23,10 @@ _LAZY = {
     "enable": "kvcomp.handle",
     "KVCompHandle": "kvcomp.handle",
     "HashWeights": "kvcomp.hashing",
+    "OffloadConfig": "kvcomp.offload",
 }
-_SUBMODULES = {"ops", "adapters", "hashing", "config", "policy", "training", "eval", "cli"}
+_SUBMODULES = {"ops", "adapters", "hashing", "config", "policy", "training", "eval", "cli", "offload",
+               "graphs", "static_cache", "distributed"}
 
 __all__ = ["__version__", *sorted(_LAZY), *sorted(_SUBMODULES)]
 
