@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from kvcomp.bench.timing import positive_ints, progress
 from kvcomp.ops import hamming_topk, hash_encode, mla_decode, sparse_mla_decode
 from kvcomp.ops._blocks import selected_token_mask
 from kvcomp.ops.hamming_topk import hamming_topk_ref
@@ -43,29 +44,11 @@ from kvcomp.ops.mla_select import mla_select
 from kvcomp.ops.sparse_mla_decode import sparse_mla_decode_ref
 
 MUST_SELECT = (0, -2, -1)
-_T0 = time.perf_counter()
-
-
-def _progress(msg: str) -> None:
-    """A stage line on stderr with the seconds since start (shows where a slow run spends time)."""
-    import sys
-
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return vals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", type=_ints, default=[32768, 131072], help="context lengths L")
-    p.add_argument("--batches", type=_ints, default=[1, 8, 32], help="batch sizes B")
+    p.add_argument("--lengths", type=positive_ints, default=[32768, 131072], help="context lengths L")
+    p.add_argument("--batches", type=positive_ints, default=[1, 8, 32], help="batch sizes B")
     p.add_argument("--heads", type=int, default=128, help="query heads H (DeepSeek-V3: 128)")
     p.add_argument("--kv-lora-rank", type=int, default=512, help="latent width R")
     p.add_argument("--rope-dim", type=int, default=64, help="rope width P")
@@ -183,13 +166,13 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
         return mla_decode(q_lat, q_pe, ckv, kpe, seq_lens, scale=scale)
 
     # ---------------------------------------------------------------- verify first
-    _progress(f"B={B} L={L}: inputs ready; verifying")
+    progress(f"B={B} L={L}: inputs ready; verifying")
     checks = {}
     qc = qcodes()
     bi_g = select_generic(qc)
-    _progress("  hamming_topk done")
+    progress("  hamming_topk done")
     bi_m = select_mla(qc)
-    _progress("  mla_select done")
+    progress("  mla_select done")
     checks["select_equal"] = bool(torch.equal(bi_g, bi_m))
     kb = torch.full((1,), k_blocks, dtype=torch.int32, device=dev)
     ref_bi = hamming_topk_ref(qc[:1], k_codes[:1], seq_lens[:1], kb, bi_g.shape[-1], chunk,
@@ -197,7 +180,7 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
     checks["select_ref_seq0"] = bool(torch.equal(bi_g[:1], ref_bi))
     n_sel = int((bi_g >= 0).sum(-1).min().item())
     checks["blocks_selected"] = n_sel == min(k_blocks, math.ceil(L / chunk))
-    _progress("  selections checked")
+    progress("  selections checked")
 
     out_d = dense()
     out_e = _einsum_decode(q_lat, q_pe, ckv, kpe, scale)
@@ -207,7 +190,7 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
     ok, err, base = _rule(out_d, ref_d, out_e, 1e-3)
     checks["dense_vs_ref"] = ok
     checks["dense_err"], checks["einsum_err"] = err, base
-    _progress("  dense checked")
+    progress("  dense checked")
     out_s = sparse(bi_g)
     ref_s = _in_batches(lambda sl: sparse_mla_decode_ref(f(q_lat, sl), f(q_pe, sl), f(ckv, sl),
                                                          f(kpe, sl), bi_g[sl], seq_lens[sl],
@@ -230,7 +213,7 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
 
     def both(name, fn):
         """eager time, and on CUDA the time of a CUDA-graph replay of fn (no launch overhead)"""
-        _progress(f"  timing {name}")
+        progress(f"  timing {name}")
         t[name] = timer(fn)
         if dev.type == "cuda":
             g_us = _graph_time(fn, timer)

@@ -33,10 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
+
+from kvcomp.bench.timing import positive_ints, progress
 
 QWEN3_8B = dict(
     hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -49,28 +50,13 @@ TINY = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=False,
 )
 TAIL = 64  # decode steps of room: contexts are filled to L - TAIL tokens
-_T0 = time.perf_counter()
-
-
-def _progress(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return vals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (36: full Qwen3-8B depth)")
-    p.add_argument("--lengths", type=_ints, default=[131072, 262144], help="contexts L (tokens)")
-    p.add_argument("--batches", type=_ints, default=[1, 2], help="batch sizes")
+    p.add_argument("--lengths", type=positive_ints, default=[131072, 262144], help="contexts L (tokens)")
+    p.add_argument("--batches", type=positive_ints, default=[1, 2], help="batch sizes")
     p.add_argument("--budget", type=int, default=2048, help="tokens selected per sparse layer")
     p.add_argument("--cache-blocks", type=int, default=32,
                    help="HBM block-cache slots per (sequence, kv-head) and layer")
@@ -222,9 +208,9 @@ def run_config(model, cfg, L: int, B: int, args, dev, dtype, kw) -> dict:
     handle = kvcomp.enable(model, cfg)
     hbm = handle.new_cache(offload=None)
     off = handle.new_cache(offload=OffloadConfig(cache_blocks=args.cache_blocks, reserve_tokens=L))
-    _progress(f"L={L} B={B}: filling the in-HBM cache")
+    progress(f"L={L} B={B}: filling the in-HBM cache")
     row["hbm_bytes_inhbm"] = fill(hbm, n, B, L0, H, D, dev, dtype)
-    _progress("  filling the offloaded cache (pinned host writes)")
+    progress("  filling the offloaded cache (pinned host writes)")
     t0 = time.perf_counter()
     row["hbm_bytes_offload"] = fill(off, n, B, L0, H, D, dev, dtype)
     row["offload_fill_s"] = time.perf_counter() - t0
@@ -240,7 +226,7 @@ def run_config(model, cfg, L: int, B: int, args, dev, dtype, kw) -> dict:
     row["pinned"] = bool(off_layer.host_k.is_pinned())
 
     # ---------------------------------------------------------------- verify first
-    _progress("  verifying: lockstep greedy steps, logits and selections")
+    progress("  verifying: lockstep greedy steps, logits and selections")
     g = torch.Generator(device="cpu").manual_seed(L + B)
     tok = torch.randint(1, tc.vocab_size, (B, 1), generator=g).to(dev)
     same_logits, same_sel, diff = True, True, 0.0
@@ -261,7 +247,7 @@ def run_config(model, cfg, L: int, B: int, args, dev, dtype, kw) -> dict:
     # (logits that differ while every selection is equal are reported, timed, and fail the run)
 
     # ---------------------------------------------------------------- time
-    _progress("  timing offload")
+    progress("  timing offload")
     before = offload_totals(off.layer_stats)
     row["offload_step_s"], _ = _timed(model, off, tok, kw, args.warmup, args.steps, dev)
     after = offload_totals(off.layer_stats)  # over the warm-up and the timed steps
@@ -271,12 +257,12 @@ def run_config(model, cfg, L: int, B: int, args, dev, dtype, kw) -> dict:
     row["hit_rate"] = hits / (hits + misses) if hits + misses else None
     row["h2d_bytes_per_step"] = (after["h2d_bytes"] - before["h2d_bytes"]) / steps_counted
     row["h2d_bytes_per_step_layer"] = row["h2d_bytes_per_step"] / len(sparse)
-    _progress("  timing in-HBM kvcomp")
+    progress("  timing in-HBM kvcomp")
     row["inhbm_step_s"], _ = _timed(model, hbm, tok, kw, args.warmup, args.steps, dev)
     del off
     _free_host_cache()
     handle.disable()
-    _progress("  timing dense (kvcomp disabled, sdpa over the same cache)")
+    progress("  timing dense (kvcomp disabled, sdpa over the same cache)")
     row["dense_step_s"], _ = _timed(model, hbm, tok, kw, args.warmup, args.steps, dev)
     del hbm
     for m in ("offload", "inhbm", "dense"):
@@ -340,14 +326,14 @@ def run(args) -> int:
 
     pcie = None
     if dev.type == "cuda":
-        _progress("measuring PCIe bandwidth")
+        progress("measuring PCIe bandwidth")
         pcie = pcie_bandwidth(dev)
         result["pcie"] = pcie
         print(f"PCIe: pinned->device {pcie['h2d_gbs']:.1f} GB/s, device->pinned {pcie['d2h_gbs']:.1f} GB/s, "
               f"fetch_pages kernel {pcie['fetch_kernel_gbs']:.1f} GB/s "
               f"(verified: {pcie['fetch_kernel_verified']})", flush=True)
         save()
-    _progress(f"building the model ({args.layers} layers)")
+    progress(f"building the model ({args.layers} layers)")
     model = build_model(shape, args.layers, dev, dtype)
     cfg = kvcomp_config(args.layers, shape["head_dim"], args.budget)
     kw = _cache_kw(model)

@@ -6,14 +6,37 @@
 * ``attention_ref_fp64`` / ``attention_ref_lowp`` / ``attention_close``: flash-attention's
   tolerance rule (kernel error <= 2x the error of the same-precision torch computation against
   an fp64 reference, plus a small atol), over a boolean token mask.
+* ``progress(msg)``: a stage line on stderr with the seconds since import; ``positive_ints``:
+  the argparse type of comma-separated positive ints (``--lengths 32768,131072``).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
+import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """A stage line on stderr with the seconds since start (shows where a slow run spends time)."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: "8,32" -> [8, 32]; anything else (empty, non-int, < 1) is a usage error."""
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return vals
 
 
 class VerificationError(AssertionError):
