@@ -98,3 +98,10 @@ def test_light_imports_stay_light():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_demo_answer_check_wants_the_whole_number():
+    from kvcomp.commands.demo import _says
+
+    assert _says("4817.") and _says("The password is 4817")
+    assert not _says("48174. This") and not _says("14817") and not _says("48 17")

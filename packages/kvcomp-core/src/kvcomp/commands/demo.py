@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 
@@ -41,6 +42,11 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=run)
+
+
+def _says(answer: str) -> bool:
+    """The answer names the password as a whole number ("4817." yes, "48174" no)."""
+    return re.search(rf"(?<!\d){EXPECTED}(?!\d)", answer) is not None
 
 
 def _say(msg: str) -> None:
@@ -175,7 +181,7 @@ def run(args) -> int:
     rows = [
         ("", "dense", "kvcomp"),
         ("answer", repr(d["answer"]), repr(k["answer"])),
-        (f"contains {EXPECTED}", str(EXPECTED in d["answer"]), str(EXPECTED in k["answer"])),
+        (f"says {EXPECTED}", str(_says(d["answer"])), str(_says(k["answer"]))),
         ("decode tokens/s", f"{d['decode_tok_s']:.1f}", f"{k['decode_tok_s']:.1f}"),
         ("KV blocks read / step", "100%", f"{100 * share:.1f}%" if share is not None else "n/a"),
         (f"NLL ({res['nll_positions']} tok)", f"{d['nll']:.4f}", f"{k['nll']:.4f}"),
