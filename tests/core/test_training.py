@@ -202,6 +202,10 @@ def test_trainer_deterministic_resumable_and_saved(tmp_path):
     assert all(torch.equal(r.layer(i), a.layer(i)) for i in range(3))
     with pytest.raises(ValueError, match="resume"):
         train_hash_weights(m, docs, cfg, resume=True, progress=False)
+    # checkpoints of other settings are refused, never mixed in
+    with pytest.raises(ValueError, match="other settings .*center_keys"):
+        train_hash_weights(m, docs, TrainConfig(bits=32, center_keys=True, **FAST), out=out,
+                           resume=True, progress=False)
     with pytest.raises(ValueError, match="bits"):
         train_hash_weights(m, docs, TrainConfig(bits=33), progress=False)
 

@@ -12,8 +12,10 @@ as a batch of independent projections (their losses add, gradients stay separate
 Deterministic for a seed: every random draw comes from a generator seeded by (seed, layer, ...),
 so a layer's result does not depend on which process trains it or on the others.
 
-Resumable: each finished layer is written to ``<out>.ckpt/layer_XXX.safetensors``; with
-``resume=True`` those layers are loaded instead of retrained (their pairs are not collected).
+Resumable: each finished layer is written to ``<out>.ckpt/layer_XXX.safetensors`` (with the
+training settings in its metadata); with ``resume=True`` those layers are loaded instead of
+retrained (their pairs are not collected). A checkpoint written with other settings (bits,
+loss, recipe, ``center_keys``, ...) is refused with a ValueError naming them, never mixed in.
 
 Distributed: under ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun`` (WORLD_SIZE
 > 1 in the environment) the process group is joined through ``kvcomp.distributed.init`` (gloo);
@@ -24,6 +26,7 @@ which alone writes the output. The result equals a one-process run up to float s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -197,20 +200,37 @@ def _ckpt_dir(out: str | os.PathLike) -> Path:
     return Path(str(out) + ".ckpt")
 
 
-def _save_layer(ckpt: Path, layer: int, parts: dict[str, torch.Tensor]) -> None:
+def _settings(cfg: TrainConfig) -> dict:
+    """What a layer's training depends on (not which layers a run trains)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "layers"}
+
+
+def _save_layer(ckpt: Path, layer: int, parts: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
     from safetensors.torch import save_file
 
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / f".layer_{layer:03d}.tmp"
-    save_file({k: v.contiguous() for k, v in parts.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in parts.items()}, str(tmp),
+              metadata={"train_config": json.dumps(_settings(cfg), sort_keys=True)})
     os.replace(tmp, ckpt / f"layer_{layer:03d}.safetensors")
 
 
-def _load_layer(ckpt: Path, layer: int) -> dict[str, torch.Tensor] | None:
+def _load_layer(ckpt: Path, layer: int, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The checkpoint of ``layer``, or None; a ValueError if it was trained with other settings."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = ckpt / f"layer_{layer:03d}.safetensors"
-    return load_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        saved = json.loads((f.metadata() or {}).get("train_config", "null"))
+    want = json.loads(json.dumps(_settings(cfg), sort_keys=True))
+    if saved != want:
+        diff = sorted(k for k in set(want) | set(saved or {}) if (saved or {}).get(k) != want.get(k))
+        raise ValueError(f"resume: {path} was trained with other settings ({', '.join(diff)}); "
+                         "use the same settings or another --out")
+    return load_file(str(path))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -251,7 +271,7 @@ def train_hash_weights(
     done: dict[int, dict[str, torch.Tensor]] = {}
     if resume and ckpt is not None:
         for layer in mine:
-            got = _load_layer(ckpt, layer)
+            got = _load_layer(ckpt, layer, cfg)
             if got is not None:
                 done[layer] = got
     todo = [layer for layer in mine if layer not in done]
@@ -282,7 +302,7 @@ def train_hash_weights(
                 if n[0] == layer:
                     del pairs[n]
             if ckpt is not None:
-                _save_layer(ckpt, layer, trained)
+                _save_layer(ckpt, layer, trained, cfg)
             done[layer] = trained
             if bar is not None:
                 bar.update(1)
