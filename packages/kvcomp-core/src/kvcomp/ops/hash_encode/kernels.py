@@ -26,6 +26,8 @@ sequence b go to row ``positions[b] + t`` of the code cache (rows >= Lmax are no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -170,7 +172,9 @@ def _launch(
     )
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off CUDA); read once per device, not per launch."""
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
