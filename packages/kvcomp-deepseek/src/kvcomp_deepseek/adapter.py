@@ -113,14 +113,29 @@ class DeepseekHandle(KVCompHandle):
                 del m.expand_kv
         super()._remove_bindings()
 
-    def new_cache(self) -> MLACache:
-        """A fresh ``MLACache`` for this model (pass it as past_key_values / cache)."""
+    def new_cache(self, *, static: bool = False, max_cache_len: int | None = None):
+        """A fresh ``MLACache`` for this model (pass it as past_key_values / cache).
+
+        ``static=True``: an ``MLAStaticCache`` preallocated to ``max_cache_len`` tokens per
+        sequence (prompt included) whose one-token decode step can be captured in a CUDA
+        graph (``compile_decode``); batches without padding only."""
         if not self.enabled:
             raise RuntimeError("this kvcomp handle was disabled")
         import weakref
 
-        cache = MLACache(self.config.num_hidden_layers, chunk_size=self.config.chunk_size,
-                         hash_weights=self.mla_weights, debug=self.debug)
+        if static:
+            from kvcomp_deepseek.static_cache import MLAStaticCache
+
+            if max_cache_len is None:
+                raise ValueError("new_cache(static=True) needs max_cache_len= (tokens per sequence)")
+            cache = MLAStaticCache(self.config.num_hidden_layers, max_cache_len=max_cache_len,
+                                   chunk_size=self.config.chunk_size, hash_weights=self.mla_weights,
+                                   seq_len_threshold=self.config.seq_len_threshold, debug=self.debug)
+        elif max_cache_len is not None:
+            raise ValueError("max_cache_len is a setting of static caches: pass static=True")
+        else:
+            cache = MLACache(self.config.num_hidden_layers, chunk_size=self.config.chunk_size,
+                             hash_weights=self.mla_weights, debug=self.debug)
         self._last_cache = weakref.ref(cache)
         return cache
 

@@ -19,6 +19,11 @@ is (no expansion) and the attention function runs the absorbed decode:
     o_lat  = sparse_mla_decode(q_lat, q_pe, c_kv, k_pe, block_idx, scale=module.scaling)
     out    = o_lat @ W_UV^T             per head, [B, 1, H, v_head_dim] -> the model's o_proj
 
+On a static cache (``kvcomp_deepseek.static_cache``) every decode step runs absorbed over the
+full preallocated buffers (``_static_decode``: ``mla_decode`` when dense, the selection and
+``sparse_mla_decode`` when sparse; lengths from the device ``seq_lens``, no host sync), so it
+can be captured in a CUDA graph.
+
 Every other call is dense and exact: prefill runs the model's previous attention with the mask
 transformers built; later dense steps (below the threshold, dense layers, T > 1) expand the
 compacted latent with the model's own ``expand_kv`` and attend with a mask from the real
@@ -39,11 +44,12 @@ from kvcomp.attention import (
     forward_scope,
     kvcomp_mask,
 )
-from kvcomp.ops import hamming_topk, hash_encode, sparse_mla_decode
+from kvcomp.ops import hamming_topk, hash_encode, mla_decode, sparse_mla_decode
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from kvcomp_deepseek.cache import MLACache, MLACacheLayer
+from kvcomp_deepseek.static_cache import MLAStaticCache
 
 __all__ = ["ATTN_NAME", "MLABinding", "absorb_weights", "kvcomp_mla_attention", "register"]
 
@@ -119,15 +125,17 @@ def absorb_weights(module, dtype: torch.dtype | None = None) -> tuple[torch.Tens
 
 
 def current_layer(binding: MLABinding) -> MLACacheLayer | None:
+    """The binding's layer of the kvcomp MLA cache (dynamic or static) of the running forward."""
     cache = forward_scope.current()
-    if not isinstance(cache, MLACache):
+    if not isinstance(cache, (MLACache, MLAStaticCache)):
         return None
     return cache.layers[binding.layer_idx]
 
 
 def patched_expand_kv(module):
-    """The instance ``expand_kv``: the latent unexpanded on a sparse decode step, else the
-    model's own expansion."""
+    """The instance ``expand_kv``: the latent unexpanded on a sparse decode step and on every
+    decode step of a static cache (absorbed there, dense or sparse), else the model's own
+    expansion."""
     own = type(module).expand_kv
 
     def expand_kv(kv_nope: torch.Tensor, k_rot: torch.Tensor):
@@ -136,6 +144,9 @@ def patched_expand_kv(module):
             binding.sparse_step = False
             layer = current_layer(binding)
             if layer is not None and layer.step_kind == "decode":
+                if getattr(layer, "is_static", False):
+                    binding.sparse_step = True
+                    return kv_nope, k_rot
                 mode = binding.handle.policy.mode(binding.layer_idx, layer.max_len)
                 if mode != "dense":
                     binding.sparse_step = True
@@ -156,6 +167,8 @@ def kvcomp_mla_attention(module, query, key, value, attention_mask, scaling=None
         scaling = module.scaling
     if binding is not None and binding.sparse_step:
         binding.sparse_step = False
+        if getattr(layer, "is_static", False):
+            return _static_decode(module, binding, layer, query, key, value, float(scaling)), None
         return _sparse_decode(module, binding, layer, query, key, value, float(scaling)), None
     if layer is None or layer.step_kind == "prefill":
         fn = fallback_function(module, fallback)
@@ -225,6 +238,59 @@ def _sparse_decode(module, binding: MLABinding, layer: MLACacheLayer, query, ckv
     )  # [B, H, R]
     out = torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv).to(query.dtype)
     layer.record_step(mode, block_idx)
+    return out.unsqueeze(1)  # [B, 1, H, v]
+
+
+def _static_decode(module, binding: MLABinding, layer, query, ckv, kpe, scaling: float):
+    """Absorbed decode on an ``MLAStaticCacheLayer`` (``kvcomp_deepseek.static_cache``): tensor
+    ops on the full buffers (ckv [B, 1, max_cache_len, R], kpe [B, 1, max_cache_len, P]) with
+    the lengths from ``seq_lens``, no host sync, shapes fixed by max_cache_len, so the step can
+    be captured in a CUDA graph. Dense layers and steps below the threshold (one length for
+    the whole static batch, known on the host) attend to every stored token (``mla_decode``);
+    sparse layers select with ``k_blocks_tensor`` and attend to the selected blocks. Returns
+    [B, 1, H, v_head_dim]."""
+    handle = binding.handle
+    cfg, policy = handle.config, handle.policy
+    cache = layer._cache_ref()
+    i = binding.layer_idx
+    if binding.absorbed is None:
+        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module, query.dtype))
+    w_uk, w_uv = binding.absorbed
+    nope = module.qk_nope_head_dim
+    q = query[:, :, 0]  # [B, H, nope + P]
+    dt = ckv.dtype
+    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].to(w_uk.dtype), w_uk).to(dt)  # [B, H, R]
+    q_pe = q[..., nope:].to(dt).contiguous()  # [B, H, P]
+    seq_lens = layer.seq_lens  # [B] int32, the new token included
+    cap = layer.keys_buf.shape[2]
+    dev = q.device
+    if policy.mode(i, layer.padded_len) == "dense":
+        o_lat = mla_decode(q_lat, q_pe, ckv[:, 0], kpe[:, 0], seq_lens, scale=scaling)
+    else:
+        j = policy.source(i)
+        if j != i:
+            src = cache.layers[j]
+            if src.step_block_idx is None or src.step_block_idx_update != layer.updates:
+                raise RuntimeError(f"layer {i} reuses layer {j}'s selection, but layer {j} made none at this step")
+            block_idx = src.step_block_idx.to(dev)
+        else:
+            if layer.mla_codes is None:
+                raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no codes")
+            codes = query_codes(q_lat, q_pe, binding, cfg.query_aggregation)
+            ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
+            k_blocks = cache.step_shared(("mla_k_blocks", ratio_key, dev),
+                                         lambda: policy.k_blocks_tensor(i, seq_lens))
+            block_idx = hamming_topk(
+                codes, layer.mla_codes, seq_lens, k_blocks=k_blocks,
+                max_blocks=policy.max_k_blocks(i, cap), chunk_size=cfg.chunk_size,
+                must_select=tuple(cfg.must_select_blocks), chunk_repre=cfg.chunk_repre_method,
+                mode=_MODES.get(cfg.query_aggregation, "exact"),
+            )
+            layer.step_block_idx = block_idx
+            layer.step_block_idx_update = layer.updates
+        o_lat = sparse_mla_decode(q_lat, q_pe, ckv[:, 0], kpe[:, 0], block_idx, seq_lens,
+                                  chunk_size=cfg.chunk_size, scale=scaling)  # [B, H, R]
+    out = torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv).to(query.dtype)
     return out.unsqueeze(1)  # [B, 1, H, v]
 
 
