@@ -1,0 +1,486 @@
+"""End-to-end decode speed of a 4-layer DeepSeek-V3-shaped (MLA) model: kvcomp against dense, static caches + CUDA graphs.
+
+The model is built from DeepSeek-V3's real config values with 4 layers instead of 61
+(hidden 7168, 128 heads, q_lora_rank 1536, kv_lora_rank 512, qk_nope 128, qk_rope 64,
+v_head 128, first_k_dense_replace 3, so layers 0-2 have the dense 18432-wide MLP and layer 3
+is MoE with the real 256 routed experts (top-8, 8 groups, top-4 groups) and 1 shared expert of
+2048, vocab 129280, YaRN rope of factor 40), random bf16 weights built on the GPU (no
+download). Per context length L and batch B, three decoders run in the same process, one after
+the other (each cache freed before the next), every one with a static cache and the same
+CUDA-graph runner (``kvcomp.graphs.DecodeGraphs``):
+
+    kvcomp    kvcomp.enable(model, config) + handle.new_cache(static=True) (an
+              ``MLAStaticCache``): the adapter's default layout, first two layers dense, layers
+              2-3 select 2048 tokens (16 blocks of 128) from 512 + 64-bit split codes of the
+              latent (``--budget``), threshold 2048; absorbed decode in latent space
+    dense     transformers' StaticCache + sdpa, exactly as transformers runs DeepSeek: the cached
+              latent of the whole preallocated cache is expanded by kv_b_proj into per-head K/V
+              at every step, then SDPA with a mask over the whole cache
+    dense_kv  kvcomp all-blocks: the MLA static cache with every layer dense, i.e. the absorbed
+              latent decode over every stored token (``kvcomp.ops.mla_decode``): the strong
+              dense baseline (the way DeepSeek's own inference decodes)
+
+The protocol is ``kvcomp bench e2e``'s (``kvcomp.bench.e2e``, whose helpers this module uses):
+contexts are filled synthetically (a 16-token real prefill makes the caches, then rows 0..L-1
+of every layer get a random normal latent and, for kvcomp, its split codes from
+``hash_encode``); a few warm-up steps (the first captures the graph), then greedy steps timed
+with CUDA events: per-step latency, tokens/s, peak memory. Prefill time and the share of it
+spent hashing: a real prefill of ``--prefill-ctx`` tokens on the static caches of dense_kv and
+kvcomp, and the split codes of one layer's latent timed once per hashed layer.
+
+Verified first, or no speedup is printed: (1) kvcomp all-blocks (absorbed) equals transformers'
+dense decode (logits, relative error within the larger of 1e-2 and 3x the gap between sdpa's
+math and default backends on the same model); (2) graph replay equals the eager step over
+several teacher-forced steps: kvcomp sparse and all-blocks within 1e-3 relative and the same
+argmax; transformers' dense the same argmax (its gap is recorded).
+
+Run: ``python -m kvcomp.bench.e2e_mla [--json PATH] ...`` (``--tiny``: a toy config on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+from kvcomp.bench import e2e
+
+DEEPSEEK_V3_4L = dict(
+    hidden_size=7168, num_hidden_layers=4, num_attention_heads=128, num_key_value_heads=128,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+    n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+    intermediate_size=18432, moe_intermediate_size=2048, vocab_size=129280,
+    max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                     "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "mscale": 1.0, "mscale_all_dim": 1.0},
+)
+TINY = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24,
+    first_k_dense_replace=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+    n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    intermediate_size=96, moe_intermediate_size=32, vocab_size=512,
+    max_position_embeddings=16384, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+TINY_HASH = dict(bits_kv=64, bits_rope=32)
+METHODS = e2e.METHODS  # ("kvcomp", "dense", "dense_kv")
+ORDER = [(131072, 1), (65536, 4), (32768, 1), (65536, 1), (32768, 4), (131072, 4)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
+    p.add_argument("--tiny", action="store_true",
+                   help="a toy 4-layer DeepSeek-V3 config at small contexts (CPU smoke test)")
+    p.add_argument("--contexts", help="comma-separated context lengths (default 32768,65536,131072)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default 1,4)")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per run (default 64)")
+    p.add_argument("--budget", type=int, default=2048, help="kvcomp tokens attended per sparse layer")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--prefill-ctx", type=int, default=32768,
+                   help="tokens of the real prefill timed for the hashing share (0: skip)")
+    p.add_argument("--verify-ctx", type=int, default=4096, help="context of the verification runs")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler table of graph-replayed steps at the longest B=1 row")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="start no new row after this many seconds (0: no limit)")
+    p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    """DeepseekV3ForCausalLM of DEEPSEEK_V3_4L (or TINY), random weights in ``dtype`` on ``device``."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**(TINY if tiny else DEEPSEEK_V3_4L))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DeepseekV3ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def kvcomp_config(model, *, budget: int, dense: bool, tiny: bool):
+    """The adapter's default MLA layout (first two layers dense, 512 + 64 hash bits) with a
+    ``budget``-token selection, or every layer dense (``dense``: kvcomp all-blocks)."""
+    from kvcomp.config import KVCompConfig
+
+    c = model.config
+    kw = dict(TINY_HASH, chunk_size=16, threshold=64) if tiny else {}
+    if dense:
+        kw.update(ratio=1.0, dense_layers=0)
+    else:
+        kw.update(top_k_budget_tokens=budget)
+    return KVCompConfig.default_mla("deepseek-v3-4l", c.num_hidden_layers, c.kv_lora_rank,
+                                    c.qk_rope_head_dim, **kw)
+
+
+class Decoder(e2e.Decoder):
+    """One of METHODS on the MLA model: ``make_cache(max_len)`` (an ``MLAStaticCache`` or
+    transformers' StaticCache of the latent), ``close()``."""
+
+    def __init__(self, model, method: str, budget: int, tiny: bool = False):
+        import kvcomp
+
+        self.model, self.method = model, method
+        self.handle = None
+        if method != "dense":
+            self.handle = kvcomp.enable(model, kvcomp_config(model, budget=budget, dense=method == "dense_kv",
+                                                             tiny=tiny))
+
+
+def fill_synthetic(cache, method: str, ctx: int, seed: int = 0) -> None:
+    """Rows 0..ctx-1 of every layer: a random normal latent (c_kv, k_pe) and, for kvcomp, its
+    split codes; lengths = ctx."""
+    from kvcomp_deepseek.cache import split_codes
+
+    e2e.fill_synthetic(cache, method, ctx, seed)
+    step = 8192
+    for layer in cache.layers:
+        codes = getattr(layer, "mla_codes", None)
+        if method == "dense" or codes is None:
+            continue
+        w_lat, w_rope = layer.mla_weights
+        for s in range(0, ctx, step):
+            e = min(ctx, s + step)
+            codes[:, :, s:e] = split_codes(layer.keys_buf[:, :, s:e], layer.values_buf[:, :, s:e], w_lat, w_rope)
+
+
+# ---------------------------------------------------------------------------------- verify
+def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
+    """The two checks of the module docstring; raises VerificationError on a mismatch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kvcomp.bench.timing import VerificationError
+
+    ctx, B, n = args.verify_ctx, 2, 4
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(1, V, (B, ctx), generator=g).to(dev)
+    steps = [torch.randint(1, V, (B, 1), generator=g).to(dev) for _ in range(n)]
+    res: dict = {"ctx": ctx, "batch": B, "steps": n}
+    graphs.enabled = False  # eager first
+
+    def run(method, backend=None):
+        dec = Decoder(model, method, args.budget, args.tiny)
+        try:
+            cache = dec.make_cache(ctx + n + 4)
+            with sdpa_kernel(backend) if backend is not None else _nullcontext():
+                e2e.forward(model, prompt, cache)
+                return e2e._decode_logits(model, cache, steps)
+        finally:
+            dec.close()
+
+    dense = run("dense")
+    math_backend = run("dense", SDPBackend.MATH)
+    every = run("dense_kv")
+    yard = max(e2e._rel(x, y) for x, y in zip(math_backend, dense))
+    err = max(e2e._rel(x, y) for x, y in zip(every, dense))
+    tol = max(1e-2, 3 * yard)
+    finite = all(bool(torch.isfinite(x).all()) for x in every)
+    same = sum(bool(torch.equal(x.argmax(-1), y.argmax(-1))) for x, y in zip(every, dense))
+    res["all_blocks_vs_dense"] = {"rel_err": err, "sdpa_math_vs_default": yard, "tol": tol,
+                                  "same_argmax_steps": f"{same}/{n}", "ok": finite and err <= tol}
+    if not res["all_blocks_vs_dense"]["ok"]:
+        raise VerificationError(f"kvcomp all-blocks (absorbed) differs from transformers' dense decode: "
+                                f"rel err {err:.3g} > {tol:.3g}", res)
+    if check_graphs and torch.cuda.is_available():
+        for method in ("kvcomp", "dense_kv", "dense"):
+            dec = Decoder(model, method, args.budget, args.tiny)
+            try:
+                cache = dec.make_cache(ctx + n + 4)
+                e2e.forward(model, prompt, cache)
+                kind = "hf" if method == "dense" else "kvcomp"
+                state = graphs._checkpoint(cache, kind)
+                graphs.enabled = False
+                eager = e2e._decode_logits(model, cache, steps)
+                graphs._restore(cache, kind, state)
+                eager2 = e2e._decode_logits(model, cache, steps)
+                graphs._restore(cache, kind, state)
+                graphs.enabled = True
+                replay = e2e._decode_logits(model, cache, steps)
+                graphs.clear()
+            finally:
+                dec.close()
+            e = max(e2e._rel(x, y) for x, y in zip(replay, eager))
+            same = all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(replay, eager))
+            ok = same and (e <= 1e-3 or method == "dense")
+            res[f"graph_vs_eager_{method}"] = {
+                "rel_err": e, "eager_vs_eager_rel_err": max(e2e._rel(x, y) for x, y in zip(eager2, eager)),
+                "bit_identical": all(torch.equal(x, y) for x, y in zip(replay, eager)),
+                "same_argmax": same, "ok": ok,
+            }
+            if not ok:
+                raise VerificationError(f"{method}: graph replay differs from the eager step "
+                                        f"({res[f'graph_vs_eager_{method}']})", res)
+            del cache
+    graphs.enabled = check_graphs and torch.cuda.is_available()
+    return res
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------- measure
+def measure(model, graphs, method: str, ctx: int, B: int, args, dev: str) -> dict:
+    """Per-step latency and throughput of ``method`` at context ``ctx`` and batch ``B``."""
+    cuda = dev == "cuda"
+    warm = 3
+    V = model.config.vocab_size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dec = Decoder(model, method, args.budget, args.tiny)
+    cache = None
+    try:
+        profiling = args.profile and cuda and method in ("kvcomp", "dense_kv") and B == 1 and ctx == args._profile_ctx
+        cache = dec.make_cache(ctx + args.steps + warm + (e2e.PROFILE_STEPS if profiling else 0) + 1)
+        g = torch.Generator().manual_seed(5)
+        stub = min(16, ctx)
+        e2e.forward(model, torch.randint(1, V, (B, stub), generator=g).to(dev), cache)  # makes the storage
+        fill_synthetic(cache, method, ctx)
+        ids = torch.randint(1, V, (B, 1), generator=g).to(dev)
+        for _ in range(warm):  # the first replays capture
+            ids = e2e.forward(model, ids, cache).logits[:, -1:].argmax(-1)
+        clock = e2e.Clock(cuda)
+        clock.start()
+        for _ in range(args.steps):
+            ids = e2e.forward(model, ids, cache).logits[:, -1:].argmax(-1)
+        ms = clock.stop_ms() / args.steps
+        row = {"method": method, "ctx": ctx, "batch": B, "steps": args.steps, "step_ms": ms,
+               "tokens_per_s": B * 1000.0 / ms, "graphs": bool(graphs.enabled)}
+        if cuda:
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if profiling:
+            row["profile"] = e2e.profile_steps(model, cache, ids, e2e.PROFILE_STEPS)
+        return row
+    finally:
+        dec.close()
+        graphs.clear()
+        del cache
+        e2e._free()
+
+
+def measure_prefill(model, args, dev: str) -> dict:
+    """Real prefill of ``--prefill-ctx`` tokens (B = 1) on the static caches of dense_kv and
+    kvcomp (the same storage and prefill attention: the difference is the hashing), and the
+    hashing share: the split codes of one layer's latent, once per hashed layer."""
+    from kvcomp_deepseek.cache import split_codes
+
+    ctx = args.prefill_ctx
+    cuda = dev == "cuda"
+    V = model.config.vocab_size
+    ids = torch.randint(1, V, (1, ctx), generator=torch.Generator().manual_seed(7)).to(dev)
+    out: dict = {"ctx": ctx}
+    for method in ("dense_kv", "kvcomp"):
+        dec = Decoder(model, method, args.budget, args.tiny)
+        cache = None
+        try:
+            warm = dec.make_cache(min(ctx, 1024) + 8)
+            e2e.forward(model, ids[:, :min(ctx, 1024)], warm, logits_to_keep=1)  # compiles the kernels
+            del warm
+            cache = dec.make_cache(ctx + 8)
+            clock = e2e.Clock(cuda)
+            clock.start()
+            e2e.forward(model, ids, cache, logits_to_keep=1)
+            out[f"{method}_ms"] = clock.stop_ms()
+            if method == "kvcomp":
+                layers = [layer for layer in cache.layers if layer.mla_codes is not None]
+                lat = layers[0].keys_buf[:, :, :ctx]
+                pe = layers[0].values_buf[:, :, :ctx]
+                w_lat, w_rope = layers[0].mla_weights
+                split_codes(lat, pe, w_lat, w_rope)
+                clock.start()
+                for _ in layers:
+                    split_codes(lat, pe, w_lat, w_rope)
+                out["hash_ms"] = clock.stop_ms()
+                out["hash_layers"] = len(layers)
+        finally:
+            dec.close()
+            cache = None
+            e2e._free()
+    out["hash_share"] = out["hash_ms"] / out["kvcomp_ms"]
+    out["kvcomp_over_dense_kv"] = out["kvcomp_ms"] / out["dense_kv_ms"]
+    return out
+
+
+# ---------------------------------------------------------------------------------- run
+def _table(data: dict) -> None:
+    print("\n| ctx | B | kvcomp ms | dense ms | dense_kv ms | kvcomp tok/s | vs dense | vs dense_kv | peak GB kvcomp / dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    by = {(r["ctx"], r["batch"], r["method"]): r for r in data["rows"] if "error" not in r}
+    for sp in data["speedups"]:
+        c, b = sp["ctx"], sp["batch"]
+
+        def cell(m, key="step_ms", fmt="{:.2f}", c=c, b=b):
+            r = by.get((c, b, m))
+            return fmt.format(r[key]) if r and key in r else "-"
+
+        print(f"| {c} | {b} | {cell('kvcomp')} | {cell('dense')} | {cell('dense_kv')} | "
+              f"{cell('kvcomp', 'tokens_per_s', '{:.1f}')} | {sp.get('vs_dense', float('nan')):.2f}x | "
+              f"{sp.get('vs_dense_kv', float('nan')):.2f}x | {cell('kvcomp', 'peak_gb', '{:.1f}')} / "
+              f"{cell('dense', 'peak_gb', '{:.1f}')} |")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvcomp.bench.timing import VerificationError
+    from kvcomp.graphs import DecodeGraphs
+
+    t_start = time.time()
+    try:
+        import kvcomp_deepseek  # noqa: F401  (the MLA adapter and cache)
+    except ImportError:
+        print("the DeepSeek-V3-shaped e2e bench needs the kvcomp-deepseek package (pip install kvcomp-deepseek)")
+        return 1
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("the DeepSeek-V3-shaped e2e bench needs a CUDA GPU (use --tiny for a CPU smoke run)")
+        return 1
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    contexts = e2e._ints(args.contexts, [160, 400] if args.tiny else [32768, 65536, 131072])
+    batches = e2e._ints(args.batches, [1, 2] if args.tiny else [1, 4])
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"--methods: unknown {bad}; choose from {METHODS}")
+        return 2
+    if args.tiny and args.verify_ctx == 4096:
+        args.verify_ctx = 200
+    if args.tiny and args.prefill_ctx == 32768:
+        args.prefill_ctx = 256
+    if args.tiny and args.budget == 2048:
+        args.budget = 64
+    rows_todo = [rc for rc in ORDER if rc[0] in contexts and rc[1] in batches]
+    rows_todo += [(c, b) for b in batches for c in contexts if (c, b) not in rows_todo]
+    args._profile_ctx = max([c for c, b in rows_todo if b == 1], default=0)
+
+    import transformers
+
+    data: dict = {
+        "bench": "e2e_mla",
+        "model": "tiny deepseek-v3" if args.tiny else "deepseek-v3-shape, 4 layers (random bf16 weights)",
+        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                "python": platform.python_version()},
+        "budget_tokens": args.budget, "steps": args.steps, "rows": [], "speedups": [],
+    }
+    try:
+        import triton
+
+        data["env"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    model = build_model(args.tiny, dev, dtype)
+    data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
+    data["model_config"]["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    data["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+    cfg = kvcomp_config(model, budget=args.budget, dense=False, tiny=args.tiny)
+    data["kvcomp_config"] = {"dense_layers": cfg.dense_layer_indices, "chunk_size": cfg.chunk_size,
+                             "hash_bits": cfg.hash_bits, "threshold": cfg.seq_len_threshold}
+    graphs = DecodeGraphs(model, warmup=2)
+    try:
+        print(f"# model built in {time.time() - t_start:.1f}s ({data['params_b']:.2f}B parameters); verifying",
+              flush=True)
+        try:
+            data["verify"] = verify(model, args, graphs, dev)
+        except VerificationError as e:
+            data["verify"] = {"ok": False, "error": str(e), "checks": e.args[1] if len(e.args) > 1 else None}
+            e2e._write(args.json, data)
+            print(f"VERIFICATION FAILED, no speedups reported: {e}")
+            return 1
+        except Exception as e:  # the graph path broke: report it, measure eagerly (host-bound)
+            traceback.print_exc()
+            data["graphs_error"] = repr(e)
+            print(f"# CUDA graphs failed ({e!r}); measuring eager steps instead", flush=True)
+            graphs.clear()
+            graphs.enabled = False
+            data["verify"] = verify(model, args, graphs, dev, check_graphs=False)
+        print(f"# verified: {json.dumps(data['verify'])}", flush=True)
+        e2e._write(args.json, data)
+        if args.prefill_ctx:
+            try:
+                data["prefill"] = p = measure_prefill(model, args, dev)
+                print(f"# prefill {p['ctx']} tokens: dense_kv {p['dense_kv_ms']:.1f} ms, kvcomp {p['kvcomp_ms']:.1f} ms "
+                      f"(x{p['kvcomp_over_dense_kv']:.3f}), hashing {p['hash_ms']:.2f} ms "
+                      f"({p['hash_layers']} layers) = {100 * p['hash_share']:.2f}%", flush=True)
+            except torch.cuda.OutOfMemoryError as e:
+                e2e._free()
+                data["prefill"] = {"ctx": args.prefill_ctx, "error": f"out of memory: {str(e)[:120]}"}
+                print(f"# prefill: {data['prefill']['error']}", flush=True)
+            e2e._write(args.json, data)
+        print(f"{'ctx':>7} {'B':>2} {'method':>8} {'step ms':>9} {'tok/s':>9} {'peak GB':>8}", flush=True)
+        for ctx, B in rows_todo:
+            if args.time_limit and time.time() - t_start > args.time_limit:
+                data.setdefault("skipped", []).append({"ctx": ctx, "batch": B, "why": "time limit"})
+                print(f"{ctx:>7} {B:>2} skipped (time limit)", flush=True)
+                continue
+            got = {}
+            for method in methods:
+                try:
+                    row = measure(model, graphs, method, ctx, B, args, dev)
+                except torch.cuda.OutOfMemoryError as e:
+                    e2e._free()
+                    row = {"method": method, "ctx": ctx, "batch": B, "error": f"out of memory: {str(e)[:120]}"}
+                except Exception as e:  # keep the other rows; the traceback goes to the log
+                    traceback.print_exc()
+                    e2e._free()
+                    row = {"method": method, "ctx": ctx, "batch": B, "error": repr(e)[:300]}
+                data["rows"].append(row)
+                if "error" in row:
+                    print(f"{ctx:>7} {B:>2} {method:>8} {row['error'][:60]}", flush=True)
+                    continue
+                got[method] = row
+                print(f"{ctx:>7} {B:>2} {method:>8} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} "
+                      f"{row.get('peak_gb', float('nan')):>8.1f}", flush=True)
+                if "profile" in row:
+                    print(f"# profile, {method}, {e2e.PROFILE_STEPS} replayed steps:\n{row['profile']}", flush=True)
+            if "kvcomp" in got:
+                sp = {"ctx": ctx, "batch": B}
+                for base in ("dense", "dense_kv"):
+                    if base in got:
+                        sp[f"vs_{base}"] = got[base]["step_ms"] / got["kvcomp"]["step_ms"]
+                bases = [got[b]["step_ms"] for b in ("dense", "dense_kv") if b in got]
+                if bases:
+                    sp["vs_best_dense"] = min(bases) / got["kvcomp"]["step_ms"]
+                data["speedups"].append(sp)
+                print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
+                                                   if k.startswith("vs_")), flush=True)
+            e2e._write(args.json, data)
+    finally:
+        graphs.remove()
+    _table(data)
+    print(f"# total {time.time() - t_start:.0f}s")
+    e2e._write(args.json, data)
+    if args.plot:
+        try:
+            e2e.plot(data, args.plot)
+        except ImportError as e:
+            print(f"# no plot: {e}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvcomp.bench.e2e_mla [options]`` (the options of ``add_arguments``)."""
+    p = argparse.ArgumentParser(prog="python -m kvcomp.bench.e2e_mla", description=(__doc__ or "").splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
