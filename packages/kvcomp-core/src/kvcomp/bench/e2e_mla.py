@@ -157,6 +157,33 @@ def fill_synthetic(cache, method: str, ctx: int, seed: int = 0) -> None:
             codes[:, :, s:e] = split_codes(layer.keys_buf[:, :, s:e], layer.values_buf[:, :, s:e], w_lat, w_rope)
 
 
+def decode_graphs(model):
+    """``kvcomp.graphs.DecodeGraphs`` whose captures free the allocator's cache after each
+    warm-up step, so that the graph's private pool can take the memory the warm-up used:
+    transformers' dense step expands the whole cached latent into per-head K/V (about 60 GB
+    per step at 128K, B = 4), which must not be held twice. Replays are unchanged."""
+    from kvcomp.graphs import DecodeGraphs
+
+    class _Graphs(DecodeGraphs):
+        def _capture(self, entry, cache, kind, call):
+            fwd = self._forward
+
+            def forward_then_free(**kw):
+                out = fwd(**kw)
+                if torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                return out
+
+            self._forward = forward_then_free
+            try:
+                super()._capture(entry, cache, kind, call)
+            finally:
+                self._forward = fwd
+
+    return _Graphs(model, warmup=2)
+
+
 # ---------------------------------------------------------------------------------- verify
 def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
     """The two checks of the module docstring; raises VerificationError on a mismatch."""
@@ -339,7 +366,6 @@ def _table(data: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvcomp.bench.timing import VerificationError
-    from kvcomp.graphs import DecodeGraphs
 
     t_start = time.time()
     try:
@@ -393,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = kvcomp_config(model, budget=args.budget, dense=False, tiny=args.tiny)
     data["kvcomp_config"] = {"dense_layers": cfg.dense_layer_indices, "chunk_size": cfg.chunk_size,
                              "hash_bits": cfg.hash_bits, "threshold": cfg.seq_len_threshold}
-    graphs = DecodeGraphs(model, warmup=2)
+    graphs = decode_graphs(model)
     try:
         print(f"# model built in {time.time() - t_start:.1f}s ({data['params_b']:.2f}B parameters); verifying",
               flush=True)
