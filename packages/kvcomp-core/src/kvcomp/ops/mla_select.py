@@ -207,6 +207,7 @@ def mla_select(
         )
     if not isinstance(kb, torch.Tensor):
         kb = torch.full((q_codes.shape[0],), int(kb), dtype=torch.int32, device=q_codes.device)
+    kb, seq_lens = kb.contiguous(), seq_lens.contiguous()  # the kernels read [b] at unit stride
     with device_guard(q_codes):
         planes, const = count_planes(q_codes)
         scores = block_scores_from_planes(k_codes, planes, const, seq_lens, H, chunk_size)

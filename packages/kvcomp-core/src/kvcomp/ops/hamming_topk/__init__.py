@@ -130,9 +130,11 @@ def hamming_topk(
     if use_triton(backend, q_codes, k_codes, seq_lens, *extra):
         from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
 
+        if isinstance(kb, torch.Tensor):
+            kb = kb.contiguous()  # the kernels read kb[b], seq_lens[b] at unit stride
         with device_guard(q_codes):
             return hamming_topk_triton(
-                q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, mode, k_scale
+                q_codes, k_codes, seq_lens.contiguous(), kb, K, chunk_size, must, chunk_repre, mode, k_scale
             )
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])

@@ -93,7 +93,7 @@ def hash_encode(
             from kvcomp.ops.hash_encode.kernels import hash_encode_into_triton
 
             with device_guard(x):
-                return hash_encode_into_triton(x, weight, out, positions, bias)
+                return hash_encode_into_triton(x, weight, out, positions.contiguous(), bias)
         return hash_encode_into_ref(x, weight, out, positions, bias)
     if use_triton(backend, x, weight, *extra):
         from kvcomp.ops.hash_encode.kernels import hash_encode_triton

@@ -62,5 +62,5 @@ def mla_decode(
         from kvcomp.ops.mla_decode.kernels import mla_decode_triton
 
         with device_guard(q_lat):
-            return mla_decode_triton(q_lat, q_pe, ckv, kpe, seq_lens, float(scale))
+            return mla_decode_triton(q_lat, q_pe, ckv, kpe, seq_lens.contiguous(), float(scale))
     return mla_decode_ref(q_lat, q_pe, ckv, kpe, seq_lens, float(scale))

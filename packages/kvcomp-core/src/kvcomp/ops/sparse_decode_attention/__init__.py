@@ -102,7 +102,7 @@ def sparse_decode_attention(
 
         with device_guard(q):
             return sparse_decode_attention_triton(
-                q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale), out=out,
+                q, k_cache, v_cache, block_idx, seq_lens.contiguous(), chunk_size, float(scale), out=out,
                 block_table=block_table,
             )
     if block_table is not None:

@@ -66,6 +66,6 @@ def sparse_mla_decode(
 
         with device_guard(q_lat):
             return sparse_mla_decode_triton(
-                q_lat, q_pe, ckv, kpe, block_idx, seq_lens, chunk_size, float(scale)
+                q_lat, q_pe, ckv, kpe, block_idx, seq_lens.contiguous(), chunk_size, float(scale)
             )
     return sparse_mla_decode_ref(q_lat, q_pe, ckv, kpe, block_idx, seq_lens, chunk_size, float(scale))
