@@ -1,0 +1,344 @@
+"""Experiment (issue 8): hash weights fitted to the data, measured as kvcomp selects.
+
+SmolLM2-135M, CTX-token documents (default 4096) cut from the essays (``split_essays(seed=0,
+n_train=12)``): weights are fitted on training documents only; the measurement uses held-out
+documents, their last WINDOW positions as decode steps (prefill = the rest, whose mean key is
+the ``centered_norm`` mu), chunk 16, 128 bits, must-select (0, -2, -1), layers 2-29 (the first two
+stay dense). Every selection follows kvcomp's rule: query code ``sign(q_g W)``, key code
+``sign((k - mu) W)`` (``centered_norm``) or ``sign(k W)`` (``hamming``), token score
+``sum_g (BITS - 2 Ham)`` (times ``||k - mu||`` for ``centered_norm``), block score = the block's
+max token score, top-k with ties to the lower block; the oracle takes the blocks of most true
+attention mass (group mean of the softmax). Reported: captured attention mass per budget (mean
+over sparse layers and kv-heads per position, then mean and s.e. over positions) and the share
+of the random/hamming -> oracle gap closed (s.e. from the paired per-position differences).
+
+Variants (W per (layer, kv-head), [D, BITS]):
+  random          kvcomp's seeded orthogonal projections (``HashWeights.random``, seed 0)
+  exact           no hash: the score itself, sum_g q_g . (k - mu) (the limit of infinite bits)
+  qcov / kcov     W = Sigma^{1/2} G: Gaussian directions shaped by the covariance of the group's
+                  queries / of the centred keys on training text
+  qcov-orth       W = U diag(sqrt lambda) R (R [D, BITS] stacked random orthogonal blocks)
+  block-rank      trained from an init: relaxed score (tanh of the normalised projections,
+                  times ||k - mu||), block max pooled softly, ListNet loss against each training
+                  query's true block mass, Adam
+
+Run (CPU, one thread): OMP_NUM_THREADS=1 python tools/experiments/fit_hash.py [--variants ...]
+Captured q/k are cached under /tmp/fit_hash_cache (a few hundred MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+CTX, WINDOW, CHUNK, BITS, MUST = 4096, 1024, 16, 128, (0, -2, -1)
+BUDGETS = (0.05, 0.1, 0.2)
+FIRST_SPARSE = 2
+CACHE = Path("/tmp/fit_hash_cache")
+
+
+# ----------------------------------------------------------------------------- capture
+def capture_docs(split: str, n_docs: int, ctx: int) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """[{layer: (q [Hq, T, D], k [Hkv, T, D])}] for the first n_docs documents of the split."""
+    path = CACHE / f"{split}_{n_docs}_{ctx}.pt"
+    if path.exists():
+        return torch.load(path)
+    from kvcomp.eval.loading import load_model, load_texts, make_documents
+    from kvcomp.training import capture_qk
+
+    model, tok = load_model("smollm2")
+    docs = make_documents(load_texts([f"essays:{split}"]), tok, ctx, n_docs)
+    out = []
+    for d in docs:
+        cap = capture_qk(model, d)
+        out.append({i: (c.q.clone(), c.k.clone()) for i, c in cap.items()})
+    CACHE.mkdir(exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+# ----------------------------------------------------------------------------- selection
+def oracle_mass(q: torch.Tensor, k: torch.Tensor, t0: int) -> torch.Tensor:
+    """q [Hq, N, D] at positions t0..t0+N-1, k [Hkv, T, D] -> [Hkv, N, NB] block mass (group mean)."""
+    Hq, N, D = q.shape
+    Hkv, T, _ = k.shape
+    G = Hq // Hkv
+    s = torch.einsum("hnd,hld->hnl", q.reshape(Hkv, G * N, D), k).view(Hkv * G, N, T) * D**-0.5
+    t = torch.arange(t0, t0 + N).view(1, N, 1)
+    s = s.masked_fill(torch.arange(T).view(1, 1, T) > t, -math.inf)
+    p = torch.softmax(s, -1).view(Hkv, G, N, T).mean(1)
+    nb = -(-T // CHUNK)
+    p = torch.nn.functional.pad(p, (0, nb * CHUNK - T))
+    return p.view(Hkv, N, nb, CHUNK).sum(-1)
+
+
+def block_max(scores: torch.Tensor, t0: int) -> torch.Tensor:
+    """token scores [Hkv, N, T] -> [Hkv, N, NB] block max over causal tokens."""
+    Hkv, N, T = scores.shape
+    t = torch.arange(t0, t0 + N).view(1, N, 1)
+    sc = scores.masked_fill(torch.arange(T).view(1, 1, T) > t, -math.inf)
+    nb = -(-T // CHUNK)
+    sc = torch.nn.functional.pad(sc, (0, nb * CHUNK - T), value=-math.inf)
+    return sc.view(Hkv, N, nb, CHUNK).amax(-1)
+
+
+def captured(bscores: torch.Tensor, mass: torch.Tensor, t0: int) -> dict[float, torch.Tensor]:
+    """Block scores and true mass [Hkv, N, NB] -> {budget: [N] captured mass (mean over Hkv)}."""
+    Hkv, N, nb = mass.shape
+    nbt = (torch.arange(t0, t0 + N) + CHUNK) // CHUNK  # blocks visible at each position
+    real = torch.arange(nb).view(1, nb) < nbt.view(N, 1)
+    sc = bscores.to(torch.float64).masked_fill(~real, -math.inf)
+    for m in MUST:
+        idx = torch.full((N,), m) if m >= 0 else nbt + m
+        sc[:, torch.arange(N), idx] = math.inf
+    order = torch.sort(sc, dim=-1, descending=True, stable=True).indices
+    cum = mass.gather(-1, order).cumsum(-1)  # [Hkv, N, NB]
+    out = {}
+    for r in BUDGETS:
+        kb = torch.ceil(r * nbt.double()).long().clamp(min=len(set(MUST)))
+        out[r] = cum.gather(-1, (kb - 1).view(1, N, 1).expand(Hkv, N, 1)).squeeze(-1).mean(0)
+    return out
+
+
+def hash_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """kvcomp's token scores: q [Hq, N, D], k [Hkv, T, D], w [Hkv, D, BITS], mu [Hkv, D] or None
+    (hamming) -> float [Hkv, N, T]."""
+    Hq, N, D = q.shape
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    sq = (torch.einsum("hnd,hdb->hnb", q.reshape(Hkv, G * N, D), w) > 0).float() * 2 - 1
+    sq = sq.view(Hkv, G, N, -1).sum(1)
+    kc = k if mu is None else k - mu.unsqueeze(1)
+    sk = (torch.einsum("hld,hdb->hlb", kc, w) > 0).float() * 2 - 1
+    sc = torch.einsum("hnb,hlb->hnl", sq, sk)
+    if mu is None:
+        return sc
+    return sc * kc.norm(dim=-1).half().float().unsqueeze(1)
+
+
+def exact_scores(q: torch.Tensor, k: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    Hq, N, D = q.shape
+    Hkv = k.shape[0]
+    return torch.einsum("hnd,hld->hnl", q.reshape(Hkv, Hq // Hkv, N, D).sum(1), k - mu.unsqueeze(1))
+
+
+def angle_scores(q: torch.Tensor, k: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """centered_norm's expectation (infinite random bits): ||k - mu|| sum_g (1 - 2 angle_g / pi)."""
+    Hq, N, D = q.shape
+    Hkv = k.shape[0]
+    kc = k - mu.unsqueeze(1)
+    qn = torch.nn.functional.normalize(q.reshape(Hkv, Hq // Hkv * N, D), dim=-1)
+    cos = torch.einsum("hnd,hld->hnl", qn, torch.nn.functional.normalize(kc, dim=-1))
+    lin = (1 - 2 * torch.arccos(cos.clamp(-1, 1)) / math.pi).view(Hkv, Hq // Hkv, N, -1).sum(1)
+    return lin * kc.norm(dim=-1).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- fitted weights
+def _gauss(n: int, d: int, bits: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, bits, generator=g, dtype=torch.float64)
+
+
+def _sqrtm(c: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    ev, U = torch.linalg.eigh(c)
+    return U @ torch.diag_embed(ev.clamp(min=1e-8 * ev.max()) ** power) @ U.transpose(-1, -2)
+
+
+def group_stats(train, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query covariance [Hkv, D, D] of the group's queries, centred-key covariance [Hkv, D, D])
+    over the second half of every training document (float64)."""
+    qs, ks = [], []
+    for doc in train:
+        q, k = doc[layer]
+        Hq, T, D = q.shape
+        Hkv = k.shape[0]
+        qs.append(q[:, T // 2:].reshape(Hkv, -1, D))  # heads of a group are consecutive
+        ks.append(k[:, T // 2:] - k[:, : T // 2].mean(1, keepdim=True))
+    q = torch.cat(qs, 1).double()
+    k = torch.cat(ks, 1).double()
+    qc = q - q.mean(1, keepdim=True)
+    return qc.transpose(1, 2) @ qc / q.shape[1], k.transpose(1, 2) @ k / k.shape[1]
+
+
+def fitted_weights(name: str, train, layer: int, hkv: int, d: int, seed: int = 0) -> torch.Tensor:
+    from kvcomp.hashing import orthogonal_projection
+
+    if name == "random":
+        return orthogonal_projection(hkv, d, BITS, seed=seed, layer=layer)
+    cq, ck = group_stats(train, layer)
+    if name == "qcov":
+        w = _sqrtm(cq) @ _gauss(hkv, d, BITS, seed * 1000 + layer)
+    elif name == "kcov":
+        w = _sqrtm(ck) @ _gauss(hkv, d, BITS, seed * 1000 + layer)
+    elif name == "qcov-orth":
+        w = _sqrtm(cq) @ orthogonal_projection(hkv, d, BITS, seed=seed, layer=layer).double()
+    elif name == "kcov-orth":
+        w = _sqrtm(ck) @ orthogonal_projection(hkv, d, BITS, seed=seed, layer=layer).double()
+    elif name == "qkcov-orth":  # the geometric mean of the two metrics' square roots
+        w = _sqrtm(cq, 0.25) @ _sqrtm(ck, 0.25) @ orthogonal_projection(hkv, d, BITS, seed=seed,
+                                                                           layer=layer).double()
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    return (w / w.norm(dim=1, keepdim=True)).float()
+
+
+# ----------------------------------------------------------------------------- block-rank
+def block_rank_fit(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: int,
+                   lr: float, seed: int, beta: float = 3.0, tau_pool: float = 0.1) -> torch.Tensor:
+    """Adam on W [Hkv, D, BITS] from w0: ListNet loss between the relaxed block scores and the
+    true block mass of sampled training queries (second half of each document)."""
+    gen = torch.Generator().manual_seed(seed * 7919 + layer)
+    data = []
+    for doc in train:
+        q, k = doc[layer]
+        Hq, T, D = q.shape
+        t = torch.sort(torch.randperm(T // 2, generator=gen)[:n_queries] + T // 2).values
+        mu = k[:, : T // 2].mean(1)
+        qt = q[:, t]  # [Hq, n, D]
+        Hkv = k.shape[0]
+        G = Hq // Hkv
+        # true block mass of each sampled position (group mean)
+        s = torch.einsum("hnd,hld->hnl", qt.view(Hkv, G * len(t), D), k).view(Hq, len(t), T) * D**-0.5
+        s = s.masked_fill(torch.arange(T).view(1, 1, T) > t.view(1, -1, 1), -math.inf)
+        p = torch.softmax(s, -1).view(Hkv, G, len(t), T).mean(1)
+        nb = -(-T // CHUNK)
+        mass = torch.nn.functional.pad(p, (0, nb * CHUNK - T)).view(Hkv, len(t), nb, CHUNK).sum(-1)
+        nbt = (t + CHUNK) // CHUNK
+        keep = torch.arange(nb).view(1, nb) < nbt.view(-1, 1)
+        for m in MUST:
+            keep[torch.arange(len(t)), m if m >= 0 else nbt + m] = False
+        target = mass * keep
+        target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
+        causal = torch.arange(T).view(1, T) <= t.view(-1, 1)  # [n, T]
+        data.append((qt, k - mu.unsqueeze(1), target, keep, causal))
+    w = torch.nn.Parameter(w0.clone())
+    log_tau = torch.nn.Parameter(torch.zeros(()))
+    opt = torch.optim.Adam([w, log_tau], lr=lr)
+    for step in range(steps):
+        qt, kc, target, keep, causal = data[step % len(data)]
+        Hq, n, D = qt.shape
+        Hkv, T, _ = kc.shape
+        G = Hq // Hkv
+        wn = w / w.norm(dim=1, keepdim=True)
+        pq = torch.einsum("hnd,hdb->hnb", qt.reshape(Hkv, G * n, D), wn)
+        pk = torch.einsum("hld,hdb->hlb", kc, wn)
+        sq = torch.tanh(beta * pq / pq.std(1, keepdim=True)).view(Hkv, G, n, -1).sum(1)
+        sk = torch.tanh(beta * pk / pk.std(1, keepdim=True))
+        sc = torch.einsum("hnb,hlb->hnl", sq, sk) * kc.norm(dim=-1).unsqueeze(1)
+        sc = sc / (G * BITS * kc.norm(dim=-1).mean())
+        sc = sc.masked_fill(~causal.unsqueeze(0), -1e4)
+        nb = target.shape[-1]
+        sc = torch.nn.functional.pad(sc, (0, nb * CHUNK - T), value=-1e4).view(Hkv, n, nb, CHUNK)
+        bs = tau_pool * torch.logsumexp(sc / tau_pool, -1)  # soft block max
+        logits = (bs / log_tau.exp()).masked_fill(~keep, -1e4)
+        loss = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (w / w.norm(dim=1, keepdim=True)).detach().float()
+
+
+# ----------------------------------------------------------------------------- main
+def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int):
+    """{variant/score: {budget: [positions] captured mass}} over the held-out documents."""
+    res: dict[str, dict[float, list]] = {}
+    n_layers = len(held[0])
+    for doc in held:
+        per: dict[str, dict[float, torch.Tensor]] = {}
+        for layer in range(FIRST_SPARSE, n_layers):
+            q, k = doc[layer]
+            T = k.shape[1]
+            t0 = T - window
+            qw = q[:, t0:]
+            mu = k[:, :t0].mean(1)
+            mass = oracle_mass(qw, k, t0)
+            runs = {"oracle": mass, "exact": block_max(exact_scores(qw, k, mu), t0),
+                    "angle": block_max(angle_scores(qw, k, mu), t0)}
+            for name, ws in weights.items():
+                w = ws[layer]
+                runs[f"{name}/hamming"] = block_max(hash_scores(qw, k, w, None), t0)
+                runs[f"{name}/centered_norm"] = block_max(hash_scores(qw, k, w, mu), t0)
+            for key, bs in runs.items():
+                for r, v in captured(bs, mass, t0).items():
+                    acc = per.setdefault(key, {}).setdefault(r, torch.zeros(window, dtype=torch.float64))
+                    acc += v / (n_layers - FIRST_SPARSE)
+        for key, d in per.items():
+            for r, v in d.items():
+                res.setdefault(key, {}).setdefault(r, []).append(v)
+    return {k: {r: torch.cat(v) for r, v in d.items()} for k, d in res.items()}
+
+
+def table(res) -> str:
+    base, orc = res["random/hamming"], res["oracle"]
+    n = len(base[BUDGETS[0]])
+    lines = [f"| selection ({n} positions) | " + " | ".join(f"mass @ {r:g}" for r in BUDGETS)
+             + " | " + " | ".join(f"gap closed @ {r:g}" for r in BUDGETS) + " |",
+             "|---" * (1 + 2 * len(BUDGETS)) + "|"]
+    for key, d in res.items():
+        cells = [f"{d[r].mean():.4f} ± {d[r].std() / math.sqrt(n):.4f}" for r in BUDGETS]
+        for r in BUDGETS:
+            gap = (orc[r] - base[r]).mean()
+            diff = d[r] - base[r]
+            cells.append(f"{diff.mean() / gap:+.1%} ± {diff.std() / math.sqrt(n) / gap:.1%}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ctx", type=int, default=CTX)
+    ap.add_argument("--window", type=int, default=WINDOW)
+    ap.add_argument("--held-docs", type=int, default=4)
+    ap.add_argument("--train-docs", type=int, default=4)
+    ap.add_argument("--variants", nargs="+", default=["random", "qcov", "kcov", "qcov-orth",
+                                                      "kcov-orth", "qkcov-orth"])
+    ap.add_argument("--rank-init", default="random", help="init of block-rank")
+    ap.add_argument("--rank-steps", type=int, default=200)
+    ap.add_argument("--rank-queries", type=int, default=256)
+    ap.add_argument("--rank-lr", type=float, default=0.01)
+    ap.add_argument("--layers", type=int, nargs="*", default=None,
+                    help="sparse layers to measure (default all)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    held = capture_docs("heldout", args.held_docs, args.ctx)
+    train = capture_docs("train", args.train_docs, args.ctx)
+    n_layers = len(held[0])
+    Hkv, _, D = held[0][0][1].shape
+    if args.layers:  # measure a subset: keep only those layers (and the dense ones' slots empty)
+        global FIRST_SPARSE
+        keep = sorted(args.layers)
+        held = [{i: d[layer] for i, layer in enumerate(keep)} for d in held]
+        train = [{i: d[layer] for i, layer in enumerate(keep)} for d in train]
+        layer_ids = keep
+        FIRST_SPARSE = 0
+    else:
+        layer_ids = list(range(n_layers))
+    print(f"captured {len(held)} held-out and {len(train)} training documents in {time.time() - t0:.0f}s")
+    weights: dict[str, dict[int, torch.Tensor]] = {}
+    for v in args.variants:
+        t1 = time.time()
+        if v == "block-rank":
+            weights[v] = {}
+            for i, lid in enumerate(layer_ids):
+                if i < FIRST_SPARSE:
+                    continue
+                w0 = fitted_weights(args.rank_init, train, i, Hkv, D) if args.rank_init != "random" \
+                    else fitted_weights("random", train, lid, Hkv, D)
+                weights[v][i] = block_rank_fit(train, i, w0, steps=args.rank_steps,
+                                               n_queries=args.rank_queries, lr=args.rank_lr, seed=0)
+        else:
+            weights[v] = {i: fitted_weights(v, train, i if v != "random" else lid, Hkv, D)
+                          for i, lid in enumerate(layer_ids)}
+        print(f"  {v}: {time.time() - t1:.0f}s")
+    res = evaluate(held, weights, args.window)
+    print(table(res))
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
