@@ -192,11 +192,13 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
         if layer.codes_buf is None:
             raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
         q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation, q_weight=binding.q_weight)
+        lens = layer.lens  # host copy of seq_lens: one length needs no tensor ops (eager host time)
+        k_blocks = policy.k_blocks(i, lens[0]) if len(set(lens)) == 1 else policy.k_blocks_tensor(i, seq_lens)
         block_idx = hamming_topk(
             q_codes,
             layer.codes_buf[:, :, :L],
             seq_lens,
-            k_blocks=policy.k_blocks_tensor(i, seq_lens),
+            k_blocks=k_blocks,
             max_blocks=policy.max_k_blocks(i, L),
             chunk_size=cfg.chunk_size,
             must_select=tuple(cfg.must_select_blocks),

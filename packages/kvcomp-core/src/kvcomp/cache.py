@@ -375,7 +375,8 @@ class KVCompLayer(CacheLayerMixin):
     def record_step(self, mode: str, block_idx: torch.Tensor | None) -> None:
         """Count one decode step: blocks attended vs available over (sequence, kv-head)."""
         H = self.keys_buf.shape[1]
-        available = self.n_blocks().to(torch.int64).sum() * H
+        c = self.chunk_size
+        available = H * sum(-(-n // c) for n in self.lens)  # host lengths: no kernel, no sync
         attended = available if block_idx is None else (block_idx >= 0).sum()
         self.stat.add(mode, attended, available, block_idx)
 
@@ -390,6 +391,15 @@ class KVCompLayer(CacheLayerMixin):
     @property
     def history(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         return self.stat.history
+
+
+def _accumulate(total, x):
+    """total + x for counters that are host ints or device tensors (kept on x's device)."""
+    if total is None:
+        return x.clone() if isinstance(x, torch.Tensor) else x
+    if isinstance(total, torch.Tensor) and isinstance(x, torch.Tensor):
+        return total.to(x.device) + x
+    return total + x if isinstance(total, torch.Tensor) else x + total
 
 
 class LayerStats:
@@ -407,13 +417,11 @@ class LayerStats:
         self.last_block_idx: torch.Tensor | None = None
         self.history: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
-    def add(self, mode: str, attended: torch.Tensor, available: torch.Tensor, block_idx) -> None:
+    def add(self, mode: str, attended: torch.Tensor | int, available: torch.Tensor | int, block_idx) -> None:
+        """Count a step; ``attended`` / ``available`` are device tensors or host ints."""
         self.steps[mode] += 1
-        if self.attended is None:
-            self.attended, self.available = attended.clone(), available.clone()
-        else:
-            self.attended = self.attended.to(attended.device) + attended
-            self.available = self.available.to(available.device) + available
+        self.attended = _accumulate(self.attended, attended)
+        self.available = _accumulate(self.available, available)
         if self.debug:
             self.last_block_idx = block_idx
             self.history.append((mode, attended, available))
