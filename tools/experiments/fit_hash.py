@@ -187,59 +187,25 @@ def fitted_weights(name: str, train, layer: int, hkv: int, d: int, seed: int = 0
 
 
 # ----------------------------------------------------------------------------- block-rank
-def block_rank_fit(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: int,
-                   lr: float, seed: int, beta: float = 3.0, tau_pool: float = 0.1) -> torch.Tensor:
-    """Adam on W [Hkv, D, BITS] from w0: ListNet loss between the relaxed block scores and the
-    true block mass of sampled training queries (second half of each document)."""
-    gen = torch.Generator().manual_seed(seed * 7919 + layer)
-    data = []
-    for doc in train:
+def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: int, lr: float,
+               beta: float, tau: float, seed: int = 0) -> torch.Tensor:
+    """kvcomp.training.block_rank.fit_block_rank on the captured training documents (query
+    positions drawn as ``collect_groups`` draws them)."""
+    from kvcomp.training.block_rank import GroupSet, fit_block_rank
+    from kvcomp.training.collect import sample_positions
+
+    Hkv = train[0][layer][1].shape[0]
+    groups = [GroupSet() for _ in range(Hkv)]
+    for d, doc in enumerate(train):
         q, k = doc[layer]
-        Hq, T, D = q.shape
-        t = torch.sort(torch.randperm(T // 2, generator=gen)[:n_queries] + T // 2).values
-        mu = k[:, : T // 2].mean(1)
-        qt = q[:, t]  # [Hq, n, D]
-        Hkv = k.shape[0]
-        G = Hq // Hkv
-        # true block mass of each sampled position (group mean)
-        s = torch.einsum("hnd,hld->hnl", qt.view(Hkv, G * len(t), D), k).view(Hq, len(t), T) * D**-0.5
-        s = s.masked_fill(torch.arange(T).view(1, 1, T) > t.view(1, -1, 1), -math.inf)
-        p = torch.softmax(s, -1).view(Hkv, G, len(t), T).mean(1)
-        nb = -(-T // CHUNK)
-        mass = torch.nn.functional.pad(p, (0, nb * CHUNK - T)).view(Hkv, len(t), nb, CHUNK).sum(-1)
-        nbt = (t + CHUNK) // CHUNK
-        keep = torch.arange(nb).view(1, nb) < nbt.view(-1, 1)
-        for m in MUST:
-            keep[torch.arange(len(t)), m if m >= 0 else nbt + m] = False
-        target = mass * keep
-        target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
-        causal = torch.arange(T).view(1, T) <= t.view(-1, 1)  # [n, T]
-        data.append((qt, k - mu.unsqueeze(1), target, keep, causal))
-    w = torch.nn.Parameter(w0.clone())
-    log_tau = torch.nn.Parameter(torch.zeros(()))
-    opt = torch.optim.Adam([w, log_tau], lr=lr)
-    for step in range(steps):
-        qt, kc, target, keep, causal = data[step % len(data)]
-        Hq, n, D = qt.shape
-        Hkv, T, _ = kc.shape
-        G = Hq // Hkv
-        wn = w / w.norm(dim=1, keepdim=True)
-        pq = torch.einsum("hnd,hdb->hnb", qt.reshape(Hkv, G * n, D), wn)
-        pk = torch.einsum("hld,hdb->hlb", kc, wn)
-        sq = torch.tanh(beta * pq / pq.std(1, keepdim=True)).view(Hkv, G, n, -1).sum(1)
-        sk = torch.tanh(beta * pk / pk.std(1, keepdim=True))
-        sc = torch.einsum("hnb,hlb->hnl", sq, sk) * kc.norm(dim=-1).unsqueeze(1)
-        sc = sc / (G * BITS * kc.norm(dim=-1).mean())
-        sc = sc.masked_fill(~causal.unsqueeze(0), -1e4)
-        nb = target.shape[-1]
-        sc = torch.nn.functional.pad(sc, (0, nb * CHUNK - T), value=-1e4).view(Hkv, n, nb, CHUNK)
-        bs = tau_pool * torch.logsumexp(sc / tau_pool, -1)  # soft block max
-        logits = (bs / log_tau.exp()).masked_fill(~keep, -1e4)
-        loss = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (w / w.norm(dim=1, keepdim=True)).detach().float()
+        G = q.shape[0] // Hkv
+        t = sample_positions(k.shape[1], n_queries, torch.Generator().manual_seed(seed * 1_000_003 + d))
+        for h in range(Hkv):
+            groups[h].q.append(q[h * G : (h + 1) * G, t].contiguous())
+            groups[h].k.append(k[h].contiguous())
+            groups[h].t.append(t)
+    w, _ = fit_block_rank(groups, w0, steps=steps, lr=lr, beta=beta, tau=tau, chunk=CHUNK)
+    return w
 
 
 # ----------------------------------------------------------------------------- main
@@ -296,10 +262,14 @@ def main() -> None:
     ap.add_argument("--train-docs", type=int, default=4)
     ap.add_argument("--variants", nargs="+", default=["random", "qcov", "kcov", "qcov-orth",
                                                       "kcov-orth", "qkcov-orth"])
+    ap.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH",
+                    help="also measure these HashWeights files (e.g. train-hash outputs)")
     ap.add_argument("--rank-init", default="random", help="init of block-rank")
-    ap.add_argument("--rank-steps", type=int, default=200)
+    ap.add_argument("--rank-steps", type=int, default=400)
     ap.add_argument("--rank-queries", type=int, default=256)
     ap.add_argument("--rank-lr", type=float, default=0.01)
+    ap.add_argument("--rank-beta", type=float, default=3.0)
+    ap.add_argument("--rank-tau", type=float, default=0.1)
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="sparse layers to measure (default all)")
     args = ap.parse_args()
@@ -320,7 +290,7 @@ def main() -> None:
         layer_ids = list(range(n_layers))
     print(f"captured {len(held)} held-out and {len(train)} training documents in {time.time() - t0:.0f}s")
     weights: dict[str, dict[int, torch.Tensor]] = {}
-    for v in args.variants:
+    for v in ["random"] + [v for v in args.variants if v != "random"]:
         t1 = time.time()
         if v == "block-rank":
             weights[v] = {}
@@ -329,12 +299,19 @@ def main() -> None:
                     continue
                 w0 = fitted_weights(args.rank_init, train, i, Hkv, D) if args.rank_init != "random" \
                     else fitted_weights("random", train, lid, Hkv, D)
-                weights[v][i] = block_rank_fit(train, i, w0, steps=args.rank_steps,
-                                               n_queries=args.rank_queries, lr=args.rank_lr, seed=0)
+                weights[v][i] = block_rank(train, i, w0, steps=args.rank_steps,
+                                           n_queries=args.rank_queries, lr=args.rank_lr,
+                                           beta=args.rank_beta, tau=args.rank_tau)
         else:
             weights[v] = {i: fitted_weights(v, train, i if v != "random" else lid, Hkv, D)
                           for i, lid in enumerate(layer_ids)}
         print(f"  {v}: {time.time() - t1:.0f}s")
+    for spec in args.weights:
+        from kvcomp.hashing import HashWeights
+
+        name, path = spec.split("=", 1)
+        hw = HashWeights.load(path)
+        weights[name] = {i: hw.layer(lid).float() for i, lid in enumerate(layer_ids)}
     res = evaluate(held, weights, args.window)
     print(table(res))
     print(f"total {time.time() - t0:.0f}s")

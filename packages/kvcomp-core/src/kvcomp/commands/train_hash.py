@@ -1,6 +1,8 @@
-"""``kvcomp train-hash``: train HATA hash weights for a model on text files.
+"""``kvcomp train-hash``: train hash weights for a model on text files.
 
     kvcomp train-hash --model smollm2 --data essays:train --bits 128 --out W.safetensors
+    kvcomp train-hash --model smollm2 --data essays:train --objective block-rank --out W.safetensors
+        (weights for token_score "centered_norm": a ranking loss on blocks; GQA models)
     accelerate launch --multi_gpu --num_processes 2 -m kvcomp.cli train-hash ... --device cuda
         (or torchrun --nproc_per_node 2 -m kvcomp.cli train-hash ...): layers split across
         ranks (layer l on rank l % N), rank r on cuda:{LOCAL_RANK}, rank 0 writes the output
@@ -21,7 +23,7 @@ import time
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train-hash", help="train HATA hash weights (per layer and kv-head)",
+    p = subparsers.add_parser("train-hash", help="train hash weights (per layer and kv-head)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="'smollm2', an HF folder or a .gguf file")
     p.add_argument("--data", nargs="+", required=True, help="text files / folders / essays:train")
@@ -35,7 +37,18 @@ def register(subparsers) -> None:
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
-    p.add_argument("--n-queries", type=int, default=32, help="query positions per document")
+    p.add_argument("--objective", choices=("hata", "block-rank"), default="hata",
+                   help="hata: the paper's loss on token pairs (default); block-rank: a ranking "
+                        "loss on blocks for token_score centered_norm (GQA; see "
+                        "kvcomp.training.block_rank)")
+    p.add_argument("--n-queries", type=int, default=None,
+                   help="query positions per document (default 32; block-rank 256)")
+    p.add_argument("--rank-steps", type=int, default=400, help="block-rank: Adam steps per layer")
+    p.add_argument("--rank-lr", type=float, default=0.01, help="block-rank: Adam learning rate")
+    p.add_argument("--rank-beta", type=float, default=3.0,
+                   help="block-rank: tanh sharpness of the relaxed signs")
+    p.add_argument("--rank-tau", type=float, default=0.1, help="block-rank: soft block-max temperature")
+    p.add_argument("--chunk", type=int, default=16, help="block-rank: tokens per block (as kvcomp's chunk_size)")
     p.add_argument("--queries-per-iter", type=int, default=48)
     p.add_argument("--keys-per-iter", type=int, default=None,
                    help="keys per iteration (all positives + a sample of the rest; default all)")
@@ -71,9 +84,12 @@ def run(args) -> int:
                                   if v is not None})
         cfg = TrainConfig(bits=args.bits, bits_kv=args.bits_kv, bits_rope=args.bits_rope,
                           epochs=args.epochs, iters_per_epoch=args.iters, lr=args.lr, loss=lw,
-                          n_queries=args.n_queries, queries_per_iter=args.queries_per_iter,
+                          n_queries=args.n_queries or (256 if args.objective == "block-rank" else 32),
+                          queries_per_iter=args.queries_per_iter,
                           keys_per_iter=args.keys_per_iter, center_keys=args.center_keys,
-                          seed=args.seed, layers=tuple(args.layers) if args.layers else None)
+                          seed=args.seed, layers=tuple(args.layers) if args.layers else None,
+                          objective=args.objective, rank_steps=args.rank_steps, rank_lr=args.rank_lr,
+                          rank_beta=args.rank_beta, rank_tau=args.rank_tau, chunk_size=args.chunk)
         cfg.validate()
         texts = load_texts(args.data)
         device = local_device(args.device)

@@ -2,6 +2,10 @@
 
     weights = train_hash_weights(model, documents, TrainConfig(bits=128), out="W.safetensors")
 
+Objectives: ``"hata"`` (below) or ``"block-rank"`` (``kvcomp.training.block_rank``: Adam on a
+ranking loss over blocks, for ``token_score="centered_norm"``; GQA only; the same init, seeding,
+checkpoints, resume and distribution as HATA).
+
 Recipe (paper): initialise from kvcomp's seeded random orthogonal weights, SGD lr 0.1,
 momentum 0.9, weight decay 1e-6, ``epochs`` x ``iters_per_epoch`` iterations (15 x 20) per
 layer, the HATA loss of ``kvcomp.training.loss``. One iteration = one document's keys against a
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,10 +41,14 @@ from pathlib import Path
 import torch
 
 from kvcomp import distributed
+from kvcomp.training.block_rank import collect_groups, fit_block_rank
 from kvcomp.training.collect import PairSet, collect_pairs, dense_labels
 from kvcomp.training.loss import LossWeights, hata_loss
 
 log = logging.getLogger("kvcomp.training")
+
+OBJECTIVES = ("hata", "block-rank")
+BLOCK_RANK_FIELDS = ("objective", "rank_steps", "rank_lr", "rank_beta", "rank_tau", "chunk_size")
 
 
 @dataclass
@@ -64,8 +73,27 @@ class TrainConfig:
     # train on centred keys (GQA): each document's keys minus the mean of its first half (the
     # queries are drawn from the second half), as token_score "centered_norm" hashes k - mu
     center_keys: bool = False
+    # "hata" (the paper's loss on token pairs) or "block-rank" (kvcomp.training.block_rank: a
+    # ranking loss on blocks for token_score "centered_norm"; GQA). The rank_* settings and
+    # chunk_size are block-rank's; n_queries is shared (block-rank wants more, e.g. 256)
+    objective: str = "hata"
+    rank_steps: int = 400
+    rank_lr: float = 0.01
+    rank_beta: float = 3.0
+    rank_tau: float = 0.1
+    chunk_size: int = 16
 
     def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("rank_steps", "chunk_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        for name in ("rank_lr", "rank_beta", "rank_tau"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {v!r}")
         for name in ("bits", "bits_kv", "bits_rope"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 32:
@@ -201,8 +229,10 @@ def _ckpt_dir(out: str | os.PathLike) -> Path:
 
 
 def _settings(cfg: TrainConfig) -> dict:
-    """What a layer's training depends on (not which layers a run trains)."""
-    return {k: v for k, v in asdict(cfg).items() if k != "layers"}
+    """What a layer's training depends on (not which layers a run trains). The block-rank
+    settings are left out of HATA runs, so HATA checkpoints of earlier versions still resume."""
+    drop = {"layers"} | (set(BLOCK_RANK_FIELDS) if cfg.objective == "hata" else set())
+    return {k: v for k, v in asdict(cfg).items() if k not in drop}
 
 
 def _save_layer(ckpt: Path, layer: int, parts: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
@@ -258,6 +288,9 @@ def train_hash_weights(
     geo = ModelGeometry.of(model)
     if cfg.center_keys and geo.is_mla:
         raise ValueError("center_keys is for GQA models (token_score centered_norm); this model is MLA")
+    if cfg.objective == "block-rank" and geo.is_mla:
+        raise ValueError("objective 'block-rank' is for GQA models (token_score centered_norm); "
+                         "this model is MLA")
     device = device or model.device
     ctx = distributed.init()
     rank, world = ctx.rank, ctx.world
@@ -279,10 +312,16 @@ def train_hash_weights(
              "layers_resumed": sorted(done)}
     t0 = time.perf_counter()
     if todo:
-        pairs = collect_pairs(model, documents, layers=todo, n_queries=cfg.n_queries,
-                              pos_frac=cfg.pos_frac, seed=cfg.seed, progress=progress and rank == 0)
+        if cfg.objective == "block-rank":
+            pairs = collect_groups(model, documents, layers=todo, n_queries=cfg.n_queries,
+                                   seed=cfg.seed, progress=progress and rank == 0)
+            stats["queries_per_projection"] = {f"{k[0]}.{k[1]}": int(sum(q.shape[0] * q.shape[1] for q in v.q))
+                                               for k, v in list(pairs.items())[:4]}
+        else:
+            pairs = collect_pairs(model, documents, layers=todo, n_queries=cfg.n_queries,
+                                  pos_frac=cfg.pos_frac, seed=cfg.seed, progress=progress and rank == 0)
+            stats["pairs_per_projection"] = {f"{k[0]}.{k[1]}": v.num_pairs() for k, v in list(pairs.items())[:4]}
         stats["collect_s"] = time.perf_counter() - t0
-        stats["pairs_per_projection"] = {f"{k[0]}.{k[1]}": v.num_pairs() for k, v in list(pairs.items())[:4]}
         bar = None
         if progress and rank == 0:
             from tqdm.auto import tqdm
@@ -293,9 +332,15 @@ def train_hash_weights(
             trained: dict[str, torch.Tensor] = {}
             groups = [["latent"], ["rope"]] if geo.is_mla else [list(init)]
             for names in groups:
-                W, _ = train_projections([pairs[(layer, n)] for n in names],
-                                         torch.stack([init[n] for n in names]), cfg,
-                                         layer=layer, device=device, progress=bar)
+                W0 = torch.stack([init[n] for n in names])
+                if cfg.objective == "block-rank":
+                    W, _ = fit_block_rank([pairs[(layer, n)] for n in names], W0,
+                                          steps=cfg.rank_steps, lr=cfg.rank_lr, beta=cfg.rank_beta,
+                                          tau=cfg.rank_tau, chunk=cfg.chunk_size, device=device,
+                                          progress=bar, layer=layer)
+                else:
+                    W, _ = train_projections([pairs[(layer, n)] for n in names], W0, cfg,
+                                             layer=layer, device=device, progress=bar)
                 for i, n in enumerate(names):
                     trained[n] = W[i]
             for n in list(pairs):

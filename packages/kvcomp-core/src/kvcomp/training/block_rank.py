@@ -1,0 +1,178 @@
+"""Block-rank hash training: fit each (layer, kv-head) projection so that kvcomp's
+``token_score="centered_norm"`` selection ranks blocks as the true attention does.
+
+The HATA loss scores token pairs; kvcomp selects blocks. This objective works at the level of
+the selection. For a training query position t (sampled from the second half of a document,
+as the HATA recipe does) of one kv-head's group of G query heads:
+
+* target: the true attention mass of each block of ``chunk`` keys (softmax of ``q_g . k / sqrt(D)``
+  over j <= t, averaged over the group), renormalised over the blocks that the selection ranks
+  (those visible at t minus the must-select ones, which are always attended);
+* relaxed score: ``centered_norm``'s token score ``||k - mu|| * sum_g <s(q_g W), s((k - mu) W)>``
+  with ``s = sign`` relaxed to ``tanh(beta * x / std(x))`` (std over the batch per column, so
+  beta is scale-free), mu the mean key of the document's first half (the "prefill"); the block
+  score is a soft max of its tokens' scores (``tau * logsumexp(x / tau)``, kvcomp's
+  ``chunk_repre="max"``);
+* loss (ListNet): cross-entropy between the target and ``softmax(block score / T)`` over the
+  ranked blocks, T a learned temperature.
+
+Adam from the given init (kvcomp's seeded random orthogonal weights), ``steps`` steps, each on
+one document (in turn) with all its sampled queries and all its keys. The returned columns have
+unit norm (signs do not depend on the scale). Deterministic for a seed on one device.
+
+Data: ``collect_groups`` captures post-RoPE q/k with ``kvcomp.training.collect.capture_qk`` and
+keeps, per (layer, kv-head) and document, the group's queries at the sampled positions
+``q [G, n, D]``, all keys ``k [T, D]`` and the positions ``t [n]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcomp.training.collect import CapturedGQA, capture_qk, sample_positions
+
+MUST_SELECT = (0, -2, -1)
+
+
+@dataclass
+class GroupSet:
+    """One (layer, kv-head)'s training data, per document d: ``q[d]`` [G, n, D] float32 (the
+    group's queries at the sampled positions), ``k[d]`` [T, D] float32, ``t[d]`` [n] int64."""
+
+    q: list[torch.Tensor] = field(default_factory=list)
+    k: list[torch.Tensor] = field(default_factory=list)
+    t: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.q)
+
+
+def collect_groups(
+    model, documents: list[torch.Tensor], *, layers=None, n_queries: int = 256, seed: int = 0,
+    progress: bool = False,
+) -> dict[tuple[int, str], GroupSet]:
+    """GroupSets keyed by (layer, ``"h{i}"``) over ``documents`` ([T] int64 token tensors; GQA
+    models only). Query positions of document d come from the generator of
+    ``collect_pairs`` (seeded with (seed, d)), the same for every layer."""
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be >= 1, got {n_queries}")
+    out: dict[tuple[int, str], GroupSet] = {}
+    it = documents
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(documents, desc="collect q/k", unit="doc")
+    for d, ids in enumerate(it):
+        ids = ids.view(-1)
+        if ids.numel() < 4:
+            raise ValueError(f"document {d} has {ids.numel()} tokens; need at least 4")
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + d)
+        positions = sample_positions(ids.numel(), n_queries, gen)
+        for layer, cap in capture_qk(model, ids, layers).items():
+            if not isinstance(cap, CapturedGQA):
+                raise ValueError("the block-rank objective is for GQA models; this model is MLA")
+            Hkv = cap.k.shape[0]
+            G = cap.q.shape[0] // Hkv
+            for h in range(Hkv):
+                gs = out.setdefault((layer, f"h{h}"), GroupSet())
+                gs.q.append(cap.q[h * G : (h + 1) * G, positions].contiguous())
+                gs.k.append(cap.k[h].contiguous())
+                gs.t.append(positions.clone())
+    return out
+
+
+def block_targets(q: torch.Tensor, k: torch.Tensor, t: torch.Tensor, chunk: int,
+                  must_select=MUST_SELECT) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [P, G, n, D], k [P, T, D], t [n] -> (target [P, n, NB] float32: each row the true block
+    mass renormalised over the ranked blocks, ranked [n, NB] bool: blocks visible at t that are
+    not must-select)."""
+    P, G, n, D = q.shape
+    T = k.shape[1]
+    nb = -(-T // chunk)
+    s = torch.einsum("pgnd,ptd->pgnt", q, k) * D**-0.5
+    s = s.masked_fill(torch.arange(T, device=k.device).view(1, 1, 1, T) > t.view(1, 1, n, 1), -math.inf)
+    p = torch.softmax(s, -1).mean(1)  # [P, n, T]
+    mass = torch.nn.functional.pad(p, (0, nb * chunk - T)).view(P, n, nb, chunk).sum(-1)
+    nbt = (t + chunk) // chunk  # blocks visible at t
+    ranked = torch.arange(nb, device=k.device).view(1, nb) < nbt.view(n, 1)
+    rows = torch.arange(n, device=k.device)
+    for m in must_select:
+        ranked[rows, torch.full_like(t, m) if m >= 0 else (nbt + m).clamp(min=0)] = False
+    target = mass * ranked
+    return target / target.sum(-1, keepdim=True).clamp(min=1e-12), ranked
+
+
+def relaxed_block_scores(W: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, t: torch.Tensor,
+                         chunk: int, beta: float, tau: float) -> torch.Tensor:
+    """W [P, D, B], q [P, G, n, D], kc [P, T, D] (centred keys), t [n] -> [P, n, NB]: the soft
+    block max of ``||kc|| * sum_g <tanh(beta q_g W / std), tanh(beta kc W / std)>``, scaled
+    by 1 / (G * B * mean ||kc||) (so that tau is comparable across layers)."""
+    P, G, n, D = q.shape
+    T = kc.shape[1]
+    B = W.shape[-1]
+    wn = W / W.norm(dim=1, keepdim=True)
+    pq = torch.einsum("pgnd,pdb->pgnb", q, wn)
+    pk = torch.einsum("ptd,pdb->ptb", kc, wn)
+    sq = torch.tanh(beta * pq / pq.std(dim=(1, 2), keepdim=True).clamp(min=1e-12)).sum(1)
+    sk = torch.tanh(beta * pk / pk.std(dim=1, keepdim=True).clamp(min=1e-12))
+    norms = kc.norm(dim=-1)  # [P, T]
+    sc = torch.einsum("pnb,ptb->pnt", sq, sk) * norms.unsqueeze(1)
+    sc = sc / (G * B * norms.mean(1).view(P, 1, 1))
+    sc = sc.masked_fill(torch.arange(T, device=kc.device).view(1, 1, T) > t.view(1, n, 1), -1e4)
+    nb = -(-T // chunk)
+    sc = torch.nn.functional.pad(sc, (0, nb * chunk - T), value=-1e4).view(P, n, nb, chunk)
+    return tau * torch.logsumexp(sc / tau, -1)
+
+
+def block_rank_loss(block_scores: torch.Tensor, target: torch.Tensor, ranked: torch.Tensor,
+                    log_temp: torch.Tensor) -> torch.Tensor:
+    """ListNet cross-entropy of the target block distribution [P, n, NB] against
+    softmax(block_scores / exp(log_temp)) over the ranked blocks; mean over P and n."""
+    logits = (block_scores / log_temp.exp()).masked_fill(~ranked.unsqueeze(0), -1e4)
+    return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def fit_block_rank(
+    groups: list[GroupSet], W0: torch.Tensor, *, steps: int, lr: float, beta: float, tau: float,
+    chunk: int, device: str | torch.device = "cpu", progress=None, layer: int = 0,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Fit P projections together (the kv-heads of a layer; their losses add, gradients stay
+    separate). ``groups``: P GroupSets with identical document shapes; W0 [P, D, B] float32.
+    Returns (W [P, D, B] float32 on CPU with unit-norm columns, per-step loss history)."""
+    P = len(groups)
+    if W0.dim() != 3 or W0.shape[0] != P:
+        raise ValueError(f"W0 must be [{P}, D, BITS], got {tuple(W0.shape)}")
+    ref = groups[0]
+    if ref.num_docs == 0:
+        raise ValueError("fit_block_rank: no documents")
+    for gs in groups[1:]:
+        if gs.num_docs != ref.num_docs or any(a.shape != b.shape for a, b in zip(gs.q + gs.k, ref.q + ref.k)):
+            raise ValueError("fit_block_rank: group sets must have identical document shapes")
+    data = []
+    for d in range(ref.num_docs):
+        q = torch.stack([gs.q[d] for gs in groups]).to(device)  # [P, G, n, D]
+        k = torch.stack([gs.k[d] for gs in groups]).to(device)  # [P, T, D]
+        t = ref.t[d].to(device)
+        kc = k - k[:, : max(1, k.shape[1] // 2)].mean(1, keepdim=True)
+        target, ranked = block_targets(q, k, t, chunk)
+        data.append((q, kc, t, target, ranked))
+    W = W0.detach().clone().float().to(device).requires_grad_(True)
+    log_temp = torch.zeros((), device=device, requires_grad=True)
+    opt = torch.optim.Adam([W, log_temp], lr=lr)
+    history = []
+    for step in range(steps):
+        q, kc, t, target, ranked = data[step % len(data)]
+        bs = relaxed_block_scores(W, q, kc, t, chunk, beta, tau)
+        loss = block_rank_loss(bs, target, ranked, log_temp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"loss": float(loss.detach()), "temp": float(log_temp.detach().exp())})
+        if progress is not None:
+            progress.set_postfix(layer=layer, step=step, loss=f"{history[-1]['loss']:.4f}", refresh=False)
+    W = W.detach()
+    return (W / W.norm(dim=1, keepdim=True)).float().cpu(), history
