@@ -80,9 +80,12 @@ class DecodeGraphs:
         warmup:  eager steps before each capture (>= 1)
         enabled: capture and replay graphs (default: when CUDA is available); False runs the
                  static-buffer path eagerly (for tests and debugging)
+        fuse:    also fuse the model's RMSNorms and SiLU-MLP activations in decode steps
+                 (``kvcomp.fusion.FusedDecode``, removed by ``remove``); the fused kernels
+                 compile in the warm-up steps, before the capture
     """
 
-    def __init__(self, model, *, warmup: int = 2, enabled: bool | None = None):
+    def __init__(self, model, *, warmup: int = 2, enabled: bool | None = None, fuse: bool = False):
         if "forward" in model.__dict__:
             raise RuntimeError("model.forward is already wrapped (DecodeGraphs active?): remove() it first")
         if warmup < 1:
@@ -95,12 +98,20 @@ class DecodeGraphs:
         self._pool = None
         self.replays = 0
         self.captures = 0
+        self.fused = None
+        if fuse:
+            from kvcomp.fusion import FusedDecode
+
+            self.fused = FusedDecode(model)
         model.forward = self._wrapped
 
     def remove(self) -> None:
         """Put the model's own forward back and free the graphs."""
         if self.model.__dict__.get("forward") == self._wrapped:
             del self.model.__dict__["forward"]
+        if self.fused is not None:
+            self.fused.remove()
+            self.fused = None
         self.clear()
 
     def clear(self) -> None:

@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit)")
     p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse RMSNorms and SiLU-MLP activations in decode steps (kvcomp.fusion.FusedDecode; "
+                        "the same model, so every decoder gets it)")
     p.add_argument("--replot", metavar="JSON", help="only draw --plot from a saved --json result")
 
 
@@ -467,7 +470,10 @@ def run(args: argparse.Namespace) -> int:
         pass
     model = build_model(args.tiny, dev, dtype)
     data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
-    graphs = DecodeGraphs(model, warmup=2)
+    graphs = DecodeGraphs(model, warmup=2, fuse=args.fuse)
+    if graphs.fused is not None:
+        graphs.fused.devices = (dev,)  # the CPU smoke run (--tiny) fuses on the CPU too
+        data["fused"] = repr(graphs.fused)
     try:
         print(f"# model built in {time.time() - t_start:.1f}s; verifying", flush=True)
         try:

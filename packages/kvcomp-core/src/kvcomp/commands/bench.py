@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "kvcomp.bench.decode",
     "kvcomp.bench.mla",
     "kvcomp.bench.e2e",
+    "kvcomp.bench.e2e_mla",
     "kvcomp.bench.offload",
 ]
 

@@ -1,0 +1,74 @@
+"""``kvcomp.ops.rms_norm`` / ``silu_mul``: Triton kernels (interpreter on CPU, CUDA with ``-m gpu``)
+against the torch references (the transformers modules' math), at awkward shapes, with
+strided inputs and mixed dtypes."""
+
+import pytest
+import torch
+from kvcomp.ops import rms_norm, silu_mul
+from kvcomp.ops._common import interpreting
+from kvcomp.ops.norm_act import rms_norm_ref, silu_mul_ref
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _close(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+        return
+    # one bf16 / fp16 rounding step apart at most
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
+    if not (dtype == torch.bfloat16 and interpreting()):
+        # rounded to nearest like torch: differences only where the fp32 mean's last bit moved
+        # a value across a rounding boundary (the interpreter truncates fp32 -> bf16: skipped)
+        assert (got != want).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 1, 7, 128), (5, 100), (2, 1, 33)])
+def test_rms_norm(device, dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (3 * torch.randn(*shape, generator=g)).to(device, dtype)
+    w = (1 + torch.randn(shape[-1], generator=g)).to(device, dtype)
+    got = rms_norm(x, w, 1e-6, backend="triton")
+    _close(got, rms_norm_ref(x, w, 1e-6), dtype)
+    assert not torch.equal(got[..., 0], got[..., 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_strided_and_promoted(device):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, 2 * 96, generator=g).to(device, torch.bfloat16)
+    x = base[:, ::2, :96]  # rows and columns strided (last dim contiguous)
+    w32 = torch.randn(96, generator=g).to(device)  # fp32 weight: the result is fp32, as in torch
+    got = rms_norm(x, w32, 1e-5, backend="triton")
+    want = rms_norm_ref(x, w32, 1e-5)
+    assert got.dtype == torch.float32
+    tol = 8e-3 if interpreting() else 1e-5  # h is rounded to bf16 first (the interpreter truncates)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    xt = torch.randn(96, 5, generator=g).to(device).t()  # last dim not contiguous: copied first
+    torch.testing.assert_close(rms_norm(xt, w32, 1e-5, backend="triton"), rms_norm_ref(xt, w32, 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 12288), (3, 7, 100), (2, 1025)])
+def test_silu_mul(device, dtype, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    gate = (4 * torch.randn(*shape, generator=g)).to(device, dtype)
+    up = torch.randn(*shape, generator=g).to(device, dtype)
+    _close(silu_mul(gate, up, backend="triton"), silu_mul_ref(gate, up), dtype)
+    big = torch.randn(3, 2 * shape[-1], generator=g).to(device, dtype)
+    gs, us = big[:, : shape[-1]], big[:, shape[-1]:]  # row-strided views
+    _close(silu_mul(gs, us, backend="triton"), silu_mul_ref(gs, us), dtype)
+
+
+def test_bad_input_is_named():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        rms_norm(x.long(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        silu_mul(x, torch.randn(2, 9))
