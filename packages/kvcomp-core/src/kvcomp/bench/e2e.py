@@ -27,8 +27,8 @@ Verified first, or no speedup is printed: (1) kvcomp with every block selected e
 sdpa (logits, relative error within tolerance: the larger of 1e-2 and 3x the gap between
 sdpa's default and math backends); (2) graph replay equals the eager step over several
 teacher-forced steps: kvcomp sparse and all-blocks within 1e-3 relative and the same argmax;
-transformers' dense baseline the same argmax (its gap is recorded: eager and captured runs
-may pick other GEMM / SDPA kernels).
+transformers' dense baseline, which is not deterministic run to run, the same argmax or a gap
+within twice the gap between two eager runs (both recorded).
 """
 
 from __future__ import annotations
@@ -245,9 +245,9 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
     if not res["all_blocks_vs_dense"]["ok"]:
         raise VerificationError(f"kvcomp with every block selected differs from dense sdpa: rel err {err:.3g} > {tol:.3g}", res)
     # graph replay == eager step (teacher-forced). Blocking for kvcomp's own paths (sparse and
-    # all-blocks): rel err <= 1e-3 and the same argmax. For transformers' dense baseline only the
-    # argmax must agree: its eager and captured runs may pick other GEMM / SDPA kernels; the
-    # gap is recorded, with the gap between two eager runs beside it.
+    # all-blocks): rel err <= 1e-3 and the same argmax. Transformers' dense baseline is not
+    # deterministic run to run (two eager runs differ; its kernels may also differ between eager
+    # and captured runs): the same argmax, or a replay gap within twice the eager-vs-eager gap.
     if check_graphs and torch.cuda.is_available():
         for method in ("kvcomp", "dense_kv", "dense"):
             dec = Decoder(model, method, args.budget)
@@ -267,11 +267,14 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
             finally:
                 dec.close()
             e = max(_rel(x, y) for x, y in zip(replay, eager))
+            e2 = max(_rel(x, y) for x, y in zip(eager2, eager))
             same = all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(replay, eager))
-            ok = same and (e <= 1e-3 or method == "dense")
+            if method == "dense":  # not deterministic eagerly: the replay must be within that noise
+                ok = same or e <= max(1e-3, 2 * e2)
+            else:
+                ok = same and e <= 1e-3
             res[f"graph_vs_eager_{method}"] = {
-                "rel_err": e, "eager_vs_eager_rel_err": max(_rel(x, y) for x, y in zip(eager2, eager)),
-                "same_argmax": same, "ok": ok,
+                "rel_err": e, "eager_vs_eager_rel_err": e2, "same_argmax": same, "ok": ok,
             }
             if not ok:
                 raise VerificationError(f"{method}: graph replay differs from the eager step "
