@@ -31,12 +31,16 @@ def test_fused_decode_step_matches_and_prefill_is_untouched():
         pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
         ref = model(nxt, past_key_values=pre.past_key_values).logits
         fused = FusedDecode(model, max_rows=4, devices=("cpu",))
-        assert (fused.norms, fused.mlps) == (2 * 2 + 1, 2)
+        assert (fused.norms, fused.mlps, fused.ropes) == (2 * 2 + 1, 2, 1)
+        import transformers.models.llama.modeling_llama as ml
+
+        assert getattr(ml.apply_rotary_pos_emb, "_kvcomp_fused", False)
         pre2 = model(ids, past_key_values=DynamicCache(), use_cache=True)  # 26 rows > 4: own forwards
         assert torch.equal(pre2.logits, pre.logits)
         got = model(nxt, past_key_values=pre2.past_key_values).logits  # 2 rows: fused
         fused.remove()
         assert not any("forward" in m.__dict__ for m in model.modules())
+        assert not getattr(ml.apply_rotary_pos_emb, "_kvcomp_fused", False)
     assert not torch.equal(got, torch.zeros_like(got))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
@@ -76,6 +80,7 @@ def test_graphs_with_fusion_gpu():
         graphs = h.compile_decode(fuse=True)
         try:
             assert graphs.fused is not None and graphs.fused.norms == 2 * 3 + 3 * 2 + 1
+            assert graphs.fused.ropes == 1
             got = gen()
             assert graphs.captures == 1 and graphs.replays == 7
             graphs.enabled = False  # the same fused forwards, eagerly

@@ -207,3 +207,41 @@ def test_gpu_token_level_long():
     lens = torch.tensor([8192, 5000], device="cuda")
     got, want = both(q, k, lens, k_blocks=300, chunk_size=1)
     assert torch.equal(got, want)
+
+
+def _hist_vs_search(q, k, lens, monkeypatch, **kw):
+    """The histogram threshold and the binary search give the reference's selection."""
+    want = hamming_topk(q, k, lens, backend="reference", **kw)
+    monkeypatch.setattr(kernels, "HIST_SELECT", False)
+    searched = hamming_topk(q, k, lens, backend="triton", **kw)
+    monkeypatch.setattr(kernels, "HIST_SELECT", True)
+    hist = hamming_topk(q, k, lens, backend="triton", **kw)
+    assert torch.equal(searched, want)
+    assert torch.equal(hist, want)
+
+
+@pytest.mark.parametrize("G,mode", [(1, "exact"), (3, "exact"), (4, "majority"), (8, "exact")])
+def test_histogram_threshold_equals_search(monkeypatch, G, mode):
+    gen = torch.Generator().manual_seed(7 * G)
+    B, Hkv, W, L = 3, 2, 2, 700
+    lens = torch.tensor([700, 1, 129])
+    for rep in range(3):  # each launch must find its row histograms zeroed by the previous one
+        low = rep == 1  # many equal keys: the tie rule decides
+        q = codes(B, Hkv * G, W, low_entropy=low, gen=gen)
+        k = codes(B, Hkv, L, W, low_entropy=low, gen=gen)
+        kb = torch.tensor([5, 1, 0]) if rep == 2 else 6
+        _hist_vs_search(q, k, lens, monkeypatch, k_blocks=kb, max_blocks=9, chunk_size=16,
+                        must_select=(0, -1, 0, -2, 400), mode=mode)
+    assert kernels._hist_args(G, W, mode, 1, torch.device("cpu"))["NBINS"] >= 2 * 64 * (1 if mode == "majority" else G) + 1
+
+
+def test_histogram_threshold_many_blocks(monkeypatch):
+    """More blocks than one selection program holds (the multi-pass path) and a row whose
+    count is all must-select blocks."""
+    monkeypatch.setattr(kernels, "SELECT_BLOCK_MAX", 64)
+    gen = torch.Generator().manual_seed(5)
+    q = codes(2, 4, 1, low_entropy=True, gen=gen)
+    k = codes(2, 2, 300, 1, low_entropy=True, gen=gen)
+    lens = torch.tensor([300, 250])
+    _hist_vs_search(q, k, lens, monkeypatch, k_blocks=torch.tensor([40, 2]), max_blocks=40,
+                    chunk_size=2, must_select=(0, -2, -1))

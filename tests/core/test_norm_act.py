@@ -6,7 +6,7 @@ import pytest
 import torch
 from kvcomp.ops import rms_norm, silu_mul
 from kvcomp.ops._common import interpreting
-from kvcomp.ops.norm_act import rms_norm_ref, silu_mul_ref
+from kvcomp.ops.norm_act import rms_norm_ref, rope, rope_ref, silu_mul_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -64,6 +64,27 @@ def test_silu_mul(device, dtype, shape):
     _close(silu_mul(gs, us, backend="triton"), silu_mul_ref(gs, us), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,T,D", [(1, 32, 8, 1, 128), (3, 4, 2, 5, 64), (2, 6, 3, 1, 34)])
+def test_rope(device, dtype, B, Hq, Hkv, T, D):
+    g = torch.Generator().manual_seed(B * T + D)
+    # q / k as transformers hands them over: [B, T, H, D] projections transposed to [B, H, T, D]
+    q = torch.randn(B, T, Hq, D, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D, generator=g).to(device, dtype).transpose(1, 2)
+    ang = torch.randn(B if T > 1 else 1, T, D // 2, generator=g).repeat(1, 1, 2)  # [1, T, D]: shared
+    cos, sin = ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+    got = rope(q, k, cos, sin, backend="triton")
+    want = rope_ref(q, k, cos, sin)
+    for a, b in zip(got, want):
+        assert a.is_contiguous() and a.shape == b.shape
+        if dtype == torch.bfloat16 and interpreting():  # the interpreter truncates to bf16
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        else:  # each product and the sum rounded as torch rounds them: bit for bit
+            assert torch.equal(a, b)
+    assert not torch.equal(got[0][:, 0], got[0][:, 1])
+
+
 def test_bad_input_is_named():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight"):
@@ -72,3 +93,6 @@ def test_bad_input_is_named():
         rms_norm(x.long(), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="one shape"):
         silu_mul(x, torch.randn(2, 9))
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="rope"):
+        rope(q, torch.randn(1, 2, 1, 8), torch.randn(1, 1, 6), torch.randn(1, 1, 6))

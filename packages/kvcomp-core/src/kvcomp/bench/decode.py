@@ -8,7 +8,10 @@ verifies, then times with CUDA events (median, CUDA-graph replays):
 
     encode   hash_encode of the query (per query head)
     select   hamming_topk, exact group sum (the default form for the geometry), and the other
-             forms: exact_direct / exact_planes (same result) and majority (cheaper, approximate)
+             forms: exact_direct / exact_planes (same result) and majority (cheaper, approximate);
+             "search": the exact form with the threshold found by the binary search instead of
+             the scan's histogram (``HIST_SELECT`` off: the previous default, same selection)
+    scan / topk  the two launches of the search variant, timed alone
     attend   sparse_decode_attention over the selected blocks
     step     decode_step (encode + select + attend), graph and eager
     dense    torch scaled_dot_product_attention (flash backend when available) on the same
@@ -122,6 +125,13 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     import importlib
 
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    hk.HIST_SELECT = False
+    try:
+        t["select_search"] = cuda_time_us(
+            [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
+               chunk_size=CHUNK, must_select=MUST_SELECT) for i in n], reps=reps)
+    finally:
+        hk.HIST_SELECT = True
     keys = [hk.block_keys_triton(q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max")
             for i in n]
     t["scan"] = cuda_time_us(
@@ -142,6 +152,8 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
 
 
 def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
+    import importlib
+
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
     from kvcomp.ops.hamming_topk import majority_codes
@@ -152,6 +164,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     )
     from kvcomp.ops.hash_encode.reference import project
 
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     dev = "cuda"
     kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0]
     kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
@@ -204,6 +217,13 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                                          lens, kbt, sel[mode].shape[2], CHUNK, MUST_SELECT)
                 checks[f"select_{mode}"] = bool(torch.equal(sel[mode], want))
             idx = sel["exact"]
+            hk.HIST_SELECT = False
+            try:
+                checks["select_search"] = bool(torch.equal(
+                    hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK,
+                                 must_select=MUST_SELECT), idx))
+            finally:
+                hk.HIST_SELECT = True
             out = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
             kg, vg, valid = _gather_selected(k, v, idx, lens)
             ok, err, base = attention_close(out, attention_ref_fp64(q, kg, vg, valid, scale),
@@ -345,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(result, fh, indent=1)
     print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}")
     print(f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
-          f"{'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'step':>6} {'x':>6} {'xeager':>6} {'floor':>5} "
+          f"{'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'step':>6} {'x':>6} {'xeager':>6} {'floor':>5} "
           f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}")
     bad = False
     for r in rows:
@@ -358,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         t, bw = r["times_us"], r["bw_frac"]
         target = f"{r['target']:.1f}" if r["target"] else "-"
         print(f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
-              f"{t['scan']:6.1f} {t['topk']:6.1f} {t['select_majority']:6.1f} {t['attend']:6.1f} {t['step']:6.1f} "
+              f"{t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} {t['select_majority']:6.1f} {t['attend']:6.1f} {t['step']:6.1f} "
               f"{r['speedup']:6.2f} {r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
               f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
     return 1 if bad else 0

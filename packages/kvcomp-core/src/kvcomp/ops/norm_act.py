@@ -1,4 +1,4 @@
-"""``rms_norm`` and ``silu_mul``: a decoder layer's small elementwise ops as one kernel each.
+"""``rms_norm``, ``silu_mul``, ``rope``: a decoder layer's small elementwise ops as one kernel each.
 
 Both compute what the transformers modules compute, in the same precisions, so that a model
 whose RMSNorm / gated-MLP forwards call them (``kvcomp.fusion.FusedDecode``) decodes like
@@ -9,6 +9,11 @@ the original up to float rounding (a reduction may add in another order):
                               and x, as torch's ``weight * h``)
     silu_mul(gate, up)        [..., I] x2 -> silu(gate) * up   (silu in fp32, rounded to gate's
                               dtype, then the product rounded to the promoted dtype)
+    rope(q, k, cos, sin)      q [B, Hq, T, D], k [B, Hkv, T, D], cos / sin [B or 1, T, D] ->
+                              (q * cos + rotate_half(q) * sin, the same for k), rotate_half(x) =
+                              cat(-x[..., D/2:], x[..., :D/2]); each product and the sum
+                              rounded to the dtype as torch does (bit-identical on the GPU);
+                              outputs contiguous [B, H, T, D]
 
 The Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1) take any input whose
 last dim is contiguous; one program per row (rms_norm) or per 1024 elements (silu_mul). The
@@ -21,7 +26,7 @@ import torch
 
 from kvcomp.ops._common import FLOAT_DTYPES, check_tensor, device_guard, use_triton
 
-__all__ = ["rms_norm", "rms_norm_ref", "silu_mul", "silu_mul_ref"]
+__all__ = ["rms_norm", "rms_norm_ref", "rope", "rope_ref", "silu_mul", "silu_mul_ref"]
 
 try:
     import triton
@@ -38,6 +43,16 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 if triton is not None:
@@ -67,6 +82,48 @@ if triton is not None:
         a = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
         y = a.to(tl.float32) * u.to(tl.float32)
         tl.store(y_ptr + i, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rope_kernel(
+        q_ptr, k_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, NQ, Hq, Hkv, T,
+        sqb, sqh, sqt, skb, skh, skt, scb, sct, ssb, sst,
+        HALF: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Programs [0, NQ) rotate the rows (b, h, t) of q, the next ones those of k; outputs
+        contiguous [B, H, T, D] (row r = (b * H + h) * T + t)."""
+        pid = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK)
+        ok = j < HALF
+        if pid < NQ:
+            t = pid % T
+            h = (pid // T) % Hq
+            b = pid // (T * Hq)
+            _rope_row(q_ptr + b * sqb + h * sqh + t * sqt, qo_ptr + pid * (2 * HALF),
+                      c_ptr + b * scb + t * sct, s_ptr + b * ssb + t * sst, j, ok, HALF)
+        else:
+            r = pid - NQ
+            t = r % T
+            h = (r // T) % Hkv
+            b = r // (T * Hkv)
+            _rope_row(k_ptr + b * skb + h * skh + t * skt, ko_ptr + r * (2 * HALF),
+                      c_ptr + b * scb + t * sct, s_ptr + b * ssb + t * sst, j, ok, HALF)
+
+    @triton.jit
+    def _rope_row(x_ptr, o_ptr, c_row, s_row, j, ok, HALF: tl.constexpr):
+        x1 = tl.load(x_ptr + j, mask=ok, other=0.0)
+        x2 = tl.load(x_ptr + HALF + j, mask=ok, other=0.0)
+        c1 = tl.load(c_row + j, mask=ok, other=0.0).to(tl.float32)
+        c2 = tl.load(c_row + HALF + j, mask=ok, other=0.0).to(tl.float32)
+        s1 = tl.load(s_row + j, mask=ok, other=0.0).to(tl.float32)
+        s2 = tl.load(s_row + HALF + j, mask=ok, other=0.0).to(tl.float32)
+        dt = x1.dtype
+        # x * cos and rotate_half(x) * sin, each rounded to the dtype, then their sum
+        a1 = (x1.to(tl.float32) * c1).to(dt).to(tl.float32)
+        a2 = (x2.to(tl.float32) * c2).to(dt).to(tl.float32)
+        b1 = (-(x2.to(tl.float32) * s1)).to(dt).to(tl.float32)  # (-x2) * s1: rounding is odd
+        b2 = (x1.to(tl.float32) * s2).to(dt).to(tl.float32)
+        tl.store(o_ptr + j, (a1 + b1).to(o_ptr.dtype.element_ty), mask=ok)
+        tl.store(o_ptr + HALF + j, (a2 + b2).to(o_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -110,3 +167,35 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
             g2, u2, y, n, g2.shape[1], g2.stride(0), u2.stride(0), BLOCK=BLOCK, num_warps=4,
         )
     return y.view(gate.shape)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [B, Hq, T, D] and k [B, Hkv, T, D] with cos / sin [B, T, D] (or
+    [1, T, D], shared by the batch) (module doc) -> (q_embed, k_embed), contiguous."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor("cos", cos, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor("sin", sin, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+    B, Hq, T, D = q.shape
+    if (k.shape[0] != B or k.shape[2:] != (T, D) or cos.shape[0] not in (1, B) or cos.shape[1:] != (T, D)
+            or sin.shape != cos.shape or D % 2):
+        raise ValueError(f"rope: q {tuple(q.shape)} [B, Hq, T, D] with D even, k {tuple(k.shape)} "
+                         f"[B, Hkv, T, D], cos {tuple(cos.shape)} / sin {tuple(sin.shape)} [B or 1, T, D]")
+    same = q.dtype == k.dtype == cos.dtype == sin.dtype
+    if not same or not use_triton(backend, q, k, cos, sin) or triton is None or q.numel() * k.numel() == 0:
+        return rope_ref(q, k, cos, sin)
+    q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
+    Hkv = k.shape[1]
+    qo = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    ko = torch.empty(B, Hkv, T, D, dtype=k.dtype, device=q.device)
+    nq = B * Hq * T
+    with device_guard(q):
+        _rope_kernel[(nq + B * Hkv * T,)](
+            q, k, cos, sin, qo, ko, nq, Hq, Hkv, T,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
+            HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)), num_warps=1,
+        )
+    return qo, ko

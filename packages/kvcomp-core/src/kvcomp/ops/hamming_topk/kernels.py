@@ -22,6 +22,15 @@ values finds the threshold T such that ``count`` keys are >= T (must-select bloc
 above every real one), then one pass in index order keeps every key > T and the lowest-index
 keys == T up to ``count``, and writes their indices ascending (prefix sums give the output
 slots), then -1 up to K. This is exactly the reference's order (score descending, lower index first on ties).
+
+Histogram threshold (``HIST_SELECT``, the default where it applies: chunk_repre "max", no
+``k_scale``): the block keys are then small integers, |key| <= S = G * BITS (BITS for
+majority), so the scan also counts each row's keys into a histogram of NBINS = next_pow2(2S + 1)
+int32 bins by atomics (a few per program), and stage 2 reads that row's histogram once, takes
+the must-select blocks' own keys out of it, and finds T from one suffix sum (the largest bin
+whose count of keys >= it reaches what is needed) instead of ~log2(2S) dependent search rounds;
+it zeroes the histogram for the next launch (no extra launch, graph-safe). The same T, hence
+the same selection, as the search (tested). Used up to HIST_MAX_BINS bins.
 """
 
 from __future__ import annotations
@@ -52,6 +61,9 @@ ARITY_BLOCK_MAX = 1024
 # off: measured 3x slower on the H200 (one small program then does a row's whole selection
 # after the scan, with the scan's 4 warps and L2-only reads), kept for the record and tested
 FUSED_SELECT = False
+# stage 2 finds the threshold from a histogram the scan fills (module doc), when keys fit
+HIST_SELECT = True
+HIST_MAX_BINS = 8192
 
 
 @triton.jit
@@ -115,6 +127,7 @@ def _block_keys_kernel(
     cnt_ptr=None, kb_ptr=None, must_ptr=None, out_ptr=None, K=0, KB_CONST=0, sob=0, soh=0,
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
+    hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
@@ -194,6 +207,8 @@ def _block_keys_kernel(
             key = run
         bo = blk0 + tl.arange(0, NBT)
         tl.store(key_ptr + pid * NB_OUT + bo, key, mask=bo < blk_hi)
+        if HIST:  # count the keys into the row's histogram (stage 2 finds T from it)
+            tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN), 1, mask=bo < blk_hi, sem="relaxed")
     if FUSED:
         # the row's last program to finish runs the selection: every program of the row counts
         # in once its keys are stored (barrier, then a gpu-scope acq_rel atomic), the last one
@@ -240,6 +255,7 @@ def _select_kernel(
     sob, soh,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     KB_TENSOR: tl.constexpr, ARITY: tl.constexpr,
+    hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
@@ -249,8 +265,12 @@ def _select_kernel(
         kb = tl.load(kb_ptr + b).to(tl.int64)
     else:
         kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
-    _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
-                CHUNK, M, BLOCK, SINGLE, ARITY, False)
+    if HIST:
+        _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
+                    CHUNK, M, BLOCK, SINGLE, ARITY, False, hist_ptr + pid * NBINS, True, KMIN, NBINS)
+    else:
+        _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
+                    CHUNK, M, BLOCK, SINGLE, ARITY, False)
 
 
 @triton.jit
@@ -258,25 +278,53 @@ def _select_row(
     key_row, out_row, must_ptr, seq_len, kb, K,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     ARITY: tl.constexpr, CG: tl.constexpr,
+    hist_row=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
 ):
     """Selection of one (b, kv-head) row from its block keys (see the module docstring)."""
     n = (seq_len + CHUNK - 1) // CHUNK
     INF: tl.constexpr = 1 << 40
 
-    # pass 1: number of must-select blocks, range of the other keys
-    n_must = tl.zeros([], dtype=tl.int64)
-    kmin = tl.full([], INF, dtype=tl.int64)
-    kmax = tl.full([], -INF, dtype=tl.int64)
-    for start in range(0, n, BLOCK):
-        key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
-        other = real & ~must
-        n_must += tl.sum(must.to(tl.int64), 0)
-        kmin = tl.minimum(kmin, tl.min(tl.where(other, key, INF), 0))
-        kmax = tl.maximum(kmax, tl.max(tl.where(other, key, -INF), 0))
-    count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
-    must_key = kmax + 1  # above every real key
-    lo = tl.minimum(kmin, must_key)
-    hi = must_key
+    if HIST:
+        # the row's histogram of keys (every real block, must-select ones included), zeroed
+        # for the next launch; T from its suffix sums once the must blocks' keys are taken out
+        bins = tl.arange(0, NBINS)
+        hist = tl.load(hist_row + bins)
+        tl.store(hist_row + bins, tl.zeros([NBINS], dtype=tl.int32))
+        n_must = tl.zeros([], dtype=tl.int64)
+        for j in tl.static_range(M):
+            mj = tl.load(must_ptr + j).to(tl.int64)
+            pj = tl.where(mj >= 0, mj, n + mj)
+            take = (pj >= 0) & (pj < n)
+            for i in tl.static_range(M):
+                if i < j:  # a block named twice counts once
+                    mi = tl.load(must_ptr + i).to(tl.int64)
+                    pi = tl.where(mi >= 0, mi, n + mi)
+                    take = take & ~((pi == pj) & (pi >= 0) & (pi < n))
+            kj = tl.load(key_row + tl.where(take, pj, 0), mask=take, other=KMIN)
+            hist -= ((bins == (kj - KMIN)) & take).to(tl.int32)
+            n_must += take.to(tl.int64)
+        count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
+        need = count - n_must  # from the other blocks
+        ge = tl.sum(hist, 0) - (tl.cumsum(hist, 0) - hist)  # [NBINS] #(other keys >= bin)
+        n_ok = tl.sum((ge >= need).to(tl.int64), 0)  # ge is non-increasing: bins 0 .. n_ok - 1
+        must_key = tl.zeros([], dtype=tl.int64) + (KMIN + NBINS)  # above every possible key
+        lo = tl.where(need > 0, KMIN + n_ok - 1, must_key)
+        hi = lo  # the search below has nothing left to do
+    else:
+        # pass 1: number of must-select blocks, range of the other keys
+        n_must = tl.zeros([], dtype=tl.int64)
+        kmin = tl.full([], INF, dtype=tl.int64)
+        kmax = tl.full([], -INF, dtype=tl.int64)
+        for start in range(0, n, BLOCK):
+            key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
+            other = real & ~must
+            n_must += tl.sum(must.to(tl.int64), 0)
+            kmin = tl.minimum(kmin, tl.min(tl.where(other, key, INF), 0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(other, key, -INF), 0))
+        count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
+        must_key = kmax + 1  # above every real key
+        lo = tl.minimum(kmin, must_key)
+        hi = must_key
     if SINGLE:
         key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, must_key, M, BLOCK, CG)
 
@@ -353,14 +401,15 @@ def _form(G: int, mode: str) -> tuple[int, bool, int]:
 def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
-    select: dict | None = None, k_scale: torch.Tensor | None = None,
+    select: dict | None = None, k_scale: torch.Tensor | None = None, hist: dict | None = None,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
     that shape to write into. ``select``: launch arguments of the fused selection (the last
     program of each row runs stage 2 itself; see ``hamming_topk_triton``). ``k_scale``
     [B, Hkv, Lmax] float (any strides): per-token weights of the scores ("max" only); the keys
-    are then the order-preserving int32 images of the fp32 block maxima."""
+    are then the order-preserving int32 images of the fp32 block maxima. ``hist``: launch
+    arguments of the histogram threshold (``_hist_args``): the keys are also counted there."""
     if k_scale is not None and chunk_repre != "max":
         raise ValueError("k_scale needs chunk_repre='max'")
     B, Hq, W = q_codes.shape
@@ -402,13 +451,32 @@ def block_keys_triton(
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         num_warps=SCAN_WARPS,
-        **(select or {}),
+        **(select or {}), **(hist or {}),
     )
     return keys
 
 
 _MUST_CACHE: dict = {}
 _COUNTERS: dict = {}
+_HISTS: dict = {}
+
+
+def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> dict | None:
+    """Launch arguments of the histogram threshold (module doc), or None where it does not
+    apply: keys in [-S, S] with S = G * BITS (BITS for majority) need NBINS = next_pow2(2S + 1)
+    bins per row. The zeroed buffer is kept per (device, stream) and grown as needed; each
+    stage-2 program zeroes its row after reading it."""
+    S = (1 if mode == "majority" else G) * 32 * W
+    nbins = triton.next_power_of_2(2 * S + 1)
+    if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    t = _HISTS.get(key)
+    if t is None or t.numel() < rows * nbins:
+        t = torch.zeros(max(rows * nbins, 1 << 16), dtype=torch.int32, device=device)
+        _HISTS[key] = t
+    return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins)
 
 
 def _row_counters(n: int, device: torch.device) -> torch.Tensor:
@@ -437,9 +505,11 @@ def _must_tensor(must_select: tuple[int, ...], device: torch.device) -> torch.Te
 def select_triton(
     keys: torch.Tensor, seq_lens: torch.Tensor, k_blocks: torch.Tensor | int, K: int,
     chunk_size: int, must_select: tuple[int, ...], out: torch.Tensor | None = None,
+    hist: dict | None = None,
 ) -> torch.Tensor:
     """Stage 2: int32 [B, Hkv, K] selection from stage 1's keys (written into ``out`` if given;
-    every entry is written)."""
+    every entry is written). ``hist``: the histogram the same ``hist`` scan filled (read once,
+    then zeroed)."""
     B, Hkv, nb = keys.shape
     if out is None:
         out = torch.empty(B, Hkv, K, dtype=torch.int32, device=keys.device)
@@ -454,7 +524,7 @@ def select_triton(
         Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
-        num_warps=4 if block <= 1024 else 8,
+        num_warps=4 if block <= 1024 else 8, **(hist or {}),
     )
     return out
 
@@ -469,9 +539,13 @@ def hamming_topk_triton(
     ``k_scale`` weights the token scores. With FUSED_SELECT the selection runs in the scan's
     launch (no second kernel)."""
     if not FUSED_SELECT:
+        hist = None
+        if chunk_repre == "max" and k_scale is None:
+            B, Hkv, _, W = k_codes.shape
+            hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device)
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
-                                 k_scale=k_scale)
-        return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select)
+                                 k_scale=k_scale, hist=hist)
+        return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select, hist=hist)
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))
     out = torch.empty(B, Hkv, K, dtype=torch.int32, device=q_codes.device)
