@@ -60,6 +60,10 @@ MAX_SETS = 6
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     p.add_argument("--quick", action="store_true", help="a small subset (L 32K, Qwen3-8B)")
+    p.add_argument("--lengths", help="comma-separated context lengths (default 8192,32768,131072)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--budgets", help="comma-separated budgets: tokens or percent (default 2048,10%%,30%%)")
+    p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--reps", type=int, default=100, help="timed repetitions per measurement")
     p.add_argument("--sweep", action="store_true",
                    help="instead: time the kernels' launch knobs at L=128K (tuning), verified")
@@ -348,7 +352,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['stage']:<7} B={r['B']} G={r['G']} {extra:<9} {str(r['knobs']):<24} "
                   f"{'ok' if r['ok'] else 'MISMATCH'} {r['us']:8.1f} us")
         return 0 if all(r["ok"] for r in rows) else 1
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    for name, conv in (("lengths", int), ("batches", int), ("budgets", str), ("models", str)):
+        given = getattr(args, name, None)
+        if given:
+            cfg[name] = [conv(x) for x in given.split(",") if x]
+    bad = [m for m in cfg["models"] if m not in MODELS]
+    if bad:
+        print(f"kvcomp bench decode: unknown --models {bad}; choose from {list(MODELS)}")
+        return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     rows = []

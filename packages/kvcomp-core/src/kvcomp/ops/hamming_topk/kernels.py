@@ -291,13 +291,13 @@ def _select_row(
         hist = tl.load(hist_row + bins)
         tl.store(hist_row + bins, tl.zeros([NBINS], dtype=tl.int32))
         n_must = tl.zeros([], dtype=tl.int64)
-        for j in tl.static_range(M):
-            mj = tl.load(must_ptr + j).to(tl.int64)
+        for jm in tl.static_range(M):
+            mj = tl.load(must_ptr + jm).to(tl.int64)
             pj = tl.where(mj >= 0, mj, n + mj)
             take = (pj >= 0) & (pj < n)
-            for i in tl.static_range(M):
-                if i < j:  # a block named twice counts once
-                    mi = tl.load(must_ptr + i).to(tl.int64)
+            for im in tl.static_range(M):
+                if im < jm:  # a block named twice counts once
+                    mi = tl.load(must_ptr + im).to(tl.int64)
                     pi = tl.where(mi >= 0, mi, n + mi)
                     take = take & ~((pi == pj) & (pi >= 0) & (pi < n))
             kj = tl.load(key_row + tl.where(take, pj, 0), mask=take, other=KMIN)
@@ -305,8 +305,8 @@ def _select_row(
             n_must += take.to(tl.int64)
         count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
         need = count - n_must  # from the other blocks
-        ge = tl.sum(hist, 0) - (tl.cumsum(hist, 0) - hist)  # [NBINS] #(other keys >= bin)
-        n_ok = tl.sum((ge >= need).to(tl.int64), 0)  # ge is non-increasing: bins 0 .. n_ok - 1
+        at_least = tl.sum(hist, 0) - (tl.cumsum(hist, 0) - hist)  # [NBINS] #(other keys >= bin)
+        n_ok = tl.sum((at_least >= need).to(tl.int64), 0)  # non-increasing: bins 0 .. n_ok - 1
         must_key = tl.zeros([], dtype=tl.int64) + (KMIN + NBINS)  # above every possible key
         lo = tl.where(need > 0, KMIN + n_ok - 1, must_key)
         hi = lo  # the search below has nothing left to do
