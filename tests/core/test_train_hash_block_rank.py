@@ -224,5 +224,7 @@ def test_train_hash_command_block_rank(tmp_path):
                "--out", str(out), "--doc-tokens", "300", "--max-docs", "2", "--objective", "block-rank",
                "--rank-steps", "4", "--n-queries", "8", "--chunk", "8", "--json", str(stats), "--no-progress"])
     assert rc == 0 and HashWeights.load(out).trained
-    cfg = json.loads(stats.read_text())["config"]
+    st = json.loads(stats.read_text())
+    assert st["cpu_seconds"] > 0 and st["layers_trained"] == [0, 1, 2]
+    cfg = st["config"]
     assert cfg["objective"] == "block-rank" and cfg["rank_steps"] == 4 and cfg["chunk_size"] == 8

@@ -96,7 +96,7 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model, tok = load_model(args.model, device=device)
     docs = make_documents(texts, tok, args.doc_tokens, args.max_docs)
     if not docs:
@@ -107,7 +107,8 @@ def run(args) -> int:
     if hw is None:  # not rank 0
         return 0
     seconds = time.perf_counter() - t0
-    stats = {"out": args.out, "seconds": seconds, "documents": len(docs),
+    stats = {"out": args.out, "seconds": seconds, "cpu_seconds": time.process_time() - c0,
+             "documents": len(docs),
              "tokens": int(sum(d.numel() for d in docs)), "texts": [n for n, _ in texts],
              "config": config_dict(cfg), **hw.train_stats}
     print(f"wrote {args.out}: {hw!r}; {len(docs)} documents, {stats['tokens']} tokens, {seconds:.0f}s")
