@@ -30,7 +30,10 @@ def test_fused_decode_step_matches_and_prefill_is_untouched():
     with torch.no_grad():
         pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
         ref = model(nxt, past_key_values=pre.past_key_values).logits
-        fused = FusedDecode(model, max_rows=4, devices=("cpu",))
+        assert FusedDecode(model, devices=("cpu",)).ropes == 0  # rope is opt-in
+        for m in model.modules():
+            m.__dict__.pop("forward", None)
+        fused = FusedDecode(model, max_rows=4, devices=("cpu",), rope=True)
         assert (fused.norms, fused.mlps, fused.ropes) == (2 * 2 + 1, 2, 1)
         import transformers.models.llama.modeling_llama as ml
 
@@ -80,7 +83,7 @@ def test_graphs_with_fusion_gpu():
         graphs = h.compile_decode(fuse=True)
         try:
             assert graphs.fused is not None and graphs.fused.norms == 2 * 3 + 3 * 2 + 1
-            assert graphs.fused.ropes == 1
+            assert graphs.fused.ropes == 0
             got = gen()
             assert graphs.captures == 1 and graphs.replays == 7
             graphs.enabled = False  # the same fused forwards, eagerly

@@ -82,10 +82,11 @@ class DecodeGraphs:
                  static-buffer path eagerly (for tests and debugging)
         fuse:    also fuse the model's RMSNorms and SiLU-MLP activations in decode steps
                  (``kvcomp.fusion.FusedDecode``, removed by ``remove``); the fused kernels
-                 compile in the warm-up steps, before the capture
+                 compile in the warm-up steps, before the capture. ``fuse="rope"`` adds the
+                 experimental fused rotary embedding
     """
 
-    def __init__(self, model, *, warmup: int = 2, enabled: bool | None = None, fuse: bool = False):
+    def __init__(self, model, *, warmup: int = 2, enabled: bool | None = None, fuse: bool | str = False):
         if "forward" in model.__dict__:
             raise RuntimeError("model.forward is already wrapped (DecodeGraphs active?): remove() it first")
         if warmup < 1:
@@ -102,7 +103,7 @@ class DecodeGraphs:
         if fuse:
             from kvcomp.fusion import FusedDecode
 
-            self.fused = FusedDecode(model)
+            self.fused = FusedDecode(model, rope=fuse == "rope")
         model.forward = self._wrapped
 
     def remove(self) -> None:

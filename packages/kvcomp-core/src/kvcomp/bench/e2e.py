@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", action="store_true",
                    help="fuse RMSNorms and SiLU-MLP activations in decode steps (kvcomp.fusion.FusedDecode; "
                         "the same model, so every decoder gets it)")
+    p.add_argument("--fuse-rope", action="store_true",
+                   help="--fuse plus the experimental fused rotary embedding (FusedDecode(rope=True))")
     p.add_argument("--replot", metavar="JSON", help="only draw --plot from a saved --json result")
 
 
@@ -473,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     model = build_model(args.tiny, dev, dtype)
     data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
-    graphs = DecodeGraphs(model, warmup=2, fuse=args.fuse)
+    graphs = DecodeGraphs(model, warmup=2, fuse="rope" if args.fuse_rope else args.fuse)
     if graphs.fused is not None:
         graphs.fused.devices = (dev,)  # the CPU smoke run (--tiny) fuses on the CPU too
         data["fused"] = repr(graphs.fused)

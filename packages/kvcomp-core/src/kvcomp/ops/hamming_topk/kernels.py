@@ -30,7 +30,8 @@ int32 bins by atomics (a few per program), and stage 2 reads that row's histogra
 the must-select blocks' own keys out of it, and finds T from one suffix sum (the largest bin
 whose count of keys >= it reaches what is needed) instead of ~log2(2S) dependent search rounds;
 it zeroes the histogram for the next launch (no extra launch, graph-safe). The same T, hence
-the same selection, as the search (tested). Used up to HIST_MAX_BINS bins.
+the same selection, as the search (tested). Used up to HIST_MAX_BINS bins and HIST_MAX_ROWS
+rows (B * Hkv): with many rows the scan's atomics cost more than the search rounds.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ FUSED_SELECT = False
 # stage 2 finds the threshold from a histogram the scan fills (module doc), when keys fit
 HIST_SELECT = True
 HIST_MAX_BINS = 8192
+# ... and only for few (sequence, kv-head) rows, where stage 2's latency is the cost. Measured on
+# the H200 at 128K: B = 1 (8 rows) 13.5 vs 14.3 us for the whole hamming_topk (G = 4) and 16.6
+# vs 17.2 (G = 8); B = 8 (64 rows, G = 8) 68.6 vs 65.1 us: the scan's atomics then cost more
+# than the search rounds they save
+HIST_MAX_ROWS = 16
 
 
 @triton.jit
@@ -468,7 +474,7 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> di
     stage-2 program zeroes its row after reading it."""
     S = (1 if mode == "majority" else G) * 32 * W
     nbins = triton.next_power_of_2(2 * S + 1)
-    if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0:
+    if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > HIST_MAX_ROWS:
         return None
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
