@@ -19,8 +19,9 @@ import pytest
 pytest.importorskip("triton")
 
 
-def compile_sm90(fn, args: dict) -> None:
-    """args: a type string ("*i32", "i32", "fp32", "*bf16", ...) or a constexpr value per name."""
+def compile_sm90(fn, args: dict, **options):
+    """args: a type string ("*i32", "i32", "fp32", "*bf16", ...) or a constexpr value per name;
+    options: launch options (num_warps, enable_fp_fusion, ...). Returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -28,7 +29,11 @@ def compile_sm90(fn, args: dict) -> None:
     sig = {n: (a if isinstance(a, str) else "constexpr") for n, a in args.items()}
     cx = {n: a for n, a in args.items() if not isinstance(a, str)}
     assert list(sig) == list(fn.arg_names), "give every argument, in order"
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
+    opts = {k: v for k, v in options.items() if k != "num_warps"}
+    if "num_warps" in options:
+        opts["num_warps"] = options["num_warps"]
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                          options=opts)
 
 
 def _select_args(hist: bool) -> dict:
@@ -66,11 +71,17 @@ def check_norm_act_kernels():
                                            sy=i32, eps="fp32", BLOCK=4096))
     compile_sm90(na._silu_mul_kernel, dict(g_ptr="*bf16", u_ptr="*bf16", y_ptr="*bf16", n=i32, width=i32,
                                            sg=i32, su=i32, BLOCK=1024))
-    compile_sm90(na._rope_kernel, dict(
-        q_ptr="*bf16", k_ptr="*bf16", c_ptr="*bf16", s_ptr="*bf16", qo_ptr="*bf16", ko_ptr="*bf16",
-        NQ=i32, Hq=i32, Hkv=i32, T=i32, sqb=i32, sqh=i32, sqt=i32, skb=i32, skh=i32, skt=i32,
-        scb=i32, sct=i32, ssb=i32, sst=i32, HALF=64, BLOCK=64,
-    ))
+    for dt in ("bf16", "fp16", "fp32"):
+        args = dict(
+            q_ptr=f"*{dt}", k_ptr=f"*{dt}", c_ptr=f"*{dt}", s_ptr=f"*{dt}", qo_ptr=f"*{dt}", ko_ptr=f"*{dt}",
+            NQ=i32, Hq=i32, Hkv=i32, T=i32, sqb=i32, sqh=i32, sqt=i32, skb=i32, skh=i32, skt=i32,
+            scb=i32, sct=i32, ssb=i32, sst=i32, HALF=64, BLOCK=64,
+        )
+        # with the launch options rope uses: every product and sum rounded on its own, as in torch
+        ptx = compile_sm90(na._rope_kernel, args, **na.ROPE_LAUNCH).asm["ptx"]
+        assert "fma." not in ptx, f"{dt}: the rope kernel contracts a product into an fma"
+        if dt == "bf16":  # what the default options do (the cause of the H200 mismatch)
+            assert "fma.rn.bf16" in compile_sm90(na._rope_kernel, args).asm["ptx"]
 
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels]

@@ -26,8 +26,9 @@ Modules touched (matched by class: the math is the one of these classes):
               (for every model of that type in the process: the fused path applies only to the
               shapes it supports and calls the original otherwise). Off by default: on the H200
               (triton 3.6) ``kvcomp.ops.rope`` did not reproduce torch's results bit for bit
-              (``tests/core/test_norm_act.py::test_rope``, exact under the interpreter), cause
-              not yet diagnosed (suspected: fp contraction or a folded bf16 round trip)
+              (``tests/core/test_norm_act.py::test_rope``); the PTX showed why (the compiler
+              contracted a product and the sum into one ``fma.rn.bf16``), it is launched without
+              fp contraction since, and stays opt-in until that runs on a GPU
 
 Outputs equal the module's own up to float rounding (the mean adds in another order; tested).
 Plain kernels, not ``torch.compile``: no recompilation per batch size or tensor layout (dynamo

@@ -12,8 +12,11 @@ the original up to float rounding (a reduction may add in another order):
     rope(q, k, cos, sin)      q [B, Hq, T, D], k [B, Hkv, T, D], cos / sin [B or 1, T, D] ->
                               (q * cos + rotate_half(q) * sin, the same for k), rotate_half(x) =
                               cat(-x[..., D/2:], x[..., :D/2]); each product and the sum
-                              rounded to the dtype as torch does (bit-identical on the GPU);
-                              outputs contiguous [B, H, T, D]
+                              rounded to the dtype as torch does; outputs contiguous [B, H, T, D].
+                              Compiled without floating-point contraction (ROPE_LAUNCH): with it,
+                              the compiler turns a product and the sum into one fma (one
+                              rounding where torch has two), which made it differ from torch on
+                              the H200
 
 The Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1) take any input whose
 last dim is contiguous; one program per row (rms_norm) or per 1024 elements (silu_mul). The
@@ -169,6 +172,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     return y.view(gate.shape)
 
 
+# launch options of _rope_kernel: no fp contraction (module doc; tests/core/test_kernels_compile.py
+# checks the PTX for it)
+ROPE_LAUNCH = dict(num_warps=1, enable_fp_fusion=False)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [B, Hq, T, D] and k [B, Hkv, T, D] with cos / sin [B, T, D] (or
@@ -196,6 +204,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
-            HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)), num_warps=1,
+            HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)), **ROPE_LAUNCH,
         )
     return qo, ko
