@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one script a GPU device call runs for issue 6's DeepSeek-V3-shaped (MLA) end-to-end bench:
-#   1. the -m gpu tests of the static MLA cache (tests/deepseek/test_static_cache.py: capture +
+#   1. the -m gpu tests of the static MLA cache (tests/deepseek/test_mla_static_cache.py: capture +
 #      replay == eager, bit for bit; generate with graphs == eager)
 #   2. `python -m kvcomp.bench.e2e_mla --json $OUT/e2e_mla.json` (extra arguments are passed on,
 #      e.g. --steps 32 --time-limit 150 --profile)
@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,memory.total --fo
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 test_rc=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -m gpu tests/deepseek/test_static_cache.py -p no:cacheprovider \
+    timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -m gpu tests/deepseek/test_mla_static_cache.py -p no:cacheprovider \
         --durations=5 2>&1 | tee "$OUT/pytest_mla.log" | tail -30
     test_rc=${PIPESTATUS[0]}
 fi
