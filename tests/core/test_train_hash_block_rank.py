@@ -221,10 +221,11 @@ def test_train_hash_command_block_rank(tmp_path):
     out = tmp_path / "w.safetensors"
     stats = tmp_path / "train.json"
     rc = main(["train-hash", "--model", str(model_dir), "--data", str(text), "--bits", "32",
-               "--out", str(out), "--doc-tokens", "300", "--max-docs", "2", "--objective", "block-rank",
+               "--out", str(out), "--doc-tokens", "200", "300", "--max-docs", "2", "--objective", "block-rank",
                "--rank-steps", "4", "--n-queries", "8", "--chunk", "8", "--json", str(stats), "--no-progress"])
     assert rc == 0 and HashWeights.load(out).trained
     st = json.loads(stats.read_text())
     assert st["cpu_seconds"] > 0 and st["layers_trained"] == [0, 1, 2]
+    assert st["documents"] == 4 and st["tokens"] == 2 * 200 + 2 * 300  # two of each length
     cfg = st["config"]
     assert cfg["objective"] == "block-rank" and cfg["rank_steps"] == 4 and cfg["chunk_size"] == 8

@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=WINDOW)
     ap.add_argument("--held-docs", type=int, default=4)
     ap.add_argument("--train-docs", type=int, default=4)
+    ap.add_argument("--train-ctx", type=int, nargs="*", default=None,
+                    help="training document lengths (default --ctx; several: documents of each)")
     ap.add_argument("--variants", nargs="+", default=["random", "qcov", "kcov", "qcov-orth",
                                                       "kcov-orth", "qkcov-orth"])
     ap.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH",
@@ -276,7 +278,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     held = capture_docs("heldout", args.held_docs, args.ctx)
-    train = capture_docs("train", args.train_docs, args.ctx)
+    train = [doc for c in (args.train_ctx or [args.ctx]) for doc in capture_docs("train", args.train_docs, c)]
     n_layers = len(held[0])
     Hkv, _, D = held[0][0][1].shape
     if args.layers:  # measure a subset: keep only those layers (and the dense ones' slots empty)

@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--bits-rope", type=int, default=64, help="MLA rope bits (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse finished layers in <out>.ckpt/")
-    p.add_argument("--doc-tokens", type=int, default=4096, help="tokens per training document")
+    p.add_argument("--doc-tokens", type=int, nargs="+", default=[4096],
+                   help="tokens per training document; several values: --max-docs documents of "
+                        "each length (e.g. 2048 4096: queries at more absolute positions)")
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
@@ -98,7 +100,7 @@ def run(args) -> int:
         return 1
     t0, c0 = time.perf_counter(), time.process_time()
     model, tok = load_model(args.model, device=device)
-    docs = make_documents(texts, tok, args.doc_tokens, args.max_docs)
+    docs = [d for n in args.doc_tokens for d in make_documents(texts, tok, n, args.max_docs)]
     if not docs:
         print("error: --data gave no tokens", file=sys.stderr)
         return 1
