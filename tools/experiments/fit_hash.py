@@ -212,8 +212,9 @@ def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: in
 
 
 # ----------------------------------------------------------------------------- main
-def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int):
-    """{variant/score: {budget: [positions] captured mass}} over the held-out documents."""
+def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per_layer=None):
+    """{variant/score: {budget: [positions] captured mass}} over the held-out documents;
+    ``per_layer`` (a dict) also receives {(variant/score, budget): {layer: [docs] mean mass}}."""
     res: dict[str, dict[float, list]] = {}
     n_layers = len(held[0])
     for doc in held:
@@ -233,6 +234,8 @@ def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int):
                 runs[f"{name}/centered_norm"] = block_max(hash_scores(qw, k, w, mu), t0)
             for key, bs in runs.items():
                 for r, v in captured(bs, mass, t0).items():
+                    if per_layer is not None:
+                        per_layer.setdefault((key, r), {}).setdefault(layer, []).append(float(v.mean()))
                     acc = per.setdefault(key, {}).setdefault(r, torch.zeros(window, dtype=torch.float64))
                     acc += v / (n_layers - FIRST_SPARSE)
         for key, d in per.items():
@@ -275,6 +278,8 @@ def main() -> None:
     ap.add_argument("--rank-lr", type=float, default=0.01)
     ap.add_argument("--rank-beta", type=float, default=3.0)
     ap.add_argument("--rank-tau", type=float, default=0.1)
+    ap.add_argument("--per-layer", type=float, default=None, metavar="BUDGET",
+                    help="also print each layer's captured mass at this budget")
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="sparse layers to measure (default all)")
     args = ap.parse_args()
@@ -317,8 +322,16 @@ def main() -> None:
         name, path = spec.split("=", 1)
         hw = HashWeights.load(path)
         weights[name] = {i: hw.layer(lid).float() for i, lid in enumerate(layer_ids)}
-    res = evaluate(held, weights, args.window)
+    per_layer: dict | None = {} if args.per_layer else None
+    res = evaluate(held, weights, args.window, per_layer)
     print(table(res))
+    if per_layer:
+        keys = [k for k in res if k != "oracle"]
+        print("\n| layer | " + " | ".join(f"{k} @ {args.per_layer:g}" for k in keys) + " | oracle |")
+        print("|---" * (len(keys) + 2) + "|")
+        for layer in sorted(per_layer[("oracle", args.per_layer)]):
+            vals = [sum(per_layer[(k, args.per_layer)][layer]) / len(held) for k in keys + ["oracle"]]
+            print(f"| {layer_ids[layer]} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
     print(f"total {time.time() - t0:.0f}s")
 
 
