@@ -194,20 +194,32 @@ def query_codes(q_lat, q_pe, binding: MLABinding, aggregation: str) -> torch.Ten
     return torch.cat([hash_encode(q_lat, binding.w_lat), hash_encode(q_pe, binding.w_rope)], -1)
 
 
+def _absorbed_query(module, binding: MLABinding, query: torch.Tensor, dt: torch.dtype):
+    """The decode query in latent space: query [B, H, 1, nope + P] -> (q_lat [B, H, R] = q_nope
+    @ W_UK, q_pe [B, H, P]), both in the cache dtype ``dt`` (absorbed weights made once per
+    binding, on the query's device)."""
+    if binding.absorbed is None:
+        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module, query.dtype))
+    w_uk = binding.absorbed[0]
+    nope = module.qk_nope_head_dim
+    q = query[:, :, 0]  # [B, H, nope + P]
+    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].to(w_uk.dtype), w_uk).to(dt)
+    return q_lat, q[..., nope:].to(dt).contiguous()
+
+
+def _absorbed_output(binding: MLABinding, o_lat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Latent attention output o_lat [B, H, R] -> per-head values [B, H, v] (o_lat @ W_UV^T)."""
+    w_uv = binding.absorbed[1]
+    return torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv).to(dtype)
+
+
 def _sparse_decode(module, binding: MLABinding, layer: MLACacheLayer, query, ckv, kpe, scaling):
     """Absorbed decode over the selected blocks; query [B, H, 1, nope + P], ckv [B, 1, L, R],
     kpe [B, 1, L, P] -> [B, 1, H, v_head_dim]."""
     handle = binding.handle
     cfg, policy = handle.config, handle.policy
     i = binding.layer_idx
-    if binding.absorbed is None:
-        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module, query.dtype))
-    w_uk, w_uv = binding.absorbed
-    nope = module.qk_nope_head_dim
-    q = query[:, :, 0]  # [B, H, nope + P]
-    dt = ckv.dtype
-    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].to(w_uk.dtype), w_uk).to(dt)  # [B, H, R]
-    q_pe = q[..., nope:].to(dt).contiguous()  # [B, H, P]
+    q_lat, q_pe = _absorbed_query(module, binding, query, ckv.dtype)
     L = layer.max_len
     seq_lens = layer.seq_lens
     mode = policy.mode(i, L)
@@ -231,12 +243,12 @@ def _sparse_decode(module, binding: MLABinding, layer: MLACacheLayer, query, ckv
         src = layer._cache_ref().layers[j]
         if src.step_block_idx is None or src.step_block_idx_update != layer.updates:
             raise RuntimeError(f"layer {i} reuses layer {j}'s selection, but layer {j} made none at this step")
-        block_idx = src.step_block_idx.to(q.device)
+        block_idx = src.step_block_idx.to(query.device)
     o_lat = sparse_mla_decode(
         q_lat, q_pe, ckv[:, 0], kpe[:, 0], block_idx, seq_lens,
         chunk_size=cfg.chunk_size, scale=scaling,
     )  # [B, H, R]
-    out = torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv).to(query.dtype)
+    out = _absorbed_output(binding, o_lat, query.dtype)
     layer.record_step(mode, block_idx)
     return out.unsqueeze(1)  # [B, 1, H, v]
 
@@ -253,17 +265,10 @@ def _static_decode(module, binding: MLABinding, layer, query, ckv, kpe, scaling:
     cfg, policy = handle.config, handle.policy
     cache = layer._cache_ref()
     i = binding.layer_idx
-    if binding.absorbed is None:
-        binding.absorbed = tuple(t.to(query.device) for t in absorb_weights(module, query.dtype))
-    w_uk, w_uv = binding.absorbed
-    nope = module.qk_nope_head_dim
-    q = query[:, :, 0]  # [B, H, nope + P]
-    dt = ckv.dtype
-    q_lat = torch.einsum("bhn,hnr->bhr", q[..., :nope].to(w_uk.dtype), w_uk).to(dt)  # [B, H, R]
-    q_pe = q[..., nope:].to(dt).contiguous()  # [B, H, P]
+    q_lat, q_pe = _absorbed_query(module, binding, query, ckv.dtype)
     seq_lens = layer.seq_lens  # [B] int32, the new token included
     cap = layer.keys_buf.shape[2]
-    dev = q.device
+    dev = query.device
     if policy.mode(i, layer.padded_len) == "dense":
         o_lat = mla_decode(q_lat, q_pe, ckv[:, 0], kpe[:, 0], seq_lens, scale=scaling)
     else:
@@ -290,7 +295,7 @@ def _static_decode(module, binding: MLABinding, layer, query, ckv, kpe, scaling:
             layer.step_block_idx_update = layer.updates
         o_lat = sparse_mla_decode(q_lat, q_pe, ckv[:, 0], kpe[:, 0], block_idx, seq_lens,
                                   chunk_size=cfg.chunk_size, scale=scaling)  # [B, H, R]
-    out = torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv).to(query.dtype)
+    out = _absorbed_output(binding, o_lat, query.dtype)
     return out.unsqueeze(1)  # [B, 1, H, v]
 
 

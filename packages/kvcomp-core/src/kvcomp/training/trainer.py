@@ -16,7 +16,7 @@ as a batch of independent projections (their losses add, gradients stay separate
 Deterministic for a seed: every random draw comes from a generator seeded by (seed, layer, ...),
 so a layer's result does not depend on which process trains it or on the others.
 
-Resumable: each finished layer is written to ``<out>.ckpt/layer_XXX.safetensors`` (with the
+Resumable: each finished layer is written to ``<out>.ckpt/layer_{i:03d}.safetensors`` (with the
 training settings in its metadata); with ``resume=True`` those layers are loaded instead of
 retrained (their pairs are not collected). A checkpoint written with other settings (bits,
 loss, recipe, ``center_keys``, ...) is refused with a ValueError naming them, never mixed in.
