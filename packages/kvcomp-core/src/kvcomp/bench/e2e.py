@@ -87,20 +87,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------- model
-def build_model(tiny: bool, device: str, dtype: torch.dtype):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(**(TINY if tiny else QWEN3_8B))
+def random_model(config_cls, model_cls, values: dict, device: str, dtype: torch.dtype):
+    """``model_cls(config_cls(**values))`` with sdpa attention and seeded random weights made
+    directly in ``dtype`` on ``device`` (no fp32 copy on the host), in eval mode."""
+    cfg = config_cls(**values)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen3ForCausalLM(cfg)
+            model = model_cls(cfg)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return random_model(Qwen3Config, Qwen3ForCausalLM, TINY if tiny else QWEN3_8B, device, dtype)
 
 
 def kvcomp_config(model, *, budget: int | None, dense: bool):

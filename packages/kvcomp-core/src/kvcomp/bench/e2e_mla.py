@@ -98,17 +98,9 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
     """DeepseekV3ForCausalLM of DEEPSEEK_V3_4L (or TINY), random weights in ``dtype`` on ``device``."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(**(TINY if tiny else DEEPSEEK_V3_4L))
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = DeepseekV3ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
+    from kvcomp.bench.e2e import random_model
+
+    return random_model(DeepseekV3Config, DeepseekV3ForCausalLM, TINY if tiny else DEEPSEEK_V3_4L, device, dtype)
 
 
 def kvcomp_config(model, *, budget: int, dense: bool, tiny: bool):
