@@ -1,0 +1,143 @@
+"""``gemv``: ``F.linear`` for decode-sized inputs (a few rows) as one weight-streaming kernel.
+
+In a decode step every projection is a matrix-vector product: x [M, K] with M = batch (1-8)
+against a bf16 weight [N, K] that is read once from HBM. The step is bound by those weight
+bytes (15 GB per step for Qwen3-8B); cuBLAS reaches ~3.2 TB/s on them in a CUDA-graph step
+(``docs/benchmarks/e2e.md``), against ~4.3 TB/s of device copy bandwidth. This kernel streams
+the weight in [BLOCK_N, BLOCK_K] tiles, BLOCK_N output features per program, the whole K in
+one program (no split-K reduction kernel, no atomics: deterministic), accumulating in fp32.
+
+    gemv(x, weight, bias=None)   x [..., K], weight [N, K], bias [N] or None -> [..., N]
+                                 = F.linear(x, weight, bias) up to fp32 summation order
+                                 (products of the inputs' dtype, exact in fp32; the sum and
+                                 the bias in fp32; one rounding to the output dtype)
+
+Two tile forms (``GEMV_CONFIG``; both tested): ``dot`` multiplies the tile with tl.dot
+(x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
+(M <= 4; at M = 1 the K axis is reduced once, at the end). Rows of x beyond ``MAX_ROWS`` are the caller's
+business (``kvcomp.fusion.FusedDecode`` sends prefill to F.linear).
+
+The weight must have a contiguous last dim; x any strides with a contiguous last dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ops._common import FLOAT_DTYPES, check_tensor, device_guard, interpreting, use_triton
+
+__all__ = ["gemv", "gemv_ref", "GEMV_CONFIG", "MAX_ROWS"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the reference still works
+    triton = None
+
+MAX_ROWS = 16
+# launch configuration: form ("dot" | "fma"), output features per program, K per tile, warps,
+# pipeline stages (the H200 sweep in tools/experiments/gemv_sweep.py picks these)
+GEMV_CONFIG = dict(form="dot", block_n=16, block_k=512, num_warps=4, num_stages=3)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 accumulation of x @ weight.T (+ bias), rounded once to x's dtype."""
+    y = x.to(torch.float32) @ weight.to(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])."""
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        m_ok = rm < M
+        w_rows = w_ptr + rn[:, None] * swn
+        x_rows = x_ptr + rm[:, None] * sxm
+        if DOT:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        elif BLOCK_M == 1:
+            acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # K reduced once, at the end
+        else:
+            accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
+                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+            elif DOT and IEEE:  # fp32 inputs: no tf32 rounding
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            elif DOT:
+                acc = tl.dot(w, tl.trans(x), acc)
+            elif BLOCK_M == 1:
+                acc1 += x.to(tl.float32) * w.to(tl.float32)
+            else:
+                accm += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        if DOT:
+            out = tl.trans(acc)
+        elif BLOCK_M == 1:
+            out = tl.sum(acc1, 1)[None, :]
+        else:
+            out = accm
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         backend: str = "auto", config: dict | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype.
+
+    ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    if x.dim() < 1 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [N, K] for x {tuple(x.shape)} [..., K]")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias {tuple(bias.shape)} must be [N] for weight {tuple(weight.shape)}")
+    cfg = dict(GEMV_CONFIG, **(config or {}))
+    if cfg["form"] not in ("dot", "fma"):
+        raise ValueError(f"config form must be 'dot' or 'fma', got {cfg['form']!r}")
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if not use_triton(backend, x, weight) or triton is None or x.numel() == 0 or N == 0:
+        return gemv_ref(x, weight, bias)
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    dot = cfg["form"] == "dot"
+    block_m = 16 if dot else max(1, triton.next_power_of_2(M))
+    if not dot and block_m > 4:
+        raise ValueError(f"config form 'fma' takes at most 4 rows, got {M}")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, block_m))
+    with device_guard(x):
+        _gemv_kernel[grid](
+            x2, weight, bias if bias is not None else weight, y, M, N, K,
+            x2.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+            BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return y.view(*x.shape[:-1], N)
