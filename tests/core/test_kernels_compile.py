@@ -64,6 +64,32 @@ def check_block_keys_kernel_with_histogram():
     ))
 
 
+def check_sparse_decode_attention_kernels():
+    """The split kernel with the fused merge (ticket atomics, per-row merge loop) and without,
+    the separate merge kernel."""
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    i32 = "i32"
+    for fused in (True, False):
+        args = dict(
+            q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", idx_ptr="*i32", len_ptr="*i32",
+            m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", Hkv=i32, K_ENT=i32, TOK_PER_SPLIT=i32,
+            SPLITS=i32, scale_log2="fp32", sqb=i32, sqh=i32, sqd=i32, skb=i32, skh=i32, skt=i32,
+            skd=i32, svb=i32, svh=i32, svt=i32, svd=i32, sib=i32, sih=i32, sik=i32,
+            G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
+            tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
+            out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
+            G_R=4, S_PAD=32, S_TILE=8,
+        )
+        ptx = compile_sm90(ak._sparse_decode_split_kernel, args, num_warps=4, num_stages=2).asm["ptx"]
+        if fused:  # the ticket: a gpu-scope acq_rel atomic add after a CTA barrier
+            assert "atom.global.gpu.acq_rel.add" in ptx or "atom.acq_rel.gpu.global.add" in ptx, \
+                [ln for ln in ptx.splitlines() if "atom" in ln]
+            assert "bar.sync" in ptx
+    compile_sm90(ak._merge_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16",
+                                        Hq=i32, SPLITS=i32, sob=i32, soh=i32, sod=i32, D=128, S_PAD=32,
+                                        BLOCK_D=128), num_warps=4)
+
+
 def check_norm_act_kernels():
     na = importlib.import_module("kvcomp.ops.norm_act")
     i32 = "i32"
@@ -84,7 +110,8 @@ def check_norm_act_kernels():
             assert "fma.rn.bf16" in compile_sm90(na._rope_kernel, args).asm["ptx"]
 
 
-CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels]
+CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
+          check_sparse_decode_attention_kernels]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

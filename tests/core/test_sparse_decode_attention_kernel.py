@@ -120,6 +120,53 @@ def test_many_splits(monkeypatch):
     check(q, k, v, idx, torch.tensor([1050]), chunk)
 
 
+def _two_kernel(monkeypatch):
+    """Context: the split kernel + separate merge kernel (FUSED_MERGE off) inside the block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        monkeypatch.setattr(kernels, "FUSED_MERGE", False)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(kernels, "FUSED_MERGE", True)
+
+    return ctx()
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_fused_merge_matches_two_kernel_path(monkeypatch, G):
+    """The merge run by the last split program of each row (ticket counters) gives the two-kernel
+    path's output, on repeated calls with different shapes and split counts: a ticket left
+    non-zero by one call would leave the next call's rows unmerged (NaN, from the poisoned
+    output) or merged early. Every ticket is zero afterwards."""
+    monkeypatch.setattr(kernels, "MERGE_TILE_ELEMS", 1)  # one split per merge step: unrolled
+    # steps (<= 8 splits) and the loop (more)
+    assert kernels.FUSED_MERGE
+    gen = torch.Generator().manual_seed(100 + G)
+    cases = [  # B, Hkv, L, lens, K (blocks), chunk
+        (3, 2, 4097, [4097, 1, 129], 12, 64),
+        (2, 2, 300, [127, 300], 9, 16),
+        (1, 3, 129, [129], 2, 64),
+    ]
+    for B, Hkv, L, lens, K, chunk in cases:
+        D = 16
+        q = torch.randn(B, Hkv * G, D, generator=gen).half()
+        k = torch.randn(B, Hkv, L, D, generator=gen).half()
+        v = torch.randn(B, Hkv, L, D, generator=gen).half()
+        lens_t = torch.tensor(lens)
+        idx = random_selection(B, Hkv, -(-L // chunk), K, gen, drop=0.2)
+        idx[idx == 0] = -1
+        idx[:, :, 0] = 0  # every row attends at least its first token (entries stay distinct)
+        assert kernels._plan(B, Hkv, K, chunk, D)[2] >= 2  # several splits to merge
+        fused = check(q, k, v, idx, lens_t, chunk)
+        with _two_kernel(monkeypatch):
+            two = check(q, k, v, idx, lens_t, chunk)
+        torch.testing.assert_close(fused.float(), two.float(), atol=1e-2, rtol=0)
+    assert (kernels._tickets(1, torch.device("cpu")) == 0).all()
+
+
 GPU_CASES = [(G, 128, torch.bfloat16) for G in (1, 2, 4, 8, 16)] + [
     (4, 128, torch.float16), (8, 64, torch.bfloat16), (2, 256, torch.bfloat16), (16, 64, torch.float16)
 ]
@@ -199,3 +246,27 @@ def test_gpu_paged_block_table():
     got = sparse_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), idx, lens, chunk_size=chunk,
                                   block_table=table.cuda())
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4, 32])
+def test_gpu_fused_merge_repeated(monkeypatch, B):
+    """Real shapes, fused merge against the two-kernel path and fp64, five calls in a row on new
+    inputs (tickets reset by each call; B = 1 has ~32 splits per row, B = 32 has 256 rows)."""
+    gen = torch.Generator().manual_seed(B)
+    Hkv, G, D, L, chunk = 8, 4, 128, 4097, 128
+    for rep in range(5):
+        q = torch.randn(B, Hkv * G, D, generator=gen).bfloat16().cuda()
+        k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+        v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+        lens = torch.randint(1, L + 1, (B,), generator=gen)
+        lens[0] = L if rep % 2 == 0 else 129
+        idx = random_selection(B, Hkv, 33, 16 - rep, gen, drop=0.1)
+        idx[idx == 0] = -1
+        idx[:, :, 0] = 0
+        fused = check(q, k, v, idx.cuda(), lens.cuda(), chunk, atol=1e-4)
+        with _two_kernel(monkeypatch):
+            two = check(q, k, v, idx.cuda(), lens.cuda(), chunk, atol=1e-4)
+        torch.testing.assert_close(fused.float(), two.float(), atol=2e-2, rtol=0)
+    torch.cuda.synchronize()
+    assert (kernels._tickets(B * Hkv, q.device) == 0).all()

@@ -9,6 +9,15 @@ fp32 (log2 domain) and writes its partial (m, l, acc) to [B, Hq, SPLITS(, D)] fp
 ``_merge_kernel``, grid (B * Hq,), combines the splits by log-sum-exp and writes the output in
 q's dtype; a row without any attended token gets zeros.
 
+Fused merge (``FUSED_MERGE``, the default): no second launch. After storing its partials, each
+split program takes a ticket from an int32 counter of its (sequence, kv-head) (a CTA barrier,
+then one gpu-scope acq_rel ``atomic_add``); the program that draws the last ticket (SPLITS - 1)
+has every other split's partials visible, merges the G query rows of its kv-head itself (same
+log-sum-exp as ``_merge_kernel``, reading the partials through L2) and resets the counter to 0,
+so the next launch, or the next replay of a captured CUDA graph, starts from zero. The counters
+(``_tickets``) are allocated once per (device, stream) and kept; calls that run concurrently on
+one stream's counters would race, calls on one stream are ordered.
+
 Entries of block_idx are expected to be distinct (as hamming_topk returns them); a repeated
 entry would be attended twice. Nothing here reads a length on the host: CUDA-graph safe.
 """
@@ -32,6 +41,12 @@ WARPS = 4
 STAGES = 2
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
+# merge the splits inside the split kernel (last program of each row, module doc) instead of a
+# second launch; False keeps the two-kernel path (benchmarks time both)
+FUSED_MERGE = True
+# elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
+# a thread at 4 warps
+MERGE_TILE_ELEMS = 4096
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
 
 
@@ -46,9 +61,13 @@ def _sparse_decode_split_kernel(
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     tbl_ptr=None, stb=0, stp=0, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1,
+    out_ptr=None, sob=0, soh=0, sod=0, ticket_ptr=None, FUSED: tl.constexpr = False,
+    G_R: tl.constexpr = 1, S_PAD: tl.constexpr = 1, S_TILE: tl.constexpr = 1,
 ):
     """With PAGED, k/v are page pools [pages, Hkv, PAGE, D] (strides skb.. = page, head, row,
-    dim) and token t of sequence b lives in page tbl[b, t // PAGE] at row t % PAGE."""
+    dim) and token t of sequence b lives in page tbl[b, t // PAGE] at row t % PAGE. With FUSED,
+    the last of the row's SPLITS programs merges the partials into out [B, Hq, D] (strides
+    sob, soh, sod) and resets ticket[b * Hkv + h] (module doc)."""
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -118,6 +137,73 @@ def _sparse_decode_split_kernel(
     tl.store(m_ptr + row, m_i, mask=g_ok)
     tl.store(l_ptr + row, l_i, mask=g_ok)
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    if FUSED:
+        # every thread's partial stores come before the ticket (barrier), and the acq_rel atomic
+        # publishes them gpu-wide; the last ticket sees every split's partials
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:
+            tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
+            _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
+                         b * Hkv * G + h * G, SPLITS, soh, sod,
+                         G, D, G_R, S_PAD, S_TILE, BLOCK_D)
+
+
+@triton.jit
+def _merge_group(
+    m_ptr, l_ptr, acc_ptr, out_base, row0, SPLITS, soh, sod,
+    G: tl.constexpr, D: tl.constexpr, G_R: tl.constexpr, S_PAD: tl.constexpr,
+    S_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Log-sum-exp merge of the G query rows row0 .. row0 + G - 1 (partials m, l [rows, SPLITS],
+    acc [rows, SPLITS, D] fp32, log2 domain; stored by other programs of this launch, so read
+    through L2 only) into out_base + g * soh + d * sod (zeros for a row without any attended
+    token). All G rows at once, S_TILE splits per step; with few steps they are unrolled, so
+    every load is in flight together (the merge's latency is about two L2 round trips)."""
+    g = tl.arange(0, G_R)
+    g_ok = g < G
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    rows = row0 + g  # [G_R]
+    m = tl.load(m_ptr + rows[:, None] * SPLITS + s[None, :], mask=g_ok[:, None] & (s < SPLITS)[None, :],
+                other=NEG_BIG, cache_modifier=".cg")  # [G_R, S_PAD]
+    m_all = tl.max(m, 1)  # [G_R]
+    denom = tl.zeros([G_R], dtype=tl.float32)
+    o = tl.zeros([G_R, BLOCK_D], dtype=tl.float32)
+    N_TILES: tl.constexpr = S_PAD // S_TILE
+    if N_TILES <= 8:
+        for t in tl.static_range(N_TILES):
+            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, t * S_TILE, SPLITS,
+                                   denom, o, D, G_R, S_TILE, BLOCK_D)
+    else:
+        for s0 in tl.range(0, SPLITS, S_TILE):
+            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, SPLITS,
+                                   denom, o, D, G_R, S_TILE, BLOCK_D)
+    o = tl.where(denom[:, None] > 0, o / tl.where(denom > 0, denom, 1.0)[:, None], 0.0)
+    tl.store(out_base + g[:, None] * soh + d[None, :] * sod, o.to(out_base.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_tile(
+    m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, SPLITS, denom, o,
+    D: tl.constexpr, G_R: tl.constexpr, S_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Splits [s0, s0 + S_TILE) of _merge_group's rows added into (denom [G_R], o [G_R, BLOCK_D])."""
+    st = s0 + tl.arange(0, S_TILE)
+    d = tl.arange(0, BLOCK_D)
+    ok2 = g_ok[:, None] & (st < SPLITS)[None, :]  # [G_R, S_TILE]
+    off = rows[:, None] * SPLITS + st[None, :]
+    mt = tl.load(m_ptr + off, mask=ok2, other=NEG_BIG, cache_modifier=".cg")
+    lt = tl.load(l_ptr + off, mask=ok2, other=0.0, cache_modifier=".cg")
+    at = tl.load(acc_ptr + off[:, :, None] * D + d[None, None, :],
+                 mask=ok2[:, :, None] & (d < D)[None, None, :], other=0.0,
+                 cache_modifier=".cg")  # [G_R, S_TILE, BLOCK_D]
+    w = tl.exp2(mt - m_all[:, None])  # [G_R, S_TILE]
+    denom = denom + tl.sum(lt * w, 1)
+    o = o + tl.sum(at * w[:, :, None], 1)
+    return denom, o
 
 
 @triton.jit
@@ -145,6 +231,26 @@ def _merge_kernel(
     o = tl.sum(acc * w[:, None], 0)  # [BLOCK_D]
     o = tl.where(denom > 0, o / tl.where(denom > 0, denom, 1.0), 0.0)
     tl.store(out_ptr + b * sob + hq * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+_TICKETS: dict = {}
+_RETIRED: list = []
+
+
+def _tickets(rows: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 ticket counters of the fused merge, one per (sequence, kv-head) row, kept per
+    (device, stream): the merging program resets its row's counter, so every later launch on
+    that stream (and every replay of a CUDA graph that captured one) finds them at zero. A
+    buffer outgrown by a larger batch is kept alive (a captured graph may still point at it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < rows:
+        if t is not None:
+            _RETIRED.append(t)
+        t = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
+        _TICKETS[key] = t
+    return t
 
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
@@ -188,18 +294,27 @@ def sparse_decode_attention_triton(
     if block_table is not None:
         paged = dict(tbl_ptr=block_table, stb=block_table.stride(0), stp=block_table.stride(1),
                      PAGED=True, PAGE=k_cache.shape[2])
+    s_pad = max(2, triton.next_power_of_2(splits))
+    fused = {}
+    if FUSED_MERGE:
+        g_r = triton.next_power_of_2(G)
+        s_tile = min(s_pad, max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2))
+        fused = dict(out_ptr=out, sob=out.stride(0), soh=out.stride(1), sod=out.stride(2),
+                     ticket_ptr=_tickets(B * Hkv, q.device), FUSED=True, G_R=g_r, S_PAD=s_pad,
+                     S_TILE=s_tile)
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
         Hkv, K, per_split, splits, scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
-        **paged,
+        **paged, **fused,
         num_warps=WARPS, num_stages=STAGES,
     )
-    _merge_kernel[(B * Hq,)](
-        m, l, acc, out, Hq, splits, *out.stride(),
-        D=D, S_PAD=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-        num_warps=4,
-    )
+    if not FUSED_MERGE:
+        _merge_kernel[(B * Hq,)](
+            m, l, acc, out, Hq, splits, *out.stride(),
+            D=D, S_PAD=s_pad, BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out
