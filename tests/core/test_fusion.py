@@ -1,9 +1,11 @@
-"""``kvcomp.fusion.FusedDecode``: fused RMSNorm / SiLU-MLP forwards for decode-sized inputs.
+"""``kvcomp.fusion.FusedDecode``: fused norms, RoPE, merged projections and residual adds for
+decode-sized inputs.
 
-CPU (the Triton kernels under the interpreter): a decode step of a tiny llama with the
-fused forwards equals the model's own up to float rounding and gives the same argmax; prefill
-(more rows than ``max_rows``) runs the modules' own forwards bit for bit; ``remove`` restores
-them; only the RMSNorm classes it knows and SiLU MLPs are touched. GPU: ``DecodeGraphs(fuse=True)``
+CPU (the Triton kernels under the interpreter): a decode step of tiny llama / qwen2 (q|k|v
+bias) / qwen3 (q / k norms) models with the fused forwards equals the model's own up to float
+rounding and gives the same argmax; prefill (more rows than ``max_rows``) runs the modules'
+own forwards bit for bit; ``remove`` restores them; merged weights are views of one tensor
+holding the same values; only the classes it knows are touched. GPU: ``DecodeGraphs(fuse=True)``
 replays graphs whose fused kernels compiled in the warm-up: replay == eager fused step, and
 ``generate`` == the unfused eager tokens up to rounding."""
 
@@ -30,11 +32,10 @@ def test_fused_decode_step_matches_and_prefill_is_untouched():
     with torch.no_grad():
         pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
         ref = model(nxt, past_key_values=pre.past_key_values).logits
-        assert FusedDecode(model, devices=("cpu",)).ropes == 0  # rope is opt-in
-        for m in model.modules():
-            m.__dict__.pop("forward", None)
-        fused = FusedDecode(model, max_rows=4, devices=("cpu",), rope=True)
+        fused = FusedDecode(model, max_rows=4, devices=("cpu",))
         assert (fused.norms, fused.mlps, fused.ropes) == (2 * 2 + 1, 2, 1)
+        # q|k|v and gate|up of 2 layers merged; o, down, gate, up x2 and lm_head as gemv
+        assert (fused.merged, fused.linears, fused.layers) == (4, 9, 2)
         import transformers.models.llama.modeling_llama as ml
 
         assert getattr(ml.apply_rotary_pos_emb, "_kvcomp_fused", False)
@@ -49,10 +50,44 @@ def test_fused_decode_step_matches_and_prefill_is_untouched():
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fused_decode_bf16_models_and_merged_weights(arch):
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if arch == "qwen2":
+        kw.pop("head_dim")
+    cfg = AutoConfig.for_model(arch, **kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(1, 256, (3, 9), generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(1, 256, (3, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
+        ref = model(nxt, past_key_values=pre.past_key_values).logits.float()
+        fused = FusedDecode(model, devices=("cpu",))
+        attn = model.model.layers[1].self_attn
+        assert (fused.merged, fused.layers) == (4, 2)
+        if arch == "qwen2":
+            assert attn.q_proj.bias is not None  # the bias is merged too
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        pre2 = model(ids, past_key_values=DynamicCache(), use_cache=True)
+        got = model(nxt, past_key_values=pre2.past_key_values).logits.float()
+        fused.remove()
+    assert torch.equal(pre2.logits, pre.logits)  # prefill: the modules' own forwards
+    # bf16: each fused op rounds once where torch may round in another order; compare the logits
+    # against their spread, and the top token
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert err < 2e-2, err
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+
+
 def test_unknown_modules_are_left_alone_and_bad_args_refused():
-    model = _llama(hidden_act="gelu")  # not a SiLU MLP: only the norms are fused
+    model = _llama(hidden_act="gelu")  # not a SiLU MLP: no MLP or layer fusion
     fused = FusedDecode(model)
-    assert fused.mlps == 0 and fused.norms == 5
+    assert fused.mlps == 0 and fused.norms == 5 and fused.layers == 0
     assert "forward" not in model.model.layers[0].mlp.__dict__
     fused.remove()
     with pytest.raises(ValueError, match="max_rows"):
@@ -82,8 +117,9 @@ def test_graphs_with_fusion_gpu():
         eager = gen()
         graphs = h.compile_decode(fuse=True)
         try:
-            assert graphs.fused is not None and graphs.fused.norms == 2 * 3 + 3 * 2 + 1
-            assert graphs.fused.ropes == 0
+            f = graphs.fused
+            assert f is not None and f.norms == 2 * 3 + 3 * 2 + 1
+            assert (f.ropes, f.merged, f.layers) == (1, 6, 3)
             got = gen()
             assert graphs.captures == 1 and graphs.replays == 7
             graphs.enabled = False  # the same fused forwards, eagerly

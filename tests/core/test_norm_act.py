@@ -1,4 +1,4 @@
-"""``kvcomp.ops.rms_norm`` / ``silu_mul``: Triton kernels (interpreter on CPU, CUDA with ``-m gpu``)
+"""``kvcomp.ops.rms_norm`` / ``add_rms_norm`` / ``silu_mul`` / ``rope``: Triton kernels (interpreter on CPU, CUDA with ``-m gpu``)
 against the torch references (the transformers modules' math), at awkward shapes, with
 strided inputs and mixed dtypes."""
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 from kvcomp.ops import rms_norm, silu_mul
 from kvcomp.ops._common import interpreting
-from kvcomp.ops.norm_act import rms_norm_ref, rope, rope_ref, silu_mul_ref
+from kvcomp.ops.norm_act import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    rms_norm_ref,
+    rope,
+    rope_ref,
+    silu_mul_ref,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -64,14 +71,29 @@ def test_silu_mul(device, dtype, shape):
     _close(silu_mul(gs, us, backend="triton"), silu_mul_ref(gs, us), dtype)
 
 
-ROPE_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.xfail(
-    reason="H200 / triton 3.6, 2026-11-29: not bit-identical to torch in any case, then compiled "
-           "with fp contraction (fma.rn.bf16, see test_kernels_compile); launched without it since, "
-           "not re-run on a GPU yet; FusedDecode leaves rope off by default until it is",
-    strict=False)])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 1, 100), (2, 33)])
+def test_add_rms_norm(device, dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = (3 * torch.randn(*shape, generator=g)).to(device, dtype)
+    r = (3 * torch.randn(*shape, generator=g)).to(device, dtype)
+    w = (1 + torch.randn(shape[-1], generator=g)).to(device, dtype)
+    y, s = add_rms_norm(x, r, w, 1e-6, backend="triton")
+    y_ref, s_ref = add_rms_norm_ref(x, r, w, 1e-6)
+    if dtype == torch.bfloat16 and interpreting():  # the interpreter truncates fp32 -> bf16, twice here
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=3e-2, atol=2e-2)
+        torch.testing.assert_close(s.float(), s_ref.float(), rtol=1e-2, atol=1e-2)
+        return
+    assert torch.equal(s, s_ref)  # the residual sum is one rounding of one fp32 add, as torch's
+    _close(y, y_ref, dtype)
+    with pytest.raises(ValueError, match="one shape"):
+        add_rms_norm(x, r[..., :-1], w, 1e-6)
 
 
-@pytest.mark.parametrize("device", ["cpu", ROPE_GPU])
+# H200 / triton 3.6 (2026-11-29): bit-identical to torch in every case below since the kernel is
+# compiled without fp contraction (with it, one fma.rn.bf16 made it differ; test_kernels_compile)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,T,D", [(1, 32, 8, 1, 128), (3, 4, 2, 5, 64), (2, 6, 3, 1, 34)])
 def test_rope(device, dtype, B, Hq, Hkv, T, D):

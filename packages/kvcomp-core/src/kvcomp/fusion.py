@@ -1,38 +1,38 @@
-"""``FusedDecode``: one kernel per RMSNorm and per gated-MLP activation in decode steps.
+"""``FusedDecode``: a decoder layer's decode step in few kernels (norms, RoPE, projections).
 
 In a CUDA-graph decode step of a transformers model the attention is no longer the cost: at
-128K context with Qwen3-8B's shape, ~20% of the GPU time is the model's unfused elementwise
-kernels (``docs/benchmarks/e2e.md``). Each RMSNorm runs as eight kernels (cast, pow, mean,
-add, rsqrt, mul, cast, mul), four per decoder layer with Qwen3's per-head q / k norms, and the
-gated MLP's ``act(gate) * up`` as two, the rotary embedding of q and k as about fourteen.
-``FusedDecode(model)`` replaces those modules' forwards with ``kvcomp.ops.rms_norm`` /
-``silu_mul`` and the modeling module's ``apply_rotary_pos_emb`` with ``kvcomp.ops.rope`` (one
-Triton kernel each, the same math in the same precisions), used only for small inputs (decode
-steps: at most ``max_rows`` rows) on the configured device types; larger inputs (prefill) and
-everything else run the original code.
+128K context with Qwen3-8B's shape the rest of the layer is (``docs/benchmarks/e2e.md``):
+cuBLAS GEMVs on seven separate weights (twelve kernels per layer with their split-K reduces),
+RMSNorms of eight kernels each, the rotary embedding of about fourteen, residual adds. Each
+kernel boundary also costs the GPU time. ``FusedDecode(model)`` replaces those forwards, for
+small inputs only (decode steps), with one Triton kernel each:
+
+    RMSNorm   classes named in ``RMS_NORMS`` -> ``kvcomp.ops.rms_norm``
+    MLP       modules with gate_proj / up_proj / down_proj Linear layers and a SiLU ``act_fn``:
+              down(silu(gate(x)) * up(x)) -> one ``gemv`` on the merged gate|up weight,
+              ``silu_mul``, ``gemv`` of down
+    RoPE      ``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling modules in
+              ``ROPE_MODULES`` -> ``kvcomp.ops.rope``: a global of that module, replaced while a
+              ``FusedDecode`` is active (for every model of that type in the process: the fused
+              path applies only to the shapes it supports and calls the original otherwise)
+    Linear    every ``nn.Linear`` (o_proj, lm_head, ...) -> ``kvcomp.ops.gemv``; the q / k / v
+              projections of an attention module read one merged q|k|v weight: the first of
+              the three called with an input computes all three in one ``gemv`` and the other
+              two return their slices for the same input object
+    layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): the residual
+              add after the attention and the post-attention norm as one ``add_rms_norm``, the
+              MLP's residual add inside the down projection's ``gemv``
+
+Merging rebinds each projection's weight (and bias) to a slice of one new tensor: no extra
+memory once the old tensors are freed, and the merge stays after ``remove`` (the parameters
+are ordinary views). Every fused op computes the module's math in the same precisions; they
+differ from the originals by float summation order only (a GEMV or a norm's mean), tested.
+Plain kernels, not ``torch.compile``: no recompilation per batch size or tensor layout (dynamo
+guards on both), nothing to compile inside a CUDA-graph capture.
 
     fused = FusedDecode(model)        # or handle.compile_decode(fuse=True)
     ...                               # decode steps (eager or replayed from CUDA graphs)
     fused.remove()                    # the modules' own forwards again
-
-Modules touched (matched by class: the math is the one of these classes):
-
-    RMSNorm   classes named in ``RMS_NORMS``: y = w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)
-    MLP       modules with gate_proj / up_proj / down_proj Linear layers and a SiLU ``act_fn``:
-              down(silu(gate(x)) * up(x)); the fused part is silu(.) * (.)
-    RoPE      (``rope=True`` only, experimental) ``apply_rotary_pos_emb(q, k, cos, sin)`` of
-              the modeling modules in ``ROPE_MODULES`` (llama, mistral, qwen2 / 3 and their MoE
-              variants): a global of that module, replaced while a ``FusedDecode`` is active
-              (for every model of that type in the process: the fused path applies only to the
-              shapes it supports and calls the original otherwise). Off by default: on the H200
-              (triton 3.6) ``kvcomp.ops.rope`` did not reproduce torch's results bit for bit
-              (``tests/core/test_norm_act.py::test_rope``); the PTX showed why (the compiler
-              contracted a product and the sum into one ``fma.rn.bf16``), it is launched without
-              fp contraction since, and stays opt-in until that runs on a GPU
-
-Outputs equal the module's own up to float rounding (the mean adds in another order; tested).
-Plain kernels, not ``torch.compile``: no recompilation per batch size or tensor layout (dynamo
-guards on both), nothing to compile inside a CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ import sys
 import types
 
 import torch
+import torch.nn.functional as F
 
-from kvcomp.ops.norm_act import rms_norm, rope, silu_mul
+from kvcomp.ops.gemv import MAX_ROWS as GEMV_ROWS
+from kvcomp.ops.gemv import gemv
+from kvcomp.ops.norm_act import add_rms_norm, rms_norm, rope, silu_mul
 
-__all__ = ["FusedDecode", "RMS_NORMS"]
+__all__ = ["FusedDecode", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
 
 # RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
 RMS_NORMS = (
@@ -58,37 +61,86 @@ ROPE_MODULES = (
     "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen2_moe.modeling_qwen2_moe",
     "transformers.models.qwen3.modeling_qwen3", "transformers.models.qwen3_moe.modeling_qwen3_moe",
 )
+# decoder layers whose forward is h = x + attn(norm1(x)); out = h + mlp(norm2(h))
+LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _is_linear(m) -> bool:
+    return type(m) is torch.nn.Linear and m.weight.device.type != "meta"
 
 
 def _is_silu_mlp(m: torch.nn.Module) -> bool:
-    return (
-        all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
-        and type(getattr(m, "act_fn", None)).__name__ in SILU
-    )
+    return (all(_is_linear(getattr(m, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(m, "act_fn", None)).__name__ in SILU)
+
+
+class _Merged:
+    """Linear layers that read one input (q / k / v, gate / up) as one [sum N_i, K] weight."""
+
+    def __init__(self, linears):
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+        self.slices, a = [], 0
+        for lin in linears:
+            b = a + lin.out_features
+            lin.weight.data = self.weight[a:b]
+            if has_bias:
+                lin.bias.data = self.bias[a:b]
+            self.slices.append((a, b))
+            a = b
+        self._x = self._y = None
+        self._left = 0
+
+    @staticmethod
+    def mergeable(linears) -> bool:
+        w0 = linears[0].weight
+        return (all(_is_linear(lin) for lin in linears)
+                and all(lin.weight.dtype == w0.dtype and lin.weight.device == w0.device
+                        and lin.in_features == linears[0].in_features for lin in linears)
+                and len({lin.bias is None for lin in linears}) == 1)
+
+    def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Output slice i of the merged projection of x (computed once per input object)."""
+        if self._x is not x:
+            self._y = gemv(x, self.weight, self.bias)
+            self._x, self._left = x, len(self.slices)
+        a, b = self.slices[i]
+        y = self._y[..., a:b]
+        self._left -= 1
+        if self._left <= 0:
+            self._x = self._y = None
+        return y
 
 
 class FusedDecode:
-    """Fused RMSNorm / SiLU-MLP forwards for decode-sized inputs of ``model`` (module doc).
+    """Fused forwards for decode-sized inputs of ``model`` (module doc).
 
     Args:
         model:     a transformers model (any ``nn.Module``)
         max_rows:  inputs with at most this many rows (product of all dims but the last) take
-                   the fused path; others (prefill) the module's own forward
+                   the fused norms, activation and RoPE; projections take ``gemv`` up to
+                   ``kvcomp.ops.gemv.MAX_ROWS`` rows; larger inputs (prefill) run the modules'
+                   own forwards
         devices:   device types where the fused path is used (default: CUDA; "cpu" runs the
                    kernels under TRITON_INTERPRET=1, else the torch references)
-        rope:      also replace ``apply_rotary_pos_emb`` (experimental, module doc)
+        rope:      replace ``apply_rotary_pos_emb`` (default True)
+        linear:    projections as ``gemv`` with merged q|k|v and gate|up weights (default True)
+        layers:    the residual adds fused into the decoder layers' norm / down projection
+                   (default True; needs ``linear``)
     """
 
     def __init__(self, model: torch.nn.Module, *, max_rows: int = 256, devices=("cuda",),
-                 rope: bool = False):
+                 rope: bool = True, linear: bool = True, layers: bool = True):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
         self.max_rows = max_rows
         self.devices = tuple(devices)
-        self.norms = 0
-        self.mlps = 0
+        self.norms = self.mlps = self.linears = self.merged = self.layers = 0
         self._patched: list[torch.nn.Module] = []
         self._rope_patched: list[tuple[object, object]] = []  # (python module, original function)
+        self._members: dict[torch.nn.Module, tuple[_Merged, int]] = {}
+        self._gate_up: dict[torch.nn.Module, _Merged] = {}
         for m in model.modules():
             mod = sys.modules.get(type(m).__module__)
             if (rope and type(m).__module__ in ROPE_MODULES and mod is not None
@@ -97,30 +149,94 @@ class FusedDecode:
                 if orig is not None and not getattr(orig, "_kvcomp_fused", False):
                     mod.apply_rotary_pos_emb = self._rope_function(orig)
                     self._rope_patched.append((mod, orig))
+            if linear and self._on_device(m, "q_proj"):
+                qkv = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+                if all(lin is not None for lin in qkv) and _Merged.mergeable(qkv) and not any(
+                        "forward" in lin.__dict__ for lin in qkv):
+                    merged = _Merged(qkv)
+                    for i, lin in enumerate(qkv):
+                        self._members[lin] = (merged, i)
+                        self._patch(lin, self._member_forward)
+                    self.merged += 1
             if "forward" in m.__dict__:
                 continue  # already wrapped (by us or someone else): leave it
             if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
-                m.forward = types.MethodType(self._norm_forward, m)
+                self._patch(m, self._norm_forward)
                 self.norms += 1
             elif _is_silu_mlp(m):
-                m.forward = types.MethodType(self._mlp_forward, m)
+                if linear and self._on_device(m, "gate_proj") and _Merged.mergeable([m.gate_proj, m.up_proj]):
+                    self._gate_up[m] = _Merged([m.gate_proj, m.up_proj])
+                    self.merged += 1
+                self._patch(m, self._mlp_forward)
                 self.mlps += 1
-            else:
-                continue
-            self._patched.append(m)
+            elif linear and _is_linear(m) and m.weight.device.type in self.devices:
+                self._patch(m, self._linear_forward)
+                self.linears += 1
+        if layers and linear:
+            for m in model.modules():
+                if (type(m).__name__ in LAYERS and "forward" not in m.__dict__
+                        and getattr(m, "mlp", None) in self._gate_up
+                        and type(getattr(m, "post_attention_layernorm", None)).__name__ in RMS_NORMS
+                        and hasattr(m, "input_layernorm") and hasattr(m, "self_attn")):
+                    self._patch(m, self._layer_forward)
+                    self.layers += 1
+
+    # ------------------------------------------------------------------ helpers
+    def _on_device(self, m, name) -> bool:
+        lin = getattr(m, name, None)
+        return _is_linear(lin) and lin.weight.device.type in self.devices
+
+    def _patch(self, m, fn) -> None:
+        m.forward = types.MethodType(fn, m)
+        self._patched.append(m)
 
     def _use(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices and x.numel() <= self.max_rows * x.shape[-1]
 
-    def _norm_forward(fused, m, hidden_states):  # noqa: N805 (bound to the module)
+    def _gemv_ok(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        return (x.device.type in self.devices and x.dtype == w.dtype and x.device == w.device
+                and x.numel() <= GEMV_ROWS * x.shape[-1])
+
+    # ------------------------------------------------------------------ forwards (bound to modules)
+    def _norm_forward(fused, m, hidden_states):  # noqa: N805
         if not fused._use(hidden_states):
             return type(m).forward(m, hidden_states)
         return rms_norm(hidden_states, m.weight, float(m.variance_epsilon))
 
+    def _linear_forward(fused, m, x):  # noqa: N805
+        if not fused._gemv_ok(x, m.weight):
+            return F.linear(x, m.weight, m.bias)
+        return gemv(x, m.weight, m.bias)
+
+    def _member_forward(fused, m, x):  # noqa: N805
+        if not fused._gemv_ok(x, m.weight):
+            return F.linear(x, m.weight, m.bias)
+        merged, i = fused._members[m]
+        return merged.project(i, x)
+
     def _mlp_forward(fused, m, x):  # noqa: N805
         if not fused._use(x):
             return type(m).forward(m, x)
-        return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+        gu = fused._gate_up.get(m)
+        if gu is None or not fused._gemv_ok(x, gu.weight):
+            return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+        y = gemv(x, gu.weight, gu.bias)
+        n = m.gate_proj.out_features
+        return m.down_proj(silu_mul(y[..., :n], y[..., n:]))
+
+    def _layer_forward(fused, m, hidden_states, *args, **kwargs):  # noqa: N805
+        mlp = m.mlp
+        gu = fused._gate_up[mlp]
+        if args or not fused._use(hidden_states) or not fused._gemv_ok(hidden_states, gu.weight):
+            return type(m).forward(m, hidden_states, *args, **kwargs)
+        residual = hidden_states
+        h, _ = m.self_attn(hidden_states=m.input_layernorm(hidden_states), **kwargs)
+        post = m.post_attention_layernorm
+        h, residual = add_rms_norm(h, residual, post.weight, float(post.variance_epsilon))
+        y = gemv(h, gu.weight, gu.bias)
+        n = mlp.gate_proj.out_features
+        return gemv(silu_mul(y[..., :n], y[..., n:]), mlp.down_proj.weight, mlp.down_proj.bias,
+                    residual=residual)
 
     def _rope_function(self, orig):
         fused = self
@@ -144,14 +260,17 @@ class FusedDecode:
 
     def remove(self) -> None:
         """Give every patched module its own forward back, and the modeling modules their
-        ``apply_rotary_pos_emb``."""
+        ``apply_rotary_pos_emb`` (merged weights stay merged: module doc)."""
         for m in self._patched:
             m.__dict__.pop("forward", None)
         self._patched = []
+        self._members.clear()
+        self._gate_up.clear()
         for mod, orig in self._rope_patched:
             mod.apply_rotary_pos_emb = orig
         self._rope_patched = []
 
     def __repr__(self) -> str:
         return (f"FusedDecode(norms={self.norms}, mlps={self.mlps}, ropes={self.ropes}, "
+                f"linears={self.linears}, merged={self.merged}, layers={self.layers}, "
                 f"max_rows={self.max_rows}, devices={self.devices})")

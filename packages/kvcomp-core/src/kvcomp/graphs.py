@@ -80,13 +80,13 @@ class DecodeGraphs:
         warmup:  eager steps before each capture (>= 1)
         enabled: capture and replay graphs (default: when CUDA is available); False runs the
                  static-buffer path eagerly (for tests and debugging)
-        fuse:    also fuse the model's RMSNorms and SiLU-MLP activations in decode steps
-                 (``kvcomp.fusion.FusedDecode``, removed by ``remove``); the fused kernels
-                 compile in the warm-up steps, before the capture. ``fuse="rope"`` adds the
-                 experimental fused rotary embedding
+        fuse:    also run decode steps through ``kvcomp.fusion.FusedDecode`` (norms, RoPE,
+                 merged projections as one kernel each; removed by ``remove``): True, or a
+                 dict of its keyword arguments (e.g. ``{"linear": False}``); the fused kernels
+                 compile in the warm-up steps, before the capture
     """
 
-    def __init__(self, model, *, warmup: int = 2, enabled: bool | None = None, fuse: bool | str = False):
+    def __init__(self, model, *, warmup: int = 2, enabled: bool | None = None, fuse: bool | dict = False):
         if "forward" in model.__dict__:
             raise RuntimeError("model.forward is already wrapped (DecodeGraphs active?): remove() it first")
         if warmup < 1:
@@ -103,7 +103,9 @@ class DecodeGraphs:
         if fuse:
             from kvcomp.fusion import FusedDecode
 
-            self.fused = FusedDecode(model, rope=fuse == "rope")
+            if not isinstance(fuse, dict) and fuse is not True:
+                raise TypeError(f"fuse must be a bool or a dict of FusedDecode arguments, got {fuse!r}")
+            self.fused = FusedDecode(model, **(fuse if isinstance(fuse, dict) else {}))
         model.forward = self._wrapped
 
     def remove(self) -> None:

@@ -59,6 +59,8 @@ METHODS = ("kvcomp", "dense", "dense_kv")
 ORDER = [(1024, 1), (131072, 1), (65536, 4), (32768, 1), (65536, 1), (32768, 4), (131072, 4)]
 TARGETS = {(131072, 1): 1.8, (65536, 4): 3.0}
 PROFILE_STEPS = 8
+# --fuse levels: FusedDecode arguments
+FUSE = {"norms": dict(rope=False, linear=False), "rope": dict(linear=False), "all": {}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,11 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit)")
     p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
-    p.add_argument("--fuse", action="store_true",
-                   help="fuse RMSNorms and SiLU-MLP activations in decode steps (kvcomp.fusion.FusedDecode; "
-                        "the same model, so every decoder gets it)")
-    p.add_argument("--fuse-rope", action="store_true",
-                   help="--fuse plus the experimental fused rotary embedding (FusedDecode(rope=True))")
+    p.add_argument("--fuse", nargs="?", const="all", choices=tuple(FUSE), default=None,
+                   help="run decode steps through kvcomp.fusion.FusedDecode (the same model, so every "
+                        "decoder gets it): 'all' (default: norms, RoPE, merged projections as gemv, "
+                        "residual adds), 'rope' (norms, SiLU and RoPE only), 'norms' (norms and SiLU only)")
     p.add_argument("--replot", metavar="JSON", help="only draw --plot from a saved --json result")
 
 
@@ -481,9 +482,10 @@ def run(args: argparse.Namespace) -> int:
         pass
     model = build_model(args.tiny, dev, dtype)
     data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
-    graphs = DecodeGraphs(model, warmup=2, fuse="rope" if args.fuse_rope else args.fuse)
+    # the CPU smoke run (--tiny) fuses on the CPU too
+    fuse = dict(FUSE[args.fuse], devices=(dev,)) if args.fuse else False
+    graphs = DecodeGraphs(model, warmup=2, fuse=fuse)
     if graphs.fused is not None:
-        graphs.fused.devices = (dev,)  # the CPU smoke run (--tiny) fuses on the CPU too
         data["fused"] = repr(graphs.fused)
     try:
         print(f"# model built in {time.time() - t_start:.1f}s; verifying", flush=True)

@@ -7,10 +7,14 @@ bytes (15 GB per step for Qwen3-8B); cuBLAS reaches ~3.2 TB/s on them in a CUDA-
 the weight in [BLOCK_N, BLOCK_K] tiles, BLOCK_N output features per program, the whole K in
 one program (no split-K reduction kernel, no atomics: deterministic), accumulating in fp32.
 
-    gemv(x, weight, bias=None)   x [..., K], weight [N, K], bias [N] or None -> [..., N]
+    gemv(x, weight, bias=None, residual=None)
+                                 x [..., K], weight [N, K], bias [N] or None -> [..., N]
                                  = F.linear(x, weight, bias) up to fp32 summation order
                                  (products of the inputs' dtype, exact in fp32; the sum and
-                                 the bias in fp32; one rounding to the output dtype)
+                                 the bias in fp32; one rounding to the output dtype); with
+                                 residual [..., N]: residual + that, the sum in fp32 of the
+                                 two rounded values, rounded again (what ``residual +
+                                 F.linear(...)`` computes in torch), in the same kernel
 
 Two tile forms (``GEMV_CONFIG``; both tested): ``dot`` multiplies the tile with tl.dot
 (x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
@@ -36,27 +40,31 @@ except ImportError:  # pragma: no cover - the reference still works
 
 MAX_ROWS = 16
 # launch configuration: form ("dot" | "fma"), output features per program, K per tile, warps,
-# pipeline stages (the H200 sweep in tools/experiments/gemv_sweep.py picks these)
-GEMV_CONFIG = dict(form="dot", block_n=16, block_k=512, num_warps=4, num_stages=3)
+# pipeline stages: the best summed time over Qwen3-8B's merged projections at M = 1 and 4 in the
+# H200 sweep of tools/experiments/gemv_sweep.py (docs/benchmarks/e2e.md)
+GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 accumulation of x @ weight.T (+ bias), rounded once to x's dtype."""
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 accumulation of x @ weight.T (+ bias), rounded once to x's dtype (+ residual)."""
     y = x.to(torch.float32) @ weight.to(torch.float32).T
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else residual + y
 
 
 if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
-        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K, sxm, swn, srm, sym,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])."""
+        """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
+        (+ r[m, n] after rounding to y's dtype)."""
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,12 +103,17 @@ if triton is not None:
             out = accm
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        ok = m_ok[:, None] & n_ok[None, :]
+        out = out.to(y_ptr.dtype.element_ty)
+        if HAS_RES:
+            r = tl.load(r_ptr + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
+            out = (out.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], out, mask=ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         backend: str = "auto", config: dict | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, *, backend: str = "auto",
+         config: dict | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype.
 
     ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype."""
@@ -114,6 +127,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias {tuple(bias.shape)} must be [N] for weight {tuple(weight.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
+        if residual.shape != (*x.shape[:-1], weight.shape[0]):
+            raise ValueError(f"residual {tuple(residual.shape)} must be [..., N] = "
+                             f"{(*x.shape[:-1], weight.shape[0])} for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     cfg = dict(GEMV_CONFIG, **(config or {}))
     if cfg["form"] not in ("dot", "fma"):
         raise ValueError(f"config form must be 'dot' or 'fma', got {cfg['form']!r}")
@@ -121,7 +139,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if not use_triton(backend, x, weight) or triton is None or x.numel() == 0 or N == 0:
-        return gemv_ref(x, weight, bias)
+        return gemv_ref(x, weight, bias, residual)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     if x2.stride(1) != 1:
@@ -130,13 +148,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_m = 16 if dot else max(1, triton.next_power_of_2(M))
     if not dot and block_m > 4:
         raise ValueError(f"config form 'fma' takes at most 4 rows, got {M}")
+    r2 = None if residual is None else residual.reshape(M, N)
+    if r2 is not None and r2.stride(1) != 1:
+        r2 = r2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, block_m))
     with device_guard(x):
         _gemv_kernel[grid](
-            x2, weight, bias if bias is not None else weight, y, M, N, K,
-            x2.stride(0), weight.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+            x2, weight, bias if bias is not None else weight, r2 if r2 is not None else y, y, M, N, K,
+            x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+            HAS_BIAS=bias is not None, HAS_RES=r2 is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

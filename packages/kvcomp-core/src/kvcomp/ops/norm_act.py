@@ -1,4 +1,5 @@
-"""``rms_norm``, ``silu_mul``, ``rope``: a decoder layer's small elementwise ops as one kernel each.
+"""``rms_norm``, ``add_rms_norm``, ``silu_mul``, ``rope``: a decoder layer's small elementwise
+ops as one kernel each.
 
 Both compute what the transformers modules compute, in the same precisions, so that a model
 whose RMSNorm / gated-MLP forwards call them (``kvcomp.fusion.FusedDecode``) decodes like
@@ -7,6 +8,10 @@ the original up to float rounding (a reduction may add in another order):
     rms_norm(x, weight, eps)  [..., N] -> weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)
                               (x32 = x in fp32; the product in the promoted dtype of weight
                               and x, as torch's ``weight * h``)
+    add_rms_norm(x, residual, weight, eps)
+                              -> (rms_norm(s, weight, eps), s) with s = residual + x (both
+                              [..., N] of one dtype, the sum rounded to it as torch's add):
+                              a decoder layer's residual add and the next norm in one kernel
     silu_mul(gate, up)        [..., I] x2 -> silu(gate) * up   (silu in fp32, rounded to gate's
                               dtype, then the product rounded to the promoted dtype)
     rope(q, k, cos, sin)      q [B, Hq, T, D], k [B, Hkv, T, D], cos / sin [B or 1, T, D] ->
@@ -29,7 +34,7 @@ import torch
 
 from kvcomp.ops._common import FLOAT_DTYPES, check_tensor, device_guard, use_triton
 
-__all__ = ["rms_norm", "rms_norm_ref", "rope", "rope_ref", "silu_mul", "silu_mul_ref"]
+__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "silu_mul", "silu_mul_ref"]
 
 try:
     import triton
@@ -42,6 +47,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    s = residual + x
+    return rms_norm_ref(s, weight, eps), s
 
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -69,6 +79,23 @@ if triton is not None:
         h = x.to(tl.float32)
         var = tl.sum(h * h, 0) / N
         h = (h * tl.math.rsqrt(var + eps)).to(x.dtype)  # torch.rsqrt: rsqrtf
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        y = w.to(tl.float32) * h.to(tl.float32)
+        tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, sx, sr, sy, ss, eps,
+                             BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        x = tl.load(x_ptr + row * sx + cols, mask=ok, other=0.0)
+        r = tl.load(r_ptr + row * sr + cols, mask=ok, other=0.0)
+        s = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
+        tl.store(s_ptr + row * ss + cols, s, mask=ok)
+        h = s.to(tl.float32)
+        var = tl.sum(h * h, 0) / N
+        h = (h * tl.math.rsqrt(var + eps)).to(x.dtype)
         w = tl.load(w_ptr + cols, mask=ok, other=0.0)
         y = w.to(tl.float32) * h.to(tl.float32)
         tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
@@ -152,6 +179,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
             BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
         )
     return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x) for x / residual [..., N] of one dtype (module doc)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    if residual.shape != x.shape or x.dim() < 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} must be one "
+                         f"shape [..., N] and weight {tuple(weight.shape)} [N]")
+    if not use_triton(backend, x, residual, weight) or triton is None or x.numel() == 0:
+        return add_rms_norm_ref(x, residual, weight, float(eps))
+    x2, r2 = _rows(x), _rows(residual)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    N = x2.shape[1]
+    with device_guard(x):
+        _add_rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight.contiguous(), y, s, N, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
+            float(eps), BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
+        )
+    return y.view(x.shape), s.view(x.shape)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
