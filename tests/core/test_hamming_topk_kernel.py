@@ -210,13 +210,18 @@ def test_gpu_token_level_long():
 
 
 def _hist_vs_search(q, k, lens, monkeypatch, **kw):
-    """The histogram threshold and the binary search give the reference's selection."""
+    """The histogram threshold (its one-prefix-sum stage 2, the default, and the previous one)
+    and the binary search give the reference's selection."""
     want = hamming_topk(q, k, lens, backend="reference", **kw)
     monkeypatch.setattr(kernels, "HIST_SELECT", False)
     searched = hamming_topk(q, k, lens, backend="triton", **kw)
     monkeypatch.setattr(kernels, "HIST_SELECT", True)
+    monkeypatch.setattr(kernels, "HIST_COMPACT", False)
+    hist_v1 = hamming_topk(q, k, lens, backend="triton", **kw)
+    monkeypatch.setattr(kernels, "HIST_COMPACT", True)
     hist = hamming_topk(q, k, lens, backend="triton", **kw)
     assert torch.equal(searched, want)
+    assert torch.equal(hist_v1, want)
     assert torch.equal(hist, want)
 
 
@@ -225,12 +230,13 @@ def test_histogram_threshold_equals_search(monkeypatch, G, mode):
     gen = torch.Generator().manual_seed(7 * G)
     B, Hkv, W, L = 3, 2, 2, 700
     lens = torch.tensor([700, 1, 129])
-    for rep in range(3):  # each launch must find its row histograms zeroed by the previous one
-        low = rep == 1  # many equal keys: the tie rule decides
+    for rep in range(4):  # each launch must find its row histograms zeroed by the previous one
+        low = rep in (1, 3)  # many equal keys: the tie rule decides
         q = codes(B, Hkv * G, W, low_entropy=low, gen=gen)
         k = codes(B, Hkv, L, W, low_entropy=low, gen=gen)
-        kb = torch.tensor([5, 1, 0]) if rep == 2 else 6
-        _hist_vs_search(q, k, lens, monkeypatch, k_blocks=kb, max_blocks=9, chunk_size=16,
+        # rep 3: every block of the short rows, all but a few of the long one
+        kb = {2: torch.tensor([5, 1, 0]), 3: torch.tensor([40, 3, 9])}.get(rep, 6)
+        _hist_vs_search(q, k, lens, monkeypatch, k_blocks=kb, max_blocks=40, chunk_size=16,
                         must_select=(0, -1, 0, -2, 400), mode=mode)
     assert kernels._hist_args(G, W, mode, 1, torch.device("cpu"))["NBINS"] >= 2 * 64 * (1 if mode == "majority" else G) + 1
 

@@ -36,17 +36,20 @@ def compile_sm90(fn, args: dict, **options):
                           options=opts)
 
 
-def _select_args(hist: bool) -> dict:
+def _select_args(hist: bool, compact: bool = True, single: bool = True) -> dict:
     return dict(key_ptr="*i32", len_ptr="*i32", kb_ptr="*i32", must_ptr="*i32", out_ptr="*i32",
                 Hkv="i32", NB_IN="i32", K="i32", KB_CONST="i32", sob="i32", soh="i32",
-                CHUNK=128, M=3, BLOCK=1024, SINGLE=True, KB_TENSOR=False, ARITY=2,
-                hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=2048)
+                CHUNK=128, M=3, BLOCK=1024, SINGLE=single, KB_TENSOR=False, ARITY=2,
+                hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=2048, COMPACT=compact)
 
 
 def check_select_kernel():
+    """The search, the histogram stage 2 by prefix sums (one row in registers, and tiled), and
+    the previous histogram stage 2."""
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
-    for hist in (False, True):
-        compile_sm90(hk._select_kernel, _select_args(hist))
+    for hist, compact, single in ((False, True, True), (True, True, True), (True, True, False),
+                                  (True, False, True)):
+        compile_sm90(hk._select_kernel, _select_args(hist, compact, single), num_warps=4)
 
 
 def check_block_keys_kernel_with_histogram():

@@ -25,13 +25,15 @@ slots), then -1 up to K. This is exactly the reference's order (score descending
 
 Histogram threshold (``HIST_SELECT``, the default where it applies: chunk_repre "max", no
 ``k_scale``): the block keys are then small integers, |key| <= S = G * BITS (BITS for
-majority), so the scan also counts each row's keys into a histogram of NBINS = next_pow2(2S + 1)
-int32 bins by atomics (a few per program), and stage 2 reads that row's histogram once, takes
-the must-select blocks' own keys out of it, and finds T from one suffix sum (the largest bin
-whose count of keys >= it reaches what is needed) instead of ~log2(2S) dependent search rounds;
-it zeroes the histogram for the next launch (no extra launch, graph-safe). The same T, hence
-the same selection, as the search (tested). Used up to HIST_MAX_BINS bins and HIST_MAX_ROWS
-rows (B * Hkv): with many rows the scan's atomics cost more than the search rounds.
+majority), so the scan also counts each row's keys, except the must-select blocks', into a
+histogram of NBINS = next_pow2(2S + 1) int32 bins by atomics (a few per program). Stage 2
+(``_select_row_hist``) reads that row's histogram once and zeroes it for the next launch (no
+extra launch, graph-safe); one suffix sum gives T (the bin where the count of keys >= it first
+reaches what is needed) and the number of keys above T, one reduction picks them out, and one
+prefix sum over the keys of (tie at T, above T or must-select) gives every kept block's output
+slot: three dependent block-wide steps instead of ~log2(2S) search rounds and the passes above.
+The same selection as the search (tested). Used up to HIST_MAX_BINS bins and HIST_MAX_ROWS rows
+(B * Hkv): with many rows the scan's atomics cost more than the search rounds.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ HIST_MAX_BINS = 8192
 # vs 17.2 (G = 8); B = 8 (64 rows, G = 8) 68.6 vs 65.1 us: the scan's atomics then cost more
 # than the search rounds they save
 HIST_MAX_ROWS = 16
+# stage 2 of the histogram path by one suffix sum + one prefix sum (``_select_row_hist``); False:
+# the previous stage 2 (must blocks' keys taken out of the histogram, then the search's passes),
+# kept for the benchmark's before / after
+HIST_COMPACT = True
 
 
 @triton.jit
@@ -213,8 +219,13 @@ def _block_keys_kernel(
             key = run
         bo = blk0 + tl.arange(0, NBT)
         tl.store(key_ptr + pid * NB_OUT + bo, key, mask=bo < blk_hi)
-        if HIST:  # count the keys into the row's histogram (stage 2 finds T from it)
-            tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN), 1, mask=bo < blk_hi, sem="relaxed")
+        if HIST:  # count the other (not must-select) keys into the row's histogram: stage 2
+            # finds T from it
+            counted = bo < blk_hi
+            for jm in tl.static_range(M):
+                mj = tl.load(must_ptr + jm)
+                counted = counted & (bo != tl.where(mj >= 0, mj, n_blocks + mj))
+            tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN), 1, mask=counted, sem="relaxed")
     if FUSED:
         # the row's last program to finish runs the selection: every program of the row counts
         # in once its keys are stored (barrier, then a gpu-scope acq_rel atomic), the last one
@@ -262,6 +273,7 @@ def _select_kernel(
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     KB_TENSOR: tl.constexpr, ARITY: tl.constexpr,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
+    COMPACT: tl.constexpr = True,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
@@ -271,12 +283,86 @@ def _select_kernel(
         kb = tl.load(kb_ptr + b).to(tl.int64)
     else:
         kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
-    if HIST:
+    if HIST and COMPACT:
+        _select_row_hist(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb,
+                         K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS)
+    elif HIST:
         _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
                     CHUNK, M, BLOCK, SINGLE, ARITY, False, hist_ptr + pid * NBINS, True, KMIN, NBINS)
     else:
         _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
                     CHUNK, M, BLOCK, SINGLE, ARITY, False)
+
+
+@triton.jit
+def _select_row_hist(
+    key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
+    CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+    KMIN: tl.constexpr, NBINS: tl.constexpr,
+):
+    """Selection of one (b, kv-head) row from its block keys and the histogram of its other
+    (not must-select) keys that the scan filled; zeroes the histogram for the next launch.
+    Two scans and one reduction in a chain: the threshold T and the number of other keys above
+    it from one suffix sum of the histogram, then every kept block's output slot from one
+    prefix sum over the keys that counts (ties at T, keys above T or must-select) at once.
+    Same selection as ``_select_row`` and the reference (ties at T: lowest index first)."""
+    n = (seq_len + CHUNK - 1) // CHUNK
+    if SINGLE:  # issued first: these loads overlap the histogram's
+        key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, False)
+    jb = tl.arange(0, NBINS)
+    hist = tl.load(hist_row + (NBINS - 1 - jb))  # [NBINS]: #(other keys == KMIN + NBINS - 1 - jb)
+    tl.store(hist_row + jb, tl.zeros([NBINS], dtype=tl.int32))
+    n_must = tl.zeros([], dtype=tl.int64)  # distinct must-select blocks inside [0, n)
+    for jm in tl.static_range(M):
+        mj = tl.load(must_ptr + jm).to(tl.int64)
+        pj = tl.where(mj >= 0, mj, n + mj)
+        take = (pj >= 0) & (pj < n)
+        for im in tl.static_range(M):
+            if im < jm:  # a block named twice counts once
+                mi = tl.load(must_ptr + im).to(tl.int64)
+                pi = tl.where(mi >= 0, mi, n + mi)
+                take = take & (pi != pj)
+        n_must += take.to(tl.int64)
+    count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
+    need = count - n_must  # taken from the other blocks, best keys first
+    at_least = tl.cumsum(hist, 0)  # [NBINS] #(other keys >= the bin's key), bins from the top
+    above = at_least - hist  # #(other keys > the bin's key)
+    # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
+    hit = (at_least >= need) & (above < need)
+    packed = tl.sum(tl.where(hit, (jb.to(tl.int64) << 32) | above.to(tl.int64), 0), 0)
+    thr = tl.where(need > 0, KMIN + NBINS - 1 - (packed >> 32), KMIN + NBINS)  # else above all
+    need_ties = tl.where(need > 0, need - (packed & 0xFFFFFFFF), 0)  # keys == T to keep
+
+    # compaction: slot of a kept block = #(kept before it) = #(gt before) + min(#(ties before),
+    # need_ties); both counts from one prefix sum of (tie << SHIFT) | gt
+    if SINGLE:  # counts < BLOCK <= 2^15: 16-bit fields in int32
+        SHIFT: tl.constexpr = 16
+        PACK: tl.constexpr = tl.int32
+    else:
+        SHIFT: tl.constexpr = 32
+        PACK: tl.constexpr = tl.int64
+    LOW: tl.constexpr = (1 << SHIFT) - 1
+    carry = tl.zeros([], dtype=PACK)
+    nt = need_ties.to(PACK)
+    for start in range(0, n, BLOCK):
+        if SINGLE:
+            key, must, real = key1, must1, real1
+        else:
+            key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, False)
+        gt = real & (must | (key > thr))
+        tie = real & ~must & (key == thr)
+        v = (tie.to(PACK) << SHIFT) | gt.to(PACK)
+        before = carry + tl.cumsum(v, 0) - v
+        ties_b = before >> SHIFT
+        keep = gt | (tie & (ties_b < nt))
+        slot = (before & LOW) + tl.minimum(ties_b, nt)
+        idx = start + tl.arange(0, BLOCK)
+        tl.store(out_row + slot, idx.to(tl.int32), mask=keep & (slot < K))
+        if not SINGLE:
+            carry += tl.sum(v, 0)
+    for start in range(0, K, BLOCK):  # -1 padding after the kept ones
+        jo = start + tl.arange(0, BLOCK)
+        tl.store(out_row + jo, tl.full([BLOCK], -1, dtype=tl.int32), mask=(jo >= count) & (jo < K))
 
 
 @triton.jit
@@ -286,7 +372,9 @@ def _select_row(
     ARITY: tl.constexpr, CG: tl.constexpr,
     hist_row=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
 ):
-    """Selection of one (b, kv-head) row from its block keys (see the module docstring)."""
+    """Selection of one (b, kv-head) row from its block keys (see the module docstring). HIST:
+    the previous histogram stage 2 (HIST_COMPACT off: the scan counted every key, the must
+    blocks' keys are taken out here, then the passes of the search path)."""
     n = (seq_len + CHUNK - 1) // CHUNK
     INF: tl.constexpr = 1 << 40
 
@@ -415,7 +503,8 @@ def block_keys_triton(
     program of each row runs stage 2 itself; see ``hamming_topk_triton``). ``k_scale``
     [B, Hkv, Lmax] float (any strides): per-token weights of the scores ("max" only); the keys
     are then the order-preserving int32 images of the fp32 block maxima. ``hist``: launch
-    arguments of the histogram threshold (``_hist_args``): the keys are also counted there."""
+    arguments of the histogram threshold (``_hist_args`` without COMPACT; with ``must_ptr`` /
+    ``M``, the must-select blocks are left out): the keys are also counted there."""
     if k_scale is not None and chunk_repre != "max":
         raise ValueError("k_scale needs chunk_repre='max'")
     B, Hq, W = q_codes.shape
@@ -482,7 +571,7 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> di
     if t is None or t.numel() < rows * nbins:
         t = torch.zeros(max(rows * nbins, 1 << 16), dtype=torch.int32, device=device)
         _HISTS[key] = t
-    return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins)
+    return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT)
 
 
 def _row_counters(n: int, device: torch.device) -> torch.Tensor:
@@ -514,8 +603,8 @@ def select_triton(
     hist: dict | None = None,
 ) -> torch.Tensor:
     """Stage 2: int32 [B, Hkv, K] selection from stage 1's keys (written into ``out`` if given;
-    every entry is written). ``hist``: the histogram the same ``hist`` scan filled (read once,
-    then zeroed)."""
+    every entry is written). ``hist``: ``_hist_args``' launch arguments, the histogram the scan
+    filled (read once, then zeroed; with COMPACT the scan left the must blocks out of it)."""
     B, Hkv, nb = keys.shape
     if out is None:
         out = torch.empty(B, Hkv, K, dtype=torch.int32, device=keys.device)
@@ -524,6 +613,8 @@ def select_triton(
     must = _must_tensor(tuple(must_select), keys.device)
     block = min(triton.next_power_of_2(max(nb, K)), SELECT_BLOCK_MAX)
     block = max(block, 16)
+    if block >= 1 << 15:  # _select_row_hist packs two counts < block into an int32
+        raise ValueError(f"SELECT_BLOCK_MAX must be < 32768, got {SELECT_BLOCK_MAX}")
     kb_tensor = isinstance(k_blocks, torch.Tensor)
     _select_kernel[(B * Hkv,)](
         keys, seq_lens, k_blocks if kb_tensor else seq_lens, must, out,
@@ -549,8 +640,14 @@ def hamming_topk_triton(
         if chunk_repre == "max" and k_scale is None:
             B, Hkv, _, W = k_codes.shape
             hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device)
+        scan_hist = hist
+        if hist is not None and hist["COMPACT"]:  # the scan leaves the must blocks out
+            scan_hist = dict(hist, must_ptr=_must_tensor(tuple(must_select), q_codes.device),
+                             M=len(must_select))
+        if scan_hist is not None:
+            scan_hist = {k: v for k, v in scan_hist.items() if k != "COMPACT"}
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
-                                 k_scale=k_scale, hist=hist)
+                                 k_scale=k_scale, hist=scan_hist)
         return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select, hist=hist)
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))
