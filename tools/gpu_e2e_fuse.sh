@@ -19,8 +19,8 @@ merge=True; [ "$attn_rc" = 0 ] || merge=False
 echo "fused-op tests rc=$fuse_rc  attention tests rc=$attn_rc  -> FUSED_MERGE=$merge"
 timeout "${BENCH_TIMEOUT:-330}" python3 -c "
 import sys
-import kvcomp.ops.sparse_decode_attention.kernels as k
-k.FUSED_MERGE = $merge
+import importlib
+importlib.import_module('kvcomp.ops.sparse_decode_attention.kernels').FUSED_MERGE = $merge
 from kvcomp.cli import main
 sys.exit(main(['bench', 'e2e', '--fuse', 'all', '--json', '$OUT/e2e.json'] + sys.argv[1:]))
 " "$@" 2>&1 | tee "$OUT/bench.log"
