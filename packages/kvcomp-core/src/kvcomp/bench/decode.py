@@ -14,13 +14,22 @@ verifies, then times with CUDA events (median, CUDA-graph replays):
     scan / topk  the two launches of the search variant, timed alone
     attend   sparse_decode_attention over the selected blocks
     step     decode_step (encode + select + attend), graph and eager
+    before   the previous kernels, switched back on by their module flags, in the same run:
+             select_hist_v1 (``HIST_COMPACT`` off: the histogram stage 2 before its prefix-sum
+             form), attend_two_kernel (``FUSED_MERGE`` off: split kernel + merge kernel) and
+             step_before (both)
     dense    torch scaled_dot_product_attention (flash backend when available) on the same
              tensors, graph and eager
 
+``--token-score centered_norm`` times the selection the cache makes with that setting: codes of
+``k - mu`` (mu: each sequence's mean key) and the scores weighted by the fp16 key norms
+(``hamming_topk(k_scale=)``; the histogram threshold does not apply there, the search runs).
+
 Verification (a failure prints no speedup and exits 1): query codes equal to the reference up
 to bits whose projection is ~0; every selection equal (torch.equal) to the pure-torch reference
-on the same query codes (majority: on the majority codes); attention within flash-attention's
-rule of an fp64 computation over the selected tokens; the step's output equal to the stages'.
+on the same query codes (majority: on the majority codes; with k_scale: the reference with the
+same weights), the previous kernels' too; attention within flash-attention's rule of an fp64
+computation over the selected tokens, both merge paths; the step's output equal to the stages'.
 Achieved bandwidth: select over the code bytes, attend over the K/V bytes of the attended
 tokens, dense over the whole cache; all against the device copy bandwidth measured in this run.
 """
@@ -28,7 +37,9 @@ tokens, dense over the whole cache; all against the device copy bandwidth measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib
 import json
 import math
 import subprocess
@@ -55,6 +66,7 @@ TARGETS = {("2048", 8): 12.0, ("2048", 1): 8.0, ("10%", 1): 5.0, ("10%", 8): 5.0
 SELECT_MODES = ("exact", "exact_direct", "exact_planes", "majority")
 L2_BYTES = 50 << 20  # H100 / H200 L2
 MAX_SETS = 6
+TOKEN_SCORES = ("hamming", "centered_norm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="comma-separated budgets: tokens or percent (default 2048,10%%,30%%)")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--reps", type=int, default=100, help="timed repetitions per measurement")
+    p.add_argument("--token-score", choices=TOKEN_SCORES, default="hamming",
+                   help="hamming (default) or centered_norm: codes of k - mu, scores weighted by "
+                        "the key norms (hamming_topk k_scale)")
     p.add_argument("--sweep", action="store_true",
                    help="instead: time the kernels' launch knobs at L=128K (tuning), verified")
 
@@ -110,9 +125,34 @@ def _git_commit() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def _flags(module: str, **values):
+    """Set module-level kernel flags (e.g. ``HIST_COMPACT=False``) inside the block only."""
+    mod = importlib.import_module(module)
+    old = {k: getattr(mod, k) for k in values}
+    for k, v in values.items():
+        setattr(mod, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(mod, k, v)
+
+
+HK, AK = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.sparse_decode_attention.kernels"
+
+
+@contextlib.contextmanager
+def _before():
+    """The previous kernels: histogram stage 2 before its prefix-sum form, two-kernel attention."""
+    with _flags(HK, HIST_COMPACT=False), _flags(AK, FUSED_MERGE=False):
+        yield
+
+
 def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     """Median device times (us) of each stage and of the whole step, rotating over the input
-    sets: CUDA-graph replays of back-to-back calls; the step and dense also eagerly."""
+    sets: CUDA-graph replays of back-to-back calls; the step and dense also eagerly. The
+    previous kernels (``_before``) are timed beside the defaults."""
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
 
@@ -120,44 +160,46 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     n = range(len(sets))
     q_codes = [hash_encode(qs[i], q_w) for i in n]
     idx = [hamming_topk(q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
-                        chunk_size=CHUNK, must_select=MUST_SELECT) for i in n]
+                        chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=sets[i]["scale"])
+           for i in n]
     t = {"encode": cuda_time_us([P(hash_encode, qs[i], q_w) for i in n], reps=reps)}
-    for mode in SELECT_MODES:
-        t[f"select_{mode}"] = cuda_time_us(
-            [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
-               chunk_size=CHUNK, must_select=MUST_SELECT, mode=mode) for i in n], reps=reps)
-    import importlib
 
-    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
-    hk.HIST_SELECT = False
-    try:
-        t["select_search"] = cuda_time_us(
-            [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
-               chunk_size=CHUNK, must_select=MUST_SELECT) for i in n], reps=reps)
-    finally:
-        hk.HIST_SELECT = True
-    keys = [hk.block_keys_triton(q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max")
-            for i in n]
+    def selects(**kw):
+        return [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
+                  chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=sets[i]["scale"], **kw)
+                for i in n]
+
+    for mode in SELECT_MODES:
+        t[f"select_{mode}"] = cuda_time_us(selects(mode=mode), reps=reps)
+    with _flags(HK, HIST_SELECT=False):
+        t["select_search"] = cuda_time_us(selects(), reps=reps)
+    with _flags(HK, HIST_COMPACT=False):
+        t["select_hist_v1"] = cuda_time_us(selects(), reps=reps)
+    hk = importlib.import_module(HK)
+    keys = [hk.block_keys_triton(q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max",
+                                 k_scale=sets[i]["scale"]) for i in n]
     t["scan"] = cuda_time_us(
-        [P(hk.block_keys_triton, q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max")
-         for i in n], reps=reps)
+        [P(hk.block_keys_triton, q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max",
+           k_scale=sets[i]["scale"]) for i in n], reps=reps)
     t["topk"] = cuda_time_us(
         [P(hk.select_triton, keys[i], sets[i]["lens"], kb, idx[i].shape[2], CHUNK, MUST_SELECT)
          for i in n], reps=reps)
-    t["attend"] = cuda_time_us(
-        [P(sparse_decode_attention, qs[i], sets[i]["k"], sets[i]["v"], idx[i], sets[i]["lens"],
-           chunk_size=CHUNK, scale=scale) for i in n], reps=reps)
+    attends = [P(sparse_decode_attention, qs[i], sets[i]["k"], sets[i]["v"], idx[i],
+                 sets[i]["lens"], chunk_size=CHUNK, scale=scale) for i in n]
+    t["attend"] = cuda_time_us(attends, reps=reps)
+    with _flags(AK, FUSED_MERGE=False):
+        t["attend_two_kernel"] = cuda_time_us(attends, reps=reps)
     steps = [P(decode_step, qs[i], q_w, sets[i]["codes"], sets[i]["k"], sets[i]["v"],
                sets[i]["lens"], k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT,
-               scale=scale) for i in n]
+               scale=scale, k_scale=sets[i]["scale"]) for i in n]
     t["step"] = cuda_time_us(steps, reps=reps)
     t["step_eager"] = cuda_time_us(steps, reps=reps, graph=False)
+    with _before():
+        t["step_before"] = cuda_time_us(steps, reps=reps)
     return t
 
 
 def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
-    import importlib
-
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
     from kvcomp.ops.hamming_topk import majority_codes
@@ -167,9 +209,10 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
         token_scores_ref,
     )
     from kvcomp.ops.hash_encode.reference import project
+    from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 
-    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     dev = "cuda"
+    centered = cfg["token_score"] == "centered_norm"
     kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0]
     kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
     lens = torch.full((B,), L, dtype=torch.int32, device=dev)
@@ -180,8 +223,14 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     for _ in range(n_sets):
         kk = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
         vv = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-        sets.append(dict(k=kk, v=vv, codes=hash_encode(kk, kv_w), lens=lens.clone()))
+        if centered:  # what the cache stores for token_score="centered_norm"
+            mu = key_mean(kk, lens)
+            codes = hash_encode(kk, kv_w, bias=hash_bias(mu, kv_w))
+            sets.append(dict(k=kk, v=vv, codes=codes, lens=lens.clone(), scale=key_norms(kk, mu)))
+        else:
+            sets.append(dict(k=kk, v=vv, codes=hash_encode(kk, kv_w), lens=lens.clone(), scale=None))
     k, v, k_codes = sets[0]["k"], sets[0]["v"], sets[0]["codes"]  # the verified set
+    k_scale = sets[0]["scale"]
     n_blocks = math.ceil(L / CHUNK)
     scale = 1 / math.sqrt(HEAD_DIM)
     rows = []
@@ -203,7 +252,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
         ref_codes = hash_encode(q, q_w, backend="reference")
         flip = ((q_codes ^ ref_codes).long().unsqueeze(-1) >> torch.arange(32, device=dev)) & 1
         codes_ok = bool((proj.abs()[flip.flatten(-2).bool()] <= 1e-4 * proj.abs().max()).all())
-        scores = {
+        scores = {} if centered else {
             "exact": block_scores_ref(token_scores_ref(q_codes, k_codes), lens, CHUNK, "max"),
             "majority": block_scores_ref(
                 token_scores_ref(majority_codes(q_codes, HKV), k_codes), lens, CHUNK, "max"
@@ -214,31 +263,39 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             kbt = torch.full((B,), kb, dtype=torch.int32, device=dev)
             checks = {"query_codes": codes_ok}
             sel = {}
+            sk = dict(k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=k_scale)
             for mode in SELECT_MODES:
-                sel[mode] = hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK,
-                                         must_select=MUST_SELECT, mode=mode)
-                want = select_blocks_ref(scores["majority" if mode == "majority" else "exact"],
-                                         lens, kbt, sel[mode].shape[2], CHUNK, MUST_SELECT)
+                sel[mode] = hamming_topk(q_codes, k_codes, lens, mode=mode, **sk)
+                if centered:  # the reference with the same per-token weights
+                    want = hamming_topk(q_codes, k_codes, lens, mode=mode, backend="reference", **sk)
+                else:
+                    want = select_blocks_ref(scores["majority" if mode == "majority" else "exact"],
+                                             lens, kbt, sel[mode].shape[2], CHUNK, MUST_SELECT)
                 checks[f"select_{mode}"] = bool(torch.equal(sel[mode], want))
             idx = sel["exact"]
-            hk.HIST_SELECT = False
-            try:
-                checks["select_search"] = bool(torch.equal(
-                    hamming_topk(q_codes, k_codes, lens, k_blocks=kb, chunk_size=CHUNK,
-                                 must_select=MUST_SELECT), idx))
-            finally:
-                hk.HIST_SELECT = True
+            with _flags(HK, HIST_SELECT=False):
+                checks["select_search"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
+            with _flags(HK, HIST_COMPACT=False):
+                checks["select_hist_v1"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             out = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
+            with _flags(AK, FUSED_MERGE=False):
+                out_2k = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
             kg, vg, valid = _gather_selected(k, v, idx, lens)
-            ok, err, base = attention_close(out, attention_ref_fp64(q, kg, vg, valid, scale),
-                                            attention_ref_lowp(q, kg, vg, valid, scale), atol=1e-4)
+            ref64, lowp = attention_ref_fp64(q, kg, vg, valid, scale), attention_ref_lowp(q, kg, vg, valid, scale)
+            ok, err, base = attention_close(out, ref64, lowp, atol=1e-4)
             checks["attend"] = ok
-            step_out, step_idx = decode_step(q, q_w, k_codes, k, v, lens, k_blocks=kb,
-                                              chunk_size=CHUNK, must_select=MUST_SELECT, scale=scale)
+            checks["attend_two_kernel"] = attention_close(out_2k, ref64, lowp, atol=1e-4)[0]
+            step_kw = dict(k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT, scale=scale,
+                           k_scale=k_scale)
+            step_out, step_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
             checks["step"] = bool(torch.equal(step_idx, idx) and torch.equal(step_out, out))
+            with _before():
+                b_out, b_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
+            checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out_2k))
             del kg, vg
             verified = all(checks.values())
             row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
+                       token_score=cfg["token_score"],
                        k_blocks=kb, selected_tokens=int(valid.sum().item()) // (B * HKV),
                        dense_backend=dense_backend, input_sets=n_sets, verified=verified,
                        checks=checks,
@@ -257,6 +314,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                         dense=dense_bytes / (t["dense"] * 1e-6) / 1e9 / copy_gbs,
                     ),
                     speedup=t["dense"] / t["step"],
+                    speedup_before=t["dense"] / t["step_before"],
                     speedup_eager=t["dense_eager"] / t["step_eager"],
                     floor_speedup=dense_bytes / (code_bytes + kv_bytes),
                     target=TARGETS.get((budget, B)) if L == 131072 else None,
@@ -353,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{'ok' if r['ok'] else 'MISMATCH'} {r['us']:8.1f} us")
         return 0 if all(r["ok"] for r in rows) else 1
     cfg = dict(QUICK if args.quick else FULL)
+    cfg["token_score"] = getattr(args, "token_score", "hamming")
     for name, conv in (("lengths", int), ("batches", int), ("budgets", str), ("models", str)):
         given = getattr(args, name, None)
         if given:
@@ -375,9 +434,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
-    print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}")
+    print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}  "
+          f"token score {cfg['token_score']}")
+    print("times in us; 'before' = the previous kernels in the same run (select: histogram stage 2 "
+          "before its prefix-sum form, attend: split + merge kernels)")
     print(f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
-          f"{'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'step':>6} {'x':>6} {'xeager':>6} {'floor':>5} "
+          f"{'before':>6} {'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'before':>6} "
+          f"{'step':>6} {'before':>6} {'x':>6} {'before':>6} {'xeager':>6} {'floor':>5} "
           f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}")
     bad = False
     for r in rows:
@@ -390,7 +453,9 @@ def run(args: argparse.Namespace) -> int:
         t, bw = r["times_us"], r["bw_frac"]
         target = f"{r['target']:.1f}" if r["target"] else "-"
         print(f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
-              f"{t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} {t['select_majority']:6.1f} {t['attend']:6.1f} {t['step']:6.1f} "
-              f"{r['speedup']:6.2f} {r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
+              f"{t['select_hist_v1']:6.1f} {t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} "
+              f"{t['select_majority']:6.1f} {t['attend']:6.1f} {t['attend_two_kernel']:6.1f} "
+              f"{t['step']:6.1f} {t['step_before']:6.1f} {r['speedup']:6.2f} {r['speedup_before']:6.2f} "
+              f"{r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
               f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
     return 1 if bad else 0
