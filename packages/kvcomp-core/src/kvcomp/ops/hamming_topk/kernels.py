@@ -554,13 +554,15 @@ def block_keys_triton(
 _MUST_CACHE: dict = {}
 _COUNTERS: dict = {}
 _HISTS: dict = {}
+# buffers outgrown by a larger launch stay alive: a captured CUDA graph may still point at them
+_RETIRED: list = []
 
 
 def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> dict | None:
     """Launch arguments of the histogram threshold (module doc), or None where it does not
     apply: keys in [-S, S] with S = G * BITS (BITS for majority) need NBINS = next_pow2(2S + 1)
-    bins per row. The zeroed buffer is kept per (device, stream) and grown as needed; each
-    stage-2 program zeroes its row after reading it."""
+    bins per row. The zeroed buffer is kept per (device, stream) and grown as needed (the
+    outgrown one is kept alive); each stage-2 program zeroes its row after reading it."""
     S = (1 if mode == "majority" else G) * 32 * W
     nbins = triton.next_power_of_2(2 * S + 1)
     if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > HIST_MAX_ROWS:
@@ -569,6 +571,8 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> di
     key = (str(device), stream)
     t = _HISTS.get(key)
     if t is None or t.numel() < rows * nbins:
+        if t is not None:
+            _RETIRED.append(t)
         t = torch.zeros(max(rows * nbins, 1 << 16), dtype=torch.int32, device=device)
         _HISTS[key] = t
     return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT)
@@ -581,6 +585,8 @@ def _row_counters(n: int, device: torch.device) -> torch.Tensor:
     key = (str(device), stream)
     t = _COUNTERS.get(key)
     if t is None or t.numel() < n:
+        if t is not None:
+            _RETIRED.append(t)
         t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = t
     return t
