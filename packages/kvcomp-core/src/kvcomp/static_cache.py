@@ -19,7 +19,8 @@ State shared by the layers of one cache (device tensors, made at the first updat
     write_pos   int64 [T]   rows the current forward writes: length before it + arange(T)
 
 The first layer that updates in a forward advances the shared state (tensor ops only); every
-layer writes its keys, values and codes with ``index_copy_`` at ``write_pos``. The per-step
+layer writes its keys, values and codes at ``write_pos`` (``kvcomp.ops.append_kv``: one kernel
+for a decode step). The per-step
 hot path therefore has no host sync, no allocation whose size depends on device values and
 only shapes fixed by ``max_cache_len``: a one-token decode forward can be captured once and
 replayed (``kvcomp.graphs.DecodeGraphs``). The tensors above are never reallocated after the
@@ -51,7 +52,7 @@ import weakref
 import torch
 
 from kvcomp.cache import _ACTIVE, KVCompCache, KVCompLayer
-from kvcomp.ops import hash_encode
+from kvcomp.ops.append_kv import append_kv
 from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 
 __all__ = ["KVCompStaticCache", "KVCompStaticLayer"]
@@ -105,19 +106,19 @@ class KVCompStaticLayer(KVCompLayer):
         key_states = key_states.to(dev)
         value_states = value_states.to(dev)
         write_pos, seq_lens = cache._advance_shared(self, B, T, dev)
-        self.keys_buf.index_copy_(2, write_pos, key_states)
-        self.values_buf.index_copy_(2, write_pos, value_states)
         prefill = self.padded_len == 0
         if self.norms_buf is not None and prefill:  # centered_norm: mu of the prompt (no padding)
             lens = torch.full((B,), T, dtype=torch.int32, device=dev)
             self.key_mu.copy_(key_mean(key_states, lens))
             self.key_bias.copy_(hash_bias(self.key_mu, self.code_weight))
-        if self.codes_buf is not None:  # encoded straight into the cache rows
-            start = cache.step_shared(("start", dev, B), lambda: write_pos[:1].expand(B))
-            hash_encode(key_states, self.code_weight, out=self.codes_buf, positions=start,
-                        bias=self.key_bias)
-            if self.norms_buf is not None:
-                key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
+        # every sequence writes at the same rows; one contiguous [B] per step, shared by the layers
+        start = cache.step_shared(("start", dev, B), lambda: write_pos[:1].expand(B).contiguous())
+        # keys, values and codes in one launch for a decode step (kvcomp.ops.append_kv)
+        append_kv(key_states, value_states, self.keys_buf, self.values_buf, start,
+                  codes=self.codes_buf, weight=self.code_weight if self.codes_buf is not None else None,
+                  bias=self.key_bias)
+        if self.norms_buf is not None:
+            key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
         self.seq_lens = seq_lens
         self._advance_host(T)
         self.updates += 1

@@ -7,6 +7,8 @@
 
 ``kvcomp.ops`` never imports transformers.
 
+``kvcomp.ops.append_kv``: a static cache's append of keys, values and key codes in one kernel.
+
 ``kvcomp.ops.key_stats`` (``key_mean``, ``hash_bias``, ``key_norms``) computes what centred,
 norm-weighted selection stores beside the codes: ``hash_encode(k, W, bias=hash_bias(mu, W))``
 and ``hamming_topk(..., k_scale=key_norms(k, mu))``.
@@ -21,6 +23,7 @@ bit ``b`` is ``(x @ W)[..., b] > 0`` (``> bias[..., b]`` with a bias) and lives 
 ``b // 32`` at bit ``b % 32`` (least significant bit first). A word with bit 31 set is a negative int32.
 """
 
+from kvcomp.ops.append_kv import append_kv
 from kvcomp.ops.gemv import gemv
 from kvcomp.ops.hamming_topk import hamming_topk
 from kvcomp.ops.hash_encode import hash_encode
@@ -33,4 +36,5 @@ from kvcomp.ops.sparse_mla_decode import sparse_mla_decode
 __all__ = [
     "hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode",
     "key_mean", "key_norms", "hash_bias", "rms_norm", "add_rms_norm", "silu_mul", "rope", "gemv",
+    "append_kv",
 ]

@@ -95,7 +95,14 @@ def _hash_encode_row_kernel(
     HAS_POS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    kc_ptr=None, v_ptr=None, vc_ptr=None,
+    skb=0, skh=0, skn=0, svb=0, svh=0, svn=0, svd=0, svcb=0, svch=0, svcn=0,
+    COPY: tl.constexpr = False, CODES: tl.constexpr = True, V_PROG: tl.constexpr = 0,
+    DV=0, BLOCK_DV: tl.constexpr = 16,
 ):
+    """With COPY (the cache's append, HAS_POS): row n of x is also stored in the key cache kc
+    and row n of v in the value cache vc, at row pos[b] + n (program w == 0 stores the key,
+    w == V_PROG the value row of DV dims; last dims contiguous); without CODES only the copies run."""
     n = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     w = tl.program_id(2)
@@ -104,6 +111,19 @@ def _hash_encode_row_kernel(
     dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     bit = tl.arange(0, 32)  # [32]
     x = tl.load(x_ptr + b * sxb + h * sxh + n * sxn + dims * sxd, mask=dims < D, other=0.0)
+    if COPY:
+        row = tl.load(pos_ptr + b).to(tl.int64) + n + tl.zeros([BLOCK_D], dtype=tl.int64)
+        ok = (dims < D) & (row < L_out) & (row >= 0)
+        if w == 0:
+            tl.store(kc_ptr + b * skb + h * skh + row * skn + dims, x.to(kc_ptr.dtype.element_ty), mask=ok)
+        if w == V_PROG:
+            dv = tl.arange(0, BLOCK_DV)
+            rowv = tl.load(pos_ptr + b).to(tl.int64) + n + tl.zeros([BLOCK_DV], dtype=tl.int64)
+            okv = (dv < DV) & (rowv < L_out) & (rowv >= 0)
+            v = tl.load(v_ptr + b * svb + h * svh + n * svn + dv * svd, mask=dv < DV, other=0.0)
+            tl.store(vc_ptr + b * svcb + h * svch + rowv * svcn + dv, v.to(vc_ptr.dtype.element_ty), mask=okv)
+    if not CODES:
+        return
     wt = tl.load(
         w_ptr + h * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
         mask=dims[:, None] < D, other=0.0,
@@ -200,6 +220,42 @@ def hash_encode_triton(
     out = torch.empty(*x.shape[:-1], W, dtype=torch.int32, device=x.device)
     _launch(x4, w3, out.view(*x4.shape[:3], W), None, bias)
     return out
+
+
+def append_kv_triton(
+    k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+    positions: torch.Tensor, weight: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """One launch for a decode-sized append (T <= ROW_KERNEL_MAX_ROWS): k [B, H, T, D] / v
+    [B, H, T, Dv] into k_buf / v_buf [B, H, Lmax, D / Dv] (last dims contiguous) at rows positions[b] + t, and with
+    ``codes`` [B, H, Lmax, W] their key codes (weight [D, BITS] or [H, D, BITS], bias as
+    ``hash_encode``)."""
+    B, H, T, D = k.shape
+    if T == 0 or B * H == 0:
+        return
+    has_codes = codes is not None
+    W = codes.shape[-1] if has_codes else 1
+    if has_codes:
+        w3 = weight.unsqueeze(0) if weight.dim() == 2 else weight
+        swh = w3.stride(0) if w3.shape[0] > 1 else 0
+        wargs = (w3, codes)
+        wstr = (swh, w3.stride(1), w3.stride(2), *codes.stride())
+    else:
+        wargs = (k_buf, k_buf)
+        wstr = (0,) * 7
+    _hash_encode_row_kernel[(T, B * H, W)](
+        k, *wargs, positions, bias if bias is not None else k_buf,
+        D, H, k_buf.shape[2],
+        *k.stride(), *wstr, *_bias_strides(bias),
+        HAS_POS=True, HAS_BIAS=bias is not None, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        kc_ptr=k_buf, v_ptr=v, vc_ptr=v_buf,
+        skb=k_buf.stride(0), skh=k_buf.stride(1), skn=k_buf.stride(2),
+        svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
+        svcb=v_buf.stride(0), svch=v_buf.stride(1), svcn=v_buf.stride(2),
+        COPY=True, CODES=has_codes, V_PROG=min(1, W - 1), DV=v.shape[3],
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=4,
+    )
 
 
 def hash_encode_into_triton(
