@@ -566,9 +566,12 @@ def run(args: argparse.Namespace) -> int:
             r = by.get((c, b, m))
             return f"{r['step_ms']:.2f}" if r else "-"
 
+        def x(key, sp=sp):
+            return f"{sp[key]:.2f}x" if key in sp and math.isfinite(sp[key]) else "-"
+
         kv = by.get((c, b, "kvcomp"))
         print(f"| {c} | {b} | {ms('kvcomp')} | {ms('dense')} | {ms('dense_kv')} | "
-              f"{kv['tokens_per_s']:.1f} | {sp.get('vs_dense', math.nan):.2f}x | {sp.get('vs_dense_kv', math.nan):.2f}x |")
+              f"{kv['tokens_per_s']:.1f} | {x('vs_dense')} | {x('vs_dense_kv')} |")
     print(f"# total {time.time() - t_start:.0f}s")
     _write(args.json, data)
     if args.plot:
