@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The one script a GPU device call runs for the decode-path kernels (issue 3):
-#   1. the -m gpu tests of hash_encode / hamming_topk / sparse_decode_attention / decode_step
-#   2. `kvcomp bench decode --json $OUT/decode.json` (extra arguments are passed on, e.g. --quick)
-# The packages are put on PYTHONPATH (no install needed: torch and triton come from the machine).
-# Logs go to $OUT (default .out/); the benchmark's table is printed last.
+#   1. the -m gpu tests of hamming_topk / sparse_decode_attention / decode_step and the index-view
+#      tests (EXTRA_TESTS: more files), at most TEST_TIMEOUT seconds (default 150)
+#   2. `kvcomp bench decode --json $OUT/decode.json` (extra arguments are passed on, e.g.
+#      --lengths 131072 --batches 1,8 --budgets 2048,10% --reps 50); it times the previous
+#      kernels (module flags) beside the defaults in the same process
+#   3. with CENTERED="ARGS", also `kvcomp bench decode --token-score centered_norm ARGS
+#      --json $OUT/decode_cn.json` (the k_scale selection), at most CENTERED_TIMEOUT seconds
+# The packages come from tools/gpu_env.sh (PYTHONPATH, no install: torch and triton are the
+# machine's). Logs go to $OUT (default .out/); the benchmark's table is printed last.
 #   SKIP_TESTS=1 tools/gpu_kernels.sh --quick      benchmark only, small subset
 #   SWEEP=1 tools/gpu_kernels.sh                     also time the kernels' launch knobs
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/packages/kvcomp-core/src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+source tools/gpu_env.sh
 OUT="${OUT:-.out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
@@ -17,16 +21,25 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,p
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 test_rc=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    python3 -m pytest -q -m gpu tests/core -k "kernel or decode_step" -p no:cacheprovider \
-        --durations=5 2>&1 | tee "$OUT/pytest.log" | tail -40
+    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+        tests/core/test_hamming_topk_kernel.py tests/core/test_sparse_decode_attention_kernel.py \
+        tests/core/test_decode_step.py tests/core/test_broadcast_index_args.py \
+        ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
     test_rc=${PIPESTATUS[0]}
 fi
 python3 -m kvcomp.cli bench decode --json "$OUT/decode.json" "$@" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
+cn_rc=0
+if [ -n "${CENTERED:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout "${CENTERED_TIMEOUT:-90}" python3 -m kvcomp.cli bench decode --token-score centered_norm \
+        ${CENTERED} --json "$OUT/decode_cn.json" 2>&1 | tee "$OUT/bench_cn.log" | tail -8
+    cn_rc=${PIPESTATUS[0]}
+fi
 if [ "${SWEEP:-0}" = "1" ]; then
     python3 -m kvcomp.cli bench decode --sweep --reps 50 --json "$OUT/sweep.json" 2>&1 \
         | tee "$OUT/sweep.log" | tail -80
 fi
-tail -n 60 "$OUT/bench.log"
-echo "gpu tests rc=$test_rc  bench rc=$bench_rc"
-[ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
+tail -n 16 "$OUT/bench.log"
+echo "gpu tests rc=$test_rc  bench rc=$bench_rc  centered_norm bench rc=$cn_rc"
+[ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$cn_rc" = 0 ]

@@ -392,6 +392,31 @@ def sweep(reps: int) -> list[dict]:
     return rows
 
 
+TABLE_HEAD = (
+    f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
+    f"{'before':>6} {'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'before':>6} "
+    f"{'step':>6} {'before':>6} {'x':>6} {'before':>6} {'xeager':>6} {'floor':>5} "
+    f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}"
+)
+
+
+def _table_line(r: dict) -> str:
+    """One row of the printed table (TABLE_HEAD); a row that failed verification names the
+    failed checks and shows no times."""
+    head = f"{r['model']:<10} {r['L']:>6} {r['B']:>2} {r['budget']:>6}"
+    if not r["verified"]:
+        failed = [name for name, ok in r["checks"].items() if not ok]
+        return f"{head} VERIFICATION FAILED ({', '.join(failed)}): no speedup reported"
+    t, bw = r["times_us"], r["bw_frac"]
+    target = f"{r['target']:.1f}" if r["target"] else "-"
+    return (f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
+            f"{t['select_hist_v1']:6.1f} {t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} "
+            f"{t['select_majority']:6.1f} {t['attend']:6.1f} {t['attend_two_kernel']:6.1f} "
+            f"{t['step']:6.1f} {t['step_before']:6.1f} {r['speedup']:6.2f} {r['speedup_before']:6.2f} "
+            f"{r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
+            f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
+
+
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("kvcomp bench decode measures GPU kernels and needs a CUDA GPU; none is visible.")
@@ -422,40 +447,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
-    rows = []
-    for L in cfg["lengths"]:
-        for B in cfg["batches"]:
-            rows.extend(run_length_batch(L, B, cfg, args.reps, copy_gbs, gen))
-            torch.cuda.empty_cache()
     import triton
 
     result = dict(bench="decode", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=triton.__version__, commit=_git_commit(), copy_GBps=copy_gbs, rows=rows)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+                  triton=triton.__version__, commit=_git_commit(), copy_GBps=copy_gbs,
+                  token_score=cfg["token_score"], rows=[])
+    rows = result["rows"]
+    for L in cfg["lengths"]:
+        for B in cfg["batches"]:
+            new_rows = run_length_batch(L, B, cfg, args.reps, copy_gbs, gen)
+            rows.extend(new_rows)
+            for r in new_rows:  # as they come (a run cut short still shows them)
+                print(_table_line(r), flush=True)
+            if args.json:  # rewritten after each (L, B): a run cut short keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump(result, fh, indent=1)
+            torch.cuda.empty_cache()
     print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}  "
           f"token score {cfg['token_score']}")
     print("times in us; 'before' = the previous kernels in the same run (select: histogram stage 2 "
           "before its prefix-sum form, attend: split + merge kernels)")
-    print(f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
-          f"{'before':>6} {'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'before':>6} "
-          f"{'step':>6} {'before':>6} {'x':>6} {'before':>6} {'xeager':>6} {'floor':>5} "
-          f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}")
-    bad = False
+    print(TABLE_HEAD)
     for r in rows:
-        head = f"{r['model']:<10} {r['L']:>6} {r['B']:>2} {r['budget']:>6}"
-        if not r["verified"]:
-            bad = True
-            failed = [name for name, ok in r["checks"].items() if not ok]
-            print(f"{head} VERIFICATION FAILED ({', '.join(failed)}): no speedup reported")
-            continue
-        t, bw = r["times_us"], r["bw_frac"]
-        target = f"{r['target']:.1f}" if r["target"] else "-"
-        print(f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
-              f"{t['select_hist_v1']:6.1f} {t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} "
-              f"{t['select_majority']:6.1f} {t['attend']:6.1f} {t['attend_two_kernel']:6.1f} "
-              f"{t['step']:6.1f} {t['step_before']:6.1f} {r['speedup']:6.2f} {r['speedup_before']:6.2f} "
-              f"{r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
-              f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
+        print(_table_line(r))
+    bad = not all(r["verified"] for r in rows)
     return 1 if bad else 0
