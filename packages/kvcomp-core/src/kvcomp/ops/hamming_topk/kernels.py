@@ -295,6 +295,30 @@ def _select_kernel(
 
 
 @triton.jit
+def _pack2(hi, lo, WIDE: tl.constexpr):
+    """Two non-negative counts in one integer: (hi << 32) + lo as int64 if WIDE, else
+    (hi << 16) + lo as int32 (both < 2^15). Sums and prefix sums of packed values add the fields."""
+    if WIDE:
+        return (hi.to(tl.int64) << 32) + lo.to(tl.int64)
+    else:
+        return (hi.to(tl.int32) << 16) + lo.to(tl.int32)
+
+
+@triton.jit
+def _unpack2(x, WIDE: tl.constexpr):
+    """(hi, lo) of ``_pack2``."""
+    if WIDE:
+        hi = x >> 32
+    else:
+        hi = x >> 16
+    if WIDE:
+        lo = x - (hi << 32)
+    else:
+        lo = x - (hi << 16)
+    return hi, lo
+
+
+@triton.jit
 def _select_row_hist(
     key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
@@ -329,21 +353,15 @@ def _select_row_hist(
     above = at_least - hist  # #(other keys > the bin's key)
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
     hit = (at_least >= need) & (above < need)
-    packed = tl.sum(tl.where(hit, (jb.to(tl.int64) << 32) | above.to(tl.int64), 0), 0)
-    thr = tl.where(need > 0, KMIN + NBINS - 1 - (packed >> 32), KMIN + NBINS)  # else above all
-    need_ties = tl.where(need > 0, need - (packed & 0xFFFFFFFF), 0)  # keys == T to keep
+    t_bin, n_above = _unpack2(tl.sum(tl.where(hit, _pack2(jb, above, True), 0), 0), True)
+    thr = tl.where(need > 0, KMIN + NBINS - 1 - t_bin, KMIN + NBINS)  # else above every key
+    need_ties = tl.where(need > 0, need - n_above, 0)  # keys == T to keep
 
     # compaction: slot of a kept block = #(kept before it) = #(gt before) + min(#(ties before),
-    # need_ties); both counts from one prefix sum of (tie << SHIFT) | gt
-    if SINGLE:  # counts < BLOCK <= 2^15: 16-bit fields in int32
-        SHIFT: tl.constexpr = 16
-        PACK: tl.constexpr = tl.int32
-    else:
-        SHIFT: tl.constexpr = 32
-        PACK: tl.constexpr = tl.int64
-    LOW: tl.constexpr = (1 << SHIFT) - 1
-    carry = tl.zeros([], dtype=PACK)
-    nt = need_ties.to(PACK)
+    # need_ties); both counts from one prefix sum of (tie, gt) packed in one integer (16-bit
+    # fields of an int32 when the row is one tile: counts < BLOCK < 2^15)
+    zero = tl.zeros([], dtype=tl.int32)
+    carry = _pack2(zero, zero, not SINGLE)
     for start in range(0, n, BLOCK):
         if SINGLE:
             key, must, real = key1, must1, real1
@@ -351,11 +369,10 @@ def _select_row_hist(
             key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, False)
         gt = real & (must | (key > thr))
         tie = real & ~must & (key == thr)
-        v = (tie.to(PACK) << SHIFT) | gt.to(PACK)
-        before = carry + tl.cumsum(v, 0) - v
-        ties_b = before >> SHIFT
-        keep = gt | (tie & (ties_b < nt))
-        slot = (before & LOW) + tl.minimum(ties_b, nt)
+        v = _pack2(tie, gt, not SINGLE)
+        ties_b, gt_b = _unpack2(carry + tl.cumsum(v, 0) - v, not SINGLE)
+        keep = gt | (tie & (ties_b < need_ties))
+        slot = gt_b + tl.minimum(ties_b, need_ties)
         idx = start + tl.arange(0, BLOCK)
         tl.store(out_row + slot, idx.to(tl.int32), mask=keep & (slot < K))
         if not SINGLE:
