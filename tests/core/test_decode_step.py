@@ -69,11 +69,15 @@ def test_gpu_step_real_shapes(G):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
-def test_gpu_cuda_graph_capture_and_replay(monkeypatch, fused):
+@pytest.mark.parametrize("fused,merge_in_split", [(False, True), (True, True), (False, False)])
+def test_gpu_cuda_graph_capture_and_replay(monkeypatch, fused, merge_in_split):
+    """Replays of a captured step on new inputs: the histogram rows (zeroed by stage 2) and the
+    attention's merge tickets (reset by the merging program) must start each replay at zero."""
     import importlib
 
     monkeypatch.setattr(importlib.import_module("kvcomp.ops.hamming_topk.kernels"), "FUSED_SELECT", fused)
+    monkeypatch.setattr(importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels"),
+                        "FUSED_MERGE", merge_in_split)
     gen = torch.Generator().manual_seed(1)
     B, Hkv, G, D, L, chunk = 2, 8, 4, 128, 4097, 128
     q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, L, 128, torch.bfloat16, "cuda", gen)
