@@ -251,3 +251,21 @@ def test_histogram_threshold_many_blocks(monkeypatch):
     lens = torch.tensor([300, 250])
     _hist_vs_search(q, k, lens, monkeypatch, k_blocks=torch.tensor([40, 2]), max_blocks=40,
                     chunk_size=2, must_select=(0, -2, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,mode", [(4, "exact"), (8, "exact"), (8, "majority")])
+def test_gpu_histogram_threshold(monkeypatch, G, mode):
+    """Real shapes with few rows (B * Hkv = 16 <= HIST_MAX_ROWS: the histogram path), uniform
+    and tied keys, ragged lengths, must-select edge entries; three launches in a row."""
+    gen = torch.Generator().manual_seed(40 + G)
+    B, Hkv, W, L = 2, 8, 4, 4097
+    assert kernels._hist_args(G, W, mode, B * Hkv, torch.device("cuda")) is not None
+    lens = torch.tensor([4097, 129], device="cuda")
+    for rep in range(3):
+        low = rep == 1
+        q = codes(B, Hkv * G, W, low_entropy=low, gen=gen, device="cuda")
+        k = codes(B, Hkv, L, W, low_entropy=low, gen=gen, device="cuda")
+        kb = torch.tensor([16, 2], device="cuda") if rep == 2 else 7
+        _hist_vs_search(q, k, lens, monkeypatch, k_blocks=kb, max_blocks=16, chunk_size=128 if rep else 16,
+                        must_select=(0, -2, -1, 0), mode=mode)
