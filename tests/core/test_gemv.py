@@ -70,3 +70,12 @@ def test_gemv_validates():
         gemv(x, torch.randn(4, 8), backend="triton", config=dict(form="wgmma"))
     with pytest.raises(ValueError, match="at most 4 rows"):
         gemv(torch.randn(5, 8), torch.randn(4, 8), backend="triton", config=dict(form="fma"))
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_default_configs(M):
+    # one row takes GEMV_CONFIG_ONE_ROW (fma), more rows GEMV_CONFIG (dot)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 1, 300, generator=g).to(DEV, torch.bfloat16)
+    w = torch.randn(70, 300, generator=g).to(DEV, torch.bfloat16)
+    _close(gemv(x, w, backend="triton"), gemv_ref(x, w))

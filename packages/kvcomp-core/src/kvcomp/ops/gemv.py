@@ -16,7 +16,7 @@ one program (no split-K reduction kernel, no atomics: deterministic), accumulati
                                  two rounded values, rounded again (what ``residual +
                                  F.linear(...)`` computes in torch), in the same kernel
 
-Two tile forms (``GEMV_CONFIG``; both tested): ``dot`` multiplies the tile with tl.dot
+Two tile forms (``GEMV_CONFIG`` / ``GEMV_CONFIG_ONE_ROW``; both tested): ``dot`` multiplies the tile with tl.dot
 (x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
 (M <= 4; at M = 1 the K axis is reduced once, at the end). Rows of x beyond ``MAX_ROWS`` are the caller's
 business (``kvcomp.fusion.FusedDecode`` sends prefill to F.linear).
@@ -30,7 +30,7 @@ import torch
 
 from kvcomp.ops._common import FLOAT_DTYPES, check_tensor, device_guard, interpreting, use_triton
 
-__all__ = ["gemv", "gemv_ref", "GEMV_CONFIG", "MAX_ROWS"]
+__all__ = ["gemv", "gemv_ref", "GEMV_CONFIG", "GEMV_CONFIG_ONE_ROW", "MAX_ROWS"]
 
 try:
     import triton
@@ -40,9 +40,12 @@ except ImportError:  # pragma: no cover - the reference still works
 
 MAX_ROWS = 16
 # launch configuration: form ("dot" | "fma"), output features per program, K per tile, warps,
-# pipeline stages: the best summed time over Qwen3-8B's merged projections at M = 1 and 4 in the
-# H200 sweep of tools/experiments/gemv_sweep.py (docs/benchmarks/e2e.md)
+# pipeline stages. From the H200 sweep of tools/experiments/gemv_sweep.py over Qwen3-8B's merged
+# projections (docs/benchmarks/e2e.md): one row runs best as many short CUDA-core programs
+# (q|k|v 14.6 us, down 25.4, gate|up 48.9 against 15.7 / 27.6 / 50.1 with the tensor-core
+# tiles), more rows on tensor-core tiles.
 GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
+GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -132,10 +135,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if residual.shape != (*x.shape[:-1], weight.shape[0]):
             raise ValueError(f"residual {tuple(residual.shape)} must be [..., N] = "
                              f"{(*x.shape[:-1], weight.shape[0])} for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    cfg = dict(GEMV_CONFIG, **(config or {}))
+    N, K = weight.shape
+    rows = x.numel() // K if K else 0
+    cfg = dict(GEMV_CONFIG_ONE_ROW if rows == 1 else GEMV_CONFIG, **(config or {}))
     if cfg["form"] not in ("dot", "fma"):
         raise ValueError(f"config form must be 'dot' or 'fma', got {cfg['form']!r}")
-    N, K = weight.shape
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if not use_triton(backend, x, weight) or triton is None or x.numel() == 0 or N == 0:
