@@ -60,6 +60,10 @@ def test_fused_decode_bf16_models_and_merged_weights(arch):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():  # norm weights away from 1: a norm applied twice must show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 2.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(1, 256, (3, 9), generator=torch.Generator().manual_seed(1))
     nxt = torch.randint(1, 256, (3, 1), generator=torch.Generator().manual_seed(2))
@@ -69,12 +73,14 @@ def test_fused_decode_bf16_models_and_merged_weights(arch):
         fused = FusedDecode(model, devices=("cpu",))
         attn = model.model.layers[1].self_attn
         assert (fused.merged, fused.layers) == (4, 2)
+        assert fused.head_norms == (2 if arch == "qwen3" else 0)  # qwen3's q / k norms after the merged gemv
         if arch == "qwen2":
             assert attn.q_proj.bias is not None  # the bias is merged too
         assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         pre2 = model(ids, past_key_values=DynamicCache(), use_cache=True)
         got = model(nxt, past_key_values=pre2.past_key_values).logits.float()
+        assert all(not m.pending for m, _ in fused._members.values())  # every pre-normed head consumed
         fused.remove()
     assert torch.equal(pre2.logits, pre.logits)  # prefill: the modules' own forwards
     # bf16: each fused op rounds once where torch may round in another order; compare the logits
@@ -119,7 +125,7 @@ def test_graphs_with_fusion_gpu():
         try:
             f = graphs.fused
             assert f is not None and f.norms == 2 * 3 + 3 * 2 + 1
-            assert (f.ropes, f.merged, f.layers) == (1, 6, 3)
+            assert (f.ropes, f.merged, f.layers, f.head_norms) == (1, 6, 3, 3)
             got = gen()
             assert graphs.captures == 1 and graphs.replays == 7
             graphs.enabled = False  # the same fused forwards, eagerly

@@ -1,5 +1,5 @@
-"""``kvcomp.ops.rms_norm`` / ``add_rms_norm`` / ``silu_mul`` / ``rope``: Triton kernels (interpreter on CPU, CUDA with ``-m gpu``)
-against the torch references (the transformers modules' math), at awkward shapes, with
+"""``kvcomp.ops.rms_norm`` / ``add_rms_norm`` / ``head_rms_norm_`` / ``silu_mul`` / ``rope``:
+Triton kernels (interpreter on CPU, CUDA with ``-m gpu``) against the torch references (the transformers modules' math), at awkward shapes, with
 strided inputs and mixed dtypes."""
 
 import pytest
@@ -9,6 +9,8 @@ from kvcomp.ops._common import interpreting
 from kvcomp.ops.norm_act import (
     add_rms_norm,
     add_rms_norm_ref,
+    head_rms_norm_,
+    head_rms_norm_ref,
     rms_norm_ref,
     rope,
     rope_ref,
@@ -89,6 +91,26 @@ def test_add_rms_norm(device, dtype, shape):
     _close(y, y_ref, dtype)
     with pytest.raises(ValueError, match="one shape"):
         add_rms_norm(x, r[..., :-1], w, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,hq,hk,D,extra", [(1, 32, 8, 128, 8 * 128), (3, 4, 2, 34, 0)])
+def test_head_rms_norm(device, dtype, M, hq, hk, D, extra):
+    g = torch.Generator().manual_seed(M + D)
+    y = (3 * torch.randn(M, (hq + hk) * D + extra, generator=g)).to(device, dtype)
+    wq = (1 + torch.randn(D, generator=g)).to(device, dtype)
+    wk = (1 + torch.randn(D, generator=g)).to(device, dtype)
+    want = torch.cat([rms_norm(y[:, : hq * D].reshape(M, hq, D), wq, 1e-6, backend="triton").reshape(M, -1),
+                      rms_norm(y[:, hq * D: (hq + hk) * D].reshape(M, hk, D), wk, 1e-6,
+                               backend="triton").reshape(M, -1), y[:, (hq + hk) * D:]], 1)
+    ref = head_rms_norm_ref(y.clone(), wq, wk, hq, hk, 1e-6)
+    got = head_rms_norm_(y, wq, wk, hq, hk, 1e-6, backend="triton")
+    assert got is y
+    assert torch.equal(got, want)  # each head exactly as the rms_norm kernel computes it
+    _close(got, ref, dtype)
+    with pytest.raises(ValueError, match="heads"):
+        head_rms_norm_(y, wq, wk, hq + 100, hk, 1e-6)
 
 
 # H200 / triton 3.6 (2026-11-29): bit-identical to torch in every case below since the kernel is

@@ -19,6 +19,11 @@ small inputs only (decode steps), with one Triton kernel each:
               projections of an attention module read one merged q|k|v weight: the first of
               the three called with an input computes all three in one ``gemv`` and the other
               two return their slices for the same input object
+    q/k norm  attention classes in ``HEAD_NORM_ATTENTION`` (per-head q_norm / k_norm, Qwen3):
+              the merged projection normalises its q and k heads in one ``head_rms_norm_``
+              launch and the two norm modules then pass that exact output through (they check
+              that their input is the slice the projection normalised; anything else is
+              normalised as usual), where the model ran two norm launches
     layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): the residual
               add after the attention and the post-attention norm as one ``add_rms_norm``, the
               MLP's residual add inside the down projection's ``gemv``
@@ -45,9 +50,9 @@ import torch.nn.functional as F
 
 from kvcomp.ops.gemv import MAX_ROWS as GEMV_ROWS
 from kvcomp.ops.gemv import gemv
-from kvcomp.ops.norm_act import add_rms_norm, rms_norm, rope, silu_mul
+from kvcomp.ops.norm_act import add_rms_norm, head_rms_norm_, rms_norm, rope, silu_mul
 
-__all__ = ["FusedDecode", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
+__all__ = ["FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
 
 # RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
 RMS_NORMS = (
@@ -61,6 +66,8 @@ ROPE_MODULES = (
     "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen2_moe.modeling_qwen2_moe",
     "transformers.models.qwen3.modeling_qwen3", "transformers.models.qwen3_moe.modeling_qwen3_moe",
 )
+# attention modules whose forward is q_norm(q_proj(x).view(..., H, D)), k_norm(k_proj(x).view(...))
+HEAD_NORM_ATTENTION = ("Qwen3Attention", "Qwen3MoeAttention")
 # decoder layers whose forward is h = x + attn(norm1(x)); out = h + mlp(norm2(h))
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
@@ -91,6 +98,8 @@ class _Merged:
             a = b
         self._x = self._y = None
         self._left = 0
+        self.head_norms = None  # (q_norm, k_norm, hq, hk): heads normalised after the projection
+        self.pending: dict[torch.nn.Module, tuple[int, torch.Tensor]] = {}  # norm -> (data_ptr, y)
 
     @staticmethod
     def mergeable(linears) -> bool:
@@ -103,7 +112,14 @@ class _Merged:
     def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Output slice i of the merged projection of x (computed once per input object)."""
         if self._x is not x:
-            self._y = gemv(x, self.weight, self.bias)
+            y = gemv(x, self.weight, self.bias)
+            self.pending = {}
+            if self.head_norms is not None:
+                qn, kn, hq, hk = self.head_norms
+                head_rms_norm_(y.view(-1, y.shape[-1]), qn.weight, kn.weight, hq, hk, float(qn.variance_epsilon))
+                self.pending = {qn: (y.data_ptr(), y),
+                                kn: (y[..., self.slices[1][0]:].data_ptr(), y)}
+            self._y = y
             self._x, self._left = x, len(self.slices)
         a, b = self.slices[i]
         y = self._y[..., a:b]
@@ -141,6 +157,8 @@ class FusedDecode:
         self._rope_patched: list[tuple[object, object]] = []  # (python module, original function)
         self._members: dict[torch.nn.Module, tuple[_Merged, int]] = {}
         self._gate_up: dict[torch.nn.Module, _Merged] = {}
+        self._norm_owner: dict[torch.nn.Module, _Merged] = {}
+        self.head_norms = 0
         for m in model.modules():
             mod = sys.modules.get(type(m).__module__)
             if (rope and type(m).__module__ in ROPE_MODULES and mod is not None
@@ -158,6 +176,7 @@ class FusedDecode:
                         self._members[lin] = (merged, i)
                         self._patch(lin, self._member_forward)
                     self.merged += 1
+                    self._merge_head_norms(m, merged)
             if "forward" in m.__dict__:
                 continue  # already wrapped (by us or someone else): leave it
             if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
@@ -181,6 +200,22 @@ class FusedDecode:
                     self._patch(m, self._layer_forward)
                     self.layers += 1
 
+    def _merge_head_norms(self, attn, merged: _Merged) -> None:
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        D = getattr(attn, "head_dim", None)
+        if (type(attn).__name__ not in HEAD_NORM_ATTENTION or not isinstance(D, int)
+                or any(type(n).__name__ not in RMS_NORMS or "forward" in n.__dict__
+                       or not hasattr(n, "variance_epsilon") for n in (qn, kn))):
+            return
+        w = merged.weight
+        if (qn.weight.shape != (D,) or kn.weight.shape != (D,) or qn.weight.dtype != w.dtype
+                or kn.weight.dtype != w.dtype or qn.variance_epsilon != kn.variance_epsilon
+                or attn.q_proj.out_features % D or attn.k_proj.out_features % D):
+            return
+        merged.head_norms = (qn, kn, attn.q_proj.out_features // D, attn.k_proj.out_features // D)
+        self._norm_owner[qn] = self._norm_owner[kn] = merged
+        self.head_norms += 1
+
     # ------------------------------------------------------------------ helpers
     def _on_device(self, m, name) -> bool:
         lin = getattr(m, name, None)
@@ -199,6 +234,12 @@ class FusedDecode:
 
     # ------------------------------------------------------------------ forwards (bound to modules)
     def _norm_forward(fused, m, hidden_states):  # noqa: N805
+        owner = fused._norm_owner.get(m)
+        if owner is not None:  # already normalised by the merged projection (q / k norm)?
+            got = owner.pending.get(m)
+            if got is not None and got[0] == hidden_states.data_ptr():
+                del owner.pending[m]
+                return hidden_states
         if not fused._use(hidden_states):
             return type(m).forward(m, hidden_states)
         return rms_norm(hidden_states, m.weight, float(m.variance_epsilon))
@@ -266,11 +307,13 @@ class FusedDecode:
         self._patched = []
         self._members.clear()
         self._gate_up.clear()
+        self._norm_owner.clear()
         for mod, orig in self._rope_patched:
             mod.apply_rotary_pos_emb = orig
         self._rope_patched = []
 
     def __repr__(self) -> str:
         return (f"FusedDecode(norms={self.norms}, mlps={self.mlps}, ropes={self.ropes}, "
-                f"linears={self.linears}, merged={self.merged}, layers={self.layers}, "
+                f"linears={self.linears}, merged={self.merged}, head_norms={self.head_norms}, "
+                f"layers={self.layers}, "
                 f"max_rows={self.max_rows}, devices={self.devices})")

@@ -12,6 +12,11 @@ the original up to float rounding (a reduction may add in another order):
                               -> (rms_norm(s, weight, eps), s) with s = residual + x (both
                               [..., N] of one dtype, the sum rounded to it as torch's add):
                               a decoder layer's residual add and the next norm in one kernel
+    head_rms_norm_(y, wq, wk, hq, hk, eps)
+                              y [M, >= (hq + hk) * D] (rows of a merged q|k|v projection):
+                              the first hq heads of D dims normalised with wq [D], the next hk
+                              with wk [D], in place (a model's per-head q / k norms, Qwen3),
+                              one launch; each head exactly as ``rms_norm`` computes it
     silu_mul(gate, up)        [..., I] x2 -> silu(gate) * up   (silu in fp32, rounded to gate's
                               dtype, then the product rounded to the promoted dtype)
     rope(q, k, cos, sin)      q [B, Hq, T, D], k [B, Hkv, T, D], cos / sin [B or 1, T, D] ->
@@ -34,7 +39,7 @@ import torch
 
 from kvcomp.ops._common import FLOAT_DTYPES, check_tensor, device_guard, use_triton
 
-__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "silu_mul", "silu_mul_ref"]
+__all__ = ["add_rms_norm", "add_rms_norm_ref", "head_rms_norm_", "head_rms_norm_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "silu_mul", "silu_mul_ref"]
 
 try:
     import triton
@@ -52,6 +57,16 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     s = residual + x
     return rms_norm_ref(s, weight, eps), s
+
+
+def head_rms_norm_ref(y: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, hq: int, hk: int,
+                      eps: float) -> torch.Tensor:
+    D = wq.shape[0]
+    q = y[:, : hq * D].reshape(-1, hq, D)
+    k = y[:, hq * D: (hq + hk) * D].reshape(-1, hk, D)
+    y[:, : hq * D] = rms_norm_ref(q, wq, eps).reshape(-1, hq * D)
+    y[:, hq * D: (hq + hk) * D] = rms_norm_ref(k, wk, eps).reshape(-1, hk * D)
+    return y
 
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -82,6 +97,25 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=ok, other=0.0)
         y = w.to(tl.float32) * h.to(tl.float32)
         tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _head_rms_norm_kernel(y_ptr, wq_ptr, wk_ptr, HQ, HK, D, sy, eps, BLOCK: tl.constexpr):
+        """Program (m, h): head h of row m of y, with wq for h < HQ else wk; in place."""
+        m = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < D
+        ptr = y_ptr + m * sy + h * D + cols
+        x = tl.load(ptr, mask=ok, other=0.0)
+        hf = x.to(tl.float32)
+        var = tl.sum(hf * hf, 0) / D
+        hf = (hf * tl.math.rsqrt(var + eps)).to(x.dtype)
+        if h < HQ:
+            w = tl.load(wq_ptr + cols, mask=ok, other=0.0)
+        else:
+            w = tl.load(wk_ptr + cols, mask=ok, other=0.0)
+        out = w.to(tl.float32) * hf.to(tl.float32)
+        tl.store(ptr, out.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, sx, sr, sy, ss, eps,
@@ -202,6 +236,27 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
             float(eps), BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
         )
     return y.view(x.shape), s.view(x.shape)
+
+
+def head_rms_norm_(y: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, hq: int, hk: int, eps: float,
+                   *, backend: str = "auto") -> torch.Tensor:
+    """Per-head RMSNorm of the q and k heads of a merged projection y [M, N], in place (module
+    doc). The weights must have y's dtype (the result is written back into y)."""
+    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("wq", wq, ndim=1, dtypes=(y.dtype,), device=y.device)
+    check_tensor("wk", wk, ndim=1, dtypes=(y.dtype,), device=y.device)
+    D = wq.shape[0]
+    if wk.shape[0] != D or (hq + hk) * D > y.shape[1] or y.stride(1) != 1 or min(hq, hk) < 0:
+        raise ValueError(f"head_rms_norm_: y {tuple(y.shape)} (last dim contiguous) must hold "
+                         f"{hq} + {hk} heads of wq / wk's {tuple(wq.shape)} / {tuple(wk.shape)} dims")
+    if not use_triton(backend, y, wq, wk) or triton is None or y.numel() == 0 or hq + hk == 0:
+        return head_rms_norm_ref(y, wq, wk, hq, hk, float(eps))
+    with device_guard(y):
+        _head_rms_norm_kernel[(y.shape[0], hq + hk)](
+            y, wq.contiguous(), wk.contiguous(), hq, hk, D, y.stride(0), float(eps),
+            BLOCK=triton.next_power_of_2(D), num_warps=4,
+        )
+    return y
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
