@@ -212,8 +212,10 @@ def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: in
 
 
 # ----------------------------------------------------------------------------- main
-def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per_layer=None):
-    """{variant/score: {budget: [positions] captured mass}} over the held-out documents;
+def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per_layer=None,
+             scores=("hamming", "centered_norm")):
+    """{variant/score: {budget: [positions] captured mass}} over the held-out documents (token
+    scores ``scores`` for every variant but "random", which always has both);
     ``per_layer`` (a dict) also receives {(variant/score, budget): {layer: [docs] mean mass}}."""
     res: dict[str, dict[float, list]] = {}
     n_layers = len(held[0])
@@ -230,8 +232,10 @@ def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per
                     "angle": block_max(angle_scores(qw, k, mu), t0)}
             for name, ws in weights.items():
                 w = ws[layer]
-                runs[f"{name}/hamming"] = block_max(hash_scores(qw, k, w, None), t0)
-                runs[f"{name}/centered_norm"] = block_max(hash_scores(qw, k, w, mu), t0)
+                if name == "random" or "hamming" in scores:
+                    runs[f"{name}/hamming"] = block_max(hash_scores(qw, k, w, None), t0)
+                if name == "random" or "centered_norm" in scores:
+                    runs[f"{name}/centered_norm"] = block_max(hash_scores(qw, k, w, mu), t0)
             for key, bs in runs.items():
                 for r, v in captured(bs, mass, t0).items():
                     if per_layer is not None:
@@ -280,13 +284,18 @@ def main() -> None:
     ap.add_argument("--rank-tau", type=float, default=0.1)
     ap.add_argument("--per-layer", type=float, default=None, metavar="BUDGET",
                     help="also print each layer's captured mass at this budget")
+    ap.add_argument("--scores", nargs="+", default=["hamming", "centered_norm"],
+                    choices=("hamming", "centered_norm"),
+                    help="token scores measured for the variants other than random")
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="sparse layers to measure (default all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     held = capture_docs("heldout", args.held_docs, args.ctx)
-    train = [doc for c in (args.train_ctx or [args.ctx]) for doc in capture_docs("train", args.train_docs, c)]
+    fitted = [v for v in args.variants if v != "random"]
+    train = [doc for c in (args.train_ctx or [args.ctx]) for doc in capture_docs("train", args.train_docs, c)] \
+        if fitted else []  # random weights and --weights files need no training documents
     n_layers = len(held[0])
     Hkv, _, D = held[0][0][1].shape
     if args.layers:  # measure a subset: keep only those layers (and the dense ones' slots empty)
@@ -323,7 +332,7 @@ def main() -> None:
         hw = HashWeights.load(path)
         weights[name] = {i: hw.layer(lid).float() for i, lid in enumerate(layer_ids)}
     per_layer: dict | None = {} if args.per_layer else None
-    res = evaluate(held, weights, args.window, per_layer)
+    res = evaluate(held, weights, args.window, per_layer, tuple(args.scores))
     print(table(res))
     if per_layer:
         keys = [k for k in res if k != "oracle"]

@@ -3,6 +3,8 @@
     kvcomp train-hash --model smollm2 --data essays:train --bits 128 --out W.safetensors
     kvcomp train-hash --model smollm2 --data essays:train --objective block-rank --out W.safetensors
         (weights for token_score "centered_norm": a ranking loss on blocks; GQA models)
+    kvcomp train-hash ... --objective block-rank --param rope-scale
+        (fit only a per-RoPE-plane scale of the random weights: holds at every position)
     accelerate launch --multi_gpu --num_processes 2 -m kvcomp.cli train-hash ... --device cuda
         (or torchrun --nproc_per_node 2 -m kvcomp.cli train-hash ...): layers split across
         ranks (layer l on rank l % N), rank r on cuda:{LOCAL_RANK}, rank 0 writes the output
@@ -44,10 +46,15 @@ def register(subparsers) -> None:
                    help="hata: the paper's loss on token pairs (default); block-rank: a ranking "
                         "loss on blocks for token_score centered_norm (GQA; see "
                         "kvcomp.training.block_rank)")
+    p.add_argument("--param", choices=("free", "rope-scale"), default="free",
+                   help="block-rank: fit every entry of W (free, default) or W = diag(s) R with one "
+                        "scale per RoPE plane of the random R (rope-scale; position-robust)")
     p.add_argument("--n-queries", type=int, default=None,
-                   help="query positions per document (default 32; block-rank 256)")
-    p.add_argument("--rank-steps", type=int, default=400, help="block-rank: Adam steps per layer")
-    p.add_argument("--rank-lr", type=float, default=0.01, help="block-rank: Adam learning rate")
+                   help="query positions per document (default 32; block-rank 256, rope-scale 64)")
+    p.add_argument("--rank-steps", type=int, default=None,
+                   help="block-rank: Adam steps per layer (default 400; rope-scale 100)")
+    p.add_argument("--rank-lr", type=float, default=None,
+                   help="block-rank: Adam learning rate (default 0.01; rope-scale 0.05)")
     p.add_argument("--rank-beta", type=float, default=3.0,
                    help="block-rank: tanh sharpness of the relaxed signs")
     p.add_argument("--rank-tau", type=float, default=0.1, help="block-rank: soft block-max temperature")
@@ -80,6 +87,13 @@ def run(args) -> int:
     from kvcomp.training import LossWeights, TrainConfig, train_hash_weights
     from kvcomp.training.trainer import config_dict
 
+    rope_scale = args.objective == "block-rank" and args.param == "rope-scale"
+    if args.param != "free" and args.objective != "block-rank":
+        print("error: --param is a block-rank setting (use --objective block-rank)", file=sys.stderr)
+        return 1
+    n_queries = args.n_queries or (64 if rope_scale else 256 if args.objective == "block-rank" else 32)
+    rank_steps = args.rank_steps if args.rank_steps is not None else (100 if rope_scale else 400)
+    rank_lr = args.rank_lr if args.rank_lr is not None else (0.05 if rope_scale else 0.01)
     try:
         lw = LossWeights()
         lw = replace(lw, **{k: v for k, v in (("eps", args.eps), ("eta", args.eta), ("lam", args.lam),
@@ -87,12 +101,13 @@ def run(args) -> int:
                                   if v is not None})
         cfg = TrainConfig(bits=args.bits, bits_kv=args.bits_kv, bits_rope=args.bits_rope,
                           epochs=args.epochs, iters_per_epoch=args.iters, lr=args.lr, loss=lw,
-                          n_queries=args.n_queries or (256 if args.objective == "block-rank" else 32),
+                          n_queries=n_queries,
                           queries_per_iter=args.queries_per_iter,
                           keys_per_iter=args.keys_per_iter, center_keys=args.center_keys,
                           seed=args.seed, layers=tuple(args.layers) if args.layers else None,
-                          objective=args.objective, rank_steps=args.rank_steps, rank_lr=args.rank_lr,
-                          rank_beta=args.rank_beta, rank_tau=args.rank_tau, chunk_size=args.chunk)
+                          objective=args.objective, rank_steps=rank_steps, rank_lr=rank_lr,
+                          rank_beta=args.rank_beta, rank_tau=args.rank_tau, chunk_size=args.chunk,
+                          rank_param=args.param)
         cfg.validate()
         texts = load_texts(args.data)
         device = local_device(args.device)

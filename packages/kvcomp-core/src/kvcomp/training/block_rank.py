@@ -20,6 +20,19 @@ Adam from the given init (kvcomp's seeded random orthogonal weights), ``steps`` 
 one document (in turn) with all its sampled queries and all its keys. The returned columns have
 unit norm (signs do not depend on the scale). Deterministic for a seed on one device.
 
+Parameterisations (``param``):
+
+* ``"free"``: every entry of W [D, B] is fitted. A free projection of post-RoPE vectors is not
+  RoPE-equivariant: it learns the phases of the slow RoPE frequencies at the positions it saw,
+  and at other positions (e.g. SmolLM2's 8K context after fitting on 2K + 4K) it is worse than
+  the random init.
+* ``"rope-scale"``: W = S R with R = W0 fixed and S = diag(s) a per-RoPE-plane scale (the
+  ``rotate_half`` layout of HF transformers: dims i and i + r/2 of the rotary part, r =
+  ``rotary_dim``, share s_i; the dims past r each have their own), fitted as log s. S commutes
+  with every RoPE rotation, so ``(x R_t) S = (x S) R_t`` and what is learned (a re-weighting of
+  the frequency bands in the hash's angle: ``<q S, k S> = sum_i s_i^2 <q_i, k_i>``) holds at every
+  position. D/2 numbers per (layer, kv-head).
+
 Data: ``collect_groups`` captures post-RoPE q/k with ``kvcomp.training.collect.capture_qk`` and
 keeps, per (layer, kv-head) and document, the group's queries at the sampled positions
 ``q [G, n, D]``, all keys ``k [T, D]`` and the positions ``t [n]``.
@@ -35,6 +48,7 @@ import torch
 from kvcomp.training.collect import CapturedGQA, capture_qk, sample_positions
 
 MUST_SELECT = (0, -2, -1)
+PARAMS = ("free", "rope-scale")
 
 
 @dataclass
@@ -136,16 +150,36 @@ def block_rank_loss(block_scores: torch.Tensor, target: torch.Tensor, ranked: to
     return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
 
 
+def rope_scale_index(head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """int64 [head_dim]: the scale parameter of each dim under ``param="rope-scale"``: dims i and
+    i + r/2 (i < r/2, r = rotary_dim, default head_dim) share parameter i (one RoPE plane of HF's
+    ``rotate_half`` layout); each dim d >= r (not rotated) has its own, r/2 + d - r."""
+    r = head_dim if rotary_dim is None else rotary_dim
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be an int >= 1, got {head_dim!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or r > head_dim:
+        raise ValueError(f"rotary_dim must be an even int in [2, head_dim={head_dim}], got {r!r}")
+    half = r // 2
+    idx = torch.arange(head_dim)
+    idx[:r] = torch.arange(r) % half
+    idx[r:] = torch.arange(head_dim - r) + half
+    return idx
+
+
 def fit_block_rank(
     groups: list[GroupSet], W0: torch.Tensor, *, steps: int, lr: float, beta: float, tau: float,
     chunk: int, device: str | torch.device = "cpu", progress=None, layer: int = 0,
+    param: str = "free", rotary_dim: int | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Fit P projections together (the kv-heads of a layer; their losses add, gradients stay
-    separate). ``groups``: P GroupSets with identical document shapes; W0 [P, D, B] float32.
+    separate). ``groups``: P GroupSets with identical document shapes; W0 [P, D, B] float32
+    (the init, and R of ``param="rope-scale"``; ``rotary_dim``: its RoPE dims, default D).
     Returns (W [P, D, B] float32 on CPU with unit-norm columns, per-step loss history)."""
     P = len(groups)
     if W0.dim() != 3 or W0.shape[0] != P:
         raise ValueError(f"W0 must be [{P}, D, BITS], got {tuple(W0.shape)}")
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
     ref = groups[0]
     if ref.num_docs == 0:
         raise ValueError("fit_block_rank: no documents")
@@ -160,13 +194,23 @@ def fit_block_rank(
         kc = k - k[:, : max(1, k.shape[1] // 2)].mean(1, keepdim=True)
         target, ranked = block_targets(q, k, t, chunk)
         data.append((q, kc, t, target, ranked))
-    W = W0.detach().clone().float().to(device).requires_grad_(True)
     log_temp = torch.zeros((), device=device, requires_grad=True)
-    opt = torch.optim.Adam([W, log_temp], lr=lr)
+    if param == "free":
+        W = W0.detach().clone().float().to(device).requires_grad_(True)
+        fitted = W
+    else:  # W = diag(s) R, s = exp(log_s) per RoPE plane
+        R = W0.detach().float().to(device)
+        idx = rope_scale_index(R.shape[1], rotary_dim).to(device)
+        fitted = torch.zeros(P, int(idx.max()) + 1, device=device, requires_grad=True)
+
+    def weights() -> torch.Tensor:
+        return fitted if param == "free" else fitted.exp()[:, idx].unsqueeze(-1) * R
+
+    opt = torch.optim.Adam([fitted, log_temp], lr=lr)
     history = []
     for step in range(steps):
         q, kc, t, target, ranked = data[step % len(data)]
-        bs = relaxed_block_scores(W, q, kc, t, chunk, beta, tau)
+        bs = relaxed_block_scores(weights(), q, kc, t, chunk, beta, tau)
         loss = block_rank_loss(bs, target, ranked, log_temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,5 +218,6 @@ def fit_block_rank(
         history.append({"loss": float(loss.detach()), "temp": float(log_temp.detach().exp())})
         if progress is not None:
             progress.set_postfix(layer=layer, step=step, loss=f"{history[-1]['loss']:.4f}", refresh=False)
-    W = W.detach()
+    with torch.no_grad():
+        W = weights().detach()
     return (W / W.norm(dim=1, keepdim=True)).float().cpu(), history

@@ -4,7 +4,10 @@
 
 Objectives: ``"hata"`` (below) or ``"block-rank"`` (``kvcomp.training.block_rank``: Adam on a
 ranking loss over blocks, for ``token_score="centered_norm"``; GQA only; the same init, seeding,
-checkpoints, resume and distribution as HATA).
+checkpoints, resume and distribution as HATA). Block-rank fits either every entry of W
+(``rank_param="free"``) or a per-RoPE-plane scale of the random init (``"rope-scale"``: W = S R,
+S commuting with RoPE, so the fit holds at positions it never saw); the output is a plain W
+either way.
 
 Recipe (paper): initialise from kvcomp's seeded random orthogonal weights, SGD lr 0.1,
 momentum 0.9, weight decay 1e-6, ``epochs`` x ``iters_per_epoch`` iterations (15 x 20) per
@@ -41,14 +44,15 @@ from pathlib import Path
 import torch
 
 from kvcomp import distributed
-from kvcomp.training.block_rank import collect_groups, fit_block_rank
+from kvcomp.training.block_rank import PARAMS, collect_groups, fit_block_rank
 from kvcomp.training.collect import PairSet, collect_pairs, dense_labels
 from kvcomp.training.loss import LossWeights, hata_loss
 
 log = logging.getLogger("kvcomp.training")
 
 OBJECTIVES = ("hata", "block-rank")
-BLOCK_RANK_FIELDS = ("objective", "rank_steps", "rank_lr", "rank_beta", "rank_tau", "chunk_size")
+BLOCK_RANK_FIELDS = ("objective", "rank_steps", "rank_lr", "rank_beta", "rank_tau", "chunk_size",
+                     "rank_param")
 
 
 @dataclass
@@ -82,10 +86,15 @@ class TrainConfig:
     rank_beta: float = 3.0
     rank_tau: float = 0.1
     chunk_size: int = 16
+    # block-rank parameterisation: "free" (every entry of W) or "rope-scale" (W = diag(s) R per
+    # RoPE plane, R the random init; position-robust; kvcomp.training.block_rank)
+    rank_param: str = "free"
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.rank_param not in PARAMS:
+            raise ValueError(f"TrainConfig.rank_param must be one of {PARAMS}, got {self.rank_param!r}")
         for name in ("rank_steps", "chunk_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -115,6 +124,7 @@ class ModelGeometry:
     is_mla: bool
     num_kv_heads: int = 0
     head_dim: int = 0
+    rotary_dim: int = 0  # GQA: the RoPE-rotated leading dims of a head (partial_rotary_factor)
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     model_name: str = ""
@@ -128,7 +138,11 @@ class ModelGeometry:
                        qk_rope_head_dim=c.qk_rope_head_dim, model_name=str(name))
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return cls(c.num_hidden_layers, False, num_kv_heads=kv, head_dim=head_dim, model_name=str(name))
+        rope = getattr(c, "rope_parameters", None)
+        factor = (rope or {}).get("partial_rotary_factor") if isinstance(rope, dict) else None
+        factor = factor or getattr(c, "partial_rotary_factor", None) or 1.0
+        return cls(c.num_hidden_layers, False, num_kv_heads=kv, head_dim=head_dim,
+                   rotary_dim=int(head_dim * factor), model_name=str(name))
 
 
 def initial_weights(geo: ModelGeometry, cfg: TrainConfig):
@@ -230,8 +244,11 @@ def _ckpt_dir(out: str | os.PathLike) -> Path:
 
 def _settings(cfg: TrainConfig) -> dict:
     """What a layer's training depends on (not which layers a run trains). The block-rank
-    settings are left out of HATA runs, so HATA checkpoints of earlier versions still resume."""
+    settings are left out of HATA runs and ``rank_param`` of "free" runs, so checkpoints of
+    earlier versions still resume."""
     drop = {"layers"} | (set(BLOCK_RANK_FIELDS) if cfg.objective == "hata" else set())
+    if cfg.rank_param == "free":
+        drop.add("rank_param")
     return {k: v for k, v in asdict(cfg).items() if k not in drop}
 
 
@@ -337,7 +354,8 @@ def train_hash_weights(
                     W, _ = fit_block_rank([pairs[(layer, n)] for n in names], W0,
                                           steps=cfg.rank_steps, lr=cfg.rank_lr, beta=cfg.rank_beta,
                                           tau=cfg.rank_tau, chunk=cfg.chunk_size, device=device,
-                                          progress=bar, layer=layer)
+                                          progress=bar, layer=layer, param=cfg.rank_param,
+                                          rotary_dim=geo.rotary_dim or None)
                 else:
                     W, _ = train_projections([pairs[(layer, n)] for n in names], W0, cfg,
                                              layer=layer, device=device, progress=bar)
