@@ -79,3 +79,26 @@ def test_gemv_default_configs(M):
     x = torch.randn(M, 1, 300, generator=g).to(DEV, torch.bfloat16)
     w = torch.randn(70, 300, generator=g).to(DEV, torch.bfloat16)
     _close(gemv(x, w, backend="triton"), gemv_ref(x, w))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(form="fma", block_n=4, block_k=64)], ids=lambda c: c["form"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_norm_prologue(cfg, dtype, M):
+    if cfg["form"] == "fma" and M > 4:
+        pytest.skip("fma takes at most 4 rows")
+    g = torch.Generator().manual_seed(M + 17)
+    x = (4 * torch.randn(M, 1, 150, generator=g)).to(DEV, dtype)
+    w = torch.randn(40, 150, generator=g).to(DEV, dtype)
+    nw = (1 + torch.rand(150, generator=g)).to(DEV, dtype)
+    b = torch.randn(40, generator=g).to(DEV, dtype)
+    got = gemv(x, w, b, norm=(nw, 1e-6), backend="triton", config=cfg)
+    # against the fp32 reference and the module chain (RMSNorm, whose two roundings to the dtype
+    # the fused form skips, then the projection): errors relative to the outputs' scale
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    chain = gemv_ref((nw * h.to(dtype)), w, b)
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    for want in (gemv_ref(x, w, b, None, (nw, 1e-6)), chain):
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) <= tol
+    with pytest.raises(ValueError, match="norm weight"):
+        gemv(x, w, norm=(nw[:-1], 1e-6))

@@ -24,14 +24,19 @@ small inputs only (decode steps), with one Triton kernel each:
               launch and the two norm modules then pass that exact output through (they check
               that their input is the slice the projection normalised; anything else is
               normalised as usual), where the model ran two norm launches
-    layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): the residual
-              add after the attention and the post-attention norm as one ``add_rms_norm``, the
-              MLP's residual add inside the down projection's ``gemv``
+    layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): each RMSNorm
+              inside the projection that follows it (``gemv(norm=...)``: the input norm in the
+              merged q|k|v projection, the post-attention norm in gate|up; the attention then
+              receives the raw input, which its projections alone read), the residual adds in
+              the epilogues of o_proj and down_proj. The folded norms skip the modules' two
+              roundings of the normalised input (fp32 throughout; tensor-core tiles round it
+              once): within bf16 rounding of the module chain, not bit-identical to it
 
 Merging rebinds each projection's weight (and bias) to a slice of one new tensor: no extra
 memory once the old tensors are freed, and the merge stays after ``remove`` (the parameters
-are ordinary views). Every fused op computes the module's math in the same precisions; they
-differ from the originals by float summation order only (a GEMV or a norm's mean), tested.
+are ordinary views). The fused ops compute the modules' math in the same precisions and
+differ from them by float summation order (a GEMV or a norm's mean), except the norms folded
+into the projections (layer, above), which round less; tested against the unfused model.
 Plain kernels, not ``torch.compile``: no recompilation per batch size or tensor layout (dynamo
 guards on both), nothing to compile inside a CUDA-graph capture.
 
@@ -50,7 +55,7 @@ import torch.nn.functional as F
 
 from kvcomp.ops.gemv import MAX_ROWS as GEMV_ROWS
 from kvcomp.ops.gemv import gemv
-from kvcomp.ops.norm_act import add_rms_norm, head_rms_norm_, rms_norm, rope, silu_mul
+from kvcomp.ops.norm_act import head_rms_norm_, rms_norm, rope, silu_mul
 
 __all__ = ["FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
 
@@ -99,6 +104,7 @@ class _Merged:
         self._x = self._y = None
         self._left = 0
         self.head_norms = None  # (q_norm, k_norm, hq, hk): heads normalised after the projection
+        self.input_norm = None  # (x, norm weight, eps): x RMS-normalised inside the next projection
         self.pending: dict[torch.nn.Module, tuple[int, torch.Tensor]] = {}  # norm -> (data_ptr, y)
 
     @staticmethod
@@ -112,7 +118,10 @@ class _Merged:
     def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Output slice i of the merged projection of x (computed once per input object)."""
         if self._x is not x:
-            y = gemv(x, self.weight, self.bias)
+            norm = None
+            if self.input_norm is not None and self.input_norm[0] is x:
+                norm, self.input_norm = self.input_norm[1:], None
+            y = gemv(x, self.weight, self.bias, norm=norm)
             self.pending = {}
             if self.head_norms is not None:
                 qn, kn, hq, hk = self.head_norms
@@ -158,6 +167,9 @@ class FusedDecode:
         self._members: dict[torch.nn.Module, tuple[_Merged, int]] = {}
         self._gate_up: dict[torch.nn.Module, _Merged] = {}
         self._norm_owner: dict[torch.nn.Module, _Merged] = {}
+        self._attn_qkv: dict[torch.nn.Module, _Merged] = {}
+        self._pending_res: dict[torch.nn.Module, torch.Tensor] = {}  # o_proj -> residual to add
+        self._linear_set: set[torch.nn.Module] = set()
         self.head_norms = 0
         for m in model.modules():
             mod = sys.modules.get(type(m).__module__)
@@ -176,6 +188,7 @@ class FusedDecode:
                         self._members[lin] = (merged, i)
                         self._patch(lin, self._member_forward)
                     self.merged += 1
+                    self._attn_qkv[m] = merged
                     self._merge_head_norms(m, merged)
             if "forward" in m.__dict__:
                 continue  # already wrapped (by us or someone else): leave it
@@ -190,6 +203,7 @@ class FusedDecode:
                 self.mlps += 1
             elif linear and _is_linear(m) and m.weight.device.type in self.devices:
                 self._patch(m, self._linear_forward)
+                self._linear_set.add(m)
                 self.linears += 1
         if layers and linear:
             for m in model.modules():
@@ -228,6 +242,11 @@ class FusedDecode:
     def _use(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices and x.numel() <= self.max_rows * x.shape[-1]
 
+    def _prologue_norm_ok(self, norm, x: torch.Tensor) -> bool:
+        return (type(norm).__name__ in RMS_NORMS and hasattr(norm, "variance_epsilon")
+                and norm.weight.dim() == 1 and norm.weight.shape[0] == x.shape[-1]
+                and norm.weight.device == x.device)
+
     def _gemv_ok(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         return (x.device.type in self.devices and x.dtype == w.dtype and x.device == w.device
                 and x.numel() <= GEMV_ROWS * x.shape[-1])
@@ -245,14 +264,19 @@ class FusedDecode:
         return rms_norm(hidden_states, m.weight, float(m.variance_epsilon))
 
     def _linear_forward(fused, m, x):  # noqa: N805
+        res = fused._pending_res.pop(m, None)  # a decoder layer's residual, added in the epilogue
         if not fused._gemv_ok(x, m.weight):
-            return F.linear(x, m.weight, m.bias)
-        return gemv(x, m.weight, m.bias)
+            y = F.linear(x, m.weight, m.bias)
+            return y if res is None else res + y
+        return gemv(x, m.weight, m.bias, residual=res)
 
     def _member_forward(fused, m, x):  # noqa: N805
-        if not fused._gemv_ok(x, m.weight):
-            return F.linear(x, m.weight, m.bias)
         merged, i = fused._members[m]
+        if not fused._gemv_ok(x, m.weight):
+            if merged.input_norm is not None and merged.input_norm[0] is x:
+                raise RuntimeError("FusedDecode: a projection expected to normalise its input took the "
+                                   "unfused path; remove() the fusion for this model")
+            return F.linear(x, m.weight, m.bias)
         return merged.project(i, x)
 
     def _mlp_forward(fused, m, x):  # noqa: N805
@@ -270,14 +294,37 @@ class FusedDecode:
         gu = fused._gate_up[mlp]
         if args or not fused._use(hidden_states) or not fused._gemv_ok(hidden_states, gu.weight):
             return type(m).forward(m, hidden_states, *args, **kwargs)
-        residual = hidden_states
-        h, _ = m.self_attn(hidden_states=m.input_layernorm(hidden_states), **kwargs)
+        attn = m.self_attn
+        qkv = fused._attn_qkv.get(attn)
+        inorm = m.input_layernorm
+        if qkv is not None and fused._prologue_norm_ok(inorm, hidden_states):
+            # the input norm runs inside the q|k|v projection; the attention receives the raw
+            # input, which its projections read (and nothing else but its shape)
+            qkv.input_norm = (hidden_states, inorm.weight, float(inorm.variance_epsilon))
+            h_in = hidden_states
+        else:
+            h_in = inorm(hidden_states)
+        o_proj = getattr(attn, "o_proj", None)
+        registered = o_proj in fused._linear_set
+        if registered:
+            fused._pending_res[o_proj] = hidden_states  # the residual add in o_proj's epilogue
+        try:
+            h, _ = attn(hidden_states=h_in, **kwargs)
+        finally:
+            added = registered and fused._pending_res.pop(o_proj, None) is None
+            missed = qkv is not None and qkv.input_norm is not None
+            if qkv is not None:
+                qkv.input_norm = None
+        if missed:
+            raise RuntimeError(f"FusedDecode: {type(attn).__name__} did not project its input through "
+                               "q_proj / k_proj / v_proj; this attention class cannot take the fused layer")
+        if not added:
+            h = hidden_states + h
         post = m.post_attention_layernorm
-        h, residual = add_rms_norm(h, residual, post.weight, float(post.variance_epsilon))
-        y = gemv(h, gu.weight, gu.bias)
+        y = gemv(h, gu.weight, gu.bias, norm=(post.weight, float(post.variance_epsilon)))
         n = mlp.gate_proj.out_features
         return gemv(silu_mul(y[..., :n], y[..., n:]), mlp.down_proj.weight, mlp.down_proj.bias,
-                    residual=residual)
+                    residual=h)
 
     def _rope_function(self, orig):
         fused = self
@@ -308,6 +355,9 @@ class FusedDecode:
         self._members.clear()
         self._gate_up.clear()
         self._norm_owner.clear()
+        self._attn_qkv.clear()
+        self._pending_res.clear()
+        self._linear_set.clear()
         for mod, orig in self._rope_patched:
             mod.apply_rotary_pos_emb = orig
         self._rope_patched = []

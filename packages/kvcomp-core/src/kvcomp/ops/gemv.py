@@ -14,7 +14,12 @@ one program (no split-K reduction kernel, no atomics: deterministic), accumulati
                                  the bias in fp32; one rounding to the output dtype); with
                                  residual [..., N]: residual + that, the sum in fp32 of the
                                  two rounded values, rounded again (what ``residual +
-                                 F.linear(...)`` computes in torch), in the same kernel
+                                 F.linear(...)`` computes in torch), in the same kernel;
+                                 with norm = (nw [K], eps): x RMS-normalised first,
+                                 nw * x * rsqrt(mean(x^2) + eps) in fp32 (an RMSNorm module
+                                 in front of the projection, without the module's two
+                                 roundings to x's dtype; the dot-form tiles round the
+                                 normalised x once, to the weight's dtype)
 
 Two tile forms (``GEMV_CONFIG`` / ``GEMV_CONFIG_ONE_ROW``; both tested): ``dot`` multiplies the tile with tl.dot
 (x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
@@ -49,9 +54,13 @@ GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 accumulation of x @ weight.T (+ bias), rounded once to x's dtype (+ residual)."""
-    y = x.to(torch.float32) @ weight.to(torch.float32).T
+             residual: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
+    """fp32 accumulation of x @ weight.T (+ bias), rounded once to x's dtype (+ residual);
+    with ``norm = (norm_weight, eps)`` x is RMS-normalised first, in fp32."""
+    x32 = x.to(torch.float32)
+    if norm is not None:
+        x32 = norm[0].to(torch.float32) * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm[1])
+    y = x32 @ weight.to(torch.float32).T
     if bias is not None:
         y = y + bias.to(torch.float32)
     y = y.to(x.dtype)
@@ -65,9 +74,12 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K, sxm, swn, srm, sym,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+        nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False,
     ):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
-        (+ r[m, n] after rounding to y's dtype)."""
+        (+ r[m, n] after rounding to y's dtype). With HAS_NORM, x[m, k] is nw[k] x[m, k]
+        rsqrt(mean_k x[m, k]^2 + eps): each program sums the squares of the rows it streams
+        anyway and scales its dot products by the row's factor at the end."""
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,11 +95,21 @@ if triton is not None:
             acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # K reduced once, at the end
         else:
             accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_NORM:
+            ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_NORM:
+                xf = x.to(tl.float32)
+                ss += xf * xf
+                xf = xf * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                if DOT and not DOT_F32:
+                    x = xf.to(w.dtype)  # the tensor cores take the weight's dtype
+                else:
+                    x = xf
             if DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
             elif DOT and IEEE:  # fp32 inputs: no tf32 rounding
@@ -104,6 +126,8 @@ if triton is not None:
             out = tl.sum(acc1, 1)[None, :]
         else:
             out = accm
+        if HAS_NORM:
+            out *= tl.math.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
@@ -115,7 +139,7 @@ if triton is not None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None, *, backend: str = "auto",
+         residual: torch.Tensor | None = None, *, norm: tuple | None = None, backend: str = "auto",
          config: dict | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype.
 
@@ -137,13 +161,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                              f"{(*x.shape[:-1], weight.shape[0])} for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     N, K = weight.shape
     rows = x.numel() // K if K else 0
+    if norm is not None:
+        if not (isinstance(norm, tuple) and len(norm) == 2):
+            raise TypeError(f"norm must be (norm_weight [K], eps), got {type(norm).__name__}")
+        check_tensor("norm weight", norm[0], ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+        if norm[0].shape[0] != weight.shape[1]:
+            raise ValueError(f"norm weight {tuple(norm[0].shape)} must be [K] = [{weight.shape[1]}]")
     cfg = dict(GEMV_CONFIG_ONE_ROW if rows == 1 else GEMV_CONFIG, **(config or {}))
     if cfg["form"] not in ("dot", "fma"):
         raise ValueError(f"config form must be 'dot' or 'fma', got {cfg['form']!r}")
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if not use_triton(backend, x, weight) or triton is None or x.numel() == 0 or N == 0:
-        return gemv_ref(x, weight, bias, residual)
+        return gemv_ref(x, weight, bias, residual, norm)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     if x2.stride(1) != 1:
@@ -163,6 +193,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
             HAS_BIAS=bias is not None, HAS_RES=r2 is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
+            nw_ptr=norm[0].contiguous() if norm is not None else None,
+            eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return y.view(*x.shape[:-1], N)
