@@ -50,8 +50,9 @@ def test_fused_decode_step_matches_and_prefill_is_untouched():
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("B", [1, 3])  # one row: the norms folded into the projections
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_fused_decode_bf16_models_and_merged_weights(arch):
+def test_fused_decode_bf16_models_and_merged_weights(arch, B):
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     if arch == "qwen2":
@@ -65,8 +66,8 @@ def test_fused_decode_bf16_models_and_merged_weights(arch):
             if "norm" in n:
                 p.uniform_(0.5, 2.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = torch.randint(1, 256, (3, 9), generator=torch.Generator().manual_seed(1))
-    nxt = torch.randint(1, 256, (3, 1), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(1, 256, (B, 9), generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(1, 256, (B, 1), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
         ref = model(nxt, past_key_values=pre.past_key_values).logits.float()
@@ -87,7 +88,7 @@ def test_fused_decode_bf16_models_and_merged_weights(arch):
     # against their spread, and the top token
     err = (got - ref).abs().max() / ref.abs().max()
     assert err < 2e-2, err
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= (1 if B == 1 else 2 / 3)
 
 
 def test_unknown_modules_are_left_alone_and_bad_args_refused():
@@ -101,7 +102,8 @@ def test_unknown_modules_are_left_alone_and_bad_args_refused():
 
 
 @pytest.mark.gpu
-def test_graphs_with_fusion_gpu():
+@pytest.mark.parametrize("B", [1, 2])  # one row: the norms folded into the projections
+def test_graphs_with_fusion_gpu(B):
     import kvcomp
     from kvcomp.config import KVCompConfig
 
@@ -114,11 +116,20 @@ def test_graphs_with_fusion_gpu():
     kcfg = KVCompConfig.default("qwen3", 3, 64, chunk_size=64, threshold=256, top_k_budget_tokens=256,
                                 dense_layers=1)
     h = kvcomp.enable(model, kcfg)
-    ids = torch.randint(1, 256, (2, 700), generator=torch.Generator().manual_seed(1)).cuda()
+    ids = torch.randint(1, 256, (B, 700), generator=torch.Generator().manual_seed(1)).cuda()
     try:
         def gen():
             return model.generate(ids, past_key_values=h.new_cache(static=True, max_cache_len=720),
                                   max_new_tokens=8, do_sample=False)
+
+        def forced_logits(tokens):  # the model's own decode steps fed with ``tokens``' new tokens
+            cache = h.new_cache(static=True, max_cache_len=720)
+            with torch.no_grad():
+                out = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+                for t in range(7):
+                    step = model(tokens[:, 700 + t: 701 + t], past_key_values=cache, use_cache=True)
+                    out.append(step.logits[:, -1])
+            return torch.stack(out, 1).float()  # [B, 8, V]
 
         eager = gen()
         graphs = h.compile_decode(fuse=True)
@@ -132,9 +143,14 @@ def test_graphs_with_fusion_gpu():
             got_eager = gen()
         finally:
             graphs.remove()
+        own = forced_logits(got)  # the unfused model's logits along the fused run's tokens
     finally:
         h.disable()
     assert torch.equal(got, got_eager)  # replay == eager with the fused kernels
-    # fused vs own forwards: bf16 rounding may move a near-tie; the prompt is kept and most tokens agree
     assert torch.equal(got[:, :700], eager[:, :700])
-    assert (got[:, 700:] == eager[:, 700:]).float().mean() >= 0.75
+    # every token the fused model chose is the unfused model's argmax there, or within bf16
+    # rounding of it (a random bf16 model has near-ties; one flipped tie changes all later tokens)
+    chosen = own.gather(-1, got[:, 700:].unsqueeze(-1)).squeeze(-1)
+    gap = own.amax(-1) - chosen
+    assert (gap <= 0.02 * own.abs().amax(-1)).all(), gap
+    assert torch.equal(got[:, 700], eager[:, 700])  # the first new token: same prefix, same choice

@@ -24,11 +24,12 @@ small inputs only (decode steps), with one Triton kernel each:
               launch and the two norm modules then pass that exact output through (they check
               that their input is the slice the projection normalised; anything else is
               normalised as usual), where the model ran two norm launches
-    layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): each RMSNorm
-              inside the projection that follows it (``gemv(norm=...)``: the input norm in the
-              merged q|k|v projection, the post-attention norm in gate|up; the attention then
-              receives the raw input, which its projections alone read), the residual adds in
-              the epilogues of o_proj and down_proj. The folded norms skip the modules' two
+    layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): the residual
+              adds in the epilogues of o_proj and down_proj; for one-row inputs (B = 1) each
+              RMSNorm inside the projection that follows it (``gemv(norm=...)``: the input norm
+              in the merged q|k|v projection, the post-attention norm in gate|up; the attention
+              then receives the raw input, which its projections alone read; with more rows the
+              tensor-core tiles measured slower with the norm inside, so the norms run alone). The folded norms skip the modules' two
               roundings of the normalised input (fp32 throughout; tensor-core tiles round it
               once): within bf16 rounding of the module chain, not bit-identical to it
 
@@ -297,7 +298,8 @@ class FusedDecode:
         attn = m.self_attn
         qkv = fused._attn_qkv.get(attn)
         inorm = m.input_layernorm
-        if qkv is not None and fused._prologue_norm_ok(inorm, hidden_states):
+        one_row = hidden_states.numel() == hidden_states.shape[-1]
+        if one_row and qkv is not None and fused._prologue_norm_ok(inorm, hidden_states):
             # the input norm runs inside the q|k|v projection; the attention receives the raw
             # input, which its projections read (and nothing else but its shape)
             qkv.input_norm = (hidden_states, inorm.weight, float(inorm.variance_epsilon))
@@ -321,7 +323,10 @@ class FusedDecode:
         if not added:
             h = hidden_states + h
         post = m.post_attention_layernorm
-        y = gemv(h, gu.weight, gu.bias, norm=(post.weight, float(post.variance_epsilon)))
+        if one_row:
+            y = gemv(h, gu.weight, gu.bias, norm=(post.weight, float(post.variance_epsilon)))
+        else:  # the norm folded into tensor-core tiles measured slower (H200): its own kernel
+            y = gemv(post(h), gu.weight, gu.bias)
         n = mlp.gate_proj.out_features
         return gemv(silu_mul(y[..., :n], y[..., n:]), mlp.down_proj.weight, mlp.down_proj.bias,
                     residual=h)
