@@ -12,6 +12,9 @@ acts on each plane alone as a scaled rotation a I + b J. Variants:
   scale-rr   the same, but R redrawn (seeded Haar) at every step: s is fitted for the hash
              family, not for one draw of R, and then applied to kvcomp's R
   rot        S = s_f (cos phi_f I + sin phi_f J): scale and a learned per-plane rotation
+  slow-free  scale on the planes i < --slow-from and a free matrix on the dims of the planes
+             i >= --slow-from (both halves), whose RoPE frequency turns them by less than about
+             1 rad over 8K positions (SmolLM2, theta 1e5: i >= 26): nearly equivariant there
   corr       closed form (no gradient on the loss): u_f = s_f^2 maximises the correlation of
              the noisy hash estimate of cos(S q, S k) with the true q . (k - mu), using per-band
              statistics a_f = E||q_f||^2, b_f = E||(k - mu)_f||^2 and the covariance over keys C
@@ -81,7 +84,7 @@ def _groups(train, layer: int, n_queries: int, seed: int = 0):
 
 
 def fit_gradient(groups, R: torch.Tensor, *, steps: int, lr: float, beta: float, tau: float,
-                 rot: bool, redraw: bool, layer: int) -> torch.Tensor:
+                 rot: bool, redraw: bool, layer: int, slow_from: int | None = None) -> torch.Tensor:
     """Block-rank loss on S (per-plane log scale, optional rotation). R [P, D, B]. -> S [P, D, D]."""
     from kvcomp.hashing import haar_orthogonal
     from kvcomp.training.block_rank import block_rank_loss, block_targets, relaxed_block_scores
@@ -100,6 +103,10 @@ def fit_gradient(groups, R: torch.Tensor, *, steps: int, lr: float, beta: float,
     phi = torch.zeros(P, F, requires_grad=True)
     log_temp = torch.zeros((), requires_grad=True)
     params = [log_s, log_temp] + ([phi] if rot else [])
+    if slow_from is not None:
+        slow = torch.cat([torch.arange(slow_from, F), torch.arange(slow_from, F) + F])
+        A = torch.zeros(P, len(slow), len(slow), requires_grad=True)
+        params.append(A)
     opt = torch.optim.Adam(params, lr=lr)
     for step in range(steps):
         q, kc, t, target, ranked = data[step % len(data)]
@@ -108,14 +115,24 @@ def fit_gradient(groups, R: torch.Tensor, *, steps: int, lr: float, beta: float,
             seeds = [hash((layer, step, p, b)) & ((1 << 62) - 1) for p in range(P) for b in range(-(-B // D))]
             Rs = haar_orthogonal(seeds, D).view(P, -1, D, D).permute(0, 2, 1, 3).reshape(P, D, -1)[..., :B].float()
         S = rope_s_matrix(log_s.exp(), phi if rot else None)
+        if slow_from is not None:
+            S = _with_slow(S, slow, A)
         bs = relaxed_block_scores(S @ Rs, q, kc, t, CHUNK, beta, tau)
         loss = block_rank_loss(bs, target, ranked, log_temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        ls = log_s - log_s.mean(1, keepdim=True)
-        return rope_s_matrix(ls.exp(), phi if rot else None)
+        S = rope_s_matrix(log_s.exp(), phi if rot else None)
+        return _with_slow(S, slow, A) if slow_from is not None else S
+
+
+def _with_slow(S: torch.Tensor, slow: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """S [P, D, D] with its rows/columns ``slow`` replaced by diag(S)[slow] + A (free block)."""
+    S = S.clone()
+    blk = torch.diag_embed(torch.diagonal(S, dim1=-2, dim2=-1)[:, slow]) + A
+    S[:, slow.view(-1, 1), slow.view(1, -1)] = blk
+    return S
 
 
 def band_stats(train, layer: int, n_queries: int = 64, n_keys: int = 512, seed: int = 0):
@@ -170,7 +187,8 @@ def solve_corr(a, b, C, sigma2: float, steps: int = 300) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", choices=("scale", "scale-rr", "rot", "corr", "var"), required=True)
+    ap.add_argument("--variant", choices=("scale", "scale-rr", "rot", "slow-free", "corr", "var"), required=True)
+    ap.add_argument("--slow-from", type=int, default=26, help="slow-free: first slow plane")
     ap.add_argument("--train-ctx", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--train-docs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=100)
@@ -200,10 +218,11 @@ def main() -> None:
             out.append(R)
             continue
         t1 = time.time()
-        if args.variant in ("scale", "scale-rr", "rot"):
+        if args.variant in ("scale", "scale-rr", "rot", "slow-free"):
             S = fit_gradient(_groups(train, i, args.queries), R, steps=args.steps, lr=args.lr,
                              beta=args.beta, tau=args.tau, rot=args.variant == "rot",
-                             redraw=args.variant == "scale-rr", layer=i)
+                             redraw=args.variant == "scale-rr", layer=i,
+                             slow_from=args.slow_from if args.variant == "slow-free" else None)
         else:
             a, b, C = band_stats(train, i)
             if args.variant == "corr":
