@@ -107,6 +107,34 @@ def test_fit_rope_scale_is_a_plane_scale_and_raises_captured_mass():
         fit_block_rank(train, W0, steps=1, lr=0.01, beta=3.0, tau=0.1, chunk=4, param="rotation")
 
 
+def test_fit_rope_scale_free_planes_is_free_only_on_the_slowest_planes():
+    """free_planes = 2 of D = 16: the dims of planes 6 and 7 (6, 7, 14, 15) get a free block of
+    S; the other rows of W stay s_i R (rank-one ratio to R, shared by the two dims of a plane)."""
+    g = torch.Generator().manual_seed(1)
+    train = _plane_synthetic(g, 2)
+    W0 = HashWeights.random(1, 2, 16, 32, seed=0).layer(0)
+    W, _ = fit_block_rank(train, W0, steps=20, lr=0.1, beta=3.0, tau=0.1, chunk=4, param="rope-scale",
+                          free_planes=2)
+    slow = torch.tensor([6, 7, 14, 15])
+    rest = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13])
+    for p in range(2):
+        ratio = (W / W0)[p]
+        sv = torch.linalg.svdvals(ratio[rest].double())
+        assert sv[1] < 1e-5 * sv[0]
+        torch.testing.assert_close(ratio[:6, 0], ratio[8:14, 0])
+        sv = torch.linalg.svdvals(ratio[slow].double())
+        assert sv[1] > 1e-3 * sv[0]  # the slow rows mix: no longer a scale of R
+        # the block acts within the slow dims: W[slow] = (diag + A) R[slow] / n (n: the column
+        # norms, known up to one factor from a scaled row: ratio[0] = s_0 / n)
+        Ws = (W[p, slow] / ratio[0]).T.double()
+        M = torch.linalg.lstsq(W0[p, slow].T.double(), Ws).solution
+        torch.testing.assert_close(W0[p, slow].T.double() @ M, Ws, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="free_planes must be"):
+        fit_block_rank(train, W0, steps=1, lr=0.1, beta=3.0, tau=0.1, chunk=4, param="rope-scale", free_planes=9)
+    with pytest.raises(ValueError, match="free_planes is a setting"):
+        fit_block_rank(train, W0, steps=1, lr=0.1, beta=3.0, tau=0.1, chunk=4, free_planes=1)
+
+
 def test_trainer_rope_scale_deterministic_resumable_and_not_mixed(tmp_path):
     m = tiny_llama()
     docs = _docs()
@@ -130,8 +158,15 @@ def test_trainer_rope_scale_deterministic_resumable_and_not_mixed(tmp_path):
     with pytest.raises(ValueError, match="other settings .*rank_param"):
         train_hash_weights(m, docs, TrainConfig(bits=32, **{**FAST, "rank_param": "free"}), out=out,
                            resume=True, progress=False)
+    with pytest.raises(ValueError, match="other settings .*rank_free_planes"):
+        train_hash_weights(m, docs, TrainConfig(bits=32, **{**FAST, "rank_free_planes": 1}), out=out,
+                           resume=True, progress=False)
     with pytest.raises(ValueError, match="rank_param"):
         TrainConfig(rank_param="rotation").validate()
+    with pytest.raises(ValueError, match="rank_free_planes is a setting"):
+        TrainConfig(objective="block-rank", rank_free_planes=2).validate()
+    with pytest.raises(ValueError, match="exceeds the model's 8 RoPE planes"):
+        train_hash_weights(m, docs, TrainConfig(bits=32, **{**FAST, "rank_free_planes": 9}), progress=False)
 
 
 def test_train_hash_command_rope_scale(tmp_path, capsys):
@@ -158,3 +193,9 @@ def test_train_hash_command_rope_scale(tmp_path, capsys):
     cfg = json.loads(stats.read_text())["config"]
     assert cfg["rank_param"] == "rope-scale" and cfg["rank_steps"] == 4
     assert cfg["n_queries"] == 64 and cfg["rank_lr"] == 0.05  # the rope-scale defaults
+    assert cfg["rank_free_planes"] == 0
+    assert main(base + ["--objective", "block-rank", "--rope-free-planes", "2"]) == 1  # needs rope-scale
+    assert "rank_free_planes is a setting" in capsys.readouterr().err
+    rc = main(base + ["--objective", "block-rank", "--param", "rope-scale", "--rope-free-planes", "2",
+                      "--rank-steps", "3", "--chunk", "8", "--json", str(stats)])
+    assert rc == 0 and json.loads(stats.read_text())["config"]["rank_free_planes"] == 2

@@ -3,8 +3,9 @@
     kvcomp train-hash --model smollm2 --data essays:train --bits 128 --out W.safetensors
     kvcomp train-hash --model smollm2 --data essays:train --objective block-rank --out W.safetensors
         (weights for token_score "centered_norm": a ranking loss on blocks; GQA models)
-    kvcomp train-hash ... --objective block-rank --param rope-scale
-        (fit only a per-RoPE-plane scale of the random weights: holds at every position)
+    kvcomp train-hash ... --objective block-rank --param rope-scale [--rope-free-planes 6]
+        (fit only a per-RoPE-plane scale of the random weights: holds at every position;
+        optionally a free block on the slowest planes, which barely turn over the context)
     accelerate launch --multi_gpu --num_processes 2 -m kvcomp.cli train-hash ... --device cuda
         (or torchrun --nproc_per_node 2 -m kvcomp.cli train-hash ...): layers split across
         ranks (layer l on rank l % N), rank r on cuda:{LOCAL_RANK}, rank 0 writes the output
@@ -49,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--param", choices=("free", "rope-scale"), default="free",
                    help="block-rank: fit every entry of W (free, default) or W = diag(s) R with one "
                         "scale per RoPE plane of the random R (rope-scale; position-robust)")
+    p.add_argument("--rope-free-planes", type=int, default=0,
+                   help="rope-scale: a free block instead of scales on this many slowest RoPE planes "
+                        "(those that turn by < ~1 rad over the served context; SmolLM2 at 8K: 6)")
     p.add_argument("--n-queries", type=int, default=None,
                    help="query positions per document (default 32; block-rank 256, rope-scale 64)")
     p.add_argument("--rank-steps", type=int, default=None,
@@ -107,7 +111,7 @@ def run(args) -> int:
                           seed=args.seed, layers=tuple(args.layers) if args.layers else None,
                           objective=args.objective, rank_steps=rank_steps, rank_lr=rank_lr,
                           rank_beta=args.rank_beta, rank_tau=args.rank_tau, chunk_size=args.chunk,
-                          rank_param=args.param)
+                          rank_param=args.param, rank_free_planes=args.rope_free_planes)
         cfg.validate()
         texts = load_texts(args.data)
         device = local_device(args.device)

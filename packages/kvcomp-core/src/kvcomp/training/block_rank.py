@@ -31,7 +31,11 @@ Parameterisations (``param``):
   ``rotary_dim``, share s_i; the dims past r each have their own), fitted as log s. S commutes
   with every RoPE rotation, so ``(x R_t) S = (x S) R_t`` and what is learned (a re-weighting of
   the frequency bands in the hash's angle: ``<q S, k S> = sum_i s_i^2 <q_i, k_i>``) holds at every
-  position. D/2 numbers per (layer, kv-head).
+  position. D/2 numbers per (layer, kv-head). With ``free_planes = n > 0`` the n slowest planes
+  (the last n of the rotary part, i in [r/2 - n, r/2)) get a free [2n, 2n] block of S on their
+  dims instead of their scales: not equivariant, but these planes turn by little over the served
+  context (SmolLM2, theta 1e5, D 64: plane i turns by ``8192 * 1e5^(-i/32)`` rad over 8K
+  positions, below 1 rad for i >= 26, so n = 6), so what is learned there holds nearly everywhere.
 
 Data: ``collect_groups`` captures post-RoPE q/k with ``kvcomp.training.collect.capture_qk`` and
 keeps, per (layer, kv-head) and document, the group's queries at the sampled positions
@@ -169,17 +173,23 @@ def rope_scale_index(head_dim: int, rotary_dim: int | None = None) -> torch.Tens
 def fit_block_rank(
     groups: list[GroupSet], W0: torch.Tensor, *, steps: int, lr: float, beta: float, tau: float,
     chunk: int, device: str | torch.device = "cpu", progress=None, layer: int = 0,
-    param: str = "free", rotary_dim: int | None = None,
+    param: str = "free", rotary_dim: int | None = None, free_planes: int = 0,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Fit P projections together (the kv-heads of a layer; their losses add, gradients stay
     separate). ``groups``: P GroupSets with identical document shapes; W0 [P, D, B] float32
-    (the init, and R of ``param="rope-scale"``; ``rotary_dim``: its RoPE dims, default D).
+    (the init, and R of ``param="rope-scale"``; ``rotary_dim``: its RoPE dims, default D;
+    ``free_planes``: the slowest planes with a free block, rope-scale only).
     Returns (W [P, D, B] float32 on CPU with unit-norm columns, per-step loss history)."""
     P = len(groups)
     if W0.dim() != 3 or W0.shape[0] != P:
         raise ValueError(f"W0 must be [{P}, D, BITS], got {tuple(W0.shape)}")
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    half = (rotary_dim or W0.shape[1]) // 2
+    if isinstance(free_planes, bool) or not isinstance(free_planes, int) or not 0 <= free_planes <= half:
+        raise ValueError(f"free_planes must be an int in [0, {half}] (the RoPE planes), got {free_planes!r}")
+    if free_planes and param != "rope-scale":
+        raise ValueError("free_planes is a setting of param='rope-scale'")
     ref = groups[0]
     if ref.num_docs == 0:
         raise ValueError("fit_block_rank: no documents")
@@ -198,15 +208,23 @@ def fit_block_rank(
     if param == "free":
         W = W0.detach().clone().float().to(device).requires_grad_(True)
         fitted = W
-    else:  # W = diag(s) R, s = exp(log_s) per RoPE plane
+        extra = []
+    else:  # W = S R: S = diag(s), s = exp(log_s) per RoPE plane, + A on the slow planes' dims
         R = W0.detach().float().to(device)
         idx = rope_scale_index(R.shape[1], rotary_dim).to(device)
         fitted = torch.zeros(P, int(idx.max()) + 1, device=device, requires_grad=True)
+        planes = torch.arange(half - free_planes, half, device=device)
+        slow = torch.cat([planes, planes + half])
+        block = torch.zeros(P, len(slow), len(slow), device=device, requires_grad=True)
+        extra = [block] if free_planes else []
 
     def weights() -> torch.Tensor:
-        return fitted if param == "free" else fitted.exp()[:, idx].unsqueeze(-1) * R
+        if param == "free":
+            return fitted
+        w = fitted.exp()[:, idx].unsqueeze(-1) * R
+        return w.index_add(1, slow, block @ R[:, slow]) if free_planes else w
 
-    opt = torch.optim.Adam([fitted, log_temp], lr=lr)
+    opt = torch.optim.Adam([fitted, log_temp, *extra], lr=lr)
     history = []
     for step in range(steps):
         q, kc, t, target, ranked = data[step % len(data)]

@@ -6,8 +6,8 @@ Objectives: ``"hata"`` (below) or ``"block-rank"`` (``kvcomp.training.block_rank
 ranking loss over blocks, for ``token_score="centered_norm"``; GQA only; the same init, seeding,
 checkpoints, resume and distribution as HATA). Block-rank fits either every entry of W
 (``rank_param="free"``) or a per-RoPE-plane scale of the random init (``"rope-scale"``: W = S R,
-S commuting with RoPE, so the fit holds at positions it never saw); the output is a plain W
-either way.
+S commuting with RoPE, so the fit holds at positions it never saw; ``rank_free_planes`` slowest
+planes may get a free block); the output is a plain W either way.
 
 Recipe (paper): initialise from kvcomp's seeded random orthogonal weights, SGD lr 0.1,
 momentum 0.9, weight decay 1e-6, ``epochs`` x ``iters_per_epoch`` iterations (15 x 20) per
@@ -52,7 +52,7 @@ log = logging.getLogger("kvcomp.training")
 
 OBJECTIVES = ("hata", "block-rank")
 BLOCK_RANK_FIELDS = ("objective", "rank_steps", "rank_lr", "rank_beta", "rank_tau", "chunk_size",
-                     "rank_param")
+                     "rank_param", "rank_free_planes")
 
 
 @dataclass
@@ -89,12 +89,19 @@ class TrainConfig:
     # block-rank parameterisation: "free" (every entry of W) or "rope-scale" (W = diag(s) R per
     # RoPE plane, R the random init; position-robust; kvcomp.training.block_rank)
     rank_param: str = "free"
+    # rope-scale: the number of slowest RoPE planes that get a free block instead of a scale
+    rank_free_planes: int = 0
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.rank_param not in PARAMS:
             raise ValueError(f"TrainConfig.rank_param must be one of {PARAMS}, got {self.rank_param!r}")
+        v = self.rank_free_planes
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"TrainConfig.rank_free_planes must be an int >= 0, got {v!r}")
+        if v and self.rank_param != "rope-scale":
+            raise ValueError("TrainConfig.rank_free_planes is a setting of rank_param 'rope-scale'")
         for name in ("rank_steps", "chunk_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -248,7 +255,7 @@ def _settings(cfg: TrainConfig) -> dict:
     earlier versions still resume."""
     drop = {"layers"} | (set(BLOCK_RANK_FIELDS) if cfg.objective == "hata" else set())
     if cfg.rank_param == "free":
-        drop.add("rank_param")
+        drop |= {"rank_param", "rank_free_planes"}
     return {k: v for k, v in asdict(cfg).items() if k not in drop}
 
 
@@ -308,6 +315,9 @@ def train_hash_weights(
     if cfg.objective == "block-rank" and geo.is_mla:
         raise ValueError("objective 'block-rank' is for GQA models (token_score centered_norm); "
                          "this model is MLA")
+    if cfg.rank_free_planes > geo.rotary_dim // 2 and not geo.is_mla:
+        raise ValueError(f"rank_free_planes {cfg.rank_free_planes} exceeds the model's "
+                         f"{geo.rotary_dim // 2} RoPE planes per head")
     device = device or model.device
     ctx = distributed.init()
     rank, world = ctx.rank, ctx.world
@@ -355,7 +365,8 @@ def train_hash_weights(
                                           steps=cfg.rank_steps, lr=cfg.rank_lr, beta=cfg.rank_beta,
                                           tau=cfg.rank_tau, chunk=cfg.chunk_size, device=device,
                                           progress=bar, layer=layer, param=cfg.rank_param,
-                                          rotary_dim=geo.rotary_dim or None)
+                                          rotary_dim=geo.rotary_dim or None,
+                                          free_planes=cfg.rank_free_planes)
                 else:
                     W, _ = train_projections([pairs[(layer, n)] for n in names], W0, cfg,
                                              layer=layer, device=device, progress=bar)
