@@ -164,6 +164,10 @@ def test_fused_merge_matches_two_kernel_path(monkeypatch, G):
         with _two_kernel(monkeypatch):
             two = check(q, k, v, idx, lens_t, chunk)
         torch.testing.assert_close(fused.float(), two.float(), atol=1e-2, rtol=0)
+        # rows whose partials exceed FUSED_MERGE_MAX_BYTES take the two-kernel path
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "FUSED_MERGE_MAX_BYTES", G * 2 * D * 4)
+            torch.testing.assert_close(check(q, k, v, idx, lens_t, chunk), two, atol=0, rtol=0)
     assert (kernels._tickets(1, torch.device("cpu")) == 0).all()
 
 

@@ -334,8 +334,12 @@ def _select_row_hist(
     if SINGLE:  # issued first: these loads overlap the histogram's
         key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, False)
     jb = tl.arange(0, NBINS)
-    hist = tl.load(hist_row + (NBINS - 1 - jb))  # [NBINS]: #(other keys == KMIN + NBINS - 1 - jb)
-    tl.store(hist_row + jb, tl.zeros([NBINS], dtype=tl.int32))
+    # [NBINS]: #(other keys == KMIN + NBINS - 1 - jb); zeroed at the very addresses it was read
+    # from (each element's load and store in one thread, in order: zeroing in index order would
+    # let one thread clear a bin another has not read yet, a race the interpreter cannot show)
+    hist_ptrs = hist_row + (NBINS - 1 - jb)
+    hist = tl.load(hist_ptrs)
+    tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
     n_must = tl.zeros([], dtype=tl.int64)  # distinct must-select blocks inside [0, n)
     for jm in tl.static_range(M):
         mj = tl.load(must_ptr + jm).to(tl.int64)

@@ -9,7 +9,8 @@ fp32 (log2 domain) and writes its partial (m, l, acc) to [B, Hq, SPLITS(, D)] fp
 ``_merge_kernel``, grid (B * Hq,), combines the splits by log-sum-exp and writes the output in
 q's dtype; a row without any attended token gets zeros.
 
-Fused merge (``FUSED_MERGE``, the default): no second launch. After storing its partials, each
+Fused merge (``FUSED_MERGE``, the default while a row's partials are at most
+``FUSED_MERGE_MAX_BYTES``): no second launch. After storing its partials, each
 split program takes a ticket from an int32 counter of its (sequence, kv-head) (a CTA barrier,
 then one gpu-scope acq_rel ``atomic_add``); the program that draws the last ticket (SPLITS - 1)
 has every other split's partials visible, merges the G query rows of its kv-head itself (same
@@ -44,6 +45,11 @@ POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
 # second launch; False keeps the two-kernel path (benchmarks time both)
 FUSED_MERGE = True
+# ... while one row's partials (G * SPLITS * D fp32, what its merging program reads alone) are at
+# most this many bytes; above, the merge kernel's B * Hq programs are faster. Measured on the H200
+# at 128K, 2048 tokens, D = 128 (docs/benchmarks/decode.md): G = 4 x 32 splits (64 KB) fused 7.0
+# vs 7.9 us, G = 8 x 32 splits (128 KB) fused 9.0 vs 8.0 us; B = 8 (5 splits) fused 1.4 us faster
+FUSED_MERGE_MAX_BYTES = 64 << 10
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
 # a thread at 4 warps
 MERGE_TILE_ELEMS = 4096
@@ -295,8 +301,9 @@ def sparse_decode_attention_triton(
         paged = dict(tbl_ptr=block_table, stb=block_table.stride(0), stp=block_table.stride(1),
                      PAGED=True, PAGE=k_cache.shape[2])
     s_pad = max(2, triton.next_power_of_2(splits))
+    fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
     fused = {}
-    if FUSED_MERGE:
+    if fuse:
         g_r = triton.next_power_of_2(G)
         s_tile = min(s_pad, max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2))
         fused = dict(out_ptr=out, sob=out.stride(0), soh=out.stride(1), sod=out.stride(2),
@@ -311,7 +318,7 @@ def sparse_decode_attention_triton(
         **paged, **fused,
         num_warps=WARPS, num_stages=STAGES,
     )
-    if not FUSED_MERGE:
+    if not fuse:
         _merge_kernel[(B * Hq,)](
             m, l, acc, out, Hq, splits, *out.stride(),
             D=D, S_PAD=s_pad, BLOCK_D=block_d,
