@@ -333,13 +333,6 @@ def _select_row_hist(
     n = (seq_len + CHUNK - 1) // CHUNK
     if SINGLE:  # issued first: these loads overlap the histogram's
         key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, False)
-    jb = tl.arange(0, NBINS)
-    # [NBINS]: #(other keys == KMIN + NBINS - 1 - jb); zeroed at the very addresses it was read
-    # from (each element's load and store in one thread, in order: zeroing in index order would
-    # let one thread clear a bin another has not read yet, a race the interpreter cannot show)
-    hist_ptrs = hist_row + (NBINS - 1 - jb)
-    hist = tl.load(hist_ptrs)
-    tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
     n_must = tl.zeros([], dtype=tl.int64)  # distinct must-select blocks inside [0, n)
     for jm in tl.static_range(M):
         mj = tl.load(must_ptr + jm).to(tl.int64)
@@ -353,6 +346,15 @@ def _select_row_hist(
         n_must += take.to(tl.int64)
     count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
     need = count - n_must  # taken from the other blocks, best keys first
+    jb = tl.arange(0, NBINS)
+    # [NBINS]: #(other keys == KMIN + NBINS - 1 - jb), then zeroed for the next launch once
+    # every thread's reads are done (barrier): without it one thread could clear a bin another
+    # has not read yet (seen on the H200 when the zeroing went in index order; a layout that
+    # replicates elements over threads would do the same), a race the interpreter cannot show
+    hist_ptrs = hist_row + (NBINS - 1 - jb)
+    hist = tl.load(hist_ptrs)
+    tl.debug_barrier()
+    tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
     at_least = tl.cumsum(hist, 0)  # [NBINS] #(other keys >= the bin's key), bins from the top
     above = at_least - hist  # #(other keys > the bin's key)
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
