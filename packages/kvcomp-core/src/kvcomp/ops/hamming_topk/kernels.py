@@ -406,6 +406,7 @@ def _select_row(
         # for the next launch; T from its suffix sums once the must blocks' keys are taken out
         bins = tl.arange(0, NBINS)
         hist = tl.load(hist_row + bins)
+        tl.debug_barrier()  # every thread's reads before the zeroing (see _select_row_hist)
         tl.store(hist_row + bins, tl.zeros([NBINS], dtype=tl.int32))
         n_must = tl.zeros([], dtype=tl.int64)
         for jm in tl.static_range(M):
