@@ -5,7 +5,7 @@ import torch
 from kvcomp.ops._common import interpreting
 from kvcomp.ops.gemv import gemv, gemv_ref
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 CONFIGS = [dict(form="dot", block_n=16, block_k=32), dict(form="fma", block_n=8, block_k=32)]
 
 
@@ -18,30 +18,32 @@ def _close(y, ref):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["form"])
 @pytest.mark.parametrize("M,N,K", [(1, 37, 70), (3, 64, 96), (4, 17, 5), (1, 1, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_matches_reference(cfg, M, N, K, dtype):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gemv_matches_reference(cfg, M, N, K, dtype, dev):
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
-    x = torch.randn(M, K, generator=g).to(DEV, dtype)
-    w = torch.randn(N, K, generator=g).to(DEV, dtype)
-    b = torch.randn(N, generator=g).to(DEV, dtype)
+    x = torch.randn(M, K, generator=g).to(dev, dtype)
+    w = torch.randn(N, K, generator=g).to(dev, dtype)
+    b = torch.randn(N, generator=g).to(dev, dtype)
     for bias in (None, b):
         y = gemv(x, w, bias, backend="triton", config=cfg)
         assert y.shape == (M, N) and y.dtype == dtype
         _close(y, gemv_ref(x, w, bias))
     # every output feature depends on its own weight row: a permutation of rows permutes y
-    perm = torch.randperm(N, generator=g).to(DEV)
+    perm = torch.randperm(N, generator=g).to(dev)
     torch.testing.assert_close(gemv(x, w[perm], backend="triton", config=cfg),
                                gemv(x, w, backend="triton", config=cfg)[:, perm], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["form"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_residual_epilogue(cfg, dtype):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gemv_residual_epilogue(cfg, dtype, dev):
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 1, 40, generator=g).to(DEV, dtype)
-    w = torch.randn(24, 40, generator=g).to(DEV, dtype)
-    r = torch.randn(2, 1, 24, generator=g).to(DEV, dtype)
+    x = torch.randn(2, 1, 40, generator=g).to(dev, dtype)
+    w = torch.randn(24, 40, generator=g).to(dev, dtype)
+    r = torch.randn(2, 1, 24, generator=g).to(dev, dtype)
     got = gemv(x, w, residual=r, backend="triton", config=cfg)
-    if dtype == torch.float32 or not interpreting():  # the interpreter truncates fp32 -> bf16
+    if dtype == torch.float32 or dev == "cuda" or not interpreting():  # the interpreter truncates fp32 -> bf16
         # the same as rounding the projection first, then torch's add
         assert torch.equal(got, r + gemv(x, w, backend="triton", config=cfg))
     _close(got, gemv_ref(x, w, None, r))
@@ -49,10 +51,11 @@ def test_gemv_residual_epilogue(cfg, dtype):
         gemv(x, w, residual=r[..., :-1])
 
 
-def test_gemv_dot_many_rows_and_strided_input():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gemv_dot_many_rows_and_strided_input(dev):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 20, 3 * 48, generator=g).to(DEV)[..., ::3]  # [2, 20, 48], last-dim stride 3
-    w = torch.randn(40, 48, generator=g).to(DEV)
+    x = torch.randn(2, 20, 3 * 48, generator=g).to(dev)[..., ::3]  # [2, 20, 48], last-dim stride 3
+    w = torch.randn(40, 48, generator=g).to(dev)
     y = gemv(x, w, backend="triton", config=dict(form="dot", block_n=16, block_k=16))
     assert y.shape == (2, 20, 40)
     _close(y, gemv_ref(x, w))
@@ -73,25 +76,27 @@ def test_gemv_validates():
 
 
 @pytest.mark.parametrize("M", [1, 3])
-def test_gemv_default_configs(M):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gemv_default_configs(M, dev):
     # one row takes GEMV_CONFIG_ONE_ROW (fma), more rows GEMV_CONFIG (dot)
     g = torch.Generator().manual_seed(M)
-    x = torch.randn(M, 1, 300, generator=g).to(DEV, torch.bfloat16)
-    w = torch.randn(70, 300, generator=g).to(DEV, torch.bfloat16)
+    x = torch.randn(M, 1, 300, generator=g).to(dev, torch.bfloat16)
+    w = torch.randn(70, 300, generator=g).to(dev, torch.bfloat16)
     _close(gemv(x, w, backend="triton"), gemv_ref(x, w))
 
 
 @pytest.mark.parametrize("cfg", CONFIGS + [dict(form="fma", block_n=4, block_k=64)], ids=lambda c: c["form"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3])
-def test_gemv_norm_prologue(cfg, dtype, M):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gemv_norm_prologue(cfg, dtype, M, dev):
     if cfg["form"] == "fma" and M > 4:
         pytest.skip("fma takes at most 4 rows")
     g = torch.Generator().manual_seed(M + 17)
-    x = (4 * torch.randn(M, 1, 150, generator=g)).to(DEV, dtype)
-    w = torch.randn(40, 150, generator=g).to(DEV, dtype)
-    nw = (1 + torch.rand(150, generator=g)).to(DEV, dtype)
-    b = torch.randn(40, generator=g).to(DEV, dtype)
+    x = (4 * torch.randn(M, 1, 150, generator=g)).to(dev, dtype)
+    w = torch.randn(40, 150, generator=g).to(dev, dtype)
+    nw = (1 + torch.rand(150, generator=g)).to(dev, dtype)
+    b = torch.randn(40, generator=g).to(dev, dtype)
     got = gemv(x, w, b, norm=(nw, 1e-6), backend="triton", config=cfg)
     # against the fp32 reference and the module chain (RMSNorm, whose two roundings to the dtype
     # the fused form skips, then the projection): errors relative to the outputs' scale
