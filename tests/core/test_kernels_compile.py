@@ -111,10 +111,44 @@ def check_norm_act_kernels():
         assert "fma." not in ptx, f"{dt}: the rope kernel contracts a product into an fma"
         if dt == "bf16":  # what the default options do (the cause of the H200 mismatch)
             assert "fma.rn.bf16" in compile_sm90(na._rope_kernel, args).asm["ptx"]
+    compile_sm90(na._add_rms_norm_kernel, dict(x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
+                                               s_ptr="*bf16", N=i32, sx=i32, sr=i32, sy=i32, ss=i32,
+                                               eps="fp32", BLOCK=4096), num_warps=8)
+    compile_sm90(na._head_rms_norm_kernel, dict(y_ptr="*bf16", wq_ptr="*bf16", wk_ptr="*bf16", HQ=i32,
+                                                HK=i32, D=i32, sy=i32, eps="fp32", BLOCK=128))
+
+
+def check_gemv_kernel():
+    """Both tile forms, with the bias, the residual epilogue and the RMSNorm prologue."""
+    gv = importlib.import_module("kvcomp.ops.gemv")
+    i32 = "i32"
+    for dot, block_m, block_n, block_k in ((True, 16, 32, 256), (False, 1, 4, 1024), (False, 4, 8, 512)):
+        for extras in (False, True):
+            compile_sm90(gv._gemv_kernel, dict(
+                x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", M=i32, N=i32,
+                K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
+                nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras,
+            ), num_warps=4, num_stages=3)
+
+
+def check_append_kv_kernel():
+    """The one-row encode kernel with the cache's key / value copies, with and without codes."""
+    he = importlib.import_module("kvcomp.ops.hash_encode.kernels")
+    i32 = "i32"
+    for codes in (True, False):
+        compile_sm90(he._hash_encode_row_kernel, dict(
+            x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
+            D=i32, H=i32, L_out=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
+            sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
+            HAS_POS=True, HAS_BIAS=codes, BLOCK_D=128, kc_ptr="*bf16", v_ptr="*bf16", vc_ptr="*bf16",
+            skb=i32, skh=i32, skn=i32, svb=i32, svh=i32, svn=i32, svd=i32, svcb=i32, svch=i32, svcn=i32,
+            COPY=True, CODES=codes, V_PROG=1 if codes else 0, DV=i32, BLOCK_DV=128,
+        ), num_warps=4)
 
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
-          check_sparse_decode_attention_kernels]
+          check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
