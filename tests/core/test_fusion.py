@@ -11,6 +11,8 @@ replays graphs whose fused kernels compiled in the warm-up: replay == eager fuse
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from kvcomp.fusion import FusedDecode
@@ -89,6 +91,25 @@ def test_fused_decode_bf16_models_and_merged_weights(arch, B):
     err = (got - ref).abs().max() / ref.abs().max()
     assert err < 2e-2, err
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= (1 if B == 1 else 2 / 3)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_layer_adds_the_residual_itself_when_o_proj_is_not_fused(B):
+    model = _llama(seed=4)
+    for layer in model.model.layers:  # someone else's wrapper on o_proj: FusedDecode leaves it alone
+        o = layer.self_attn.o_proj
+        o.forward = types.MethodType(lambda m, x: torch.nn.functional.linear(x, m.weight, m.bias), o)
+    ids = torch.randint(1, 200, (B, 11), generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(1, 200, (B, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
+        ref = model(nxt, past_key_values=pre.past_key_values).logits
+        fused = FusedDecode(model, devices=("cpu",))
+        assert fused.layers == 2 and not fused._linear_set & {ly.self_attn.o_proj for ly in model.model.layers}
+        pre2 = model(ids, past_key_values=DynamicCache(), use_cache=True)
+        got = model(nxt, past_key_values=pre2.past_key_values).logits
+        fused.remove()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_modules_are_left_alone_and_bad_args_refused():

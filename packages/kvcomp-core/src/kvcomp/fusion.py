@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from kvcomp.ops.gemv import MAX_ROWS as GEMV_ROWS
 from kvcomp.ops.gemv import gemv
-from kvcomp.ops.norm_act import head_rms_norm_, rms_norm, rope, silu_mul
+from kvcomp.ops.norm_act import add_rms_norm, head_rms_norm_, rms_norm, rope, silu_mul
 
 __all__ = ["FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
 
@@ -320,13 +320,14 @@ class FusedDecode:
         if missed:
             raise RuntimeError(f"FusedDecode: {type(attn).__name__} did not project its input through "
                                "q_proj / k_proj / v_proj; this attention class cannot take the fused layer")
-        if not added:
-            h = hidden_states + h
         post = m.post_attention_layernorm
+        eps = float(post.variance_epsilon)
         if one_row:
-            y = gemv(h, gu.weight, gu.bias, norm=(post.weight, float(post.variance_epsilon)))
+            h = h if added else hidden_states + h
+            y = gemv(h, gu.weight, gu.bias, norm=(post.weight, eps))
         else:  # the norm folded into tensor-core tiles measured slower (H200): its own kernel
-            y = gemv(post(h), gu.weight, gu.bias)
+            hn, h = (post(h), h) if added else add_rms_norm(h, hidden_states, post.weight, eps)
+            y = gemv(hn, gu.weight, gu.bias)
         n = mlp.gate_proj.out_features
         return gemv(silu_mul(y[..., :n], y[..., n:]), mlp.down_proj.weight, mlp.down_proj.bias,
                     residual=h)
