@@ -117,3 +117,29 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     words = (bits.reshape(*bits.shape[:-1], nbits // 32, 32).to(torch.int64) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
+
+
+class StreamScratch:
+    """Zeroed int32 device buffers kept per (device, stream) and grown on demand.
+
+    For kernels that count into a buffer and leave it zeroed when they finish (ticket counters,
+    histograms): every later launch on that stream, and every replay of a CUDA graph that
+    captured one, finds it at zero. A buffer outgrown by a larger launch is kept alive, since a
+    captured graph may still point at it."""
+
+    def __init__(self, min_numel: int):
+        self.min_numel = int(min_numel)
+        self._bufs: dict[tuple[str, int], torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def get(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A zeroed int32 buffer of at least ``numel`` elements for the current stream of ``device``."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (str(device), stream)
+        t = self._bufs.get(key)
+        if t is None or t.numel() < numel:
+            if t is not None:
+                self._retired.append(t)
+            t = torch.zeros(max(numel, self.min_numel), dtype=torch.int32, device=device)
+            self._bufs[key] = t
+        return t

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.ops._common import interpreting
+from kvcomp.ops._common import StreamScratch, interpreting
 
 FORM_XOR = 0
 FORM_PLANES = 1
@@ -319,6 +319,21 @@ def _unpack2(x, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _must_entry(must_ptr, n, jm: tl.constexpr):
+    """(block, counts) of must-select entry jm in a row of n blocks: negative entries count from
+    the end; it counts when inside [0, n) and not named by an earlier entry (a block named twice
+    counts once)."""
+    mj = tl.load(must_ptr + jm).to(tl.int64)
+    pj = tl.where(mj >= 0, mj, n + mj)
+    take = (pj >= 0) & (pj < n)
+    for im in tl.static_range(jm):
+        mi = tl.load(must_ptr + im).to(tl.int64)
+        pi = tl.where(mi >= 0, mi, n + mi)
+        take = take & (pi != pj)
+    return pj, take
+
+
+@triton.jit
 def _select_row_hist(
     key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
@@ -335,14 +350,7 @@ def _select_row_hist(
         key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, False)
     n_must = tl.zeros([], dtype=tl.int64)  # distinct must-select blocks inside [0, n)
     for jm in tl.static_range(M):
-        mj = tl.load(must_ptr + jm).to(tl.int64)
-        pj = tl.where(mj >= 0, mj, n + mj)
-        take = (pj >= 0) & (pj < n)
-        for im in tl.static_range(M):
-            if im < jm:  # a block named twice counts once
-                mi = tl.load(must_ptr + im).to(tl.int64)
-                pi = tl.where(mi >= 0, mi, n + mi)
-                take = take & (pi != pj)
+        pj, take = _must_entry(must_ptr, n, jm)
         n_must += take.to(tl.int64)
     count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
     need = count - n_must  # taken from the other blocks, best keys first
@@ -410,14 +418,7 @@ def _select_row(
         tl.store(hist_row + bins, tl.zeros([NBINS], dtype=tl.int32))
         n_must = tl.zeros([], dtype=tl.int64)
         for jm in tl.static_range(M):
-            mj = tl.load(must_ptr + jm).to(tl.int64)
-            pj = tl.where(mj >= 0, mj, n + mj)
-            take = (pj >= 0) & (pj < n)
-            for im in tl.static_range(M):
-                if im < jm:  # a block named twice counts once
-                    mi = tl.load(must_ptr + im).to(tl.int64)
-                    pi = tl.where(mi >= 0, mi, n + mi)
-                    take = take & ~((pi == pj) & (pi >= 0) & (pi < n))
+            pj, take = _must_entry(must_ptr, n, jm)
             kj = tl.load(key_row + tl.where(take, pj, 0), mask=take, other=KMIN)
             hist -= ((bins == (kj - KMIN)) & take).to(tl.int32)
             n_must += take.to(tl.int64)
@@ -576,10 +577,9 @@ def block_keys_triton(
 
 
 _MUST_CACHE: dict = {}
-_COUNTERS: dict = {}
-_HISTS: dict = {}
-# buffers outgrown by a larger launch stay alive: a captured CUDA graph may still point at them
-_RETIRED: list = []
+# zeroed per (device, stream), left zeroed by the kernels that use them (StreamScratch)
+_COUNTERS = StreamScratch(1024)
+_HISTS = StreamScratch(1 << 16)
 
 
 def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> dict | None:
@@ -591,29 +591,14 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> di
     nbins = triton.next_power_of_2(2 * S + 1)
     if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > HIST_MAX_ROWS:
         return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    t = _HISTS.get(key)
-    if t is None or t.numel() < rows * nbins:
-        if t is not None:
-            _RETIRED.append(t)
-        t = torch.zeros(max(rows * nbins, 1 << 16), dtype=torch.int32, device=device)
-        _HISTS[key] = t
+    t = _HISTS.get(rows * nbins, device)
     return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT)
 
 
 def _row_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters of the fused selection, one per row, per (device, stream): the last
-    program of a row resets its counter, so launches on one stream can reuse them."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    t = _COUNTERS.get(key)
-    if t is None or t.numel() < n:
-        if t is not None:
-            _RETIRED.append(t)
-        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = t
-    return t
+    """Zeroed int32 counters of the fused selection, one per row (the last program of a row
+    resets its counter)."""
+    return _COUNTERS.get(n, device)
 
 
 def _must_tensor(must_select: tuple[int, ...], device: torch.device) -> torch.Tensor:

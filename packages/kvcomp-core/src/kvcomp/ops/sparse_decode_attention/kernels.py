@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.ops._common import interpreting
+from kvcomp.ops._common import StreamScratch, interpreting
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
@@ -239,24 +239,14 @@ def _merge_kernel(
     tl.store(out_ptr + b * sob + hq * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-_TICKETS: dict = {}
-_RETIRED: list = []
+# ticket counters of the fused merge, one per (sequence, kv-head) row; the merging program resets
+# its row's counter (kvcomp.ops._common.StreamScratch)
+_TICKETS = StreamScratch(1024)
 
 
 def _tickets(rows: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 ticket counters of the fused merge, one per (sequence, kv-head) row, kept per
-    (device, stream): the merging program resets its row's counter, so every later launch on
-    that stream (and every replay of a CUDA graph that captured one) finds them at zero. A
-    buffer outgrown by a larger batch is kept alive (a captured graph may still point at it)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    t = _TICKETS.get(key)
-    if t is None or t.numel() < rows:
-        if t is not None:
-            _RETIRED.append(t)
-        t = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
-        _TICKETS[key] = t
-    return t
+    """Zeroed int32 ticket counters of the fused merge for ``rows`` (sequence, kv-head) rows."""
+    return _TICKETS.get(rows, device)
 
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
