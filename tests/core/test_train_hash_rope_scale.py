@@ -163,6 +163,8 @@ def test_trainer_rope_scale_deterministic_resumable_and_not_mixed(tmp_path):
                            resume=True, progress=False)
     with pytest.raises(ValueError, match="rank_param"):
         TrainConfig(rank_param="rotation").validate()
+    with pytest.raises(ValueError, match="rank_param is a setting"):
+        TrainConfig(rank_param="rope-scale").validate()  # objective "hata"
     with pytest.raises(ValueError, match="rank_free_planes is a setting"):
         TrainConfig(objective="block-rank", rank_free_planes=2).validate()
     with pytest.raises(ValueError, match="exceeds the model's 8 RoPE planes"):

@@ -97,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.rank_param not in PARAMS:
             raise ValueError(f"TrainConfig.rank_param must be one of {PARAMS}, got {self.rank_param!r}")
+        if self.rank_param != "free" and self.objective != "block-rank":
+            raise ValueError("TrainConfig.rank_param is a setting of objective 'block-rank'")
         v = self.rank_free_planes
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"TrainConfig.rank_free_planes must be an int >= 0, got {v!r}")
