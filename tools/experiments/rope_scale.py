@@ -83,8 +83,29 @@ def _groups(train, layer: int, n_queries: int, seed: int = 0):
     return groups
 
 
+def max_head_targets(q, k, t, chunk):
+    """As ``block_targets`` but each block's target is the largest mass any head of the group
+    gives it (not the group mean), renormalised over the ranked blocks."""
+    from kvcomp.training.block_rank import MUST_SELECT
+
+    P, G, n, D = q.shape
+    T = k.shape[1]
+    nb = -(-T // chunk)
+    s = torch.einsum("pgnd,ptd->pgnt", q, k) * D**-0.5
+    s = s.masked_fill(torch.arange(T).view(1, 1, 1, T) > t.view(1, 1, n, 1), -math.inf)
+    p = torch.softmax(s, -1)
+    mass = torch.nn.functional.pad(p, (0, nb * chunk - T)).view(P, G, n, nb, chunk).sum(-1).amax(1)
+    nbt = (t + chunk) // chunk
+    ranked = torch.arange(nb).view(1, nb) < nbt.view(n, 1)
+    for m in MUST_SELECT:
+        ranked[torch.arange(n), torch.full_like(t, m) if m >= 0 else (nbt + m).clamp(min=0)] = False
+    target = mass * ranked
+    return target / target.sum(-1, keepdim=True).clamp(min=1e-12), ranked
+
+
 def fit_gradient(groups, R: torch.Tensor, *, steps: int, lr: float, beta: float, tau: float,
-                 rot: bool, redraw: bool, layer: int, slow_from: int | None = None) -> torch.Tensor:
+                 rot: bool, redraw: bool, layer: int, slow_from: int | None = None,
+                 target_max: bool = False) -> torch.Tensor:
     """Block-rank loss on S (per-plane log scale, optional rotation). R [P, D, B]. -> S [P, D, D]."""
     from kvcomp.hashing import haar_orthogonal
     from kvcomp.training.block_rank import block_rank_loss, block_targets, relaxed_block_scores
@@ -97,7 +118,7 @@ def fit_gradient(groups, R: torch.Tensor, *, steps: int, lr: float, beta: float,
         k = torch.stack([gs.k[d] for gs in groups])
         t = groups[0].t[d]
         kc = k - k[:, : max(1, k.shape[1] // 2)].mean(1, keepdim=True)
-        target, ranked = block_targets(q, k, t, CHUNK)
+        target, ranked = (max_head_targets if target_max else block_targets)(q, k, t, CHUNK)
         data.append((q, kc, t, target, ranked))
     log_s = torch.zeros(P, F, requires_grad=True)
     phi = torch.zeros(P, F, requires_grad=True)
@@ -189,6 +210,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=("scale", "scale-rr", "rot", "slow-free", "corr", "var"), required=True)
     ap.add_argument("--slow-from", type=int, default=26, help="slow-free: first slow plane")
+    ap.add_argument("--target", choices=("mean", "max"), default="mean",
+                    help="block target: the group-mean mass (block-rank's) or the max over heads")
     ap.add_argument("--train-ctx", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--train-docs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=100)
@@ -222,7 +245,8 @@ def main() -> None:
             S = fit_gradient(_groups(train, i, args.queries), R, steps=args.steps, lr=args.lr,
                              beta=args.beta, tau=args.tau, rot=args.variant == "rot",
                              redraw=args.variant == "scale-rr", layer=i,
-                             slow_from=args.slow_from if args.variant == "slow-free" else None)
+                             slow_from=args.slow_from if args.variant == "slow-free" else None,
+                             target_max=args.target == "max")
         else:
             a, b, C = band_stats(train, i)
             if args.variant == "corr":
