@@ -69,10 +69,10 @@ def check_block_keys_kernel_with_histogram():
 
 def check_sparse_decode_attention_kernels():
     """The split kernel with the fused merge (ticket atomics, per-row merge loop) and without,
-    the separate merge kernel."""
+    with several queries per sequence (causal rows), the separate merge kernel."""
     ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
     i32 = "i32"
-    for fused in (True, False):
+    for fused, t_q in ((True, 1), (False, 1), (True, 4)):  # t_q: queries per sequence
         args = dict(
             q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", idx_ptr="*i32", len_ptr="*i32",
             m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", Hkv=i32, K_ENT=i32, TOK_PER_SPLIT=i32,
@@ -81,8 +81,10 @@ def check_sparse_decode_attention_kernels():
             G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
             tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
             out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
-            G_R=4, S_PAD=32, S_TILE=8,
+            G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q,
         )
+        if t_q > 1:
+            args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
         ptx = compile_sm90(ak._sparse_decode_split_kernel, args, num_warps=4, num_stages=2).asm["ptx"]
         if fused:  # the ticket: a gpu-scope acq_rel atomic add after a CTA barrier
             assert "atom.global.gpu.acq_rel.add" in ptx or "atom.acq_rel.gpu.global.add" in ptx, \

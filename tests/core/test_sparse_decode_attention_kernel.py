@@ -274,3 +274,69 @@ def test_gpu_fused_merge_repeated(monkeypatch, B):
         torch.testing.assert_close(fused.float(), two.float(), atol=2e-2, rtol=0)
     torch.cuda.synchronize()
     assert (kernels._tickets(B * Hkv, q.device) == 0).all()
+
+
+def check_multi_query(q, k, v, idx, lens, chunk, atol=1e-5):
+    """q [B, Hq, T, D]: query t is token lens - T + t and sees the selected tokens before
+    lens - T + t + 1; each query against the fp64 reference with flash-attention's rule."""
+    T, D = q.shape[2], q.shape[-1]
+    scale = 1 / math.sqrt(D)
+    out = torch.full_like(q, float("nan"))
+    got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, out=out, backend="triton")
+    assert got.data_ptr() == out.data_ptr() and got.shape == q.shape
+    for t in range(T):
+        lens_t = (lens - (T - 1 - t)).clamp_min(0)
+        mask = selected_token_mask(idx.to(k.device), lens_t, k.shape[2], chunk)
+        qt = q[:, :, t].contiguous()
+        ok, err, base = attention_close(got[:, :, t], attention_ref_fp64(qt, k, v, mask, scale),
+                                        attention_ref_lowp(qt, k, v, mask, scale), atol=atol)
+        assert ok, f"query {t}: kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g} + {atol}"
+    ref = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="reference")
+    assert ref.shape == q.shape
+    return got
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("G,T,dtype", [(1, 4, torch.float32), (4, 2, torch.float16), (2, 3, torch.float32)])
+def test_multi_query_causal(monkeypatch, G, T, dtype, fused):
+    # (bf16 on the GPU below: the interpreter truncates fp32 -> bf16, which the rule's torch
+    # yardstick does not)
+    monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
+    gen = torch.Generator().manual_seed(G * 10 + T)
+    B, Hkv, D, L, chunk = 3, 2, 32, 200, 16
+    q = torch.randn(B, Hkv * G, T, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    lens = torch.tensor([200, 129, 2])  # the new tokens straddle a block edge in row 1
+    nb = -(-L // chunk)
+    # distinct blocks per row (the kernel's contract), the new tokens' blocks among them (row 1's
+    # new tokens straddle blocks 7 / 8)
+    need = [[nb - 1], [7, 8], [0]]
+    rows = []
+    for bi in range(B):
+        for _ in range(Hkv):
+            rest = [int(x) for x in torch.randperm(nb, generator=gen) if int(x) not in need[bi]]
+            rows.append(torch.tensor(need[bi] + rest[: 6 - len(need[bi])]))
+    idx = torch.stack(rows).view(B, Hkv, 6).to(torch.int32)
+    got = check_multi_query(q, k, v, idx, lens, chunk)
+    # each query differs from the others (the causal limit moves with it)
+    assert not torch.equal(got[0, :, 0], got[0, :, -1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,T", [(4, 4), (8, 2)])
+def test_gpu_multi_query(G, T):
+    gen = torch.Generator().manual_seed(G + T)
+    B, Hkv, D, L, chunk = 2, 8, 128, 4097, 128
+    q = torch.randn(B, Hkv * G, T, D, generator=gen).to(torch.bfloat16).cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(torch.bfloat16).cuda()
+    lens = torch.tensor([4097, 2050]).cuda()
+    need = [32, 16]  # each sequence's last block (its new tokens), plus 11 other distinct blocks
+    rows = []
+    for bi in range(B):
+        for _ in range(Hkv):
+            rest = [int(x) for x in torch.randperm(33, generator=gen) if int(x) != need[bi]]
+            rows.append(torch.tensor([need[bi]] + rest[:11]))
+    idx = torch.stack(rows).view(B, Hkv, 12).to(torch.int32)
+    check_multi_query(q, k, v, idx.cuda(), lens, chunk, atol=1e-4)

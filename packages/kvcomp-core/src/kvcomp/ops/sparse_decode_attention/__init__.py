@@ -2,7 +2,13 @@
 
     out = sparse_decode_attention(q, k_cache, v_cache, block_idx, seq_lens,
                                   chunk_size=128, scale=None)
-        q          [B, Hq, D]          float16 / bfloat16 / float32
+        q          [B, Hq, D]          float16 / bfloat16 / float32; or [B, Hq, T, D]: T queries
+                                       per sequence (speculative decoding: the last T tokens,
+                                       query t at token seq_len - T + t attends to the selected
+                                       tokens below seq_len - T + t + 1); out is then
+                                       [B, Hq, T, D]. One selection serves the T queries (for
+                                       ``hamming_topk`` pass their codes as [B, Hq * T, W]:
+                                       the group of a kv-head is then its G * T query rows)
         k_cache    [B, Hkv, Lmax, D]   same dtype as q (any strides with a unit last stride)
         v_cache    [B, Hkv, Lmax, D]
         block_idx  [B, Hkv, K]         int32 block indices (-1 entries are skipped), e.g. from
@@ -39,9 +45,9 @@ def _check_paged(q, k_cache, block_table):
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
     if block_table.shape[0] != q.shape[0]:
         raise ValueError(f"block_table {tuple(block_table.shape)} must be [B={q.shape[0]}, max_pages]")
-    if k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]:
+    if k_cache.dim() != 4 or k_cache.shape[3] != q.shape[-1]:
         raise ValueError(
-            f"paged k_cache {tuple(k_cache.shape)} must be [num_pages, Hkv, page_size, D={q.shape[2]}]"
+            f"paged k_cache {tuple(k_cache.shape)} must be [num_pages, Hkv, page_size, D={q.shape[-1]}]"
         )
 
 
@@ -53,13 +59,15 @@ def _gather_pages(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
 
 
 def _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, paged=False):
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES)
+    if q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[2] < 1):
+        raise ValueError(f"q must be [B, Hq, D] or [B, Hq, T, D] with T >= 1, got shape {tuple(q.shape)}")
     dev = q.device
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=dev)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=dev)
     check_tensor("block_idx", block_idx, ndim=3, dtypes=(torch.int32,), device=dev)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INT_DTYPES, device=dev)
-    B, Hq, D = q.shape
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     if (not paged and k_cache.shape[0] != B) or k_cache.shape[3] != D:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} must be [B={B}, Hkv, Lmax, D={D}]")
     if v_cache.shape[:3] != k_cache.shape[:3]:
@@ -92,7 +100,7 @@ def sparse_decode_attention(
     if block_table is not None:
         _check_paged(q, k_cache, block_table)
     if out is not None:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
+        check_tensor("out", out, ndim=q.dim(), dtypes=(q.dtype,), device=q.device)
         if out.shape != q.shape:
             raise ValueError(f"out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if scale is None:

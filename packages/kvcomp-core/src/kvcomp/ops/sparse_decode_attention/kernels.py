@@ -69,11 +69,15 @@ def _sparse_decode_split_kernel(
     tbl_ptr=None, stb=0, stp=0, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1,
     out_ptr=None, sob=0, soh=0, sod=0, ticket_ptr=None, FUSED: tl.constexpr = False,
     G_R: tl.constexpr = 1, S_PAD: tl.constexpr = 1, S_TILE: tl.constexpr = 1,
+    T_Q: tl.constexpr = 1,
 ):
-    """With PAGED, k/v are page pools [pages, Hkv, PAGE, D] (strides skb.. = page, head, row,
-    dim) and token t of sequence b lives in page tbl[b, t // PAGE] at row t % PAGE. With FUSED,
-    the last of the row's SPLITS programs merges the partials into out [B, Hq, D] (strides
-    sob, soh, sod) and resets ticket[b * Hkv + h] (module doc)."""
+    """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
+    r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
+    seq_len - T_Q + t + 1 only (causal among the new tokens). With PAGED, k/v are page pools
+    [pages, Hkv, PAGE, D] (strides skb.. = page, head, row, dim) and token t of sequence b lives
+    in page tbl[b, t // PAGE] at row t % PAGE. With FUSED, the last of the row's SPLITS programs
+    merges the partials into out [B, Hq, D] (strides sob, soh, sod) and resets
+    ticket[b * Hkv + h] (module doc)."""
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -126,7 +130,11 @@ def _sparse_decode_split_kernel(
             s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(kt))  # [G_PAD, BLOCK_N] fp32
-        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
+        if T_Q > 1:  # query row g sees tokens < seq_len - T_Q + 1 + g % T_Q
+            lim = seq_len - T_Q + 1 + (g % T_Q)
+            s = tl.where(ok[None, :] & (t[None, :] < lim[:, None]), s * scale_log2, float("-inf"))
+        else:
+            s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # 0 where masked
@@ -263,11 +271,21 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
 def sparse_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor,
     seq_lens: torch.Tensor, chunk_size: int, scale: float, out: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None, _t_q: int = 1,
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, Lmax, D], block_idx [B, Hkv, K] int32, seq_lens [B] -> [B, Hq, D]
     (written into ``out`` [B, Hq, D] of q's dtype, any strides, when given). With ``block_table``
-    [B, max_pages] int32, k/v are page pools [num_pages, Hkv, page_size, D]."""
+    [B, max_pages] int32, k/v are page pools [num_pages, Hkv, page_size, D]. q [B, Hq, T, D]:
+    T queries per sequence (the last T tokens, causal among themselves) -> [B, Hq, T, D]."""
+    if q.dim() == 4:
+        B, Hq, T, D = q.shape
+        if out is not None and not out.is_contiguous():  # the rows are (head, query) pairs of a view
+            return out.copy_(sparse_decode_attention_triton(q, k_cache, v_cache, block_idx, seq_lens,
+                                                            chunk_size, scale, block_table=block_table))
+        o3 = sparse_decode_attention_triton(
+            q.reshape(B, Hq * T, D), k_cache, v_cache, block_idx, seq_lens, chunk_size, scale,
+            out=None if out is None else out.view(B, Hq * T, D), block_table=block_table, _t_q=T)
+        return o3.view(B, Hq, T, D)
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     K = block_idx.shape[2]
@@ -305,7 +323,7 @@ def sparse_decode_attention_triton(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
-        **paged, **fused,
+        **paged, **fused, T_Q=_t_q,
         num_warps=WARPS, num_stages=STAGES,
     )
     if not fuse:

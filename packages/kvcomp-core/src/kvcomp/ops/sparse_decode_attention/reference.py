@@ -22,7 +22,16 @@ def sparse_decode_attention_ref(
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, L, D], block_idx [B, Hkv, K] -> [B, Hq, D] (q's dtype).
 
-    A block listed twice counts once; a row with no selected token (seq_len 0) gives zeros."""
+    A block listed twice counts once; a row with no selected token (seq_len 0) gives zeros.
+    q [B, Hq, T, D]: T queries per sequence, query t at token seq_len - T + t, attending to the
+    selected tokens below seq_len - T + t + 1 -> [B, Hq, T, D]."""
+    if q.dim() == 4:
+        T = q.shape[2]
+        lens = seq_lens.to(torch.int64)
+        return torch.stack([
+            sparse_decode_attention_ref(q[:, :, t], k_cache, v_cache, block_idx,
+                                        (lens - (T - 1 - t)).clamp_min(0), chunk_size, scale)
+            for t in range(T)], dim=2)
     B, Hq, D = q.shape
     Hkv, L, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     G = Hq // Hkv
