@@ -8,6 +8,7 @@ import torch
 from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp
 from kvcomp.ops._blocks import selected_token_mask
 from kvcomp.ops.decode_step import decode_step
+from kvcomp.ops.hamming_topk import hamming_topk
 from kvcomp.ops.hash_encode import hash_encode
 
 
@@ -48,6 +49,31 @@ def test_step_matches_reference(G, mode):
     q, q_w, k, v, k_codes = make_inputs(2, 2, G, 32, 129, 64, torch.float16, "cpu", gen)
     lens = torch.tensor([129, 40])
     check_step(q, q_w, k, v, k_codes, lens, 16, k_blocks=3, mode=mode)
+
+
+@pytest.mark.parametrize("G,T", [(1, 3), (4, 2)])
+def test_step_several_queries_per_sequence(G, T):
+    """q [B, Hq, T, D]: one selection from the G x T query rows of each kv-head (the group sum
+    over all of them), then attention causal among the T new tokens."""
+    gen = torch.Generator().manual_seed(G + 7 * T)
+    B, Hkv, D, L, chunk = 2, 2, 32, 129, 16
+    _, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, L, 64, torch.float32, "cpu", gen)
+    q = dyadic(B, Hkv * G, T, D, gen=gen)
+    lens = torch.tensor([129, 40])
+    out, idx = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, k_blocks=4, backend="triton")
+    out_r, idx_r = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, k_blocks=4, backend="reference")
+    assert out.shape == q.shape and torch.equal(idx, idx_r)
+    # the selection is the one of the flattened (head, query) rows as a group of G * T
+    codes = hash_encode(q, q_w, backend="reference").reshape(B, Hkv * G * T, -1)
+    assert torch.equal(idx_r, hamming_topk(codes, k_codes, lens, k_blocks=4, chunk_size=chunk,
+                                           backend="reference"))
+    scale = 1 / math.sqrt(D)
+    for t in range(T):  # query t sees the selected tokens before lens - T + t + 1
+        mask = selected_token_mask(idx_r, lens - (T - 1 - t), L, chunk)
+        qt = q[:, :, t].contiguous()
+        ok, err, base = attention_close(out[:, :, t], attention_ref_fp64(qt, k, v, mask, scale),
+                                        attention_ref_lowp(qt, k, v, mask, scale), atol=1e-4)
+        assert ok, (t, err, base)
 
 
 def test_step_tensor_budget_needs_max_blocks():

@@ -3,7 +3,11 @@
     out, block_idx = decode_step(q, q_weight, k_codes, k_cache, v_cache, seq_lens,
                                  k_blocks=..., max_blocks=..., chunk_size=128,
                                  must_select=(0, -2, -1), chunk_repre="max", scale=None)
-        q          [B, Hq, D]            float16 / bfloat16 / float32, post-RoPE decode queries
+        q          [B, Hq, D]            float16 / bfloat16 / float32, post-RoPE decode queries;
+                                         or [B, Hq, T, D]: the last T tokens of each sequence
+                                         (a speculative-decoding verify step): one selection
+                                         from all G x T query rows of a kv-head, attention
+                                         causal among the T tokens (``sparse_decode_attention``)
         q_weight   [Hq, D, BITS]         hash projection of each query head (its kv-head's W,
                                          ``kvcomp.ops.query_codes.expand_query_weight``)
         k_codes    [B, Hkv, Lmax, W]     int32 key-code cache (W = BITS // 32)
@@ -16,7 +20,7 @@
         k_scale    [B, Hkv, Lmax] float, optional per-token weights of the scores (the key
                    norms ``||k - mu||`` of centred codes, ``kvcomp.ops.key_stats``); needs
                    chunk_repre="max". The query codes are unchanged (no query bias).
-        out        [B, Hq, D]            q's dtype
+        out        q's shape and dtype
         block_idx  [B, Hkv, K]           int32, ascending, -1 padding (``hamming_topk``)
 
 The same three public ops the integration calls, in a row: ``hash_encode`` -> ``hamming_topk``
@@ -54,14 +58,16 @@ def decode_step(
     k_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dim() != 3 or q_weight.dim() != 3 or q_weight.shape[0] != q.shape[1]:
+    if q.dim() not in (3, 4) or q_weight.dim() != 3 or q_weight.shape[0] != q.shape[1]:
         raise ValueError(
-            f"decode_step needs q [B, Hq, D] and q_weight [Hq, D, BITS], got q {tuple(q.shape)} "
-            f"and q_weight {tuple(q_weight.shape)}"
+            f"decode_step needs q [B, Hq, D] or [B, Hq, T, D] and q_weight [Hq, D, BITS], got q "
+            f"{tuple(q.shape)} and q_weight {tuple(q_weight.shape)}"
         )
     if isinstance(k_blocks, torch.Tensor) and max_blocks is None:
         raise ValueError("decode_step: a tensor k_blocks needs max_blocks= (no host read allowed)")
-    q_codes = hash_encode(q, q_weight, backend=backend)  # [B, Hq, W]
+    q_codes = hash_encode(q, q_weight, backend=backend)  # [B, Hq, W] or [B, Hq, T, W]
+    if q.dim() == 4:  # the kv-head's group: its G query heads x T queries
+        q_codes = q_codes.reshape(q.shape[0], q.shape[1] * q.shape[2], q_codes.shape[-1])
     block_idx = hamming_topk(
         q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
         must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
