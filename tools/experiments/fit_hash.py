@@ -190,11 +190,10 @@ def fitted_weights(name: str, train, layer: int, hkv: int, d: int, seed: int = 0
 
 
 # ----------------------------------------------------------------------------- block-rank
-def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: int, lr: float,
-               beta: float, tau: float, seed: int = 0) -> torch.Tensor:
-    """kvcomp.training.block_rank.fit_block_rank on the captured training documents (query
-    positions drawn as ``collect_groups`` draws them)."""
-    from kvcomp.training.block_rank import GroupSet, fit_block_rank
+def training_groups(train, layer: int, n_queries: int, seed: int = 0):
+    """[GroupSet] per kv-head of ``layer`` from the captured training documents (query positions
+    drawn as ``kvcomp.training.collect.collect_groups`` draws them)."""
+    from kvcomp.training.block_rank import GroupSet
     from kvcomp.training.collect import sample_positions
 
     Hkv = train[0][layer][1].shape[0]
@@ -207,6 +206,15 @@ def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: in
             groups[h].q.append(q[h * G : (h + 1) * G, t].contiguous())
             groups[h].k.append(k[h].contiguous())
             groups[h].t.append(t)
+    return groups
+
+
+def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: int, lr: float,
+               beta: float, tau: float, seed: int = 0) -> torch.Tensor:
+    """kvcomp.training.block_rank.fit_block_rank on the captured training documents."""
+    from kvcomp.training.block_rank import fit_block_rank
+
+    groups = training_groups(train, layer, n_queries, seed)
     w, _ = fit_block_rank(groups, w0, steps=steps, lr=lr, beta=beta, tau=tau, chunk=CHUNK)
     return w
 

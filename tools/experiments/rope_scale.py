@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fit_hash import BITS, CHUNK, FIRST_SPARSE, capture_docs  # noqa: E402
+from fit_hash import training_groups as _groups  # noqa: E402
 
 
 def plane_full(x: torch.Tensor) -> torch.Tensor:
@@ -64,23 +65,6 @@ def rope_s_matrix(scale: torch.Tensor, phi: torch.Tensor | None = None) -> torch
     S[:, i + F, i] = -s
     S[:, i, i + F] = s
     return S
-
-
-def _groups(train, layer: int, n_queries: int, seed: int = 0):
-    from kvcomp.training.block_rank import GroupSet
-    from kvcomp.training.collect import sample_positions
-
-    Hkv = train[0][layer][1].shape[0]
-    groups = [GroupSet() for _ in range(Hkv)]
-    for d, doc in enumerate(train):
-        q, k = doc[layer]
-        G = q.shape[0] // Hkv
-        t = sample_positions(k.shape[1], n_queries, torch.Generator().manual_seed(seed * 1_000_003 + d))
-        for h in range(Hkv):
-            groups[h].q.append(q[h * G : (h + 1) * G, t].contiguous())
-            groups[h].k.append(k[h].contiguous())
-            groups[h].t.append(t)
-    return groups
 
 
 def max_head_targets(q, k, t, chunk):
