@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvcomp.ops._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, device_guard, use_triton
-from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.hash_encode import _check, hash_encode
 
 __all__ = ["append_kv", "append_kv_ref"]
 
@@ -59,18 +59,18 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torc
         check_tensor("codes", codes, ndim=4, dtypes=(torch.int32,), device=k.device)
         if codes.shape[:3] != k_buf.shape[:3]:
             raise ValueError(f"codes {tuple(codes.shape)} must be [B, H, Lmax, W] for k_buf {tuple(k_buf.shape)}")
-    from kvcomp.ops.hash_encode.kernels import ROW_KERNEL_MAX_ROWS
-
     extra = [t for t in (codes, weight, bias) if t is not None]
-    if (T > ROW_KERNEL_MAX_ROWS or not use_triton(backend, k, v, k_buf, v_buf, *extra)
-            or k_buf.stride(3) != 1 or v_buf.stride(3) != 1):
+    kernel = (use_triton(backend, k, v, k_buf, v_buf, *extra)
+              and k_buf.stride(3) == 1 and v_buf.stride(3) == 1)
+    if kernel:  # (Triton is optional: imported only when its kernels run)
+        from kvcomp.ops.hash_encode.kernels import ROW_KERNEL_MAX_ROWS, append_kv_triton
+
+        kernel = T <= ROW_KERNEL_MAX_ROWS
+    if not kernel:
         if codes is not None:  # validates weight / bias as hash_encode does
             hash_encode(k, weight, bias=bias, out=codes, positions=positions, backend=backend)
         append_kv_ref(k, v, k_buf, v_buf, positions)
         return
-    from kvcomp.ops.hash_encode import _check
-    from kvcomp.ops.hash_encode.kernels import append_kv_triton
-
     if codes is not None:
         _check(k, weight, bias)
         if codes.shape[3] * 32 != weight.shape[-1]:
