@@ -51,21 +51,20 @@ def test_step_matches_reference(G, mode):
     check_step(q, q_w, k, v, k_codes, lens, 16, k_blocks=3, mode=mode)
 
 
-@pytest.mark.parametrize("G,T", [(1, 3), (4, 2)])
-def test_step_several_queries_per_sequence(G, T):
+def check_several_queries(B, Hkv, G, T, D, L, chunk, lens, k_blocks, dtype, device, seed):
     """q [B, Hq, T, D]: one selection from the G x T query rows of each kv-head (the group sum
     over all of them), then attention causal among the T new tokens."""
-    gen = torch.Generator().manual_seed(G + 7 * T)
-    B, Hkv, D, L, chunk = 2, 2, 32, 129, 16
-    _, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, L, 64, torch.float32, "cpu", gen)
-    q = dyadic(B, Hkv * G, T, D, gen=gen)
-    lens = torch.tensor([129, 40])
-    out, idx = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, k_blocks=4, backend="triton")
-    out_r, idx_r = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, k_blocks=4, backend="reference")
+    gen = torch.Generator().manual_seed(seed)
+    _, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, L, 64, dtype, device, gen)
+    q = dyadic(B, Hkv * G, T, D, gen=gen).to(dtype).to(device)
+    lens = torch.tensor(lens, device=device)
+    out, idx = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, k_blocks=k_blocks, backend="triton")
+    out_r, idx_r = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, k_blocks=k_blocks,
+                               backend="reference")
     assert out.shape == q.shape and torch.equal(idx, idx_r)
     # the selection is the one of the flattened (head, query) rows as a group of G * T
     codes = hash_encode(q, q_w, backend="reference").reshape(B, Hkv * G * T, -1)
-    assert torch.equal(idx_r, hamming_topk(codes, k_codes, lens, k_blocks=4, chunk_size=chunk,
+    assert torch.equal(idx_r, hamming_topk(codes, k_codes, lens, k_blocks=k_blocks, chunk_size=chunk,
                                            backend="reference"))
     scale = 1 / math.sqrt(D)
     for t in range(T):  # query t sees the selected tokens before lens - T + t + 1
@@ -74,6 +73,17 @@ def test_step_several_queries_per_sequence(G, T):
         ok, err, base = attention_close(out[:, :, t], attention_ref_fp64(qt, k, v, mask, scale),
                                         attention_ref_lowp(qt, k, v, mask, scale), atol=1e-4)
         assert ok, (t, err, base)
+
+
+@pytest.mark.parametrize("G,T", [(1, 3), (4, 2)])
+def test_step_several_queries_per_sequence(G, T):
+    check_several_queries(2, 2, G, T, 32, 129, 16, [129, 40], 4, torch.float32, "cpu", G + 7 * T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,T", [(4, 4), (8, 2), (1, 3)])
+def test_gpu_step_several_queries_real_shapes(G, T):
+    check_several_queries(3, 8, G, T, 128, 4097, 128, [4097, 5, 2050], 5, torch.bfloat16, "cuda", G + T)
 
 
 def test_step_tensor_budget_needs_max_blocks():

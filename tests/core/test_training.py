@@ -298,7 +298,11 @@ def test_train_mla_tiny_deepseek(tmp_path):
 
 # ----------------------------------------------------------------------------- distributed
 _DIST_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import atexit, os, sys, torch
+    import torch.distributed as dist
+    # runs after kvcomp's own exit handler (atexit is last in, first out): the group must be gone
+    atexit.register(lambda: open(f"{sys.argv[1]}.rank{os.environ.get('RANK', 0)}.exit", "w").write(
+        str(dist.is_initialized())))
     from transformers import LlamaConfig, LlamaForCausalLM
     from kvcomp.training import TrainConfig, train_hash_weights
     torch.manual_seed(0)
@@ -323,6 +327,8 @@ def test_two_process_training_matches_one(tmp_path):
                            "--master_port", "29517", str(script), str(two)],
                           env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # each rank destroyed the process group kvcomp created before the interpreter's teardown
+    assert [(tmp_path / f"two.safetensors.rank{r}.exit").read_text() for r in (0, 1)] == ["False"] * 2
     a, b = HashWeights.load(one), HashWeights.load(two)
     assert b.trained
     for i in range(3):

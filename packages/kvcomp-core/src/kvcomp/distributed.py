@@ -8,7 +8,10 @@ Both commands run unchanged as one process or under a launcher that starts N cop
 The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 ``init()`` then joins the process group (or uses one the caller already made); the group stays
 for the life of the process, so a second command or training run in the same process reuses it
-(re-creating a destroyed group against the launcher's store does not work). Work is split
+(re-creating a destroyed group against the launcher's store does not work). A group ``init()``
+created is destroyed by an ``atexit`` handler, while the interpreter is still whole: left to the
+interpreter's teardown, gloo's worker threads are destroyed while joinable and the process can
+abort ("terminate called without an active exception", SIGABRT) after its work is done. Work is split
 by ``shard()`` (item i goes to rank i % N, a deterministic assignment), results travel to
 rank 0 by ``gather()`` (``torch.distributed.gather_object``), and rank 0 alone writes files.
 
@@ -19,6 +22,7 @@ The process group uses the gloo backend: what crosses processes is each rank's f
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -81,7 +85,16 @@ def init(backend: str = "gloo") -> DistContext:
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
     dist.init_process_group(backend=backend, init_method="env://")
+    atexit.register(_destroy_at_exit)
     return DistContext(dist.get_rank(), dist.get_world_size(), local, owned=True)
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group ``init()`` created, unless the caller already has."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str | torch.device) -> str:
