@@ -8,16 +8,22 @@ Per call, in this order:
     * no ``KVCompLayer`` behind ``key`` (no kvcomp cache, e.g. ``use_cache=False``), or the
       layer's first update (prefill): the model's previous attention implementation, with the
       mask transformers built (sdpa/eager/... exactly as before ``enable``);
-    * T > 1 with a past ("extend"), sliding-window layers, and decode steps the policy makes
-      dense (ratio 1.0 or the longest sequence below the threshold): dense attention over the
-      compacted cache with a mask built from ``seq_lens`` (none when no mask is needed, so a
-      dense decode is bit-identical to the unpatched model's);
+    * T > 1 with a past ("extend") other than a verify step (below), sliding-window layers,
+      and decode steps the policy makes dense (ratio 1.0 or the longest sequence below the
+      threshold): dense attention over the compacted cache with a mask built from
+      ``seq_lens`` (none when no mask is needed, so a dense decode is bit-identical to the
+      unpatched model's);
     * decode (T == 1), policy mode "compute": ``encode_query`` (config.query_aggregation) ->
       ``hamming_topk`` (k_blocks from ``LayerPolicy.k_blocks_tensor``, width from
       ``max_k_blocks``) -> ``sparse_decode_attention`` through ``layer.attend_blocks`` (the
       layer's storage step: K/V in HBM, or host-offloaded by ``kvcomp.offload``); the
       block_idx is kept on the cache layer for the layers that reuse it;
-    * decode, mode "reuse": the source layer's block_idx of this same step.
+    * decode, mode "reuse": the source layer's block_idx of this same step;
+    * a verify step (``is_verify_step``: 2 to ``MAX_VERIFY_QUERIES`` new tokens, all real,
+      e.g. the draft of prompt-lookup or assisted generation, whose new tokens lie in
+      must-selected blocks) is attended like a decode step: one selection from the G x T
+      (head, query) rows of each kv-head, then ``sparse_decode_attention`` with q
+      [B, Hq, T, D], causal among the new tokens.
 Sequences of a batch below the threshold get all their blocks (``k_blocks_tensor``).
 
 Per-module settings come from ``module._kvcomp`` (a ``LayerBinding`` that ``kvcomp.enable``
@@ -48,9 +54,13 @@ from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
 from kvcomp.ops import hamming_topk, sparse_decode_attention
 from kvcomp.ops.query_codes import encode_query
 
-__all__ = ["ATTN_NAME", "LayerBinding", "kvcomp_attention", "kvcomp_mask", "register", "forward_scope"]
+__all__ = ["ATTN_NAME", "MAX_VERIFY_QUERIES", "LayerBinding", "forward_scope", "is_verify_step",
+           "kvcomp_attention", "kvcomp_mask", "register"]
 
 ATTN_NAME = "kvcomp"
+# the most new tokens a step may have and still share one selection (a verify step); longer
+# extends (e.g. a prompt fed in pieces) want a selection per query and attend densely
+MAX_VERIFY_QUERIES = 8
 _FORWARD = threading.local()
 # previous attention implementation per model config (configs are not hashable: keyed by id)
 _FALLBACK_BY_CONFIG: dict[int, str] = {}
@@ -130,7 +140,8 @@ def kvcomp_attention(
     decode = layer.step_kind == "decode"
     if decode and getattr(layer, "is_static", False):
         return _static_decode(module, query, layer, binding, scaling, kwargs), None
-    if decode and binding.sliding_window is None:
+    sparse_ok = decode or is_verify_step(layer, query.shape[2], binding.handle.config)
+    if sparse_ok and binding.sliding_window is None:
         policy = binding.handle.policy
         mode = policy.mode(binding.layer_idx, layer.max_len)
         if mode != "dense":
@@ -139,6 +150,24 @@ def kvcomp_attention(
     if decode:
         layer.record_step("dense", None)
     return out, None
+
+
+def is_verify_step(layer: KVCompLayer, T: int, config) -> bool:
+    """Whether an extend step of ``T`` new tokens on ``layer`` may attend sparsely with one
+    selection: 1 < T <= MAX_VERIFY_QUERIES, every new token real (no padding in the step), a
+    dynamic cache layer, and each sequence's new tokens inside blocks that
+    ``config.must_select_blocks`` always selects (so each query sees itself and the new
+    tokens before it, whatever the hash ranks). Host lengths only: no sync."""
+    if layer.step_kind != "extend" or not 1 < T <= MAX_VERIFY_QUERIES or getattr(layer, "is_static", False):
+        return False
+    if not layer.step_all_real:
+        return False
+    c, must = config.chunk_size, set(config.must_select_blocks)
+    for n in set(layer.lens):
+        nb = -(-n // c)
+        if any(b not in must and b - nb not in must for b in range((n - T) // c, nb)):
+            return False
+    return True
 
 
 def _dense_cached(module, query, layer: KVCompLayer, window, fallback, scaling, kwargs):
@@ -186,7 +215,8 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
     cfg, policy = handle.config, handle.policy
     i = binding.layer_idx
     L = layer.max_len
-    q = query[:, :, 0, :].contiguous()  # [B, Hq, D]
+    T = query.shape[2]  # 1 (decode) or a verify step's new tokens
+    q = query[:, :, 0, :].contiguous() if T == 1 else query.contiguous()  # [B, Hq, (T,) D]
     seq_lens = layer.seq_lens
     if mode == "compute":
         if layer.codes_buf is None:
@@ -218,7 +248,7 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
         block_idx = src.step_block_idx.to(q.device)
     out = layer.attend_blocks(q, block_idx, chunk_size=cfg.chunk_size, scale=float(scaling))
     layer.record_step(mode, block_idx)
-    return out.unsqueeze(1)  # [B, 1, Hq, D]
+    return out.unsqueeze(1) if T == 1 else out.transpose(1, 2)  # [B, T, Hq, D]
 
 
 def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, kwargs):

@@ -117,6 +117,7 @@ class KVCompLayer(CacheLayerMixin):
         self.step_kind = "none"  # "prefill" | "decode" | "extend" for the latest update
         self._step_qpos: torch.Tensor | None = None
         self._step_T = 0
+        self.step_all_real = True  # every new token of the latest update is real (no padding)
         self.step_block_idx: torch.Tensor | None = None
         self.step_block_idx_update = -1
         self._returned_key = None
@@ -231,6 +232,7 @@ class KVCompLayer(CacheLayerMixin):
         self.padded_len += T
         self.updates += 1
         self._step_qpos, self._step_T = qpos, T
+        self.step_all_real = valid is None
         self.step_kind = "prefill" if prefill else ("decode" if T == 1 and valid is None else "extend")
         L = self.max_len
         self.keys = self.keys_buf[:, :, :L]
@@ -292,8 +294,9 @@ class KVCompLayer(CacheLayerMixin):
     # ----------------------------------------------------------------------------- attention
     def attend_blocks(self, q: torch.Tensor, block_idx: torch.Tensor, *, chunk_size: int,
                       scale: float) -> torch.Tensor:
-        """Sparse decode attention of q [B, Hq, D] over the blocks block_idx [B, Hkv, K] of
-        this layer's cache -> [B, Hq, D] (``sparse_decode_attention``). The storage step that
+        """Sparse decode attention of q [B, Hq, D] (or [B, Hq, T, D]: a verify step's T
+        queries, causal among the last T tokens) over the blocks block_idx [B, Hkv, K] of this
+        layer's cache -> q's shape (``sparse_decode_attention``). The storage step that
         the attention function calls; a layer keeping its K/V elsewhere (``kvcomp.offload``)
         overrides it."""
         L = self.max_len

@@ -243,10 +243,11 @@ class OffloadLayer(KVCompLayer):
     def attend_blocks(self, q: torch.Tensor, block_idx: torch.Tensor, *, chunk_size: int,
                       scale: float) -> torch.Tensor:
         """Fetch the selected blocks that are not resident, then attend over the page pool:
-        q [B, Hq, D], block_idx int32 [B, Hkv, K] -> [B, Hq, D] (see the module docstring)."""
+        q [B, Hq, D] or [B, Hq, T, D] (a verify step), block_idx int32 [B, Hkv, K] -> q's shape
+        (see the module docstring)."""
         if chunk_size != self.chunk_size:
             raise ValueError(f"layer {self.layer_idx}: chunk_size {chunk_size} differs from the cache's {self.chunk_size}")
-        B, Hq, D = q.shape
+        B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
         H = self.keys_buf.shape[1]
         if block_idx.dim() != 3 or tuple(block_idx.shape[:2]) != (B, H):
             raise ValueError(f"block_idx {tuple(block_idx.shape)} must be [B={B}, Hkv={H}, K]")
@@ -269,11 +270,11 @@ class OffloadLayer(KVCompLayer):
         nb = max(1, -(-self.max_len // self.chunk_size))
         table = self.blocks.table[:, :nb]
         out = sparse_decode_attention(
-            q.reshape(R, Hq // H, D), self.pool_k, self.pool_v, sel.view(R, 1, K),
+            q.reshape(R, Hq // H, *q.shape[2:]), self.pool_k, self.pool_v, sel.view(R, 1, K),
             self.seq_lens.view(B, 1).expand(B, H).reshape(R), chunk_size=self.chunk_size,
             scale=scale, block_table=table,
         )
-        return out.view(B, Hq, D)
+        return out.view(q.shape)
 
     # ------------------------------------------------------------------------- batch ops
     def _select_batch(self, index: torch.Tensor) -> None:

@@ -2,7 +2,10 @@
 ``hamming_topk`` scores against the key codes.
 
     q_codes = encode_query(q, kv_weight, mode="sum")
-        q          [B, Hq, D]         float, post-RoPE decode queries (one token per sequence)
+        q          [B, Hq, D]         float, post-RoPE decode queries (one token per sequence),
+                   or [B, Hq, T, D]   T queries per sequence (a speculative-decoding verify step):
+                                      the group of a kv-head is then its G x T (head, query)
+                                      rows, head-major, and "sum" returns [B, Hq * T, W]
         kv_weight  [Hkv, D, BITS]     the layer's per-kv-head hash projections
         q_weight   [Hq, D, BITS]      optional, ``kv_weight`` expanded per query head (pass it to
                                       avoid re-expanding every step; ``expand_query_weight``)
@@ -44,25 +47,26 @@ def encode_query(
     q_weight: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be [B, Hq, D] or [B, Hq, T, D], got shape {tuple(q.shape)}")
     if kv_weight.dim() != 3:
         raise ValueError(f"kv_weight must be [Hkv, D, BITS], got shape {tuple(kv_weight.shape)}")
     if mode not in QUERY_MODES:
         raise ValueError(f"query aggregation mode must be one of {QUERY_MODES}, got {mode!r}")
-    B, Hq, D = q.shape
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+    T = q.shape[2] if q.dim() == 4 else 1
     Hkv = kv_weight.shape[0]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv-heads ({Hkv})")
-    G = Hq // Hkv
+    G = Hq // Hkv * T  # rows of a kv-head's group
     if mode == "sum":
         w = q_weight if q_weight is not None else expand_query_weight(kv_weight, Hq)
-        return hash_encode(q, w, backend=backend)
+        return hash_encode(q, w, backend=backend).reshape(B, Hq * T, -1)
     if mode == "mean":
-        qm = q.float().view(B, Hkv, G, D).mean(2).to(q.dtype)
+        qm = q.float().reshape(B, Hkv, G, D).mean(2).to(q.dtype)
         return hash_encode(qm, kv_weight, backend=backend)
     # majority: per-bit vote of the group's signs
     w = q_weight if q_weight is not None else expand_query_weight(kv_weight, Hq)
-    signs = (project(q, w) > 0).view(B, Hkv, G, -1)  # [B, Hkv, G, BITS]
+    signs = (project(q, w) > 0).reshape(B, Hkv, G, -1)  # [B, Hkv, G, BITS]
     votes = signs.sum(2) * 2 - G  # positive where most heads say 1
     return pack_bits(votes > 0)
