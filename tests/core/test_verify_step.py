@@ -240,3 +240,47 @@ def test_verify_step_on_the_triton_kernels(monkeypatch):
     assert [m for _, m, *_ in calls] == ["compute", "reuse"]
     assert torch.equal(cache.layers[2].step_block_idx, ref_cache.layers[2].step_block_idx)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- kvcomp bench verify
+def test_bench_verify_checks_on_the_kernels(device):
+    """The bench's verification on CPU shapes with the Triton kernels (interpreter): a correct
+    step passes, an output with one query's causal limit dropped fails."""
+    from kvcomp.bench.verify import check_queries, check_verify_step
+    from kvcomp.ops.hash_encode import hash_encode
+
+    gen = torch.Generator().manual_seed(4)
+    B, Hkv, G, T, D, L, chunk = 2, 2, 2, 3, 32, 70, 16
+    q, k, v = (torch.randn(*shape, generator=gen).to(device)
+               for shape in ((B, Hkv * G, T, D), (B, Hkv, L, D), (B, Hkv, L, D)))
+    w = torch.randn(Hkv, D, 64, generator=gen).to(device)
+    codes = hash_encode(k, w)
+    lens = torch.tensor([70, 37], device=device)
+    checks, out, idx = check_verify_step(q, w.repeat_interleave(G, 0), codes, k, v, lens, 3, chunk=chunk,
+                                         backend="triton")
+    assert checks == {"select": True, "attend": True}
+    scale = 1 / math.sqrt(D)
+    wrong = out.clone()
+    wrong[:, :, 0] = out[:, :, -1]  # query 0 given the last query's (longer) view
+    assert not check_queries(wrong, q, k, v, idx, lens, chunk, scale)[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_verify_refuses_without_gpu(capsys):
+    from kvcomp.cli import main
+
+    assert main(["bench", "verify", "--lengths", "4096"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_bench_verify_gpu(tmp_path):
+    from kvcomp.cli import main
+
+    out = tmp_path / "v.json"
+    assert main(["bench", "verify", "--lengths", "4096", "--batches", "2", "--q-lens", "4",
+                 "--reps", "5", "--json", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["T"] for r in rows] == [1, 1, 4, 4] and all(r["verified"] for r in rows)

@@ -15,6 +15,7 @@ import importlib.util
 
 SUBCOMMANDS = [
     "kvcomp.bench.decode",
+    "kvcomp.bench.verify",
     "kvcomp.bench.mla",
     "kvcomp.bench.e2e",
     "kvcomp.bench.e2e_mla",
