@@ -284,3 +284,24 @@ def test_bench_verify_gpu(tmp_path):
 
     rows = json.loads(out.read_text())["rows"]
     assert [r["T"] for r in rows] == [1, 1, 4, 4] and all(r["verified"] for r in rows)
+
+
+def test_assisted_generation_with_a_draft_model_verifies_sparsely():
+    """``generate(assistant_model=draft)``: the draft (its own plain cache) proposes 3 tokens,
+    the kvcomp model verifies them in one sparse step of up to 4 tokens."""
+    model = tiny_model("llama")
+    draft = tiny_model("llama", seed=1)
+    draft.generation_config.num_assistant_tokens = 3
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    h = kvcomp.enable(model, config_for(model, **SPARSE), debug=True)
+    lens, hook = count_forwards(model)
+    try:
+        out = generate(model, prompt(45), new=10, assistant_model=draft, output_logits=False)
+    finally:
+        hook.remove()
+    cache = h.last_cache
+    h.disable()
+    assert out.sequences.shape == (1, 55)
+    steps = lens[1:]
+    assert any(n > 1 for n in steps) and max(steps) <= 4, steps
+    assert [m for m, _, _ in cache.layers[2].history] == ["compute"] * len(steps)

@@ -89,6 +89,23 @@ def block_max(scores: torch.Tensor, t0: int) -> torch.Tensor:
     return sc.view(Hkv, N, nb, CHUNK).amax(-1)
 
 
+def block_lse(scores: torch.Tensor, t0: int) -> torch.Tensor:
+    """token log-weights [Hkv, N, T] -> [Hkv, N, NB] block log-sum-exp over causal tokens: the
+    log of the block's (unnormalised) attention mass when the weights are calibrated logits."""
+    Hkv, N, T = scores.shape
+    t = torch.arange(t0, t0 + N).view(1, N, 1)
+    sc = scores.masked_fill(torch.arange(T).view(1, 1, T) > t, -math.inf)
+    nb = -(-T // CHUNK)
+    sc = torch.nn.functional.pad(sc, (0, nb * CHUNK - T), value=-math.inf)
+    return torch.logsumexp(sc.view(Hkv, N, nb, CHUNK).double(), -1).float()
+
+
+def query_norm(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """q [Hq, N, D] -> [Hkv, N, 1]: the mean query norm of each kv-head's group."""
+    Hq, N, D = q.shape
+    return q.norm(dim=-1).view(hkv, Hq // hkv, N).mean(1).unsqueeze(-1)
+
+
 def captured(bscores: torch.Tensor, mass: torch.Tensor, t0: int) -> dict[float, torch.Tensor]:
     """Block scores and true mass [Hkv, N, NB] -> {budget: [N] captured mass (mean over Hkv)}."""
     Hkv, N, nb = mass.shape
@@ -221,7 +238,7 @@ def block_rank(train, layer: int, w0: torch.Tensor, *, steps: int, n_queries: in
 
 # ----------------------------------------------------------------------------- main
 def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per_layer=None,
-             scores=("hamming", "centered_norm")):
+             scores=("hamming", "centered_norm"), lse=()):
     """{variant/score: {budget: [positions] captured mass}} over the held-out documents (token
     scores ``scores`` for every variant but "random", which always has both);
     ``per_layer`` (a dict) also receives {(variant/score, budget): {layer: [docs] mean mass}}."""
@@ -238,12 +255,21 @@ def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per
             mass = oracle_mass(qw, k, t0)
             runs = {"oracle": mass, "exact": block_max(exact_scores(qw, k, mu), t0),
                     "angle": block_max(angle_scores(qw, k, mu), t0)}
+            Hkv, D = k.shape[0], k.shape[-1]
+            G = qw.shape[0] // Hkv
+            if lse:  # block = log-sum-exp of calibrated token logits instead of the max
+                runs["exact-lse"] = block_lse(exact_scores(qw, k, mu) / (G * math.sqrt(D)), t0)
             for name, ws in weights.items():
                 w = ws[layer]
                 if name == "random" or "hamming" in scores:
                     runs[f"{name}/hamming"] = block_max(hash_scores(qw, k, w, None), t0)
                 if name == "random" or "centered_norm" in scores:
-                    runs[f"{name}/centered_norm"] = block_max(hash_scores(qw, k, w, mu), t0)
+                    cn = hash_scores(qw, k, w, mu)
+                    runs[f"{name}/centered_norm"] = block_max(cn, t0)
+                    # logit estimate: ||q|| ||k - mu|| cos, cos ~ (BITS - 2 Ham) / BITS, x alpha
+                    base = cn * query_norm(qw, Hkv) / (BITS * G * math.sqrt(D))
+                    for a in lse:
+                        runs[f"{name}/centered_norm-lse{a:g}"] = block_lse(base * a, t0)
             for key, bs in runs.items():
                 for r, v in captured(bs, mass, t0).items():
                     if per_layer is not None:
@@ -295,6 +321,9 @@ def main() -> None:
     ap.add_argument("--scores", nargs="+", default=["hamming", "centered_norm"],
                     choices=("hamming", "centered_norm"),
                     help="token scores measured for the variants other than random")
+    ap.add_argument("--lse", type=float, nargs="*", default=[], metavar="ALPHA",
+                    help="also rank blocks by the log-sum-exp of calibrated token logits: exact "
+                         "and centered_norm scaled by ALPHA (each value one run)")
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="sparse layers to measure (default all)")
     args = ap.parse_args()
@@ -340,7 +369,7 @@ def main() -> None:
         hw = HashWeights.load(path)
         weights[name] = {i: hw.layer(lid).float() for i, lid in enumerate(layer_ids)}
     per_layer: dict | None = {} if args.per_layer else None
-    res = evaluate(held, weights, args.window, per_layer, tuple(args.scores))
+    res = evaluate(held, weights, args.window, per_layer, tuple(args.scores), tuple(args.lse))
     print(table(res))
     if per_layer:
         keys = [k for k in res if k != "oracle"]

@@ -68,8 +68,10 @@ def block_scores_ref(
         total = (s.to(torch.int64) * valid).sum(-1)
         count = valid.sum(-1).expand(B, H, nb)
         out = (total.to(torch.float32) / count.clamp(min=1).to(torch.float32)).to(torch.float64)
+    elif chunk_repre == "lse":  # token logits (scores times lse_query_scale): log of the block's mass
+        out = torch.logsumexp(s.to(torch.float64).masked_fill(~valid, float("-inf")), -1)
     else:
-        raise ValueError(f"chunk_repre must be 'max' or 'mean', got {chunk_repre!r}")
+        raise ValueError(f"chunk_repre must be 'max', 'mean' or 'lse', got {chunk_repre!r}")
     empty = ~valid.any(-1).expand(B, H, nb)
     return out.masked_fill(empty, float("-inf"))
 
