@@ -52,6 +52,7 @@ from kvcomp.bench.timing import (
     attention_ref_lowp,
     copy_bandwidth_gbs,
     cuda_time_us,
+    kernel_bench_refusal,
 )
 
 MODELS = {"qwen3-8b": 32, "qwen3-32b": 64}  # query heads; 8 kv-heads, head_dim 128 both
@@ -199,6 +200,33 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     return t
 
 
+def kv_input_sets(B: int, L: int, gen, centered: bool = False, max_sets: int = MAX_SETS):
+    """Random bf16 K/V caches [B, HKV, L, HEAD_DIM] on the GPU with their key codes (per kv-head
+    random orthogonal projections kv_w [HKV, HEAD_DIM, BITS]): enough independent sets that
+    rotating through them leaves nothing in L2 to reuse. ``centered``: what the cache stores for
+    token_score="centered_norm" (codes of k - mu, ``scale`` = ||k - mu||). -> (kv_w, sets), each
+    set {k, v, codes, lens, scale}."""
+    from kvcomp.ops import hash_encode
+    from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
+
+    dev = "cuda"
+    kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0]
+    kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
+    lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+    set_bytes = B * HKV * L * (2 * HEAD_DIM * 2 + BITS // 8)
+    sets = []
+    for _ in range(max(1, min(max_sets, math.ceil(3 * L2_BYTES / set_bytes)))):
+        kk = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        vv = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        if centered:
+            mu = key_mean(kk, lens)
+            codes = hash_encode(kk, kv_w, bias=hash_bias(mu, kv_w))
+            sets.append(dict(k=kk, v=vv, codes=codes, lens=lens.clone(), scale=key_norms(kk, mu)))
+        else:
+            sets.append(dict(k=kk, v=vv, codes=hash_encode(kk, kv_w), lens=lens.clone(), scale=None))
+    return kv_w, sets
+
+
 def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
@@ -209,26 +237,12 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
         token_scores_ref,
     )
     from kvcomp.ops.hash_encode.reference import project
-    from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 
     dev = "cuda"
     centered = cfg["token_score"] == "centered_norm"
-    kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0]
-    kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
-    lens = torch.full((B,), L, dtype=torch.int32, device=dev)
-    # enough independent input sets that rotating through them leaves nothing in L2 to reuse
-    set_bytes = B * HKV * L * (2 * HEAD_DIM * 2 + BITS // 8)
-    n_sets = max(1, min(MAX_SETS, math.ceil(3 * L2_BYTES / set_bytes)))
-    sets = []
-    for _ in range(n_sets):
-        kk = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-        vv = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-        if centered:  # what the cache stores for token_score="centered_norm"
-            mu = key_mean(kk, lens)
-            codes = hash_encode(kk, kv_w, bias=hash_bias(mu, kv_w))
-            sets.append(dict(k=kk, v=vv, codes=codes, lens=lens.clone(), scale=key_norms(kk, mu)))
-        else:
-            sets.append(dict(k=kk, v=vv, codes=hash_encode(kk, kv_w), lens=lens.clone(), scale=None))
+    kv_w, sets = kv_input_sets(B, L, gen, centered)
+    lens = sets[0]["lens"]
+    n_sets = len(sets)
     k, v, k_codes = sets[0]["k"], sets[0]["v"], sets[0]["codes"]  # the verified set
     k_scale = sets[0]["scale"]
     n_blocks = math.ceil(L / CHUNK)
@@ -418,12 +432,9 @@ def _table_line(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("kvcomp bench decode measures GPU kernels and needs a CUDA GPU; none is visible.")
-        return 1
-    if args.reps < 5:
-        print("kvcomp bench decode: --reps must be >= 5")
-        return 2
+    refused = kernel_bench_refusal("decode", args.reps)
+    if refused is not None:
+        return refused
     if args.sweep:
         rows = sweep(args.reps)
         if args.json:

@@ -39,6 +39,18 @@ def positive_ints(text: str) -> list[int]:
     return vals
 
 
+def kernel_bench_refusal(name: str, reps: int) -> int | None:
+    """The exit code with which ``kvcomp bench NAME`` refuses to run (after saying why): 1
+    without a CUDA GPU, 2 for fewer than 5 timed repetitions; None when it can run."""
+    if not torch.cuda.is_available():
+        print(f"kvcomp bench {name} measures GPU kernels and needs a CUDA GPU; none is visible.")
+        return 1
+    if reps < 5:
+        print(f"kvcomp bench {name}: --reps must be >= 5")
+        return 2
+    return None
+
+
 class VerificationError(AssertionError):
     """A kernel result differs from its reference: benchmarks refuse to report a speedup."""
 

@@ -33,19 +33,20 @@ import math
 
 import torch
 
+from kvcomp.bench.decode import HEAD_DIM, HKV, kv_input_sets
 from kvcomp.bench.timing import (
     attention_close,
     attention_ref_fp64,
     attention_ref_lowp,
     copy_bandwidth_gbs,
     cuda_time_us,
+    kernel_bench_refusal,
     positive_ints,
 )
 
 MODELS = {"qwen3-8b": 32, "qwen3-32b": 64}  # query heads; 8 kv-heads, head_dim 128 both
-HKV, HEAD_DIM, BITS, CHUNK = 8, 128, 128, 128
+BITS, CHUNK = 128, 128  # as kvcomp bench decode's inputs (kv_input_sets)
 MUST_SELECT = (0, -2, -1)
-L2_BYTES = 50 << 20
 MAX_SETS = 4
 
 
@@ -137,20 +138,12 @@ def _sdpa_fn(q, k, v):
 
 
 def run_shape(L: int, B: int, cfg: dict, reps: int, gen) -> list[dict]:
-    from kvcomp.ops import hash_encode, sparse_decode_attention
+    from kvcomp.ops import sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
 
     dev = "cuda"
-    kv_w = torch.linalg.qr(torch.randn(HKV, HEAD_DIM, HEAD_DIM, device=dev, generator=gen))[0][..., :BITS]
-    kv_w = kv_w.contiguous()
-    lens = torch.full((B,), L, dtype=torch.int32, device=dev)
-    set_bytes = B * HKV * L * (2 * HEAD_DIM * 2 + BITS // 8)
-    n_sets = max(1, min(MAX_SETS, math.ceil(3 * L2_BYTES / set_bytes)))
-    sets = []
-    for _ in range(n_sets):
-        kk = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-        vv = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-        sets.append(dict(k=kk, v=vv, codes=hash_encode(kk, kv_w)))
+    kv_w, sets = kv_input_sets(B, L, gen, max_sets=MAX_SETS)
+    lens, n_sets = sets[0]["lens"], len(sets)
     n_blocks = math.ceil(L / CHUNK)
     all_blocks = torch.arange(n_blocks, device=dev, dtype=torch.int32).view(1, 1, -1).expand(B, HKV, -1).contiguous()
     scale = 1 / math.sqrt(HEAD_DIM)
@@ -215,12 +208,9 @@ HEAD = (f"{'model':<10} {'L':>6} {'B':>2} {'T':>2} {'budget':>6} {'step us':>8} 
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("kvcomp bench verify measures GPU kernels and needs a CUDA GPU; none is visible.")
-        return 1
-    if args.reps < 5:
-        print("kvcomp bench verify: --reps must be >= 5")
-        return 2
+    refused = kernel_bench_refusal("verify", args.reps)
+    if refused is not None:
+        return refused
     from kvcomp.attention import MAX_VERIFY_QUERIES
 
     models = [m for m in args.models.split(",") if m]
