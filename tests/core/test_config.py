@@ -120,6 +120,7 @@ INVALID = [
     (base(token_score="norm"), "token_score", "'norm'"),
     (mla(token_score="centered_norm"), "token_score", "GQA"),
     (base(token_score="centered_norm", chunk_repre_method="mean"), "token_score", "max"),
+    (mla(chunk_repre_method="lse"), "chunk_repre_method", "GQA"),
     (base(kv_lora_rank=512), "kv_lora_rank", "MLA"),
     (base(chunk_sise=16), "chunk_sise", "did you mean 'chunk_size'"),
     (base(dense_layers=2), "dense_layers", "1.0"),

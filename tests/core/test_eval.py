@@ -15,7 +15,7 @@ from kvcomp.eval.nll import evaluate_nll, summarize_nll, token_nll
 from kvcomp.eval.window import SparseSpec, prefill, window_logits
 from kvcomp.hashing import HashWeights
 from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
-from kvcomp.ops.query_codes import encode_query
+from kvcomp.ops.query_codes import encode_query, lse_query_scale
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,7 +32,8 @@ def tiny_llama(layers=3, hq=6, hkv=3, head_dim=16, seed=0):
 
 # ----------------------------------------------------------------------------- selection
 @pytest.mark.parametrize("mode", ["sum", "majority", "mean"])
-@pytest.mark.parametrize("chunk,L,repre", [(1, 63, "max"), (3, 129, "mean"), (16, 1000, "max"), (16, 127, "mean")])
+@pytest.mark.parametrize("chunk,L,repre", [(1, 63, "max"), (3, 129, "mean"), (16, 1000, "max"), (16, 127, "mean"),
+                                           (16, 1000, "lse"), (5, 129, "lse")])
 def test_batched_selection_equals_hamming_topk(mode, chunk, L, repre):
     """Each row of the batched selection is exactly hamming_topk's selection for that step."""
     g = torch.Generator().manual_seed(L * 7 + chunk)
@@ -50,9 +51,10 @@ def test_batched_selection_equals_hamming_topk(mode, chunk, L, repre):
         for i, t in enumerate(positions.tolist()):
             n = -(-(t + 1) // chunk)
             kb = math.ceil(ratio * n)
+            qs = lse_query_scale(q[i : i + 1], Hkv) if repre == "lse" else None
             want = hamming_topk(qc[i : i + 1], k_codes.unsqueeze(0), torch.tensor([t + 1]),
                                 k_blocks=kb, chunk_size=chunk, must_select=(0, -2, -1),
-                                chunk_repre=repre, max_blocks=got.shape[-1])
+                                chunk_repre=repre, max_blocks=got.shape[-1], q_scale=qs)
             assert torch.equal(got[i : i + 1], want), (ratio, t)
 
 

@@ -52,19 +52,28 @@ def check_select_kernel():
         compile_sm90(hk._select_kernel, _select_args(hist, compact, single), num_warps=4)
 
 
-def check_block_keys_kernel_with_histogram():
-    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1) -> dict:
     i32 = "i32"
-    compile_sm90(hk._block_keys_kernel, dict(
-        rows_ptr="*i32", base_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", scale_ptr="*i32",
+    return dict(
+        rows_ptr="*i32", base_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32",
+        scale_ptr="*fp16" if lse else "*i32", qs_ptr="*fp32", lse_c="fp32",
         Hkv=i32, NB_OUT=i32, BLOCKS_PER_PROG=i32, srb=i32, srh=i32, srr=i32, srw=i32,
         skb=i32, skh=i32, skt=i32, skw=i32, ssb=i32, ssh=i32, sst=i32,
-        G=4, W=4, BLOCK_W=4, FORM=0, R=4, HAS_BASE=False, CHUNK=128, CP=128, N_SUB=1, NBT=4,
-        MEAN=False, K_CONTIG=True, USE_ASM=True, HAS_SCALE=False, cnt_ptr="*i32", kb_ptr="*i32",
+        G=4, W=4, BLOCK_W=4, FORM=0, R=4, HAS_BASE=False, CHUNK=128, CP=128 // n_sub, N_SUB=n_sub, NBT=4,
+        MEAN=False, K_CONTIG=True, USE_ASM=True, HAS_SCALE=lse, cnt_ptr="*i32", kb_ptr="*i32",
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
-        SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=True, KMIN=-512,
-        NBINS=2048,
-    ))
+        SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,
+        NBINS=2048, LSE=lse,
+    )
+
+
+def check_block_keys_kernel_with_histogram():
+    """The scan with the histogram, and the "lse" block scores with key norms (one and two
+    sub-blocks per block: the online log-sum-exp)."""
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=True, lse=False))
+    for n_sub in (1, 2):
+        compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=False, lse=True, n_sub=n_sub))
 
 
 def check_sparse_decode_attention_kernels():

@@ -281,7 +281,7 @@ def test_k_scale_errors():
         hamming_topk(q, k, lens, k_blocks=2, k_scale=torch.ones(2, 2, 50, dtype=torch.int32))
     with pytest.raises(ValueError, match="k_scale is on meta"):
         hamming_topk(q, k, lens, k_blocks=2, k_scale=torch.ones(2, 2, 50, device="meta"))
-    with pytest.raises(ValueError, match="chunk_repre='max'"):
+    with pytest.raises(ValueError, match="chunk_repre 'max' or 'lse'"):
         hamming_topk(q, k, lens, k_blocks=2, chunk_repre="mean", k_scale=torch.ones(2, 2, 50))
 
 

@@ -90,6 +90,7 @@ CONFIGS = {
     "dense": dict(threshold=10**6, chunk_size=8),
     "cross": dict(threshold=PROMPT + 3, chunk_size=4, ratio=0.25),  # dense, then sparse from step 3
     "centered_norm": dict(SPARSE, token_score="centered_norm"),  # centred codes, key norms
+    "lse": dict(SPARSE, token_score="centered_norm", chunk_repre_method="lse"),  # log-sum-exp blocks
 }
 
 

@@ -270,6 +270,11 @@ def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per
                     base = cn * query_norm(qw, Hkv) / (BITS * G * math.sqrt(D))
                     for a in lse:
                         runs[f"{name}/centered_norm-lse{a:g}"] = block_lse(base * a, t0)
+                    if lse:  # the SimHash inversion: cos(angle) = sin(pi/2 (BITS - 2 Ham) / BITS)
+                        kn = (k - mu.unsqueeze(1)).norm(dim=-1).half().float().unsqueeze(1)
+                        sin = torch.sin(math.pi / 2 * cn / kn.clamp(min=1e-30) / (BITS * G))
+                        runs[f"{name}/centered_norm-lse-sin"] = block_lse(
+                            sin * kn * query_norm(qw, Hkv) / math.sqrt(D), t0)
             for key, bs in runs.items():
                 for r, v in captured(bs, mass, t0).items():
                     if per_layer is not None:

@@ -39,7 +39,11 @@ seq_len_threshold      int >= 0 = 2048           JSON key ``seq_len_threshhold``
                                                  ``seq_len_threshold``; shorter sequences decode
                                                  densely
 chunk_size             int >= 1 = 128            tokens per block (1 = token-level top-k)
-chunk_repre_method     "max" | "mean" = "max"    block score from its token scores
+chunk_repre_method     "max" | "mean" | "lse"    block score from its token scores (default
+                       = "max"                   "max"); "lse" (kvcomp extension, GQA only):
+                                                 log-sum-exp of the tokens' estimated logits, the
+                                                 log of the block's estimated attention mass
+                                                 (``kvcomp.ops.hamming_topk``)
 top_k_index_reuse      list[int] = all -1        -1, or an earlier layer j whose selection this
                                                  layer reuses (j computes its own, same ratio)
 must_select_blocks     list[int] = [0, -2, -1]   blocks always selected; negative = from the end;
@@ -239,14 +243,17 @@ class KVCompConfig:
         _need_int("seed", self.seed, minimum=0, what="an int >= 0")
         _need_int("seq_len_threshold", self.seq_len_threshold, minimum=0, what="an int >= 0")
         _need_int("chunk_size", self.chunk_size, minimum=1, what="an int >= 1")
-        _need_choice("chunk_repre_method", self.chunk_repre_method, ("max", "mean"))
+        _need_choice("chunk_repre_method", self.chunk_repre_method, ("max", "mean", "lse"))
         _need_choice("query_aggregation", self.query_aggregation, ("sum", "majority", "mean"))
         _need_choice("token_score", self.token_score, ("hamming", "centered_norm"))
-        if self.token_score == "centered_norm" and self.chunk_repre_method != "max":
+        if self.token_score == "centered_norm" and self.chunk_repre_method == "mean":
             raise ConfigError(
-                'token_score: "centered_norm" scores blocks by their max token (chunk_repre_method '
-                f'"max"), got chunk_repre_method "{self.chunk_repre_method}"'
+                'token_score: "centered_norm" scores blocks by their max token or the log-sum-exp '
+                '(chunk_repre_method "max" or "lse"), got chunk_repre_method "mean"'
             )
+        if self.is_mla and self.chunk_repre_method == "lse":
+            raise ConfigError('chunk_repre_method: "lse" is for GQA models; MLA configs use "max" or "mean"')
+
         if self.is_mla and self.token_score != "hamming":
             raise ConfigError(
                 f'token_score: "{self.token_score}" is for GQA models; MLA configs use "hamming"'

@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--error-budgets", type=_floats, default=None,
                    help="budgets at which the output relative error is measured (default: all)")
     p.add_argument("--chunk", type=int, default=16, help="chunk (block) size in tokens")
+    p.add_argument("--chunk-repre", default="max", choices=("max", "lse"),
+                   help="block score of the hash selections (KVCompConfig.chunk_repre_method)")
     p.add_argument("--bits", type=int, default=128)
     p.add_argument("--dense-layers", type=int, default=2, help="the first N layers stay dense")
     p.add_argument("--seed", type=int, default=0, help="seed of the random hash weights")
@@ -152,11 +154,12 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str], token_scores:
     dense_layers = frozenset(range(args.dense_layers))
     sparse_layers = [i for i in range(geo.num_layers) if i not in dense_layers]
     common = dict(chunk_size=args.chunk, dense_layers=dense_layers)
+    hash_common = dict(common, chunk_repre=args.chunk_repre)
     docs = make_documents(texts, tok, args.context, args.docs)
     results: dict = {"setup": {
         "model": args.model, "hash_weights": args.hash_weights, "data": args.data,
         "context": args.context, "window": args.window, "documents": len(docs),
-        "chunk_size": args.chunk, "bits": args.bits, "budgets": args.budgets,
+        "chunk_size": args.chunk, "chunk_repre": args.chunk_repre, "bits": args.bits, "budgets": args.budgets,
         "dense_layers": sorted(dense_layers), "must_select": [0, -2, -1], "random_seed": args.seed,
         "token_scores": token_scores},
         "processes": ctx.world}
@@ -185,7 +188,7 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str], token_scores:
         methods = [HashMethod(f"{n}{_TAG[t]}-{m}", w, m, t)
                    for t in token_scores for n, w in weight_sets for m in modes]
         probe = FidelityProbe(methods, ratios=tuple(args.budgets), chunk_size=args.chunk,
-                              oracle=not args.no_oracle,
+                              chunk_repre=args.chunk_repre, oracle=not args.no_oracle,
                               error_ratios=tuple(args.error_budgets) if args.error_budgets is not None else None)
     specs = []
     if not args.skip_nll:
@@ -193,7 +196,7 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str], token_scores:
             for t in token_scores:
                 for n, w in weight_sets:
                     specs.append(SparseSpec(method="hash", ratio=b, weights=w, token_score=t,
-                                            label=f"{n}{_TAG[t]}-sum@{b:g}", **common))
+                                            label=f"{n}{_TAG[t]}-sum@{b:g}", **hash_common))
             if not args.no_oracle:
                 specs.append(SparseSpec(method="oracle", ratio=b, **common))
         best_name, best = weight_sets[-1]  # trained when given
@@ -201,7 +204,7 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str], token_scores:
             for m in modes:
                 if m != "sum":
                     specs.append(SparseSpec(method="hash", ratio=b, weights=best, query_mode=m,
-                                            label=f"{best_name}-{m}@{b:g}", **common))
+                                            label=f"{best_name}-{m}@{b:g}", **hash_common))
     def record(res: dict, stage: str) -> None:
         results["setup"]["positions"] = res["positions"]
         if probe is not None:
@@ -229,7 +232,7 @@ def _run(args, ctx, device: str, texts, trained, modes: list[str], token_scores:
     if not args.skip_tasks:
         hs = build_haystacks(texts, tok, n=args.task_haystacks, context_tokens=args.task_context, seed=args.seed)
         tspecs = [SparseSpec(method="hash", ratio=args.task_budget, weights=w, token_score=t,
-                             label=f"{n}{_TAG[t]}-sum@{args.task_budget:g}", **common)
+                             label=f"{n}{_TAG[t]}-sum@{args.task_budget:g}", **hash_common)
                   for t in token_scores for n, w in weight_sets]
         if not args.no_oracle:
             tspecs.append(SparseSpec(method="oracle", ratio=args.task_budget, **common))

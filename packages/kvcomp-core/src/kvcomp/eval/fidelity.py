@@ -45,7 +45,6 @@ class FidelityProbe:
     chunk_size: int = 16
     must_select: tuple[int, ...] = (0, -2, -1)
     chunk_repre: str = "max"
-    lse_alpha: float | None = None  # chunk_repre "lse": the logit calibration (None: LSE_ALPHA)
     oracle: bool = True
     error_ratios: tuple[float, ...] | None = None  # budgets with output error (None = all)
     # (method, ratio) -> layer -> document -> list of per-position tensors (observation order)
@@ -124,9 +123,11 @@ class FidelityProbe:
             from kvcomp.ops.query_codes import encode_query
 
             q_codes = encode_query(q.contiguous(), w, m.query_mode)
-            tok = sel.scale_scores(sel.code_token_scores(q_codes, k_codes), k_norms)
+            raw = sel.code_token_scores(q_codes, k_codes)
             if self.chunk_repre == "lse":
-                tok = sel.lse_logits(tok, q, w.shape[-1], self.lse_alpha)
+                tok = sel.lse_logits(raw, q, q_codes.shape[1] // k_codes.shape[0], w.shape[-1], k_norms)
+            else:
+                tok = sel.scale_scores(raw, k_norms)
             for r in self.ratios:
                 bi = sel.select_from_token_scores(tok, seq_lens, r, chunk_size=C,
                                                   must_select=self.must_select,

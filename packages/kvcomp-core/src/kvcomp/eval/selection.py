@@ -51,12 +51,15 @@ def scale_scores(scores: torch.Tensor, k_norms: torch.Tensor | None) -> torch.Te
     return scores.to(torch.float32) * k_norms.to(torch.float32).unsqueeze(0)
 
 
-def lse_logits(scores: torch.Tensor, q: torch.Tensor, bits: int, alpha: float | None = None) -> torch.Tensor:
-    """[N, Hkv, L] group scores -> float32 logit estimates for chunk_repre="lse" (q [N, Hq, D])."""
-    from kvcomp.ops.query_codes import LSE_ALPHA, lse_query_scale
+def lse_logits(scores: torch.Tensor, q: torch.Tensor, rows: int, bits: int,
+               k_norms: torch.Tensor | None) -> torch.Tensor:
+    """int32 [N, Hkv, L] group scores of ``rows`` query codes per kv-head -> float32 logit
+    estimates of ``hamming_topk(chunk_repre="lse")`` (q [N, Hq, D] post-RoPE queries, k_norms
+    [Hkv, L] or None)."""
+    from kvcomp.ops.hamming_topk.reference import lse_logits_ref
+    from kvcomp.ops.query_codes import lse_query_scale
 
-    a = LSE_ALPHA if alpha is None else alpha
-    return scores.to(torch.float32) * lse_query_scale(q, scores.shape[1], bits, a).unsqueeze(-1)
+    return lse_logits_ref(scores, rows * bits, lse_query_scale(q, scores.shape[1]), k_norms)
 
 
 def code_token_scores(q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tensor:
@@ -147,19 +150,20 @@ def hash_select(
     chunk_repre: str = "max",
     query_mode: str = "sum",
     k_norms: torch.Tensor | None = None,
-    lse_alpha: float | None = None,
 ) -> torch.Tensor:
     """Hash selection of N decode positions: q [N, Hq, D] post-RoPE queries, k_codes
     [Hkv, L, W] the key codes, kv_weight [Hkv, D, BITS] -> int32 [N, Hkv, K]. ``k_norms``
     [Hkv, L] (``key_codes``): token scores are ``float32(score) * float32(norm)``, as
-    ``hamming_topk(k_scale=)``. ``chunk_repre="lse"``: the scores are scaled to logit estimates
-    (``lse_query_scale``, ``lse_alpha`` or its default) and a block scores their log-sum-exp."""
+    ``hamming_topk(k_scale=)``. ``chunk_repre="lse"``: the scores become logit estimates
+    (``lse_logits``) and a block scores their log-sum-exp."""
     from kvcomp.ops.query_codes import encode_query
 
     q_codes = encode_query(q.contiguous(), kv_weight, query_mode)
-    scores = scale_scores(code_token_scores(q_codes, k_codes), k_norms)
+    raw = code_token_scores(q_codes, k_codes)
     if chunk_repre == "lse":
-        scores = lse_logits(scores, q, kv_weight.shape[-1], lse_alpha)
+        scores = lse_logits(raw, q, q_codes.shape[1] // k_codes.shape[0], kv_weight.shape[-1], k_norms)
+    else:
+        scores = scale_scores(raw, k_norms)
     return select_from_token_scores(scores, seq_lens, ratio, chunk_size=chunk_size,
                                     must_select=must_select, chunk_repre=chunk_repre)
 

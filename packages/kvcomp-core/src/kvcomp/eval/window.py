@@ -48,7 +48,6 @@ class SparseSpec:
     threshold: int = 0
     label: str | None = None  # overrides ``name`` (e.g. "trained-sum@0.1")
     token_score: str = "hamming"  # or "centered_norm" (KVCompConfig.token_score)
-    lse_alpha: float | None = None  # chunk_repre "lse": the logit calibration (None: LSE_ALPHA)
 
     def __post_init__(self):
         if self.method not in ("dense", "hash", "oracle"):
@@ -132,8 +131,7 @@ def _eval_attention(module, query, key, value, attention_mask=None, scaling=None
                 block_idx = sel.hash_select(q, k_codes, spec.layer_weight(layer).to(k.device), seq_lens,
                                             spec.ratio, chunk_size=spec.chunk_size,
                                             must_select=spec.must_select, chunk_repre=spec.chunk_repre,
-                                            query_mode=spec.query_mode, k_norms=k_norms,
-                                            lse_alpha=spec.lse_alpha)
+                                            query_mode=spec.query_mode, k_norms=k_norms)
             else:
                 p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
                 mass = sel.block_mass(p, Hkv, spec.chunk_size)

@@ -29,10 +29,6 @@ from kvcomp.ops.hash_encode import hash_encode
 from kvcomp.ops.hash_encode.reference import project
 
 QUERY_MODES = ("sum", "majority", "mean")
-# chunk_repre="lse": the token logit estimate is alpha * ||q|| * ||k - mu|| * (BITS - 2 Ham) /
-# (BITS sqrt(D)); (BITS - 2 Ham) / BITS = 1 - 2 angle / pi underestimates cos(angle) by up to
-# pi / 2 near orthogonality, where most keys are: alpha = 2 measured best on SmolLM2
-LSE_ALPHA = 2.0
 
 
 def expand_query_weight(kv_weight: torch.Tensor, num_q_heads: int) -> torch.Tensor:
@@ -76,13 +72,9 @@ def encode_query(
     return pack_bits(votes > 0)
 
 
-def lse_query_scale(q: torch.Tensor, num_kv_heads: int, bits: int, alpha: float = LSE_ALPHA) -> torch.Tensor:
-    """float32 [B, Hkv]: the factor that turns a kv-head's group score (``sum_g (BITS - 2 Ham)``,
-    times ``||k - mu||`` with centred keys) into an estimate of the token's attention logit, for
-    ``chunk_repre="lse"`` (block score = log-sum-exp of the block's logits, the log of its
-    attention mass): ``alpha * mean_g ||q_g|| / (G * BITS * sqrt(D))`` over the group's G query
-    rows (G x T for q [B, Hq, T, D])."""
+def lse_query_scale(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """float32 [B, Hkv]: the mean query norm of each kv-head's group over sqrt(D), the query's
+    part of ``hamming_topk(chunk_repre="lse")``'s logit estimates (``q_scale=``); over the G x T
+    rows for q [B, Hq, T, D]."""
     B, D = q.shape[0], q.shape[-1]
-    norms = q.float().norm(dim=-1).reshape(B, num_kv_heads, -1)  # [B, Hkv, G (x T)]
-    rows = norms.shape[-1]
-    return norms.mean(-1) * (alpha / (rows * bits * D**0.5))
+    return q.float().norm(dim=-1).reshape(B, num_kv_heads, -1).mean(-1) * (1.0 / D**0.5)

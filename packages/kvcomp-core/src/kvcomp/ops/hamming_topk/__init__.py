@@ -8,6 +8,8 @@
         k_blocks  int, or [B] int tensor: blocks per sequence including the must-select ones
                   (capped at the sequence's block count)
         k_scale   [B, Hkv, Lmax]    optional float per-token weights of the scores (below)
+        q_scale   [B, Hkv]          float32, chunk_repre="lse" only: the group's mean ||q|| /
+                                    sqrt(D) (``kvcomp.ops.query_codes.lse_query_scale``)
         block_idx [B, Hkv, K]       int32, ascending block indices, -1 padding
 
     K, the output width, is ``max(k_blocks, len(must_select))`` for an int k_blocks; for a
@@ -17,6 +19,15 @@
 Scores are exact int32 (``BITS - 2 * Hamming`` summed over a kv-head's query heads), block
 score is the max (or mean) over the block's valid tokens, ties go to the lower block index.
 Full definition: ``kvcomp.ops.hamming_topk.reference``.
+
+``chunk_repre="lse"`` ranks a block by its estimated attention mass instead of its best token:
+each token's score becomes a logit estimate ``sin(pi/2 * s / (G * BITS)) * k_scale * q_scale``
+(the sine inverts SimHash's collision probability into the cosine; with ``k_scale = ||k - mu||``
+and ``q_scale = mean ||q|| / sqrt(D)`` it estimates ``q . (k - mu) / sqrt(D)``) and the block
+score is the log-sum-exp of the block's logits. Float sums depend on their order: backends agree
+up to rounding, and their selections only differ between blocks whose scores are that close.
+Measured on SmolLM2 (``docs/results/smollm2.md``): more captured attention mass than "max" at
+every budget.
 
 ``k_scale`` [B, Hkv, Lmax] float16 / bfloat16 / float32 (any strides; finite values), optional:
 per-token weights of the scores, e.g. the key norms ``||k - mu||`` of centred keys
@@ -52,7 +63,7 @@ from kvcomp.ops.hamming_topk.reference import hamming_topk_ref, token_scores_ref
 
 __all__ = ["hamming_topk", "hamming_topk_ref", "majority_codes", "token_scores_ref"]
 
-CHUNK_REPRE = ("max", "mean")
+CHUNK_REPRE = ("max", "mean", "lse")
 MODES = ("exact", "majority", "exact_direct", "exact_planes")
 
 
@@ -116,6 +127,7 @@ def hamming_topk(
     max_blocks: int | None = None,
     mode: str = "exact",
     k_scale: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     must, kb, K = _prepare(
@@ -127,6 +139,9 @@ def hamming_topk(
     if k_scale is not None:
         _check_scale(k_scale, k_codes, chunk_repre)
         extra = (k_scale,)
+    _check_q_scale(q_scale, k_codes, chunk_repre)
+    if q_scale is not None:
+        extra = (*extra, q_scale)
     if use_triton(backend, q_codes, k_codes, seq_lens, *extra):
         from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
 
@@ -134,15 +149,28 @@ def hamming_topk(
             kb = kb.contiguous()  # the kernels read kb[b], seq_lens[b] at unit stride
         with device_guard(q_codes):
             return hamming_topk_triton(
-                q_codes, k_codes, seq_lens.contiguous(), kb, K, chunk_size, must, chunk_repre, mode, k_scale
+                q_codes, k_codes, seq_lens.contiguous(), kb, K, chunk_size, must, chunk_repre, mode, k_scale,
+                q_scale=None if q_scale is None else q_scale.contiguous(),
             )
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])
     if not isinstance(kb, torch.Tensor):
         kb = torch.full((q_codes.shape[0],), kb, dtype=torch.int32, device=q_codes.device)
     return hamming_topk_ref(
-        q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, k_scale
+        q_codes, k_codes, seq_lens, kb, K, chunk_size, must, chunk_repre, k_scale, q_scale
     )
+
+
+def _check_q_scale(q_scale, k_codes: torch.Tensor, chunk_repre: str) -> None:
+    if chunk_repre != "lse":
+        if q_scale is not None:
+            raise ValueError(f"q_scale is for chunk_repre='lse' only (got chunk_repre={chunk_repre!r})")
+        return
+    if q_scale is None:
+        raise ValueError("chunk_repre='lse' needs q_scale [B, Hkv] (kvcomp.ops.query_codes.lse_query_scale)")
+    check_tensor("q_scale", q_scale, ndim=2, dtypes=(torch.float32,), device=k_codes.device)
+    if tuple(q_scale.shape) != tuple(k_codes.shape[:2]):
+        raise ValueError(f"q_scale must be [B, Hkv] = {tuple(k_codes.shape[:2])}, got {tuple(q_scale.shape)}")
 
 
 def _check_scale(k_scale, k_codes: torch.Tensor, chunk_repre: str) -> None:
@@ -152,8 +180,8 @@ def _check_scale(k_scale, k_codes: torch.Tensor, chunk_repre: str) -> None:
             f"k_scale must be [B, Hkv, Lmax] = {tuple(k_codes.shape[:3])} like k_codes, got "
             f"{tuple(k_scale.shape)}"
         )
-    if chunk_repre != "max":
+    if chunk_repre == "mean":
         raise ValueError(
-            f"k_scale needs chunk_repre='max' (got {chunk_repre!r}): the mean of float scores "
+            "k_scale needs chunk_repre 'max' or 'lse' (got 'mean'): the mean of float scores "
             "depends on the summation order, so no two backends would agree"
         )

@@ -127,7 +127,7 @@ def _query_rows_kernel(
 
 @triton.jit
 def _block_keys_kernel(
-    rows_ptr, base_ptr, k_ptr, len_ptr, key_ptr, scale_ptr,
+    rows_ptr, base_ptr, k_ptr, len_ptr, key_ptr, scale_ptr, qs_ptr, lse_c,
     Hkv, NB_OUT, BLOCKS_PER_PROG,
     srb, srh, srr, srw,
     skb, skh, skt, skw,
@@ -140,12 +140,15 @@ def _block_keys_kernel(
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
+    LSE: tl.constexpr = False,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
     (+ -2G popc(k) in the planes form); rows r at rows_ptr + b*srb + h*srh + r*srr. HAS_SCALE:
     the token's value is float32(score) * float32(scale[b, h, t]) and the key is the block max of
-    those, mapped to an int32 of the same order."""
+    those, mapped to an int32 of the same order. LSE: the token's value is the logit estimate
+    sin(float32(score) * lse_c) (* scale[b, h, t]) * qs[b, h] and the key is the block's
+    log-sum-exp of those (online over the sub-blocks), mapped the same way."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -168,6 +171,8 @@ def _block_keys_kernel(
     s_base = scale_ptr + b * ssb + h * ssh
     bi2 = tl.arange(0, NBT)[:, None]  # [NBT, 1]
     ci2 = tl.arange(0, CP)[None, :]  # [1, CP]
+    if LSE:
+        qs = tl.load(qs_ptr + pid)
     for blk0 in range(blk_lo, blk_hi, NBT):
         blk = blk0 + bi
         if MEAN:
@@ -175,6 +180,7 @@ def _block_keys_kernel(
         else:
             run = tl.full([NBT], -2147483648, dtype=tl.int32)
         frun = tl.full([NBT], float("-inf"), dtype=tl.float32)
+        lsum = tl.zeros([NBT], dtype=tl.float32)  # LSE: sum of exp(x - frun)
         n_ok = tl.zeros([NBT], dtype=tl.int32)
         for s in tl.static_range(N_SUB):
             in_blk = s * CP + ci
@@ -197,9 +203,19 @@ def _block_keys_kernel(
             else:
                 score = base + 4 * tl.sum(acc, 2) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 2)
             ok2 = tl.sum(ok.to(tl.int32), 2) > 0  # [NBT, CP]
-            if HAS_SCALE:  # one fp32 multiply per token, as the reference; max in fp32
+            if HAS_SCALE:
                 t2 = (blk0 + bi2) * CHUNK + s * CP + ci2  # [NBT, CP]
                 sc = tl.load(s_base + t2.to(tl.int64) * sst, mask=ok2, other=0.0).to(tl.float32)
+            if LSE:  # the reference's order: sin(s * c), * scale, * qs; online log-sum-exp
+                x = tl.sin(score.to(tl.float32) * lse_c)
+                if HAS_SCALE:
+                    x = x * sc
+                x = tl.where(ok2, x * qs, float("-inf"))
+                m_new = tl.maximum(frun, tl.max(x, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                lsum = lsum * tl.exp(frun - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+                frun = m_new
+            elif HAS_SCALE:  # one fp32 multiply per token, as the reference; max in fp32
                 val = score.to(tl.float32) * sc
                 val = tl.where(val == 0.0, 0.0, val)  # -0.0 -> +0.0: equal scores, equal keys
                 frun = tl.maximum(frun, tl.max(tl.where(ok2, val, float("-inf")), 1))
@@ -208,7 +224,12 @@ def _block_keys_kernel(
                 n_ok += tl.sum(ok2.to(tl.int32), 1)
             else:
                 run = tl.maximum(run, tl.max(tl.where(ok2, score, -2147483648), 1))
-        if HAS_SCALE:
+        if LSE:
+            f = frun + tl.log(tl.maximum(lsum, 1e-30))  # a real block's lsum >= 1
+            f = tl.where(f == 0.0, 0.0, f)  # -0.0 -> +0.0
+            bits = f.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
+        elif HAS_SCALE:
             bits = frun.to(tl.int32, bitcast=True)
             key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
         elif MEAN:
@@ -521,6 +542,7 @@ def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
     select: dict | None = None, k_scale: torch.Tensor | None = None, hist: dict | None = None,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
@@ -529,9 +551,13 @@ def block_keys_triton(
     [B, Hkv, Lmax] float (any strides): per-token weights of the scores ("max" only); the keys
     are then the order-preserving int32 images of the fp32 block maxima. ``hist``: launch
     arguments of the histogram threshold (``_hist_args`` without COMPACT; with ``must_ptr`` /
-    ``M``, the must-select blocks are left out): the keys are also counted there."""
-    if k_scale is not None and chunk_repre != "max":
-        raise ValueError("k_scale needs chunk_repre='max'")
+    ``M``, the must-select blocks are left out): the keys are also counted there.
+    ``chunk_repre="lse"`` needs ``q_scale`` [B * Hkv] float32 (contiguous): the keys are the
+    order-preserving int32 images of the fp32 block log-sum-exps of the logit estimates."""
+    if k_scale is not None and chunk_repre == "mean":
+        raise ValueError("k_scale needs chunk_repre 'max' or 'lse'")
+    if (chunk_repre == "lse") != (q_scale is not None):
+        raise ValueError("chunk_repre='lse' needs q_scale (and q_scale needs 'lse')")
     B, Hq, W = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     G = Hq // Hkv
@@ -562,15 +588,17 @@ def block_keys_triton(
     per_prog = triton.cdiv(triton.cdiv(nb, splits), nbt) * nbt
     splits = triton.cdiv(nb, per_prog)
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
+    lse_range = (1 if majority else G) * 32 * W  # the score's range S (reference: lse_logits_ref)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
+        q_scale if q_scale is not None else keys, float(torch.pi / (2 * lse_range)),
         Hkv, nb, per_prog,
         srb, srh, srr, srw, *k_codes.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
-        num_warps=SCAN_WARPS,
+        LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}),
     )
     return keys
@@ -645,11 +673,12 @@ def hamming_topk_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
-    k_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority),
-    ``k_scale`` weights the token scores. With FUSED_SELECT the selection runs in the scan's
-    launch (no second kernel)."""
+    ``k_scale`` weights the token scores, ``q_scale`` [B, Hkv] (contiguous) is the query part of
+    the "lse" logits. With FUSED_SELECT the selection runs in the scan's launch (no second
+    kernel)."""
     if not FUSED_SELECT:
         hist = None
         if chunk_repre == "max" and k_scale is None:
@@ -662,7 +691,7 @@ def hamming_topk_triton(
         if scan_hist is not None:
             scan_hist = {k: v for k, v in scan_hist.items() if k != "COMPACT"}
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
-                                 k_scale=k_scale, hist=scan_hist)
+                                 k_scale=k_scale, hist=scan_hist, q_scale=q_scale)
         return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select, hist=hist)
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))
@@ -677,5 +706,5 @@ def hamming_topk_triton(
         KB_TENSOR=kb_tensor, ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
     )
     block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select,
-                      k_scale=k_scale)
+                      k_scale=k_scale, q_scale=q_scale)
     return out

@@ -11,6 +11,15 @@ Definitions (the one source of truth every kernel is tested against):
                        with k_scale)
                "mean": float32(sum of s over valid tokens) / float32(count of valid tokens)
                        (int scores only: a float sum depends on the summation order)
+               "lse":  log-sum-exp over the valid tokens of the logit estimates (``lse_logits_ref``)
+                       x = sin(float32(s) * float32(pi / (2 S))) * k_scale * q_scale[b, h]
+                       (S = G * BITS, the score's range: (BITS - 2 Ham) / BITS estimates
+                       1 - 2 angle / pi, so the sine inverts SimHash's collision probability
+                       into cos(angle); k_scale = ||k - mu|| (1 without it) and q_scale the
+                       group's mean ||q|| / sqrt(D) (``kvcomp.ops.query_codes.lse_query_scale``)
+                       make it q . (k - mu) / sqrt(D)): the log of the block's estimated
+                       attention mass, computed in float64 here; kernels agree up to rounding
+                       (their selection may differ only between blocks whose scores are that close)
 * selection    per (b, h) with n = ceil(seq_lens[b] / chunk_size) real blocks:
                must-select blocks first (entries m of must_select with -n <= m < n, m % n),
                then the best-scoring other blocks; among equal scores the lower block index wins;
@@ -42,6 +51,18 @@ def token_scores_ref(
         return s
     prod = s.to(torch.float32) * k_scale.to(torch.float32)
     return torch.where(prod == 0, torch.zeros_like(prod), prod)  # -0.0 -> +0.0
+
+
+def lse_logits_ref(scores: torch.Tensor, score_range: int, q_scale: torch.Tensor,
+                   k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 group scores [B, Hkv, L] -> float32 logit estimates for chunk_repre="lse" (module
+    docstring): sin(float32(s) * float32(pi / (2 * score_range))) * k_scale * q_scale, in that
+    order; q_scale float32 [B, Hkv], k_scale [B, Hkv, L] or None."""
+    c = torch.tensor(torch.pi / (2 * score_range), dtype=torch.float32)
+    x = torch.sin(scores.to(torch.float32) * c)
+    if k_scale is not None:
+        x = x * k_scale.to(torch.float32)
+    return x * q_scale.to(torch.float32).unsqueeze(-1)
 
 
 def block_scores_ref(
@@ -120,7 +141,12 @@ def hamming_topk_ref(
     must_select: tuple[int, ...],
     chunk_repre: str,
     k_scale: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    s = token_scores_ref(q_codes, k_codes, k_scale)
+    if chunk_repre == "lse":
+        rows = q_codes.shape[1] // k_codes.shape[1]
+        s = lse_logits_ref(token_scores_ref(q_codes, k_codes), rows * 32 * q_codes.shape[2], q_scale, k_scale)
+    else:
+        s = token_scores_ref(q_codes, k_codes, k_scale)
     bs = block_scores_ref(s, seq_lens, chunk_size, chunk_repre)
     return select_blocks_ref(bs, seq_lens, k_blocks, K, chunk_size, must_select)
