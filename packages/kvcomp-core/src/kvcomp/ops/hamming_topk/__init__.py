@@ -33,8 +33,8 @@ every budget.
 per-token weights of the scores, e.g. the key norms ``||k - mu||`` of centred keys
 (``kvcomp.ops.key_stats``). A token's score is then ``float32(int score) * float32(k_scale)``,
 one fp32 multiply, so every backend computes the same bits; the block score is the max of those
-(chunk_repre="max" only: a float mean depends on the summation order, so "mean" with k_scale is
-rejected). Every ``mode`` combines with it; the selection rule is unchanged.
+("mean" with k_scale is rejected: a float mean depends on the summation order; with "lse" the
+weight multiplies the logit estimate, below). Every ``mode`` combines with it; the selection rule is unchanged.
 
 ``mode`` picks how a kv-head's G query codes are combined:
     "exact"     (default) the sum above, exact. The kernel computes it either directly (G

@@ -548,8 +548,8 @@ def block_keys_triton(
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
     that shape to write into. ``select``: launch arguments of the fused selection (the last
     program of each row runs stage 2 itself; see ``hamming_topk_triton``). ``k_scale``
-    [B, Hkv, Lmax] float (any strides): per-token weights of the scores ("max" only); the keys
-    are then the order-preserving int32 images of the fp32 block maxima. ``hist``: launch
+    [B, Hkv, Lmax] float (any strides): per-token weights of the scores ("max" or "lse"); with
+    "max" the keys are then the order-preserving int32 images of the fp32 block maxima. ``hist``: launch
     arguments of the histogram threshold (``_hist_args`` without COMPACT; with ``must_ptr`` /
     ``M``, the must-select blocks are left out): the keys are also counted there.
     ``chunk_repre="lse"`` needs ``q_scale`` [B * Hkv] float32 (contiguous): the keys are the
