@@ -41,6 +41,7 @@ import torch
 CTX, WINDOW, CHUNK, BITS, MUST = 4096, 1024, 16, 128, (0, -2, -1)
 BUDGETS = (0.05, 0.1, 0.2)
 FIRST_SPARSE = 2
+SIN_TEMPS: tuple[float, ...] = ()  # --lse-temps
 CACHE = Path("/tmp/fit_hash_cache")
 
 
@@ -273,8 +274,10 @@ def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per
                     if lse:  # the SimHash inversion: cos(angle) = sin(pi/2 (BITS - 2 Ham) / BITS)
                         kn = (k - mu.unsqueeze(1)).norm(dim=-1).half().float().unsqueeze(1)
                         sin = torch.sin(math.pi / 2 * cn / kn.clamp(min=1e-30) / (BITS * G))
-                        runs[f"{name}/centered_norm-lse-sin"] = block_lse(
-                            sin * kn * query_norm(qw, Hkv) / math.sqrt(D), t0)
+                        logit = sin * kn * query_norm(qw, Hkv) / math.sqrt(D)
+                        runs[f"{name}/centered_norm-lse-sin"] = block_lse(logit, t0)
+                        for beta in SIN_TEMPS:  # a temperature on the estimated logits
+                            runs[f"{name}/centered_norm-lse-sin-x{beta:g}"] = block_lse(logit * beta, t0)
             for key, bs in runs.items():
                 for r, v in captured(bs, mass, t0).items():
                     if per_layer is not None:
@@ -329,12 +332,18 @@ def main() -> None:
     ap.add_argument("--lse", type=float, nargs="*", default=[], metavar="ALPHA",
                     help="also rank blocks by the log-sum-exp of calibrated token logits: exact "
                          "and centered_norm scaled by ALPHA (each value one run)")
+    ap.add_argument("--lse-temps", type=float, nargs="*", default=[],
+                    help="with --lse: also the sine estimate's logits times each of these")
+    ap.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                    help="measure on held-out (default) or training documents (for tuning)")
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="sparse layers to measure (default all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    held = capture_docs("heldout", args.held_docs, args.ctx)
+    global SIN_TEMPS
+    SIN_TEMPS = tuple(args.lse_temps)
+    held = capture_docs(args.split, args.held_docs, args.ctx)
     fitted = [v for v in args.variants if v != "random"]
     train = [doc for c in (args.train_ctx or [args.ctx]) for doc in capture_docs("train", args.train_docs, c)] \
         if fitted else []  # random weights and --weights files need no training documents

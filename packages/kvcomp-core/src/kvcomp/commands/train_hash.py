@@ -62,6 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--rank-beta", type=float, default=3.0,
                    help="block-rank: tanh sharpness of the relaxed signs")
     p.add_argument("--rank-tau", type=float, default=0.1, help="block-rank: soft block-max temperature")
+    p.add_argument("--rank-pool", choices=("max", "lse"), default="max",
+                   help="block-rank: fit for chunk_repre 'max' (soft block max) or 'lse' (log-sum-exp "
+                        "of the estimated logits)")
     p.add_argument("--chunk", type=int, default=16, help="block-rank: tokens per block (as kvcomp's chunk_size)")
     p.add_argument("--queries-per-iter", type=int, default=48)
     p.add_argument("--keys-per-iter", type=int, default=None,
@@ -111,7 +114,8 @@ def run(args) -> int:
                           seed=args.seed, layers=tuple(args.layers) if args.layers else None,
                           objective=args.objective, rank_steps=rank_steps, rank_lr=rank_lr,
                           rank_beta=args.rank_beta, rank_tau=args.rank_tau, chunk_size=args.chunk,
-                          rank_param=args.param, rank_free_planes=args.rope_free_planes)
+                          rank_param=args.param, rank_free_planes=args.rope_free_planes,
+                          rank_pool=args.rank_pool)
         cfg.validate()
         texts = load_texts(args.data)
         device = local_device(args.device)

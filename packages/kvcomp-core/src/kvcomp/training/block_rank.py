@@ -12,7 +12,9 @@ as the HATA recipe does) of one kv-head's group of G query heads:
   with ``s = sign`` relaxed to ``tanh(beta * x / std(x))`` (std over the batch per column, so
   beta is scale-free), mu the mean key of the document's first half (the "prefill"); the block
   score is a soft max of its tokens' scores (``tau * logsumexp(x / tau)``, kvcomp's
-  ``chunk_repre="max"``);
+  ``chunk_repre="max"``), or with ``pool="lse"`` (for ``chunk_repre="lse"``) the log-sum-exp of
+  the relaxed logit estimates ``sin(pi/2 s / (G B)) * ||k - mu|| * mean_g ||q_g|| / sqrt(D)``
+  (s the relaxed group score above without the norm), as ``kvcomp.ops.hamming_topk`` ranks;
 * loss (ListNet): cross-entropy between the target and ``softmax(block score / T)`` over the
   ranked blocks, T a learned temperature.
 
@@ -53,6 +55,7 @@ from kvcomp.training.collect import CapturedGQA, capture_qk, sample_positions
 
 MUST_SELECT = (0, -2, -1)
 PARAMS = ("free", "rope-scale")
+POOLS = ("max", "lse")
 
 
 @dataclass
@@ -125,10 +128,11 @@ def block_targets(q: torch.Tensor, k: torch.Tensor, t: torch.Tensor, chunk: int,
 
 
 def relaxed_block_scores(W: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, t: torch.Tensor,
-                         chunk: int, beta: float, tau: float) -> torch.Tensor:
+                         chunk: int, beta: float, tau: float, pool: str = "max") -> torch.Tensor:
     """W [P, D, B], q [P, G, n, D], kc [P, T, D] (centred keys), t [n] -> [P, n, NB]: the soft
     block max of ``||kc|| * sum_g <tanh(beta q_g W / std), tanh(beta kc W / std)>``, scaled
-    by 1 / (G * B * mean ||kc||) (so that tau is comparable across layers)."""
+    by 1 / (G * B * mean ||kc||) (so that tau is comparable across layers); ``pool="lse"``: the
+    block log-sum-exp of the relaxed logit estimates (module docstring; tau unused)."""
     P, G, n, D = q.shape
     T = kc.shape[1]
     B = W.shape[-1]
@@ -138,10 +142,17 @@ def relaxed_block_scores(W: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, t: 
     sq = torch.tanh(beta * pq / pq.std(dim=(1, 2), keepdim=True).clamp(min=1e-12)).sum(1)
     sk = torch.tanh(beta * pk / pk.std(dim=1, keepdim=True).clamp(min=1e-12))
     norms = kc.norm(dim=-1)  # [P, T]
-    sc = torch.einsum("pnb,ptb->pnt", sq, sk) * norms.unsqueeze(1)
-    sc = sc / (G * B * norms.mean(1).view(P, 1, 1))
-    sc = sc.masked_fill(torch.arange(T, device=kc.device).view(1, 1, T) > t.view(1, n, 1), -1e4)
+    raw = torch.einsum("pnb,ptb->pnt", sq, sk)  # relaxed group score, in [-G B, G B]
     nb = -(-T // chunk)
+    future = torch.arange(T, device=kc.device).view(1, 1, T) > t.view(1, n, 1)
+    if pool == "lse":
+        qn = q.norm(dim=-1).mean(1) * D**-0.5  # [P, n]: the group's mean ||q|| / sqrt(D)
+        x = torch.sin(raw * (math.pi / (2 * G * B))) * norms.unsqueeze(1) * qn.unsqueeze(-1)
+        x = x.masked_fill(future, -1e4)
+        x = torch.nn.functional.pad(x, (0, nb * chunk - T), value=-1e4).view(P, n, nb, chunk)
+        return torch.logsumexp(x, -1)
+    sc = raw * norms.unsqueeze(1) / (G * B * norms.mean(1).view(P, 1, 1))
+    sc = sc.masked_fill(future, -1e4)
     sc = torch.nn.functional.pad(sc, (0, nb * chunk - T), value=-1e4).view(P, n, nb, chunk)
     return tau * torch.logsumexp(sc / tau, -1)
 
@@ -173,7 +184,7 @@ def rope_scale_index(head_dim: int, rotary_dim: int | None = None) -> torch.Tens
 def fit_block_rank(
     groups: list[GroupSet], W0: torch.Tensor, *, steps: int, lr: float, beta: float, tau: float,
     chunk: int, device: str | torch.device = "cpu", progress=None, layer: int = 0,
-    param: str = "free", rotary_dim: int | None = None, free_planes: int = 0,
+    param: str = "free", rotary_dim: int | None = None, free_planes: int = 0, pool: str = "max",
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Fit P projections together (the kv-heads of a layer; their losses add, gradients stay
     separate). ``groups``: P GroupSets with identical document shapes; W0 [P, D, B] float32
@@ -185,6 +196,8 @@ def fit_block_rank(
         raise ValueError(f"W0 must be [{P}, D, BITS], got {tuple(W0.shape)}")
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     half = (rotary_dim or W0.shape[1]) // 2
     if isinstance(free_planes, bool) or not isinstance(free_planes, int) or not 0 <= free_planes <= half:
         raise ValueError(f"free_planes must be an int in [0, {half}] (the RoPE planes), got {free_planes!r}")
@@ -228,7 +241,7 @@ def fit_block_rank(
     history = []
     for step in range(steps):
         q, kc, t, target, ranked = data[step % len(data)]
-        bs = relaxed_block_scores(weights(), q, kc, t, chunk, beta, tau)
+        bs = relaxed_block_scores(weights(), q, kc, t, chunk, beta, tau, pool)
         loss = block_rank_loss(bs, target, ranked, log_temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()

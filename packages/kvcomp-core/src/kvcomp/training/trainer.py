@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from kvcomp import distributed
-from kvcomp.training.block_rank import PARAMS, collect_groups, fit_block_rank
+from kvcomp.training.block_rank import PARAMS, POOLS, collect_groups, fit_block_rank
 from kvcomp.training.collect import PairSet, collect_pairs, dense_labels
 from kvcomp.training.loss import LossWeights, hata_loss
 
@@ -52,7 +52,7 @@ log = logging.getLogger("kvcomp.training")
 
 OBJECTIVES = ("hata", "block-rank")
 BLOCK_RANK_FIELDS = ("objective", "rank_steps", "rank_lr", "rank_beta", "rank_tau", "chunk_size",
-                     "rank_param", "rank_free_planes")
+                     "rank_param", "rank_free_planes", "rank_pool")
 
 
 @dataclass
@@ -91,12 +91,19 @@ class TrainConfig:
     rank_param: str = "free"
     # rope-scale: the number of slowest RoPE planes that get a free block instead of a scale
     rank_free_planes: int = 0
+    # block-rank: how the fit pools a block's tokens: "max" (for chunk_repre "max") or "lse"
+    # (for chunk_repre "lse": the log-sum-exp of the estimated logits)
+    rank_pool: str = "max"
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.rank_param not in PARAMS:
             raise ValueError(f"TrainConfig.rank_param must be one of {PARAMS}, got {self.rank_param!r}")
+        if self.rank_pool not in POOLS:
+            raise ValueError(f"TrainConfig.rank_pool must be one of {POOLS}, got {self.rank_pool!r}")
+        if self.rank_pool != "max" and self.objective != "block-rank":
+            raise ValueError("TrainConfig.rank_pool is a setting of objective 'block-rank'")
         if self.rank_param != "free" and self.objective != "block-rank":
             raise ValueError("TrainConfig.rank_param is a setting of objective 'block-rank'")
         v = self.rank_free_planes
@@ -368,7 +375,7 @@ def train_hash_weights(
                                           tau=cfg.rank_tau, chunk=cfg.chunk_size, device=device,
                                           progress=bar, layer=layer, param=cfg.rank_param,
                                           rotary_dim=geo.rotary_dim or None,
-                                          free_planes=cfg.rank_free_planes)
+                                          free_planes=cfg.rank_free_planes, pool=cfg.rank_pool)
                 else:
                     W, _ = train_projections([pairs[(layer, n)] for n in names], W0, cfg,
                                              layer=layer, device=device, progress=bar)
