@@ -59,10 +59,11 @@ def test_block_targets_match_brute_force(T, chunk):
         assert not torch.allclose(target[0], target[1])  # the kv-heads differ
 
 
-def _hard_block_scores(W, q, k, t, chunk, prefix):
+def _hard_block_scores(W, q, k, t, chunk, prefix, repre="max"):
     """kvcomp's own centered_norm block scores (hash_encode with bias, fp16 norms, the sum of
-    the group's query codes, hamming_topk's reference block max), one kv-head at a time."""
-    from kvcomp.eval.selection import code_token_scores, key_codes, scale_scores
+    the group's query codes, hamming_topk's reference block max or log-sum-exp of the logit
+    estimates), one kv-head at a time."""
+    from kvcomp.eval.selection import code_token_scores, key_codes, lse_logits, scale_scores
     from kvcomp.ops.hamming_topk.reference import block_scores_ref
     from kvcomp.ops.query_codes import encode_query
 
@@ -70,9 +71,11 @@ def _hard_block_scores(W, q, k, t, chunk, prefix):
     out = []
     for p in range(P):
         codes, norms = key_codes(k[p : p + 1], W[p : p + 1], "centered_norm", prefix_len=prefix)
-        qc = encode_query(q[p].transpose(0, 1).contiguous(), W[p : p + 1], "sum")  # [n, G, D]
-        sc = scale_scores(code_token_scores(qc, codes), norms)  # [n, 1, T]
-        out.append(block_scores_ref(sc, t + 1, chunk, "max")[:, 0])
+        qp = q[p].transpose(0, 1).contiguous()  # [n, G, D]
+        qc = encode_query(qp, W[p : p + 1], "sum")
+        raw = code_token_scores(qc, codes)  # [n, 1, T]
+        sc = lse_logits(raw, qp, G, W.shape[-1], norms) if repre == "lse" else scale_scores(raw, norms)
+        out.append(block_scores_ref(sc, t + 1, chunk, repre)[:, 0])
     return torch.stack(out)  # [P, n, NB]
 
 
@@ -91,6 +94,22 @@ def test_relaxed_scores_tend_to_kvcomp_centered_norm_scores():
     scale = G * B * (k - mu).norm(dim=-1).mean(1).view(P, 1, 1)
     visible = torch.arange(soft.shape[-1]).view(1, -1) < ((t + chunk) // chunk).view(-1, 1)
     torch.testing.assert_close((soft * scale)[:, visible], hard.float()[:, visible], rtol=2e-3, atol=2e-2)
+
+
+def test_relaxed_lse_scores_tend_to_kvcomp_lse_scores():
+    """pool="lse" with a sharp tanh gives hamming_topk's chunk_repre="lse" block scores (the
+    log-sum-exp of sin(pi/2 s / (G B)) ||k - mu|| mean ||q|| / sqrt(D)), unscaled."""
+    g = torch.Generator().manual_seed(4)
+    P, G, n, D, T, B, chunk = 2, 3, 6, 16, 100, 64, 16
+    q = torch.randn(P, G, n, D, generator=g)
+    k = torch.randn(P, T, D, generator=g) + torch.randn(P, 1, D, generator=g) * 3
+    t = torch.tensor([50, 51, 63, 64, 80, 99])
+    W = torch.randn(P, D, B, generator=g)
+    mu = k[:, : T // 2].mean(1, keepdim=True)
+    soft = relaxed_block_scores(W, q, k - mu, t, chunk, beta=1e6, tau=1.0, pool="lse")
+    hard = _hard_block_scores(W, q, k, t, chunk, prefix=T // 2, repre="lse")
+    visible = torch.arange(soft.shape[-1]).view(1, -1) < ((t + chunk) // chunk).view(-1, 1)
+    torch.testing.assert_close(soft[:, visible], hard.float()[:, visible], rtol=2e-3, atol=2e-2)
 
 
 def _synthetic(g, n_docs, T=256, D=16, G=2, n=48, P=2, chunk=4):
@@ -150,6 +169,25 @@ def test_fit_block_rank_raises_captured_mass_on_held_out_data():
     assert after > before + 0.01, (before, after)  # measured: 0.590 -> 0.612
     with pytest.raises(ValueError, match="W0 must be"):
         fit_block_rank(train, W0[:1], steps=1, lr=0.01, beta=3.0, tau=0.1, chunk=4)
+
+
+def test_fit_for_lse_lowers_its_loss():
+    """pool="lse" fits the log-sum-exp ranking (its loss falls, and the weights differ from the
+    "max" fit's). Whether that raises the captured mass is a property of the data: measured on
+    SmolLM2 in docs/results/smollm2.md (on the synthetic data here it does not)."""
+    g = torch.Generator().manual_seed(0)
+    train = _synthetic(g, 3)
+    W0 = HashWeights.random(1, 2, 16, 32, seed=0).layer(0)
+    W, hist = fit_block_rank(train, W0, steps=60, lr=0.03, beta=3.0, tau=0.1, chunk=4, pool="lse")
+    first = sum(h["loss"] for h in hist[:6]) / 6
+    last = sum(h["loss"] for h in hist[-6:]) / 6
+    assert last < first - 0.05, (first, last)
+    W_max, _ = fit_block_rank(train, W0, steps=60, lr=0.03, beta=3.0, tau=0.1, chunk=4)
+    assert (W - W_max).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="pool must be"):
+        fit_block_rank(train, W0, steps=1, lr=0.01, beta=3.0, tau=0.1, chunk=4, pool="mean")
+    with pytest.raises(ValueError, match="rank_pool"):
+        TrainConfig(rank_pool="lse").validate()  # a block-rank setting
 
 
 def test_loss_prefers_the_true_ranking():
