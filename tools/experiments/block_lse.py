@@ -27,6 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, nargs="+", default=[0.1])
     ap.add_argument("--weights", default=None, help="also these HashWeights, max and lse")
+    ap.add_argument("--lean", action="store_true",
+                    help="with --weights: only random max (the paired baseline) and the weights with lse")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--docs", type=int, default=8)
@@ -45,13 +47,17 @@ def main() -> None:
     specs = []
     for b in args.budget:
         specs.append(SparseSpec(weights=rnd, ratio=b, label=f"max@{b:g}", **common))
-        specs.append(SparseSpec(weights=rnd, ratio=b, chunk_repre="lse", label=f"lse@{b:g}", **common))
+        lean = args.lean and args.weights
+        if not lean:
+            specs.append(SparseSpec(weights=rnd, ratio=b, chunk_repre="lse", label=f"lse@{b:g}", **common))
         if args.weights:
             hw = HashWeights.load(args.weights)
-            specs.append(SparseSpec(weights=hw, ratio=b, label=f"trained-max@{b:g}", **common))
+            if not lean:
+                specs.append(SparseSpec(weights=hw, ratio=b, label=f"trained-max@{b:g}", **common))
             specs.append(SparseSpec(weights=hw, ratio=b, chunk_repre="lse", label=f"trained-lse@{b:g}", **common))
-        specs.append(SparseSpec(method="oracle", ratio=b, chunk_size=16, dense_layers=frozenset({0, 1}),
-                                label=f"oracle@{b:g}"))
+        if not lean:
+            specs.append(SparseSpec(method="oracle", ratio=b, chunk_size=16, dense_layers=frozenset({0, 1}),
+                                    label=f"oracle@{b:g}"))
     docs = make_documents(load_texts(["essays:heldout"]), tok, args.context, args.docs)
     rec = evaluate_documents(model, docs, specs, window=args.window, progress=False,
                              log=lambda m: print(m, flush=True))
