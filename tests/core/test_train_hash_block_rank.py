@@ -79,36 +79,35 @@ def _hard_block_scores(W, q, k, t, chunk, prefix, repre="max"):
     return torch.stack(out)  # [P, n, NB]
 
 
-def test_relaxed_scores_tend_to_kvcomp_centered_norm_scores():
-    """Sharp tanh and a cold soft max give kvcomp's hard block scores (up to the 1/(G B mean||k - mu||)
-    scale and its fp16 norms), on every visible block."""
-    g = torch.Generator().manual_seed(3)
+def _limit_case(seed: int, pool: str):
+    """Sharp relaxed block scores and kvcomp's hard ones on random data (2 kv-heads, G = 3,
+    16 dims, 100 keys with a shared offset, 64 bits, chunk 16): (soft, hard, scale, visible)."""
+    g = torch.Generator().manual_seed(seed)
     P, G, n, D, T, B, chunk = 2, 3, 6, 16, 100, 64, 16
     q = torch.randn(P, G, n, D, generator=g)
     k = torch.randn(P, T, D, generator=g) + torch.randn(P, 1, D, generator=g) * 3
     t = torch.tensor([50, 51, 63, 64, 80, 99])
     W = torch.randn(P, D, B, generator=g)
     mu = k[:, : T // 2].mean(1, keepdim=True)
-    soft = relaxed_block_scores(W, q, k - mu, t, chunk, beta=1e6, tau=1e-6)
-    hard = _hard_block_scores(W, q, k, t, chunk, prefix=T // 2)
+    tau = 1e-6 if pool == "max" else 1.0
+    soft = relaxed_block_scores(W, q, k - mu, t, chunk, beta=1e6, tau=tau, pool=pool)
+    hard = _hard_block_scores(W, q, k, t, chunk, prefix=T // 2, repre=pool)
     scale = G * B * (k - mu).norm(dim=-1).mean(1).view(P, 1, 1)
     visible = torch.arange(soft.shape[-1]).view(1, -1) < ((t + chunk) // chunk).view(-1, 1)
+    return soft, hard, scale, visible
+
+
+def test_relaxed_scores_tend_to_kvcomp_centered_norm_scores():
+    """Sharp tanh and a cold soft max give kvcomp's hard block scores (up to the 1/(G B mean||k - mu||)
+    scale and its fp16 norms), on every visible block."""
+    soft, hard, scale, visible = _limit_case(3, "max")
     torch.testing.assert_close((soft * scale)[:, visible], hard.float()[:, visible], rtol=2e-3, atol=2e-2)
 
 
 def test_relaxed_lse_scores_tend_to_kvcomp_lse_scores():
     """pool="lse" with a sharp tanh gives hamming_topk's chunk_repre="lse" block scores (the
     log-sum-exp of sin(pi/2 s / (G B)) ||k - mu|| mean ||q|| / sqrt(D)), unscaled."""
-    g = torch.Generator().manual_seed(4)
-    P, G, n, D, T, B, chunk = 2, 3, 6, 16, 100, 64, 16
-    q = torch.randn(P, G, n, D, generator=g)
-    k = torch.randn(P, T, D, generator=g) + torch.randn(P, 1, D, generator=g) * 3
-    t = torch.tensor([50, 51, 63, 64, 80, 99])
-    W = torch.randn(P, D, B, generator=g)
-    mu = k[:, : T // 2].mean(1, keepdim=True)
-    soft = relaxed_block_scores(W, q, k - mu, t, chunk, beta=1e6, tau=1.0, pool="lse")
-    hard = _hard_block_scores(W, q, k, t, chunk, prefix=T // 2, repre="lse")
-    visible = torch.arange(soft.shape[-1]).view(1, -1) < ((t + chunk) // chunk).view(-1, 1)
+    soft, hard, _, visible = _limit_case(4, "lse")
     torch.testing.assert_close(soft[:, visible], hard.float()[:, visible], rtol=2e-3, atol=2e-2)
 
 
