@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from kvcomp.bench.decode import HEAD_DIM, HKV, kv_input_sets
+from kvcomp.bench.decode import BITS, CHUNK, HEAD_DIM, HKV, MODELS, MUST_SELECT, kv_input_sets
 from kvcomp.bench.timing import (
     attention_close,
     attention_ref_fp64,
@@ -44,9 +44,6 @@ from kvcomp.bench.timing import (
     positive_ints,
 )
 
-MODELS = {"qwen3-8b": 32, "qwen3-32b": 64}  # query heads; 8 kv-heads, head_dim 128 both
-BITS, CHUNK = 128, 128  # as kvcomp bench decode's inputs (kv_input_sets)
-MUST_SELECT = (0, -2, -1)
 MAX_SETS = 4
 
 
