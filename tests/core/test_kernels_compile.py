@@ -36,11 +36,11 @@ def compile_sm90(fn, args: dict, **options):
                           options=opts)
 
 
-def _select_args(hist: bool, compact: bool = True, single: bool = True) -> dict:
+def _select_args(hist: bool, compact: bool = True, single: bool = True, pdl: bool = False) -> dict:
     return dict(key_ptr="*i32", len_ptr="*i32", kb_ptr="*i32", must_ptr="*i32", out_ptr="*i32",
                 Hkv="i32", NB_IN="i32", K="i32", KB_CONST="i32", sob="i32", soh="i32",
                 CHUNK=128, M=3, BLOCK=1024, SINGLE=single, KB_TENSOR=False, ARITY=2,
-                hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=2048, COMPACT=compact)
+                hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=2048, COMPACT=compact, PDL=pdl)
 
 
 def check_select_kernel():
@@ -52,7 +52,7 @@ def check_select_kernel():
         compile_sm90(hk._select_kernel, _select_args(hist, compact, single), num_warps=4)
 
 
-def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1) -> dict:
+def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False) -> dict:
     i32 = "i32"
     return dict(
         rows_ptr="*i32", base_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32",
@@ -63,7 +63,7 @@ def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1) -> dict:
         MEAN=False, K_CONTIG=True, USE_ASM=True, HAS_SCALE=lse, cnt_ptr="*i32", kb_ptr="*i32",
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
         SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,
-        NBINS=2048, LSE=lse,
+        NBINS=2048, LSE=lse, PDL=pdl,
     )
 
 
@@ -76,90 +76,165 @@ def check_block_keys_kernel_with_histogram():
         compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=False, lse=True, n_sub=n_sub))
 
 
+def _split_args(fused: bool, t_q: int, pdl: bool = False) -> dict:
+    i32 = "i32"
+    args = dict(
+        q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", idx_ptr="*i32", len_ptr="*i32",
+        m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", Hkv=i32, K_ENT=i32, TOK_PER_SPLIT=i32,
+        SPLITS=i32, scale_log2="fp32", sqb=i32, sqh=i32, sqd=i32, skb=i32, skh=i32, skt=i32,
+        skd=i32, svb=i32, svh=i32, svt=i32, svd=i32, sib=i32, sih=i32, sik=i32,
+        G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
+        tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
+        out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
+        G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl,
+    )
+    if t_q > 1:
+        args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
+    return args
+
+
+def _merge_args(pdl: bool = False) -> dict:
+    i32 = "i32"
+    return dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", Hq=i32, SPLITS=i32,
+                sob=i32, soh=i32, sod=i32, D=128, S_PAD=32, BLOCK_D=128, PDL=pdl)
+
+
 def check_sparse_decode_attention_kernels():
     """The split kernel with the fused merge (ticket atomics, per-row merge loop) and without,
     with several queries per sequence (causal rows), the separate merge kernel."""
     ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
-    i32 = "i32"
     for fused, t_q in ((True, 1), (False, 1), (True, 4)):  # t_q: queries per sequence
-        args = dict(
-            q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", idx_ptr="*i32", len_ptr="*i32",
-            m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", Hkv=i32, K_ENT=i32, TOK_PER_SPLIT=i32,
-            SPLITS=i32, scale_log2="fp32", sqb=i32, sqh=i32, sqd=i32, skb=i32, skh=i32, skt=i32,
-            skd=i32, svb=i32, svh=i32, svt=i32, svd=i32, sib=i32, sih=i32, sik=i32,
-            G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
-            tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
-            out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
-            G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q,
-        )
-        if t_q > 1:
-            args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
-        ptx = compile_sm90(ak._sparse_decode_split_kernel, args, num_warps=4, num_stages=2).asm["ptx"]
+        ptx = compile_sm90(ak._sparse_decode_split_kernel, _split_args(fused, t_q), num_warps=4,
+                           num_stages=2).asm["ptx"]
         if fused:  # the ticket: a gpu-scope acq_rel atomic add after a CTA barrier
             assert "atom.global.gpu.acq_rel.add" in ptx or "atom.acq_rel.gpu.global.add" in ptx, \
                 [ln for ln in ptx.splitlines() if "atom" in ln]
             assert "bar.sync" in ptx
-    compile_sm90(ak._merge_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16",
-                                        Hq=i32, SPLITS=i32, sob=i32, soh=i32, sod=i32, D=128, S_PAD=32,
-                                        BLOCK_D=128), num_warps=4)
+    compile_sm90(ak._merge_kernel, _merge_args(), num_warps=4)
+
+
+def _norm_act_cases(pdl: bool = False) -> list:
+    """(kernel, args, options) of every norm_act kernel (rope in bf16)."""
+    na = importlib.import_module("kvcomp.ops.norm_act")
+    i32 = "i32"
+    return [
+        (na._rms_norm_kernel, dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", N=i32, sx=i32, sy=i32,
+                                   eps="fp32", BLOCK=4096, PDL=pdl), {}),
+        (na._silu_mul_kernel, dict(g_ptr="*bf16", u_ptr="*bf16", y_ptr="*bf16", n=i32, width=i32, sg=i32,
+                                   su=i32, BLOCK=1024, PDL=pdl), {}),
+        (na._rope_kernel, _rope_args("bf16", pdl), na.ROPE_LAUNCH),
+        (na._add_rms_norm_kernel, dict(x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
+                                       s_ptr="*bf16", N=i32, sx=i32, sr=i32, sy=i32, ss=i32, eps="fp32",
+                                       BLOCK=4096, PDL=pdl), dict(num_warps=8)),
+        (na._head_rms_norm_kernel, dict(y_ptr="*bf16", wq_ptr="*bf16", wk_ptr="*bf16", HQ=i32, HK=i32,
+                                        D=i32, sy=i32, eps="fp32", BLOCK=128, PDL=pdl), {}),
+    ]
+
+
+def _rope_args(dt: str, pdl: bool = False) -> dict:
+    i32 = "i32"
+    return dict(
+        q_ptr=f"*{dt}", k_ptr=f"*{dt}", c_ptr=f"*{dt}", s_ptr=f"*{dt}", qo_ptr=f"*{dt}", ko_ptr=f"*{dt}",
+        NQ=i32, Hq=i32, Hkv=i32, T=i32, sqb=i32, sqh=i32, sqt=i32, skb=i32, skh=i32, skt=i32,
+        scb=i32, sct=i32, ssb=i32, sst=i32, HALF=64, BLOCK=64, PDL=pdl,
+    )
 
 
 def check_norm_act_kernels():
     na = importlib.import_module("kvcomp.ops.norm_act")
-    i32 = "i32"
-    compile_sm90(na._rms_norm_kernel, dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", N=i32, sx=i32,
-                                           sy=i32, eps="fp32", BLOCK=4096))
-    compile_sm90(na._silu_mul_kernel, dict(g_ptr="*bf16", u_ptr="*bf16", y_ptr="*bf16", n=i32, width=i32,
-                                           sg=i32, su=i32, BLOCK=1024))
+    for fn, args, opts in _norm_act_cases():
+        compile_sm90(fn, args, **opts)
     for dt in ("bf16", "fp16", "fp32"):
-        args = dict(
-            q_ptr=f"*{dt}", k_ptr=f"*{dt}", c_ptr=f"*{dt}", s_ptr=f"*{dt}", qo_ptr=f"*{dt}", ko_ptr=f"*{dt}",
-            NQ=i32, Hq=i32, Hkv=i32, T=i32, sqb=i32, sqh=i32, sqt=i32, skb=i32, skh=i32, skt=i32,
-            scb=i32, sct=i32, ssb=i32, sst=i32, HALF=64, BLOCK=64,
-        )
+        args = _rope_args(dt)
         # with the launch options rope uses: every product and sum rounded on its own, as in torch
         ptx = compile_sm90(na._rope_kernel, args, **na.ROPE_LAUNCH).asm["ptx"]
         assert "fma." not in ptx, f"{dt}: the rope kernel contracts a product into an fma"
         if dt == "bf16":  # what the default options do (the cause of the H200 mismatch)
             assert "fma.rn.bf16" in compile_sm90(na._rope_kernel, args).asm["ptx"]
-    compile_sm90(na._add_rms_norm_kernel, dict(x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
-                                               s_ptr="*bf16", N=i32, sx=i32, sr=i32, sy=i32, ss=i32,
-                                               eps="fp32", BLOCK=4096), num_warps=8)
-    compile_sm90(na._head_rms_norm_kernel, dict(y_ptr="*bf16", wq_ptr="*bf16", wk_ptr="*bf16", HQ=i32,
-                                                HK=i32, D=i32, sy=i32, eps="fp32", BLOCK=128))
+
+
+def _gemv_args(dot: bool, block_m: int, block_n: int, block_k: int, extras: bool, pdl: bool = False) -> dict:
+    i32 = "i32"
+    return dict(
+        x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", M=i32, N=i32,
+        K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
+        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl,
+    )
 
 
 def check_gemv_kernel():
     """Both tile forms, with the bias, the residual epilogue and the RMSNorm prologue."""
     gv = importlib.import_module("kvcomp.ops.gemv")
-    i32 = "i32"
     for dot, block_m, block_n, block_k in ((True, 16, 32, 256), (False, 1, 4, 1024), (False, 4, 8, 512)):
         for extras in (False, True):
-            compile_sm90(gv._gemv_kernel, dict(
-                x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", M=i32, N=i32,
-                K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
-                nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras,
-            ), num_warps=4, num_stages=3)
+            compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, extras),
+                         num_warps=4, num_stages=3)
+
+
+def _row_encode_args(codes: bool, pdl: bool = False) -> dict:
+    i32 = "i32"
+    return dict(
+        x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
+        D=i32, H=i32, L_out=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
+        sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
+        HAS_POS=True, HAS_BIAS=codes, BLOCK_D=128, kc_ptr="*bf16", v_ptr="*bf16", vc_ptr="*bf16",
+        skb=i32, skh=i32, skn=i32, svb=i32, svh=i32, svn=i32, svd=i32, svcb=i32, svch=i32, svcn=i32,
+        COPY=True, CODES=codes, V_PROG=1 if codes else 0, DV=i32, BLOCK_DV=128, PDL=pdl,
+    )
 
 
 def check_append_kv_kernel():
     """The one-row encode kernel with the cache's key / value copies, with and without codes."""
     he = importlib.import_module("kvcomp.ops.hash_encode.kernels")
-    i32 = "i32"
     for codes in (True, False):
-        compile_sm90(he._hash_encode_row_kernel, dict(
-            x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
-            D=i32, H=i32, L_out=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
-            sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
-            HAS_POS=True, HAS_BIAS=codes, BLOCK_D=128, kc_ptr="*bf16", v_ptr="*bf16", vc_ptr="*bf16",
-            skb=i32, skh=i32, skn=i32, svb=i32, svh=i32, svn=i32, svd=i32, svcb=i32, svch=i32, svcn=i32,
-            COPY=True, CODES=codes, V_PROG=1 if codes else 0, DV=i32, BLOCK_DV=128,
-        ), num_warps=4)
+        compile_sm90(he._hash_encode_row_kernel, _row_encode_args(codes), num_warps=4)
+
+
+def _query_rows_args(pdl: bool) -> dict:
+    i32 = "i32"
+    return dict(q_ptr="*i32", rows_ptr="*i32", base_ptr="*i32", Hkv=i32, sqb=i32, sqh=i32, sqw=i32,
+                G=8, W=4, BLOCK_W=4, R=4, MAJORITY=False, PDL=pdl)
+
+
+def check_pdl_kernels():
+    """Every decode-step and fused-decoder kernel with programmatic dependent launch (``kvcomp.ops._pdl``): the
+    grid-dependency wait, then the launch of dependents, both before the kernel's first global
+    load or store (``pdl_enter`` comes first); without PDL neither instruction is there."""
+    he = importlib.import_module("kvcomp.ops.hash_encode.kernels")
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    gv = importlib.import_module("kvcomp.ops.gemv")
+    cases = [
+        (he._hash_encode_row_kernel, _row_encode_args, dict(codes=True), {}),
+        (gv._gemv_kernel, _gemv_args, dict(dot=False, block_m=1, block_n=4, block_k=1024, extras=True),
+         dict(num_warps=4, num_stages=3)),
+        (gv._gemv_kernel, _gemv_args, dict(dot=True, block_m=16, block_n=32, block_k=256, extras=False),
+         dict(num_warps=4, num_stages=3)),
+        (hk._query_rows_kernel, _query_rows_args, {}, dict(num_warps=1)),
+        (hk._block_keys_kernel, _block_keys_args, dict(hist=True, lse=False), {}),
+        (hk._block_keys_kernel, _block_keys_args, dict(hist=False, lse=True, n_sub=2), {}),
+        (hk._select_kernel, _select_args, dict(hist=True), dict(num_warps=4)),
+        (hk._select_kernel, _select_args, dict(hist=False), dict(num_warps=4)),
+        (ak._sparse_decode_split_kernel, _split_args, dict(fused=True, t_q=1), dict(num_stages=2)),
+        (ak._merge_kernel, _merge_args, {}, {}),
+    ]
+    for fn, args, opts in _norm_act_cases(pdl=True):
+        cases.append((fn, lambda pdl, a=args: dict(a, PDL=pdl), {}, opts))
+    for fn, make, kw, opts in cases:
+        ptx = compile_sm90(fn, make(**kw, pdl=True), **opts).asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        wait, launch = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+        first_mem = min((i for i in (body.find("ld.global"), body.find("st.global"), body.find("atom."))
+                         if i >= 0), default=len(body))
+        assert 0 <= wait < launch < first_mem, (fn.__name__, kw, wait, launch, first_mem)
+        plain = compile_sm90(fn, make(**kw, pdl=False), **opts).asm["ptx"]
+        assert "griddepcontrol" not in plain, (fn.__name__, kw)
 
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
-          check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel]
+          check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel,
+          check_pdl_kernels]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

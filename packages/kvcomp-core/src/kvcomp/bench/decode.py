@@ -17,7 +17,7 @@ verifies, then times with CUDA events (median, CUDA-graph replays):
     before   the previous kernels, switched back on by their module flags, in the same run:
              select_hist_v1 (``HIST_COMPACT`` off: the histogram stage 2 before its prefix-sum
              form), attend_two_kernel (``FUSED_MERGE`` off: split kernel + merge kernel) and
-             step_before (both)
+             step_before (the step without programmatic dependent launch, ``kvcomp.ops._pdl``)
     dense    torch scaled_dot_product_attention (flash backend when available) on the same
              tensors, graph and eager
 
@@ -145,8 +145,8 @@ HK, AK = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.sparse_decode_attention.
 
 @contextlib.contextmanager
 def _before():
-    """The previous kernels: histogram stage 2 before its prefix-sum form, two-kernel attention."""
-    with _flags(HK, HIST_COMPACT=False), _flags(AK, FUSED_MERGE=False):
+    """The previous step: the same kernels launched without programmatic dependent launch."""
+    with _flags("kvcomp.ops._pdl", ENABLED=False):
         yield
 
 
@@ -305,7 +305,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             checks["step"] = bool(torch.equal(step_idx, idx) and torch.equal(step_out, out))
             with _before():
                 b_out, b_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
-            checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out_2k))
+            checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out))
             del kg, vg
             verified = all(checks.values())
             row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
@@ -477,7 +477,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}  "
           f"token score {cfg['token_score']}")
     print("times in us; 'before' = the previous kernels in the same run (select: histogram stage 2 "
-          "before its prefix-sum form, attend: split + merge kernels)")
+          "before its prefix-sum form, attend: split + merge kernels, step: without programmatic "
+          "dependent launch)")
     print(TABLE_HEAD)
     for r in rows:
         print(_table_line(r))

@@ -40,6 +40,8 @@ __all__ = ["gemv", "gemv_ref", "GEMV_CONFIG", "GEMV_CONFIG_ONE_ROW", "MAX_ROWS"]
 try:
     import triton
     import triton.language as tl
+
+    from kvcomp.ops._pdl import pdl_args, pdl_enter
 except ImportError:  # pragma: no cover - the reference still works
     triton = None
 
@@ -74,12 +76,14 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K, sxm, swn, srm, sym,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False,
+        nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
         (+ r[m, n] after rounding to y's dtype). With HAS_NORM, x[m, k] is nw[k] x[m, k]
         rsqrt(mean_k x[m, k]^2 + eps): each program sums the squares of the rows it streams
-        anyway and scales its dot products by the row's factor at the end."""
+        anyway and scales its dot products by the row's factor at the end. PDL: programmatic
+        dependent launch (``kvcomp.ops._pdl``)."""
+        pdl_enter(PDL)
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,6 +199,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
             nw_ptr=norm[0].contiguous() if norm is not None else None,
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x),
         )
     return y.view(*x.shape[:-1], N)

@@ -44,6 +44,8 @@ __all__ = ["add_rms_norm", "add_rms_norm_ref", "head_rms_norm_", "head_rms_norm_
 try:
     import triton
     import triton.language as tl
+
+    from kvcomp.ops._pdl import pdl_args, pdl_enter
 except ImportError:  # pragma: no cover - the references still work
     triton = None
 
@@ -86,7 +88,9 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, sx, sy, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, sx, sy, eps, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -99,8 +103,10 @@ if triton is not None:
         tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _head_rms_norm_kernel(y_ptr, wq_ptr, wk_ptr, HQ, HK, D, sy, eps, BLOCK: tl.constexpr):
+    def _head_rms_norm_kernel(y_ptr, wq_ptr, wk_ptr, HQ, HK, D, sy, eps, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr = False):
         """Program (m, h): head h of row m of y, with wq for h < HQ else wk; in place."""
+        pdl_enter(PDL)
         m = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
@@ -119,7 +125,8 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, sx, sr, sy, ss, eps,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -135,7 +142,9 @@ if triton is not None:
         tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, width, sg, su, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, width, sg, su, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        pdl_enter(PDL)
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
         r = i // width
@@ -151,10 +160,11 @@ if triton is not None:
     def _rope_kernel(
         q_ptr, k_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, NQ, Hq, Hkv, T,
         sqb, sqh, sqt, skb, skh, skt, scb, sct, ssb, sst,
-        HALF: tl.constexpr, BLOCK: tl.constexpr,
+        HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """Programs [0, NQ) rotate the rows (b, h, t) of q, the next ones those of k; outputs
         contiguous [B, H, T, D] (row r = (b * H + h) * T + t)."""
+        pdl_enter(PDL)
         pid = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, BLOCK)
         ok = j < HALF
@@ -210,7 +220,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
     with device_guard(x):
         _rms_norm_kernel[(x2.shape[0],)](
             x2, weight.contiguous(), y, N, x2.stride(0), y.stride(0), float(eps),
-            BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
+            BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4, **pdl_args(x),
         )
     return y.view(x.shape)
 
@@ -234,6 +244,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         _add_rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight.contiguous(), y, s, N, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
             float(eps), BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
+            **pdl_args(x),
         )
     return y.view(x.shape), s.view(x.shape)
 
@@ -254,7 +265,7 @@ def head_rms_norm_(y: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, hq: int,
     with device_guard(y):
         _head_rms_norm_kernel[(y.shape[0], hq + hk)](
             y, wq.contiguous(), wk.contiguous(), hq, hk, D, y.stride(0), float(eps),
-            BLOCK=triton.next_power_of_2(D), num_warps=4,
+            BLOCK=triton.next_power_of_2(D), num_warps=4, **pdl_args(y),
         )
     return y
 
@@ -273,6 +284,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     with device_guard(gate):
         _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](
             g2, u2, y, n, g2.shape[1], g2.stride(0), u2.stride(0), BLOCK=BLOCK, num_warps=4,
+            **pdl_args(gate),
         )
     return y.view(gate.shape)
 
@@ -310,5 +322,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
             HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)), **ROPE_LAUNCH,
+            **pdl_args(q),
         )
     return qo, ko

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from kvcomp.ops._common import StreamScratch, interpreting
+from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 FORM_XOR = 0
 FORM_PLANES = 1
@@ -98,11 +99,12 @@ def _query_rows_kernel(
     q_ptr, rows_ptr, base_ptr,
     Hkv, sqb, sqh, sqw,
     G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
-    MAJORITY: tl.constexpr,
+    MAJORITY: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Per (b, kv-head): the R code-sized rows the scan combines each key code with (bit-planes
     of the per-bit counts, or the majority code) -> rows [B * Hkv, R, W], and the constant part
     of the score -> base [B * Hkv]."""
+    pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -140,7 +142,7 @@ def _block_keys_kernel(
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
-    LSE: tl.constexpr = False,
+    LSE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
@@ -148,7 +150,9 @@ def _block_keys_kernel(
     the token's value is float32(score) * float32(scale[b, h, t]) and the key is the block max of
     those, mapped to an int32 of the same order. LSE: the token's value is the logit estimate
     sin(float32(score) * lse_c) (* scale[b, h, t]) * qs[b, h] and the key is the block's
-    log-sum-exp of those (online over the sub-blocks), mapped the same way."""
+    log-sum-exp of those (online over the sub-blocks), mapped the same way. PDL: programmatic
+    dependent launch (``kvcomp.ops._pdl``)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -294,8 +298,9 @@ def _select_kernel(
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     KB_TENSOR: tl.constexpr, ARITY: tl.constexpr,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
-    COMPACT: tl.constexpr = True,
+    COMPACT: tl.constexpr = True, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -577,7 +582,7 @@ def block_keys_triton(
         base = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
         _query_rows_kernel[(B * Hkv,)](
             q_codes, rows, base, Hkv, *q_codes.stride(),
-            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1,
+            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1, **pdl_args(q_codes),
         )
         srb, srh, srr, srw = rows.stride()
     block_t = max(BLOCK_T * 4 // block_w, 32)  # tokens per tile, ~BLOCK_T * 16 bytes of codes
@@ -599,7 +604,7 @@ def block_keys_triton(
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
-        **(select or {}), **(hist or {}),
+        **(select or {}), **(hist or {}), **pdl_args(k_codes),
     )
     return keys
 
@@ -664,7 +669,7 @@ def select_triton(
         Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
-        num_warps=4 if block <= 1024 else 8, **(hist or {}),
+        num_warps=4 if block <= 1024 else 8, **(hist or {}), **pdl_args(keys),
     )
     return out
 

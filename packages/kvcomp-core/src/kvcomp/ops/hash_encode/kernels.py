@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kvcomp.ops._common import interpreting
+from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 
 @triton.jit
@@ -98,11 +99,13 @@ def _hash_encode_row_kernel(
     kc_ptr=None, v_ptr=None, vc_ptr=None,
     skb=0, skh=0, skn=0, svb=0, svh=0, svn=0, svd=0, svcb=0, svch=0, svcn=0,
     COPY: tl.constexpr = False, CODES: tl.constexpr = True, V_PROG: tl.constexpr = 0,
-    DV=0, BLOCK_DV: tl.constexpr = 16,
+    DV=0, BLOCK_DV: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):
     """With COPY (the cache's append, HAS_POS): row n of x is also stored in the key cache kc
     and row n of v in the value cache vc, at row pos[b] + n (program w == 0 stores the key,
-    w == V_PROG the value row of DV dims; last dims contiguous); without CODES only the copies run."""
+    w == V_PROG the value row of DV dims; last dims contiguous); without CODES only the copies run.
+    PDL: programmatic dependent launch (``kvcomp.ops._pdl``)."""
+    pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     w = tl.program_id(2)
@@ -177,6 +180,7 @@ def _launch(
             D, H, out4.shape[2],
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
             HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=4,
+            **pdl_args(x4),
         )
         return
     block_n = min(64, max(16, triton.next_power_of_2(N)))
@@ -254,7 +258,7 @@ def append_kv_triton(
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
         svcb=v_buf.stride(0), svch=v_buf.stride(1), svcn=v_buf.stride(2),
         COPY=True, CODES=has_codes, V_PROG=min(1, W - 1), DV=v.shape[3],
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=4,
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=4, **pdl_args(k),
     )
 
 

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kvcomp.ops._common import StreamScratch, interpreting
+from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
@@ -69,7 +70,7 @@ def _sparse_decode_split_kernel(
     tbl_ptr=None, stb=0, stp=0, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1,
     out_ptr=None, sob=0, soh=0, sod=0, ticket_ptr=None, FUSED: tl.constexpr = False,
     G_R: tl.constexpr = 1, S_PAD: tl.constexpr = 1, S_TILE: tl.constexpr = 1,
-    T_Q: tl.constexpr = 1,
+    T_Q: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -77,7 +78,8 @@ def _sparse_decode_split_kernel(
     [pages, Hkv, PAGE, D] (strides skb.. = page, head, row, dim) and token t of sequence b lives
     in page tbl[b, t // PAGE] at row t % PAGE. With FUSED, the last of the row's SPLITS programs
     merges the partials into out [B, Hq, D] (strides sob, soh, sod) and resets
-    ticket[b * Hkv + h] (module doc)."""
+    ticket[b * Hkv + h] (module doc). PDL: programmatic dependent launch (``kvcomp.ops._pdl``)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -224,8 +226,9 @@ def _merge_tile(
 def _merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr,
     Hq, SPLITS, sob, soh, sod,
-    D: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hq
     hq = pid % Hq
@@ -323,13 +326,13 @@ def sparse_decode_attention_triton(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
-        **paged, **fused, T_Q=_t_q,
+        **paged, **fused, T_Q=_t_q, **pdl_args(q),
         num_warps=WARPS, num_stages=STAGES,
     )
     if not fuse:
         _merge_kernel[(B * Hq,)](
             m, l, acc, out, Hq, splits, *out.stride(),
             D=D, S_PAD=s_pad, BLOCK_D=block_d,
-            num_warps=4,
+            num_warps=4, **pdl_args(q),
         )
     return out

@@ -1,0 +1,74 @@
+"""Programmatic dependent launch (PDL) of the decode-path kernels on Hopper and later GPUs.
+
+A decode step is a chain of small dependent kernels (encode the query, scan the codes, select,
+attend). At B = 1 each kernel runs for a few microseconds, and the gap between two of them
+(the first kernel's last programs draining, the next one's launch and start-up) is a large part
+of the step. With PDL (CUDA's programmatic stream serialization, sm_90+) a kernel launched with
+``launch_pdl=True`` may start while its predecessor in the stream still runs; it must then wait
+(``griddepcontrol.wait``) before it touches memory the predecessor writes or reads.
+
+The rule every kernel here follows (``pdl_enter``, called first thing, before any load or
+store): wait for the predecessor, then allow the successor to launch. Since a kernel signals its
+successor only after its own wait returned, everything written two or more launches earlier is
+complete too, and no kernel ever runs ahead of a predecessor's memory traffic: the results are
+bit-identical to plain stream order (tested on the GPU). What overlaps is the successor's launch
+and the placing of its programs with the predecessor's tail.
+
+``ENABLED`` (module flag; default on, off with the environment variable ``KVCOMP_PDL=0``)
+switches PDL for all kvcomp kernels that support it; the benchmarks time both in one run. It applies to CUDA tensors on sm_90+ only; on the CPU (the
+Triton interpreter) the kernels compile without the instructions and launch as before. A kernel
+that was launched without PDL executes ``griddepcontrol.wait`` as a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from kvcomp.ops._common import interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - without Triton the kernels do not run at all
+    triton = None
+try:  # Triton >= 3.3; the instructions need sm_90+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    gdc_wait = gdc_launch_dependents = None
+
+ENABLED = os.environ.get("KVCOMP_PDL", "1") != "0"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """True on a CUDA device of compute capability >= 9.0 with a Triton that has the GDC ops."""
+    if device.type != "cuda" or gdc_wait is None or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch arguments of a kernel with a ``PDL`` constexpr, for inputs on ``t``'s device:
+    ``{"PDL": True, "launch_pdl": True}`` where PDL applies (``ENABLED`` and sm_90+), else {}."""
+    if ENABLED and pdl_supported(t.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {}
+
+
+if triton is not None:
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """First statement of a kernel launched by ``pdl_args``: wait until the previous kernel
+        in the stream has finished and its writes are visible, then let the next kernel launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
