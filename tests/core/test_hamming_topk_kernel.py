@@ -40,7 +40,7 @@ def test_gqa_ratios_ragged(G, low_entropy):
     assert (got[2] == torch.tensor([0, -1, -1, -1, -1], dtype=torch.int32)).all()
 
 
-@pytest.mark.parametrize("mode", ["exact", "exact_direct", "exact_planes", "majority"])
+@pytest.mark.parametrize("mode", ["exact", "exact_direct", "exact_planes", "exact_signed", "majority"])
 @pytest.mark.parametrize("repre", ["max", "mean"])
 def test_modes_and_block_repr(mode, repre):
     gen = torch.Generator().manual_seed(len(mode) + len(repre))
@@ -52,6 +52,42 @@ def test_modes_and_block_repr(mode, repre):
     assert torch.equal(got, want)
     # three kv-heads with different keys must not all pick the same blocks
     assert not (torch.equal(got[:, 0], got[:, 1]) and torch.equal(got[:, 1], got[:, 2]))
+
+
+@pytest.mark.parametrize("rows_in_scan", [True, False])
+@pytest.mark.parametrize("G", [2, 3, 4, 5, 6, 8])
+def test_group_score_forms_exact(monkeypatch, G, rows_in_scan):
+    """Every exact form of the group score (direct, bit-planes + popc(k), signed planes for even
+    G), its rows derived in the scan or in their own launch, gives the reference's token scores
+    bit for bit (chunk 1: a block key is its token's score), also with 3 code words (padded to 4
+    in the kernel: the padding must not count) and tied, low-entropy codes."""
+    from kvcomp.ops.hamming_topk.reference import token_scores_ref
+
+    monkeypatch.setattr(kernels, "ROWS_IN_SCAN", rows_in_scan)
+    gen = torch.Generator().manual_seed(G + 10 * rows_in_scan)
+    modes = ["exact", "exact_direct", "exact_planes"] + (["exact_signed"] if G % 2 == 0 else [])
+    for W, low in ((3, False), (2, True)):
+        q = codes(2, 2 * G, W, low_entropy=low, gen=gen)
+        k = codes(2, 2, 37, W, low_entropy=low, gen=gen)
+        lens = torch.tensor([37, 20])
+        want = token_scores_ref(q, k)  # [B, Hkv, L] int32
+        for mode in modes:
+            keys = kernels.block_keys_triton(q, k, lens, 1, "max", mode)
+            assert torch.equal(keys[0], want[0]), (mode, W)
+            assert torch.equal(keys[1, :, :20], want[1, :, :20]), (mode, W)
+    if G % 2:
+        with pytest.raises(ValueError, match="even group size"):
+            kernels.block_keys_triton(q, k, lens, 1, "max", "exact_signed")
+
+
+def test_exact_form_choice():
+    """Popcounts a code word: the signed planes where they are the fewest (even G >= 4)."""
+    assert kernels._form(4, "exact") == (kernels.FORM_SIGNED, False, 3)
+    assert kernels._form(8, "exact") == (kernels.FORM_SIGNED, False, 4)
+    assert kernels._form(2, "exact") == (kernels.FORM_XOR, False, 2)
+    assert kernels._form(7, "exact") == (kernels.FORM_PLANES, False, 3)
+    assert kernels._form(3, "exact") == (kernels.FORM_XOR, False, 3)
+    assert kernels._form(8, "majority") == (kernels.FORM_XOR, True, 1)
 
 
 def test_majority_equals_reference_on_majority_codes():
@@ -241,6 +277,27 @@ def test_histogram_threshold_equals_search(monkeypatch, G, mode):
     assert kernels._hist_args(G, W, mode, 1, torch.device("cpu"))["NBINS"] >= 2 * 64 * (1 if mode == "majority" else G) + 1
 
 
+@pytest.mark.parametrize("G,mode", [(4, "exact"), (8, "majority")])
+def test_fused_histogram_selection(monkeypatch, G, mode):
+    """FUSED_HIST_SELECT: the row's last scan program runs the histogram stage 2 (no second
+    launch); same selection as the reference over launches in a row (each must find the row
+    histograms and ticket counters zeroed by the one before), several programs per row."""
+    monkeypatch.setattr(kernels, "FUSED_HIST_SELECT", True)
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 64)
+    gen = torch.Generator().manual_seed(3 * G)
+    B, Hkv, W, L = 2, 2, 2, 900
+    lens = torch.tensor([900, 129])
+    for rep in range(3):
+        low = rep == 1
+        q = codes(B, Hkv * G, W, low_entropy=low, gen=gen)
+        k = codes(B, Hkv, L, W, low_entropy=low, gen=gen)
+        kb = torch.tensor([9, 2]) if rep == 2 else 6
+        kw = dict(k_blocks=kb, max_blocks=9, chunk_size=16, must_select=(0, -2, -1, 0), mode=mode)
+        got, want = both(q, k, lens, **kw)
+        assert torch.equal(got, want)
+    assert (kernels._row_counters(B * Hkv, torch.device("cpu"))[: B * Hkv] == 0).all()
+
+
 def test_histogram_threshold_many_blocks(monkeypatch):
     """More blocks than one selection program holds (the multi-pass path) and a row whose
     count is all must-select blocks."""
@@ -255,9 +312,12 @@ def test_histogram_threshold_many_blocks(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("G,mode", [(4, "exact"), (8, "exact"), (8, "majority")])
-def test_gpu_histogram_threshold(monkeypatch, G, mode):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_histogram_threshold(monkeypatch, G, mode, fused):
     """Real shapes with few rows (B * Hkv = 16 <= HIST_MAX_ROWS: the histogram path), uniform
-    and tied keys, ragged lengths, must-select edge entries; three launches in a row."""
+    and tied keys, ragged lengths, must-select edge entries; three launches in a row. fused:
+    stage 2 in the scan's launch (FUSED_HIST_SELECT)."""
+    monkeypatch.setattr(kernels, "FUSED_HIST_SELECT", fused)
     gen = torch.Generator().manual_seed(40 + G)
     B, Hkv, W, L = 2, 8, 4, 4097
     assert kernels._hist_args(G, W, mode, B * Hkv, torch.device("cuda")) is not None

@@ -52,18 +52,20 @@ def check_select_kernel():
         compile_sm90(hk._select_kernel, _select_args(hist, compact, single), num_warps=4)
 
 
-def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False) -> dict:
+def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, form: int = 0) -> dict:
+    """form 0: the direct sum over G = 4 query codes; 2: the signed planes derived in the scan."""
     i32 = "i32"
     return dict(
         rows_ptr="*i32", base_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32",
         scale_ptr="*fp16" if lse else "*i32", qs_ptr="*fp32", lse_c="fp32",
         Hkv=i32, NB_OUT=i32, BLOCKS_PER_PROG=i32, srb=i32, srh=i32, srr=i32, srw=i32,
         skb=i32, skh=i32, skt=i32, skw=i32, ssb=i32, ssh=i32, sst=i32,
-        G=4, W=4, BLOCK_W=4, FORM=0, R=4, HAS_BASE=False, CHUNK=128, CP=128 // n_sub, N_SUB=n_sub, NBT=4,
+        G=4, W=4, BLOCK_W=4, FORM=form, R=3 if form else 4, HAS_BASE=False, CHUNK=128, CP=128 // n_sub,
+        N_SUB=n_sub, NBT=4,
         MEAN=False, K_CONTIG=True, USE_ASM=True, HAS_SCALE=lse, cnt_ptr="*i32", kb_ptr="*i32",
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
         SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,
-        NBINS=2048, LSE=lse, PDL=pdl,
+        NBINS=2048, LSE=lse, PDL=pdl, ROWS_IN=form != 0, MAJORITY=False, R_PAD=4,
     )
 
 
@@ -72,6 +74,12 @@ def check_block_keys_kernel_with_histogram():
     sub-blocks per block: the online log-sum-exp)."""
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=True, lse=False))
+    compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=True, lse=False, form=2))
+    # the histogram stage 2 in the scan's launch (FUSED_HIST_SELECT): ticket, then the selection
+    ptx = compile_sm90(hk._block_keys_kernel, dict(_block_keys_args(hist=True, lse=False, form=2),
+                                                   FUSED=True, SEL_BLOCK=1024)).asm["ptx"]
+    assert "ld.global.cg" in ptx and "bar.sync" in ptx
+    compile_sm90(hk._query_rows_kernel, _query_rows_args(False))
     for n_sub in (1, 2):
         compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=False, lse=True, n_sub=n_sub))
 
@@ -194,7 +202,7 @@ def check_append_kv_kernel():
 def _query_rows_args(pdl: bool) -> dict:
     i32 = "i32"
     return dict(q_ptr="*i32", rows_ptr="*i32", base_ptr="*i32", Hkv=i32, sqb=i32, sqh=i32, sqw=i32,
-                G=8, W=4, BLOCK_W=4, R=4, MAJORITY=False, PDL=pdl)
+                G=8, W=4, BLOCK_W=4, R=4, MAJORITY=False, PDL=pdl, FORM=2, R_PAD=4)
 
 
 def check_pdl_kernels():
@@ -212,7 +220,7 @@ def check_pdl_kernels():
         (gv._gemv_kernel, _gemv_args, dict(dot=True, block_m=16, block_n=32, block_k=256, extras=False),
          dict(num_warps=4, num_stages=3)),
         (hk._query_rows_kernel, _query_rows_args, {}, dict(num_warps=1)),
-        (hk._block_keys_kernel, _block_keys_args, dict(hist=True, lse=False), {}),
+        (hk._block_keys_kernel, _block_keys_args, dict(hist=True, lse=False, form=2), {}),
         (hk._block_keys_kernel, _block_keys_args, dict(hist=False, lse=True, n_sub=2), {}),
         (hk._select_kernel, _select_args, dict(hist=True), dict(num_warps=4)),
         (hk._select_kernel, _select_args, dict(hist=False), dict(num_warps=4)),

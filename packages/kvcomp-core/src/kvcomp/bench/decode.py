@@ -16,8 +16,13 @@ verifies, then times with CUDA events (median, CUDA-graph replays):
     step     decode_step (encode + select + attend), graph and eager
     before   the previous kernels, switched back on by their module flags, in the same run:
              select_hist_v1 (``HIST_COMPACT`` off: the histogram stage 2 before its prefix-sum
-             form), attend_two_kernel (``FUSED_MERGE`` off: split kernel + merge kernel) and
-             step_before (the step without programmatic dependent launch, ``kvcomp.ops._pdl``)
+             form), attend_two_kernel (``FUSED_MERGE`` off: split kernel + merge kernel),
+             select_before / step_before (the kernels of session 5: group-score rows in their
+             own launch where a form needs them, no signed planes, no programmatic dependent
+             launch)
+    fused    select_fused / step_fused: the histogram stage 2 in the scan's launch
+             (``FUSED_HIST_SELECT``; B x Hkv <= ``HIST_MAX_ROWS`` only, else the same as select),
+             and with a 64-register cap (``FUSED_HIST_MAXNREG``): select_fused_r64
     dense    torch scaled_dot_product_attention (flash backend when available) on the same
              tensors, graph and eager
 
@@ -64,7 +69,7 @@ QUICK = dict(lengths=[32768], batches=[1, 8], budgets=["2048", "10%"], models=["
 # the issue's targets for the full step against dense at L = 128K
 TARGETS = {("2048", 8): 12.0, ("2048", 1): 8.0, ("10%", 1): 5.0, ("10%", 8): 5.0,
            ("30%", 1): 2.5, ("30%", 8): 2.5}
-SELECT_MODES = ("exact", "exact_direct", "exact_planes", "majority")
+SELECT_MODES = ("exact", "exact_direct", "exact_planes", "exact_signed", "majority")
 L2_BYTES = 50 << 20  # H100 / H200 L2
 MAX_SETS = 6
 TOKEN_SCORES = ("hamming", "centered_norm")
@@ -145,8 +150,16 @@ HK, AK = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.sparse_decode_attention.
 
 @contextlib.contextmanager
 def _before():
-    """The previous step: the same kernels launched without programmatic dependent launch."""
-    with _flags("kvcomp.ops._pdl", ENABLED=False):
+    """The kernels of session 5: rows of the planes / majority forms in their own launch, no
+    signed planes, no programmatic dependent launch."""
+    with _flags("kvcomp.ops._pdl", ENABLED=False), _flags(HK, ROWS_IN_SCAN=False, SIGNED_PLANES=False):
+        yield
+
+
+@contextlib.contextmanager
+def _fused(maxnreg=None):
+    """The histogram stage 2 in the scan's launch."""
+    with _flags(HK, FUSED_HIST_SELECT=True, FUSED_HIST_MAXNREG=maxnreg):
         yield
 
 
@@ -176,6 +189,12 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
         t["select_search"] = cuda_time_us(selects(), reps=reps)
     with _flags(HK, HIST_COMPACT=False):
         t["select_hist_v1"] = cuda_time_us(selects(), reps=reps)
+    with _before():
+        t["select_before"] = cuda_time_us(selects(), reps=reps)
+    with _fused():
+        t["select_fused"] = cuda_time_us(selects(), reps=reps)
+    with _fused(64):
+        t["select_fused_r64"] = cuda_time_us(selects(), reps=reps)
     hk = importlib.import_module(HK)
     keys = [hk.block_keys_triton(q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max",
                                  k_scale=sets[i]["scale"]) for i in n]
@@ -197,6 +216,10 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     t["step_eager"] = cuda_time_us(steps, reps=reps, graph=False)
     with _before():
         t["step_before"] = cuda_time_us(steps, reps=reps)
+    with _fused():
+        t["step_fused"] = cuda_time_us(steps, reps=reps)
+    with _fused(64):
+        t["step_fused_r64"] = cuda_time_us(steps, reps=reps)
     return t
 
 
@@ -291,6 +314,11 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                 checks["select_search"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             with _flags(HK, HIST_COMPACT=False):
                 checks["select_hist_v1"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
+            with _before():
+                checks["select_before"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
+            for name, cap in (("select_fused", None), ("select_fused_r64", 64)):
+                with _fused(cap):
+                    checks[name] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             out = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
             with _flags(AK, FUSED_MERGE=False):
                 out_2k = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
@@ -306,6 +334,9 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             with _before():
                 b_out, b_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
             checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out))
+            with _fused():
+                f_out, f_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
+            checks["step_fused"] = bool(torch.equal(f_idx, idx) and torch.equal(f_out, out))
             del kg, vg
             verified = all(checks.values())
             row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
@@ -329,6 +360,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                     ),
                     speedup=t["dense"] / t["step"],
                     speedup_before=t["dense"] / t["step_before"],
+                    speedup_fused=t["dense"] / min(t["step_fused"], t["step_fused_r64"]),
                     speedup_eager=t["dense_eager"] / t["step_eager"],
                     floor_speedup=dense_bytes / (code_bytes + kv_bytes),
                     target=TARGETS.get((budget, B)) if L == 131072 else None,
@@ -408,9 +440,9 @@ def sweep(reps: int) -> list[dict]:
 
 TABLE_HEAD = (
     f"{'model':<10} {'L':>6} {'B':>2} {'budget':>6} {'dense':>7} {'enc':>5} {'select':>6} "
-    f"{'before':>6} {'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} {'attend':>6} {'before':>6} "
-    f"{'step':>6} {'before':>6} {'x':>6} {'before':>6} {'xeager':>6} {'floor':>5} "
-    f"{'sel%bw':>6} {'att%bw':>6} {'target':>6}"
+    f"{'before':>6} {'fused':>6} {'f.r64':>6} {'search':>6} {'=scan':>6} {'+topk':>6} {'maj':>6} "
+    f"{'attend':>6} {'2kern':>6} {'step':>6} {'before':>6} {'fused':>6} {'f.r64':>6} {'x':>6} "
+    f"{'before':>6} {'xfused':>6} {'xeager':>6} {'floor':>5} {'sel%bw':>6} {'att%bw':>6} {'target':>6}"
 )
 
 
@@ -424,9 +456,11 @@ def _table_line(r: dict) -> str:
     t, bw = r["times_us"], r["bw_frac"]
     target = f"{r['target']:.1f}" if r["target"] else "-"
     return (f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
-            f"{t['select_hist_v1']:6.1f} {t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} "
+            f"{t['select_before']:6.1f} {t['select_fused']:6.1f} {t['select_fused_r64']:6.1f} "
+            f"{t['select_search']:6.1f} {t['scan']:6.1f} {t['topk']:6.1f} "
             f"{t['select_majority']:6.1f} {t['attend']:6.1f} {t['attend_two_kernel']:6.1f} "
-            f"{t['step']:6.1f} {t['step_before']:6.1f} {r['speedup']:6.2f} {r['speedup_before']:6.2f} "
+            f"{t['step']:6.1f} {t['step_before']:6.1f} {t['step_fused']:6.1f} {t['step_fused_r64']:6.1f} "
+            f"{r['speedup']:6.2f} {r['speedup_before']:6.2f} {r['speedup_fused']:6.2f} "
             f"{r['speedup_eager']:6.2f} {r['floor_speedup']:5.1f} "
             f"{100 * bw['select']:5.0f}% {100 * bw['attend']:5.0f}% {target:>6}")
 
@@ -476,9 +510,10 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
     print(f"{result['device']}  copy {copy_gbs:.0f} GB/s (read + write)  commit {result['commit']}  "
           f"token score {cfg['token_score']}")
-    print("times in us; 'before' = the previous kernels in the same run (select: histogram stage 2 "
-          "before its prefix-sum form, attend: split + merge kernels, step: without programmatic "
-          "dependent launch)")
+    print("times in us; 'before' = the kernels of session 5 in the same run (rows in their own "
+          "launch, no signed planes, no programmatic dependent launch); 'fused' = histogram stage 2 "
+          "in the scan's launch (B x Hkv <= 16), 'f.r64' with 64 registers; '2kern' = attention "
+          "by split + merge kernels")
     print(TABLE_HEAD)
     for r in rows:
         print(_table_line(r))

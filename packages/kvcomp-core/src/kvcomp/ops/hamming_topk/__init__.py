@@ -37,13 +37,15 @@ one fp32 multiply, so every backend computes the same bits; the block score is t
 weight multiplies the logit estimate, below). Every ``mode`` combines with it; the selection rule is unchanged.
 
 ``mode`` picks how a kv-head's G query codes are combined:
-    "exact"     (default) the sum above, exact. The kernel computes it either directly (G
-                popcounts per code word) or from bit-planes of the per-bit counts
-                (bit_length(G) + 1 popcounts, chosen when cheaper); both are exact.
+    "exact"     (default) the sum above, exact. The kernel computes it directly (G popcounts
+                per code word), from bit-planes of the per-bit counts c_b (bit_length(G) + 1
+                popcounts) or, for even G, from the two's-complement bit-planes of G / 2 - c_b
+                (bit_length(G) popcounts: 3 instead of 4 at G = 4), whichever is cheapest; all
+                are exact integer sums, the same scores.
     "majority"  cheaper approximation: one code per kv-head whose bit b is set iff more than
                 half of the G query codes have it (ties -> 0), scored ``BITS - 2 * Hamming``;
                 equals ``hamming_topk(majority_codes(q_codes, Hkv), ...)`` with G = 1.
-    "exact_direct" / "exact_planes" force one exact form (benchmarks).
+    "exact_direct" / "exact_planes" / "exact_signed" (even G) force one exact form (benchmarks).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from kvcomp.ops.hamming_topk.reference import hamming_topk_ref, token_scores_ref
 __all__ = ["hamming_topk", "hamming_topk_ref", "majority_codes", "token_scores_ref"]
 
 CHUNK_REPRE = ("max", "mean", "lse")
-MODES = ("exact", "majority", "exact_direct", "exact_planes")
+MODES = ("exact", "majority", "exact_direct", "exact_planes", "exact_signed")
 
 
 def majority_codes(q_codes: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

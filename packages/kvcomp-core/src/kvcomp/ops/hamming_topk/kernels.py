@@ -47,6 +47,14 @@ from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 FORM_XOR = 0
 FORM_PLANES = 1
+FORM_SIGNED = 2
+# the majority code / bit-planes are computed by every scan program from its kv-head's G query
+# codes (a few hundred integer ops) instead of in a launch of their own (``_query_rows_kernel``,
+# kept for the benchmark's before / after)
+ROWS_IN_SCAN = True
+# "exact" takes the signed planes (bit_length(G) popcounts a word, even G) where that is the
+# fewest; False: the choice before them (direct, or planes + popc(k))
+SIGNED_PLANES = True
 
 # tokens per tile at 128-bit codes (8 KB of codes); scaled for other code widths
 BLOCK_T = 512
@@ -65,6 +73,12 @@ ARITY_BLOCK_MAX = 1024
 # off: measured 3x slower on the H200 (one small program then does a row's whole selection
 # after the scan, with the scan's 4 warps and L2-only reads), kept for the record and tested
 FUSED_SELECT = False
+# ... but with the histogram threshold (few rows, "max" without k_scale), where stage 2 is one
+# suffix sum and one prefix sum: the row's last scan program runs it (no second launch)
+FUSED_HIST_SELECT = False
+# register cap (ptxas .maxnreg) of that fused launch, or None: the selection's arrays would
+# otherwise set the register count, and with it the occupancy, of every scan program
+FUSED_HIST_MAXNREG = None
 # stage 2 finds the threshold from a histogram the scan fills (module doc), when keys fit
 HIST_SELECT = True
 HIST_MAX_BINS = 8192
@@ -95,36 +109,59 @@ def _popc(x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _query_rows_kernel(
-    q_ptr, rows_ptr, base_ptr,
-    Hkv, sqb, sqh, sqw,
-    G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
-    MAJORITY: tl.constexpr, PDL: tl.constexpr = False,
+def _group_rows(
+    q_base, sqh, sqw, G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
+    R_PAD: tl.constexpr, FORM: tl.constexpr, MAJORITY: tl.constexpr,
 ):
-    """Per (b, kv-head): the R code-sized rows the scan combines each key code with (bit-planes
-    of the per-bit counts, or the majority code) -> rows [B * Hkv, R, W], and the constant part
-    of the score -> base [B * Hkv]."""
-    pdl_enter(PDL)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // Hkv
-    h = pid % Hkv
+    """The R code-sized rows a kv-head's scan combines each key code with, from its G query codes
+    at q_base + g * sqh + w * sqw: the majority code, or bit-planes of the per-bit counts c_b
+    (FORM_PLANES) or of G / 2 - c_b in two's complement (FORM_SIGNED). -> (rows [R_PAD, BLOCK_W]
+    int32, row r in row r; base: the constant part of the score, int32)."""
     wv = tl.arange(0, BLOCK_W)
     w_ok = wv < W
     bit = tl.arange(0, 32)
-    q_base = q_ptr + b * sqb + (h * G) * sqh
     cnt = tl.zeros([BLOCK_W, 32], dtype=tl.int32)  # c_b: the group's codes with bit b set
     for g in range(G):
         qg = tl.load(q_base + g * sqh + wv * sqw, mask=w_ok, other=0)  # [BLOCK_W]
         cnt += (qg[:, None] >> bit[None, :]) & 1
+    ridx = tl.arange(0, R_PAD)[:, None]
+    rows = tl.zeros([R_PAD, BLOCK_W], dtype=tl.int32)
     if MAJORITY:
         maj = tl.sum(tl.where(2 * cnt > G, 1, 0) << bit[None, :], 1)  # distinct bits: sum == OR
-        tl.store(rows_ptr + pid * R * W + wv, maj, mask=w_ok)
-        tl.store(base_ptr + pid, 32 * W)
+        rows = tl.where(ridx == 0, maj[None, :], rows)
+        base = 32 * W + tl.zeros([], dtype=tl.int32)
     else:
+        if FORM == 2:
+            val = G // 2 - cnt  # in [-G/2, G/2]: R = bit_length(G) bits of two's complement
+        else:
+            val = cnt
         for p in tl.static_range(R):
-            plane = tl.sum(((cnt >> p) & 1) << bit[None, :], 1)  # [BLOCK_W]: bit p of each c_b
-            tl.store(rows_ptr + (pid * R + p) * W + wv, plane, mask=w_ok)
-        tl.store(base_ptr + pid, G * 32 * W - 2 * tl.sum(tl.sum(cnt, 1), 0))
+            plane = tl.sum(((val >> p) & 1) << bit[None, :], 1)  # [BLOCK_W]: bit p of each val_b
+            rows = tl.where(ridx == p, plane[None, :], rows)
+        base = G * 32 * W - 2 * tl.sum(tl.sum(cnt, 1), 0)
+    return rows, base
+
+
+@triton.jit
+def _query_rows_kernel(
+    q_ptr, rows_ptr, base_ptr,
+    Hkv, sqb, sqh, sqw,
+    G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
+    MAJORITY: tl.constexpr, PDL: tl.constexpr = False, FORM: tl.constexpr = 1,
+    R_PAD: tl.constexpr = 4,
+):
+    """Per (b, kv-head): ``_group_rows`` -> rows [B * Hkv, R, W] and base [B * Hkv] (the rows
+    in their own launch: the path before ``ROWS_IN_SCAN``, kept for the benchmark)."""
+    pdl_enter(PDL)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hkv
+    h = pid % Hkv
+    rows, base = _group_rows(q_ptr + b * sqb + (h * G) * sqh, sqh, sqw, G, W, BLOCK_W, R, R_PAD,
+                             FORM, MAJORITY)
+    ridx = tl.arange(0, R_PAD)[:, None]
+    wv = tl.arange(0, BLOCK_W)[None, :]
+    tl.store(rows_ptr + (pid * R + ridx) * W + wv, rows, mask=(ridx < R) & (wv < W))
+    tl.store(base_ptr + pid, base)
 
 
 @triton.jit
@@ -142,11 +179,14 @@ def _block_keys_kernel(
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
-    LSE: tl.constexpr = False, PDL: tl.constexpr = False,
+    LSE: tl.constexpr = False, PDL: tl.constexpr = False, ROWS_IN: tl.constexpr = False,
+    MAJORITY: tl.constexpr = False, R_PAD: tl.constexpr = 1,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
-    (+ -2G popc(k) in the planes form); rows r at rows_ptr + b*srb + h*srh + r*srr. HAS_SCALE:
+    (+ -2G popc(k) in the planes form); rows r at rows_ptr + b*srb + h*srh + r*srr, or with
+    ROWS_IN computed here (``_group_rows``, FORM / MAJORITY) from the G query codes there (the
+    query codes' strides: row g at + g*srr). HAS_SCALE:
     the token's value is float32(score) * float32(scale[b, h, t]) and the key is the block max of
     those, mapped to an int32 of the same order. LSE: the token's value is the logit estimate
     sin(float32(score) * lse_c) (* scale[b, h, t]) * qs[b, h] and the key is the block's
@@ -164,7 +204,10 @@ def _block_keys_kernel(
 
     wv = tl.arange(0, BLOCK_W)  # [BLOCK_W]
     r_base = rows_ptr + b * srb + h * srh
-    if HAS_BASE:
+    if ROWS_IN:  # the derived rows in registers, row r picked out below
+        rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
+        ridx = tl.arange(0, R_PAD)[:, None]
+    elif HAS_BASE:
         base = tl.load(base_ptr + pid)
     else:
         base = R * BITS  # direct form over R = G query codes, or majority
@@ -197,13 +240,20 @@ def _block_keys_kernel(
             kc = tl.load(k_base + offs, mask=ok & (w3 < W), other=0)  # [NBT, CP, BLOCK_W]
             acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
             for r in tl.static_range(R):
-                row = tl.load(r_base + r * srr + w3 * srw, mask=w3 < W, other=0)  # [1, 1, BLOCK_W]
+                if ROWS_IN:
+                    row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, :]  # [1, 1, BLOCK_W]
+                else:
+                    row = tl.load(r_base + r * srr + w3 * srw, mask=w3 < W, other=0)
                 if FORM == 0:
                     acc += _popc(row ^ kc, USE_ASM)
+                elif FORM == 2 and r == R - 1:  # the sign plane of two's complement
+                    acc -= _popc(row & kc, USE_ASM) << r
                 else:
                     acc += _popc(row & kc, USE_ASM) << r
             if FORM == 0:
                 score = base - 2 * tl.sum(acc, 2)  # [NBT, CP]
+            elif FORM == 2:
+                score = base - 4 * tl.sum(acc, 2)
             else:
                 score = base + 4 * tl.sum(acc, 2) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 2)
             ok2 = tl.sum(ok.to(tl.int32), 2) > 0  # [NBT, CP]
@@ -263,8 +313,13 @@ def _block_keys_kernel(
                 kb = tl.load(kb_ptr + b).to(tl.int64)
             else:
                 kb = KB_CONST + tl.zeros([], dtype=tl.int64)
-            _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
-                        seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
+            if HIST:  # the histogram stage 2 (every program's counts are in: acq_rel ticket)
+                _select_row_hist(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
+                                 seq_len.to(tl.int64), kb, K, hist_ptr + pid * NBINS, CHUNK, M,
+                                 SEL_BLOCK, SINGLE, KMIN, NBINS, True)
+            else:
+                _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
+                            seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
 
 
 @triton.jit
@@ -363,17 +418,18 @@ def _must_entry(must_ptr, n, jm: tl.constexpr):
 def _select_row_hist(
     key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-    KMIN: tl.constexpr, NBINS: tl.constexpr,
+    KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr = False,
 ):
     """Selection of one (b, kv-head) row from its block keys and the histogram of its other
-    (not must-select) keys that the scan filled; zeroes the histogram for the next launch.
+    (not must-select) keys that the scan filled; zeroes the histogram for the next launch. CG:
+    keys and histogram read through L2 only (written by other programs of the same launch).
     Two scans and one reduction in a chain: the threshold T and the number of other keys above
     it from one suffix sum of the histogram, then every kept block's output slot from one
     prefix sum over the keys that counts (ties at T, keys above T or must-select) at once.
     Same selection as ``_select_row`` and the reference (ties at T: lowest index first)."""
     n = (seq_len + CHUNK - 1) // CHUNK
     if SINGLE:  # issued first: these loads overlap the histogram's
-        key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, False)
+        key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, CG)
     n_must = tl.zeros([], dtype=tl.int64)  # distinct must-select blocks inside [0, n)
     for jm in tl.static_range(M):
         pj, take = _must_entry(must_ptr, n, jm)
@@ -386,7 +442,10 @@ def _select_row_hist(
     # has not read yet (seen on the H200 when the zeroing went in index order; a layout that
     # replicates elements over threads would do the same), a race the interpreter cannot show
     hist_ptrs = hist_row + (NBINS - 1 - jb)
-    hist = tl.load(hist_ptrs)
+    if CG:
+        hist = tl.load(hist_ptrs, cache_modifier=".cg")
+    else:
+        hist = tl.load(hist_ptrs)
     tl.debug_barrier()
     tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
     at_least = tl.cumsum(hist, 0)  # [NBINS] #(other keys >= the bin's key), bins from the top
@@ -406,7 +465,7 @@ def _select_row_hist(
         if SINGLE:
             key, must, real = key1, must1, real1
         else:
-            key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, False)
+            key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
         gt = real & (must | (key > thr))
         tie = real & ~must & (key == thr)
         v = _pack2(tie, gt, not SINGLE)
@@ -534,11 +593,20 @@ def _select_row(
 
 
 def _form(G: int, mode: str) -> tuple[int, bool, int]:
-    """(FORM, MAJORITY, R: rows per token) for a group of G query codes and a scoring mode."""
+    """(FORM, MAJORITY, R: rows per token) for a group of G query codes and a scoring mode:
+    popcounts a code word costs R (direct, signed planes) or R + 1 (planes)."""
     if mode == "majority":
         return FORM_XOR, True, 1
-    planes = G.bit_length()  # c_b in [0, G] needs this many bits
-    if mode == "exact_planes" or (mode == "exact" and planes + 1 < G):
+    planes = G.bit_length()  # c_b in [0, G] needs this many bits, G / 2 - c_b too (signed)
+    if mode == "exact_signed":
+        if G % 2:
+            raise ValueError(f"mode 'exact_signed' needs an even group size G, got G = {G}")
+        return FORM_SIGNED, False, planes
+    if mode == "exact_planes":
+        return FORM_PLANES, False, planes
+    if mode == "exact" and SIGNED_PLANES and G % 2 == 0 and planes < G:
+        return FORM_SIGNED, False, planes
+    if mode == "exact" and planes + 1 < G:
         return FORM_PLANES, False, planes
     return FORM_XOR, False, G
 
@@ -573,8 +641,12 @@ def block_keys_triton(
         return keys
     form, majority, R = _form(G, mode)
     block_w = triton.next_power_of_2(W)
-    if form == FORM_XOR and not majority:
-        # the rows are the query codes themselves: row r of kv-head h is query head h * G + r
+    r_pad = triton.next_power_of_2(R)
+    derived = form != FORM_XOR or majority
+    rows_in = derived and ROWS_IN_SCAN
+    if not derived or rows_in:
+        # the query codes themselves: row r of kv-head h is query head h * G + r (the direct
+        # form's rows; with rows_in the scan derives its rows from them)
         rows, base = q_codes, q_codes
         srb, srh, srr, srw = q_codes.stride(0), G * q_codes.stride(1), q_codes.stride(1), q_codes.stride(2)
     else:
@@ -583,6 +655,7 @@ def block_keys_triton(
         _query_rows_kernel[(B * Hkv,)](
             q_codes, rows, base, Hkv, *q_codes.stride(),
             G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1, **pdl_args(q_codes),
+            FORM=form, R_PAD=r_pad,
         )
         srb, srh, srr, srw = rows.stride()
     block_t = max(BLOCK_T * 4 // block_w, 32)  # tokens per tile, ~BLOCK_T * 16 bytes of codes
@@ -600,11 +673,12 @@ def block_keys_triton(
         Hkv, nb, per_prog,
         srb, srh, srr, srw, *k_codes.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
-        G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
+        G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes and not rows_in,
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl_args(k_codes),
+        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad,
     )
     return keys
 
@@ -682,13 +756,14 @@ def hamming_topk_triton(
 ) -> torch.Tensor:
     """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority),
     ``k_scale`` weights the token scores, ``q_scale`` [B, Hkv] (contiguous) is the query part of
-    the "lse" logits. With FUSED_SELECT the selection runs in the scan's launch (no second
-    kernel)."""
-    if not FUSED_SELECT:
-        hist = None
-        if chunk_repre == "max" and k_scale is None:
-            B, Hkv, _, W = k_codes.shape
-            hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device)
+    the "lse" logits. With FUSED_SELECT, or FUSED_HIST_SELECT where the histogram threshold
+    applies, the selection runs in the scan's launch (no second kernel)."""
+    hist = None
+    if chunk_repre == "max" and k_scale is None and not FUSED_SELECT:
+        B, Hkv, _, W = k_codes.shape
+        hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device)
+    fused_hist = FUSED_HIST_SELECT and hist is not None and hist["COMPACT"]
+    if not (FUSED_SELECT or fused_hist):
         scan_hist = hist
         if hist is not None and hist["COMPACT"]:  # the scan leaves the must blocks out
             scan_hist = dict(hist, must_ptr=_must_tensor(tuple(must_select), q_codes.device),
@@ -710,6 +785,10 @@ def hamming_topk_triton(
         FUSED=True, M=len(must_select), SEL_BLOCK=block, SINGLE=nb <= block,
         KB_TENSOR=kb_tensor, ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
     )
+    if fused_hist:  # the scan counts the other keys, the last program reads the histogram
+        select.update({k: v for k, v in hist.items() if k != "COMPACT"})
+        if FUSED_HIST_MAXNREG and not interpreting():
+            select["maxnreg"] = FUSED_HIST_MAXNREG
     block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select,
                       k_scale=k_scale, q_scale=q_scale)
     return out
