@@ -40,7 +40,8 @@ def _select_args(hist: bool, compact: bool = True, single: bool = True, pdl: boo
     return dict(key_ptr="*i32", len_ptr="*i32", kb_ptr="*i32", must_ptr="*i32", out_ptr="*i32",
                 Hkv="i32", NB_IN="i32", K="i32", KB_CONST="i32", sob="i32", soh="i32",
                 CHUNK=128, M=3, BLOCK=1024, SINGLE=single, KB_TENSOR=False, ARITY=2,
-                hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=2048, COMPACT=compact, PDL=pdl)
+                hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=1024 if compact else 2048, COMPACT=compact, PDL=pdl,
+                KSTEP=2 if compact else 1)
 
 
 def check_select_kernel():
@@ -65,7 +66,7 @@ def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, f
         MEAN=False, K_CONTIG=True, USE_ASM=True, HAS_SCALE=lse, cnt_ptr="*i32", kb_ptr="*i32",
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
         SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,
-        NBINS=2048, LSE=lse, PDL=pdl, ROWS_IN=form != 0, MAJORITY=False, R_PAD=4,
+        NBINS=1024, LSE=lse, PDL=pdl, ROWS_IN=form != 0, MAJORITY=False, R_PAD=4, EARLY=False, KSTEP=2,
     )
 
 
@@ -94,7 +95,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False) -> dict:
         G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
         tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
         out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
-        G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl,
+        G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
     )
     if t_q > 1:
         args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
@@ -238,6 +239,17 @@ def check_pdl_kernels():
         assert 0 <= wait < launch < first_mem, (fn.__name__, kw, wait, launch, first_mem)
         plain = compile_sm90(fn, make(**kw, pdl=False), **opts).asm["ptx"]
         assert "griddepcontrol" not in plain, (fn.__name__, kw)
+    # EARLY (decode_step): loads of older inputs may come before the wait, no store or atomic
+    early = [(hk._block_keys_kernel, dict(_block_keys_args(hist=True, lse=False, form=f, pdl=True), EARLY=True), {})
+             for f in (0, 2)]
+    early.append((ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True), EARLY=True),
+                  dict(num_stages=2)))
+    for fn, args, opts in early:
+        body = compile_sm90(fn, args, **opts).asm["ptx"]
+        body = body[body.index(".entry"):]
+        wait, launch = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+        first_write = min(i for i in (body.find("st.global"), body.find("atom."), len(body)) if i >= 0)
+        assert 0 < body.find("ld.global") < wait < launch < first_write, (fn.__name__, args.get("FORM"))
 
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,

@@ -26,7 +26,9 @@
         block_idx  [B, Hkv, K]           int32, ascending, -1 padding (``hamming_topk``)
 
 The same three public ops the integration calls, in a row: ``hash_encode`` -> ``hamming_topk``
--> ``sparse_decode_attention``. On CUDA tensors it launches kernels only (no host-device
+-> ``sparse_decode_attention``. Each kernel reads only its predecessor's output and older
+tensors, so with programmatic dependent launch (``kvcomp.ops._pdl``, sm_90+) the scan loads the
+key codes and the attention its queries before waiting for the previous kernel (``_prefetch``). On CUDA tensors it launches kernels only (no host-device
 synchronisation, no allocation that depends on device values), so a step can be captured in a
 CUDA graph and replayed with new q / caches / seq_lens written into the captured tensors.
 """
@@ -75,10 +77,10 @@ def decode_step(
     block_idx = hamming_topk(
         q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
         must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
-        k_scale=k_scale, q_scale=q_scale, backend=backend,
+        k_scale=k_scale, q_scale=q_scale, backend=backend, _prefetch=True,
     )
     out = sparse_decode_attention(
         q, k_cache, v_cache, block_idx, seq_lens, chunk_size=chunk_size, scale=scale,
-        backend=backend,
+        backend=backend, _prefetch=True,
     )
     return out, block_idx

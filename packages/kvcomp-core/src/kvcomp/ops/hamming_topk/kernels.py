@@ -180,7 +180,8 @@ def _block_keys_kernel(
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
     LSE: tl.constexpr = False, PDL: tl.constexpr = False, ROWS_IN: tl.constexpr = False,
-    MAJORITY: tl.constexpr = False, R_PAD: tl.constexpr = 1,
+    MAJORITY: tl.constexpr = False, R_PAD: tl.constexpr = 1, EARLY: tl.constexpr = False,
+    KSTEP: tl.constexpr = 1,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
@@ -191,8 +192,12 @@ def _block_keys_kernel(
     those, mapped to an int32 of the same order. LSE: the token's value is the logit estimate
     sin(float32(score) * lse_c) (* scale[b, h, t]) * qs[b, h] and the key is the block's
     log-sum-exp of those (online over the sub-blocks), mapped the same way. PDL: programmatic
-    dependent launch (``kvcomp.ops._pdl``)."""
-    pdl_enter(PDL)
+    dependent launch (``kvcomp.ops._pdl``); with EARLY (only the query codes come from the
+    previous launch, ``decode_step``) the lengths and the first key-code tile are loaded before
+    the wait, so that they are in flight while the query is still being encoded. HIST: bin of a
+    key = (key - KMIN) // KSTEP (the scores are even: KSTEP = 2 halves the bins)."""
+    if not EARLY:
+        pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -204,9 +209,9 @@ def _block_keys_kernel(
 
     wv = tl.arange(0, BLOCK_W)  # [BLOCK_W]
     r_base = rows_ptr + b * srb + h * srh
-    if ROWS_IN:  # the derived rows in registers, row r picked out below
+    ridx = tl.arange(0, R_PAD)[:, None]
+    if ROWS_IN and not EARLY:  # the derived rows in registers, row r picked out below
         rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
-        ridx = tl.arange(0, R_PAD)[:, None]
     elif HAS_BASE:
         base = tl.load(base_ptr + pid)
     else:
@@ -238,6 +243,10 @@ def _block_keys_kernel(
             else:
                 offs = t.to(tl.int64) * skt + w3 * skw
             kc = tl.load(k_base + offs, mask=ok & (w3 < W), other=0)  # [NBT, CP, BLOCK_W]
+            if EARLY and s == 0:  # the query codes are the previous launch's: wait for them now
+                pdl_enter(PDL)  # (again each tile: no-op after the first)
+                if ROWS_IN:
+                    rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
             acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
             for r in tl.static_range(R):
                 if ROWS_IN:
@@ -300,7 +309,7 @@ def _block_keys_kernel(
             for jm in tl.static_range(M):
                 mj = tl.load(must_ptr + jm)
                 counted = counted & (bo != tl.where(mj >= 0, mj, n_blocks + mj))
-            tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN), 1, mask=counted, sem="relaxed")
+            tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
     if FUSED:
         # the row's last program to finish runs the selection: every program of the row counts
         # in once its keys are stored (barrier, then a gpu-scope acq_rel atomic), the last one
@@ -316,7 +325,7 @@ def _block_keys_kernel(
             if HIST:  # the histogram stage 2 (every program's counts are in: acq_rel ticket)
                 _select_row_hist(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
                                  seq_len.to(tl.int64), kb, K, hist_ptr + pid * NBINS, CHUNK, M,
-                                 SEL_BLOCK, SINGLE, KMIN, NBINS, True)
+                                 SEL_BLOCK, SINGLE, KMIN, NBINS, True, KSTEP)
             else:
                 _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
                             seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
@@ -353,7 +362,7 @@ def _select_kernel(
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     KB_TENSOR: tl.constexpr, ARITY: tl.constexpr,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
-    COMPACT: tl.constexpr = True, PDL: tl.constexpr = False,
+    COMPACT: tl.constexpr = True, PDL: tl.constexpr = False, KSTEP: tl.constexpr = 1,
 ):
     pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -366,7 +375,7 @@ def _select_kernel(
         kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
     if HIST and COMPACT:
         _select_row_hist(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb,
-                         K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS)
+                         K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS, False, KSTEP)
     elif HIST:
         _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
                     CHUNK, M, BLOCK, SINGLE, ARITY, False, hist_ptr + pid * NBINS, True, KMIN, NBINS)
@@ -418,7 +427,7 @@ def _must_entry(must_ptr, n, jm: tl.constexpr):
 def _select_row_hist(
     key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-    KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr = False,
+    KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr = False, KSTEP: tl.constexpr = 1,
 ):
     """Selection of one (b, kv-head) row from its block keys and the histogram of its other
     (not must-select) keys that the scan filled; zeroes the histogram for the next launch. CG:
@@ -437,7 +446,7 @@ def _select_row_hist(
     count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
     need = count - n_must  # taken from the other blocks, best keys first
     jb = tl.arange(0, NBINS)
-    # [NBINS]: #(other keys == KMIN + NBINS - 1 - jb), then zeroed for the next launch once
+    # [NBINS]: #(other keys == KMIN + KSTEP (NBINS - 1 - jb)), then zeroed for the next launch once
     # every thread's reads are done (barrier): without it one thread could clear a bin another
     # has not read yet (seen on the H200 when the zeroing went in index order; a layout that
     # replicates elements over threads would do the same), a race the interpreter cannot show
@@ -453,7 +462,7 @@ def _select_row_hist(
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
     hit = (at_least >= need) & (above < need)
     t_bin, n_above = _unpack2(tl.sum(tl.where(hit, _pack2(jb, above, True), 0), 0), True)
-    thr = tl.where(need > 0, KMIN + NBINS - 1 - t_bin, KMIN + NBINS)  # else above every key
+    thr = tl.where(need > 0, KMIN + KSTEP * (NBINS - 1 - t_bin), KMIN + KSTEP * NBINS)  # else above all
     need_ties = tl.where(need > 0, need - n_above, 0)  # keys == T to keep
 
     # compaction: slot of a kept block = #(kept before it) = #(gt before) + min(#(ties before),
@@ -615,7 +624,7 @@ def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
     select: dict | None = None, k_scale: torch.Tensor | None = None, hist: dict | None = None,
-    q_scale: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None, prefetch: bool = False,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
@@ -626,7 +635,9 @@ def block_keys_triton(
     arguments of the histogram threshold (``_hist_args`` without COMPACT; with ``must_ptr`` /
     ``M``, the must-select blocks are left out): the keys are also counted there.
     ``chunk_repre="lse"`` needs ``q_scale`` [B * Hkv] float32 (contiguous): the keys are the
-    order-preserving int32 images of the fp32 block log-sum-exps of the logit estimates."""
+    order-preserving int32 images of the fp32 block log-sum-exps of the logit estimates.
+    ``prefetch``: only q_codes were written by the previous launch (``decode_step``): with PDL
+    the scan loads lengths and key codes before it waits for them (EARLY)."""
     if k_scale is not None and chunk_repre == "mean":
         raise ValueError("k_scale needs chunk_repre 'max' or 'lse'")
     if (chunk_repre == "lse") != (q_scale is not None):
@@ -667,6 +678,8 @@ def block_keys_triton(
     splits = triton.cdiv(nb, per_prog)
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
     lse_range = (1 if majority else G) * 32 * W  # the score's range S (reference: lse_logits_ref)
+    pdl = pdl_args(k_codes)
+    early = bool(pdl) and prefetch and chunk_repre != "lse" and (not derived or rows_in)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
         q_scale if q_scale is not None else keys, float(torch.pi / (2 * lse_range)),
@@ -677,8 +690,8 @@ def block_keys_triton(
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
-        **(select or {}), **(hist or {}), **pdl_args(k_codes),
-        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad,
+        **(select or {}), **(hist or {}), **pdl,
+        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early,
     )
     return keys
 
@@ -695,11 +708,14 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> di
     bins per row. The zeroed buffer is kept per (device, stream) and grown as needed (the
     outgrown one is kept alive); each stage-2 program zeroes its row after reading it."""
     S = (1 if mode == "majority" else G) * 32 * W
-    nbins = triton.next_power_of_2(2 * S + 1)
+    # every score, so every key, is even (a sum of BITS - 2 * Hamming): one bin per even value
+    # in the prefix-sum stage 2 (KSTEP = 2), one per value in the previous one
+    kstep = 2 if HIST_COMPACT else 1
+    nbins = triton.next_power_of_2(2 * S // kstep + 1)
     if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > HIST_MAX_ROWS:
         return None
     t = _HISTS.get(rows * nbins, device)
-    return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT)
+    return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT, KSTEP=kstep)
 
 
 def _row_counters(n: int, device: torch.device) -> torch.Tensor:
@@ -752,7 +768,7 @@ def hamming_topk_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
-    k_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None, prefetch: bool = False,
 ) -> torch.Tensor:
     """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority),
     ``k_scale`` weights the token scores, ``q_scale`` [B, Hkv] (contiguous) is the query part of
@@ -771,7 +787,7 @@ def hamming_topk_triton(
         if scan_hist is not None:
             scan_hist = {k: v for k, v in scan_hist.items() if k != "COMPACT"}
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
-                                 k_scale=k_scale, hist=scan_hist, q_scale=q_scale)
+                                 k_scale=k_scale, hist=scan_hist, q_scale=q_scale, prefetch=prefetch)
         return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select, hist=hist)
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))
@@ -790,5 +806,5 @@ def hamming_topk_triton(
         if FUSED_HIST_MAXNREG and not interpreting():
             select["maxnreg"] = FUSED_HIST_MAXNREG
     block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select,
-                      k_scale=k_scale, q_scale=q_scale)
+                      k_scale=k_scale, q_scale=q_scale, prefetch=prefetch)
     return out

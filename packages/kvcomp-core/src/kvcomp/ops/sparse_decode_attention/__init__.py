@@ -95,6 +95,7 @@ def sparse_decode_attention(
     out: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     backend: str = "auto",
+    _prefetch: bool = False,
 ) -> torch.Tensor:
     _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, paged=block_table is not None)
     if block_table is not None:
@@ -111,7 +112,7 @@ def sparse_decode_attention(
         with device_guard(q):
             return sparse_decode_attention_triton(
                 q, k_cache, v_cache, block_idx, seq_lens.contiguous(), chunk_size, float(scale), out=out,
-                block_table=block_table,
+                block_table=block_table, prefetch=_prefetch,
             )
     if block_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
