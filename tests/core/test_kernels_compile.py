@@ -239,6 +239,9 @@ def check_pdl_kernels():
         assert 0 <= wait < launch < first_mem, (fn.__name__, kw, wait, launch, first_mem)
         plain = compile_sm90(fn, make(**kw, pdl=False), **opts).asm["ptx"]
         assert "griddepcontrol" not in plain, (fn.__name__, kw)
+    # PDL 2 (a role in kvcomp.ops._pdl.NO_TRIGGER): the wait, no early signal to the successor
+    ptx = compile_sm90(hk._select_kernel, _select_args(True, pdl=2), num_warps=4).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and "launch_dependents" not in ptx
     # EARLY (decode_step): loads of older inputs may come before the wait, no store or atomic
     early = [(hk._block_keys_kernel, dict(_block_keys_args(hist=True, lse=False, form=f, pdl=True), EARLY=True), {})
              for f in (0, 2)]

@@ -59,19 +59,24 @@ def _run_graph(q_w, sets, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "G,lens,k_blocks,mode,chunk_repre,two_kernel",
+    "G,lens,k_blocks,mode,chunk_repre,two_kernel,no_trigger",
     [
-        (4, [4097, 1, 2500], 7, "exact", "max", False),  # histogram stage 2, fused merge
-        (8, [4097, 129, 4000], 9, "exact", "max", False),  # bit-planes: a 4th kernel (query rows)
-        (4, [4097, 3000, 127], 5, "majority", "max", True),  # merge kernel (5 launches a step)
-        (2, [4097] * 3, 12, "exact", "lse", False),  # lse: float keys, search stage 2
+        (4, [4097, 1, 2500], 7, "exact", "max", False, ()),  # histogram stage 2, fused merge
+        (8, [4097, 129, 4000], 9, "exact", "max", False, ()),  # signed planes, rows in the scan
+        (4, [4097, 3000, 127], 5, "majority", "max", True, ()),  # merge kernel (5 launches a step)
+        (2, [4097] * 3, 12, "exact", "lse", False, ()),  # lse: float keys, search stage 2
+        (4, [4097, 1, 2500], 7, "exact", "max", True, ("select", "attention")),  # late triggers
+        (8, [4097, 129, 4000], 9, "exact", "max", False, ("encode", "scan", "select", "attention")),
     ],
 )
-def test_gpu_pdl_steps_bit_identical(monkeypatch, G, lens, k_blocks, mode, chunk_repre, two_kernel):
+def test_gpu_pdl_steps_bit_identical(monkeypatch, G, lens, k_blocks, mode, chunk_repre, two_kernel,
+                                     no_trigger):
     if not torch.cuda.is_available() or not _pdl.pdl_supported(torch.device("cuda")):
         pytest.skip("needs a CUDA GPU of compute capability >= 9.0")
     from kvcomp.ops.sparse_decode_attention import kernels as ak
 
+    monkeypatch.setattr(_pdl, "NO_TRIGGER", frozenset(no_trigger))
+    monkeypatch.setattr(ak, "PDL_MAX_ROWS", 1 << 30)  # B x Hkv = 9 here anyway
     if two_kernel:
         monkeypatch.setattr(ak, "FUSED_MERGE", False)
     gen = torch.Generator().manual_seed(G * 100 + k_blocks)
@@ -81,7 +86,7 @@ def test_gpu_pdl_steps_bit_identical(monkeypatch, G, lens, k_blocks, mode, chunk
     kw = dict(k_blocks=k_blocks, chunk_size=64, must_select=(0, -2, -1), mode=mode,
               chunk_repre=chunk_repre)
     monkeypatch.setattr(_pdl, "ENABLED", True)
-    assert _pdl.pdl_args(sets[0]["q"]) == {"PDL": True, "launch_pdl": True}
+    assert _pdl.pdl_args(sets[0]["q"], "scan")["launch_pdl"]
     with_pdl = _run_graph(q_w, sets, **kw)
     monkeypatch.setattr(_pdl, "ENABLED", False)
     assert _pdl.pdl_args(sets[0]["q"]) == {}

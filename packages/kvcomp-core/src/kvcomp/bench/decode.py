@@ -156,6 +156,25 @@ def _before():
         yield
 
 
+ROLES = ("encode", "rows", "scan", "select", "attention")
+# programmatic-dependent-launch trigger variants timed beside the default: roles that let
+# their successor launch only as their programs exit (kvcomp.ops._pdl.NO_TRIGGER), and whether
+# the attention takes PDL at any number of rows
+PDL_VARIANTS = {
+    "late_sa": dict(no_trigger=("select", "attention"), attn_rows=None),
+    "late_all": dict(no_trigger=ROLES, attn_rows=None),
+    "late_all_attn": dict(no_trigger=ROLES, attn_rows=1 << 30),
+}
+
+
+@contextlib.contextmanager
+def _pdl_variant(no_trigger, attn_rows):
+    ak = importlib.import_module(AK)
+    rows = ak.PDL_MAX_ROWS if attn_rows is None else attn_rows
+    with _flags("kvcomp.ops._pdl", NO_TRIGGER=frozenset(no_trigger)), _flags(AK, PDL_MAX_ROWS=rows):
+        yield
+
+
 @contextlib.contextmanager
 def _fused(maxnreg=None):
     """The histogram stage 2 in the scan's launch."""
@@ -220,6 +239,9 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
         t["step_fused"] = cuda_time_us(steps, reps=reps)
     with _fused(64):
         t["step_fused_r64"] = cuda_time_us(steps, reps=reps)
+    for name, var in PDL_VARIANTS.items():
+        with _pdl_variant(**var):
+            t[f"step_{name}"] = cuda_time_us(steps, reps=reps)
     return t
 
 
@@ -337,6 +359,10 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             with _fused():
                 f_out, f_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
             checks["step_fused"] = bool(torch.equal(f_idx, idx) and torch.equal(f_out, out))
+            for name, var in PDL_VARIANTS.items():
+                with _pdl_variant(**var):
+                    v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
+                checks[f"step_{name}"] = bool(torch.equal(v_idx, idx) and torch.equal(v_out, out))
             del kg, vg
             verified = all(checks.values())
             row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
@@ -517,5 +543,14 @@ def run(args: argparse.Namespace) -> int:
     print(TABLE_HEAD)
     for r in rows:
         print(_table_line(r))
+    print("step us by PDL trigger variant (late_sa: select and attention signal their successor "
+          "only as they exit; late_all: every kernel; _attn: attention with PDL at any batch)")
+    print(f"{'model':<10} {'B':>2} {'budget':>6} {'step':>6} {'noPDL':>6} "
+          + " ".join(f"{n:>13}" for n in PDL_VARIANTS))
+    for r in rows:
+        if r["verified"]:
+            t = r["times_us"]
+            print(f"{r['model']:<10} {r['B']:>2} {r['budget']:>6} {t['step']:6.1f} {t['step_before']:6.1f} "
+                  + " ".join(f"{t['step_' + n]:13.1f}" for n in PDL_VARIANTS))
     bad = not all(r["verified"] for r in rows)
     return 1 if bad else 0

@@ -40,6 +40,10 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     gdc_wait = gdc_launch_dependents = None
 
 ENABLED = os.environ.get("KVCOMP_PDL", "1") != "0"
+# kernel roles ("encode", "rows", "scan", "select", "attention", "gemv", "norm") that do not
+# signal their successor early: it then launches as their programs exit. A successor launched
+# early keeps its programs on the SMs, waiting, while this kernel still runs.
+NO_TRIGGER: frozenset = frozenset()
 
 
 @functools.cache
@@ -55,11 +59,12 @@ def pdl_supported(device: torch.device) -> bool:
     return _capability(index) >= (9, 0)
 
 
-def pdl_args(t: torch.Tensor) -> dict:
+def pdl_args(t: torch.Tensor, role: str = "") -> dict:
     """Launch arguments of a kernel with a ``PDL`` constexpr, for inputs on ``t``'s device:
-    ``{"PDL": True, "launch_pdl": True}`` where PDL applies (``ENABLED`` and sm_90+), else {}."""
+    ``{"PDL": 1, "launch_pdl": True}`` where PDL applies (``ENABLED`` and sm_90+; ``PDL`` 2
+    where ``role`` is in ``NO_TRIGGER``), else {}."""
     if ENABLED and pdl_supported(t.device):
-        return {"PDL": True, "launch_pdl": True}
+        return {"PDL": 2 if role in NO_TRIGGER else 1, "launch_pdl": True}
     return {}
 
 
@@ -68,7 +73,9 @@ if triton is not None:
     @triton.jit
     def pdl_enter(PDL: tl.constexpr):
         """First statement of a kernel launched by ``pdl_args``: wait until the previous kernel
-        in the stream has finished and its writes are visible, then let the next kernel launch."""
+        in the stream has finished and its writes are visible, then (PDL 1) let the next kernel
+        launch; PDL 2: the next kernel launches as this one's programs exit."""
         if PDL:
             gdc_wait()
-            gdc_launch_dependents()
+            if PDL == 1:
+                gdc_launch_dependents()

@@ -220,7 +220,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
     with device_guard(x):
         _rms_norm_kernel[(x2.shape[0],)](
             x2, weight.contiguous(), y, N, x2.stride(0), y.stride(0), float(eps),
-            BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4, **pdl_args(x),
+            BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4, **pdl_args(x, "norm"),
         )
     return y.view(x.shape)
 
@@ -244,7 +244,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         _add_rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight.contiguous(), y, s, N, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
             float(eps), BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
-            **pdl_args(x),
+            **pdl_args(x, "norm"),
         )
     return y.view(x.shape), s.view(x.shape)
 
@@ -265,7 +265,7 @@ def head_rms_norm_(y: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, hq: int,
     with device_guard(y):
         _head_rms_norm_kernel[(y.shape[0], hq + hk)](
             y, wq.contiguous(), wk.contiguous(), hq, hk, D, y.stride(0), float(eps),
-            BLOCK=triton.next_power_of_2(D), num_warps=4, **pdl_args(y),
+            BLOCK=triton.next_power_of_2(D), num_warps=4, **pdl_args(y, "norm"),
         )
     return y
 
@@ -284,7 +284,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     with device_guard(gate):
         _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](
             g2, u2, y, n, g2.shape[1], g2.stride(0), u2.stride(0), BLOCK=BLOCK, num_warps=4,
-            **pdl_args(gate),
+            **pdl_args(gate, "norm"),
         )
     return y.view(gate.shape)
 
@@ -322,6 +322,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
             HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)), **ROPE_LAUNCH,
-            **pdl_args(q),
+            **pdl_args(q, "norm"),
         )
     return qo, ko

@@ -180,7 +180,7 @@ def _launch(
             D, H, out4.shape[2],
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
             HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=4,
-            **pdl_args(x4),
+            **pdl_args(x4, "encode"),
         )
         return
     block_n = min(64, max(16, triton.next_power_of_2(N)))
@@ -258,7 +258,7 @@ def append_kv_triton(
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
         svcb=v_buf.stride(0), svch=v_buf.stride(1), svcn=v_buf.stride(2),
         COPY=True, CODES=has_codes, V_PROG=min(1, W - 1), DV=v.shape[3],
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=4, **pdl_args(k),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=4, **pdl_args(k, "encode"),
     )
 
 

@@ -331,7 +331,7 @@ def sparse_decode_attention_triton(
                      S_TILE=s_tile)
     # PDL only for few (sequence, kv-head) rows: at B = 8 / 103 blocks (H200) the fused-merge
     # attention took 128 us with it against 117-120 us without
-    pdl = pdl_args(q) if B * Hkv <= PDL_MAX_ROWS else {}
+    pdl = pdl_args(q, "attention") if B * Hkv <= PDL_MAX_ROWS else {}
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
         Hkv, K, per_split, splits, scale * math.log2(math.e),
