@@ -175,6 +175,26 @@ def _pdl_variant(no_trigger, attn_rows):
         yield
 
 
+# launch knobs timed at B <= 2 (the latency-bound steps), each against the default in one run:
+# {name: {module: {flag: value}}}
+LATENCY_VARIANTS = {
+    "sel_w2": {HK: dict(SELECT_WARPS=2)},
+    "sel_w8": {HK: dict(SELECT_WARPS=8)},
+    "attn_p132": {AK: dict(TARGET_PROGRAMS=132)},
+    "attn_t32": {AK: dict(TILE_N=32)},
+    "attn_t32_p528": {AK: dict(TILE_N=32, TARGET_PROGRAMS=528, FUSED_MERGE_MAX_BYTES=1 << 18)},
+    "attn_w8": {AK: dict(WARPS=8)},
+}
+
+
+@contextlib.contextmanager
+def _module_flags(spec: dict):
+    with contextlib.ExitStack() as stack:
+        for module, values in spec.items():
+            stack.enter_context(_flags(module, **values))
+        yield
+
+
 @contextlib.contextmanager
 def _fused(maxnreg=None):
     """The histogram stage 2 in the scan's launch."""
@@ -242,6 +262,10 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     for name, var in PDL_VARIANTS.items():
         with _pdl_variant(**var):
             t[f"step_{name}"] = cuda_time_us(steps, reps=reps)
+    if qs[0].shape[0] <= 2:
+        for name, spec in LATENCY_VARIANTS.items():
+            with _module_flags(spec):
+                t[f"step_{name}"] = cuda_time_us(steps, reps=reps)
     return t
 
 
@@ -363,6 +387,12 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                 with _pdl_variant(**var):
                     v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
                 checks[f"step_{name}"] = bool(torch.equal(v_idx, idx) and torch.equal(v_out, out))
+            if B <= 2:  # other launch knobs: same selection, attention within the rule
+                for name, spec in LATENCY_VARIANTS.items():
+                    with _module_flags(spec):
+                        v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
+                    checks[f"step_{name}"] = bool(torch.equal(v_idx, idx)) and attention_close(
+                        v_out, ref64, lowp, atol=1e-4)[0]
             del kg, vg
             verified = all(checks.values())
             row = dict(model=model, Hq=Hq, Hkv=HKV, G=G, D=HEAD_DIM, L=L, B=B, budget=budget,
@@ -552,5 +582,14 @@ def run(args: argparse.Namespace) -> int:
             t = r["times_us"]
             print(f"{r['model']:<10} {r['B']:>2} {r['budget']:>6} {t['step']:6.1f} {t['step_before']:6.1f} "
                   + " ".join(f"{t['step_' + n]:13.1f}" for n in PDL_VARIANTS))
+    lat = [r for r in rows if r["verified"] and "step_" + next(iter(LATENCY_VARIANTS)) in r["times_us"]]
+    if lat:
+        print("step us by launch knob (B <= 2): " + ", ".join(
+            f"{n}: {spec}" for n, spec in LATENCY_VARIANTS.items()).replace("kvcomp.ops.", ""))
+        print(f"{'model':<10} {'B':>2} {'budget':>6} {'step':>6} " + " ".join(f"{n:>13}" for n in LATENCY_VARIANTS))
+        for r in lat:
+            t = r["times_us"]
+            print(f"{r['model']:<10} {r['B']:>2} {r['budget']:>6} {t['step']:6.1f} "
+                  + " ".join(f"{t['step_' + n]:13.1f}" for n in LATENCY_VARIANTS))
     bad = not all(r["verified"] for r in rows)
     return 1 if bad else 0
