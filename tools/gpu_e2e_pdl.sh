@@ -15,7 +15,7 @@ if [ "${SKIP_DECODE:-0}" != "1" ]; then
     echo "decode rc=$?"; tail -n 16 "$OUT/decode_b1.log"
 fi
 E2E_ARGS="${E2E_ARGS:---fuse all --contexts 131072,65536 --batches 1,4 --steps 64 --methods kvcomp,dense_kv --prefill-ctx 0}"
-for pdl in 1 0; do
+for pdl in ${PDL_MODES:-1 0}; do
     # shellcheck disable=SC2086
     KVCOMP_PDL=$pdl timeout "${E2E_TIMEOUT:-230}" python3 -m kvcomp.cli bench e2e $E2E_ARGS \
         --time-limit "${E2E_LIMIT:-170}" --json "$OUT/e2e_pdl$pdl.json" > "$OUT/e2e_pdl$pdl.log" 2>&1

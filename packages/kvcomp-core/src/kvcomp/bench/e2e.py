@@ -257,8 +257,10 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
     # all-blocks): rel err <= 1e-3 and the same argmax. Transformers' dense baseline is not
     # deterministic run to run (two eager runs differ; its kernels may also differ between eager
     # and captured runs): the same argmax, or a replay gap within twice the eager-vs-eager gap.
+    # Only the decoders this run times are checked (``--methods``).
+    timed = [m for m in args.methods.split(",") if m]
     if check_graphs and torch.cuda.is_available():
-        for method in ("kvcomp", "dense_kv", "dense"):
+        for method in [m for m in ("kvcomp", "dense_kv", "dense") if m in timed]:
             dec = Decoder(model, method, args.budget)
             try:
                 cache = dec.make_cache(ctx + n + 4)
