@@ -42,6 +42,7 @@ tokens, dense over the whole cache; all against the device copy bandwidth measur
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib
@@ -86,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-score", choices=TOKEN_SCORES, default="hamming",
                    help="hamming (default) or centered_norm: codes of k - mu, scores weighted by "
                         "the key norms (hamming_topk k_scale)")
+    p.add_argument("--variants", action="store_true",
+                   help="also time every exact group-score form, the fused stage 2, the PDL trigger "
+                        "policies and the B <= 2 launch knobs (each against the default, same run)")
     p.add_argument("--sweep", action="store_true",
                    help="instead: time the kernels' launch knobs at L=128K (tuning), verified")
 
@@ -202,10 +206,11 @@ def _fused(maxnreg=None):
         yield
 
 
-def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
+def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict:
     """Median device times (us) of each stage and of the whole step, rotating over the input
     sets: CUDA-graph replays of back-to-back calls; the step and dense also eagerly. The
-    previous kernels (``_before``) are timed beside the defaults."""
+    previous kernels (``_before``) are timed beside the defaults; with ``variants`` also every
+    exact group-score form, the fused stage 2, the PDL trigger and launch-knob variants."""
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
 
@@ -222,18 +227,19 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
                   chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=sets[i]["scale"], **kw)
                 for i in n]
 
-    for mode in SELECT_MODES:
+    for mode in SELECT_MODES if variants else ("exact", "majority"):
         t[f"select_{mode}"] = cuda_time_us(selects(mode=mode), reps=reps)
     with _flags(HK, HIST_SELECT=False):
         t["select_search"] = cuda_time_us(selects(), reps=reps)
-    with _flags(HK, HIST_COMPACT=False):
-        t["select_hist_v1"] = cuda_time_us(selects(), reps=reps)
     with _before():
         t["select_before"] = cuda_time_us(selects(), reps=reps)
-    with _fused():
-        t["select_fused"] = cuda_time_us(selects(), reps=reps)
-    with _fused(64):
-        t["select_fused_r64"] = cuda_time_us(selects(), reps=reps)
+    if variants:
+        with _flags(HK, HIST_COMPACT=False):
+            t["select_hist_v1"] = cuda_time_us(selects(), reps=reps)
+        with _fused():
+            t["select_fused"] = cuda_time_us(selects(), reps=reps)
+        with _fused(64):
+            t["select_fused_r64"] = cuda_time_us(selects(), reps=reps)
     hk = importlib.import_module(HK)
     keys = [hk.block_keys_triton(q_codes[i], sets[i]["codes"], sets[i]["lens"], CHUNK, "max",
                                  k_scale=sets[i]["scale"]) for i in n]
@@ -255,6 +261,8 @@ def _stage_times(sets, qs, q_w, kb, scale, reps) -> dict:
     t["step_eager"] = cuda_time_us(steps, reps=reps, graph=False)
     with _before():
         t["step_before"] = cuda_time_us(steps, reps=reps)
+    if not variants:
+        return t
     with _fused():
         t["step_fused"] = cuda_time_us(steps, reps=reps)
     with _fused(64):
@@ -347,7 +355,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             checks = {"query_codes": codes_ok}
             sel = {}
             sk = dict(k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=k_scale)
-            for mode in SELECT_MODES:
+            for mode in SELECT_MODES if cfg.get("variants", False) else ("exact", "majority"):
                 sel[mode] = hamming_topk(q_codes, k_codes, lens, mode=mode, **sk)
                 if centered:  # the reference with the same per-token weights
                     want = hamming_topk(q_codes, k_codes, lens, mode=mode, backend="reference", **sk)
@@ -362,7 +370,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                 checks["select_hist_v1"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             with _before():
                 checks["select_before"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
-            for name, cap in (("select_fused", None), ("select_fused_r64", 64)):
+            for name, cap in (("select_fused", None), ("select_fused_r64", 64)) if cfg.get("variants", False) else ():
                 with _fused(cap):
                     checks[name] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             out = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
@@ -380,14 +388,15 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             with _before():
                 b_out, b_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
             checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out))
-            with _fused():
-                f_out, f_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
-            checks["step_fused"] = bool(torch.equal(f_idx, idx) and torch.equal(f_out, out))
-            for name, var in PDL_VARIANTS.items():
+            if cfg.get("variants", False):
+                with _fused():
+                    f_out, f_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
+                checks["step_fused"] = bool(torch.equal(f_idx, idx) and torch.equal(f_out, out))
+            for name, var in PDL_VARIANTS.items() if cfg.get("variants", False) else ():
                 with _pdl_variant(**var):
                     v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
                 checks[f"step_{name}"] = bool(torch.equal(v_idx, idx) and torch.equal(v_out, out))
-            if B <= 2:  # other launch knobs: same selection, attention within the rule
+            if cfg.get("variants", False) and B <= 2:  # other launch knobs: same selection, attention within the rule
                 for name, spec in LATENCY_VARIANTS.items():
                     with _module_flags(spec):
                         v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
@@ -403,7 +412,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                        attend_err=err, attend_torch_err=base)
             if verified:
                 t = {"dense": t_dense, "dense_eager": t_dense_eager}
-                t.update(_stage_times(sets, qs, q_w, kb, scale, reps))
+                t.update(_stage_times(sets, qs, q_w, kb, scale, reps, cfg.get("variants", False)))
                 code_bytes = B * HKV * L * (BITS // 8)
                 kv_bytes = int(valid.sum().item()) * HEAD_DIM * 2 * 2
                 row.update(
@@ -416,7 +425,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                     ),
                     speedup=t["dense"] / t["step"],
                     speedup_before=t["dense"] / t["step_before"],
-                    speedup_fused=t["dense"] / min(t["step_fused"], t["step_fused_r64"]),
+                    speedup_fused=t["dense"] / min(t.get("step_fused", math.nan), t.get("step_fused_r64", math.nan)),
                     speedup_eager=t["dense_eager"] / t["step_eager"],
                     floor_speedup=dense_bytes / (code_bytes + kv_bytes),
                     target=TARGETS.get((budget, B)) if L == 131072 else None,
@@ -509,7 +518,7 @@ def _table_line(r: dict) -> str:
     if not r["verified"]:
         failed = [name for name, ok in r["checks"].items() if not ok]
         return f"{head} VERIFICATION FAILED ({', '.join(failed)}): no speedup reported"
-    t, bw = r["times_us"], r["bw_frac"]
+    t, bw = collections.defaultdict(lambda: math.nan, r["times_us"]), r["bw_frac"]
     target = f"{r['target']:.1f}" if r["target"] else "-"
     return (f"{head} {t['dense']:7.1f} {t['encode']:5.1f} {t['select_exact']:6.1f} "
             f"{t['select_before']:6.1f} {t['select_fused']:6.1f} {t['select_fused_r64']:6.1f} "
@@ -538,6 +547,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if all(r["ok"] for r in rows) else 1
     cfg = dict(QUICK if args.quick else FULL)
     cfg["token_score"] = getattr(args, "token_score", "hamming")
+    cfg["variants"] = getattr(args, "variants", False)
     for name, conv in (("lengths", int), ("batches", int), ("budgets", str), ("models", str)):
         given = getattr(args, name, None)
         if given:
@@ -578,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'model':<10} {'B':>2} {'budget':>6} {'step':>6} {'noPDL':>6} "
           + " ".join(f"{n:>13}" for n in PDL_VARIANTS))
     for r in rows:
-        if r["verified"]:
+        if r["verified"] and cfg.get("variants", False):
             t = r["times_us"]
             print(f"{r['model']:<10} {r['B']:>2} {r['budget']:>6} {t['step']:6.1f} {t['step_before']:6.1f} "
                   + " ".join(f"{t['step_' + n]:13.1f}" for n in PDL_VARIANTS))
