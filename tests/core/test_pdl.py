@@ -76,7 +76,7 @@ def test_gpu_pdl_steps_bit_identical(monkeypatch, G, lens, k_blocks, mode, chunk
     from kvcomp.ops.sparse_decode_attention import kernels as ak
 
     monkeypatch.setattr(_pdl, "NO_TRIGGER", frozenset(no_trigger))
-    monkeypatch.setattr(ak, "PDL_MAX_ROWS", 1 << 30)  # B x Hkv = 9 here anyway
+    monkeypatch.setattr(_pdl, "DECODE_MAX_ROWS", 16)  # B x Hkv = 9 here: PDL on
     if two_kernel:
         monkeypatch.setattr(ak, "FUSED_MERGE", False)
     gen = torch.Generator().manual_seed(G * 100 + k_blocks)

@@ -165,17 +165,18 @@ ROLES = ("encode", "rows", "scan", "select", "attention")
 # their successor launch only as their programs exit (kvcomp.ops._pdl.NO_TRIGGER), and whether
 # the attention takes PDL at any number of rows
 PDL_VARIANTS = {
+    "any_rows": dict(no_trigger=(), attn_rows=1 << 30),  # PDL for the decode kernels at any batch
     "late_sa": dict(no_trigger=("select", "attention"), attn_rows=None),
     "late_all": dict(no_trigger=ROLES, attn_rows=None),
-    "late_all_attn": dict(no_trigger=ROLES, attn_rows=1 << 30),
+    "late_all_attn": dict(no_trigger=ROLES, attn_rows=1 << 30),  # every decode kernel, any rows
 }
 
 
 @contextlib.contextmanager
 def _pdl_variant(no_trigger, attn_rows):
-    ak = importlib.import_module(AK)
-    rows = ak.PDL_MAX_ROWS if attn_rows is None else attn_rows
-    with _flags("kvcomp.ops._pdl", NO_TRIGGER=frozenset(no_trigger)), _flags(AK, PDL_MAX_ROWS=rows):
+    pdl = importlib.import_module("kvcomp.ops._pdl")
+    rows = pdl.DECODE_MAX_ROWS if attn_rows is None else attn_rows
+    with _flags("kvcomp.ops._pdl", NO_TRIGGER=frozenset(no_trigger), DECODE_MAX_ROWS=rows):
         yield
 
 
@@ -583,8 +584,9 @@ def run(args: argparse.Namespace) -> int:
     print(TABLE_HEAD)
     for r in rows:
         print(_table_line(r))
-    print("step us by PDL trigger variant (late_sa: select and attention signal their successor "
-          "only as they exit; late_all: every kernel; _attn: attention with PDL at any batch)")
+    print("step us by PDL variant (any_rows: the decode kernels take PDL at any batch, not only "
+          "B x Hkv <= 16; late_sa: select and attention signal their successor only as they exit; "
+          "late_all: every kernel; late_all_attn: both)")
     print(f"{'model':<10} {'B':>2} {'budget':>6} {'step':>6} {'noPDL':>6} "
           + " ".join(f"{n:>13}" for n in PDL_VARIANTS))
     for r in rows:

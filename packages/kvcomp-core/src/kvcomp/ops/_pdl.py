@@ -44,6 +44,11 @@ ENABLED = os.environ.get("KVCOMP_PDL", "1") != "0"
 # signal their successor early: it then launches as their programs exit. A successor launched
 # early keeps its programs on the SMs, waiting, while this kernel still runs.
 NO_TRIGGER: frozenset = frozenset()
+# the decode-step kernels (scan, selection, attention) take PDL only up to this many (sequence,
+# kv-head) rows: there the step is a chain of latency-bound launches (B = 1 at 128K on the
+# H200: 18.8 us against 19.9-20.1 without). At B = 8 (64 rows) it gained nothing and slowed
+# the fused-merge attention (128 vs 117-120 us at 10% of 128K).
+DECODE_MAX_ROWS = 16
 
 
 @functools.cache
@@ -59,10 +64,13 @@ def pdl_supported(device: torch.device) -> bool:
     return _capability(index) >= (9, 0)
 
 
-def pdl_args(t: torch.Tensor, role: str = "") -> dict:
+def pdl_args(t: torch.Tensor, role: str = "", rows: int | None = None) -> dict:
     """Launch arguments of a kernel with a ``PDL`` constexpr, for inputs on ``t``'s device:
-    ``{"PDL": 1, "launch_pdl": True}`` where PDL applies (``ENABLED`` and sm_90+; ``PDL`` 2
-    where ``role`` is in ``NO_TRIGGER``), else {}."""
+    ``{"PDL": 1, "launch_pdl": True}`` where PDL applies (``ENABLED``, sm_90+ and, for a
+    decode-step kernel, ``rows`` <= ``DECODE_MAX_ROWS``; ``PDL`` 2 where ``role`` is in
+    ``NO_TRIGGER``), else {}."""
+    if rows is not None and rows > DECODE_MAX_ROWS:
+        return {}
     if ENABLED and pdl_supported(t.device):
         return {"PDL": 2 if role in NO_TRIGGER else 1, "launch_pdl": True}
     return {}

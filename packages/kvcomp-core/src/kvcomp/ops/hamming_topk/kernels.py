@@ -667,7 +667,7 @@ def block_keys_triton(
         base = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
         _query_rows_kernel[(B * Hkv,)](
             q_codes, rows, base, Hkv, *q_codes.stride(),
-            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1, **pdl_args(q_codes, "rows"),
+            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1, **pdl_args(q_codes, "rows", rows=B * Hkv),
             FORM=form, R_PAD=r_pad,
         )
         srb, srh, srr, srw = rows.stride()
@@ -680,7 +680,7 @@ def block_keys_triton(
     splits = triton.cdiv(nb, per_prog)
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
     lse_range = (1 if majority else G) * 32 * W  # the score's range S (reference: lse_logits_ref)
-    pdl = pdl_args(k_codes, "scan")
+    pdl = pdl_args(k_codes, "scan", rows=B * Hkv)
     early = bool(pdl) and prefetch and chunk_repre != "lse" and (not derived or rows_in)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
@@ -761,7 +761,7 @@ def select_triton(
         Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
-        num_warps=SELECT_WARPS or (4 if block <= 1024 else 8), **(hist or {}), **pdl_args(keys, "select"),
+        num_warps=SELECT_WARPS or (4 if block <= 1024 else 8), **(hist or {}), **pdl_args(keys, "select", rows=B * Hkv),
     )
     return out
 

@@ -54,8 +54,6 @@ FUSED_MERGE_MAX_BYTES = 64 << 10
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
 # a thread at 4 warps
 MERGE_TILE_ELEMS = 4096
-# programmatic dependent launch (kvcomp.ops._pdl) up to this many (sequence, kv-head) rows
-PDL_MAX_ROWS = 16
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
 
 
@@ -329,9 +327,7 @@ def sparse_decode_attention_triton(
         fused = dict(out_ptr=out, sob=out.stride(0), soh=out.stride(1), sod=out.stride(2),
                      ticket_ptr=_tickets(B * Hkv, q.device), FUSED=True, G_R=g_r, S_PAD=s_pad,
                      S_TILE=s_tile)
-    # PDL only for few (sequence, kv-head) rows: at B = 8 / 103 blocks (H200) the fused-merge
-    # attention took 128 us with it against 117-120 us without
-    pdl = pdl_args(q, "attention") if B * Hkv <= PDL_MAX_ROWS else {}
+    pdl = pdl_args(q, "attention", rows=B * Hkv)  # PDL for few rows only (kvcomp.ops._pdl)
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
         Hkv, K, per_split, splits, scale * math.log2(math.e),
