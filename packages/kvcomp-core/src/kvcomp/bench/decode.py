@@ -48,6 +48,7 @@ import functools
 import importlib
 import json
 import math
+import os
 import subprocess
 
 import torch
@@ -128,8 +129,12 @@ def _dense_fn(q, k, v):
 
 
 def _git_commit() -> str:
+    """``KVCOMP_COMMIT`` when set (a copied working tree's .git may be stale), else ``git
+    describe --always --dirty`` ("-dirty": the tree differs from that commit)."""
+    if os.environ.get("KVCOMP_COMMIT"):
+        return os.environ["KVCOMP_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                               text=True, timeout=5).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
