@@ -6,7 +6,7 @@ every token from its packed code (token scores stay in registers) and writes one
 block to a small buffer [B, Hkv, NB]: the block max, or for "mean" the fp32 mean mapped to an
 int32 with the same order. With per-token weights (``k_scale``, e.g. key norms) a token's value
 is ``float32(score) * float32(k_scale[t])`` (one IEEE multiply, -0.0 read as +0.0), the block key
-is the fp32 max mapped the same way. Three exact-or-cheaper forms of the group score (FORM):
+is the fp32 max mapped the same way. The exact-or-cheaper forms of the group score (FORM):
 
 * ``FORM_XOR`` (direct): ``sum_g (BITS - 2 popc(q_g ^ k))``, G popcounts per word. With one
   row, the *majority* code (bit b set iff more than half of the G query codes have it) gives the
@@ -16,6 +16,14 @@ is the fp32 max mapped the same way. Three exact-or-cheaper forms of the group s
       sum_g (BITS - 2 Ham(q_g, k)) = G*BITS - 2*sum_b c_b - 2G*popc(k) + 4*sum_b c_b k_b,
   and c_b is written in P = bit_length(G) bit-planes, so sum_b c_b k_b =
   sum_p 2^p popc(plane_p & k): P + 1 popcounts per word instead of G, integer and exact.
+* ``FORM_SIGNED`` (exact, even G; the default where it is the fewest popcounts):
+      sum_g Ham(q_g, k) = sum_b c_b + 2 * sum_b k_b (G/2 - c_b),
+  and G/2 - c_b (in [-G/2, G/2]) is written in P = bit_length(G) planes of two's complement
+  (the top plane weighs -2^(P-1)): P popcounts per word, no popc(k) term (3 at G = 4, 4 at G = 8).
+
+The planes (and the majority code) are derived from the G query codes by every scan program
+(``_group_rows``, ``ROWS_IN_SCAN``), not in a launch of their own. All launches take
+programmatic dependent launch on sm_90+ (``kvcomp.ops._pdl``).
 
 Stage 2, ``_select_kernel``, grid (B * Hkv): per row, a binary (or ARITY-ary) search over the key
 values finds the threshold T such that ``count`` keys are >= T (must-select blocks get a key
