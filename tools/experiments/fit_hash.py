@@ -268,12 +268,13 @@ def evaluate(held, weights: dict[str, dict[int, torch.Tensor]], window: int, per
                     cn = hash_scores(qw, k, w, mu)
                     runs[f"{name}/centered_norm"] = block_max(cn, t0)
                     # logit estimate: ||q|| ||k - mu|| cos, cos ~ (BITS - 2 Ham) / BITS, x alpha
-                    base = cn * query_norm(qw, Hkv) / (BITS * G * math.sqrt(D))
+                    nbits = w.shape[-1]  # the weights' own width (--bits for random)
+                    base = cn * query_norm(qw, Hkv) / (nbits * G * math.sqrt(D))
                     for a in lse:
                         runs[f"{name}/centered_norm-lse{a:g}"] = block_lse(base * a, t0)
                     if lse:  # the SimHash inversion: cos(angle) = sin(pi/2 (BITS - 2 Ham) / BITS)
                         kn = (k - mu.unsqueeze(1)).norm(dim=-1).half().float().unsqueeze(1)
-                        sin = torch.sin(math.pi / 2 * cn / kn.clamp(min=1e-30) / (BITS * G))
+                        sin = torch.sin(math.pi / 2 * cn / kn.clamp(min=1e-30) / (nbits * G))
                         logit = sin * kn * query_norm(qw, Hkv) / math.sqrt(D)
                         runs[f"{name}/centered_norm-lse-sin"] = block_lse(logit, t0)
                         for beta in SIN_TEMPS:  # a temperature on the estimated logits
@@ -309,6 +310,7 @@ def table(res) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=CTX)
+    ap.add_argument("--bits", type=int, default=BITS, help="code width of the random and fitted variants")
     ap.add_argument("--window", type=int, default=WINDOW)
     ap.add_argument("--held-docs", type=int, default=4)
     ap.add_argument("--train-docs", type=int, default=4)
@@ -341,8 +343,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    global SIN_TEMPS
+    global SIN_TEMPS, BITS
     SIN_TEMPS = tuple(args.lse_temps)
+    BITS = args.bits
     held = capture_docs(args.split, args.held_docs, args.ctx)
     fitted = [v for v in args.variants if v != "random"]
     train = [doc for c in (args.train_ctx or [args.ctx]) for doc in capture_docs("train", args.train_docs, c)] \
