@@ -310,7 +310,7 @@ def table(res) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=CTX)
-    ap.add_argument("--bits", type=int, default=BITS, help="code width of the random and fitted variants")
+    ap.add_argument("--bits", type=int, default=128, help="code width of the random and fitted variants")
     ap.add_argument("--window", type=int, default=WINDOW)
     ap.add_argument("--held-docs", type=int, default=4)
     ap.add_argument("--train-docs", type=int, default=4)
