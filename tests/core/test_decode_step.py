@@ -172,3 +172,25 @@ def test_bench_command_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "cannot run here" in r.stdout and "torch" in r.stdout
+
+
+def test_bench_decode_table_rows(monkeypatch):
+    """The printed row of a default run (no --variants: those columns read nan), a failed row
+    (names its failed checks, no speedup), and the commit recorded with the JSON."""
+    import math as _math
+
+    from kvcomp.bench import decode as bench
+
+    keys = ["dense", "encode", "select_exact", "select_before", "select_search", "scan", "topk",
+            "select_majority", "attend", "attend_two_kernel", "step", "step_before"]
+    row = dict(model="qwen3-8b", L=131072, B=1, budget="2048", verified=True,
+               times_us={k: 10.0 + i for i, k in enumerate(keys)}, bw_frac=dict(select=0.5, attend=0.25),
+               speedup=7.5, speedup_before=7.0, speedup_fused=_math.nan, speedup_eager=0.4,
+               floor_speedup=21.3, target=8.0, checks={})
+    line = bench._table_line(row)
+    assert len(line.split()) == len(bench.TABLE_HEAD.split())
+    assert " 7.50 " in line and "nan" in line and "50%" in line and "25%" in line
+    bad = dict(row, verified=False, checks={"step": True, "select_exact": False})
+    assert "VERIFICATION FAILED (select_exact)" in bench._table_line(bad)
+    monkeypatch.setenv("KVCOMP_COMMIT", "abc1234")
+    assert bench._git_commit() == "abc1234"
