@@ -166,21 +166,21 @@ def _before():
 
 
 ROLES = ("encode", "rows", "scan", "select", "attention")
-# programmatic-dependent-launch trigger variants timed beside the default: roles that let
-# their successor launch only as their programs exit (kvcomp.ops._pdl.NO_TRIGGER), and whether
-# the attention takes PDL at any number of rows
+# programmatic-dependent-launch variants timed beside the default: roles that let their
+# successor launch only as their programs exit (kvcomp.ops._pdl.NO_TRIGGER), and up to how many
+# (sequence, kv-head) rows the decode kernels take PDL (None: the default DECODE_MAX_ROWS)
 PDL_VARIANTS = {
-    "any_rows": dict(no_trigger=(), attn_rows=1 << 30),  # PDL for the decode kernels at any batch
-    "late_sa": dict(no_trigger=("select", "attention"), attn_rows=None),
-    "late_all": dict(no_trigger=ROLES, attn_rows=None),
-    "late_all_attn": dict(no_trigger=ROLES, attn_rows=1 << 30),  # every decode kernel, any rows
+    "any_rows": dict(no_trigger=(), max_rows=1 << 30),
+    "late_sa": dict(no_trigger=("select", "attention"), max_rows=None),
+    "late_all": dict(no_trigger=ROLES, max_rows=None),
+    "late_all_attn": dict(no_trigger=ROLES, max_rows=1 << 30),
 }
 
 
 @contextlib.contextmanager
-def _pdl_variant(no_trigger, attn_rows):
+def _pdl_variant(no_trigger, max_rows):
     pdl = importlib.import_module("kvcomp.ops._pdl")
-    rows = pdl.DECODE_MAX_ROWS if attn_rows is None else attn_rows
+    rows = pdl.DECODE_MAX_ROWS if max_rows is None else max_rows
     with _flags("kvcomp.ops._pdl", NO_TRIGGER=frozenset(no_trigger), DECODE_MAX_ROWS=rows):
         yield
 
@@ -323,6 +323,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
 
     dev = "cuda"
     centered = cfg["token_score"] == "centered_norm"
+    variants = cfg.get("variants", False)
     kv_w, sets = kv_input_sets(B, L, gen, centered)
     lens = sets[0]["lens"]
     n_sets = len(sets)
@@ -361,7 +362,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             checks = {"query_codes": codes_ok}
             sel = {}
             sk = dict(k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=k_scale)
-            for mode in SELECT_MODES if cfg.get("variants", False) else ("exact", "majority"):
+            for mode in SELECT_MODES if variants else ("exact", "majority"):
                 sel[mode] = hamming_topk(q_codes, k_codes, lens, mode=mode, **sk)
                 if centered:  # the reference with the same per-token weights
                     want = hamming_topk(q_codes, k_codes, lens, mode=mode, backend="reference", **sk)
@@ -376,7 +377,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                 checks["select_hist_v1"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             with _before():
                 checks["select_before"] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
-            for name, cap in (("select_fused", None), ("select_fused_r64", 64)) if cfg.get("variants", False) else ():
+            for name, cap in (("select_fused", None), ("select_fused_r64", 64)) if variants else ():
                 with _fused(cap):
                     checks[name] = bool(torch.equal(hamming_topk(q_codes, k_codes, lens, **sk), idx))
             out = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale)
@@ -394,15 +395,15 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             with _before():
                 b_out, b_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
             checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out))
-            if cfg.get("variants", False):
+            if variants:
                 with _fused():
                     f_out, f_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
                 checks["step_fused"] = bool(torch.equal(f_idx, idx) and torch.equal(f_out, out))
-            for name, var in PDL_VARIANTS.items() if cfg.get("variants", False) else ():
+            for name, var in PDL_VARIANTS.items() if variants else ():
                 with _pdl_variant(**var):
                     v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
                 checks[f"step_{name}"] = bool(torch.equal(v_idx, idx) and torch.equal(v_out, out))
-            if cfg.get("variants", False) and B <= 2:  # other launch knobs: same selection, attention within the rule
+            if variants and B <= 2:  # other launch knobs: same selection, attention within the rule
                 for name, spec in LATENCY_VARIANTS.items():
                     with _module_flags(spec):
                         v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
@@ -418,7 +419,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                        attend_err=err, attend_torch_err=base)
             if verified:
                 t = {"dense": t_dense, "dense_eager": t_dense_eager}
-                t.update(_stage_times(sets, qs, q_w, kb, scale, reps, cfg.get("variants", False)))
+                t.update(_stage_times(sets, qs, q_w, kb, scale, reps, variants))
                 code_bytes = B * HKV * L * (BITS // 8)
                 kv_bytes = int(valid.sum().item()) * HEAD_DIM * 2 * 2
                 row.update(

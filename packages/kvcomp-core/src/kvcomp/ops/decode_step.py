@@ -28,9 +28,10 @@
 The same three public ops the integration calls, in a row: ``hash_encode`` -> ``hamming_topk``
 -> ``sparse_decode_attention``. Each kernel reads only its predecessor's output and older
 tensors, so with programmatic dependent launch (``kvcomp.ops._pdl``, sm_90+) the scan loads the
-key codes and the attention its queries before waiting for the previous kernel (``_prefetch``). On CUDA tensors it launches kernels only (no host-device
-synchronisation, no allocation that depends on device values), so a step can be captured in a
-CUDA graph and replayed with new q / caches / seq_lens written into the captured tensors.
+key codes and the attention its queries before waiting for the previous kernel (``_prefetch``).
+On CUDA tensors it launches kernels only (no host-device synchronisation, no allocation that
+depends on device values), so a step can be captured in a CUDA graph and replayed with new q /
+caches / seq_lens written into the captured tensors.
 """
 
 from __future__ import annotations

@@ -675,8 +675,8 @@ def block_keys_triton(
         base = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
         _query_rows_kernel[(B * Hkv,)](
             q_codes, rows, base, Hkv, *q_codes.stride(),
-            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, num_warps=1, **pdl_args(q_codes, "rows", rows=B * Hkv),
-            FORM=form, R_PAD=r_pad,
+            G=G, W=W, BLOCK_W=block_w, R=R, MAJORITY=majority, FORM=form, R_PAD=r_pad, num_warps=1,
+            **pdl_args(q_codes, "rows", rows=B * Hkv),
         )
         srb, srh, srr, srw = rows.stride()
     block_t = max(BLOCK_T * 4 // block_w, 32)  # tokens per tile, ~BLOCK_T * 16 bytes of codes
@@ -696,7 +696,7 @@ def block_keys_triton(
         Hkv, nb, per_prog,
         srb, srh, srr, srw, *k_codes.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
-        G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes and not rows_in,
+        G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
         CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
@@ -769,7 +769,8 @@ def select_triton(
         Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
-        num_warps=SELECT_WARPS or (4 if block <= 1024 else 8), **(hist or {}), **pdl_args(keys, "select", rows=B * Hkv),
+        num_warps=SELECT_WARPS or (4 if block <= 1024 else 8), **(hist or {}),
+        **pdl_args(keys, "select", rows=B * Hkv),
     )
     return out
 
