@@ -3,8 +3,9 @@
 1. The public ops on the second GPU while the first is the current device (what a model split
    by ``device_map`` does: accelerate moves tensors between layers but never changes the
    current device) equal the same ops on the first GPU.
-2. A Qwen3-shaped model (random fp32 weights built here) split over cuda:0 and cuda:1 with an
-   explicit ``device_map`` decodes with ``kvcomp.enable`` exactly like the same model on
+2. A Qwen3-shaped model (random fp32 weights built here) split over cuda:0 and cuda:1, by an
+   explicit ``device_map`` and by ``device_map="auto"`` (accelerate's placement, cuda:0 capped
+   by ``max_memory`` below the model's size so that the split is certain), decodes with ``kvcomp.enable`` exactly like the same model on
    cuda:0: same greedy tokens, logits within 1e-4 (fp32 so the comparison is tight: the two
    runs execute the same kernels on the same GPU model; only where the tensors live differs).
    Every cache layer's keys, values, lengths and codes live on its layer's device; the sparse
@@ -63,17 +64,24 @@ def generate(model, ids):
                               return_dict_in_generate=True, output_logits=True, pad_token_id=0)
 
 
-def check_split_model(tmp_path, dev0, dev1) -> None:
+def check_split_model(tmp_path, dev0, dev1, auto: bool = False) -> None:
+    """``auto``: ``device_map="auto"`` with cuda:0 capped at 60% of the model's bytes (else the
+    explicit layers 0-2 / 3-5 map)."""
     import kvcomp
     from kvcomp.config import KVCompConfig
     from transformers import AutoModelForCausalLM
 
     path = qwen3_dir(tmp_path / "qwen3")
     one = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev0).eval()
-    split = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 device_map=split_map(dev0, dev1)).eval()
+    if auto:
+        size = sum(p.numel() * p.element_size() for p in one.parameters())
+        placement = {"device_map": "auto", "max_memory": {0: int(0.6 * size), 1: 4 * size}}
+    else:
+        placement = {"device_map": split_map(dev0, dev1)}
+    split = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **placement).eval()
+    print("hf_device_map:", getattr(split, "hf_device_map", None))
     devices = [torch.device(m.self_attn.q_proj.weight.device) for m in split.model.layers]
-    assert {str(d) for d in devices} == {str(torch.device(dev0)), str(torch.device(dev1))}
+    assert {str(d) for d in devices} == {str(torch.device(dev0)), str(torch.device(dev1))}, devices
     # layer 0 dense, layers 1-5 select a quarter of their 16-token blocks after 64 tokens
     cfg = KVCompConfig.default("qwen3", LAYERS, HEAD_DIM, ratio=0.25, chunk_size=16, threshold=64,
                                dense_layers=1)
@@ -152,6 +160,11 @@ def test_ops_follow_their_tensors_device():
 def test_qwen3_split_over_two_gpus_decodes_like_one(tmp_path):
     torch.cuda.set_device(0)
     check_split_model(tmp_path, DEV0, DEV1)
+
+
+def test_qwen3_device_map_auto_decodes_like_one(tmp_path):
+    torch.cuda.set_device(0)
+    check_split_model(tmp_path, DEV0, DEV1, auto=True)
 
 
 def test_train_hash_and_eval_two_gpus_equal_one(tmp_path):
