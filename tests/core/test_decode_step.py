@@ -75,6 +75,103 @@ def check_several_queries(B, Hkv, G, T, D, L, chunk, lens, k_blocks, dtype, devi
         assert ok, (t, err, base)
 
 
+def count_prologue_selections(monkeypatch) -> dict:
+    """Counts how deferred selections ran: in the attention's prologue ("prologue") or as their
+    own launch ("launch")."""
+    import importlib
+
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    calls = {"prologue": 0, "launch": 0}
+    args0, run0 = hk.DeferredSelect.kernel_args, hk.DeferredSelect.run
+
+    def kernel_args(self):
+        calls["prologue"] += 1
+        return args0(self)
+
+    def run(self):
+        calls["launch"] += 1
+        return run0(self)
+
+    monkeypatch.setattr(hk.DeferredSelect, "kernel_args", kernel_args)
+    monkeypatch.setattr(hk.DeferredSelect, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "B,Hkv,G,chunk,lens,k_blocks,must,tile",
+    [
+        (1, 2, 4, 16, [1000], 9, (0, -2, -1), None),  # one tile of keys a row
+        (3, 2, 2, 16, [700, 21, 333], 12, (0, -2, -1), 16),  # ragged; 2 blocks: must entries overlap; tiled
+        (2, 3, 4, 24, [500, 257], 6, (0, -1), None),  # chunk 24: splits of whole blocks (lcm with 64)
+        (2, 1, 8, 128, [900, 130], 3, (0,), None),  # chunk above the attention's tile
+        (2, 2, 4, 16, [300, 64], "tensor", (0, -2, -1), 32),  # per-sequence k_blocks, wider output
+    ],
+)
+def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_blocks, must, tile):
+    """decode_step at few rows leaves hamming_topk's histogram stage 2 to the attention, whose
+    programs each select their own share of block_idx: the selection equals the reference and
+    the separate launch exactly (every entry: each program writes only its share), the output
+    is within the attention rule, and the histogram is left zeroed for the next launch."""
+    import importlib
+
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    if tile is not None:  # rows of more keys than a tile: the prologue loops over tiles
+        monkeypatch.setattr(hk, "ATTN_SELECT_BLOCK_MAX", tile)
+    gen = torch.Generator().manual_seed(B * 100 + chunk)
+    L = max(lens)
+    q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, 32, L, 64, torch.float32, "cpu", gen)
+    lens = torch.tensor(lens)
+    kw = dict(k_blocks=k_blocks, must_select=must)
+    if k_blocks == "tensor":
+        kw.update(k_blocks=torch.tensor([7, 2], dtype=torch.int32), max_blocks=9)
+    calls = count_prologue_selections(monkeypatch)
+    out, idx = check_step(q, q_w, k, v, k_codes, lens, chunk, **kw)
+    assert calls == {"prologue": 1, "launch": 0}, calls
+    nbins = triton_next_pow2(2 * G * 64 // 2 + 1)
+    assert not hk._HISTS.get(B * Hkv * nbins, torch.device("cpu")).any(), "histogram not zeroed"
+    monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", False)
+    out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
+    assert calls == {"prologue": 1, "launch": 1}, calls
+    assert torch.equal(idx, idx2)
+    if 64 % chunk == 0:  # the same split plan: the same sums
+        assert torch.equal(out, out2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,chunk,k_blocks", [(1, 16, 128), (2, 16, 40), (1, 128, 16), (2, 32, "tensor")])
+def test_gpu_selection_in_attention_prologue(monkeypatch, B, chunk, k_blocks):
+    """On the GPU, where the programs of a row really run at once: 8 steps in a row at real
+    shapes (Qwen3-8B's heads, 32K-token caches, ragged), each against the reference selection and
+    the separate stage-2 launch (a program reading a share another writes, or the histogram
+    cleared too early or not at all, would show as a wrong selection in a later step)."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    gen = torch.Generator().manual_seed(B + chunk)
+    L = 32768
+    q, q_w, k, v, k_codes = make_inputs(B, 8, 4, 128, L, 128, torch.bfloat16, "cuda", gen)
+    lens = torch.tensor([L, 20001][:B], device="cuda")
+    kw = dict(k_blocks=k_blocks)
+    if k_blocks == "tensor":
+        kw.update(k_blocks=torch.tensor([300, 5], dtype=torch.int32, device="cuda"), max_blocks=300)
+    calls = count_prologue_selections(monkeypatch)
+    for step in range(8):
+        q = dyadic(*q.shape, gen=gen).to(q)
+        out, idx = check_step(q, q_w, k, v, k_codes, lens, chunk, **kw)
+        monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", False)
+        out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
+        monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", True)
+        assert torch.equal(idx, idx2), step
+        if 64 % chunk == 0:  # the same split plan (chunk 128: splits of whole blocks)
+            assert torch.equal(out, out2), step
+    assert calls == {"prologue": 8, "launch": 8}, calls
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @pytest.mark.parametrize("G,T", [(1, 3), (4, 2)])
 def test_step_several_queries_per_sequence(G, T):
     check_several_queries(2, 2, G, T, 32, 129, 16, [129, 40], 4, torch.float32, "cpu", G + 7 * T)

@@ -85,7 +85,9 @@ def check_block_keys_kernel_with_histogram():
         compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=False, lse=True, n_sub=n_sub))
 
 
-def _split_args(fused: bool, t_q: int, pdl: bool = False) -> dict:
+def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, single: bool = False) -> dict:
+    """sel: the histogram selection in the prologue (``DeferredSelect``), the row's keys in
+    one tile (single) or in tiles of 1024."""
     i32 = "i32"
     args = dict(
         q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", idx_ptr="*i32", len_ptr="*i32",
@@ -96,6 +98,9 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False) -> dict:
         tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
         out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
         G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
+        sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
+        SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
+        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2,
     )
     if t_q > 1:
         args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
@@ -120,6 +125,15 @@ def check_sparse_decode_attention_kernels():
                 [ln for ln in ptx.splitlines() if "atom" in ln]
             assert "bar.sync" in ptx
     compile_sm90(ak._merge_kernel, _merge_args(), num_warps=4)
+    # the selection in the prologue (decode_step at few rows): with PDL and the early loads, the
+    # block keys and the histogram are read after the wait (they are the scan's output)
+    for single in (True, False):
+        k = compile_sm90(ak._sparse_decode_split_kernel,
+                         dict(_split_args(True, 1, pdl=True, sel=True, single=single), EARLY=True),
+                         num_warps=4, num_stages=2)
+        body = k.asm["ptx"][k.asm["ptx"].index(".entry"):]
+        wait = body.find("griddepcontrol.wait")
+        assert 0 < wait < body.find("st.global") and wait < body.find("atom."), single
 
 
 def _norm_act_cases(pdl: bool = False) -> list:

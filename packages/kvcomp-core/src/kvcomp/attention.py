@@ -279,6 +279,7 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
         mask = ((j < n) & (j >= n - w)).view(B, 1, 1, cap)
         return dense_attention(module, query, layer.keys_buf, layer.values_buf, mask,
                                binding.fallback, scaling, kwargs)
+    deferred = None  # a selection whose stage 2 the attention runs (hamming_topk's _defer)
     if policy.mode(i, layer.padded_len) == "dense":  # a dense layer, or below the threshold
         nb = -(-cap // cfg.chunk_size)
 
@@ -299,16 +300,20 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
         q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation, q_weight=binding.q_weight)
         ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
         k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
-        block_idx = hamming_topk(
+        # stage 2 of the selection may be left to the attention's prologue (as in decode_step)
+        sel = hamming_topk(
             q_codes, layer.codes_buf, seq_lens, k_blocks=k_blocks,
             max_blocks=policy.max_k_blocks(i, cap), chunk_size=cfg.chunk_size,
             must_select=tuple(cfg.must_select_blocks), chunk_repre=cfg.chunk_repre_method,
-            k_scale=layer.norms_buf, q_scale=_q_scale(cfg, q, Hkv),
+            k_scale=layer.norms_buf, q_scale=_q_scale(cfg, q, Hkv), _defer=True,
         )
+        block_idx = sel if isinstance(sel, torch.Tensor) else sel.out
+        deferred = None if sel is block_idx else sel
         layer.step_block_idx = block_idx
         layer.step_block_idx_update = layer.updates
     out = sparse_decode_attention(q, layer.keys_buf, layer.values_buf, block_idx, seq_lens,
-                                  chunk_size=cfg.chunk_size, scale=float(scaling))
+                                  chunk_size=cfg.chunk_size, scale=float(scaling),
+                                  _select=deferred)
     return out.unsqueeze(1)  # [B, 1, Hq, D]
 
 

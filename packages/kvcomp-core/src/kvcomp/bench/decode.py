@@ -160,8 +160,9 @@ HK, AK = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.sparse_decode_attention.
 @contextlib.contextmanager
 def _before():
     """The kernels of session 5: rows of the planes / majority forms in their own launch, no
-    signed planes, no programmatic dependent launch."""
-    with _flags("kvcomp.ops._pdl", ENABLED=False), _flags(HK, ROWS_IN_SCAN=False, SIGNED_PLANES=False):
+    signed planes, no programmatic dependent launch, stage 2 of the selection in its own launch."""
+    with _flags("kvcomp.ops._pdl", ENABLED=False), _flags(HK, ROWS_IN_SCAN=False, SIGNED_PLANES=False), \
+            _flags(AK, SELECT_IN_PROLOGUE=False):
         yield
 
 
@@ -188,6 +189,7 @@ def _pdl_variant(no_trigger, max_rows):
 # launch knobs timed at B <= 2 (the latency-bound steps), each against the default in one run:
 # {name: {module: {flag: value}}}
 LATENCY_VARIANTS = {
+    "sel_launch": {AK: dict(SELECT_IN_PROLOGUE=False)},  # stage 2 as its own launch (session 6)
     "sel_w2": {HK: dict(SELECT_WARPS=2)},
     "sel_w8": {HK: dict(SELECT_WARPS=8)},
     "attn_p132": {AK: dict(TARGET_PROGRAMS=132)},

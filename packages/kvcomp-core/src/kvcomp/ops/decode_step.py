@@ -29,6 +29,9 @@ The same three public ops the integration calls, in a row: ``hash_encode`` -> ``
 -> ``sparse_decode_attention``. Each kernel reads only its predecessor's output and older
 tensors, so with programmatic dependent launch (``kvcomp.ops._pdl``, sm_90+) the scan loads the
 key codes and the attention its queries before waiting for the previous kernel (``_prefetch``).
+Where ``hamming_topk``'s stage 2 is the histogram one (few rows, "max" without k_scale) and the
+attention merges its splits in the same launch, the attention's programs run stage 2 in their
+prologue (``_defer``: ``hamming_topk.kernels.DeferredSelect``): three launches instead of four.
 On CUDA tensors it launches kernels only (no host-device synchronisation, no allocation that
 depends on device values), so a step can be captured in a CUDA graph and replayed with new q /
 caches / seq_lens written into the captured tensors.
@@ -75,13 +78,15 @@ def decode_step(
     if q.dim() == 4:  # the kv-head's group: its G query heads x T queries
         q_codes = q_codes.reshape(q.shape[0], q.shape[1] * q.shape[2], q_codes.shape[-1])
     q_scale = lse_query_scale(q, k_codes.shape[1]) if chunk_repre == "lse" else None
-    block_idx = hamming_topk(
+    sel = hamming_topk(
         q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
         must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
-        k_scale=k_scale, q_scale=q_scale, backend=backend, _prefetch=True,
+        k_scale=k_scale, q_scale=q_scale, backend=backend, _prefetch=True, _defer=q.dim() == 3,
     )
+    deferred = not isinstance(sel, torch.Tensor)  # stage 2 left to the attention's prologue
+    block_idx = sel.out if deferred else sel
     out = sparse_decode_attention(
         q, k_cache, v_cache, block_idx, seq_lens, chunk_size=chunk_size, scale=scale,
-        backend=backend, _prefetch=True,
+        backend=backend, _prefetch=True, _select=sel if deferred else None,
     )
     return out, block_idx

@@ -132,7 +132,8 @@ def hamming_topk(
     q_scale: torch.Tensor | None = None,
     backend: str = "auto",
     _prefetch: bool = False,
-) -> torch.Tensor:
+    _defer: bool = False,
+):
     must, kb, K = _prepare(
         q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chunk_repre, max_blocks
     )
@@ -154,6 +155,7 @@ def hamming_topk(
             return hamming_topk_triton(
                 q_codes, k_codes, seq_lens.contiguous(), kb, K, chunk_size, must, chunk_repre, mode, k_scale,
                 q_scale=None if q_scale is None else q_scale.contiguous(), prefetch=_prefetch,
+                defer=_defer,
             )
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])

@@ -46,6 +46,8 @@ The same selection as the search (tested). Used up to HIST_MAX_BINS bins and HIS
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -101,6 +103,9 @@ HIST_MAX_ROWS = 16
 # the previous stage 2 (must blocks' keys taken out of the histogram, then the search's passes),
 # kept for the benchmark's before / after
 HIST_COMPACT = True
+# keys a tile of the selection in the attention's prologue (``DeferredSelect``) holds: the
+# attention's own registers come on top, so smaller than SELECT_BLOCK_MAX
+ATTN_SELECT_BLOCK_MAX = 1024
 
 
 @triton.jit
@@ -335,7 +340,7 @@ def _block_keys_kernel(
             if HIST:  # the histogram stage 2 (every program's counts are in: acq_rel ticket)
                 _select_row_hist(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
                                  seq_len.to(tl.int64), kb, K, hist_ptr + pid * NBINS, CHUNK, M,
-                                 SEL_BLOCK, SINGLE, KMIN, NBINS, True, KSTEP)
+                                 SEL_BLOCK, SINGLE, KMIN, NBINS, True, KSTEP, 0, K, True)
             else:
                 _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
                             seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
@@ -385,7 +390,8 @@ def _select_kernel(
         kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
     if HIST and COMPACT:
         _select_row_hist(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb,
-                         K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS, False, KSTEP)
+                         K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS, False, KSTEP,
+                         0, K, True)
     elif HIST:
         _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
                     CHUNK, M, BLOCK, SINGLE, ARITY, False, hist_ptr + pid * NBINS, True, KMIN, NBINS)
@@ -437,11 +443,15 @@ def _must_entry(must_ptr, n, jm: tl.constexpr):
 def _select_row_hist(
     key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-    KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr = False, KSTEP: tl.constexpr = 1,
+    KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr, KSTEP: tl.constexpr,
+    slot_lo, slot_hi, ZERO: tl.constexpr,
 ):
     """Selection of one (b, kv-head) row from its block keys and the histogram of its other
-    (not must-select) keys that the scan filled; zeroes the histogram for the next launch. CG:
-    keys and histogram read through L2 only (written by other programs of the same launch).
+    (not must-select) keys that the scan filled. Writes output slots [slot_lo, slot_hi) only
+    (of [0, K): the whole row, or one attention program's share, ``sparse_decode_attention``'s
+    selection in the prologue). ZERO: zeroes the histogram for the next launch (else the
+    caller does, once every reader is done). CG: keys and histogram read through L2 only
+    (written by other programs of the same launch).
     Two scans and one reduction in a chain: the threshold T and the number of other keys above
     it from one suffix sum of the histogram, then every kept block's output slot from one
     prefix sum over the keys that counts (ties at T, keys above T or must-select) at once.
@@ -465,8 +475,9 @@ def _select_row_hist(
         hist = tl.load(hist_ptrs, cache_modifier=".cg")
     else:
         hist = tl.load(hist_ptrs)
-    tl.debug_barrier()
-    tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
+    if ZERO:
+        tl.debug_barrier()
+        tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
     at_least = tl.cumsum(hist, 0)  # [NBINS] #(other keys >= the bin's key), bins from the top
     above = at_least - hist  # #(other keys > the bin's key)
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
@@ -492,12 +503,13 @@ def _select_row_hist(
         keep = gt | (tie & (ties_b < need_ties))
         slot = gt_b + tl.minimum(ties_b, need_ties)
         idx = start + tl.arange(0, BLOCK)
-        tl.store(out_row + slot, idx.to(tl.int32), mask=keep & (slot < K))
+        mine = (slot >= slot_lo) & (slot < slot_hi)
+        tl.store(out_row + slot, idx.to(tl.int32), mask=keep & mine)
         if not SINGLE:
             carry += tl.sum(v, 0)
-    for start in range(0, K, BLOCK):  # -1 padding after the kept ones
+    for start in range(slot_lo, slot_hi, BLOCK):  # -1 padding after the kept ones
         jo = start + tl.arange(0, BLOCK)
-        tl.store(out_row + jo, tl.full([BLOCK], -1, dtype=tl.int32), mask=(jo >= count) & (jo < K))
+        tl.store(out_row + jo, tl.full([BLOCK], -1, dtype=tl.int32), mask=(jo >= count) & (jo < slot_hi))
 
 
 @triton.jit
@@ -775,16 +787,56 @@ def select_triton(
     return out
 
 
+@dataclass
+class DeferredSelect:
+    """Stage 2 of the histogram path not launched yet: ``hamming_topk_triton(defer=True)``
+    returns it after the scan, and ``sparse_decode_attention_triton`` runs the selection in the
+    prologue of its programs instead (each writes its own share of ``out``, the row's last
+    program zeroes the histogram), one launch fewer in a decode step; or calls ``run()`` where
+    it cannot. ``out`` [B, Hkv, K] int32 (contiguous) is the selection once either has run."""
+
+    keys: torch.Tensor  # [B, Hkv, NB] int32 block keys (stage 1)
+    seq_lens: torch.Tensor
+    k_blocks: torch.Tensor | int
+    K: int
+    chunk_size: int
+    must_select: tuple[int, ...]
+    hist: dict  # _hist_args' launch arguments (COMPACT), the histogram the scan filled
+    out: torch.Tensor
+
+    def run(self) -> torch.Tensor:
+        """Stage 2 as its own launch (``select_triton``) into ``out``."""
+        return select_triton(self.keys, self.seq_lens, self.k_blocks, self.K, self.chunk_size,
+                             self.must_select, out=self.out, hist=self.hist)
+
+    def kernel_args(self) -> dict:
+        """Launch arguments of the prologue selection (``_sparse_decode_split_kernel``'s SEL)."""
+        nb = self.keys.shape[2]
+        kb_tensor = isinstance(self.k_blocks, torch.Tensor)
+        block = max(min(triton.next_power_of_2(max(nb, self.K)), ATTN_SELECT_BLOCK_MAX), 16)
+        return dict(
+            sel_key_ptr=self.keys, sel_hist_ptr=self.hist["hist_ptr"],
+            sel_must_ptr=_must_tensor(self.must_select, self.keys.device),
+            sel_kb_ptr=self.k_blocks if kb_tensor else self.seq_lens, SEL_NB=nb,
+            SEL_KB=0 if kb_tensor else int(self.k_blocks), SEL=True, SEL_M=len(self.must_select),
+            SEL_BLOCK=block, SEL_SINGLE=nb <= block, SEL_KB_TENSOR=kb_tensor,
+            SEL_KMIN=self.hist["KMIN"], SEL_NBINS=self.hist["NBINS"], SEL_KSTEP=self.hist["KSTEP"],
+        )
+
+
 def hamming_topk_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
     k_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None, prefetch: bool = False,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | DeferredSelect:
     """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority),
     ``k_scale`` weights the token scores, ``q_scale`` [B, Hkv] (contiguous) is the query part of
     the "lse" logits. With FUSED_SELECT, or FUSED_HIST_SELECT where the histogram threshold
-    applies, the selection runs in the scan's launch (no second kernel)."""
+    applies, the selection runs in the scan's launch (no second kernel). ``defer``: where the
+    histogram path applies, return a ``DeferredSelect`` after the scan instead of launching
+    stage 2 (``decode_step``: the attention runs it)."""
     hist = None
     if chunk_repre == "max" and k_scale is None and not FUSED_SELECT:
         B, Hkv, _, W = k_codes.shape
@@ -799,6 +851,10 @@ def hamming_topk_triton(
             scan_hist = {k: v for k, v in scan_hist.items() if k != "COMPACT"}
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
                                  k_scale=k_scale, hist=scan_hist, q_scale=q_scale, prefetch=prefetch)
+        if defer and hist is not None and hist["COMPACT"]:
+            out = torch.empty(keys.shape[0], keys.shape[1], K, dtype=torch.int32, device=keys.device)
+            return DeferredSelect(keys, seq_lens, k_blocks, K, chunk_size, tuple(must_select),
+                                  {k: v for k, v in hist.items() if k != "COMPACT"}, out)
         return select_triton(keys, seq_lens, k_blocks, K, chunk_size, must_select, hist=hist)
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     nb = max(1, triton.cdiv(k_codes.shape[2], chunk_size))

@@ -96,6 +96,7 @@ def sparse_decode_attention(
     block_table: torch.Tensor | None = None,
     backend: str = "auto",
     _prefetch: bool = False,
+    _select=None,
 ) -> torch.Tensor:
     _check(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, paged=block_table is not None)
     if block_table is not None:
@@ -112,8 +113,10 @@ def sparse_decode_attention(
         with device_guard(q):
             return sparse_decode_attention_triton(
                 q, k_cache, v_cache, block_idx, seq_lens.contiguous(), chunk_size, float(scale), out=out,
-                block_table=block_table, prefetch=_prefetch,
+                block_table=block_table, prefetch=_prefetch, select=_select,
             )
+    if _select is not None:  # not the Triton path after all: the selection first
+        _select.run()
     if block_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
     res = sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, seq_lens, chunk_size, float(scale))

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from kvcomp.ops._common import StreamScratch, interpreting
 from kvcomp.ops._pdl import pdl_args, pdl_enter
+from kvcomp.ops.hamming_topk.kernels import DeferredSelect, _select_row_hist
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
@@ -54,6 +55,9 @@ FUSED_MERGE_MAX_BYTES = 64 << 10
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
 # a thread at 4 warps
 MERGE_TILE_ELEMS = 4096
+# run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
+# instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
+SELECT_IN_PROLOGUE = True
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
 
 
@@ -71,6 +75,10 @@ def _sparse_decode_split_kernel(
     out_ptr=None, sob=0, soh=0, sod=0, ticket_ptr=None, FUSED: tl.constexpr = False,
     G_R: tl.constexpr = 1, S_PAD: tl.constexpr = 1, S_TILE: tl.constexpr = 1,
     T_Q: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    sel_key_ptr=None, sel_hist_ptr=None, sel_must_ptr=None, sel_kb_ptr=None, SEL_NB=0, SEL_KB=0,
+    SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
+    SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
+    SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -80,7 +88,11 @@ def _sparse_decode_split_kernel(
     merges the partials into out [B, Hq, D] (strides sob, soh, sod) and resets
     ticket[b * Hkv + h] (module doc). PDL: programmatic dependent launch (``kvcomp.ops._pdl``);
     with EARLY (only block_idx comes from the previous launch, ``decode_step``) the length and
-    the queries are loaded before the wait."""
+    the queries are loaded before the wait. SEL (with FUSED, T_Q = 1, TOK_PER_SPLIT a multiple
+    of CHUNK): block_idx is not written yet; every program first runs ``hamming_topk``'s
+    histogram stage 2 for its row from the scan's block keys and histogram and writes its own
+    share of block_idx (the entries of its tokens), and the row's merging program zeroes the
+    histogram (``hamming_topk.kernels.DeferredSelect``)."""
     if not EARLY:
         pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -106,6 +118,17 @@ def _sparse_decode_split_kernel(
 
     if EARLY:  # the selection is the previous launch's: wait for it now
         pdl_enter(PDL)
+    if SEL:  # this program's share of block_idx from the scan's keys and histogram
+        if SEL_KB_TENSOR:
+            kb = tl.load(sel_kb_ptr + b).to(tl.int64)
+        else:
+            kb = SEL_KB + tl.zeros([], dtype=tl.int64)  # SEL_KB may be specialised to 1
+        s_lo = split * (TOK_PER_SPLIT // CHUNK)
+        _select_row_hist(sel_key_ptr + pid * SEL_NB, i_base, sel_must_ptr, seq_len, kb, K_ENT,
+                         sel_hist_ptr + pid * SEL_NBINS, CHUNK, SEL_M, SEL_BLOCK, SEL_SINGLE,
+                         SEL_KMIN, SEL_NBINS, False, SEL_KSTEP,
+                         s_lo, tl.minimum(s_lo + TOK_PER_SPLIT // CHUNK, K_ENT), False)
+        tl.debug_barrier()  # the share's stores before any thread reads them below
     m_i = tl.full([G_PAD], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
@@ -165,6 +188,9 @@ def _sparse_decode_split_kernel(
         ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLITS - 1:
             tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
+            if SEL:  # every program of the row has read the histogram (its ticket is in)
+                tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
+                         tl.zeros([SEL_NBINS], dtype=tl.int32))
             _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
                          b * Hkv * G + h * G, SPLITS, soh, sod,
                          G, D, G_R, S_PAD, S_TILE, BLOCK_D)
@@ -265,13 +291,18 @@ def _tickets(rows: int, device: torch.device) -> torch.Tensor:
     return _TICKETS.get(rows, device)
 
 
-def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads)."""
+def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, whole_blocks: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads). whole_blocks:
+    tokens per split a multiple of the chunk too (each split then owns whole entries of
+    block_idx: the prologue selection)."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
     virtual = K * chunk
     tiles = triton.cdiv(virtual, block_n)
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
     per_split = triton.cdiv(tiles, splits) * block_n
+    if whole_blocks:
+        step = math.lcm(block_n, chunk)
+        per_split = triton.cdiv(per_split, step) * step
     splits = triton.cdiv(virtual, per_split)
     return block_n, per_split, splits
 
@@ -280,11 +311,19 @@ def sparse_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor,
     seq_lens: torch.Tensor, chunk_size: int, scale: float, out: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, _t_q: int = 1, prefetch: bool = False,
+    select: DeferredSelect | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, Lmax, D], block_idx [B, Hkv, K] int32, seq_lens [B] -> [B, Hq, D]
     (written into ``out`` [B, Hq, D] of q's dtype, any strides, when given). With ``block_table``
     [B, max_pages] int32, k/v are page pools [num_pages, Hkv, page_size, D]. q [B, Hq, T, D]:
-    T queries per sequence (the last T tokens, causal among themselves) -> [B, Hq, T, D]."""
+    T queries per sequence (the last T tokens, causal among themselves) -> [B, Hq, T, D].
+    ``select``: block_idx (= ``select.out``) is still to be selected from the scan's keys: the
+    programs do it in their prologue where the fused merge applies (one launch fewer), else
+    ``select.run()`` first."""
+    if select is not None and (q.dim() == 4 or block_table is not None or not SELECT_IN_PROLOGUE
+                               or select.out is not block_idx or not block_idx.is_contiguous()):
+        select.run()
+        select = None
     if q.dim() == 4:
         B, Hq, T, D = q.shape
         if out is not None and not out.is_contiguous():  # the rows are (head, query) pairs of a view
@@ -302,11 +341,13 @@ def sparse_decode_attention_triton(
     G = Hq // Hkv
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if select is not None and (B * Hq == 0 or D == 0 or K == 0):
+        select.run()
     if B * Hq == 0 or D == 0:
         return out
     if K == 0:
         return out.zero_()
-    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
+    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, whole_blocks=select is not None)
     m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
@@ -320,6 +361,11 @@ def sparse_decode_attention_triton(
                      PAGED=True, PAGE=k_cache.shape[2])
     s_pad = max(2, triton.next_power_of_2(splits))
     fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
+    if select is not None and not fuse:  # the merging program zeroes the histogram: none here
+        select.run()
+        select = None
+        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
+        fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
     fused = {}
     if fuse:
         g_r = triton.next_power_of_2(G)
@@ -335,6 +381,7 @@ def sparse_decode_attention_triton(
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
+        **(select.kernel_args() if select is not None else {}),
         num_warps=WARPS, num_stages=STAGES,
     )
     if not fuse:
