@@ -102,8 +102,8 @@ def count_prologue_selections(monkeypatch) -> dict:
     [
         (1, 2, 4, 16, [1000], 9, (0, -2, -1), None),  # one tile of keys a row
         (3, 2, 2, 16, [700, 21, 333], 12, (0, -2, -1), 16),  # ragged; 2 blocks: must entries overlap; tiled
-        (2, 3, 4, 24, [500, 257], 6, (0, -1), None),  # chunk 24: splits of whole blocks (lcm with 64)
-        (2, 1, 8, 128, [900, 130], 3, (0,), None),  # chunk above the attention's tile
+        (2, 3, 4, 24, [500, 257], 6, (0, -1), None),  # chunk 24: blocks cut by split boundaries
+        (2, 1, 8, 128, [900, 130], 3, (0,), None),  # chunk above the attention's tile: 2 splits a block
         (2, 2, 4, 16, [300, 64], "tensor", (0, -2, -1), 32),  # per-sequence k_blocks, wider output
     ],
 )
@@ -133,9 +133,21 @@ def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_
     monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", False)
     out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
     assert calls == {"prologue": 1, "launch": 1}, calls
-    assert torch.equal(idx, idx2)
-    if 64 % chunk == 0:  # the same split plan: the same sums
-        assert torch.equal(out, out2)
+    assert torch.equal(idx, idx2) and torch.equal(out, out2)  # the same split plan: the same sums
+
+
+def test_deferred_selection_where_the_prologue_cannot_run(monkeypatch):
+    """Without the fused merge (no program to zero the histogram after every reader) the
+    deferred selection runs as its own launch first: same selection, output within the rule."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels"),
+                        "FUSED_MERGE", False)
+    gen = torch.Generator().manual_seed(5)
+    q, q_w, k, v, k_codes = make_inputs(2, 2, 4, 32, 600, 64, torch.float32, "cpu", gen)
+    calls = count_prologue_selections(monkeypatch)
+    check_step(q, q_w, k, v, k_codes, torch.tensor([600, 300]), 16, k_blocks=7)
+    assert calls == {"prologue": 0, "launch": 1}, calls
 
 
 @pytest.mark.gpu
@@ -162,9 +174,7 @@ def test_gpu_selection_in_attention_prologue(monkeypatch, B, chunk, k_blocks):
         monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", False)
         out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
         monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", True)
-        assert torch.equal(idx, idx2), step
-        if 64 % chunk == 0:  # the same split plan (chunk 128: splits of whole blocks)
-            assert torch.equal(out, out2), step
+        assert torch.equal(idx, idx2) and torch.equal(out, out2), step
     assert calls == {"prologue": 8, "launch": 8}, calls
 
 

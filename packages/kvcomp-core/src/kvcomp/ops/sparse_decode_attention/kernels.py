@@ -88,11 +88,12 @@ def _sparse_decode_split_kernel(
     merges the partials into out [B, Hq, D] (strides sob, soh, sod) and resets
     ticket[b * Hkv + h] (module doc). PDL: programmatic dependent launch (``kvcomp.ops._pdl``);
     with EARLY (only block_idx comes from the previous launch, ``decode_step``) the length and
-    the queries are loaded before the wait. SEL (with FUSED, T_Q = 1, TOK_PER_SPLIT a multiple
-    of CHUNK): block_idx is not written yet; every program first runs ``hamming_topk``'s
-    histogram stage 2 for its row from the scan's block keys and histogram and writes its own
-    share of block_idx (the entries of its tokens), and the row's merging program zeroes the
-    histogram (``hamming_topk.kernels.DeferredSelect``)."""
+    the queries are loaded before the wait. SEL (with FUSED, T_Q = 1): block_idx is not written
+    yet; every program first runs ``hamming_topk``'s histogram stage 2 for its row from the
+    scan's block keys and histogram and writes its own share of block_idx (the entries of its
+    tokens), and the row's merging program zeroes the histogram
+    (``hamming_topk.kernels.DeferredSelect``). The split plan is the same as without SEL, so is
+    the output, bit for bit."""
     if not EARLY:
         pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -123,11 +124,14 @@ def _sparse_decode_split_kernel(
             kb = tl.load(sel_kb_ptr + b).to(tl.int64)
         else:
             kb = SEL_KB + tl.zeros([], dtype=tl.int64)  # SEL_KB may be specialised to 1
-        s_lo = split * (TOK_PER_SPLIT // CHUNK)
+        # the entries of this split's virtual tokens; a block cut by a split boundary (CHUNK not
+        # dividing TOK_PER_SPLIT) is written by both of its splits, with the same value
+        v_first = split * TOK_PER_SPLIT
+        v_end = tl.minimum(v_first + TOK_PER_SPLIT, K_ENT * CHUNK)
         _select_row_hist(sel_key_ptr + pid * SEL_NB, i_base, sel_must_ptr, seq_len, kb, K_ENT,
                          sel_hist_ptr + pid * SEL_NBINS, CHUNK, SEL_M, SEL_BLOCK, SEL_SINGLE,
                          SEL_KMIN, SEL_NBINS, False, SEL_KSTEP,
-                         s_lo, tl.minimum(s_lo + TOK_PER_SPLIT // CHUNK, K_ENT), False)
+                         v_first // CHUNK, (v_end + CHUNK - 1) // CHUNK, False)
         tl.debug_barrier()  # the share's stores before any thread reads them below
     m_i = tl.full([G_PAD], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
@@ -291,18 +295,13 @@ def _tickets(rows: int, device: torch.device) -> torch.Tensor:
     return _TICKETS.get(rows, device)
 
 
-def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, whole_blocks: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads). whole_blocks:
-    tokens per split a multiple of the chunk too (each split then owns whole entries of
-    block_idx: the prologue selection)."""
+def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads)."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
     virtual = K * chunk
     tiles = triton.cdiv(virtual, block_n)
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
     per_split = triton.cdiv(tiles, splits) * block_n
-    if whole_blocks:
-        step = math.lcm(block_n, chunk)
-        per_split = triton.cdiv(per_split, step) * step
     splits = triton.cdiv(virtual, per_split)
     return block_n, per_split, splits
 
@@ -347,7 +346,7 @@ def sparse_decode_attention_triton(
         return out
     if K == 0:
         return out.zero_()
-    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, whole_blocks=select is not None)
+    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
     m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
@@ -364,8 +363,6 @@ def sparse_decode_attention_triton(
     if select is not None and not fuse:  # the merging program zeroes the histogram: none here
         select.run()
         select = None
-        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
-        fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
     fused = {}
     if fuse:
         g_r = triton.next_power_of_2(G)
