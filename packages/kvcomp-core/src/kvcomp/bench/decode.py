@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the key norms (hamming_topk k_scale)")
     p.add_argument("--variants", action="store_true",
                    help="also time every exact group-score form, the fused stage 2, the PDL trigger "
-                        "policies and the B <= 2 launch knobs (each against the default, same run)")
+                        "policies and the B <= 4 launch knobs (each against the default, same run)")
     p.add_argument("--sweep", action="store_true",
                    help="instead: time the kernels' launch knobs at L=128K (tuning), verified")
 
@@ -186,16 +186,19 @@ def _pdl_variant(no_trigger, max_rows):
         yield
 
 
-# launch knobs timed at B <= 2 (the latency-bound steps), each against the default in one run:
-# {name: {module: {flag: value}}}
+# launch knobs timed at B <= LATENCY_MAX_B (the latency-bound steps), each against the default
+# in one run, {name: {module: {flag: value}}}; sessions 6 and 7 also timed SELECT_WARPS=2,
+# TARGET_PROGRAMS=132, TILE_N=32 with 528 programs and WARPS=8: all slower (decode.md)
+LATENCY_MAX_B = 4
 LATENCY_VARIANTS = {
     "sel_launch": {AK: dict(SELECT_IN_PROLOGUE=False)},  # stage 2 as its own launch (session 6)
-    "sel_w2": {HK: dict(SELECT_WARPS=2)},
     "sel_w8": {HK: dict(SELECT_WARPS=8)},
-    "attn_p132": {AK: dict(TARGET_PROGRAMS=132)},
     "attn_t32": {AK: dict(TILE_N=32)},
-    "attn_t32_p528": {AK: dict(TILE_N=32, TARGET_PROGRAMS=528, FUSED_MERGE_MAX_BYTES=1 << 18)},
-    "attn_w8": {AK: dict(WARPS=8)},
+    "attn_t32_m2": {AK: dict(TILE_N=32, MIN_TILES_PER_SPLIT=2)},  # the default's splits, no spills
+    "merge_2k": {AK: dict(MERGE_TILE_ELEMS=2048)},  # the fused merge's loads in 2x the steps
+    "attn_s1": {AK: dict(STAGES=1)},
+    "attn_s3": {AK: dict(STAGES=3)},
+    "hist_r32": {HK: dict(HIST_MAX_ROWS=32)},  # the histogram path (and so the prologue) at B = 4
 }
 
 
@@ -278,7 +281,7 @@ def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict
     for name, var in PDL_VARIANTS.items():
         with _pdl_variant(**var):
             t[f"step_{name}"] = cuda_time_us(steps, reps=reps)
-    if qs[0].shape[0] <= 2:
+    if qs[0].shape[0] <= LATENCY_MAX_B:
         for name, spec in LATENCY_VARIANTS.items():
             with _module_flags(spec):
                 t[f"step_{name}"] = cuda_time_us(steps, reps=reps)
@@ -405,7 +408,7 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
                 with _pdl_variant(**var):
                     v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
                 checks[f"step_{name}"] = bool(torch.equal(v_idx, idx) and torch.equal(v_out, out))
-            if variants and B <= 2:  # other launch knobs: same selection, attention within the rule
+            if variants and B <= LATENCY_MAX_B:  # other launch knobs: same selection, attention within the rule
                 for name, spec in LATENCY_VARIANTS.items():
                     with _module_flags(spec):
                         v_out, v_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
@@ -604,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
                   + " ".join(f"{t['step_' + n]:13.1f}" for n in PDL_VARIANTS))
     lat = [r for r in rows if r["verified"] and "step_" + next(iter(LATENCY_VARIANTS)) in r["times_us"]]
     if lat:
-        print("step us by launch knob (B <= 2): " + ", ".join(
+        print(f"step us by launch knob (B <= {LATENCY_MAX_B}): " + ", ".join(
             f"{n}: {spec}" for n, spec in LATENCY_VARIANTS.items()).replace("kvcomp.ops.", ""))
         print(f"{'model':<10} {'B':>2} {'budget':>6} {'step':>6} " + " ".join(f"{n:>13}" for n in LATENCY_VARIANTS))
         for r in lat:
