@@ -151,10 +151,11 @@ def test_deferred_selection_where_the_prologue_cannot_run(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,chunk,k_blocks", [(1, 16, 128), (2, 16, 40), (1, 128, 16), (2, 32, "tensor")])
+@pytest.mark.parametrize("B,chunk,k_blocks", [(1, 16, 128), (2, 16, 40), (1, 128, 16), (2, 32, "tensor"),
+                                               (4, 128, 16)])
 def test_gpu_selection_in_attention_prologue(monkeypatch, B, chunk, k_blocks):
     """On the GPU, where the programs of a row really run at once: 8 steps in a row at real
-    shapes (Qwen3-8B's heads, 32K-token caches, ragged), each against the reference selection and
+    shapes (Qwen3-8B's heads, 32K-token caches, ragged, up to 32 rows), each against the reference selection and
     the separate stage-2 launch (a program reading a share another writes, or the histogram
     cleared too early or not at all, would show as a wrong selection in a later step)."""
     import importlib
@@ -163,7 +164,7 @@ def test_gpu_selection_in_attention_prologue(monkeypatch, B, chunk, k_blocks):
     gen = torch.Generator().manual_seed(B + chunk)
     L = 32768
     q, q_w, k, v, k_codes = make_inputs(B, 8, 4, 128, L, 128, torch.bfloat16, "cuda", gen)
-    lens = torch.tensor([L, 20001][:B], device="cuda")
+    lens = torch.tensor([L, 20001, 777, 30000][:B], device="cuda")
     kw = dict(k_blocks=k_blocks)
     if k_blocks == "tensor":
         kw.update(k_blocks=torch.tensor([300, 5], dtype=torch.int32, device="cuda"), max_blocks=300)

@@ -160,9 +160,11 @@ HK, AK = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.sparse_decode_attention.
 @contextlib.contextmanager
 def _before():
     """The kernels of session 5: rows of the planes / majority forms in their own launch, no
-    signed planes, no programmatic dependent launch, stage 2 of the selection in its own launch."""
-    with _flags("kvcomp.ops._pdl", ENABLED=False), _flags(HK, ROWS_IN_SCAN=False, SIGNED_PLANES=False), \
-            _flags(AK, SELECT_IN_PROLOGUE=False):
+    signed planes, no programmatic dependent launch, stage 2 of the selection in its own launch,
+    the histogram path up to 16 rows, 2 pipeline stages for every attention split."""
+    with _flags("kvcomp.ops._pdl", ENABLED=False), \
+            _flags(HK, ROWS_IN_SCAN=False, SIGNED_PLANES=False, HIST_MAX_ROWS=16), \
+            _flags(AK, SELECT_IN_PROLOGUE=False, ONE_TILE_STAGES=2):
         yield
 
 
@@ -188,17 +190,17 @@ def _pdl_variant(no_trigger, max_rows):
 
 # launch knobs timed at B <= LATENCY_MAX_B (the latency-bound steps), each against the default
 # in one run, {name: {module: {flag: value}}}; sessions 6 and 7 also timed SELECT_WARPS=2,
-# TARGET_PROGRAMS=132, TILE_N=32 with 528 programs and WARPS=8: all slower (decode.md)
+# TARGET_PROGRAMS=132, TILE_N=32 with 528 programs or 2 tiles a split, WARPS=8, STAGES=3 and the
+# fused merge's tile halved: all slower or equal (decode.md)
 LATENCY_MAX_B = 4
 LATENCY_VARIANTS = {
     "sel_launch": {AK: dict(SELECT_IN_PROLOGUE=False)},  # stage 2 as its own launch (session 6)
     "sel_w8": {HK: dict(SELECT_WARPS=8)},
     "attn_t32": {AK: dict(TILE_N=32)},
-    "attn_t32_m2": {AK: dict(TILE_N=32, MIN_TILES_PER_SPLIT=2)},  # the default's splits, no spills
-    "merge_2k": {AK: dict(MERGE_TILE_ELEMS=2048)},  # the fused merge's loads in 2x the steps
     "attn_s1": {AK: dict(STAGES=1)},
-    "attn_s3": {AK: dict(STAGES=3)},
-    "hist_r32": {HK: dict(HIST_MAX_ROWS=32)},  # the histogram path (and so the prologue) at B = 4
+    "attn_s2_one": {AK: dict(ONE_TILE_STAGES=2)},  # 2 stages also for splits of one tile (session 6)
+    "hist_r16": {HK: dict(HIST_MAX_ROWS=16)},  # B = 4: the search path (session 6)
+    "pdl_r16": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=16)},  # B = 4: no PDL (session 6)
 }
 
 

@@ -54,8 +54,9 @@ NO_TRIGGER: frozenset = frozenset()
 # the decode-step kernels (scan, selection, attention) take PDL only up to this many (sequence,
 # kv-head) rows: there the step is a chain of latency-bound launches (B = 1 at 128K on the
 # H200: 18.8 us against 19.9-20.1 without). At B = 8 (64 rows) it gained nothing and slowed
-# the fused-merge attention (128 vs 117-120 us at 10% of 128K).
-DECODE_MAX_ROWS = 16
+# the fused-merge attention (128 vs 117-120 us at 10% of 128K). B = 4 (32 rows, session 7):
+# 52.0 vs 53.7 us (2048 tokens of 128K), 101.5 vs 104.2 (10%).
+DECODE_MAX_ROWS = 32
 
 
 @functools.cache

@@ -42,6 +42,10 @@ MIN_TILES_PER_SPLIT = 1
 TILE_N = 64
 WARPS = 4
 STAGES = 2
+# ... but one stage where a split is a single tile (nothing to pipeline): measured on the H200 at
+# 128K, 2048 tokens, B = 1 (32 splits of one tile): 18.3 vs 18.9 us for the decode step; where
+# splits hold several tiles (10% budgets) one stage for all was 4 us slower (decode.md, session 7)
+ONE_TILE_STAGES = 1
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
@@ -379,7 +383,7 @@ def sparse_decode_attention_triton(
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
-        num_warps=WARPS, num_stages=STAGES,
+        num_warps=WARPS, num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:
         _merge_kernel[(B * Hq,)](
