@@ -200,7 +200,7 @@ LATENCY_VARIANTS = {
     "attn_s1": {AK: dict(STAGES=1)},
     "attn_s2_one": {AK: dict(ONE_TILE_STAGES=2)},  # 2 stages also for splits of one tile (session 6)
     "hist_r16": {HK: dict(HIST_MAX_ROWS=16)},  # B = 4: the search path (session 6)
-    "pdl_r16": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=16)},  # B = 4: no PDL (session 6)
+    "pdl_r32": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=32)},  # B = 4 with PDL
 }
 
 

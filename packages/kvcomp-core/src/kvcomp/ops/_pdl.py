@@ -54,9 +54,10 @@ NO_TRIGGER: frozenset = frozenset()
 # the decode-step kernels (scan, selection, attention) take PDL only up to this many (sequence,
 # kv-head) rows: there the step is a chain of latency-bound launches (B = 1 at 128K on the
 # H200: 18.8 us against 19.9-20.1 without). At B = 8 (64 rows) it gained nothing and slowed
-# the fused-merge attention (128 vs 117-120 us at 10% of 128K). B = 4 (32 rows, session 7):
-# 52.0 vs 53.7 us (2048 tokens of 128K), 101.5 vs 104.2 (10%).
-DECODE_MAX_ROWS = 32
+# the fused-merge attention (128 vs 117-120 us at 10% of 128K). B = 4 (32 rows, session 7, with
+# the histogram path there): at G = 4 it gained 1.4-1.5 us (47.3 vs 48.7 us at 2048 tokens of
+# 128K, 98.5 vs 100.0 at 10%), at G = 8 it lost 3-8 us (59.1 vs 56.0, 113.2 vs 105.1): off.
+DECODE_MAX_ROWS = 16
 
 
 @functools.cache
