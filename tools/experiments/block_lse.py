@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="also these HashWeights, max and lse")
     ap.add_argument("--lean", action="store_true",
                     help="with --weights: only random max (the paired baseline) and the weights with lse")
+    ap.add_argument("--oracle", action="store_true",
+                    help="with --lean: the oracle too, and every selection paired against it "
+                         "(the ratio of perplexity increases to the oracle's, from one run)")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--docs", type=int, default=8)
@@ -55,7 +58,7 @@ def main() -> None:
             if not lean:
                 specs.append(SparseSpec(weights=hw, ratio=b, label=f"trained-max@{b:g}", **common))
             specs.append(SparseSpec(weights=hw, ratio=b, chunk_repre="lse", label=f"trained-lse@{b:g}", **common))
-        if not lean:
+        if not lean or args.oracle:
             specs.append(SparseSpec(method="oracle", ratio=b, chunk_size=16, dense_layers=frozenset({0, 1}),
                                     label=f"oracle@{b:g}"))
     docs = make_documents(load_texts(["essays:heldout"]), tok, args.context, args.docs)
@@ -74,6 +77,19 @@ def main() -> None:
         se = float(diff.std()) / math.sqrt(n) * (1 + inc)
         d = (v - nll[f"max@{b}"]).double()
         print(f"| {name} | {inc:+.2%} ± {se:.2%} | {float(d.mean()):+.4f} ± {float(d.std()) / math.sqrt(n):.4f} |")
+    oracles = [name for name in nll if name.startswith("oracle@")]
+    if oracles:  # exact ratios (the table rounds), and each selection paired against the oracle
+        print("\n| selection | ppl increase vs dense | / the oracle's | NLL - NLL(oracle) paired (± s.e.) |"
+              "\n|---|---|---|---|")
+        for name, v in nll.items():
+            b = name.split("@")[-1]
+            if name == "dense" or f"oracle@{b}" not in nll:
+                continue
+            inc = math.exp(float((v - nll["dense"]).double().mean())) - 1
+            inc_o = math.exp(float((nll[f"oracle@{b}"] - nll["dense"]).double().mean())) - 1
+            d = (v - nll[f"oracle@{b}"]).double()
+            print(f"| {name} | {inc:+.4%} | {inc / inc_o:.4f}x | {float(d.mean()):+.5f} ± "
+                  f"{float(d.std()) / math.sqrt(n):.5f} |")
 
 
 if __name__ == "__main__":
