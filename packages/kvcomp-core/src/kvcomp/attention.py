@@ -52,6 +52,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
 from kvcomp.ops import hamming_topk, sparse_decode_attention
+from kvcomp.ops.hamming_topk import split_deferred
 from kvcomp.ops.query_codes import encode_query, lse_query_scale
 
 __all__ = ["ATTN_NAME", "MAX_VERIFY_QUERIES", "LayerBinding", "forward_scope", "is_verify_step",
@@ -307,8 +308,7 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
             must_select=tuple(cfg.must_select_blocks), chunk_repre=cfg.chunk_repre_method,
             k_scale=layer.norms_buf, q_scale=_q_scale(cfg, q, Hkv), _defer=True,
         )
-        block_idx = sel if isinstance(sel, torch.Tensor) else sel.out
-        deferred = None if sel is block_idx else sel
+        block_idx, deferred = split_deferred(sel)
         layer.step_block_idx = block_idx
         layer.step_block_idx_update = layer.updates
     out = sparse_decode_attention(q, layer.keys_buf, layer.values_buf, block_idx, seq_lens,

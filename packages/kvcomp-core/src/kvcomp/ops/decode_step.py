@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops.hamming_topk import hamming_topk
+from kvcomp.ops.hamming_topk import hamming_topk, split_deferred
 from kvcomp.ops.hash_encode import hash_encode
 from kvcomp.ops.query_codes import lse_query_scale
 from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
@@ -83,10 +83,9 @@ def decode_step(
         must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
         k_scale=k_scale, q_scale=q_scale, backend=backend, _prefetch=True, _defer=q.dim() == 3,
     )
-    deferred = not isinstance(sel, torch.Tensor)  # stage 2 left to the attention's prologue
-    block_idx = sel.out if deferred else sel
+    block_idx, deferred = split_deferred(sel)  # stage 2 may be left to the attention's prologue
     out = sparse_decode_attention(
         q, k_cache, v_cache, block_idx, seq_lens, chunk_size=chunk_size, scale=scale,
-        backend=backend, _prefetch=True, _select=sel if deferred else None,
+        backend=backend, _prefetch=True, _select=deferred,
     )
     return out, block_idx

@@ -117,6 +117,15 @@ def _prepare(q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chun
     return must, kb, K
 
 
+def split_deferred(sel) -> tuple[torch.Tensor, object]:
+    """``hamming_topk(..., _defer=True)``'s result -> (block_idx, the deferred selection or
+    None): block_idx is written once the deferred selection runs, which
+    ``sparse_decode_attention(..., _select=)`` does (in its prologue, or as a launch first)."""
+    if isinstance(sel, torch.Tensor):
+        return sel, None
+    return sel.out, sel
+
+
 def hamming_topk(
     q_codes: torch.Tensor,
     k_codes: torch.Tensor,

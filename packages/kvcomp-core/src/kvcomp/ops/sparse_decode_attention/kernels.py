@@ -324,7 +324,8 @@ def sparse_decode_attention_triton(
     programs do it in their prologue where the fused merge applies (one launch fewer), else
     ``select.run()`` first."""
     if select is not None and (q.dim() == 4 or block_table is not None or not SELECT_IN_PROLOGUE
-                               or select.out is not block_idx or not block_idx.is_contiguous()):
+                               or select.out is not block_idx or not block_idx.is_contiguous()
+                               or q.numel() == 0 or block_idx.shape[2] == 0):
         select.run()
         select = None
     if q.dim() == 4:
@@ -344,8 +345,6 @@ def sparse_decode_attention_triton(
     G = Hq // Hkv
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    if select is not None and (B * Hq == 0 or D == 0 or K == 0):
-        select.run()
     if B * Hq == 0 or D == 0:
         return out
     if K == 0:
