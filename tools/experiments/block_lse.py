@@ -17,6 +17,7 @@ Same documents and positions as ``kvcomp eval --context 2048 --window 512 --docs
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -34,23 +35,31 @@ def main() -> None:
                          "(the ratio of perplexity increases to the oracle's, from one run)")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--docs", type=int, default=8, help="held-out documents (0: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model in fp32 either way)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="with --lean --oracle: leave out random weights + max (only the oracle pairing)")
+    ap.add_argument("--json", default=None,
+                    help="write the per-spec summary and each selection paired against the oracle here "
+                         "(rewritten after every document, so a cut-off run keeps what it measured)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     from kvcomp.eval.loading import load_model, load_texts, make_documents
     from kvcomp.eval.nll import evaluate_documents
     from kvcomp.eval.window import SparseSpec
     from kvcomp.hashing import HashWeights
 
     t0 = time.time()
-    model, tok = load_model("smollm2")
+    model, tok = load_model("smollm2", device=args.device)
     mc = model.config
     rnd = HashWeights.random(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, 128, seed=0)
     common = dict(method="hash", token_score="centered_norm", chunk_size=16, dense_layers=frozenset({0, 1}))
     specs = []
     for b in args.budget:
-        specs.append(SparseSpec(weights=rnd, ratio=b, label=f"max@{b:g}", **common))
         lean = args.lean and args.weights
+        if not (lean and args.oracle and args.no_baseline):
+            specs.append(SparseSpec(weights=rnd, ratio=b, label=f"max@{b:g}", **common))
         if not lean:
             specs.append(SparseSpec(weights=rnd, ratio=b, chunk_repre="lse", label=f"lse@{b:g}", **common))
         if args.weights:
@@ -61,9 +70,21 @@ def main() -> None:
         if not lean or args.oracle:
             specs.append(SparseSpec(method="oracle", ratio=b, chunk_size=16, dense_layers=frozenset({0, 1}),
                                     label=f"oracle@{b:g}"))
-    docs = make_documents(load_texts(["essays:heldout"]), tok, args.context, args.docs)
+    docs = make_documents(load_texts(["essays:heldout"]), tok, args.context, args.docs or None)
+    print(f"{len(docs)} documents of {args.context} tokens, the last {args.window} positions of each "
+          f"scored, on {args.device}", flush=True)
+
+    def save(records):
+        if args.json:
+            summary = paired_summary(records)
+            summary.update(context=args.context, window=args.window, device=args.device,
+                           weights=args.weights, seconds=round(time.time() - t0, 1))
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=1)
+
     rec = evaluate_documents(model, docs, specs, window=args.window, progress=False,
-                             log=lambda m: print(m, flush=True))
+                             log=lambda m: print(m, flush=True), on_document=save)
+    save(rec)
     nll = {name: torch.cat([rec[d][name]["nll"] for d in sorted(rec)]) for name in rec[0]}
     n = nll["dense"].numel()
     print(f"\n{n} positions, centered_norm, random weights unless named; {time.time() - t0:.0f}s")
@@ -75,21 +96,56 @@ def main() -> None:
         diff = (v - nll["dense"]).double()
         inc = math.exp(float(diff.mean())) - 1
         se = float(diff.std()) / math.sqrt(n) * (1 + inc)
+        if f"max@{b}" not in nll:
+            print(f"| {name} | {inc:+.2%} ± {se:.2%} | - |")
+            continue
         d = (v - nll[f"max@{b}"]).double()
         print(f"| {name} | {inc:+.2%} ± {se:.2%} | {float(d.mean()):+.4f} ± {float(d.std()) / math.sqrt(n):.4f} |")
     oracles = [name for name in nll if name.startswith("oracle@")]
     if oracles:  # exact ratios (the table rounds), and each selection paired against the oracle
-        print("\n| selection | ppl increase vs dense | / the oracle's | NLL - NLL(oracle) paired (± s.e.) |"
-              "\n|---|---|---|---|")
-        for name, v in nll.items():
-            b = name.split("@")[-1]
-            if name == "dense" or f"oracle@{b}" not in nll:
+        summary = paired_summary(rec)["specs"]
+        print("\n| selection | ppl increase vs dense | / the oracle's (90% bootstrap over documents) "
+              "| NLL - NLL(oracle) paired (± s.e.) |\n|---|---|---|---|")
+        for name, row in summary.items():
+            if "ratio_to_oracle" not in row:
                 continue
-            inc = math.exp(float((v - nll["dense"]).double().mean())) - 1
-            inc_o = math.exp(float((nll[f"oracle@{b}"] - nll["dense"]).double().mean())) - 1
-            d = (v - nll[f"oracle@{b}"]).double()
-            print(f"| {name} | {inc:+.4%} | {inc / inc_o:.4f}x | {float(d.mean()):+.5f} ± "
-                  f"{float(d.std()) / math.sqrt(n):.5f} |")
+            lo, hi = row["ratio_boot_90"]
+            print(f"| {name} | {row['ppl_increase']:+.4%} | {row['ratio_to_oracle']:.4f}x ({lo:.3f}-{hi:.3f}) "
+                  f"| {row['nll_minus_oracle']:+.5f} ± {row['nll_minus_oracle_se']:.5f} |")
+
+
+def paired_summary(records: dict[int, dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per spec: perplexity increase vs dense (± s.e. over positions); for specs with an oracle at
+    their budget, the ratio of increases to the oracle's, the paired NLL difference (± s.e. over
+    positions) and a 90% interval of the ratio from a bootstrap over documents (positions of one
+    document are correlated, documents are not)."""
+    docs = sorted(records)
+    names = [k for k in records[docs[0]] if k != "dense"]
+    per_doc = {k: [records[d][k]["nll"].double() - records[d]["dense"]["nll"].double() for d in docs]
+               for k in names}
+    gen = torch.Generator().manual_seed(seed)
+    boot = torch.randint(0, len(docs), (n_boot, len(docs)), generator=gen)
+    sums = {k: torch.stack([x.sum() for x in v]) for k, v in per_doc.items()}
+    counts = torch.tensor([float(x.numel()) for x in per_doc[names[0]]], dtype=torch.float64)
+    n = int(counts.sum())
+    out = {"documents": len(docs), "positions": n, "specs": {}}
+    for k in names:
+        diff = torch.cat(per_doc[k])
+        inc = math.exp(float(diff.mean())) - 1
+        row = {"ppl_increase": inc, "se": float(diff.std()) / math.sqrt(n) * (1 + inc)}
+        b = k.split("@")[-1]
+        o = f"oracle@{b}"
+        if o in per_doc and k != o:
+            inc_o = math.exp(float(torch.cat(per_doc[o]).mean())) - 1
+            paired = diff - torch.cat(per_doc[o])
+            bk = torch.expm1(sums[k][boot].sum(1) / counts[boot].sum(1))
+            bo = torch.expm1(sums[o][boot].sum(1) / counts[boot].sum(1))
+            ratio_b = (bk / bo).sort().values
+            row.update(ratio_to_oracle=inc / inc_o, nll_minus_oracle=float(paired.mean()),
+                       nll_minus_oracle_se=float(paired.std()) / math.sqrt(n),
+                       ratio_boot_90=[float(ratio_b[int(0.05 * n_boot)]), float(ratio_b[int(0.95 * n_boot)])])
+        out["specs"][k] = row
+    return out
 
 
 if __name__ == "__main__":
