@@ -149,6 +149,60 @@ def test_errors():
         hamming_topk(q, k, lens, k_blocks=2, chunk_size=8, chunk_repre="lse", q_scale=qs.double())
 
 
+def check_query_scale_in_scan(G, T, D, mode, B=3, Hkv=2, lens=(200, 1, 77), W=2, chunk=16, kb=4,
+                              device="cpu"):
+    """``_q=q`` (decode_step's path): the scan computes q_scale from the queries, over the G x T
+    rows of each kv-head. Its block keys equal those from ``lse_query_scale(q)`` to rounding, the
+    selection equals the reference's up to near ties (non-contiguous q)."""
+    from kvcomp.ops.hamming_topk.kernels import block_keys_triton
+    from kvcomp.ops.query_codes import lse_query_scale
+
+    gen = torch.Generator().manual_seed(G * 100 + T * 10 + D)
+    L = max(lens)
+    _, k, ks, _ = inputs(B, Hkv, G * T, L, W, gen, device=device)
+    qc = codes(B, Hkv * G * T, W, gen=gen, device=device)
+    shape = (B, Hkv * G, D) if T == 1 else (B, Hkv * G, T, D)
+    q = (torch.randn(*shape[:-1], 2 * D, generator=gen) * 3).to(device)[..., ::2]  # strided last dim
+    lens = torch.tensor(lens, device=device)
+    qs = lse_query_scale(q, Hkv)
+    q2 = q if T == 1 else q.reshape(B, -1, D)
+    keys_q = block_keys_triton(qc, k, lens, chunk, "lse", mode, k_scale=ks, q=q2)
+    keys_s = block_keys_triton(qc, k, lens, chunk, "lse", mode, k_scale=ks, q_scale=qs)
+    for b in range(B):  # the order-preserving int32 images: equal up to a few ulps of the fp32
+        nb = -(-int(lens[b]) // chunk)
+        assert (keys_q[b, :, :nb].long() - keys_s[b, :, :nb].long()).abs().max() <= 64
+    kw = dict(chunk_size=chunk, chunk_repre="lse", k_scale=ks, mode=mode, k_blocks=kb)
+    got = hamming_topk(qc, k, lens, backend="triton", _q=q, **kw)
+    ref = hamming_topk(qc, k, lens, backend="reference", _q=q, **kw)
+    want = hamming_topk(qc, k, lens, backend="reference", q_scale=qs, **kw)
+    assert torch.equal(ref, want)  # the reference path computes lse_query_scale(q)
+    qcm = majority_codes(qc, Hkv) if mode == "majority" else qc
+    logits = lse_logits_ref(token_scores_ref(qcm.cpu(), k.cpu()), qcm.shape[1] // Hkv * 32 * W, qs.cpu(),
+                            ks.cpu())
+    assert_same_up_to_near_ties(got.cpu(), want.cpu(), block_scores_ref(logits, lens.cpu(), chunk, "lse"),
+                                lens.cpu(), chunk)
+    return qc, k, lens, qs, q
+
+
+@pytest.mark.parametrize("G,T,D,mode", [(3, 1, 48, "exact"), (4, 2, 64, "exact"), (4, 1, 32, "majority"),
+                                        (1, 1, 16, "exact")])
+def test_query_scale_computed_in_the_scan(G, T, D, mode):
+    qc, k, lens, qs, q = check_query_scale_in_scan(G, T, D, mode)
+    with pytest.raises(ValueError, match="_q replaces q_scale"):
+        hamming_topk(qc, k, lens, chunk_size=16, chunk_repre="lse", k_blocks=4, q_scale=qs, _q=q)
+    with pytest.raises(ValueError, match="_q replaces q_scale"):
+        hamming_topk(qc, k, lens, chunk_size=16, k_blocks=4, _q=q)
+    with pytest.raises(ValueError, match="q must be"):
+        hamming_topk(qc, k, lens, chunk_size=16, chunk_repre="lse", k_blocks=4, _q=q[:, :1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,T", [(4, 1), (8, 1), (4, 4)])
+def test_gpu_query_scale_computed_in_the_scan(G, T):
+    check_query_scale_in_scan(G, T, 128, "exact", B=4, Hkv=8, lens=(4097, 1, 127, 2050), W=4, chunk=128,
+                              kb=7, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("G,mode", [(4, "exact"), (8, "exact"), (8, "majority")])
 def test_gpu_real_shapes(G, mode):
@@ -212,3 +266,35 @@ def test_integration_decode_and_verify_select_by_lse(monkeypatch):
         _, by_max = decode_step(q, q_w, codes, k, v, lens, chunk_repre="max", **kw)
         differs |= not torch.equal(idx, by_max)
     assert differs, "lse selected what max selects at every step: the setting was not used"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 2, 4])
+def test_gpu_decode_step_lse(B):
+    """``decode_step`` with "lse" and key norms on the H200 (q_scale inside the scan, the early
+    loads under PDL at these row counts), 4 steps in a row at 32K, ragged: the selection equals
+    the reference's up to near ties, and the output is the attention over that selection."""
+    from kvcomp.ops import hash_encode, sparse_decode_attention
+    from kvcomp.ops.decode_step import decode_step
+    from kvcomp.ops.query_codes import lse_query_scale
+
+    gen = torch.Generator(device="cuda").manual_seed(B)
+    Hkv, G, D, L, chunk, kb = 8, 4, 128, 32768, 128, 16
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kv_w = torch.linalg.qr(torch.randn(Hkv, D, D, device="cuda", generator=gen))[0].contiguous()
+    q_w = kv_w.repeat_interleave(G, 0)
+    k_codes = hash_encode(k, kv_w)
+    norms = (torch.rand(B, Hkv, L, device="cuda", generator=gen) + 0.5).half()
+    lens = torch.tensor([L - 1000 * i for i in range(B)], dtype=torch.int32, device="cuda")
+    for _ in range(4):
+        q = torch.randn(B, Hkv * G, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        out, idx = decode_step(q, q_w, k_codes, k, v, lens, k_blocks=kb, chunk_size=chunk, chunk_repre="lse",
+                               k_scale=norms)
+        qc, qs = hash_encode(q, q_w), lse_query_scale(q, Hkv)
+        want = hamming_topk(qc, k_codes, lens, k_blocks=kb, chunk_size=chunk, chunk_repre="lse", k_scale=norms,
+                            q_scale=qs, backend="reference")
+        logits = lse_logits_ref(token_scores_ref(qc.cpu(), k_codes.cpu()), G * 128, qs.cpu(), norms.cpu())
+        assert_same_up_to_near_ties(idx.cpu(), want.cpu(), block_scores_ref(logits, lens.cpu(), chunk, "lse"),
+                                    lens.cpu(), chunk)
+        assert torch.equal(sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk), out)

@@ -53,8 +53,10 @@ def check_select_kernel():
         compile_sm90(hk._select_kernel, _select_args(hist, compact, single), num_warps=4)
 
 
-def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, form: int = 0) -> dict:
-    """form 0: the direct sum over G = 4 query codes; 2: the signed planes derived in the scan."""
+def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, form: int = 0,
+                     qs_from_q: bool = False) -> dict:
+    """form 0: the direct sum over G = 4 query codes; 2: the signed planes derived in the scan;
+    qs_from_q ("lse"): the query scale from the bf16 queries (decode_step)."""
     i32 = "i32"
     return dict(
         rows_ptr="*i32", base_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32",
@@ -67,6 +69,8 @@ def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, f
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
         SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,
         NBINS=1024, LSE=lse, PDL=pdl, ROWS_IN=form != 0, MAJORITY=False, R_PAD=4, EARLY=False, KSTEP=2,
+        q_ptr="*bf16", sqb=i32, sqr=i32, sqd=i32, q_inv_sqrt_d="fp32", QS_FROM_Q=qs_from_q, QG=4, QG_P=4,
+        QD=128, QD_P=128,
     )
 
 
@@ -83,6 +87,7 @@ def check_block_keys_kernel_with_histogram():
     compile_sm90(hk._query_rows_kernel, _query_rows_args(False))
     for n_sub in (1, 2):
         compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=False, lse=True, n_sub=n_sub))
+    compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=False, lse=True, form=2, qs_from_q=True))
 
 
 def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, single: bool = False) -> dict:
@@ -259,14 +264,37 @@ def check_pdl_kernels():
     # EARLY (decode_step): loads of older inputs may come before the wait, no store or atomic
     early = [(hk._block_keys_kernel, dict(_block_keys_args(hist=True, lse=False, form=f, pdl=True), EARLY=True), {})
              for f in (0, 2)]
+    # "lse" with the query scale computed from q in the scan (decode_step): EARLY applies too
+    early.append((hk._block_keys_kernel, dict(_block_keys_args(hist=False, lse=True, form=2, pdl=True,
+                                                               qs_from_q=True), EARLY=True), {}))
     early.append((ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True), EARLY=True),
                   dict(num_stages=2)))
     for fn, args, opts in early:
-        body = compile_sm90(fn, args, **opts).asm["ptx"]
-        body = body[body.index(".entry"):]
+        body = straight_path(compile_sm90(fn, args, **opts).asm["ptx"])
         wait, launch = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
         first_write = min(i for i in (body.find("st.global"), body.find("atom."), len(body)) if i >= 0)
         assert 0 < body.find("ld.global") < wait < launch < first_write, (fn.__name__, args.get("FORM"))
+
+
+def straight_path(ptx: str) -> str:
+    """The kernel's PTX from its entry in execution order along unconditional jumps (a loop's
+    latch may be laid out before its header): lines in the order the first pass runs them."""
+    import re
+
+    lines = ptx[ptx.index(".entry"):].splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"\s*(\$L\w+):", ln))}
+    out, seen, i = [], set(), 0
+    while i < len(lines):
+        m = re.match(r"bra(?:\.uni)?\s+(\$L\w+);", lines[i].strip())
+        if m:  # unconditional (a predicated jump starts with @)
+            if m.group(1) in seen:
+                break
+            seen.add(m.group(1))
+            i = labels[m.group(1)] + 1
+            continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out)
 
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,

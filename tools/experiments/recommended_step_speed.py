@@ -9,16 +9,31 @@ over input sets (``kvcomp.bench.timing.cuda_time_us``); dense = SDPA on the same
 Verified first: "max" selections equal the pure-torch reference exactly (with and without key
 norms); "lse" selections are compared by the share of equal block indices (float sums: blocks
 within rounding of the threshold may differ, tests/core/test_block_lse.py); the step's
-attention equals ``sparse_decode_attention`` over its own selection.
+attention equals ``sparse_decode_attention`` over its own selection. Each "lse" row is timed
+again with the query scale from ``lse_query_scale``'s torch ops before the scan (the code of
+session 7, ``hamming_topk.kernels.QS_IN_SCAN = False``) instead of inside the scan.
 
     source tools/gpu_env.sh && python tools/experiments/recommended_step_speed.py
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 
 import torch
+
+
+@contextlib.contextmanager
+def _flag(module: str, name: str, value):
+    mod = importlib.import_module(module)
+    old = getattr(mod, name)
+    setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        setattr(mod, name, old)
 
 
 def main(smoke: bool = False) -> None:
@@ -75,6 +90,11 @@ def main(smoke: bool = False) -> None:
             name = f"{repre}{' + key norms' if scaled else ''}"
             print(f"| {B} | {bits} | {name} | {t:.1f} | {t_dense:.1f} | {t_dense / t:.2f}x | "
                   f"{'equal' if agree == 1.0 else f'{100 * agree:.2f}% equal'} |", flush=True)
+            if repre == "lse":  # q_scale by lse_query_scale's torch ops before the scan (session 7)
+                with _flag("kvcomp.ops.hamming_topk.kernels", "QS_IN_SCAN", False):
+                    t_old = cuda_time_us(steps, reps=30)
+                print(f"| {B} | {bits} | {name}, q_scale by torch ops | {t_old:.1f} | {t_dense:.1f} | "
+                      f"{t_dense / t_old:.2f}x | |", flush=True)
         del sets
         torch.cuda.empty_cache()
     print(f"L {L}, 2048 tokens, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}")

@@ -53,7 +53,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
 from kvcomp.ops import hamming_topk, sparse_decode_attention
 from kvcomp.ops.hamming_topk import split_deferred
-from kvcomp.ops.query_codes import encode_query, lse_query_scale
+from kvcomp.ops.query_codes import encode_query
 
 __all__ = ["ATTN_NAME", "MAX_VERIFY_QUERIES", "LayerBinding", "forward_scope", "is_verify_step",
            "kvcomp_attention", "kvcomp_mask", "register"]
@@ -235,7 +235,7 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
             must_select=tuple(cfg.must_select_blocks),
             chunk_repre=cfg.chunk_repre_method,
             k_scale=layer.norms_buf[:, :, :L] if layer.norms_buf is not None else None,
-            q_scale=_q_scale(cfg, q, layer.keys_buf.shape[1]),
+            _q=q if cfg.chunk_repre_method == "lse" else None,  # "lse": q_scale inside the scan
         )
         layer.step_block_idx = block_idx
         layer.step_block_idx_update = layer.updates
@@ -251,11 +251,6 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
     out = layer.attend_blocks(q, block_idx, chunk_size=cfg.chunk_size, scale=float(scaling))
     layer.record_step(mode, block_idx)
     return out.unsqueeze(1) if T == 1 else out.transpose(1, 2)  # [B, T, Hq, D]
-
-
-def _q_scale(cfg, q: torch.Tensor, num_kv_heads: int) -> torch.Tensor | None:
-    """chunk_repre "lse": the query part of the logit estimates (``lse_query_scale``), else None."""
-    return lse_query_scale(q, num_kv_heads) if cfg.chunk_repre_method == "lse" else None
 
 
 def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, kwargs):
@@ -306,7 +301,8 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
             q_codes, layer.codes_buf, seq_lens, k_blocks=k_blocks,
             max_blocks=policy.max_k_blocks(i, cap), chunk_size=cfg.chunk_size,
             must_select=tuple(cfg.must_select_blocks), chunk_repre=cfg.chunk_repre_method,
-            k_scale=layer.norms_buf, q_scale=_q_scale(cfg, q, Hkv), _defer=True,
+            k_scale=layer.norms_buf, _defer=True,
+            _q=q if cfg.chunk_repre_method == "lse" else None,  # "lse": q_scale inside the scan
         )
         block_idx, deferred = split_deferred(sel)
         layer.step_block_idx = block_idx

@@ -201,6 +201,9 @@ LATENCY_VARIANTS = {
     "attn_s2_one": {AK: dict(ONE_TILE_STAGES=2)},  # 2 stages also for splits of one tile (session 6)
     "hist_r16": {HK: dict(HIST_MAX_ROWS=16)},  # B = 4: the search path (session 6)
     "pdl_r32": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=32)},  # B = 4 with PDL
+    # 1024-token scan tiles: half the scan programs, so that at B = 1 they fit beside the
+    # encode's programs in one wave (session 8); timed alone in session 4 they were slower
+    "scan_t1024": {HK: dict(BLOCK_T=1024)},
 }
 
 

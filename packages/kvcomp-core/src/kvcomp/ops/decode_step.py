@@ -21,7 +21,8 @@
                    norms ``||k - mu||`` of centred codes, ``kvcomp.ops.key_stats``); needs
                    chunk_repre "max" or "lse". The query codes are unchanged (no query bias).
         chunk_repre "max", "mean" or "lse" (blocks ranked by the log-sum-exp of estimated
-                   logits; the query norms come from q: ``lse_query_scale``)
+                   logits; the query norms come from q: ``lse_query_scale``, computed inside
+                   the scan)
         out        q's shape and dtype
         block_idx  [B, Hkv, K]           int32, ascending, -1 padding (``hamming_topk``)
 
@@ -43,7 +44,6 @@ import torch
 
 from kvcomp.ops.hamming_topk import hamming_topk, split_deferred
 from kvcomp.ops.hash_encode import hash_encode
-from kvcomp.ops.query_codes import lse_query_scale
 from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
 
 __all__ = ["decode_step"]
@@ -77,11 +77,11 @@ def decode_step(
     q_codes = hash_encode(q, q_weight, backend=backend)  # [B, Hq, W] or [B, Hq, T, W]
     if q.dim() == 4:  # the kv-head's group: its G query heads x T queries
         q_codes = q_codes.reshape(q.shape[0], q.shape[1] * q.shape[2], q_codes.shape[-1])
-    q_scale = lse_query_scale(q, k_codes.shape[1]) if chunk_repre == "lse" else None
     sel = hamming_topk(
         q_codes, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk_size,
         must_select=must_select, chunk_repre=chunk_repre, max_blocks=max_blocks, mode=mode,
-        k_scale=k_scale, q_scale=q_scale, backend=backend, _prefetch=True, _defer=q.dim() == 3,
+        k_scale=k_scale, backend=backend, _prefetch=True, _defer=q.dim() == 3,
+        _q=q if chunk_repre == "lse" else None,  # "lse": the scan computes q_scale from q
     )
     block_idx, deferred = split_deferred(sel)  # stage 2 may be left to the attention's prologue
     out = sparse_decode_attention(

@@ -27,7 +27,10 @@ and ``q_scale = mean ||q|| / sqrt(D)`` it estimates ``q . (k - mu) / sqrt(D)``) 
 score is the log-sum-exp of the block's logits. Float sums depend on their order: backends agree
 up to rounding, and their selections only differ between blocks whose scores are that close.
 Measured on SmolLM2 (``docs/results/smollm2.md``): more captured attention mass than "max" at
-every budget.
+every budget. ``decode_step`` and the cache's decode pass the post-RoPE queries instead
+(private ``_q=q``, [B, Hq, D] or [B, Hq, T, D]): the Triton scan then computes q_scale itself
+(one launch fewer per torch op of ``lse_query_scale``, equal to it up to rounding), the
+reference calls ``lse_query_scale``.
 
 ``k_scale`` [B, Hkv, Lmax] float16 / bfloat16 / float32 (any strides; finite values), optional:
 per-token weights of the scores, e.g. the key norms ``||k - mu||`` of centred keys
@@ -62,6 +65,7 @@ from kvcomp.ops._common import (
     use_triton,
 )
 from kvcomp.ops.hamming_topk.reference import hamming_topk_ref, token_scores_ref
+from kvcomp.ops.query_codes import lse_query_scale
 
 __all__ = ["hamming_topk", "hamming_topk_ref", "majority_codes", "token_scores_ref"]
 
@@ -142,6 +146,7 @@ def hamming_topk(
     backend: str = "auto",
     _prefetch: bool = False,
     _defer: bool = False,
+    _q: torch.Tensor | None = None,
 ):
     must, kb, K = _prepare(
         q_codes, k_codes, seq_lens, k_blocks, chunk_size, must_select, chunk_repre, max_blocks
@@ -152,9 +157,21 @@ def hamming_topk(
     if k_scale is not None:
         _check_scale(k_scale, k_codes, chunk_repre)
         extra = (k_scale,)
-    _check_q_scale(q_scale, k_codes, chunk_repre)
+    q2 = None
+    if _q is not None:  # "lse": q_scale from the queries, inside the scan (decode_step)
+        if q_scale is not None or chunk_repre != "lse":
+            raise ValueError("_q replaces q_scale, with chunk_repre='lse' only")
+        check_tensor("q", _q, dtypes=FLOAT_DTYPES, device=k_codes.device)
+        if _q.dim() not in (3, 4) or _q.shape[0] != k_codes.shape[0] or _q.shape[1] % k_codes.shape[1]:
+            raise ValueError(f"q must be [B, Hq, D] or [B, Hq, T, D] with B = {k_codes.shape[0]} and Hq a "
+                             f"multiple of Hkv = {k_codes.shape[1]}, got {tuple(_q.shape)}")
+        q2 = _q if _q.dim() == 3 else _q.reshape(_q.shape[0], -1, _q.shape[-1])
+    else:
+        _check_q_scale(q_scale, k_codes, chunk_repre)
     if q_scale is not None:
         extra = (*extra, q_scale)
+    if q2 is not None:
+        extra = (*extra, q2)
     if use_triton(backend, q_codes, k_codes, seq_lens, *extra):
         from kvcomp.ops.hamming_topk.kernels import hamming_topk_triton
 
@@ -164,8 +181,10 @@ def hamming_topk(
             return hamming_topk_triton(
                 q_codes, k_codes, seq_lens.contiguous(), kb, K, chunk_size, must, chunk_repre, mode, k_scale,
                 q_scale=None if q_scale is None else q_scale.contiguous(), prefetch=_prefetch,
-                defer=_defer,
+                defer=_defer, q=q2,
             )
+    if q2 is not None:
+        q_scale = lse_query_scale(_q, k_codes.shape[1])
     if mode == "majority":
         q_codes = majority_codes(q_codes, k_codes.shape[1])
     if not isinstance(kb, torch.Tensor):

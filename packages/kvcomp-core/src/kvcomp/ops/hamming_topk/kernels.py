@@ -108,6 +108,10 @@ HIST_COMPACT = True
 # keys a tile of the selection in the attention's prologue (``DeferredSelect``) holds: the
 # attention's own registers come on top, so smaller than SELECT_BLOCK_MAX
 ATTN_SELECT_BLOCK_MAX = 1024
+# "lse" with the queries given (decode_step, the cache's decode): every scan program computes
+# its row's q_scale from q (False: lse_query_scale's torch ops first, as before session 8, and
+# no early loads in the scan; the benchmark times both)
+QS_IN_SCAN = True
 
 
 @triton.jit
@@ -199,6 +203,8 @@ def _block_keys_kernel(
     LSE: tl.constexpr = False, PDL: tl.constexpr = False, ROWS_IN: tl.constexpr = False,
     MAJORITY: tl.constexpr = False, R_PAD: tl.constexpr = 1, EARLY: tl.constexpr = False,
     KSTEP: tl.constexpr = 1,
+    q_ptr=None, sqb=0, sqr=0, sqd=0, q_inv_sqrt_d=1.0, QS_FROM_Q: tl.constexpr = False,
+    QG: tl.constexpr = 1, QG_P: tl.constexpr = 1, QD: tl.constexpr = 1, QD_P: tl.constexpr = 1,
 ):
     """Block keys of blocks [pid1 * BLOCKS_PER_PROG, ...) of one (b, kv-head), NBT blocks per
     tile of [NBT, CP, W] codes. Score of a token = base + sum_r coef_r * popc(OP(row_r, k))
@@ -212,7 +218,11 @@ def _block_keys_kernel(
     dependent launch (``kvcomp.ops._pdl``); with EARLY (only the query codes come from the
     previous launch, ``decode_step``) the lengths and the first key-code tile are loaded before
     the wait, so that they are in flight while the query is still being encoded. HIST: bin of a
-    key = (key - KMIN) // KSTEP (the scores are even: KSTEP = 2 halves the bins)."""
+    key = (key - KMIN) // KSTEP (the scores are even: KSTEP = 2 halves the bins). QS_FROM_Q
+    (with LSE): the query scale is computed here from the QG query rows [QD] of the kv-head at
+    q_ptr + b*sqb + (h*QG + g)*sqr + d*sqd (mean of their fp32 norms, times q_inv_sqrt_d, as
+    ``lse_query_scale``) instead of read from qs_ptr: no launches between the encode and the
+    scan, and q (an older input) may be read before the wait."""
     if not EARLY:
         pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -241,7 +251,14 @@ def _block_keys_kernel(
     bi2 = tl.arange(0, NBT)[:, None]  # [NBT, 1]
     ci2 = tl.arange(0, CP)[None, :]  # [1, CP]
     if LSE:
-        qs = tl.load(qs_ptr + pid)
+        if QS_FROM_Q:
+            qg = tl.arange(0, QG_P)[:, None]
+            qd = tl.arange(0, QD_P)[None, :]
+            qv = tl.load(q_ptr + b * sqb + (h * QG + qg) * sqr + qd * sqd,
+                         mask=(qg < QG) & (qd < QD), other=0.0).to(tl.float32)  # [QG_P, QD_P]
+            qs = tl.sum(tl.sqrt(tl.sum(qv * qv, 1)), 0) / QG * q_inv_sqrt_d
+        else:
+            qs = tl.load(qs_ptr + pid)
     for blk0 in range(blk_lo, blk_hi, NBT):
         blk = blk0 + bi
         if MEAN:
@@ -648,7 +665,7 @@ def block_keys_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor,
     chunk_size: int, chunk_repre: str, mode: str = "exact", out: torch.Tensor | None = None,
     select: dict | None = None, k_scale: torch.Tensor | None = None, hist: dict | None = None,
-    q_scale: torch.Tensor | None = None, prefetch: bool = False,
+    q_scale: torch.Tensor | None = None, prefetch: bool = False, q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 1: int32 [B, Hkv, NB] block keys (NB = ceil(Lmax / chunk)); entries of blocks at or
     past a sequence's ``ceil(seq_len / chunk)`` are not written. ``out``: a contiguous buffer of
@@ -661,11 +678,17 @@ def block_keys_triton(
     ``chunk_repre="lse"`` needs ``q_scale`` [B * Hkv] float32 (contiguous): the keys are the
     order-preserving int32 images of the fp32 block log-sum-exps of the logit estimates.
     ``prefetch``: only q_codes were written by the previous launch (``decode_step``): with PDL
-    the scan loads lengths and key codes before it waits for them (EARLY)."""
+    the scan loads lengths and key codes before it waits for them (EARLY). ``q`` [B, Hkv * QG, D]
+    (any strides; "lse" instead of q_scale): the post-RoPE queries, QG rows per kv-head, from
+    which every scan program computes its row's q_scale (``lse_query_scale``, to rounding)."""
     if k_scale is not None and chunk_repre == "mean":
         raise ValueError("k_scale needs chunk_repre 'max' or 'lse'")
-    if (chunk_repre == "lse") != (q_scale is not None):
-        raise ValueError("chunk_repre='lse' needs q_scale (and q_scale needs 'lse')")
+    if q is not None and not QS_IN_SCAN:
+        from kvcomp.ops.query_codes import lse_query_scale
+
+        q_scale, q = lse_query_scale(q, k_codes.shape[1]), None
+    if (chunk_repre == "lse") != (q_scale is not None or q is not None) or (q_scale is not None and q is not None):
+        raise ValueError("chunk_repre='lse' needs one of q_scale and q (and they need 'lse')")
     B, Hq, W = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     G = Hq // Hkv
@@ -703,7 +726,16 @@ def block_keys_triton(
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
     lse_range = (1 if majority else G) * 32 * W  # the score's range S (reference: lse_logits_ref)
     pdl = pdl_args(k_codes, "scan", rows=B * Hkv)
-    early = bool(pdl) and prefetch and chunk_repre != "lse" and (not derived or rows_in)
+    # with "lse", q_scale read from a tensor may be the previous launch's output: no EARLY then
+    early = bool(pdl) and prefetch and (q_scale is None) and (not derived or rows_in)
+    qa = {}
+    if q is not None:
+        if q.dim() != 3 or q.shape[0] != B or q.shape[1] % Hkv:
+            raise ValueError(f"q must be [B, Hkv * QG, D] = [{B}, {Hkv} * QG, D], got {tuple(q.shape)}")
+        qg, qd = q.shape[1] // Hkv, q.shape[2]
+        qa = dict(q_ptr=q, sqb=q.stride(0), sqr=q.stride(1), sqd=q.stride(2), q_inv_sqrt_d=1.0 / qd**0.5,
+                  QS_FROM_Q=True, QG=qg, QG_P=triton.next_power_of_2(qg), QD=qd,
+                  QD_P=triton.next_power_of_2(qd))
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
         q_scale if q_scale is not None else keys, float(torch.pi / (2 * lse_range)),
@@ -715,7 +747,7 @@ def block_keys_triton(
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl,
-        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early,
+        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, **qa,
     )
     return keys
 
@@ -831,11 +863,12 @@ def hamming_topk_triton(
     k_blocks: torch.Tensor | int,
     K: int, chunk_size: int, must_select: tuple[int, ...], chunk_repre: str, mode: str = "exact",
     k_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None, prefetch: bool = False,
-    defer: bool = False,
+    defer: bool = False, q: torch.Tensor | None = None,
 ) -> torch.Tensor | DeferredSelect:
     """See ``kvcomp.ops.hamming_topk``; ``mode`` picks the group score form (exact or majority),
     ``k_scale`` weights the token scores, ``q_scale`` [B, Hkv] (contiguous) is the query part of
-    the "lse" logits. With FUSED_SELECT, or FUSED_HIST_SELECT where the histogram threshold
+    the "lse" logits, or ``q`` [B, Hkv * QG, D] the queries it is computed from inside the scan
+    (``block_keys_triton``). With FUSED_SELECT, or FUSED_HIST_SELECT where the histogram threshold
     applies, the selection runs in the scan's launch (no second kernel). ``defer``: where the
     histogram path applies, return a ``DeferredSelect`` after the scan instead of launching
     stage 2 (``decode_step``: the attention runs it)."""
@@ -852,7 +885,7 @@ def hamming_topk_triton(
         if scan_hist is not None:
             scan_hist = {k: v for k, v in scan_hist.items() if k != "COMPACT"}
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
-                                 k_scale=k_scale, hist=scan_hist, q_scale=q_scale, prefetch=prefetch)
+                                 k_scale=k_scale, hist=scan_hist, q_scale=q_scale, prefetch=prefetch, q=q)
         if defer and hist is not None and hist["COMPACT"]:
             out = torch.empty(keys.shape[0], keys.shape[1], K, dtype=torch.int32, device=keys.device)
             return DeferredSelect(keys, seq_lens, k_blocks, K, chunk_size, tuple(must_select),
@@ -875,5 +908,5 @@ def hamming_topk_triton(
         if FUSED_HIST_MAXNREG and not interpreting():
             select["maxnreg"] = FUSED_HIST_MAXNREG
     block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode, select=select,
-                      k_scale=k_scale, q_scale=q_scale, prefetch=prefetch)
+                      k_scale=k_scale, q_scale=q_scale, prefetch=prefetch, q=q)
     return out
