@@ -192,7 +192,8 @@ def _pdl_variant(no_trigger, max_rows):
 # in one run, {name: {module: {flag: value}}}; sessions 6 and 7 also timed SELECT_WARPS=2,
 # TARGET_PROGRAMS=132, TILE_N=32 with 528 programs or 2 tiles a split, WARPS=8, STAGES=3 and the
 # fused merge's tile halved: all slower or equal (decode.md); session 8 1024-token scan tiles
-# (19.9 against 18.3 us at B = 1, 128K, 2048 tokens)
+# (19.9 against 18.3 us at B = 1, 128K, 2048 tokens) and the scan capped at 32 registers so
+# that B = 1's 2048 programs run in one wave (26.4 us; 256-token tiles on 2 warps: 24.6)
 LATENCY_MAX_B = 4
 LATENCY_VARIANTS = {
     "sel_launch": {AK: dict(SELECT_IN_PROLOGUE=False)},  # stage 2 as its own launch (session 6)
@@ -202,10 +203,6 @@ LATENCY_VARIANTS = {
     "attn_s2_one": {AK: dict(ONE_TILE_STAGES=2)},  # 2 stages also for splits of one tile (session 6)
     "hist_r16": {HK: dict(HIST_MAX_ROWS=16)},  # B = 4: the search path (session 6)
     "pdl_r32": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=32)},  # B = 4 with PDL
-    # the scan capped at 32 registers: 16 programs an SM, B = 1 at 128K in one wave (session 8)
-    "scan_r32": {HK: dict(SCAN_MAXNREG=32)},
-    # 256-token tiles on 2 warps at 32 registers: 32 programs an SM (the most), 4096 in one wave
-    "scan_t256_w2_r32": {HK: dict(SCAN_MAXNREG=32, BLOCK_T=256, SCAN_WARPS=2)},
 }
 
 

@@ -91,11 +91,6 @@ FUSED_HIST_SELECT = False
 # register cap (ptxas .maxnreg) of that fused launch, or None: the selection's arrays would
 # otherwise set the register count, and with it the occupancy, of every scan program
 FUSED_HIST_MAXNREG = None
-# register cap (ptxas .maxnreg) of the scan, or None. The scan's programs are 4-warp CTAs of
-# one 8 KB tile; at 32 registers 16 of them fit on an SM, so B = 1 at 128K (8 rows x 256
-# tiles = 2048 programs) runs in one wave on 132 SMs. Triton 3.6 (the H200 machine) gives the
-# scan 40 registers (12 programs an SM: 1584 at once), Triton 3.9 32.
-SCAN_MAXNREG = None
 # stage 2 finds the threshold from a histogram the scan fills (module doc), when keys fit
 HIST_SELECT = True
 HIST_MAX_BINS = 8192
@@ -753,8 +748,6 @@ def block_keys_triton(
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl,
         ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, **qa,
-        **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG and not interpreting() and "maxnreg" not in (select or {})
-           else {}),
     )
     return keys
 
