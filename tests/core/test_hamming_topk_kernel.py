@@ -54,17 +54,19 @@ def test_modes_and_block_repr(mode, repre):
     assert not (torch.equal(got[:, 0], got[:, 1]) and torch.equal(got[:, 1], got[:, 2]))
 
 
-@pytest.mark.parametrize("rows_in_scan", [True, False])
-@pytest.mark.parametrize("G", [2, 3, 4, 5, 6, 8])
-def test_group_score_forms_exact(monkeypatch, G, rows_in_scan):
+@pytest.mark.parametrize("rows", ["sliced", "reduce", "launch"])
+@pytest.mark.parametrize("G", [2, 3, 4, 5, 6, 7, 8, 16])
+def test_group_score_forms_exact(monkeypatch, G, rows):
     """Every exact form of the group score (direct, bit-planes + popc(k), signed planes for even
-    G), its rows derived in the scan or in their own launch, gives the reference's token scores
-    bit for bit (chunk 1: a block key is its token's score), also with 3 code words (padded to 4
-    in the kernel: the padding must not count) and tied, low-entropy codes."""
+    G) and majority, its rows derived in the scan (bit-sliced adders, or cross-thread
+    reductions) or in their own launch, gives the reference's token scores bit for bit (chunk
+    1: a block key is its token's score), also with 3 code words (padded to 4 in the kernel: the
+    padding must not count) and tied, low-entropy codes."""
     from kvcomp.ops.hamming_topk.reference import token_scores_ref
 
-    monkeypatch.setattr(kernels, "ROWS_IN_SCAN", rows_in_scan)
-    gen = torch.Generator().manual_seed(G + 10 * rows_in_scan)
+    monkeypatch.setattr(kernels, "ROWS_IN_SCAN", rows != "launch")
+    monkeypatch.setattr(kernels, "SLICED_ROWS", rows == "sliced")
+    gen = torch.Generator().manual_seed(G + 10 * len(rows))
     modes = ["exact", "exact_direct", "exact_planes"] + (["exact_signed"] if G % 2 == 0 else [])
     for W, low in ((3, False), (2, True)):
         q = codes(2, 2 * G, W, low_entropy=low, gen=gen)
@@ -75,6 +77,9 @@ def test_group_score_forms_exact(monkeypatch, G, rows_in_scan):
             keys = kernels.block_keys_triton(q, k, lens, 1, "max", mode)
             assert torch.equal(keys[0], want[0]), (mode, W)
             assert torch.equal(keys[1, :, :20], want[1, :, :20]), (mode, W)
+        want = token_scores_ref(majority_codes(q, 2), k)
+        keys = kernels.block_keys_triton(q, k, lens, 1, "max", "majority")
+        assert torch.equal(keys[0], want[0]) and torch.equal(keys[1, :, :20], want[1, :, :20]), W
     if G % 2:
         with pytest.raises(ValueError, match="even group size"):
             kernels.block_keys_triton(q, k, lens, 1, "max", "exact_signed")

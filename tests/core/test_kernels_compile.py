@@ -54,9 +54,10 @@ def check_select_kernel():
 
 
 def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, form: int = 0,
-                     qs_from_q: bool = False) -> dict:
-    """form 0: the direct sum over G = 4 query codes; 2: the signed planes derived in the scan;
-    qs_from_q ("lse"): the query scale from the bf16 queries (decode_step)."""
+                     qs_from_q: bool = False, sliced: bool = True) -> dict:
+    """form 0: the direct sum over G = 4 query codes; 2: the signed planes derived in the scan
+    (sliced: by bit-sliced adders, else cross-thread reductions); qs_from_q ("lse"): the query
+    scale from the bf16 queries (decode_step)."""
     i32 = "i32"
     return dict(
         rows_ptr="*i32", base_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32",
@@ -69,7 +70,7 @@ def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, f
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
         SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,
         NBINS=1024, LSE=lse, PDL=pdl, ROWS_IN=form != 0, MAJORITY=False, R_PAD=4, EARLY=False, KSTEP=2,
-        q_ptr="*bf16", sqb=i32, sqr=i32, sqd=i32, q_inv_sqrt_d="fp32", QS_FROM_Q=qs_from_q, QG=4, QG_P=4,
+        SLICED=sliced, q_ptr="*bf16", sqb=i32, sqr=i32, sqd=i32, q_inv_sqrt_d="fp32", QS_FROM_Q=qs_from_q, QG=4, QG_P=4,
         QD=128, QD_P=128,
     )
 
@@ -80,6 +81,9 @@ def check_block_keys_kernel_with_histogram():
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=True, lse=False))
     compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=True, lse=False, form=2))
+    compile_sm90(hk._block_keys_kernel, _block_keys_args(hist=True, lse=False, form=2, sliced=False))
+    compile_sm90(hk._block_keys_kernel, dict(_block_keys_args(hist=True, lse=False, form=0), MAJORITY=True,
+                                             ROWS_IN=True, R=1))
     # the histogram stage 2 in the scan's launch (FUSED_HIST_SELECT): ticket, then the selection
     ptx = compile_sm90(hk._block_keys_kernel, dict(_block_keys_args(hist=True, lse=False, form=2),
                                                    FUSED=True, SEL_BLOCK=1024)).asm["ptx"]

@@ -203,6 +203,7 @@ LATENCY_VARIANTS = {
     "attn_s2_one": {AK: dict(ONE_TILE_STAGES=2)},  # 2 stages also for splits of one tile (session 6)
     "hist_r16": {HK: dict(HIST_MAX_ROWS=16)},  # B = 4: the search path (session 6)
     "pdl_r32": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=32)},  # B = 4 with PDL
+    "rows_reduce": {HK: dict(SLICED_ROWS=False)},  # group rows by cross-thread reductions (session 7)
 }
 
 

@@ -62,6 +62,10 @@ FORM_SIGNED = 2
 # codes (a few hundred integer ops) instead of in a launch of their own (``_query_rows_kernel``,
 # kept for the benchmark's before / after)
 ROWS_IN_SCAN = True
+# the scan derives those rows bit-sliced (``_sliced_rows``: every thread from the whole query
+# codes, ripple-carry adders of bitwise ops), not with the cross-thread reductions of
+# ``_group_rows`` (barriers between the wait and the first popcount); G <= 16
+SLICED_ROWS = True
 # "exact" takes the signed planes (bit_length(G) popcounts a word, even G) where that is the
 # fewest; False: the choice before them (direct, or planes + popc(k))
 SIGNED_PLANES = True
@@ -164,6 +168,102 @@ def _group_rows(
 
 
 @triton.jit
+def _row_of(p0, p1, p2, p3, p4, r: tl.constexpr):
+    """Row r (a constexpr) of ``_sliced_rows``' planes."""
+    if r == 0:
+        row = p0
+    elif r == 1:
+        row = p1
+    elif r == 2:
+        row = p2
+    elif r == 3:
+        row = p3
+    else:
+        row = p4
+    return row
+
+
+@triton.jit
+def _sliced_rows(
+    q_base, sqh, sqw, w3, G: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+    FORM: tl.constexpr, MAJORITY: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """``_group_rows`` without cross-thread work: the G query codes are loaded whole by every
+    thread (w3: the word index, a [1, 1, BLOCK_W] arange in the scan's tile layout) and the
+    per-bit counts c_b are kept bit-sliced (plane p = bit p of every c_b, a code-sized word),
+    summed by ripple-carry adders of bitwise ops. -> (rows 0..4 as [1, 1, BLOCK_W] int32, only
+    the first R meaningful (R <= 5: G <= 16), base as ``_group_rows``)."""
+    NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16)  # bits of c_b in [0, G]
+    w_ok = w3 < W
+    zero = tl.zeros_like(w3)
+    c0 = zero
+    c1 = zero
+    c2 = zero
+    c3 = zero
+    c4 = zero
+    n_set = tl.zeros([], dtype=tl.int32)  # sum over g of popc(q_g): sum_b c_b
+    for g in tl.static_range(G):
+        qg = tl.load(q_base + g * sqh + w3 * sqw, mask=w_ok, other=0)
+        n_set += tl.sum(tl.sum(tl.sum(_popc(qg, USE_ASM), 2), 1), 0)
+        carry = qg  # c += q_g, bit-sliced: a ripple of half adders
+        t = c0 ^ carry
+        carry = c0 & carry
+        c0 = t
+        if NC > 1:
+            t = c1 ^ carry
+            carry = c1 & carry
+            c1 = t
+        if NC > 2:
+            t = c2 ^ carry
+            carry = c2 & carry
+            c2 = t
+        if NC > 3:
+            t = c3 ^ carry
+            carry = c3 & carry
+            c3 = t
+        if NC > 4:
+            c4 = c4 ^ carry
+    base = G * 32 * W - 2 * n_set
+    if MAJORITY:  # bit b set iff c_b > G // 2: compare the planes with the constant, top down
+        gt = zero
+        eq = ~zero
+        for pp in tl.static_range(NC):
+            cp = _row_of(c0, c1, c2, c3, c4, NC - 1 - pp)
+            if ((G // 2) >> (NC - 1 - pp)) & 1:
+                eq = eq & cp
+            else:
+                gt = gt | (eq & cp)
+                eq = eq & ~cp
+        c0 = gt
+        base = 32 * W + tl.zeros([], dtype=tl.int32)
+    elif FORM == 2:  # G / 2 - c_b in R-bit two's complement: ~c + (G / 2 + 1), bit-sliced
+        K: tl.constexpr = G // 2 + 1
+        carry = zero
+        for p in tl.static_range(R):
+            if p < NC:
+                n = ~_row_of(c0, c1, c2, c3, c4, p)
+            else:
+                n = ~zero
+            if (K >> p) & 1:
+                v = ~(n ^ carry)
+                carry = n | carry
+            else:
+                v = n ^ carry
+                carry = n & carry
+            if p == 0:
+                c0 = v
+            elif p == 1:
+                c1 = v
+            elif p == 2:
+                c2 = v
+            elif p == 3:
+                c3 = v
+            else:
+                c4 = v
+    return c0, c1, c2, c3, c4, base
+
+
+@triton.jit
 def _query_rows_kernel(
     q_ptr, rows_ptr, base_ptr,
     Hkv, sqb, sqh, sqw,
@@ -202,7 +302,7 @@ def _block_keys_kernel(
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
     LSE: tl.constexpr = False, PDL: tl.constexpr = False, ROWS_IN: tl.constexpr = False,
     MAJORITY: tl.constexpr = False, R_PAD: tl.constexpr = 1, EARLY: tl.constexpr = False,
-    KSTEP: tl.constexpr = 1,
+    KSTEP: tl.constexpr = 1, SLICED: tl.constexpr = False,
     q_ptr=None, sqb=0, sqr=0, sqd=0, q_inv_sqrt_d=1.0, QS_FROM_Q: tl.constexpr = False,
     QG: tl.constexpr = 1, QG_P: tl.constexpr = 1, QD: tl.constexpr = 1, QD_P: tl.constexpr = 1,
 ):
@@ -238,7 +338,11 @@ def _block_keys_kernel(
     r_base = rows_ptr + b * srb + h * srh
     ridx = tl.arange(0, R_PAD)[:, None]
     if ROWS_IN and not EARLY:  # the derived rows in registers, row r picked out below
-        rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
+        if SLICED:
+            p0, p1, p2, p3, p4, base = _sliced_rows(r_base, srr, srw, wv[None, None, :], G, W, R, FORM,
+                                                    MAJORITY, USE_ASM)
+        else:
+            rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
     elif HAS_BASE:
         base = tl.load(base_ptr + pid)
     else:
@@ -280,10 +384,16 @@ def _block_keys_kernel(
             if EARLY and s == 0:  # the query codes are the previous launch's: wait for them now
                 pdl_enter(PDL)  # (again each tile: no-op after the first)
                 if ROWS_IN:
-                    rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
+                    if SLICED:
+                        p0, p1, p2, p3, p4, base = _sliced_rows(r_base, srr, srw, w3, G, W, R, FORM,
+                                                                MAJORITY, USE_ASM)
+                    else:
+                        rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
             acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
             for r in tl.static_range(R):
-                if ROWS_IN:
+                if ROWS_IN and SLICED:
+                    row = _row_of(p0, p1, p2, p3, p4, r)  # [1, 1, BLOCK_W]
+                elif ROWS_IN:
                     row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, :]  # [1, 1, BLOCK_W]
                 else:
                     row = tl.load(r_base + r * srr + w3 * srw, mask=w3 < W, other=0)
@@ -747,7 +857,7 @@ def block_keys_triton(
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl,
-        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, **qa,
+        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and R <= 5, **qa,
     )
     return keys
 
