@@ -335,3 +335,26 @@ def test_gpu_histogram_threshold(monkeypatch, G, mode, fused):
         kb = torch.tensor([16, 2], device="cuda") if rep == 2 else 7
         _hist_vs_search(q, k, lens, monkeypatch, k_blocks=kb, max_blocks=16, chunk_size=128 if rep else 16,
                         must_select=(0, -2, -1, 0), mode=mode)
+
+
+@pytest.mark.parametrize("target", [1, 12])  # 3 tiles a program; 2 + 1
+@pytest.mark.parametrize("mode", ["exact", "majority"])
+def test_several_tiles_per_program(monkeypatch, target, mode):
+    """Few programs (TARGET_PROGRAMS, as at large batches on the GPU): each scan program loops
+    over several tiles, its last one cut by the row's end; ragged rows, the histogram path and
+    the search path give the reference's selection, "mean" blocks too."""
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
+    monkeypatch.setattr(kernels, "BLOCK_T", 64)  # 64-token tiles at 128 bits: 16 at 32 bits
+    gen = torch.Generator().manual_seed(target + (mode == "majority"))
+    B, Hkv, G, W, L = 3, 2, 4, 1, 700
+    q = codes(B, Hkv * G, W, gen=gen)
+    k = codes(B, Hkv, L, W, gen=gen)
+    lens = torch.tensor([700, 1, 333])
+    for repre in ("max", "mean"):
+        for hist in (True, False):
+            monkeypatch.setattr(kernels, "HIST_SELECT", hist)
+            got = hamming_topk(q, k, lens, k_blocks=7, chunk_size=8, chunk_repre=repre, mode=mode,
+                               backend="triton")
+            qr = majority_codes(q, Hkv) if mode == "majority" else q
+            want = hamming_topk(qr, k, lens, k_blocks=7, chunk_size=8, chunk_repre=repre, backend="reference")
+            assert torch.equal(got, want), (repre, hist)
