@@ -3,10 +3,19 @@ needed: the kernels are compiled from their Triton source as in tests/core/test_
 then ``ptxas -v`` of the triton wheel runs on the PTX).
 
     python tools/experiments/kernel_regs.py          # a table: kernel, variant, registers, spills
+    python tools/experiments/kernel_regs.py --sass   # + the scan's SASS instruction mix
+
+``--sass`` compiles the scan as the JIT does for 16-byte aligned tensors (divisibility hints on
+the pointers and the batch / head strides, unit strides as constants: vector loads), disassembles it with the wheel's
+nvdisasm and counts instructions by opcode, and those between the PDL wait (ACQBULK) and the
+first popcount, the part of the critical path that session 8 emptied of CTA barriers. The
+counts are static (one program of one tile: 4 tokens a thread at 128 bits), the H200's
+Triton may differ (3.6 there: the scan at 40 registers, 32 here).
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import re
 import subprocess
@@ -55,5 +64,56 @@ def main() -> None:
         print(f"{name:<48} {regs:>5} {spill:>8}")
 
 
+def compile_aligned(fn, args: dict, aligned: tuple[str, ...] = (), **options):
+    """``tk.compile_sm90`` with tt.divisibility 16 on every pointer and on the ``aligned`` ints."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: (a if isinstance(a, str) else "constexpr") for n, a in args.items()}
+    cx = {n: a for n, a in args.items() if not isinstance(a, str)}
+    names = list(fn.arg_names)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, a in args.items()
+             if isinstance(a, str) and (a.startswith("*") or n in aligned)}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_mix(cubin: bytes) -> tuple[collections.Counter, str]:
+    """(opcode counts, the SASS text) of a cubin, by the triton wheel's nvdisasm."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    px = get_ptxas(90)
+    nvdisasm = Path(getattr(px, "path", px)).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter()
+    for ln in text.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln)
+        if m:
+            ops[m.group(1)] += 1
+    return ops, text
+
+
+def scan_sass() -> None:
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    print(f"\n{'scan (128 bits, G = 4 signed planes, PDL + early loads)':<56} {'instr':>5} {'POPC':>5} "
+          f"{'BAR':>4} {'LDG':>4}  wait -> 1st POPC: instr, BAR")
+    for sliced in (True, False):
+        # srw = 1: the JIT specialises unit strides (the query codes' words), as it would here
+        args = dict(tk._block_keys_args(hist=True, lse=False, form=2, pdl=True, sliced=sliced), EARLY=True, srw=1)
+        k = compile_aligned(hk._block_keys_kernel, args, aligned=("skb", "skh"), num_warps=4)
+        ops, text = sass_mix(k.asm["cubin"])
+        post = text[text.index("ACQBULK"):]
+        seg = post[:post.index("POPC")]
+        n_seg = sum(1 for ln in seg.splitlines() if re.match(r"\s*/\*[0-9a-f]+\*/", ln))
+        name = "rows bit-sliced (SLICED_ROWS)" if sliced else "rows by cross-thread reductions"
+        print(f"{name:<56} {sum(ops.values()):>5} {ops['POPC']:>5} {ops['BAR']:>4} {ops['LDG']:>4}  "
+              f"{n_seg}, {seg.count('BAR.SYNC')}")
+
+
 if __name__ == "__main__":
     main()
+    if "--sass" in sys.argv:
+        scan_sass()
