@@ -186,6 +186,24 @@ def _row_of(p0, p1, p2, p3, p4, r: tl.constexpr):
 
 
 @triton.jit
+def _half_add(a, b):
+    """Bit-sliced half adder: (sum, carry) planes of a + b for every bit position."""
+    return a ^ b, a & b
+
+
+@triton.jit
+def _add_bit(n, carry, KBIT: tl.constexpr):
+    """Bit-sliced full adder of n + carry + a constant bit: (sum, carry out) planes."""
+    if KBIT:
+        total = ~(n ^ carry)
+        out = n | carry
+    else:
+        total = n ^ carry
+        out = n & carry
+    return total, out
+
+
+@triton.jit
 def _sliced_rows(
     q_base, sqh, sqw, w3, G: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     FORM: tl.constexpr, MAJORITY: tl.constexpr, USE_ASM: tl.constexpr,
@@ -207,22 +225,13 @@ def _sliced_rows(
     for g in tl.static_range(G):
         qg = tl.load(q_base + g * sqh + w3 * sqw, mask=w_ok, other=0)
         n_set += tl.sum(tl.sum(tl.sum(_popc(qg, USE_ASM), 2), 1), 0)
-        carry = qg  # c += q_g, bit-sliced: a ripple of half adders
-        t = c0 ^ carry
-        carry = c0 & carry
-        c0 = t
+        c0, carry = _half_add(c0, qg)  # c += q_g, bit-sliced: a ripple of half adders
         if NC > 1:
-            t = c1 ^ carry
-            carry = c1 & carry
-            c1 = t
+            c1, carry = _half_add(c1, carry)
         if NC > 2:
-            t = c2 ^ carry
-            carry = c2 & carry
-            c2 = t
+            c2, carry = _half_add(c2, carry)
         if NC > 3:
-            t = c3 ^ carry
-            carry = c3 & carry
-            c3 = t
+            c3, carry = _half_add(c3, carry)
         if NC > 4:
             c4 = c4 ^ carry
     base = G * 32 * W - 2 * n_set
@@ -238,30 +247,17 @@ def _sliced_rows(
                 eq = eq & ~cp
         c0 = gt
         base = 32 * W + tl.zeros([], dtype=tl.int32)
-    elif FORM == 2:  # G / 2 - c_b in R-bit two's complement: ~c + (G / 2 + 1), bit-sliced
+    elif FORM == 2:  # G / 2 - c_b in R-bit two's complement: ~c + (G / 2 + 1), bit-sliced (R = NC)
         K: tl.constexpr = G // 2 + 1
-        carry = zero
-        for p in tl.static_range(R):
-            if p < NC:
-                n = ~_row_of(c0, c1, c2, c3, c4, p)
-            else:
-                n = ~zero
-            if (K >> p) & 1:
-                v = ~(n ^ carry)
-                carry = n | carry
-            else:
-                v = n ^ carry
-                carry = n & carry
-            if p == 0:
-                c0 = v
-            elif p == 1:
-                c1 = v
-            elif p == 2:
-                c2 = v
-            elif p == 3:
-                c3 = v
-            else:
-                c4 = v
+        c0, carry = _add_bit(~c0, zero, K & 1)
+        if R > 1:
+            c1, carry = _add_bit(~c1, carry, (K >> 1) & 1)
+        if R > 2:
+            c2, carry = _add_bit(~c2, carry, (K >> 2) & 1)
+        if R > 3:
+            c3, carry = _add_bit(~c3, carry, (K >> 3) & 1)
+        if R > 4:
+            c4, carry = _add_bit(~c4, carry, (K >> 4) & 1)
     return c0, c1, c2, c3, c4, base
 
 
