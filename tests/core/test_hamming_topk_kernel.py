@@ -55,7 +55,7 @@ def test_modes_and_block_repr(mode, repre):
 
 
 @pytest.mark.parametrize("rows", ["sliced", "reduce", "launch"])
-@pytest.mark.parametrize("G", [2, 3, 4, 5, 6, 7, 8, 16])
+@pytest.mark.parametrize("G", [2, 3, 4, 5, 6, 7, 8, 16, 31, 40])
 def test_group_score_forms_exact(monkeypatch, G, rows):
     """Every exact form of the group score (direct, bit-planes + popc(k), signed planes for even
     G) and majority, its rows derived in the scan (bit-sliced adders, or cross-thread
@@ -80,6 +80,13 @@ def test_group_score_forms_exact(monkeypatch, G, rows):
         want = token_scores_ref(majority_codes(q, 2), k)
         keys = kernels.block_keys_triton(q, k, lens, 1, "max", "majority")
         assert torch.equal(keys[0], want[0]) and torch.equal(keys[1, :, :20], want[1, :, :20]), W
+    # every query code equal: c_b = G wherever a bit is set, the largest count the rows see
+    # (a bit-sliced counter one plane short wraps it around: G >= 32 must not take that path)
+    q = q[:, :1].expand(-1, 2 * G, -1).contiguous()
+    for mode in modes + ["majority"]:
+        want = token_scores_ref(majority_codes(q, 2) if mode == "majority" else q, k)
+        keys = kernels.block_keys_triton(q, k, lens, 1, "max", mode)
+        assert torch.equal(keys[0], want[0]) and torch.equal(keys[1, :, :20], want[1, :, :20]), mode
     if G % 2:
         with pytest.raises(ValueError, match="even group size"):
             kernels.block_keys_triton(q, k, lens, 1, "max", "exact_signed")

@@ -64,7 +64,7 @@ FORM_SIGNED = 2
 ROWS_IN_SCAN = True
 # the scan derives those rows bit-sliced (``_sliced_rows``: every thread from the whole query
 # codes, ripple-carry adders of bitwise ops), not with the cross-thread reductions of
-# ``_group_rows`` (barriers between the wait and the first popcount); G <= 16
+# ``_group_rows`` (barriers between the wait and the first popcount); G <= 31 (bit_length(G) <= 5; larger groups take _group_rows)
 SLICED_ROWS = True
 # "exact" takes the signed planes (bit_length(G) popcounts a word, even G) where that is the
 # fewest; False: the choice before them (direct, or planes + popc(k))
@@ -212,7 +212,7 @@ def _sliced_rows(
     thread (w3: the word index, a [1, 1, BLOCK_W] arange in the scan's tile layout) and the
     per-bit counts c_b are kept bit-sliced (plane p = bit p of every c_b, a code-sized word),
     summed by ripple-carry adders of bitwise ops. -> (rows 0..4 as [1, 1, BLOCK_W] int32, only
-    the first R meaningful (R <= 5: G <= 16), base as ``_group_rows``)."""
+    the first R meaningful (R <= 5: G <= 31), base as ``_group_rows``)."""
     NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16)  # bits of c_b in [0, G]
     w_ok = w3 < W
     zero = tl.zeros_like(w3)
@@ -855,7 +855,7 @@ def block_keys_triton(
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl,
-        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and R <= 5, **qa,
+        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and G.bit_length() <= 5, **qa,
     )
     return keys
 
