@@ -19,9 +19,11 @@ import pytest
 pytest.importorskip("triton")
 
 
-def compile_sm90(fn, args: dict, **options):
+def compile_sm90(fn, args: dict, aligned: tuple[str, ...] | None = None, **options):
     """args: a type string ("*i32", "i32", "fp32", "*bf16", ...) or a constexpr value per name;
-    options: launch options (num_warps, enable_fp_fusion, ...). Returns the compiled kernel."""
+    options: launch options (num_warps, enable_fp_fusion, ...). ``aligned``: as the JIT compiles
+    for 16-byte aligned tensors, tt.divisibility 16 on every pointer and on these ints. Returns
+    the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -29,11 +31,15 @@ def compile_sm90(fn, args: dict, **options):
     sig = {n: (a if isinstance(a, str) else "constexpr") for n, a in args.items()}
     cx = {n: a for n, a in args.items() if not isinstance(a, str)}
     assert list(sig) == list(fn.arg_names), "give every argument, in order"
+    attrs = None
+    if aligned is not None:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (n, a) in enumerate(args.items())
+                 if isinstance(a, str) and (a.startswith("*") or n in aligned)}
     opts = {k: v for k, v in options.items() if k != "num_warps"}
     if "num_warps" in options:
         opts["num_warps"] = options["num_warps"]
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                          options=opts)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def _select_args(hist: bool, compact: bool = True, single: bool = True, pdl: bool = False) -> dict:

@@ -6,8 +6,9 @@
 2. A Qwen3-shaped model (random fp32 weights built here) split over cuda:0 and cuda:1, by an
    explicit ``device_map`` and by ``device_map="auto"`` (accelerate's placement, cuda:0 capped
    by ``max_memory`` below the model's size so that the split is certain), decodes with
-   ``kvcomp.enable`` exactly like the same model on cuda:0: same greedy tokens, logits within 1e-4 (fp32 so the comparison is tight: the two
-   runs execute the same kernels on the same GPU model; only where the tensors live differs).
+   ``kvcomp.enable`` exactly like the same model on cuda:0: same greedy tokens, logits within
+   1e-4 (fp32 so the comparison is tight: the two runs execute the same kernels on the same
+   GPU model; only where the tensors live differs).
    Every cache layer's keys, values, lengths and codes live on its layer's device; the sparse
    layers of both GPUs read a fraction of their blocks.
 3. ``kvcomp train-hash`` and ``kvcomp eval`` under ``accelerate launch --multi_gpu

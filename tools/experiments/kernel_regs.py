@@ -64,21 +64,6 @@ def main() -> None:
         print(f"{name:<48} {regs:>5} {spill:>8}")
 
 
-def compile_aligned(fn, args: dict, aligned: tuple[str, ...] = (), **options):
-    """``tk.compile_sm90`` with tt.divisibility 16 on every pointer and on the ``aligned`` ints."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {n: (a if isinstance(a, str) else "constexpr") for n, a in args.items()}
-    cx = {n: a for n, a in args.items() if not isinstance(a, str)}
-    names = list(fn.arg_names)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, a in args.items()
-             if isinstance(a, str) and (a.startswith("*") or n in aligned)}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=options)
-
-
 def sass_mix(cubin: bytes) -> tuple[collections.Counter, str]:
     """(opcode counts, the SASS text) of a cubin, by the triton wheel's nvdisasm."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -103,7 +88,7 @@ def scan_sass() -> None:
     for sliced in (True, False):
         # srw = 1: the JIT specialises unit strides (the query codes' words), as it would here
         args = dict(tk._block_keys_args(hist=True, lse=False, form=2, pdl=True, sliced=sliced), EARLY=True, srw=1)
-        k = compile_aligned(hk._block_keys_kernel, args, aligned=("skb", "skh"), num_warps=4)
+        k = tk.compile_sm90(hk._block_keys_kernel, args, aligned=("skb", "skh"), num_warps=4)
         ops, text = sass_mix(k.asm["cubin"])
         post = text[text.index("ACQBULK"):]
         seg = post[:post.index("POPC")]

@@ -18,26 +18,14 @@ session 7, ``hamming_topk.kernels.QS_IN_SCAN = False``) instead of inside the sc
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
 
 import torch
 
 
-@contextlib.contextmanager
-def _flag(module: str, name: str, value):
-    mod = importlib.import_module(module)
-    old = getattr(mod, name)
-    setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        setattr(mod, name, old)
-
-
 def main(smoke: bool = False) -> None:
     """smoke: a CPU run of the checks at a short length (the reference backend), no timing."""
+    from kvcomp.bench.decode import _flags
     from kvcomp.bench.timing import cuda_time_us
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
@@ -91,7 +79,7 @@ def main(smoke: bool = False) -> None:
             print(f"| {B} | {bits} | {name} | {t:.1f} | {t_dense:.1f} | {t_dense / t:.2f}x | "
                   f"{'equal' if agree == 1.0 else f'{100 * agree:.2f}% equal'} |", flush=True)
             if repre == "lse":  # q_scale by lse_query_scale's torch ops before the scan (session 7)
-                with _flag("kvcomp.ops.hamming_topk.kernels", "QS_IN_SCAN", False):
+                with _flags("kvcomp.ops.hamming_topk.kernels", QS_IN_SCAN=False):
                     t_old = cuda_time_us(steps, reps=30)
                 print(f"| {B} | {bits} | {name}, q_scale by torch ops | {t_old:.1f} | {t_dense:.1f} | "
                       f"{t_dense / t_old:.2f}x | |", flush=True)
