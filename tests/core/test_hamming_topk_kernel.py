@@ -365,3 +365,25 @@ def test_several_tiles_per_program(monkeypatch, target, mode):
             qr = majority_codes(q, Hkv) if mode == "majority" else q
             want = hamming_topk(qr, k, lens, k_blocks=7, chunk_size=8, chunk_repre=repre, backend="reference")
             assert torch.equal(got, want), (repre, hist)
+
+
+@pytest.mark.parametrize("chunk", [100, 300])
+def test_blocks_larger_than_a_tile(monkeypatch, chunk):
+    """Chunks larger than a tile (64 tokens a tile at 32 bits: 300 -> 2 sub-tiles of 256, a
+    block's rows of lanes cut by the chunk's end; 100 -> a 128-token tile of one 100-token
+    block, the next tile prefetched) and several tiles a program: "max", "mean" and key norms
+    give the reference's selection."""
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(kernels, "BLOCK_T", 64)
+    gen = torch.Generator().manual_seed(chunk)
+    B, Hkv, G, W, L = 2, 2, 4, 1, 1000
+    q = codes(B, Hkv * G, W, gen=gen)
+    k = codes(B, Hkv, L, W, low_entropy=True, gen=gen)
+    lens = torch.tensor([1000, 601])
+    ks = torch.rand(B, Hkv, L, generator=gen) + 0.5
+    for repre, scale in (("max", None), ("mean", None), ("max", ks)):
+        got = hamming_topk(q, k, lens, k_blocks=2, chunk_size=chunk, chunk_repre=repre, k_scale=scale,
+                           must_select=(-1,), backend="triton")
+        want = hamming_topk(q, k, lens, k_blocks=2, chunk_size=chunk, chunk_repre=repre, k_scale=scale,
+                            must_select=(-1,), backend="reference")
+        assert torch.equal(got, want), (repre, scale is not None)

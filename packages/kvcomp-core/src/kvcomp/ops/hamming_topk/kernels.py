@@ -207,26 +207,27 @@ def _add_bit(n, carry, KBIT: tl.constexpr):
 
 @triton.jit
 def _sliced_rows(
-    q_base, sqh, sqw, w3, G: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+    q_base, sqh, sqw, w4, G: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     FORM: tl.constexpr, MAJORITY: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """``_group_rows`` without cross-thread work: the G query codes are loaded whole by every
-    thread (w3: the word index, a [1, 1, BLOCK_W] arange in the scan's tile layout) and the
+    thread (w4: the word index, a [1, 1, 1, BLOCK_W] arange in the scan's tile layout) and the
     per-bit counts c_b are kept bit-sliced (plane p = bit p of every c_b, a code-sized word),
-    summed by ripple-carry adders of bitwise ops. -> (rows 0..4 as [1, 1, BLOCK_W] int32, only
-    the first R meaningful (R <= 5: G <= 31), base as ``_group_rows``)."""
+    summed by ripple-carry adders of bitwise ops. -> (rows 0..4 as [1, 1, 1, BLOCK_W] int32,
+    only the first R meaningful (R <= 5: G <= 31), base as ``_group_rows`` but [1, 1, 1]: the
+    sum over the words stays in the thread)."""
     NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16)  # bits of c_b in [0, G]
-    w_ok = w3 < W
-    zero = tl.zeros_like(w3)
+    w_ok = w4 < W
+    zero = tl.zeros_like(w4)
     c0 = zero
     c1 = zero
     c2 = zero
     c3 = zero
     c4 = zero
-    n_set = tl.zeros([], dtype=tl.int32)  # sum over g of popc(q_g): sum_b c_b
+    n_set = zero  # per word: sum over g of popc(q_g); summed, sum_b c_b
     for g in tl.static_range(G):
-        qg = tl.load(q_base + g * sqh + w3 * sqw, mask=w_ok, other=0)
-        n_set += tl.sum(tl.sum(tl.sum(_popc(qg, USE_ASM), 2), 1), 0)
+        qg = tl.load(q_base + g * sqh + w4 * sqw, mask=w_ok, other=0)
+        n_set += _popc(qg, USE_ASM)
         c0, carry = _half_add(c0, qg)  # c += q_g, bit-sliced: a ripple of half adders
         if NC > 1:
             c1, carry = _half_add(c1, carry)
@@ -236,7 +237,7 @@ def _sliced_rows(
             c3, carry = _half_add(c3, carry)
         if NC > 4:
             c4 = c4 ^ carry
-    base = G * 32 * W - 2 * n_set
+    base = G * 32 * W - 2 * tl.sum(n_set, 3)
     if MAJORITY:  # bit b set iff c_b > G // 2: compare the planes with the constant, top down
         gt = zero
         eq = ~zero
@@ -248,7 +249,7 @@ def _sliced_rows(
                 gt = gt | (eq & cp)
                 eq = eq & ~cp
         c0 = gt
-        base = 32 * W + tl.zeros([], dtype=tl.int32)
+        base = 32 * W + tl.zeros([1, 1, 1], dtype=tl.int32)
     elif FORM == 2:  # G / 2 - c_b in R-bit two's complement: ~c + (G / 2 + 1), bit-sliced (R = NC)
         K: tl.constexpr = G // 2 + 1
         c0, carry = _add_bit(~c0, zero, K & 1)
@@ -295,7 +296,7 @@ def _block_keys_kernel(
     G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
     FORM: tl.constexpr, R: tl.constexpr, HAS_BASE: tl.constexpr,
     CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr, NBT: tl.constexpr,
-    MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SUB: tl.constexpr, CL: tl.constexpr, MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
     cnt_ptr=None, kb_ptr=None, must_ptr=None, out_ptr=None, K=0, KB_CONST=0, sob=0, soh=0,
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
@@ -333,14 +334,36 @@ def _block_keys_kernel(
     n_blocks = (seq_len + CHUNK - 1) // CHUNK
     blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
     blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
+    t_hi = tl.minimum(seq_len, blk_hi * CHUNK)  # this program's tokens end here
     BITS: tl.constexpr = 32 * W
-
-    wv = tl.arange(0, BLOCK_W)  # [BLOCK_W]
+    # a sub-tile is [SUB, NBT, CL, BLOCK_W] codes: CP = SUB * CL tokens of each of NBT blocks,
+    # lane l of warp-row (sub, block) holding token sub * CL + l; with CL = 32 lanes and NBT =
+    # num_warps the default layout gives each warp its own blocks, so the block reductions stay
+    # inside a warp (no barriers, no shared memory)
+    sub = tl.arange(0, SUB)[:, None, None]  # [SUB, 1, 1]
+    bi = tl.arange(0, NBT)[None, :, None]  # [1, NBT, 1] block within the tile
+    ln = tl.arange(0, CL)[None, None, :]  # [1, 1, CL]
+    in_sub = sub * CL + ln  # [SUB, 1, CL] token within the sub-tile's part of a block
+    rel = bi * CHUNK + in_sub  # [SUB, NBT, CL] token - (first token of the sub-tile)
+    w4 = tl.arange(0, BLOCK_W)[None, None, None, :]  # [1, 1, 1, BLOCK_W]
+    w_ok = w4 < W
+    if K_CONTIG:
+        k_rel = rel[:, :, :, None] * W + w4  # int32 offsets within a tile
+    else:
+        k_rel = rel[:, :, :, None].to(tl.int64) * skt + w4 * skw
+    k_base = k_ptr + b * skb + h * skh
+    s_base = scale_ptr + b * ssb + h * ssh
     r_base = rows_ptr + b * srb + h * srh
     ridx = tl.arange(0, R_PAD)[:, None]
-    if ROWS_IN and not EARLY:  # the derived rows in registers, row r picked out below
+    # the first sub-tile's codes: with EARLY before the wait (they are not the previous
+    # launch's output), then every tile prefetches the next one's before its popcounts
+    ok = (in_sub < CHUNK) & (rel < t_hi - blk_lo * CHUNK)
+    kc_next = _load_codes(k_base, blk_lo * CHUNK, k_rel, ok[:, :, :, None] & w_ok, W, K_CONTIG, skt)
+    if EARLY:  # the query codes are the previous launch's: wait for them now
+        pdl_enter(PDL)
+    if ROWS_IN:  # the derived rows in registers, row r picked out below
         if SLICED:
-            p0, p1, p2, p3, p4, base = _sliced_rows(r_base, srr, srw, wv[None, None, :], G, W, R, FORM,
+            p0, p1, p2, p3, p4, base = _sliced_rows(r_base, srr, srw, w4, G, W, R, FORM,
                                                     MAJORITY, USE_ASM)
         else:
             rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
@@ -348,13 +371,6 @@ def _block_keys_kernel(
         base = tl.load(base_ptr + pid)
     else:
         base = R * BITS  # direct form over R = G query codes, or majority
-    bi = tl.arange(0, NBT)[:, None, None]  # [NBT, 1, 1] block within the tile
-    ci = tl.arange(0, CP)[None, :, None]  # [1, CP, 1] token within the (sub-)block
-    w3 = wv[None, None, :]  # [1, 1, BLOCK_W]
-    k_base = k_ptr + b * skb + h * skh
-    s_base = scale_ptr + b * ssb + h * ssh
-    bi2 = tl.arange(0, NBT)[:, None]  # [NBT, 1]
-    ci2 = tl.arange(0, CP)[None, :]  # [1, CP]
     if LSE:
         if QS_FROM_Q:
             qg = tl.arange(0, QG_P)[:, None]
@@ -365,7 +381,10 @@ def _block_keys_kernel(
         else:
             qs = tl.load(qs_ptr + pid)
     for blk0 in range(blk_lo, blk_hi, NBT):
-        blk = blk0 + bi
+        kc_first = kc_next
+        nxt = (blk0 + NBT) * CHUNK  # the next tile's sub-tile 0, all masked past the program's blocks
+        ok_n = (in_sub < CHUNK) & (rel < t_hi - nxt)
+        kc_next = _load_codes(k_base, nxt, k_rel, ok_n[:, :, :, None] & w_ok, W, K_CONTIG, skt)
         if MEAN:
             run = tl.zeros([NBT], dtype=tl.int32)
         else:
@@ -374,30 +393,20 @@ def _block_keys_kernel(
         lsum = tl.zeros([NBT], dtype=tl.float32)  # LSE: sum of exp(x - frun)
         n_ok = tl.zeros([NBT], dtype=tl.int32)
         for s in tl.static_range(N_SUB):
-            in_blk = s * CP + ci
-            t = blk * CHUNK + in_blk  # [NBT, CP, 1]
-            ok = (in_blk < CHUNK) & (t < seq_len) & (blk < blk_hi)
-            if K_CONTIG:
-                offs = t.to(tl.int64) * W + w3
+            t0 = blk0 * CHUNK + s * CP  # first token of the sub-tile
+            ok = (s * CP + in_sub < CHUNK) & (rel < t_hi - t0)  # [SUB, NBT, CL]
+            if s == 0:
+                kc = kc_first
             else:
-                offs = t.to(tl.int64) * skt + w3 * skw
-            kc = tl.load(k_base + offs, mask=ok & (w3 < W), other=0)  # [NBT, CP, BLOCK_W]
-            if EARLY and s == 0:  # the query codes are the previous launch's: wait for them now
-                pdl_enter(PDL)  # (again each tile: no-op after the first)
-                if ROWS_IN:
-                    if SLICED:
-                        p0, p1, p2, p3, p4, base = _sliced_rows(r_base, srr, srw, w3, G, W, R, FORM,
-                                                                MAJORITY, USE_ASM)
-                    else:
-                        rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
-            acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
+                kc = _load_codes(k_base, t0, k_rel, ok[:, :, :, None] & w_ok, W, K_CONTIG, skt)
+            acc = tl.zeros([SUB, NBT, CL, BLOCK_W], dtype=tl.int32)
             for r in tl.static_range(R):
                 if ROWS_IN and SLICED:
-                    row = _row_of(p0, p1, p2, p3, p4, r)  # [1, 1, BLOCK_W]
+                    row = _row_of(p0, p1, p2, p3, p4, r)  # [1, 1, 1, BLOCK_W]
                 elif ROWS_IN:
-                    row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, :]  # [1, 1, BLOCK_W]
+                    row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, None, :]
                 else:
-                    row = tl.load(r_base + r * srr + w3 * srw, mask=w3 < W, other=0)
+                    row = tl.load(r_base + r * srr + w4 * srw, mask=w_ok, other=0)
                 if FORM == 0:
                     acc += _popc(row ^ kc, USE_ASM)
                 elif FORM == 2 and r == R - 1:  # the sign plane of two's complement
@@ -405,33 +414,31 @@ def _block_keys_kernel(
                 else:
                     acc += _popc(row & kc, USE_ASM) << r
             if FORM == 0:
-                score = base - 2 * tl.sum(acc, 2)  # [NBT, CP]
+                score = base - 2 * tl.sum(acc, 3)  # [SUB, NBT, CL]
             elif FORM == 2:
-                score = base - 4 * tl.sum(acc, 2)
+                score = base - 4 * tl.sum(acc, 3)
             else:
-                score = base + 4 * tl.sum(acc, 2) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 2)
-            ok2 = tl.sum(ok.to(tl.int32), 2) > 0  # [NBT, CP]
+                score = base + 4 * tl.sum(acc, 3) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 3)
             if HAS_SCALE:
-                t2 = (blk0 + bi2) * CHUNK + s * CP + ci2  # [NBT, CP]
-                sc = tl.load(s_base + t2.to(tl.int64) * sst, mask=ok2, other=0.0).to(tl.float32)
+                sc = tl.load(s_base + (t0 + rel).to(tl.int64) * sst, mask=ok, other=0.0).to(tl.float32)
             if LSE:  # the reference's order: sin(s * c), * scale, * qs; online log-sum-exp
                 x = tl.sin(score.to(tl.float32) * lse_c)
                 if HAS_SCALE:
                     x = x * sc
-                x = tl.where(ok2, x * qs, float("-inf"))
-                m_new = tl.maximum(frun, tl.max(x, 1))
+                x = tl.where(ok, x * qs, float("-inf"))
+                m_new = tl.maximum(frun, tl.max(tl.max(x, 0), 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                lsum = lsum * tl.exp(frun - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+                lsum = lsum * tl.exp(frun - m_safe) + tl.sum(tl.sum(tl.exp(x - m_safe[None, :, None]), 0), 1)
                 frun = m_new
             elif HAS_SCALE:  # one fp32 multiply per token, as the reference; max in fp32
                 val = score.to(tl.float32) * sc
                 val = tl.where(val == 0.0, 0.0, val)  # -0.0 -> +0.0: equal scores, equal keys
-                frun = tl.maximum(frun, tl.max(tl.where(ok2, val, float("-inf")), 1))
+                frun = tl.maximum(frun, tl.max(tl.max(tl.where(ok, val, float("-inf")), 0), 1))
             elif MEAN:
-                run += tl.sum(tl.where(ok2, score, 0), 1)
-                n_ok += tl.sum(ok2.to(tl.int32), 1)
+                run += tl.sum(tl.sum(tl.where(ok, score, 0), 0), 1)
+                n_ok += tl.sum(tl.sum(ok.to(tl.int32), 0), 1)
             else:
-                run = tl.maximum(run, tl.max(tl.where(ok2, score, -2147483648), 1))
+                run = tl.maximum(run, tl.max(tl.max(tl.where(ok, score, -2147483648), 0), 1))
         if LSE:
             f = frun + tl.log(tl.maximum(lsum, 1e-30))  # a real block's lsum >= 1
             f = tl.where(f == 0.0, 0.0, f)  # -0.0 -> +0.0
@@ -474,6 +481,17 @@ def _block_keys_kernel(
             else:
                 _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
                             seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
+
+
+@triton.jit
+def _load_codes(k_base, t0, k_rel, mask, W: tl.constexpr, K_CONTIG: tl.constexpr, skt):
+    """Codes of the sub-tile whose first token is t0 (int32 scalar): [SUB, NBT, CL, BLOCK_W]
+    int32, 0 where masked (one 64-bit scalar offset, then the tile's own offsets k_rel)."""
+    if K_CONTIG:
+        tile = k_base + t0.to(tl.int64) * W
+    else:
+        tile = k_base + t0.to(tl.int64) * skt
+    return tl.load(tile + k_rel, mask=mask, other=0)
 
 
 @triton.jit
@@ -830,6 +848,7 @@ def block_keys_triton(
     block_t = max(BLOCK_T * 4 // block_w, 32)  # tokens per tile, ~BLOCK_T * 16 bytes of codes
     cp = min(triton.next_power_of_2(chunk_size), block_t)
     nbt = block_t // cp
+    cl = min(cp, 32)  # a block's tokens in rows of (up to) one warp's lanes
     n_sub = triton.cdiv(chunk_size, cp)
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * Hkv), triton.cdiv(nb, nbt)))
     per_prog = triton.cdiv(triton.cdiv(nb, splits), nbt) * nbt
@@ -854,7 +873,7 @@ def block_keys_triton(
         srb, srh, srr, srw, *k_codes.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
-        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
+        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, SUB=cp // cl, CL=cl, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl,
