@@ -8,7 +8,8 @@ bandwidth measured in the same run: the scan alone (``block_keys_triton``) and s
 Every variant's selection is checked against the reference (``select_blocks_ref`` over the
 reference block scores) before it is timed; a mismatch is reported and not timed. Inputs rotate
 over enough code sets that nothing is found in L2. The code bytes floor of a row is
-B * Hkv * L * 16 bytes; "% copy" is that floor's time at the copy bandwidth over the measured time.
+B * Hkv * L * 16 bytes; "% copy" is the code bytes over the measured time, over the copy bandwidth (bytes read + written),
+as ``kvcomp bench decode`` counts it. Old kernels (no SCAN_PREFETCH) time with --prefetch 1 only.
 """
 
 from __future__ import annotations
@@ -38,15 +39,21 @@ def main() -> None:
     ap.add_argument("--lengths", type=positive_ints, default=[131072])
     ap.add_argument("--batches", type=positive_ints, default=[1, 8])
     ap.add_argument("--targets", type=positive_ints, default=[65536, 8192, 4096, 2048, 1024, 512])
+    ap.add_argument("--prefetch", default="1", help="SCAN_PREFETCH values to time, e.g. 1,0")
+    ap.add_argument("--maxnreg", default="0", help="SCAN_MAXNREG values to time (0: none), e.g. 0,40")
+    ap.add_argument("--hist-rows", default="", help="HIST_MAX_ROWS values to time, e.g. 32,64 (default: as is)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     copy = copy_bandwidth_gbs()
+    hist_rows = [int(x) for x in args.hist_rows.split(",") if x] or [hk.HIST_MAX_ROWS]
+    knobs = [(bool(int(p)), int(m) or None, hr) for p in args.prefetch.split(",") for m in args.maxnreg.split(",")
+             for hr in hist_rows]
     out = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, default_target=hk.TARGET_PROGRAMS, rows=[])
     print(f"{out['device']}: copy {copy:.0f} GB/s (read + write); default TARGET_PROGRAMS {hk.TARGET_PROGRAMS}")
-    print(f"{'L':>7} {'B':>2} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
+    print(f"{'L':>7} {'B':>2} {'pf':>2} {'nreg':>4} {'hist':>4} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
           f"{'scan+sel':>8} {'%copy':>6}")
     for L in args.lengths:
         for B in args.batches:
@@ -61,17 +68,24 @@ def main() -> None:
             q0, k0 = sets[0]
             want = select_blocks_ref(block_scores_ref(token_scores_ref(q0, k0), lens, CHUNK, "max"), lens,
                                      torch.full((B,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
-            floor_us = nbytes / (copy / 2 * 1e9) * 1e6  # reading the codes at the copy rate
+            floor_us = nbytes / (copy * 1e9) * 1e6  # the code bytes at the copy bandwidth (read + write)
             nbt = hk.BLOCK_T // CHUNK
+            # a read-only yardstick: torch's int32 sum over the same code bytes
+            t_sum = cuda_time_us([lambda k=k: k.sum(dtype=torch.int32) for _, k in sets], reps=args.reps)
+            out["rows"].append(dict(L=L, B=B, torch_sum_us=t_sum, code_bytes=nbytes))
+            print(f"{L:>7} {B:>2} torch int32 sum of the codes: {t_sum:.1f} us, {100 * floor_us / t_sum:.0f}% of copy")
             tiles = B * HKV * math.ceil(nb / nbt)
-            for target in args.targets:
-                old = hk.TARGET_PROGRAMS
-                hk.TARGET_PROGRAMS = target
+            for (prefetch, maxnreg, hr), target in [(kn, t) for kn in knobs for t in args.targets]:
+                old = (hk.TARGET_PROGRAMS, getattr(hk, "SCAN_PREFETCH", None), getattr(hk, "SCAN_MAXNREG", None),
+                       hk.HIST_MAX_ROWS)
+                hk.TARGET_PROGRAMS, hk.SCAN_PREFETCH, hk.SCAN_MAXNREG, hk.HIST_MAX_ROWS = target, prefetch, maxnreg, hr
+                tag = f"{L:>7} {B:>2} {int(prefetch):>2} {maxnreg or 0:>4} {hr:>4} {target:>6}"
                 try:
                     got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
                     if not torch.equal(got, want):
-                        print(f"{L:>7} {B:>2} {target:>6}  MISMATCH against the reference: not timed")
-                        out["rows"].append(dict(L=L, B=B, target=target, verified=False))
+                        print(f"{tag}  MISMATCH against the reference: not timed")
+                        out["rows"].append(dict(L=L, B=B, target=target, prefetch=prefetch, maxnreg=maxnreg,
+                                                hist_max_rows=hr, verified=False))
                         continue
                     t_scan = cuda_time_us([lambda q=q, k=k, n=lens: hk.block_keys_triton(q, k, n, CHUNK, "max")
                                            for q, k in sets], reps=args.reps)
@@ -79,14 +93,14 @@ def main() -> None:
                                                                         must_select=MUST) for q, k in sets],
                                          reps=args.reps)
                 finally:
-                    hk.TARGET_PROGRAMS = old
+                    hk.TARGET_PROGRAMS, hk.SCAN_PREFETCH, hk.SCAN_MAXNREG, hk.HIST_MAX_ROWS = old
                 splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / nbt)))
                 per_prog = math.ceil(math.ceil(nb / splits) / nbt)
-                row = dict(L=L, B=B, target=target, tiles=tiles, tiles_per_program=per_prog, verified=True,
+                row = dict(L=L, B=B, target=target, prefetch=prefetch, maxnreg=maxnreg, hist_max_rows=hr, tiles=tiles, tiles_per_program=per_prog, verified=True,
                            scan_us=t_scan, select_us=t_sel, code_bytes=nbytes, floor_us=floor_us,
                            scan_copy=floor_us / t_scan, select_copy=floor_us / t_sel)
                 out["rows"].append(row)
-                print(f"{L:>7} {B:>2} {target:>6} {per_prog:>10} {t_scan:8.1f} {100 * floor_us / t_scan:5.0f}% "
+                print(f"{tag} {per_prog:>10} {t_scan:8.1f} {100 * floor_us / t_scan:5.0f}% "
                       f"{t_sel:8.1f} {100 * floor_us / t_sel:5.0f}%", flush=True)
             del sets
             torch.cuda.empty_cache()

@@ -80,6 +80,11 @@ BLOCK_T = 512
 # tokens, 81.4 against 83.1 us (H200, session 8; 4 tiles: 81.4, 8: 88.5; B = 1 / 4 unchanged)
 TARGET_PROGRAMS = 8192
 SCAN_WARPS = 4
+# each scan tile loads the next tile's codes before its own popcounts (two tiles of codes in
+# registers); False: after its work (one tile, fewer registers, more programs an SM)
+SCAN_PREFETCH = True
+# register cap (ptxas .maxnreg) of the scan, or None
+SCAN_MAXNREG = None
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
 # warps of a stage-2 program (None: 4 up to 1024 blocks a row, else 8)
@@ -296,7 +301,7 @@ def _block_keys_kernel(
     G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
     FORM: tl.constexpr, R: tl.constexpr, HAS_BASE: tl.constexpr,
     CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr, NBT: tl.constexpr,
-    SUB: tl.constexpr, CL: tl.constexpr, MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SUB: tl.constexpr, CL: tl.constexpr, PREFETCH: tl.constexpr, MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
     cnt_ptr=None, kb_ptr=None, must_ptr=None, out_ptr=None, K=0, KB_CONST=0, sob=0, soh=0,
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
@@ -383,8 +388,9 @@ def _block_keys_kernel(
     for blk0 in range(blk_lo, blk_hi, NBT):
         kc_first = kc_next
         nxt = (blk0 + NBT) * CHUNK  # the next tile's sub-tile 0, all masked past the program's blocks
-        ok_n = (in_sub < CHUNK) & (rel < t_hi - nxt)
-        kc_next = _load_codes(k_base, nxt, k_rel, ok_n[:, :, :, None] & w_ok, W, K_CONTIG, skt)
+        if PREFETCH:  # in flight during this tile's popcounts (two tiles of codes in registers)
+            ok_n = (in_sub < CHUNK) & (rel < t_hi - nxt)
+            kc_next = _load_codes(k_base, nxt, k_rel, ok_n[:, :, :, None] & w_ok, W, K_CONTIG, skt)
         if MEAN:
             run = tl.zeros([NBT], dtype=tl.int32)
         else:
@@ -462,6 +468,9 @@ def _block_keys_kernel(
                 mj = tl.load(must_ptr + jm)
                 counted = counted & (bo != tl.where(mj >= 0, mj, n_blocks + mj))
             tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
+        if not PREFETCH:  # loaded after this tile's work: one tile of codes in registers
+            ok_n = (in_sub < CHUNK) & (rel < t_hi - nxt)
+            kc_next = _load_codes(k_base, nxt, k_rel, ok_n[:, :, :, None] & w_ok, W, K_CONTIG, skt)
     if FUSED:
         # the row's last program to finish runs the selection: every program of the row counts
         # in once its keys are stored (barrier, then a gpu-scope acq_rel atomic), the last one
@@ -873,9 +882,10 @@ def block_keys_triton(
         srb, srh, srr, srw, *k_codes.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
-        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, SUB=cp // cl, CL=cl, MEAN=chunk_repre == "mean",
+        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, SUB=cp // cl, CL=cl, PREFETCH=SCAN_PREFETCH, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
+        **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG and not interpreting() and not select else {}),
         **(select or {}), **(hist or {}), **pdl,
         ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and G.bit_length() <= 5, **qa,
     )
