@@ -29,6 +29,7 @@ L2_BYTES = 50 << 20
 def main() -> None:
     from kvcomp.ops import hamming_topk
     from kvcomp.ops.hamming_topk import kernels as hk
+    from kvcomp.ops.hamming_topk import mma_scan as ms
     from kvcomp.ops.hamming_topk.reference import (
         block_scores_ref,
         select_blocks_ref,
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--prefetch", default="1", help="SCAN_PREFETCH values to time, e.g. 1,0")
     ap.add_argument("--maxnreg", default="0", help="SCAN_MAXNREG values to time (0: none), e.g. 0,40")
     ap.add_argument("--hist-rows", default="", help="HIST_MAX_ROWS values to time, e.g. 32,64 (default: as is)")
+    ap.add_argument("--mma", default="", help="mma_scan.MMA_SCAN values to time, e.g. 1,0 (default: as is)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -49,11 +51,12 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     copy = copy_bandwidth_gbs()
     hist_rows = [int(x) for x in args.hist_rows.split(",") if x] or [hk.HIST_MAX_ROWS]
-    knobs = [(bool(int(p)), int(m) or None, hr) for p in args.prefetch.split(",") for m in args.maxnreg.split(",")
-             for hr in hist_rows]
+    mma = [bool(int(x)) for x in args.mma.split(",") if x] or [ms.MMA_SCAN]
+    knobs = [(bool(int(p)), int(m) or None, hr, mm) for p in args.prefetch.split(",") for m in args.maxnreg.split(",")
+             for hr in hist_rows for mm in mma]
     out = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, default_target=hk.TARGET_PROGRAMS, rows=[])
     print(f"{out['device']}: copy {copy:.0f} GB/s (read + write); default TARGET_PROGRAMS {hk.TARGET_PROGRAMS}")
-    print(f"{'L':>7} {'B':>2} {'pf':>2} {'nreg':>4} {'hist':>4} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
+    print(f"{'L':>7} {'B':>2} {'pf':>2} {'nreg':>4} {'hist':>4} {'mma':>3} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
           f"{'scan+sel':>8} {'%copy':>6}")
     for L in args.lengths:
         for B in args.batches:
@@ -75,17 +78,19 @@ def main() -> None:
             out["rows"].append(dict(L=L, B=B, torch_sum_us=t_sum, code_bytes=nbytes))
             print(f"{L:>7} {B:>2} torch int32 sum of the codes: {t_sum:.1f} us, {100 * floor_us / t_sum:.0f}% of copy")
             tiles = B * HKV * math.ceil(nb / nbt)
-            for (prefetch, maxnreg, hr), target in [(kn, t) for kn in knobs for t in args.targets]:
+            for (prefetch, maxnreg, hr, mm), target in [(kn, t) for kn in knobs for t in args.targets]:
                 old = (hk.TARGET_PROGRAMS, getattr(hk, "SCAN_PREFETCH", None), getattr(hk, "SCAN_MAXNREG", None),
                        hk.HIST_MAX_ROWS)
                 hk.TARGET_PROGRAMS, hk.SCAN_PREFETCH, hk.SCAN_MAXNREG, hk.HIST_MAX_ROWS = target, prefetch, maxnreg, hr
-                tag = f"{L:>7} {B:>2} {int(prefetch):>2} {maxnreg or 0:>4} {hr:>4} {target:>6}"
+                old_mma = ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS
+                ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = mm, target
+                tag = f"{L:>7} {B:>2} {int(prefetch):>2} {maxnreg or 0:>4} {hr:>4} {int(mm):>3} {target:>6}"
                 try:
                     got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
                     if not torch.equal(got, want):
                         print(f"{tag}  MISMATCH against the reference: not timed")
                         out["rows"].append(dict(L=L, B=B, target=target, prefetch=prefetch, maxnreg=maxnreg,
-                                                hist_max_rows=hr, verified=False))
+                                                hist_max_rows=hr, mma=mm, verified=False))
                         continue
                     t_scan = cuda_time_us([lambda q=q, k=k, n=lens: hk.block_keys_triton(q, k, n, CHUNK, "max")
                                            for q, k in sets], reps=args.reps)
@@ -94,9 +99,10 @@ def main() -> None:
                                          reps=args.reps)
                 finally:
                     hk.TARGET_PROGRAMS, hk.SCAN_PREFETCH, hk.SCAN_MAXNREG, hk.HIST_MAX_ROWS = old
+                    ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = old_mma
                 splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / nbt)))
                 per_prog = math.ceil(math.ceil(nb / splits) / nbt)
-                row = dict(L=L, B=B, target=target, prefetch=prefetch, maxnreg=maxnreg, hist_max_rows=hr, tiles=tiles, tiles_per_program=per_prog, verified=True,
+                row = dict(L=L, B=B, target=target, prefetch=prefetch, maxnreg=maxnreg, hist_max_rows=hr, mma=mm, tiles=tiles, tiles_per_program=per_prog, verified=True,
                            scan_us=t_scan, select_us=t_sel, code_bytes=nbytes, floor_us=floor_us,
                            scan_copy=floor_us / t_scan, select_copy=floor_us / t_sel)
                 out["rows"].append(row)

@@ -219,8 +219,9 @@ def _sliced_rows(
     thread (w4: the word index, a [1, 1, 1, BLOCK_W] arange in the scan's tile layout) and the
     per-bit counts c_b are kept bit-sliced (plane p = bit p of every c_b, a code-sized word),
     summed by ripple-carry adders of bitwise ops. -> (rows 0..4 as [1, 1, 1, BLOCK_W] int32,
-    only the first R meaningful (R <= 5: G <= 31), base as ``_group_rows`` but [1, 1, 1]: the
-    sum over the words stays in the thread)."""
+    only the first R meaningful (R <= 5: G <= 31), n_set: sum_g popc(q_g) per word, from which
+    ``_sliced_base`` gives the base of ``_group_rows``). w4 may be any int32 tensor of word
+    indices (the MMA scan: one word a lane)."""
     NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16)  # bits of c_b in [0, G]
     w_ok = w4 < W
     zero = tl.zeros_like(w4)
@@ -242,7 +243,6 @@ def _sliced_rows(
             c3, carry = _half_add(c3, carry)
         if NC > 4:
             c4 = c4 ^ carry
-    base = G * 32 * W - 2 * tl.sum(n_set, 3)
     if MAJORITY:  # bit b set iff c_b > G // 2: compare the planes with the constant, top down
         gt = zero
         eq = ~zero
@@ -254,7 +254,6 @@ def _sliced_rows(
                 gt = gt | (eq & cp)
                 eq = eq & ~cp
         c0 = gt
-        base = 32 * W + tl.zeros([1, 1, 1], dtype=tl.int32)
     elif FORM == 2:  # G / 2 - c_b in R-bit two's complement: ~c + (G / 2 + 1), bit-sliced (R = NC)
         K: tl.constexpr = G // 2 + 1
         c0, carry = _add_bit(~c0, zero, K & 1)
@@ -266,7 +265,16 @@ def _sliced_rows(
             c3, carry = _add_bit(~c3, carry, (K >> 3) & 1)
         if R > 4:
             c4, carry = _add_bit(~c4, carry, (K >> 4) & 1)
-    return c0, c1, c2, c3, c4, base
+    return c0, c1, c2, c3, c4, n_set
+
+
+@triton.jit
+def _sliced_base(n_set_total, G: tl.constexpr, W: tl.constexpr, MAJORITY: tl.constexpr):
+    """The constant part of the score from sum_g popc(q_g) over all words (``_group_rows``)."""
+    if MAJORITY:
+        return 32 * W + n_set_total * 0
+    else:
+        return G * 32 * W - 2 * n_set_total
 
 
 @triton.jit
@@ -368,8 +376,9 @@ def _block_keys_kernel(
         pdl_enter(PDL)
     if ROWS_IN:  # the derived rows in registers, row r picked out below
         if SLICED:
-            p0, p1, p2, p3, p4, base = _sliced_rows(r_base, srr, srw, w4, G, W, R, FORM,
-                                                    MAJORITY, USE_ASM)
+            p0, p1, p2, p3, p4, n_set = _sliced_rows(r_base, srr, srw, w4, G, W, R, FORM,
+                                                     MAJORITY, USE_ASM)
+            base = _sliced_base(tl.sum(n_set, 3), G, W, MAJORITY)  # [1, 1, 1]: in the thread
         else:
             rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
     elif HAS_BASE:
@@ -875,6 +884,11 @@ def block_keys_triton(
         qa = dict(q_ptr=q, sqb=q.stride(0), sqr=q.stride(1), sqd=q.stride(2), q_inv_sqrt_d=1.0 / qd**0.5,
                   QS_FROM_Q=True, QG=qg, QG_P=triton.next_power_of_2(qg), QD=qd,
                   QD_P=triton.next_power_of_2(qd))
+    from kvcomp.ops.hamming_topk import mma_scan  # (it imports this module)
+
+    if rows_in and mma_scan.mma_applies(k_codes, G, form, majority, chunk_size, chunk_repre, k_scale, q, q_scale,
+                                        select, interpreting()):
+        return mma_scan.block_keys_mma(q_codes, k_codes, seq_lens, chunk_size, R, keys, hist, pdl)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
         q_scale if q_scale is not None else keys, float(torch.pi / (2 * lse_range)),

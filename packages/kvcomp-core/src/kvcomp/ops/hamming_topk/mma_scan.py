@@ -1,0 +1,191 @@
+"""The exact group score on the tensor cores: the Hamming scan's popcounts as 1-bit MMAs.
+
+The signed-planes form (``kernels`` module doc) scores a token k as
+``base - 4 * sum_p coef_p * popc(plane_p & k)`` over R planes (coef 2^p, the top one -2^(R-1)).
+Every ``popc(plane_p & k)`` of 16 tokens and up to 8 planes is one
+``mma.sync.m16n8k128.row.col.s32.b1.b1.s32.and.popc``: A = 16 token codes of 128 bits (rows),
+B = the planes (columns), D[token, plane] = popc(k & plane). On sm_90 that replaces 12 POPC a
+token (G = 4, 3 planes x 4 words; 16 at G = 8) by 1/16 of an MMA: the scan no longer waits on
+the popcount pipe (16 a clock an SM), which set its pace at large batches.
+
+Fragments (PTX ISA, m16n8k128 .b1; lane = 4 * gid + tid): a lane holds word ``tid`` of tokens
+``gid`` and ``gid + 8`` (A), word ``tid`` of plane ``gid`` (B, zero for gid >= R) and gets
+D[gid][2 tid], D[gid][2 tid + 1], D[gid + 8][2 tid], D[gid + 8][2 tid + 1]. A lane weights its
+two columns, two butterfly shuffles sum the quad (every plane of a token), a warp max reduces a
+block. So a warp tile is 128 tokens (8 MMAs), a block is scanned by one warp (chunks of 16, 32,
+64, 128 share a warp tile; larger chunks take several) and the block reductions never leave the
+warp. Each program runs NWARPS warps over consecutive blocks, as the SIMT scan's tiles.
+
+The kernel works on 1-D tensors of one element a thread (``[NWARPS * 32]``), with the lane index
+from ``%laneid`` (opaque to Triton's contiguity analysis, so the loads stay one word a lane and
+the layout one element a thread, as the fragments need). Applies to 128-bit codes, exact mode
+with even G (signed planes, R <= 8), chunk_repre "max" without per-token weights, contiguous
+codes and chunk sizes that are multiples of 16 dividing or divided by 128; everything else, and
+the CPU interpreter, take the SIMT scan. Same keys and histogram counts as the SIMT scan, bit
+for bit (the GPU tests compare both with the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcomp.ops._pdl import pdl_enter
+from kvcomp.ops.hamming_topk.kernels import _sliced_base, _sliced_rows
+
+# take the tensor-core scan where it applies (False: the SIMT scan everywhere)
+MMA_SCAN = True
+MMA_WARPS = 4
+# at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS)
+MMA_TARGET_PROGRAMS = 8192
+
+
+@triton.jit
+def _lane_id(like):
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl_xor1(x):
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=r,r", [x],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl_xor2(x):
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r", [x],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _warp_max(x):
+    return tl.inline_asm_elementwise("redux.sync.max.s32 $0, $1, 0xffffffff;", "=r,r", [x],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_and_popc(a0, a1, b0, zero):
+    """D = popc(A & B) of one m16n8k128 1-bit MMA, per lane (d0, d1, d2, d3)."""
+    return tl.inline_asm_elementwise(
+        "mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc "
+        "{$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $7, $7, $7};",
+        "=r,=r,=r,=r,r,r,r,r", [a0, a1, b0, zero],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _plane_weight(n, R: tl.constexpr):
+    """coef of plane n in the signed form (0 past the R planes)."""
+    w = tl.where(n < R - 1, 1 << n, 0)
+    return tl.where(n == R - 1, -(1 << (R - 1)), w)
+
+
+@triton.jit
+def _block_keys_mma_kernel(
+    q_ptr, k_ptr, len_ptr, key_ptr,
+    Hkv, NB_OUT, BLOCKS_PER_PROG,
+    sqb, sqh, sqw, skb, skh,
+    G: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NWARPS: tl.constexpr,
+    must_ptr=None, hist_ptr=None, HIST: tl.constexpr = False, M: tl.constexpr = 0,
+    KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1, KSTEP: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
+):
+    """Block keys (the block max of the exact score, int32) of blocks [pid1 * BLOCKS_PER_PROG,
+    ...) of row (b, kv-head) = pid0, into key_ptr + pid0 * NB_OUT; the query codes of row
+    (b, h) at q_ptr + b*sqb + (h*G + g)*sqh + w*sqw, the key codes contiguous [L, 4] at
+    k_ptr + b*skb + h*skh. HIST: as the SIMT scan (must-select blocks left out)."""
+    pdl_enter(PDL)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hkv
+    h = pid % Hkv
+    seq_len = tl.load(len_ptr + b).to(tl.int32)
+    n_blocks = (seq_len + CHUNK - 1) // CHUNK
+    blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
+    blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
+    t_hi = tl.minimum(seq_len, blk_hi * CHUNK)
+    WT: tl.constexpr = 128 if CHUNK < 128 else CHUNK  # tokens of a warp tile
+    NM: tl.constexpr = WT // 16  # MMAs of a warp tile
+    BPW: tl.constexpr = WT // CHUNK  # blocks of a warp tile
+    MPB: tl.constexpr = CHUNK // 16 if CHUNK < 128 else NM  # MMAs of a block
+
+    i = tl.arange(0, NWARPS * 32)
+    lane = _lane_id(i)
+    warp = i // 32
+    gid = lane // 4
+    tid = lane % 4
+    # the planes: this lane's word (tid) of plane gid, bit-sliced from the G query codes' word tid
+    p0, p1, p2, p3, p4, n_set = _sliced_rows(q_ptr + b * sqb + (h * G) * sqh, sqh, sqw, tid, G, 4, R,
+                                             2, False, True)
+    n_all = n_set + _shfl_xor1(n_set)
+    n_all = n_all + _shfl_xor2(n_all)  # sum over the quad's 4 words
+    base = _sliced_base(n_all, G, 4, False)
+    bq = tl.where(gid == 0, p0, tl.where(gid == 1, p1, tl.where(gid == 2, p2, tl.where(gid == 3, p3, p4))))
+    bq = tl.where(gid < R, bq, 0)
+    w_lo = _plane_weight(2 * tid, R)
+    w_hi = _plane_weight(2 * tid + 1, R)
+    zero = tl.zeros_like(i)
+    k_row = k_ptr + b * skb + h * skh
+    for blk0 in range(blk_lo, blk_hi, NWARPS * BPW):
+        tok_w = (blk0 + warp * BPW) * CHUNK  # first token of this warp's tile
+        run = tl.full([NWARPS * 32], -2147483648, dtype=tl.int32)
+        for m in tl.static_range(NM):
+            ta = tok_w + m * 16 + gid  # the lane's tokens: rows gid and gid + 8
+            a0 = tl.load(k_row + ta.to(tl.int64) * 4 + tid, mask=ta < t_hi, other=0)
+            a1 = tl.load(k_row + (ta + 8).to(tl.int64) * 4 + tid, mask=ta + 8 < t_hi, other=0)
+            d0, d1, d2, d3 = _mma_and_popc(a0, a1, bq, zero)
+            sa = w_lo * d0 + w_hi * d1
+            sb = w_lo * d2 + w_hi * d3
+            sa = sa + _shfl_xor1(sa)
+            sb = sb + _shfl_xor1(sb)
+            sa = sa + _shfl_xor2(sa)
+            sb = sb + _shfl_xor2(sb)
+            sa = tl.where(ta < t_hi, base - 4 * sa, -2147483648)
+            sb = tl.where(ta + 8 < t_hi, base - 4 * sb, -2147483648)
+            run = tl.maximum(run, tl.maximum(sa, sb))
+            if (m + 1) % MPB == 0:  # the block's last MMA: its key
+                key = _warp_max(run)
+                blk = blk0 + warp * BPW + m // MPB
+                out_ok = (lane == 0) & (blk < blk_hi)
+                tl.store(key_ptr + pid * NB_OUT + blk, key, mask=out_ok)
+                if HIST:
+                    counted = out_ok
+                    for jm in tl.static_range(M):
+                        mj = tl.load(must_ptr + jm)
+                        counted = counted & (blk != tl.where(mj >= 0, mj, n_blocks + mj))
+                    tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
+                run = tl.full([NWARPS * 32], -2147483648, dtype=tl.int32)
+
+
+def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
+                k_scale, q, q_scale, select, interpreting: bool) -> bool:
+    """Whether the tensor-core scan takes this call (module doc)."""
+    if not MMA_SCAN or interpreting or not k_codes.is_cuda or select is not None:
+        return False
+    if torch.cuda.get_device_capability(k_codes.device) < (8, 0):
+        return False
+    W = k_codes.shape[3]
+    chunk_ok = chunk_size % 16 == 0 and (128 % chunk_size == 0 or chunk_size % 128 == 0)
+    return (W == 4 and form == 2 and not majority and chunk_ok and chunk_repre == "max" and k_scale is None
+            and q is None and q_scale is None and G.bit_length() <= 5
+            and k_codes.stride(3) == 1 and k_codes.stride(2) == 4)
+
+
+def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor, chunk_size: int,
+                   R: int, keys: torch.Tensor, hist: dict | None, pdl: dict) -> torch.Tensor:
+    """Launch ``_block_keys_mma_kernel`` (``mma_applies`` must hold): keys [B, Hkv, NB] int32."""
+    B, Hq, _ = q_codes.shape
+    _, Hkv, Lmax, _ = k_codes.shape
+    nb = keys.shape[2]
+    bpt = MMA_WARPS * max(1, 128 // chunk_size)  # blocks of a program's tile (one warp tile each warp)
+    splits = max(1, min(triton.cdiv(MMA_TARGET_PROGRAMS, B * Hkv), triton.cdiv(nb, bpt)))
+    per_prog = triton.cdiv(triton.cdiv(nb, splits), bpt) * bpt
+    splits = triton.cdiv(nb, per_prog)
+    _block_keys_mma_kernel[(B * Hkv, splits)](
+        q_codes, k_codes, seq_lens, keys, Hkv, nb, per_prog,
+        q_codes.stride(0), q_codes.stride(1), q_codes.stride(2), k_codes.stride(0), k_codes.stride(1),
+        G=Hq // Hkv, R=R, CHUNK=chunk_size, NWARPS=MMA_WARPS, num_warps=MMA_WARPS,
+        **(hist or {}), **pdl,
+    )
+    return keys
