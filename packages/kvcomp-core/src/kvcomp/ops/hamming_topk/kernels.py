@@ -113,7 +113,7 @@ HIST_MAX_BINS = 8192
 # than the search rounds they save. Session 7, with stage 2 in the attention's prologue
 # (decode_step): B = 4 (32 rows) at 128K, 2048 tokens, 48.5 vs 53.7 us for the step (G = 4),
 # 55.8 vs 59.7 (G = 8); 10%: 100.0 vs 104.2, 105.6 vs 110.4
-HIST_MAX_ROWS = 32
+HIST_MAX_ROWS = 64
 # stage 2 of the histogram path by one suffix sum + one prefix sum (``_select_row_hist``); False:
 # the previous stage 2 (must blocks' keys taken out of the histogram, then the search's passes),
 # kept for the benchmark's before / after
