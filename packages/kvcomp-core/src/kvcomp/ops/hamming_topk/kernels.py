@@ -888,7 +888,7 @@ def block_keys_triton(
 
     if rows_in and mma_scan.mma_applies(k_codes, G, form, majority, chunk_size, chunk_repre, k_scale, q, q_scale,
                                         select, interpreting()):
-        return mma_scan.block_keys_mma(q_codes, k_codes, seq_lens, chunk_size, R, keys, hist, pdl)
+        return mma_scan.block_keys_mma(q_codes, k_codes, seq_lens, chunk_size, R, keys, hist, pdl, early)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
         q_scale if q_scale is not None else keys, float(torch.pi / (2 * lse_range)),

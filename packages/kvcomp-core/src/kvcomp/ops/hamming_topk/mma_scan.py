@@ -39,6 +39,8 @@ MMA_SCAN = True
 MMA_WARPS = 4
 # at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS)
 MMA_TARGET_PROGRAMS = 8192
+# each tile loads the next one's codes before its MMAs (two tiles of codes in registers)
+MMA_PREFETCH = False
 
 
 @triton.jit
@@ -83,6 +85,22 @@ def _plane_weight(n, R: tl.constexpr):
 
 
 @triton.jit
+def _warp_tile(k_row, blk0, t_hi, lane, off2, tok2, warp, BPW: tl.constexpr, CHUNK: tl.constexpr):
+    """The codes of every warp's tile of the program tile at block blk0: [2 NM, NWARPS * 32]
+    int32, row 2m + h = the A fragment register h of MMA m (0 past t_hi). One address and one
+    bound a thread, the rows at constant offsets (off2, tok2: [2 NM, 1]) from them."""
+    tok_w = (blk0 + warp * BPW) * CHUNK  # [1, T]: first token of each warp's tile
+    p = k_row + tok_w.to(tl.int64) * 4 + lane  # [1, T]: word tid of token gid, MMA 0
+    return tl.load(p + off2, mask=tok2 < t_hi - tok_w - lane // 4, other=0)
+
+
+@triton.jit
+def _row(x, r2, r: tl.constexpr):
+    """Row r of a [R, T] tensor whose rows all sit in each thread: [1, T] (no data movement)."""
+    return tl.sum(tl.where(r2 == r, x, 0), 0, keep_dims=True)
+
+
+@triton.jit
 def _block_keys_mma_kernel(
     q_ptr, k_ptr, len_ptr, key_ptr,
     Hkv, NB_OUT, BLOCKS_PER_PROG,
@@ -90,13 +108,16 @@ def _block_keys_mma_kernel(
     G: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NWARPS: tl.constexpr,
     must_ptr=None, hist_ptr=None, HIST: tl.constexpr = False, M: tl.constexpr = 0,
     KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1, KSTEP: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """Block keys (the block max of the exact score, int32) of blocks [pid1 * BLOCKS_PER_PROG,
     ...) of row (b, kv-head) = pid0, into key_ptr + pid0 * NB_OUT; the query codes of row
     (b, h) at q_ptr + b*sqb + (h*G + g)*sqh + w*sqw, the key codes contiguous [L, 4] at
-    k_ptr + b*skb + h*skh. HIST: as the SIMT scan (must-select blocks left out)."""
-    pdl_enter(PDL)
+    k_ptr + b*skb + h*skh. HIST: as the SIMT scan (must-select blocks left out). EARLY (PDL;
+    only the query codes are the previous launch's): the lengths and the first tile's codes are
+    loaded before the wait. PREFETCH: each tile loads the next one's codes before its MMAs."""
+    if not EARLY:
+        pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hkv
     h = pid % Hkv
@@ -109,12 +130,21 @@ def _block_keys_mma_kernel(
     NM: tl.constexpr = WT // 16  # MMAs of a warp tile
     BPW: tl.constexpr = WT // CHUNK  # blocks of a warp tile
     MPB: tl.constexpr = CHUNK // 16 if CHUNK < 128 else NM  # MMAs of a block
+    T: tl.constexpr = NWARPS * 32
 
-    i = tl.arange(0, NWARPS * 32)
-    lane = _lane_id(i)
+    # every per-lane value is [1, T] in the layout of the [2 NM, T] tiles: thread = column
+    i = tl.arange(0, T)[None, :]
+    r2 = tl.arange(0, 2 * NM)[:, None]
+    lane = _lane_id(i)  # opaque to the contiguity analysis: one word a lane, one element a thread
+    off2 = (r2 // 2) * 64 + (r2 % 2) * 32  # [2 NM, 1]: A register r2 % 2 of MMA r2 // 2, past lane's word
+    tok2 = (r2 // 2) * 16 + (r2 % 2) * 8  # ... and its token, past the lane's (gid)
     warp = i // 32
     gid = lane // 4
     tid = lane % 4
+    k_row = k_ptr + b * skb + h * skh
+    x_next = _warp_tile(k_row, blk_lo, t_hi, lane, off2, tok2, warp, BPW, CHUNK)
+    if EARLY:
+        pdl_enter(PDL)
     # the planes: this lane's word (tid) of plane gid, bit-sliced from the G query codes' word tid
     p0, p1, p2, p3, p4, n_set = _sliced_rows(q_ptr + b * sqb + (h * G) * sqh, sqh, sqw, tid, G, 4, R,
                                              2, False, True)
@@ -126,23 +156,22 @@ def _block_keys_mma_kernel(
     w_lo = _plane_weight(2 * tid, R)
     w_hi = _plane_weight(2 * tid + 1, R)
     zero = tl.zeros_like(i)
-    k_row = k_ptr + b * skb + h * skh
     for blk0 in range(blk_lo, blk_hi, NWARPS * BPW):
-        tok_w = (blk0 + warp * BPW) * CHUNK  # first token of this warp's tile
-        run = tl.full([NWARPS * 32], -2147483648, dtype=tl.int32)
+        x = x_next
+        if PREFETCH:
+            x_next = _warp_tile(k_row, blk0 + NWARPS * BPW, t_hi, lane, off2, tok2, warp, BPW, CHUNK)
+        lim = t_hi - (blk0 + warp * BPW) * CHUNK - gid  # [1, T]: the lane's tokens are valid below
+        run = tl.full([1, T], -2147483648, dtype=tl.int32)
         for m in tl.static_range(NM):
-            ta = tok_w + m * 16 + gid  # the lane's tokens: rows gid and gid + 8
-            a0 = tl.load(k_row + ta.to(tl.int64) * 4 + tid, mask=ta < t_hi, other=0)
-            a1 = tl.load(k_row + (ta + 8).to(tl.int64) * 4 + tid, mask=ta + 8 < t_hi, other=0)
-            d0, d1, d2, d3 = _mma_and_popc(a0, a1, bq, zero)
-            sa = w_lo * d0 + w_hi * d1
+            d0, d1, d2, d3 = _mma_and_popc(_row(x, r2, 2 * m), _row(x, r2, 2 * m + 1), bq, zero)
+            sa = w_lo * d0 + w_hi * d1  # token gid's planes 2 tid, 2 tid + 1; token gid + 8's
             sb = w_lo * d2 + w_hi * d3
             sa = sa + _shfl_xor1(sa)
             sb = sb + _shfl_xor1(sb)
-            sa = sa + _shfl_xor2(sa)
+            sa = sa + _shfl_xor2(sa)  # every plane of the token: the quad's sum
             sb = sb + _shfl_xor2(sb)
-            sa = tl.where(ta < t_hi, base - 4 * sa, -2147483648)
-            sb = tl.where(ta + 8 < t_hi, base - 4 * sb, -2147483648)
+            sa = tl.where(m * 16 < lim, base - 4 * sa, -2147483648)
+            sb = tl.where(m * 16 + 8 < lim, base - 4 * sb, -2147483648)
             run = tl.maximum(run, tl.maximum(sa, sb))
             if (m + 1) % MPB == 0:  # the block's last MMA: its key
                 key = _warp_max(run)
@@ -155,7 +184,9 @@ def _block_keys_mma_kernel(
                         mj = tl.load(must_ptr + jm)
                         counted = counted & (blk != tl.where(mj >= 0, mj, n_blocks + mj))
                     tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
-                run = tl.full([NWARPS * 32], -2147483648, dtype=tl.int32)
+                run = tl.full([1, T], -2147483648, dtype=tl.int32)
+        if not PREFETCH:
+            x_next = _warp_tile(k_row, blk0 + NWARPS * BPW, t_hi, lane, off2, tok2, warp, BPW, CHUNK)
 
 
 def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
@@ -173,8 +204,9 @@ def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_
 
 
 def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor, chunk_size: int,
-                   R: int, keys: torch.Tensor, hist: dict | None, pdl: dict) -> torch.Tensor:
-    """Launch ``_block_keys_mma_kernel`` (``mma_applies`` must hold): keys [B, Hkv, NB] int32."""
+                   R: int, keys: torch.Tensor, hist: dict | None, pdl: dict, early: bool) -> torch.Tensor:
+    """Launch ``_block_keys_mma_kernel`` (``mma_applies`` must hold): keys [B, Hkv, NB] int32;
+    ``early``: the SIMT scan's EARLY (lengths and first codes loaded before the PDL wait)."""
     B, Hq, _ = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     nb = keys.shape[2]
@@ -186,6 +218,6 @@ def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch
         q_codes, k_codes, seq_lens, keys, Hkv, nb, per_prog,
         q_codes.stride(0), q_codes.stride(1), q_codes.stride(2), k_codes.stride(0), k_codes.stride(1),
         G=Hq // Hkv, R=R, CHUNK=chunk_size, NWARPS=MMA_WARPS, num_warps=MMA_WARPS,
-        **(hist or {}), **pdl,
+        EARLY=early, PREFETCH=MMA_PREFETCH, **(hist or {}), **pdl,
     )
     return keys
