@@ -313,12 +313,12 @@ def check_mma_scan_kernel():
     options it takes."""
     ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
     i32 = "i32"
-    for chunk, hist, early, prefetch, G, R in ((128, False, False, False, 4, 3), (128, True, True, False, 8, 4),
-                                               (16, True, True, True, 4, 3), (256, False, False, True, 16, 5)):
+    for chunk, hist, early, G, R in ((128, False, False, 4, 3), (128, True, True, 8, 4), (16, True, True, 4, 3),
+                                     (256, False, False, 16, 5)):
         args = dict(q_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
                     BLOCKS_PER_PROG=i32, sqb=i32, sqh=i32, sqw=1, skb=i32, skh=i32, G=G, R=R, CHUNK=chunk,
                     NWARPS=4, must_ptr="*i32", hist_ptr="*i32", HIST=hist, M=2, KMIN=-512, NBINS=1024, KSTEP=2,
-                    PDL=1, EARLY=early, PREFETCH=prefetch)
+                    PDL=1, EARLY=early)
         ptx = compile_sm90(ms._block_keys_mma_kernel, args, aligned=("skb", "skh"), num_warps=4).asm["ptx"]
         n_mma = ptx.count("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc")
         assert n_mma == max(128, chunk) // 16, (chunk, n_mma)

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=positive_ints, default=[131072])
     ap.add_argument("--batches", type=positive_ints, default=[1, 8])
     ap.add_argument("--targets", type=positive_ints, default=[65536, 8192, 4096, 2048, 1024, 512])
-    ap.add_argument("--prefetch", default="1", help="SCAN_PREFETCH (and MMA_PREFETCH) values to time, e.g. 1,0")
+    ap.add_argument("--prefetch", default="1", help="SCAN_PREFETCH values to time, e.g. 1,0")
     ap.add_argument("--maxnreg", default="0", help="SCAN_MAXNREG values to time (0: none), e.g. 0,40")
     ap.add_argument("--hist-rows", default="", help="HIST_MAX_ROWS values to time, e.g. 32,64 (default: as is)")
     ap.add_argument("--mma", default="", help="mma_scan.MMA_SCAN values to time, e.g. 1,0 (default: as is)")
@@ -82,8 +82,8 @@ def main() -> None:
                 old = (hk.TARGET_PROGRAMS, getattr(hk, "SCAN_PREFETCH", None), getattr(hk, "SCAN_MAXNREG", None),
                        hk.HIST_MAX_ROWS)
                 hk.TARGET_PROGRAMS, hk.SCAN_PREFETCH, hk.SCAN_MAXNREG, hk.HIST_MAX_ROWS = target, prefetch, maxnreg, hr
-                old_mma = ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS, ms.MMA_PREFETCH
-                ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS, ms.MMA_PREFETCH = mm, target, prefetch
+                old_mma = ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS
+                ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = mm, target
                 tag = f"{L:>7} {B:>2} {int(prefetch):>2} {maxnreg or 0:>4} {hr:>4} {int(mm):>3} {target:>6}"
                 try:
                     got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
@@ -99,7 +99,7 @@ def main() -> None:
                                          reps=args.reps)
                 finally:
                     hk.TARGET_PROGRAMS, hk.SCAN_PREFETCH, hk.SCAN_MAXNREG, hk.HIST_MAX_ROWS = old
-                    ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS, ms.MMA_PREFETCH = old_mma
+                    ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = old_mma
                 splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / nbt)))
                 per_prog = math.ceil(math.ceil(nb / splits) / nbt)
                 row = dict(L=L, B=B, target=target, prefetch=prefetch, maxnreg=maxnreg, hist_max_rows=hr, mma=mm, tiles=tiles, tiles_per_program=per_prog, verified=True,

@@ -39,8 +39,6 @@ MMA_SCAN = True
 MMA_WARPS = 4
 # at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS)
 MMA_TARGET_PROGRAMS = 8192
-# each tile loads the next one's codes before its MMAs (two tiles of codes in registers)
-MMA_PREFETCH = False
 
 
 @triton.jit
@@ -85,22 +83,6 @@ def _plane_weight(n, R: tl.constexpr):
 
 
 @triton.jit
-def _warp_tile(k_row, blk0, t_hi, lane, off2, tok2, warp, BPW: tl.constexpr, CHUNK: tl.constexpr):
-    """The codes of every warp's tile of the program tile at block blk0: [2 NM, NWARPS * 32]
-    int32, row 2m + h = the A fragment register h of MMA m (0 past t_hi). One address and one
-    bound a thread, the rows at constant offsets (off2, tok2: [2 NM, 1]) from them."""
-    tok_w = (blk0 + warp * BPW) * CHUNK  # [1, T]: first token of each warp's tile
-    p = k_row + tok_w.to(tl.int64) * 4 + lane  # [1, T]: word tid of token gid, MMA 0
-    return tl.load(p + off2, mask=tok2 < t_hi - tok_w - lane // 4, other=0)
-
-
-@triton.jit
-def _row(x, r2, r: tl.constexpr):
-    """Row r of a [R, T] tensor whose rows all sit in each thread: [1, T] (no data movement)."""
-    return tl.sum(tl.where(r2 == r, x, 0), 0, keep_dims=True)
-
-
-@triton.jit
 def _block_keys_mma_kernel(
     q_ptr, k_ptr, len_ptr, key_ptr,
     Hkv, NB_OUT, BLOCKS_PER_PROG,
@@ -108,14 +90,16 @@ def _block_keys_mma_kernel(
     G: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NWARPS: tl.constexpr,
     must_ptr=None, hist_ptr=None, HIST: tl.constexpr = False, M: tl.constexpr = 0,
     KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1, KSTEP: tl.constexpr = 1,
-    PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """Block keys (the block max of the exact score, int32) of blocks [pid1 * BLOCKS_PER_PROG,
     ...) of row (b, kv-head) = pid0, into key_ptr + pid0 * NB_OUT; the query codes of row
     (b, h) at q_ptr + b*sqb + (h*G + g)*sqh + w*sqw, the key codes contiguous [L, 4] at
     k_ptr + b*skb + h*skh. HIST: as the SIMT scan (must-select blocks left out). EARLY (PDL;
-    only the query codes are the previous launch's): the lengths and the first tile's codes are
-    loaded before the wait. PREFETCH: each tile loads the next one's codes before its MMAs."""
+    only the query codes are the previous launch's): the lengths are loaded before the wait.
+    Every per-lane value is a [T] tensor of one element a thread (the default 1-D layout),
+    the lane index from %laneid: 2-D tiles would let Triton pick layouts whose threads hold
+    several columns, which the warp-wide MMA and shuffles cannot take."""
     if not EARLY:
         pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -132,17 +116,12 @@ def _block_keys_mma_kernel(
     MPB: tl.constexpr = CHUNK // 16 if CHUNK < 128 else NM  # MMAs of a block
     T: tl.constexpr = NWARPS * 32
 
-    # every per-lane value is [1, T] in the layout of the [2 NM, T] tiles: thread = column
-    i = tl.arange(0, T)[None, :]
-    r2 = tl.arange(0, 2 * NM)[:, None]
-    lane = _lane_id(i)  # opaque to the contiguity analysis: one word a lane, one element a thread
-    off2 = (r2 // 2) * 64 + (r2 % 2) * 32  # [2 NM, 1]: A register r2 % 2 of MMA r2 // 2, past lane's word
-    tok2 = (r2 // 2) * 16 + (r2 % 2) * 8  # ... and its token, past the lane's (gid)
+    i = tl.arange(0, T)
+    lane = _lane_id(i)  # opaque to the contiguity analysis: the loads stay one word a lane
     warp = i // 32
     gid = lane // 4
     tid = lane % 4
     k_row = k_ptr + b * skb + h * skh
-    x_next = _warp_tile(k_row, blk_lo, t_hi, lane, off2, tok2, warp, BPW, CHUNK)
     if EARLY:
         pdl_enter(PDL)
     # the planes: this lane's word (tid) of plane gid, bit-sliced from the G query codes' word tid
@@ -157,13 +136,14 @@ def _block_keys_mma_kernel(
     w_hi = _plane_weight(2 * tid + 1, R)
     zero = tl.zeros_like(i)
     for blk0 in range(blk_lo, blk_hi, NWARPS * BPW):
-        x = x_next
-        if PREFETCH:
-            x_next = _warp_tile(k_row, blk0 + NWARPS * BPW, t_hi, lane, off2, tok2, warp, BPW, CHUNK)
-        lim = t_hi - (blk0 + warp * BPW) * CHUNK - gid  # [1, T]: the lane's tokens are valid below
-        run = tl.full([1, T], -2147483648, dtype=tl.int32)
+        tok_w = (blk0 + warp * BPW) * CHUNK  # first token of this warp's tile
+        p = k_row + tok_w.to(tl.int64) * 4 + lane  # word tid of token gid of MMA 0: the rest at
+        lim = t_hi - tok_w - gid  # constant offsets (immediates); the lane's tokens valid below lim
+        run = tl.full([T], -2147483648, dtype=tl.int32)
         for m in tl.static_range(NM):
-            d0, d1, d2, d3 = _mma_and_popc(_row(x, r2, 2 * m), _row(x, r2, 2 * m + 1), bq, zero)
+            a0 = tl.load(p + m * 64, mask=m * 16 < lim, other=0)  # token gid (+ 16 m)
+            a1 = tl.load(p + (m * 64 + 32), mask=m * 16 + 8 < lim, other=0)  # token gid + 8
+            d0, d1, d2, d3 = _mma_and_popc(a0, a1, bq, zero)
             sa = w_lo * d0 + w_hi * d1  # token gid's planes 2 tid, 2 tid + 1; token gid + 8's
             sb = w_lo * d2 + w_hi * d3
             sa = sa + _shfl_xor1(sa)
@@ -184,9 +164,7 @@ def _block_keys_mma_kernel(
                         mj = tl.load(must_ptr + jm)
                         counted = counted & (blk != tl.where(mj >= 0, mj, n_blocks + mj))
                     tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
-                run = tl.full([1, T], -2147483648, dtype=tl.int32)
-        if not PREFETCH:
-            x_next = _warp_tile(k_row, blk0 + NWARPS * BPW, t_hi, lane, off2, tok2, warp, BPW, CHUNK)
+                run = tl.full([T], -2147483648, dtype=tl.int32)
 
 
 def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
@@ -218,6 +196,6 @@ def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch
         q_codes, k_codes, seq_lens, keys, Hkv, nb, per_prog,
         q_codes.stride(0), q_codes.stride(1), q_codes.stride(2), k_codes.stride(0), k_codes.stride(1),
         G=Hq // Hkv, R=R, CHUNK=chunk_size, NWARPS=MMA_WARPS, num_warps=MMA_WARPS,
-        EARLY=early, PREFETCH=MMA_PREFETCH, **(hist or {}), **pdl,
+        EARLY=early, **(hist or {}), **pdl,
     )
     return keys
