@@ -234,6 +234,36 @@ def test_gpu_real_shapes(G, mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("G", [4, 8, 16])
+@pytest.mark.parametrize("chunk", [16, 32, 64, 128, 256, 512])
+def test_gpu_mma_scan(monkeypatch, G, chunk):
+    """The tensor-core scan (``mma_scan``, the default for 128-bit codes and even G) against the
+    SIMT scan block key for block key (keys of the real blocks; the buffers poisoned first) and
+    against the reference's selection: ragged lengths 1, 127, 129, 4097, one tile a program and
+    several, few rows (the histogram path) and many (the search)."""
+    ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
+    gen = torch.Generator().manual_seed(G * 1000 + chunk)
+    W, L = 4, 4097
+    for B, Hkv, target in ((4, 2, 8192), (12, 8, 8192), (4, 2, 1)):
+        monkeypatch.setattr(ms, "MMA_TARGET_PROGRAMS", target)
+        q = codes(B, Hkv * G, W, gen=gen, device="cuda")
+        k = codes(B, Hkv, L, W, low_entropy=target == 1, gen=gen, device="cuda")
+        lens = torch.tensor([4097, 1, 127, 129] * (B // 4), device="cuda")
+        assert kernels._mma_scan_takes(q, k, chunk, "max", "exact", None, None, None, None)
+        nb = -(-L // chunk)
+        keys = {}
+        for mma in (True, False):
+            monkeypatch.setattr(ms, "MMA_SCAN", mma)
+            out = torch.full((B, Hkv, nb), -7, dtype=torch.int32, device="cuda")
+            keys[mma] = kernels.block_keys_triton(q, k, lens, chunk, "max", out=out)
+        real = torch.arange(nb, device="cuda")[None, None, :] < ((lens + chunk - 1) // chunk)[:, None, None]
+        assert torch.equal(keys[True][real.expand_as(keys[True])], keys[False][real.expand_as(keys[False])])
+        monkeypatch.setattr(ms, "MMA_SCAN", True)
+        got, want = both(q, k, lens, k_blocks=5, chunk_size=chunk, must_select=(0, -1))
+        assert torch.equal(got, want), (B, Hkv, target)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("G", [4, 8])
 def test_gpu_fused_selection(monkeypatch, G):
     monkeypatch.setattr(kernels, "FUSED_SELECT", True)

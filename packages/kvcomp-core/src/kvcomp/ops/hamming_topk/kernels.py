@@ -113,7 +113,11 @@ HIST_MAX_BINS = 8192
 # than the search rounds they save. Session 7, with stage 2 in the attention's prologue
 # (decode_step): B = 4 (32 rows) at 128K, 2048 tokens, 48.5 vs 53.7 us for the step (G = 4),
 # 55.8 vs 59.7 (G = 8); 10%: 100.0 vs 104.2, 105.6 vs 110.4
-HIST_MAX_ROWS = 64
+HIST_MAX_ROWS = 32
+# ... and up to this many where the tensor-core scan (``mma_scan``) takes the call: B = 8 at
+# 8 kv-heads (64 rows), 128K, 2048 tokens, hamming_topk 39.3 against 42.7 us (H200, session 9;
+# its atomics are one a block from one lane; the SIMT scan's majority form got slower at 64)
+HIST_MAX_ROWS_MMA = 64
 # stage 2 of the histogram path by one suffix sum + one prefix sum (``_select_row_hist``); False:
 # the previous stage 2 (must blocks' keys taken out of the histogram, then the search's passes),
 # kept for the benchmark's before / after
@@ -884,10 +888,9 @@ def block_keys_triton(
         qa = dict(q_ptr=q, sqb=q.stride(0), sqr=q.stride(1), sqd=q.stride(2), q_inv_sqrt_d=1.0 / qd**0.5,
                   QS_FROM_Q=True, QG=qg, QG_P=triton.next_power_of_2(qg), QD=qd,
                   QD_P=triton.next_power_of_2(qd))
-    from kvcomp.ops.hamming_topk import mma_scan  # (it imports this module)
+    if _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q, q_scale, select):
+        from kvcomp.ops.hamming_topk import mma_scan  # (it imports this module)
 
-    if rows_in and mma_scan.mma_applies(k_codes, G, form, majority, chunk_size, chunk_repre, k_scale, q, q_scale,
-                                        select, interpreting()):
         return mma_scan.block_keys_mma(q_codes, k_codes, seq_lens, chunk_size, R, keys, hist, pdl, early)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
@@ -906,23 +909,38 @@ def block_keys_triton(
     return keys
 
 
+def _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q, q_scale, select) -> bool:
+    """Whether ``block_keys_triton`` runs the tensor-core scan (``mma_scan.mma_applies``, the
+    rows derived in the scan) for these arguments."""
+    from kvcomp.ops.hamming_topk import mma_scan  # (it imports this module)
+
+    Hkv = k_codes.shape[1]
+    G = q_codes.shape[1] // max(Hkv, 1)
+    form, majority, _ = _form(G, mode)
+    if q is not None and not QS_IN_SCAN:
+        q_scale, q = q, None  # lse_query_scale's path: a q_scale, either way not the MMA scan's
+    return ROWS_IN_SCAN and mma_scan.mma_applies(k_codes, G, form, majority, chunk_size, chunk_repre, k_scale, q,
+                                                 q_scale, select, interpreting())
+
+
 _MUST_CACHE: dict = {}
 # zeroed per (device, stream), left zeroed by the kernels that use them (StreamScratch)
 _COUNTERS = StreamScratch(1024)
 _HISTS = StreamScratch(1 << 16)
 
 
-def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device) -> dict | None:
+def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device, mma: bool = False) -> dict | None:
     """Launch arguments of the histogram threshold (module doc), or None where it does not
     apply: keys in [-S, S] with S = G * BITS (BITS for majority) need NBINS = next_pow2(2S + 1)
     bins per row. The zeroed buffer is kept per (device, stream) and grown as needed (the
-    outgrown one is kept alive); each stage-2 program zeroes its row after reading it."""
+    outgrown one is kept alive); each stage-2 program zeroes its row after reading it. ``mma``:
+    the tensor-core scan takes the call (``HIST_MAX_ROWS_MMA`` rows)."""
     S = (1 if mode == "majority" else G) * 32 * W
     # every score, so every key, is even (a sum of BITS - 2 * Hamming): one bin per even value
     # in the prefix-sum stage 2 (KSTEP = 2), one per value in the previous one
     kstep = 2 if HIST_COMPACT else 1
     nbins = triton.next_power_of_2(2 * S // kstep + 1)
-    if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > HIST_MAX_ROWS:
+    if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > (HIST_MAX_ROWS_MMA if mma else HIST_MAX_ROWS):
         return None
     t = _HISTS.get(rows * nbins, device)
     return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT, KSTEP=kstep)
@@ -1029,7 +1047,9 @@ def hamming_topk_triton(
     hist = None
     if chunk_repre == "max" and k_scale is None and not FUSED_SELECT:
         B, Hkv, _, W = k_codes.shape
-        hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device)
+        mma = not FUSED_HIST_SELECT and _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q,
+                                                         q_scale, None)
+        hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device, mma)
     fused_hist = FUSED_HIST_SELECT and hist is not None and hist["COMPACT"]
     if not (FUSED_SELECT or fused_hist):
         scan_hist = hist
