@@ -374,15 +374,13 @@ def test_gpu_histogram_threshold(monkeypatch, G, mode, fused):
                         must_select=(0, -2, -1, 0), mode=mode)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("target", [1, 12])  # 3 tiles a program; 2 + 1
 @pytest.mark.parametrize("mode", ["exact", "majority"])
-def test_several_tiles_per_program(monkeypatch, target, mode, prefetch):
+def test_several_tiles_per_program(monkeypatch, target, mode):
     """Few programs (TARGET_PROGRAMS, as at large batches on the GPU): each scan program loops
     over several tiles, its last one cut by the row's end; ragged rows, the histogram path and
     the search path give the reference's selection, "mean" blocks too."""
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
-    monkeypatch.setattr(kernels, "SCAN_PREFETCH", prefetch)  # the next tile loaded before / after a tile
     monkeypatch.setattr(kernels, "BLOCK_T", 64)  # 64-token tiles at 128 bits: 16 at 32 bits
     gen = torch.Generator().manual_seed(target + (mode == "majority"))
     B, Hkv, G, W, L = 3, 2, 4, 1, 700
@@ -399,15 +397,12 @@ def test_several_tiles_per_program(monkeypatch, target, mode, prefetch):
             assert torch.equal(got, want), (repre, hist)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("chunk", [100, 300])
-def test_blocks_larger_than_a_tile(monkeypatch, chunk, prefetch):
-    """Chunks larger than a tile (64 tokens a tile at 32 bits: 300 -> 2 sub-tiles of 256, a
-    block's rows of lanes cut by the chunk's end; 100 -> a 128-token tile of one 100-token
-    block, the next tile prefetched) and several tiles a program: "max", "mean" and key norms
-    give the reference's selection."""
+def test_blocks_larger_than_a_tile(monkeypatch, chunk):
+    """Chunks larger than a tile (256 tokens a tile at 32 bits here: 300 -> 2 sub-tiles of 256,
+    the second cut by the chunk's end; 100 -> 128-token sub-blocks cut at 100) and several
+    tiles a program: "max", "mean" and key norms give the reference's selection."""
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 1)
-    monkeypatch.setattr(kernels, "SCAN_PREFETCH", prefetch)
     monkeypatch.setattr(kernels, "BLOCK_T", 64)
     gen = torch.Generator().manual_seed(chunk)
     B, Hkv, G, W, L = 2, 2, 4, 1, 1000

@@ -71,7 +71,7 @@ def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, f
         Hkv=i32, NB_OUT=i32, BLOCKS_PER_PROG=i32, srb=i32, srh=i32, srr=i32, srw=i32,
         skb=i32, skh=i32, skt=i32, skw=i32, ssb=i32, ssh=i32, sst=i32,
         G=4, W=4, BLOCK_W=4, FORM=form, R=3 if form else 4, HAS_BASE=False, CHUNK=128, CP=128 // n_sub,
-        N_SUB=n_sub, NBT=4, SUB=4 // n_sub, CL=32, PREFETCH=True,
+        N_SUB=n_sub, NBT=4,
         MEAN=False, K_CONTIG=True, USE_ASM=True, HAS_SCALE=lse, cnt_ptr="*i32", kb_ptr="*i32",
         must_ptr="*i32", out_ptr="*i32", K=i32, KB_CONST=i32, sob=i32, soh=i32, FUSED=False, M=3,
         SEL_BLOCK=16, SINGLE=True, KB_TENSOR=False, ARITY=2, hist_ptr="*i32", HIST=hist, KMIN=-512,

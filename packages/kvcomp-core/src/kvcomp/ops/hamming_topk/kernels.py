@@ -23,7 +23,9 @@ is the fp32 max mapped the same way. The exact-or-cheaper forms of the group sco
 
 The planes (and the majority code) are derived from the G query codes by every scan program
 (``_group_rows``, ``ROWS_IN_SCAN``), not in a launch of their own. All launches take
-programmatic dependent launch on sm_90+ (``kvcomp.ops._pdl``).
+programmatic dependent launch on sm_90+ (``kvcomp.ops._pdl``). Where it applies (128-bit codes,
+signed planes, "max" blocks; ``mma_scan``), stage 1 is the tensor-core scan instead: the
+planes' popcounts as 1-bit MMAs, the same keys and histogram counts.
 
 Stage 2, ``_select_kernel``, grid (B * Hkv): per row, a binary (or ARITY-ary) search over the key
 values finds the threshold T such that ``count`` keys are >= T (must-select blocks get a key
@@ -80,11 +82,6 @@ BLOCK_T = 512
 # tokens, 81.4 against 83.1 us (H200, session 8; 4 tiles: 81.4, 8: 88.5; B = 1 / 4 unchanged)
 TARGET_PROGRAMS = 8192
 SCAN_WARPS = 4
-# each scan tile loads the next tile's codes before its own popcounts (two tiles of codes in
-# registers); False: after its work (one tile, fewer registers, more programs an SM)
-SCAN_PREFETCH = True
-# register cap (ptxas .maxnreg) of the scan, or None
-SCAN_MAXNREG = None
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
 # warps of a stage-2 program (None: 4 up to 1024 blocks a row, else 8)
@@ -220,12 +217,11 @@ def _sliced_rows(
     FORM: tl.constexpr, MAJORITY: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """``_group_rows`` without cross-thread work: the G query codes are loaded whole by every
-    thread (w4: the word index, a [1, 1, 1, BLOCK_W] arange in the scan's tile layout) and the
-    per-bit counts c_b are kept bit-sliced (plane p = bit p of every c_b, a code-sized word),
-    summed by ripple-carry adders of bitwise ops. -> (rows 0..4 as [1, 1, 1, BLOCK_W] int32,
-    only the first R meaningful (R <= 5: G <= 31), n_set: sum_g popc(q_g) per word, from which
-    ``_sliced_base`` gives the base of ``_group_rows``). w4 may be any int32 tensor of word
-    indices (the MMA scan: one word a lane)."""
+    thread (w4: the word indices, a [1, 1, BLOCK_W] arange in the SIMT scan's tile layout, or
+    one word a lane in the MMA scan) and the per-bit counts c_b are kept bit-sliced (plane p =
+    bit p of every c_b, a code-sized word), summed by ripple-carry adders of bitwise ops.
+    -> (rows 0..4 shaped as w4, int32, only the first R meaningful (R <= 5: G <= 31); n_set:
+    sum_g popc(q_g) per word, whose total ``_sliced_base`` turns into ``_group_rows``' base)."""
     NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16)  # bits of c_b in [0, G]
     w_ok = w4 < W
     zero = tl.zeros_like(w4)
@@ -313,7 +309,7 @@ def _block_keys_kernel(
     G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
     FORM: tl.constexpr, R: tl.constexpr, HAS_BASE: tl.constexpr,
     CHUNK: tl.constexpr, CP: tl.constexpr, N_SUB: tl.constexpr, NBT: tl.constexpr,
-    SUB: tl.constexpr, CL: tl.constexpr, PREFETCH: tl.constexpr, MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
+    MEAN: tl.constexpr, K_CONTIG: tl.constexpr, USE_ASM: tl.constexpr, HAS_SCALE: tl.constexpr,
     cnt_ptr=None, kb_ptr=None, must_ptr=None, out_ptr=None, K=0, KB_CONST=0, sob=0, soh=0,
     FUSED: tl.constexpr = False, M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SINGLE: tl.constexpr = True, KB_TENSOR: tl.constexpr = False, ARITY: tl.constexpr = 2,
@@ -351,44 +347,29 @@ def _block_keys_kernel(
     n_blocks = (seq_len + CHUNK - 1) // CHUNK
     blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
     blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
-    t_hi = tl.minimum(seq_len, blk_hi * CHUNK)  # this program's tokens end here
     BITS: tl.constexpr = 32 * W
-    # a sub-tile is [SUB, NBT, CL, BLOCK_W] codes: CP = SUB * CL tokens of each of NBT blocks,
-    # lane l of warp-row (sub, block) holding token sub * CL + l; with CL = 32 lanes and NBT =
-    # num_warps the default layout gives each warp its own blocks, so the block reductions stay
-    # inside a warp (no barriers, no shared memory)
-    sub = tl.arange(0, SUB)[:, None, None]  # [SUB, 1, 1]
-    bi = tl.arange(0, NBT)[None, :, None]  # [1, NBT, 1] block within the tile
-    ln = tl.arange(0, CL)[None, None, :]  # [1, 1, CL]
-    in_sub = sub * CL + ln  # [SUB, 1, CL] token within the sub-tile's part of a block
-    rel = bi * CHUNK + in_sub  # [SUB, NBT, CL] token - (first token of the sub-tile)
-    w4 = tl.arange(0, BLOCK_W)[None, None, None, :]  # [1, 1, 1, BLOCK_W]
-    w_ok = w4 < W
-    if K_CONTIG:
-        k_rel = rel[:, :, :, None] * W + w4  # int32 offsets within a tile
-    else:
-        k_rel = rel[:, :, :, None].to(tl.int64) * skt + w4 * skw
-    k_base = k_ptr + b * skb + h * skh
-    s_base = scale_ptr + b * ssb + h * ssh
+
+    wv = tl.arange(0, BLOCK_W)  # [BLOCK_W]
     r_base = rows_ptr + b * srb + h * srh
     ridx = tl.arange(0, R_PAD)[:, None]
-    # the first sub-tile's codes: with EARLY before the wait (they are not the previous
-    # launch's output), then every tile prefetches the next one's before its popcounts
-    ok = (in_sub < CHUNK) & (rel < t_hi - blk_lo * CHUNK)
-    kc_next = _load_codes(k_base, blk_lo * CHUNK, k_rel, ok[:, :, :, None] & w_ok, W, K_CONTIG, skt)
-    if EARLY:  # the query codes are the previous launch's: wait for them now
-        pdl_enter(PDL)
-    if ROWS_IN:  # the derived rows in registers, row r picked out below
+    if ROWS_IN and not EARLY:  # the derived rows in registers, row r picked out below
         if SLICED:
-            p0, p1, p2, p3, p4, n_set = _sliced_rows(r_base, srr, srw, w4, G, W, R, FORM,
+            p0, p1, p2, p3, p4, n_set = _sliced_rows(r_base, srr, srw, wv[None, None, :], G, W, R, FORM,
                                                      MAJORITY, USE_ASM)
-            base = _sliced_base(tl.sum(n_set, 3), G, W, MAJORITY)  # [1, 1, 1]: in the thread
+            base = _sliced_base(tl.sum(tl.sum(tl.sum(n_set, 2), 1), 0), G, W, MAJORITY)
         else:
             rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
     elif HAS_BASE:
         base = tl.load(base_ptr + pid)
     else:
         base = R * BITS  # direct form over R = G query codes, or majority
+    bi = tl.arange(0, NBT)[:, None, None]  # [NBT, 1, 1] block within the tile
+    ci = tl.arange(0, CP)[None, :, None]  # [1, CP, 1] token within the (sub-)block
+    w3 = wv[None, None, :]  # [1, 1, BLOCK_W]
+    k_base = k_ptr + b * skb + h * skh
+    s_base = scale_ptr + b * ssb + h * ssh
+    bi2 = tl.arange(0, NBT)[:, None]  # [NBT, 1]
+    ci2 = tl.arange(0, CP)[None, :]  # [1, CP]
     if LSE:
         if QS_FROM_Q:
             qg = tl.arange(0, QG_P)[:, None]
@@ -399,11 +380,7 @@ def _block_keys_kernel(
         else:
             qs = tl.load(qs_ptr + pid)
     for blk0 in range(blk_lo, blk_hi, NBT):
-        kc_first = kc_next
-        nxt = (blk0 + NBT) * CHUNK  # the next tile's sub-tile 0, all masked past the program's blocks
-        if PREFETCH:  # in flight during this tile's popcounts (two tiles of codes in registers)
-            ok_n = (in_sub < CHUNK) & (rel < t_hi - nxt)
-            kc_next = _load_codes(k_base, nxt, k_rel, ok_n[:, :, :, None] & w_ok, W, K_CONTIG, skt)
+        blk = blk0 + bi
         if MEAN:
             run = tl.zeros([NBT], dtype=tl.int32)
         else:
@@ -412,20 +389,31 @@ def _block_keys_kernel(
         lsum = tl.zeros([NBT], dtype=tl.float32)  # LSE: sum of exp(x - frun)
         n_ok = tl.zeros([NBT], dtype=tl.int32)
         for s in tl.static_range(N_SUB):
-            t0 = blk0 * CHUNK + s * CP  # first token of the sub-tile
-            ok = (s * CP + in_sub < CHUNK) & (rel < t_hi - t0)  # [SUB, NBT, CL]
-            if s == 0:
-                kc = kc_first
+            in_blk = s * CP + ci
+            t = blk * CHUNK + in_blk  # [NBT, CP, 1]
+            ok = (in_blk < CHUNK) & (t < seq_len) & (blk < blk_hi)
+            if K_CONTIG:
+                offs = t.to(tl.int64) * W + w3
             else:
-                kc = _load_codes(k_base, t0, k_rel, ok[:, :, :, None] & w_ok, W, K_CONTIG, skt)
-            acc = tl.zeros([SUB, NBT, CL, BLOCK_W], dtype=tl.int32)
+                offs = t.to(tl.int64) * skt + w3 * skw
+            kc = tl.load(k_base + offs, mask=ok & (w3 < W), other=0)  # [NBT, CP, BLOCK_W]
+            if EARLY and s == 0:  # the query codes are the previous launch's: wait for them now
+                pdl_enter(PDL)  # (again each tile: no-op after the first)
+                if ROWS_IN:
+                    if SLICED:
+                        p0, p1, p2, p3, p4, n_set = _sliced_rows(r_base, srr, srw, w3, G, W, R, FORM,
+                                                                 MAJORITY, USE_ASM)
+                        base = _sliced_base(tl.sum(tl.sum(tl.sum(n_set, 2), 1), 0), G, W, MAJORITY)
+                    else:
+                        rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
+            acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
             for r in tl.static_range(R):
                 if ROWS_IN and SLICED:
-                    row = _row_of(p0, p1, p2, p3, p4, r)  # [1, 1, 1, BLOCK_W]
+                    row = _row_of(p0, p1, p2, p3, p4, r)  # [1, 1, BLOCK_W]
                 elif ROWS_IN:
-                    row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, None, :]
+                    row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, :]  # [1, 1, BLOCK_W]
                 else:
-                    row = tl.load(r_base + r * srr + w4 * srw, mask=w_ok, other=0)
+                    row = tl.load(r_base + r * srr + w3 * srw, mask=w3 < W, other=0)
                 if FORM == 0:
                     acc += _popc(row ^ kc, USE_ASM)
                 elif FORM == 2 and r == R - 1:  # the sign plane of two's complement
@@ -433,31 +421,33 @@ def _block_keys_kernel(
                 else:
                     acc += _popc(row & kc, USE_ASM) << r
             if FORM == 0:
-                score = base - 2 * tl.sum(acc, 3)  # [SUB, NBT, CL]
+                score = base - 2 * tl.sum(acc, 2)  # [NBT, CP]
             elif FORM == 2:
-                score = base - 4 * tl.sum(acc, 3)
+                score = base - 4 * tl.sum(acc, 2)
             else:
-                score = base + 4 * tl.sum(acc, 3) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 3)
+                score = base + 4 * tl.sum(acc, 2) - (2 * G) * tl.sum(_popc(kc, USE_ASM), 2)
+            ok2 = tl.sum(ok.to(tl.int32), 2) > 0  # [NBT, CP]
             if HAS_SCALE:
-                sc = tl.load(s_base + (t0 + rel).to(tl.int64) * sst, mask=ok, other=0.0).to(tl.float32)
+                t2 = (blk0 + bi2) * CHUNK + s * CP + ci2  # [NBT, CP]
+                sc = tl.load(s_base + t2.to(tl.int64) * sst, mask=ok2, other=0.0).to(tl.float32)
             if LSE:  # the reference's order: sin(s * c), * scale, * qs; online log-sum-exp
                 x = tl.sin(score.to(tl.float32) * lse_c)
                 if HAS_SCALE:
                     x = x * sc
-                x = tl.where(ok, x * qs, float("-inf"))
-                m_new = tl.maximum(frun, tl.max(tl.max(x, 0), 1))
+                x = tl.where(ok2, x * qs, float("-inf"))
+                m_new = tl.maximum(frun, tl.max(x, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                lsum = lsum * tl.exp(frun - m_safe) + tl.sum(tl.sum(tl.exp(x - m_safe[None, :, None]), 0), 1)
+                lsum = lsum * tl.exp(frun - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
                 frun = m_new
             elif HAS_SCALE:  # one fp32 multiply per token, as the reference; max in fp32
                 val = score.to(tl.float32) * sc
                 val = tl.where(val == 0.0, 0.0, val)  # -0.0 -> +0.0: equal scores, equal keys
-                frun = tl.maximum(frun, tl.max(tl.max(tl.where(ok, val, float("-inf")), 0), 1))
+                frun = tl.maximum(frun, tl.max(tl.where(ok2, val, float("-inf")), 1))
             elif MEAN:
-                run += tl.sum(tl.sum(tl.where(ok, score, 0), 0), 1)
-                n_ok += tl.sum(tl.sum(ok.to(tl.int32), 0), 1)
+                run += tl.sum(tl.where(ok2, score, 0), 1)
+                n_ok += tl.sum(ok2.to(tl.int32), 1)
             else:
-                run = tl.maximum(run, tl.max(tl.max(tl.where(ok, score, -2147483648), 0), 1))
+                run = tl.maximum(run, tl.max(tl.where(ok2, score, -2147483648), 1))
         if LSE:
             f = frun + tl.log(tl.maximum(lsum, 1e-30))  # a real block's lsum >= 1
             f = tl.where(f == 0.0, 0.0, f)  # -0.0 -> +0.0
@@ -481,9 +471,6 @@ def _block_keys_kernel(
                 mj = tl.load(must_ptr + jm)
                 counted = counted & (bo != tl.where(mj >= 0, mj, n_blocks + mj))
             tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
-        if not PREFETCH:  # loaded after this tile's work: one tile of codes in registers
-            ok_n = (in_sub < CHUNK) & (rel < t_hi - nxt)
-            kc_next = _load_codes(k_base, nxt, k_rel, ok_n[:, :, :, None] & w_ok, W, K_CONTIG, skt)
     if FUSED:
         # the row's last program to finish runs the selection: every program of the row counts
         # in once its keys are stored (barrier, then a gpu-scope acq_rel atomic), the last one
@@ -503,17 +490,6 @@ def _block_keys_kernel(
             else:
                 _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
                             seq_len.to(tl.int64), kb, K, CHUNK, M, SEL_BLOCK, SINGLE, ARITY, True)
-
-
-@triton.jit
-def _load_codes(k_base, t0, k_rel, mask, W: tl.constexpr, K_CONTIG: tl.constexpr, skt):
-    """Codes of the sub-tile whose first token is t0 (int32 scalar): [SUB, NBT, CL, BLOCK_W]
-    int32, 0 where masked (one 64-bit scalar offset, then the tile's own offsets k_rel)."""
-    if K_CONTIG:
-        tile = k_base + t0.to(tl.int64) * W
-    else:
-        tile = k_base + t0.to(tl.int64) * skt
-    return tl.load(tile + k_rel, mask=mask, other=0)
 
 
 @triton.jit
@@ -870,7 +846,6 @@ def block_keys_triton(
     block_t = max(BLOCK_T * 4 // block_w, 32)  # tokens per tile, ~BLOCK_T * 16 bytes of codes
     cp = min(triton.next_power_of_2(chunk_size), block_t)
     nbt = block_t // cp
-    cl = min(cp, 32)  # a block's tokens in rows of (up to) one warp's lanes
     n_sub = triton.cdiv(chunk_size, cp)
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * Hkv), triton.cdiv(nb, nbt)))
     per_prog = triton.cdiv(triton.cdiv(nb, splits), nbt) * nbt
@@ -899,10 +874,9 @@ def block_keys_triton(
         srb, srh, srr, srw, *k_codes.stride(),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         G=G, W=W, BLOCK_W=block_w, FORM=form, R=R, HAS_BASE=base is not q_codes,
-        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, SUB=cp // cl, CL=cl, PREFETCH=SCAN_PREFETCH, MEAN=chunk_repre == "mean",
+        CHUNK=chunk_size, CP=cp, N_SUB=n_sub, NBT=nbt, MEAN=chunk_repre == "mean",
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
-        **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG and not interpreting() and not select else {}),
         **(select or {}), **(hist or {}), **pdl,
         ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and G.bit_length() <= 5, **qa,
     )
