@@ -233,6 +233,27 @@ def test_gpu_real_shapes(G, mode):
     assert torch.equal(got, want)
 
 
+def test_mma_scan_cases():
+    """Which calls the tensor-core scan takes (``mma_form_ok``), by the same ``_form`` choice
+    ``block_keys_triton`` makes; CPU tensors and the interpreter never take it."""
+    ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
+
+    def ok(G=4, mode="exact", chunk=128, W=4, repre="max", weighted=False, contiguous=True):
+        form, majority, _ = kernels._form(G, mode)
+        return ms.mma_form_ok(W, G, form, majority, chunk, repre, weighted, contiguous)
+
+    assert all(ok(G=G) for G in (4, 6, 8, 16, 30))
+    assert all(ok(chunk=c) for c in (16, 32, 64, 128, 256, 512))
+    assert not any(ok(G=G) for G in (1, 2, 3, 5, 32))  # direct form (G <= 2), odd G, > 5 planes
+    assert not ok(mode="majority") and not ok(mode="exact_planes") and not ok(mode="exact_direct")
+    assert not any(ok(chunk=c) for c in (1, 8, 48, 100, 192, 0, 384, 1024))
+    assert not ok(W=2) and not ok(W=8) and not ok(repre="mean") and not ok(repre="lse")
+    assert not ok(weighted=True) and not ok(contiguous=False)
+    q = codes(1, 8, 4)
+    k = codes(1, 2, 256, 4)
+    assert not kernels._mma_scan_takes(q, k, 128, "max", "exact", None, None, None, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("G", [4, 8, 16])
 @pytest.mark.parametrize("chunk", [16, 32, 64, 128, 256, 512])

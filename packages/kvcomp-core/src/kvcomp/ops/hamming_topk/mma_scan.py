@@ -12,15 +12,15 @@ Fragments (PTX ISA, m16n8k128 .b1; lane = 4 * gid + tid): a lane holds word ``ti
 ``gid`` and ``gid + 8`` (A), word ``tid`` of plane ``gid`` (B, zero for gid >= R) and gets
 D[gid][2 tid], D[gid][2 tid + 1], D[gid + 8][2 tid], D[gid + 8][2 tid + 1]. A lane weights its
 two columns, two butterfly shuffles sum the quad (every plane of a token), a warp max reduces a
-block. So a warp tile is 128 tokens (8 MMAs), a block is scanned by one warp (chunks of 16, 32,
-64, 128 share a warp tile; larger chunks take several) and the block reductions never leave the
-warp. Each program runs NWARPS warps over consecutive blocks, as the SIMT scan's tiles.
+block. So a block is scanned by one warp: chunks of 16 to 128 tokens share a 128-token warp
+tile (8 MMAs), a chunk of 256 or 512 is one warp tile of chunk / 16 MMAs; the block reductions
+never leave the warp. Each program runs NWARPS warps over consecutive blocks, as the SIMT scan's tiles.
 
 The kernel works on 1-D tensors of one element a thread (``[NWARPS * 32]``), with the lane index
 from ``%laneid`` (opaque to Triton's contiguity analysis, so the loads stay one word a lane and
 the layout one element a thread, as the fragments need). Applies to 128-bit codes, exact mode
-with even G (signed planes, R <= 8), chunk_repre "max" without per-token weights, contiguous
-codes and chunk sizes that are multiples of 16 dividing or divided by 128; everything else, and
+with even G <= 30 (signed planes), chunk_repre "max" without per-token weights, contiguous
+codes and chunks of 16, 32, 64, 128, 256 or 512 tokens (``mma_form_ok``); everything else, and
 the CPU interpreter, take the SIMT scan. Same keys and histogram counts as the SIMT scan, bit
 for bit (the GPU tests compare both with the reference).
 """
@@ -168,18 +168,28 @@ def _block_keys_mma_kernel(
                 run = tl.full([T], -2147483648, dtype=tl.int32)
 
 
+def mma_form_ok(W: int, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
+                weighted: bool, contiguous: bool) -> bool:
+    """The scoring cases the tensor-core scan computes (module doc): W = 4 words, the signed
+    planes (form 2) of G <= 31 query codes, "max" blocks of tokens without weights (no k_scale,
+    no "lse" query scale), codes contiguous [L, 4], chunks of 16-512 tokens that divide or are
+    divided by 128 (those tested on the GPU; a larger chunk's warp tile unrolls chunk / 16 MMAs)."""
+    chunk_ok = chunk_size in (16, 32, 64, 128, 256, 512)
+    return (W == 4 and form == 2 and not majority and G.bit_length() <= 5 and chunk_ok and chunk_repre == "max"
+            and not weighted and contiguous)
+
+
 def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
                 k_scale, q, q_scale, select, interpreting: bool) -> bool:
-    """Whether the tensor-core scan takes this call (module doc)."""
+    """Whether the tensor-core scan takes this call: ``MMA_SCAN``, a CUDA device of sm_80+, not
+    the interpreter, no fused selection, and ``mma_form_ok``."""
     if not MMA_SCAN or interpreting or not k_codes.is_cuda or select is not None:
         return False
     if torch.cuda.get_device_capability(k_codes.device) < (8, 0):
         return False
-    W = k_codes.shape[3]
-    chunk_ok = chunk_size % 16 == 0 and (128 % chunk_size == 0 or chunk_size % 128 == 0)
-    return (W == 4 and form == 2 and not majority and chunk_ok and chunk_repre == "max" and k_scale is None
-            and q is None and q_scale is None and G.bit_length() <= 5
-            and k_codes.stride(3) == 1 and k_codes.stride(2) == 4)
+    return mma_form_ok(k_codes.shape[3], G, form, majority, chunk_size, chunk_repre,
+                       k_scale is not None or q is not None or q_scale is not None,
+                       k_codes.stride(3) == 1 and k_codes.stride(2) == 4)
 
 
 def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor, chunk_size: int,
