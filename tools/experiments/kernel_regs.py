@@ -3,7 +3,7 @@ needed: the kernels are compiled from their Triton source as in tests/core/test_
 then ``ptxas -v`` of the triton wheel runs on the PTX).
 
     python tools/experiments/kernel_regs.py          # a table: kernel, variant, registers, spills
-    python tools/experiments/kernel_regs.py --sass   # + the scan's SASS instruction mix
+    python tools/experiments/kernel_regs.py --sass   # + the SIMT and tensor-core scans' SASS mix
 
 ``--sass`` compiles the scan as the JIT does for 16-byte aligned tensors (divisibility hints on
 the pointers and the batch / head strides, unit strides as constants: vector loads), disassembles it with the wheel's
@@ -57,11 +57,23 @@ def main() -> None:
                   tk._block_keys_args(hist=True, lse=False, form=2, pdl=True), dict(num_warps=4)))
     cases.append(("select (hist, tiled)", hk._select_kernel, tk._select_args(True, single=False, pdl=True),
                   dict(num_warps=8)))
+    ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
+    cases.append(("scan on the tensor cores (mma_scan, hist)", ms._block_keys_mma_kernel, mma_scan_args(),
+                  dict(num_warps=4)))
     print(f"{'kernel':<48} {'regs':>5} {'spill B':>8}")
     for name, fn, args, opts in cases:
         k = tk.compile_sm90(fn, args, **opts)
         regs, spill = ptxas_info(k.asm["ptx"])
         print(f"{name:<48} {regs:>5} {spill:>8}")
+
+
+def mma_scan_args(chunk: int = 128, G: int = 4) -> dict:
+    """Compile arguments of ``mma_scan._block_keys_mma_kernel`` (histogram, PDL, EARLY)."""
+    i32 = "i32"
+    return dict(q_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
+                BLOCKS_PER_PROG=i32, sqb=i32, sqh=i32, sqw=1, skb=i32, skh=i32, G=G, R=G.bit_length(),
+                CHUNK=chunk, NWARPS=4, must_ptr="*i32", hist_ptr="*i32", HIST=True, M=3, KMIN=-512 * (G // 4),
+                NBINS=512 * (G // 4), KSTEP=2, PDL=1, EARLY=True)
 
 
 def sass_mix(cubin: bytes) -> tuple[collections.Counter, str]:
@@ -98,7 +110,20 @@ def scan_sass() -> None:
               f"{n_seg}, {seg.count('BAR.SYNC')}")
 
 
+def mma_scan_sass() -> None:
+    """The tensor-core scan's SASS: instructions, BMMA (one per 16 tokens), shuffles, barriers."""
+    ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
+    print(f"\n{'tensor-core scan (128 bits, hist, PDL + early)':<56} {'instr':>5} {'BMMA':>5} {'SHFL':>5} "
+          f"{'BAR':>4} {'LDG':>4}")
+    for chunk, G in ((128, 4), (128, 8), (16, 4)):
+        k = tk.compile_sm90(ms._block_keys_mma_kernel, mma_scan_args(chunk, G), aligned=("skb", "skh"), num_warps=4)
+        ops, _ = sass_mix(k.asm["cubin"])
+        print(f"{f'chunk {chunk}, G = {G}':<56} {sum(ops.values()):>5} {ops['BMMA']:>5} {ops['SHFL']:>5} "
+              f"{ops['BAR']:>4} {ops['LDG']:>4}")
+
+
 if __name__ == "__main__":
     main()
     if "--sass" in sys.argv:
         scan_sass()
+        mma_scan_sass()

@@ -204,6 +204,9 @@ LATENCY_VARIANTS = {
     "hist_r16": {HK: dict(HIST_MAX_ROWS=16)},  # B = 4: the search path (session 6)
     "pdl_r32": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=32)},  # B = 4 with PDL
     "rows_reduce": {HK: dict(SLICED_ROWS=False)},  # group rows by cross-thread reductions (session 7)
+    # the SIMT scan instead of the tensor-core one (session 8's; session 9, B = 1: 19.4 against
+    # 17.6 us with the restructured SIMT scan since reverted)
+    "simt_scan": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_SCAN=False)},
 }
 
 
