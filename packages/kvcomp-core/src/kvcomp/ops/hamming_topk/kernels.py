@@ -278,6 +278,20 @@ def _sliced_base(n_set_total, G: tl.constexpr, W: tl.constexpr, MAJORITY: tl.con
 
 
 @triton.jit
+def _scan_program(len_ptr, Hkv, BLOCKS_PER_PROG, CHUNK: tl.constexpr):
+    """A scan program's row and blocks, grid (B * Hkv, splits): (pid = b * Hkv + h as int64, b,
+    h, seq_len, the row's block count, its first block, the end of its blocks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hkv
+    h = pid % Hkv
+    seq_len = tl.load(len_ptr + b).to(tl.int32)
+    n_blocks = (seq_len + CHUNK - 1) // CHUNK
+    blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
+    blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
+    return pid, b, h, seq_len, n_blocks, blk_lo, blk_hi
+
+
+@triton.jit
 def _query_rows_kernel(
     q_ptr, rows_ptr, base_ptr,
     Hkv, sqb, sqh, sqw,
@@ -340,13 +354,7 @@ def _block_keys_kernel(
     scan, and q (an older input) may be read before the wait."""
     if not EARLY:
         pdl_enter(PDL)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // Hkv
-    h = pid % Hkv
-    seq_len = tl.load(len_ptr + b).to(tl.int32)
-    n_blocks = (seq_len + CHUNK - 1) // CHUNK
-    blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
-    blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
+    pid, b, h, seq_len, n_blocks, blk_lo, blk_hi = _scan_program(len_ptr, Hkv, BLOCKS_PER_PROG, CHUNK)
     BITS: tl.constexpr = 32 * W
 
     wv = tl.arange(0, BLOCK_W)  # [BLOCK_W]

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kvcomp.ops._pdl import pdl_enter
-from kvcomp.ops.hamming_topk.kernels import _sliced_base, _sliced_rows
+from kvcomp.ops.hamming_topk.kernels import _scan_program, _sliced_base, _sliced_rows
 
 # take the tensor-core scan where it applies (False: the SIMT scan everywhere)
 MMA_SCAN = True
@@ -102,13 +102,7 @@ def _block_keys_mma_kernel(
     several columns, which the warp-wide MMA and shuffles cannot take."""
     if not EARLY:
         pdl_enter(PDL)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // Hkv
-    h = pid % Hkv
-    seq_len = tl.load(len_ptr + b).to(tl.int32)
-    n_blocks = (seq_len + CHUNK - 1) // CHUNK
-    blk_lo = tl.program_id(1) * BLOCKS_PER_PROG
-    blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, n_blocks)
+    pid, b, h, seq_len, n_blocks, blk_lo, blk_hi = _scan_program(len_ptr, Hkv, BLOCKS_PER_PROG, CHUNK)
     t_hi = tl.minimum(seq_len, blk_hi * CHUNK)
     WT: tl.constexpr = 128 if CHUNK < 128 else CHUNK  # tokens of a warp tile
     NM: tl.constexpr = WT // 16  # MMAs of a warp tile
