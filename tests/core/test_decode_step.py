@@ -134,6 +134,13 @@ def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_
     out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
     assert calls == {"prologue": 1, "launch": 1}, calls
     assert torch.equal(idx, idx2) and torch.equal(out, out2)  # the same split plan: the same sums
+    if G % 2 == 0:  # bins of 4 scores (HIST_STEP4): the same selection in the prologue
+        monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", True)
+        monkeypatch.setattr(hk, "HIST_STEP4", True)
+        out4, idx4 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
+        assert calls == {"prologue": 2, "launch": 1}, calls
+        assert torch.equal(idx4, idx) and torch.equal(out4, out)
+        assert not hk._HISTS.get(B * Hkv * nbins, torch.device("cpu")).any(), "histogram not zeroed"
 
 
 def test_deferred_selection_where_the_prologue_cannot_run(monkeypatch):

@@ -309,8 +309,9 @@ def test_gpu_token_level_long():
 
 
 def _hist_vs_search(q, k, lens, monkeypatch, **kw):
-    """The histogram threshold (its one-prefix-sum stage 2, the default, and the previous one)
-    and the binary search give the reference's selection."""
+    """The histogram threshold (its one-prefix-sum stage 2, the default, with bins of 4 scores
+    (``HIST_STEP4``; even G) too, and the previous one) and the binary search give the
+    reference's selection."""
     want = hamming_topk(q, k, lens, backend="reference", **kw)
     monkeypatch.setattr(kernels, "HIST_SELECT", False)
     searched = hamming_topk(q, k, lens, backend="triton", **kw)
@@ -319,12 +320,17 @@ def _hist_vs_search(q, k, lens, monkeypatch, **kw):
     hist_v1 = hamming_topk(q, k, lens, backend="triton", **kw)
     monkeypatch.setattr(kernels, "HIST_COMPACT", True)
     hist = hamming_topk(q, k, lens, backend="triton", **kw)
+    monkeypatch.setattr(kernels, "HIST_STEP4", True)
+    hist4 = hamming_topk(q, k, lens, backend="triton", **kw)
+    monkeypatch.setattr(kernels, "HIST_STEP4", False)
+    assert torch.equal(hist4, want)
     assert torch.equal(searched, want)
     assert torch.equal(hist_v1, want)
     assert torch.equal(hist, want)
 
 
-@pytest.mark.parametrize("G,mode", [(1, "exact"), (3, "exact"), (4, "majority"), (8, "exact")])
+@pytest.mark.parametrize("G,mode", [(1, "exact"), (2, "exact"), (3, "exact"), (4, "exact"), (4, "majority"),
+                                    (8, "exact")])
 def test_histogram_threshold_equals_search(monkeypatch, G, mode):
     gen = torch.Generator().manual_seed(7 * G)
     B, Hkv, W, L = 3, 2, 2, 700

@@ -115,6 +115,9 @@ HIST_MAX_ROWS = 32
 # 8 kv-heads (64 rows), 128K, 2048 tokens, hamming_topk 39.3 against 42.7 us (H200, session 9;
 # its atomics are one a block from one lane; the SIMT scan's majority form got slower at 64)
 HIST_MAX_ROWS_MMA = 64
+# bins of 4 scores for the exact score of an even G (``_hist_args``): half the bins of stage 2's
+# suffix sum, the same selection (tested); not yet timed on the GPU, so off
+HIST_STEP4 = False
 # stage 2 of the histogram path by one suffix sum + one prefix sum (``_select_row_hist``); False:
 # the previous stage 2 (must blocks' keys taken out of the histogram, then the search's passes),
 # kept for the benchmark's before / after
@@ -637,7 +640,9 @@ def _select_row_hist(
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
     hit = (at_least >= need) & (above < need)
     t_bin, n_above = _unpack2(tl.sum(tl.where(hit, _pack2(jb, above, True), 0), 0), True)
-    thr = tl.where(need > 0, KMIN + KSTEP * (NBINS - 1 - t_bin), KMIN + KSTEP * NBINS)  # else above all
+    # T's bin (else above every bin); keys are compared by bin: a row's keys are congruent mod
+    # KSTEP (``_hist_args``), so a bin holds one distinct key and bins order keys as keys do
+    thr = tl.where(need > 0, NBINS - 1 - t_bin, NBINS)
     need_ties = tl.where(need > 0, need - n_above, 0)  # keys == T to keep
 
     # compaction: slot of a kept block = #(kept before it) = #(gt before) + min(#(ties before),
@@ -650,8 +655,9 @@ def _select_row_hist(
             key, must, real = key1, must1, real1
         else:
             key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
-        gt = real & (must | (key > thr))
-        tie = real & ~must & (key == thr)
+        kbin = (key - KMIN) // KSTEP
+        gt = real & (must | (kbin > thr))
+        tie = real & ~must & (kbin == thr)
         v = _pack2(tie, gt, not SINGLE)
         ties_b, gt_b = _unpack2(carry + tl.cumsum(v, 0) - v, not SINGLE)
         keep = gt | (tie & (ties_b < need_ties))
@@ -919,8 +925,13 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device, mma: 
     the tensor-core scan takes the call (``HIST_MAX_ROWS_MMA`` rows)."""
     S = (1 if mode == "majority" else G) * 32 * W
     # every score, so every key, is even (a sum of BITS - 2 * Hamming): one bin per even value
-    # in the prefix-sum stage 2 (KSTEP = 2), one per value in the previous one
+    # in the prefix-sum stage 2 (KSTEP = 2), one per value in the previous one. For the exact
+    # score of an even G, sum_g Ham(q_g, k) = sum_b c_b + sum_b k_b (G - 2 c_b) has the parity
+    # of sum_b c_b whatever k is, so a row's scores (and keys) are all congruent mod 4: bins of
+    # 4 (HIST_STEP4) still hold one distinct key each, and stage 2 compares bins, not keys
     kstep = 2 if HIST_COMPACT else 1
+    if HIST_STEP4 and HIST_COMPACT and mode != "majority" and G % 2 == 0:
+        kstep = 4
     nbins = triton.next_power_of_2(2 * S // kstep + 1)
     if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > (HIST_MAX_ROWS_MMA if mma else HIST_MAX_ROWS):
         return None
