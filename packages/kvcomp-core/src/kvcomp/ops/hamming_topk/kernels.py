@@ -114,7 +114,7 @@ HIST_MAX_ROWS = 32
 # ... and up to this many where the tensor-core scan (``mma_scan``) takes the call: B = 8 at
 # 8 kv-heads (64 rows), 128K, 2048 tokens, hamming_topk 39.3 against 42.7 us (H200, session 9;
 # its atomics are one a block from one lane). The SIMT scans keep 32, the limit they were timed
-# with (session 6: at 64 rows their atomics cost more than the search rounds)
+# with (above: at 64 rows their atomics cost more than the search rounds they save)
 HIST_MAX_ROWS_MMA = 64
 # bins of 4 scores for the exact score of an even G (``_hist_args``): half the bins of stage 2's
 # suffix sum, the same selection (tested); not yet timed on the GPU, so off
