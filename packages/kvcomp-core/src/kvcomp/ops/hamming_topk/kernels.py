@@ -906,8 +906,6 @@ def _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q,
     Hkv = k_codes.shape[1]
     G = q_codes.shape[1] // max(Hkv, 1)
     form, majority, _ = _form(G, mode)
-    if q is not None and not QS_IN_SCAN:
-        q_scale, q = q, None  # lse_query_scale's path: a q_scale, either way not the MMA scan's
     return ROWS_IN_SCAN and mma_scan.mma_applies(k_codes, G, form, majority, chunk_size, chunk_repre, k_scale, q,
                                                  q_scale, select, interpreting())
 
