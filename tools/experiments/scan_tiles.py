@@ -1,14 +1,14 @@
 """The Hamming scan's launch knobs on the GPU, against the copy bandwidth measured in the same
 run: the scan alone (``block_keys_triton``) and scan + selection (``hamming_topk``), Qwen3-8B
-shape (32 q / 8 kv heads, 128-bit codes), chunk 128, 2048 tokens.
+shape (32 q / 8 kv heads, 128-bit codes; ``--heads 64`` for Qwen3-32B), chunk 128, 2048 tokens.
 
-    python tools/experiments/scan_tiles.py [--lengths 131072] [--batches 1,8]
-        [--targets 8192,2048] [--mma 1,0] [--hist-rows 32,64] [--json PATH]
+    python tools/experiments/scan_tiles.py [--lengths 131072] [--batches 1,8] [--heads 32,64]
+        [--targets 8192,2048] [--mma 1,0] [--hist-rows 32,64] [--step4 0,1] [--json PATH]
 
 Knobs: programs a launch aims at (``TARGET_PROGRAMS`` of the SIMT scan, ``MMA_TARGET_PROGRAMS``
 of the tensor-core scan: tiles a program), the tensor-core scan on or off (``MMA_SCAN``) and
 the rows up to which the histogram threshold is taken (``HIST_MAX_ROWS`` and
-``HIST_MAX_ROWS_MMA``). Every variant's selection is checked against the reference
+``HIST_MAX_ROWS_MMA``) and its bins of 2 or 4 scores (``HIST_STEP4``). Every variant's selection is checked against the reference
 (``select_blocks_ref`` over the reference block scores) before it is timed; a mismatch is
 reported and not timed. Inputs rotate over enough code sets that nothing is found in L2.
 "% copy" is the code bytes (B * Hkv * L * 16) over the measured time, over the copy bandwidth
@@ -25,7 +25,7 @@ import math
 import torch
 from kvcomp.bench.timing import copy_bandwidth_gbs, cuda_time_us, positive_ints
 
-HQ, HKV, W, CHUNK, BUDGET = 32, 8, 4, 128, 2048
+HKV, W, CHUNK, BUDGET = 8, 4, 128, 2048
 MUST = (0, -1)
 L2_BYTES = 50 << 20
 
@@ -43,9 +43,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=positive_ints, default=[131072])
     ap.add_argument("--batches", type=positive_ints, default=[1, 8])
+    ap.add_argument("--heads", type=positive_ints, default=[32], help="query heads (8 kv heads): 32, 64")
     ap.add_argument("--targets", type=positive_ints, default=[8192, 2048])
     ap.add_argument("--mma", default="1", help="MMA_SCAN values to time, e.g. 1,0")
     ap.add_argument("--hist-rows", default="", help="histogram rows limits to time, e.g. 32,64 (default: as is)")
+    ap.add_argument("--step4", default="", help="HIST_STEP4 values to time, e.g. 0,1 (default: as is)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -53,60 +55,66 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     copy = copy_bandwidth_gbs()
     hist_rows = [int(x) for x in args.hist_rows.split(",") if x] or [None]
-    knobs = [(bool(int(m)), hr, t) for m in args.mma.split(",") for hr in hist_rows for t in args.targets]
+    step4 = [bool(int(x)) for x in args.step4.split(",") if x] or [None]
+    knobs = [(bool(int(m)), hr, t, s4) for m in args.mma.split(",") for hr in hist_rows for t in args.targets
+             for s4 in step4]
     out = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])
     print(f"{out['device']}: copy {copy:.0f} GB/s (read + write)")
-    print(f"{'L':>7} {'B':>2} {'mma':>3} {'hist':>4} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
+    print(f"{'Hq':>3} {'L':>7} {'B':>2} {'mma':>3} {'step4':>5} {'hist':>4} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
           f"{'scan+sel':>8} {'%copy':>6}")
-    for L in args.lengths:
-        for B in args.batches:
-            nbytes = B * HKV * L * W * 4
-            n_sets = max(1, math.ceil(3 * L2_BYTES / nbytes))
-            lens = torch.full((B,), L, dtype=torch.int32, device=dev)
-            sets = [(torch.randint(-2**31, 2**31 - 1, (B, HQ, W), device=dev, dtype=torch.int32, generator=gen),
-                     torch.randint(-2**31, 2**31 - 1, (B, HKV, L, W), device=dev, dtype=torch.int32, generator=gen))
-                    for _ in range(n_sets)]
-            nb = math.ceil(L / CHUNK)
-            kb = BUDGET // CHUNK
-            q0, k0 = sets[0]
-            want = select_blocks_ref(block_scores_ref(token_scores_ref(q0, k0), lens, CHUNK, "max"), lens,
-                                     torch.full((B,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
-            floor_us = nbytes / (copy * 1e9) * 1e6  # the code bytes at the copy bandwidth (read + write)
-            t_sum = cuda_time_us([lambda k=k: k.sum(dtype=torch.int32) for _, k in sets], reps=args.reps)
-            out["rows"].append(dict(L=L, B=B, torch_sum_us=t_sum, code_bytes=nbytes))
-            print(f"{L:>7} {B:>2} torch int32 sum of the codes: {t_sum:.1f} us, {100 * floor_us / t_sum:.0f}% of copy")
-            for mma, hr, target in knobs:
-                old = (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS)
-                hk.TARGET_PROGRAMS, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = target, mma, target
-                if hr is not None:
-                    hk.HIST_MAX_ROWS = hk.HIST_MAX_ROWS_MMA = hr
-                hr_now = hk.HIST_MAX_ROWS_MMA if mma else hk.HIST_MAX_ROWS
-                tag = f"{L:>7} {B:>2} {int(mma):>3} {hr_now:>4} {target:>6}"
-                try:
-                    got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
-                    if not torch.equal(got, want):
-                        print(f"{tag}  MISMATCH against the reference: not timed")
-                        out["rows"].append(dict(L=L, B=B, target=target, mma=mma, hist_max_rows=hr_now,
-                                                verified=False))
-                        continue
-                    t_scan = cuda_time_us([lambda q=q, k=k, n=lens: hk.block_keys_triton(q, k, n, CHUNK, "max")
-                                           for q, k in sets], reps=args.reps)
-                    t_sel = cuda_time_us([lambda q=q, k=k, n=lens, kb=kb: hamming_topk(q, k, n, k_blocks=kb, chunk_size=CHUNK,
-                                                                                       must_select=MUST) for q, k in sets],
-                                         reps=args.reps)
-                finally:
-                    hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = old
-                blocks_per_tile = ms.MMA_WARPS if mma else hk.BLOCK_T // CHUNK
-                splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / blocks_per_tile)))
-                per_prog = math.ceil(math.ceil(nb / splits) / blocks_per_tile)
-                out["rows"].append(dict(L=L, B=B, target=target, mma=mma, hist_max_rows=hr_now,
-                                        tiles_per_program=per_prog, verified=True, scan_us=t_scan, select_us=t_sel,
-                                        code_bytes=nbytes, floor_us=floor_us, scan_copy=floor_us / t_scan,
-                                        select_copy=floor_us / t_sel))
-                print(f"{tag} {per_prog:>10} {t_scan:8.1f} {100 * floor_us / t_scan:5.0f}% "
-                      f"{t_sel:8.1f} {100 * floor_us / t_sel:5.0f}%", flush=True)
-            del sets
-            torch.cuda.empty_cache()
+    for HQ, L, B in [(hq, L, B) for hq in args.heads for L in args.lengths for B in args.batches]:
+        nbytes = B * HKV * L * W * 4
+        n_sets = max(1, math.ceil(3 * L2_BYTES / nbytes))
+        lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+        sets = [(torch.randint(-2**31, 2**31 - 1, (B, HQ, W), device=dev, dtype=torch.int32, generator=gen),
+                 torch.randint(-2**31, 2**31 - 1, (B, HKV, L, W), device=dev, dtype=torch.int32, generator=gen))
+                for _ in range(n_sets)]
+        nb = math.ceil(L / CHUNK)
+        kb = BUDGET // CHUNK
+        q0, k0 = sets[0]
+        want = select_blocks_ref(block_scores_ref(token_scores_ref(q0, k0), lens, CHUNK, "max"), lens,
+                                 torch.full((B,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
+        floor_us = nbytes / (copy * 1e9) * 1e6  # the code bytes at the copy bandwidth (read + write)
+        t_sum = cuda_time_us([lambda k=k: k.sum(dtype=torch.int32) for _, k in sets], reps=args.reps)
+        out["rows"].append(dict(Hq=HQ, L=L, B=B, torch_sum_us=t_sum, code_bytes=nbytes))
+        print(f"{HQ:>3} {L:>7} {B:>2} torch int32 sum of the codes: {t_sum:.1f} us, {100 * floor_us / t_sum:.0f}% of copy")
+        for mma, hr, target, s4 in knobs:
+            old = (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS,
+                   hk.HIST_STEP4)
+            hk.TARGET_PROGRAMS, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = target, mma, target
+            if hr is not None:
+                hk.HIST_MAX_ROWS = hk.HIST_MAX_ROWS_MMA = hr
+            if s4 is not None:
+                hk.HIST_STEP4 = s4
+            hr_now = hk.HIST_MAX_ROWS_MMA if mma else hk.HIST_MAX_ROWS
+            s4_now = hk.HIST_STEP4
+            tag = f"{HQ:>3} {L:>7} {B:>2} {int(mma):>3} {int(s4_now):>5} {hr_now:>4} {target:>6}"
+            try:
+                got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
+                if not torch.equal(got, want):
+                    print(f"{tag}  MISMATCH against the reference: not timed")
+                    out["rows"].append(dict(Hq=HQ, L=L, B=B, target=target, mma=mma, hist_max_rows=hr_now,
+                                            hist_step4=s4_now, verified=False))
+                    continue
+                t_scan = cuda_time_us([lambda q=q, k=k, n=lens: hk.block_keys_triton(q, k, n, CHUNK, "max")
+                                       for q, k in sets], reps=args.reps)
+                t_sel = cuda_time_us([lambda q=q, k=k, n=lens, kb=kb: hamming_topk(q, k, n, k_blocks=kb, chunk_size=CHUNK,
+                                                                                   must_select=MUST) for q, k in sets],
+                                     reps=args.reps)
+            finally:
+                (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS,
+                 hk.HIST_STEP4) = old
+            blocks_per_tile = ms.MMA_WARPS if mma else hk.BLOCK_T // CHUNK
+            splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / blocks_per_tile)))
+            per_prog = math.ceil(math.ceil(nb / splits) / blocks_per_tile)
+            out["rows"].append(dict(Hq=HQ, L=L, B=B, target=target, mma=mma, hist_max_rows=hr_now, hist_step4=s4_now,
+                                    tiles_per_program=per_prog, verified=True, scan_us=t_scan, select_us=t_sel,
+                                    code_bytes=nbytes, floor_us=floor_us, scan_copy=floor_us / t_scan,
+                                    select_copy=floor_us / t_sel))
+            print(f"{tag} {per_prog:>10} {t_scan:8.1f} {100 * floor_us / t_scan:5.0f}% "
+                  f"{t_sel:8.1f} {100 * floor_us / t_sel:5.0f}%", flush=True)
+        del sets
+        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
