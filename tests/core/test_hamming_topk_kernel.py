@@ -261,7 +261,8 @@ def test_gpu_mma_scan(monkeypatch, G, chunk):
     """The tensor-core scan (``mma_scan``, the default for 128-bit codes and even G) against the
     SIMT scan block key for block key (keys of the real blocks; the buffers poisoned first) and
     against the reference's selection: ragged lengths 1, 127, 129, 4097, one tile a program and
-    several, few rows (the histogram path) and many (the search)."""
+    several, few rows (the histogram path) and many (the search), the first warp tile's codes
+    loaded early (``MMA_FIRST_EARLY``) or in the loop."""
     ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
     gen = torch.Generator().manual_seed(G * 1000 + chunk)
     W, L = 4, 4097
@@ -273,13 +274,17 @@ def test_gpu_mma_scan(monkeypatch, G, chunk):
         assert kernels._mma_scan_takes(q, k, chunk, "max", "exact", None, None, None, None)
         nb = -(-L // chunk)
         keys = {}
-        for mma in (True, False):
+        for mma, first in ((True, True), (True, False), (False, True)):
             monkeypatch.setattr(ms, "MMA_SCAN", mma)
+            monkeypatch.setattr(ms, "MMA_FIRST_EARLY", first)
             out = torch.full((B, Hkv, nb), -7, dtype=torch.int32, device="cuda")
-            keys[mma] = kernels.block_keys_triton(q, k, lens, chunk, "max", out=out)
+            keys[mma, first] = kernels.block_keys_triton(q, k, lens, chunk, "max", out=out)
         real = torch.arange(nb, device="cuda")[None, None, :] < ((lens + chunk - 1) // chunk)[:, None, None]
-        assert torch.equal(keys[True][real.expand_as(keys[True])], keys[False][real.expand_as(keys[False])])
+        simt = keys[False, True][real.expand_as(keys[False, True])]
+        for first in (True, False):
+            assert torch.equal(keys[True, first][real.expand_as(keys[True, first])], simt), first
         monkeypatch.setattr(ms, "MMA_SCAN", True)
+        monkeypatch.setattr(ms, "MMA_FIRST_EARLY", True)
         got, want = both(q, k, lens, k_blocks=5, chunk_size=chunk, must_select=(0, -1))
         assert torch.equal(got, want), (B, Hkv, target)
 

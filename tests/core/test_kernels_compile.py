@@ -310,19 +310,24 @@ def straight_path(ptx: str) -> str:
 def check_mma_scan_kernel():
     """The tensor-core scan (``mma_scan``) for sm_90 through ptxas: 1-bit AND-POPC MMAs, one per
     16 tokens, and no barrier (a block's reduction stays in its warp), for the chunk sizes and
-    options it takes."""
+    options it takes; with EARLY and FIRST_EARLY, the first warp tile's 16 key-code loads a
+    lane (and the length) are issued before the PDL wait."""
     ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
     i32 = "i32"
-    for chunk, hist, early, G, R in ((128, False, False, 4, 3), (128, True, True, 8, 4), (16, True, True, 4, 3),
-                                     (256, False, False, 16, 5)):
+    for chunk, hist, early, G, R, first in ((128, False, False, 4, 3, True), (128, True, True, 8, 4, True),
+                                            (16, True, True, 4, 3, True), (64, True, True, 4, 3, False),
+                                            (256, False, False, 16, 5, True), (512, True, True, 4, 3, True)):
         args = dict(q_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
                     BLOCKS_PER_PROG=i32, sqb=i32, sqh=i32, sqw=1, skb=i32, skh=i32, G=G, R=R, CHUNK=chunk,
                     NWARPS=4, must_ptr="*i32", hist_ptr="*i32", HIST=hist, M=2, KMIN=-512, NBINS=1024, KSTEP=2,
-                    PDL=1, EARLY=early)
+                    PDL=1, EARLY=early, FIRST_EARLY=first)
         ptx = compile_sm90(ms._block_keys_mma_kernel, args, aligned=("skb", "skh"), num_warps=4).asm["ptx"]
         n_mma = ptx.count("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc")
         assert n_mma == max(128, chunk) // 16, (chunk, n_mma)
         assert "bar.sync" not in ptx, chunk
+        before_wait = ptx.split("griddepcontrol.wait")[0].count("ld.global")
+        want = 1 + (16 if early and first and chunk <= 128 else 0)
+        assert before_wait == (want if early else 0), (chunk, early, first, before_wait)
 
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,

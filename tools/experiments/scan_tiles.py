@@ -3,12 +3,14 @@ run: the scan alone (``block_keys_triton``) and scan + selection (``hamming_topk
 shape (32 q / 8 kv heads, 128-bit codes; ``--heads 64`` for Qwen3-32B), chunk 128, 2048 tokens.
 
     python tools/experiments/scan_tiles.py [--lengths 131072] [--batches 1,8] [--heads 32,64]
-        [--targets 8192,2048] [--mma 1,0] [--hist-rows 32,64] [--step4 0,1] [--json PATH]
+        [--targets 8192,2048] [--mma 1,0] [--hist-rows 32,64] [--step4 0,1]
+        [--flag ms.MMA_FIRST_EARLY=1,0 ...] [--json PATH]
 
 Knobs: programs a launch aims at (``TARGET_PROGRAMS`` of the SIMT scan, ``MMA_TARGET_PROGRAMS``
 of the tensor-core scan: tiles a program), the tensor-core scan on or off (``MMA_SCAN``) and
 the rows up to which the histogram threshold is taken (``HIST_MAX_ROWS`` and
-``HIST_MAX_ROWS_MMA``) and its bins of 2 or 4 scores (``HIST_STEP4``). Every variant's selection is checked against the reference
+``HIST_MAX_ROWS_MMA``) and its bins of 2 or 4 scores (``HIST_STEP4``); ``--flag`` sets any
+other int or bool module flag of ``hamming_topk.kernels`` (hk) or ``hamming_topk.mma_scan`` (ms). Every variant's selection is checked against the reference
 (``select_blocks_ref`` over the reference block scores) before it is timed; a mismatch is
 reported and not timed. Inputs rotate over enough code sets that nothing is found in L2.
 "% copy" is the code bytes (B * Hkv * L * 16) over the measured time, over the copy bandwidth
@@ -19,6 +21,7 @@ bytes is timed as a read-only yardstick.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--mma", default="1", help="MMA_SCAN values to time, e.g. 1,0")
     ap.add_argument("--hist-rows", default="", help="histogram rows limits to time, e.g. 32,64 (default: as is)")
     ap.add_argument("--step4", default="", help="HIST_STEP4 values to time, e.g. 0,1 (default: as is)")
+    ap.add_argument("--flag", action="append", default=[],
+                    help="MODULE.NAME=V1,V2 with MODULE hk or ms, e.g. ms.MMA_FIRST_EARLY=1,0 (repeatable)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -56,8 +61,16 @@ def main() -> None:
     copy = copy_bandwidth_gbs()
     hist_rows = [int(x) for x in args.hist_rows.split(",") if x] or [None]
     step4 = [bool(int(x)) for x in args.step4.split(",") if x] or [None]
-    knobs = [(bool(int(m)), hr, t, s4) for m in args.mma.split(",") for hr in hist_rows for t in args.targets
-             for s4 in step4]
+    mods = {"hk": hk, "ms": ms}
+    flags = []  # [(module, name, [values])]
+    for f in args.flag:
+        lhs, vals = f.split("=")
+        mod, name = lhs.split(".")
+        if mod not in mods or not hasattr(mods[mod], name):
+            ap.error(f"--flag {f}: no flag {name} in {mod}")
+        flags.append((mods[mod], lhs, [int(v) for v in vals.split(",")]))
+    knobs = [(bool(int(m)), hr, t, s4, fv) for m in args.mma.split(",") for hr in hist_rows for t in args.targets
+             for s4 in step4 for fv in itertools.product(*[f[2] for f in flags])]
     out = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])
     print(f"{out['device']}: copy {copy:.0f} GB/s (read + write)")
     print(f"{'Hq':>3} {'L':>7} {'B':>2} {'mma':>3} {'step4':>5} {'hist':>4} {'target':>6} {'tiles/prog':>10} {'scan us':>8} {'%copy':>6} "
@@ -78,9 +91,13 @@ def main() -> None:
         t_sum = cuda_time_us([lambda k=k: k.sum(dtype=torch.int32) for _, k in sets], reps=args.reps)
         out["rows"].append(dict(Hq=HQ, L=L, B=B, torch_sum_us=t_sum, code_bytes=nbytes))
         print(f"{HQ:>3} {L:>7} {B:>2} torch int32 sum of the codes: {t_sum:.1f} us, {100 * floor_us / t_sum:.0f}% of copy")
-        for mma, hr, target, s4 in knobs:
+        for mma, hr, target, s4, fv in knobs:
             old = (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS,
                    hk.HIST_STEP4)
+            old_flags = [getattr(m, lhs.split(".")[1]) for m, lhs, _ in flags]
+            set_flags = {lhs: v for (_, lhs, _), v in zip(flags, fv)}
+            for (m, lhs, _), v in zip(flags, fv):
+                setattr(m, lhs.split(".")[1], type(getattr(m, lhs.split(".")[1]))(v))
             hk.TARGET_PROGRAMS, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = target, mma, target
             if hr is not None:
                 hk.HIST_MAX_ROWS = hk.HIST_MAX_ROWS_MMA = hr
@@ -88,13 +105,14 @@ def main() -> None:
                 hk.HIST_STEP4 = s4
             hr_now = hk.HIST_MAX_ROWS_MMA if mma else hk.HIST_MAX_ROWS
             s4_now = hk.HIST_STEP4
-            tag = f"{HQ:>3} {L:>7} {B:>2} {int(mma):>3} {int(s4_now):>5} {hr_now:>4} {target:>6}"
+            tag = f"{HQ:>3} {L:>7} {B:>2} {int(mma):>3} {int(s4_now):>5} {hr_now:>4} {target:>6}" + "".join(
+                f" {k}={v}" for k, v in set_flags.items())
             try:
                 got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
                 if not torch.equal(got, want):
                     print(f"{tag}  MISMATCH against the reference: not timed")
                     out["rows"].append(dict(Hq=HQ, L=L, B=B, target=target, mma=mma, hist_max_rows=hr_now,
-                                            hist_step4=s4_now, verified=False))
+                                            hist_step4=s4_now, flags=set_flags, verified=False))
                     continue
                 t_scan = cuda_time_us([lambda q=q, k=k, n=lens: hk.block_keys_triton(q, k, n, CHUNK, "max")
                                        for q, k in sets], reps=args.reps)
@@ -104,10 +122,13 @@ def main() -> None:
             finally:
                 (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS,
                  hk.HIST_STEP4) = old
+                for (m, lhs, _), v in zip(flags, old_flags):
+                    setattr(m, lhs.split(".")[1], v)
             blocks_per_tile = ms.MMA_WARPS if mma else hk.BLOCK_T // CHUNK
             splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / blocks_per_tile)))
             per_prog = math.ceil(math.ceil(nb / splits) / blocks_per_tile)
             out["rows"].append(dict(Hq=HQ, L=L, B=B, target=target, mma=mma, hist_max_rows=hr_now, hist_step4=s4_now,
+                                    flags=set_flags,
                                     tiles_per_program=per_prog, verified=True, scan_us=t_scan, select_us=t_sel,
                                     code_bytes=nbytes, floor_us=floor_us, scan_copy=floor_us / t_scan,
                                     select_copy=floor_us / t_sel))

@@ -3,7 +3,8 @@
     ncu --clock-control none --profile-from-start off -o $OUT/sel \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,\\
 launch__grid_size,sm__warps_active.avg.pct_of_peak_sustained_active \\
-        python3 tools/experiments/select_profile.py [--heads 32,64] [--batches 1,8] [--step4 0,1]
+        python3 tools/experiments/select_profile.py [--heads 32,64] [--batches 1,8]
+        [--variants default,step4,late]
     ncu --import $OUT/sel.ncu-rep --csv --page raw --print-units base > $OUT/sel.csv
     python3 tools/experiments/select_profile.py --parse $OUT/sel.csv
 
@@ -13,7 +14,10 @@ take, and how far each is from the time its bytes need. Shapes: 8 kv heads, 128-
 head_dim 128, chunk 128, 128K tokens, 2048-token budget, random codes and bf16 K/V. Every
 configuration's selection is checked against the reference before it is profiled. Before each
 configuration a marker kernel runs with a grid of (index + 1) programs; ``--parse`` groups the
-report's kernels by it. Yardsticks profiled the same way: torch's int32 sum and copy of the codes.
+report's kernels by it. Yardsticks profiled the same way: torch's int32 sum of the codes and an
+elementwise copy of them (``torch.add(codes, 0, out=dst)``: one read and one write).
+Variants (``VARIANTS``): the defaults, the histogram's bins of 4 scores (``HIST_STEP4``), the
+tensor-core scan's first tile loaded in its loop (``MMA_FIRST_EARLY`` off).
 """
 
 from __future__ import annotations
@@ -26,17 +30,23 @@ from collections import defaultdict
 L, HKV, W, D, CHUNK, BUDGET = 131072, 8, 4, 128, 128, 2048
 MUST = (0, -2, -1)
 CALLS = 3
+# variant -> {(module, flag): value}; module "hk" = hamming_topk.kernels, "ms" = .mma_scan
+VARIANTS = {
+    "default": {},
+    "step4": {("hk", "HIST_STEP4"): True},
+    "late": {("ms", "MMA_FIRST_EARLY"): False},
+}
 
 
-def _configs(heads, batches, step4s):
+def _configs(heads, batches, variants):
     cfgs = []
     for hq in heads:
         for b in batches:
             cfgs.append(("sum", hq, b, None))
             cfgs.append(("copy", hq, b, None))
-            for s4 in step4s:
-                cfgs.append(("hamming_topk", hq, b, s4))
-                cfgs.append(("decode_step", hq, b, s4))
+            for var in variants:
+                cfgs.append(("hamming_topk", hq, b, var))
+                cfgs.append(("decode_step", hq, b, var))
     return cfgs
 
 
@@ -44,8 +54,10 @@ def run(args) -> None:
     import torch
     import triton
     import triton.language as tl
-    from kvcomp.ops import decode_step, hamming_topk, hash_encode
+    from kvcomp.ops import hamming_topk, hash_encode
+    from kvcomp.ops.decode_step import decode_step
     from kvcomp.ops.hamming_topk import kernels as hk
+    from kvcomp.ops.hamming_topk import mma_scan as ms
     from kvcomp.ops.hamming_topk.reference import (
         block_scores_ref,
         select_blocks_ref,
@@ -59,16 +71,17 @@ def run(args) -> None:
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     mark = torch.zeros(64, dtype=torch.int32, device=dev)
-    cfgs = _configs(args.heads, args.batches, args.step4)
+    cfgs = _configs(args.heads, args.batches, args.variants)
+    mods = {"hk": hk, "ms": ms}
     kb = BUDGET // CHUNK
     cudart = torch.cuda.cudart()
-    for i, (op, hq, b, s4) in enumerate(cfgs):
+    for i, (op, hq, b, var) in enumerate(cfgs):
         lens = torch.full((b,), L, dtype=torch.int32, device=dev)
         codes = torch.randint(-2**31, 2**31 - 1, (b, HKV, L, W), device=dev, dtype=torch.int32, generator=gen)
         if op in ("sum", "copy"):
             dst = torch.empty_like(codes)
             def fn(op=op, codes=codes, dst=dst):
-                return codes.sum(dtype=torch.int32) if op == "sum" else dst.copy_(codes)
+                return codes.sum(dtype=torch.int32) if op == "sum" else torch.add(codes, 0, out=dst)
         else:
             q = torch.randn(b, hq, D, device=dev, dtype=torch.bfloat16, generator=gen)
             q_w = torch.randn(hq, D, 32 * W, device=dev, dtype=torch.float32, generator=gen)
@@ -77,8 +90,9 @@ def run(args) -> None:
             q_codes = hash_encode(q, q_w)
             want = select_blocks_ref(block_scores_ref(token_scores_ref(q_codes, codes), lens, CHUNK, "max"), lens,
                                      torch.full((b,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
-            old = hk.HIST_STEP4
-            hk.HIST_STEP4 = bool(s4)
+            old = {(m, f): getattr(mods[m], f) for m, f in VARIANTS[var]}
+            for (m, f), v in VARIANTS[var].items():
+                setattr(mods[m], f, v)
             if op == "hamming_topk":
                 def fn(q_codes=q_codes, codes=codes, lens=lens):
                     return hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
@@ -87,10 +101,11 @@ def run(args) -> None:
                     return decode_step(q, q_w, codes, k, v, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)[1]
             got = fn()
             ok = torch.equal(got, want)
-            print(f"config {i}: {op} Hq={hq} B={b} step4={s4}: selection {'equal to' if ok else 'DIFFERS from'} "
+            print(f"config {i}: {op} Hq={hq} B={b} {var}: selection {'equal to' if ok else 'DIFFERS from'} "
                   "the reference", flush=True)
             if not ok:
-                hk.HIST_STEP4 = old
+                for (m, f), v in old.items():
+                    setattr(mods[m], f, v)
                 continue
         for _ in range(2):
             fn()
@@ -102,7 +117,8 @@ def run(args) -> None:
         torch.cuda.synchronize()
         cudart.cudaProfilerStop()
         if op in ("hamming_topk", "decode_step"):
-            hk.HIST_STEP4 = old
+            for (m, f), v in old.items():
+                setattr(mods[m], f, v)
         del codes
         torch.cuda.empty_cache()
 
@@ -112,7 +128,7 @@ def _num(text: str) -> float:
 
 
 def parse(args) -> None:
-    cfgs = _configs(args.heads, args.batches, args.step4)
+    cfgs = _configs(args.heads, args.batches, args.variants)
     rows = list(csv.DictReader(open(args.parse)))
     rows = [r for r in rows if r.get("ID", "").isdigit()]  # the units row has no ID
     times = defaultdict(list)  # (config, kernel) -> [us]
@@ -129,12 +145,12 @@ def parse(args) -> None:
         times[key].append(_num(r["gpu__time_duration.sum"]) / 1e3)  # ns -> us (--print-units base)
         extra[key] = (r["dram__bytes_read.sum"], r["launch__registers_per_thread"], r["launch__grid_size"],
                       r["sm__warps_active.avg.pct_of_peak_sustained_active"])
-    print(f"{'op':<13} {'Hq':>3} {'B':>2} {'step4':>5} {'kernel':<48} {'us':>7} {'dram read':>12} {'regs':>4} "
+    print(f"{'op':<13} {'Hq':>3} {'B':>2} {'variant':>7} {'kernel':<48} {'us':>7} {'dram read':>12} {'regs':>4} "
           f"{'grid':>7} {'occ%':>5}")
     for (c, name), ts in sorted(times.items()):
-        op, hq, b, s4 = cfgs[c]
+        op, hq, b, var = cfgs[c]
         dr, regs, grid, occ = extra[(c, name)]
-        print(f"{op:<13} {hq:>3} {b:>2} {str(s4):>5} {name:<48} {statistics.median(ts):7.2f} {dr:>12} {regs:>4} "
+        print(f"{op:<13} {hq:>3} {b:>2} {str(var):>7} {name:<48} {statistics.median(ts):7.2f} {dr:>12} {regs:>4} "
               f"{grid:>7} {occ:>5}")
 
 
@@ -142,12 +158,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", default="32,64")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--step4", default="0,1")
+    ap.add_argument("--variants", default="default,step4,late", help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--parse", default=None, help="an ncu --csv --page raw report of this script's run")
     args = ap.parse_args()
     args.heads = [int(x) for x in args.heads.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
-    args.step4 = [int(x) for x in args.step4.split(",")]
+    args.variants = args.variants.split(",")
+    if any(v not in VARIANTS for v in args.variants):
+        ap.error(f"--variants: each of {', '.join(VARIANTS)}")
     if args.parse:
         parse(args)
     else:

@@ -39,6 +39,9 @@ MMA_SCAN = True
 MMA_WARPS = 4
 # at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS)
 MMA_TARGET_PROGRAMS = 8192
+# chunks up to 128: a program's first warp tile of key codes is loaded before the query codes
+# (and before the PDL wait where EARLY applies), overlapping the two memory round trips
+MMA_FIRST_EARLY = True
 
 
 @triton.jit
@@ -83,6 +86,112 @@ def _plane_weight(n, R: tl.constexpr):
 
 
 @triton.jit
+def _ld(k_row, t, tid, t_hi):
+    """Word ``tid`` of token ``t`` (0 at or past ``t_hi``)."""
+    return tl.load(k_row + t.to(tl.int64) * 4 + tid, mask=t < t_hi, other=0)
+
+
+@triton.jit
+def _load8(k_row, tok, gid, tid, t_hi):
+    """The A fragments of 8 MMAs over tokens [tok, tok + 128): (a0, a1) of MMA m are word ``tid``
+    of tokens tok + 16 m + gid and tok + 16 m + gid + 8. Issued together, before any MMA: 16
+    loads a lane in flight (interleaved with the MMAs, ptxas kept 4-6)."""
+    t = tok + gid
+    return (_ld(k_row, t, tid, t_hi), _ld(k_row, t + 8, tid, t_hi),
+            _ld(k_row, t + 16, tid, t_hi), _ld(k_row, t + 24, tid, t_hi),
+            _ld(k_row, t + 32, tid, t_hi), _ld(k_row, t + 40, tid, t_hi),
+            _ld(k_row, t + 48, tid, t_hi), _ld(k_row, t + 56, tid, t_hi),
+            _ld(k_row, t + 64, tid, t_hi), _ld(k_row, t + 72, tid, t_hi),
+            _ld(k_row, t + 80, tid, t_hi), _ld(k_row, t + 88, tid, t_hi),
+            _ld(k_row, t + 96, tid, t_hi), _ld(k_row, t + 104, tid, t_hi),
+            _ld(k_row, t + 112, tid, t_hi), _ld(k_row, t + 120, tid, t_hi))
+
+
+@triton.jit
+def _mma_max(a0, a1, t, t_hi, bq, zero, w_lo, w_hi, base):
+    """The larger exact score of the lane's two tokens t and t + 8 of one MMA (every lane of a
+    quad gets its tokens' scores; int32 min for tokens at or past ``t_hi``)."""
+    d0, d1, d2, d3 = _mma_and_popc(a0, a1, bq, zero)
+    sa = w_lo * d0 + w_hi * d1  # token t's planes 2 tid, 2 tid + 1; token t + 8's
+    sb = w_lo * d2 + w_hi * d3
+    sa = sa + _shfl_xor1(sa)
+    sb = sb + _shfl_xor1(sb)
+    sa = sa + _shfl_xor2(sa)  # every plane of the token: the quad's sum
+    sb = sb + _shfl_xor2(sb)
+    sa = tl.where(t < t_hi, base - 4 * sa, -2147483648)
+    sb = tl.where(t + 8 < t_hi, base - 4 * sb, -2147483648)
+    return tl.maximum(sa, sb)
+
+
+@triton.jit
+def _max4(a, b, c, d):
+    return tl.maximum(tl.maximum(a, b), tl.maximum(c, d))
+
+
+@triton.jit
+def _tile8_max(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+               tok, gid, t_hi, bq, zero, w_lo, w_hi, base):
+    """Per-lane score maxima of the 8 MMAs of ``_load8``'s fragments (tokens from ``tok``)."""
+    t = tok + gid
+    return (_mma_max(x0, x1, t, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x2, x3, t + 16, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x4, x5, t + 32, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x6, x7, t + 48, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x8, x9, t + 64, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x10, x11, t + 80, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x12, x13, t + 96, t_hi, bq, zero, w_lo, w_hi, base),
+            _mma_max(x14, x15, t + 112, t_hi, bq, zero, w_lo, w_hi, base))
+
+
+@triton.jit
+def _emit(run, blk, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row,
+          HIST: tl.constexpr, M: tl.constexpr, KMIN: tl.constexpr, KSTEP: tl.constexpr):
+    """Block ``blk``'s key, the warp max of ``run``, stored by lane 0 (blocks below ``blk_hi``)
+    and counted in the row's histogram unless it is a must-select block."""
+    out_ok = (lane == 0) & (blk < blk_hi)
+    counted = out_ok
+    if HIST:  # the must-select entries first: their loads overlap the reduction
+        for jm in tl.static_range(M):
+            mj = tl.load(must_ptr + jm)
+            counted = counted & (blk != tl.where(mj >= 0, mj, n_blocks + mj))
+    key = _warp_max(run)
+    tl.store(key_row + blk, key, mask=out_ok)
+    if HIST:
+        tl.atomic_add(hist_row + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
+
+
+@triton.jit
+def _emit8(r0, r1, r2, r3, r4, r5, r6, r7, blk, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row,
+           MPB: tl.constexpr, HIST: tl.constexpr, M: tl.constexpr, KMIN: tl.constexpr, KSTEP: tl.constexpr):
+    """The keys of a 128-token warp tile's blocks (MPB MMAs a block: 8, 4, 2 or 1) from the
+    maxima of its 8 MMAs, blocks blk, blk + 1, ..."""
+    if MPB == 8:
+        _emit(tl.maximum(_max4(r0, r1, r2, r3), _max4(r4, r5, r6, r7)), blk, lane, blk_hi, n_blocks, key_row,
+              must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+    elif MPB == 4:
+        _emit(_max4(r0, r1, r2, r3), blk, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(_max4(r4, r5, r6, r7), blk + 1, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN,
+              KSTEP)
+    elif MPB == 2:
+        _emit(tl.maximum(r0, r1), blk, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(tl.maximum(r2, r3), blk + 1, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN,
+              KSTEP)
+        _emit(tl.maximum(r4, r5), blk + 2, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN,
+              KSTEP)
+        _emit(tl.maximum(r6, r7), blk + 3, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN,
+              KSTEP)
+    else:
+        _emit(r0, blk, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r1, blk + 1, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r2, blk + 2, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r3, blk + 3, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r4, blk + 4, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r5, blk + 5, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r6, blk + 6, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+        _emit(r7, blk + 7, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
+
+
+@triton.jit
 def _block_keys_mma_kernel(
     q_ptr, k_ptr, len_ptr, key_ptr,
     Hkv, NB_OUT, BLOCKS_PER_PROG,
@@ -90,13 +199,16 @@ def _block_keys_mma_kernel(
     G: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NWARPS: tl.constexpr,
     must_ptr=None, hist_ptr=None, HIST: tl.constexpr = False, M: tl.constexpr = 0,
     KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1, KSTEP: tl.constexpr = 1,
-    PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY: tl.constexpr = False, FIRST_EARLY: tl.constexpr = True,
 ):
     """Block keys (the block max of the exact score, int32) of blocks [pid1 * BLOCKS_PER_PROG,
     ...) of row (b, kv-head) = pid0, into key_ptr + pid0 * NB_OUT; the query codes of row
     (b, h) at q_ptr + b*sqb + (h*G + g)*sqh + w*sqw, the key codes contiguous [L, 4] at
     k_ptr + b*skb + h*skh. HIST: as the SIMT scan (must-select blocks left out). EARLY (PDL;
-    only the query codes are the previous launch's): the lengths are loaded before the wait.
+    only the query codes are the previous launch's): the lengths, and with FIRST_EARLY the
+    first warp tile's key codes, are loaded before the wait. FIRST_EARLY (chunks up to 128):
+    the first warp tile's codes are loaded before the query codes and the planes, so the
+    program's two memory round trips overlap (B = 1 is one wave of programs: latency).
     Every per-lane value is a [T] tensor of one element a thread (the default 1-D layout),
     the lane index from %laneid: 2-D tiles would let Triton pick layouts whose threads hold
     several columns, which the warp-wide MMA and shuffles cannot take."""
@@ -109,6 +221,7 @@ def _block_keys_mma_kernel(
     BPW: tl.constexpr = WT // CHUNK  # blocks of a warp tile
     MPB: tl.constexpr = CHUNK // 16 if CHUNK < 128 else NM  # MMAs of a block
     T: tl.constexpr = NWARPS * 32
+    STEP: tl.constexpr = NWARPS * BPW  # blocks of a program tile
 
     i = tl.arange(0, T)
     lane = _lane_id(i)  # opaque to the contiguity analysis: the loads stay one word a lane
@@ -116,6 +229,14 @@ def _block_keys_mma_kernel(
     gid = lane // 4
     tid = lane % 4
     k_row = k_ptr + b * skb + h * skh
+    key_row = key_ptr + pid * NB_OUT
+    if HIST:
+        hist_row = hist_ptr + pid * NBINS
+    else:
+        hist_row = hist_ptr
+    if WT == 128 and FIRST_EARLY:
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load8(
+            k_row, (blk_lo + warp * BPW) * CHUNK, gid, tid, t_hi)
     if EARLY:
         pdl_enter(PDL)
     # the planes: this lane's word (tid) of plane gid, bit-sliced from the G query codes' word tid
@@ -129,37 +250,32 @@ def _block_keys_mma_kernel(
     w_lo = _plane_weight(2 * tid, R)
     w_hi = _plane_weight(2 * tid + 1, R)
     zero = tl.zeros_like(i)
-    for blk0 in range(blk_lo, blk_hi, NWARPS * BPW):
-        tok_w = (blk0 + warp * BPW) * CHUNK  # first token of this warp's tile
-        run = tl.full([T], -2147483648, dtype=tl.int32)
-        for m in tl.static_range(NM):
-            # an address a load (one pointer a lane with constant offsets scanned as fast, but
-            # the histogram path's scan + stage 2 took 46.8 against 39.3 us at B = 8, H200)
-            ta = tok_w + m * 16 + gid  # the lane's tokens: rows gid and gid + 8
-            a0 = tl.load(k_row + ta.to(tl.int64) * 4 + tid, mask=ta < t_hi, other=0)
-            a1 = tl.load(k_row + (ta + 8).to(tl.int64) * 4 + tid, mask=ta + 8 < t_hi, other=0)
-            d0, d1, d2, d3 = _mma_and_popc(a0, a1, bq, zero)
-            sa = w_lo * d0 + w_hi * d1  # token gid's planes 2 tid, 2 tid + 1; token gid + 8's
-            sb = w_lo * d2 + w_hi * d3
-            sa = sa + _shfl_xor1(sa)
-            sb = sb + _shfl_xor1(sb)
-            sa = sa + _shfl_xor2(sa)  # every plane of the token: the quad's sum
-            sb = sb + _shfl_xor2(sb)
-            sa = tl.where(ta < t_hi, base - 4 * sa, -2147483648)
-            sb = tl.where(ta + 8 < t_hi, base - 4 * sb, -2147483648)
-            run = tl.maximum(run, tl.maximum(sa, sb))
-            if (m + 1) % MPB == 0:  # the block's last MMA: its key
-                key = _warp_max(run)
-                blk = blk0 + warp * BPW + m // MPB
-                out_ok = (lane == 0) & (blk < blk_hi)
-                tl.store(key_ptr + pid * NB_OUT + blk, key, mask=out_ok)
-                if HIST:
-                    counted = out_ok
-                    for jm in tl.static_range(M):
-                        mj = tl.load(must_ptr + jm)
-                        counted = counted & (blk != tl.where(mj >= 0, mj, n_blocks + mj))
-                    tl.atomic_add(hist_ptr + pid * NBINS + (key - KMIN) // KSTEP, 1, mask=counted, sem="relaxed")
-                run = tl.full([T], -2147483648, dtype=tl.int32)
+    for blk0 in range(blk_lo, blk_hi, STEP):
+        blk_w = blk0 + warp * BPW  # this warp's first block
+        tok_w = blk_w * CHUNK  # and token
+        if WT == 128:  # 8 MMAs: 16 loads a lane, then the MMAs
+            if FIRST_EARLY:
+                if blk0 != blk_lo:
+                    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load8(
+                        k_row, tok_w, gid, tid, t_hi)
+            else:
+                x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load8(
+                    k_row, tok_w, gid, tid, t_hi)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _tile8_max(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13,
+                                                        x14, x15, tok_w, gid, t_hi, bq, zero, w_lo, w_hi, base)
+            _emit8(r0, r1, r2, r3, r4, r5, r6, r7, blk_w, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row,
+                   MPB, HIST, M, KMIN, KSTEP)
+        else:  # one block of chunk / 16 MMAs, in groups of 8
+            run = tl.full([T], -2147483648, dtype=tl.int32)
+            for g in tl.static_range(NM // 8):
+                tok = tok_w + g * 128
+                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _load8(
+                    k_row, tok, gid, tid, t_hi)
+                r0, r1, r2, r3, r4, r5, r6, r7 = _tile8_max(y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12,
+                                                            y13, y14, y15, tok, gid, t_hi, bq, zero, w_lo, w_hi,
+                                                            base)
+                run = tl.maximum(run, tl.maximum(_max4(r0, r1, r2, r3), _max4(r4, r5, r6, r7)))
+            _emit(run, blk_w, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row, HIST, M, KMIN, KSTEP)
 
 
 def mma_form_ok(W: int, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
@@ -189,7 +305,8 @@ def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_
 def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch.Tensor, chunk_size: int,
                    R: int, keys: torch.Tensor, hist: dict | None, pdl: dict, early: bool) -> torch.Tensor:
     """Launch ``_block_keys_mma_kernel`` (``mma_applies`` must hold): keys [B, Hkv, NB] int32;
-    ``early``: as the SIMT scan's EARLY, but only the lengths are loaded before the PDL wait."""
+    ``early``: as the SIMT scan's EARLY (the lengths and, for chunks up to 128, the first warp tile
+    of key codes are loaded before the PDL wait)."""
     B, Hq, _ = q_codes.shape
     _, Hkv, Lmax, _ = k_codes.shape
     nb = keys.shape[2]
@@ -201,6 +318,6 @@ def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch
         q_codes, k_codes, seq_lens, keys, Hkv, nb, per_prog,
         q_codes.stride(0), q_codes.stride(1), q_codes.stride(2), k_codes.stride(0), k_codes.stride(1),
         G=Hq // Hkv, R=R, CHUNK=chunk_size, NWARPS=MMA_WARPS, num_warps=MMA_WARPS,
-        EARLY=early, **(hist or {}), **pdl,
+        EARLY=early, FIRST_EARLY=MMA_FIRST_EARLY, **(hist or {}), **pdl,
     )
     return keys
