@@ -96,8 +96,8 @@ def main() -> None:
                    hk.HIST_STEP4)
             old_flags = [getattr(m, lhs.split(".")[1]) for m, lhs, _ in flags]
             set_flags = {lhs: v for (_, lhs, _), v in zip(flags, fv)}
-            for (m, lhs, _), v in zip(flags, fv):
-                setattr(m, lhs.split(".")[1], type(getattr(m, lhs.split(".")[1]))(v))
+            for (m, lhs, _), v in zip(flags, fv):  # bool flags as bools, int or None ones as ints
+                setattr(m, lhs.split(".")[1], bool(v) if isinstance(getattr(m, lhs.split(".")[1]), bool) else v)
             hk.TARGET_PROGRAMS, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = target, mma, target
             if hr is not None:
                 hk.HIST_MAX_ROWS = hk.HIST_MAX_ROWS_MMA = hr

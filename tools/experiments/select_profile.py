@@ -16,7 +16,8 @@ configuration's selection is checked against the reference before it is profiled
 configuration a marker kernel runs with a grid of (index + 1) programs; ``--parse`` groups the
 report's kernels by it. Yardsticks profiled the same way: torch's int32 sum of the codes and an
 elementwise copy of them (``torch.add(codes, 0, out=dst)``: one read and one write).
-Variants (``VARIANTS``): the defaults, the histogram's bins of 4 scores (``HIST_STEP4``), the
+``attend``: the attention alone on a selection made beforehand (no stage-2 prologue), against
+``decode_step``'s attention kernel, which runs stage 2 in its prologue. Variants (``VARIANTS``): the defaults, the histogram's bins of 4 scores (``HIST_STEP4``), the
 tensor-core scan's first tile loaded in its loop (``MMA_FIRST_EARLY`` off).
 """
 
@@ -44,6 +45,7 @@ def _configs(heads, batches, variants):
         for b in batches:
             cfgs.append(("sum", hq, b, None))
             cfgs.append(("copy", hq, b, None))
+            cfgs.append(("attend", hq, b, "default"))
             for var in variants:
                 cfgs.append(("hamming_topk", hq, b, var))
                 cfgs.append(("decode_step", hq, b, var))
@@ -54,7 +56,7 @@ def run(args) -> None:
     import torch
     import triton
     import triton.language as tl
-    from kvcomp.ops import hamming_topk, hash_encode
+    from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
     from kvcomp.ops.hamming_topk import kernels as hk
     from kvcomp.ops.hamming_topk import mma_scan as ms
@@ -85,17 +87,24 @@ def run(args) -> None:
         else:
             q = torch.randn(b, hq, D, device=dev, dtype=torch.bfloat16, generator=gen)
             q_w = torch.randn(hq, D, 32 * W, device=dev, dtype=torch.float32, generator=gen)
-            k = torch.randn(b, HKV, L, D, device=dev, dtype=torch.bfloat16, generator=gen) if op == "decode_step" else None
+            needs_kv = op in ("decode_step", "attend")
+            k = torch.randn(b, HKV, L, D, device=dev, dtype=torch.bfloat16, generator=gen) if needs_kv else None
             v = torch.randn_like(k) if k is not None else None
             q_codes = hash_encode(q, q_w)
             want = select_blocks_ref(block_scores_ref(token_scores_ref(q_codes, codes), lens, CHUNK, "max"), lens,
                                      torch.full((b,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
             old = {(m, f): getattr(mods[m], f) for m, f in VARIANTS[var]}
-            for (m, f), v in VARIANTS[var].items():
-                setattr(mods[m], f, v)
+            for (m, f), val in VARIANTS[var].items():
+                setattr(mods[m], f, val)
             if op == "hamming_topk":
                 def fn(q_codes=q_codes, codes=codes, lens=lens):
                     return hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
+            elif op == "attend":  # the attention alone, on a selection made beforehand (no prologue)
+                idx = hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
+
+                def fn(q=q, k=k, v=v, idx=idx, lens=lens):
+                    sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+                    return idx
             else:
                 def fn(q=q, q_w=q_w, codes=codes, k=k, v=v, lens=lens):
                     return decode_step(q, q_w, codes, k, v, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)[1]
@@ -104,8 +113,8 @@ def run(args) -> None:
             print(f"config {i}: {op} Hq={hq} B={b} {var}: selection {'equal to' if ok else 'DIFFERS from'} "
                   "the reference", flush=True)
             if not ok:
-                for (m, f), v in old.items():
-                    setattr(mods[m], f, v)
+                for (m, f), val in old.items():
+                    setattr(mods[m], f, val)
                 continue
         for _ in range(2):
             fn()
@@ -117,8 +126,8 @@ def run(args) -> None:
         torch.cuda.synchronize()
         cudart.cudaProfilerStop()
         if op in ("hamming_topk", "decode_step"):
-            for (m, f), v in old.items():
-                setattr(mods[m], f, v)
+            for (m, f), val in old.items():
+                setattr(mods[m], f, val)
         del codes
         torch.cuda.empty_cache()
 

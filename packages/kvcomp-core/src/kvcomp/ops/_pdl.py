@@ -73,12 +73,12 @@ def pdl_supported(device: torch.device) -> bool:
     return _capability(index) >= (9, 0)
 
 
-def pdl_args(t: torch.Tensor, role: str = "", rows: int | None = None) -> dict:
+def pdl_args(t: torch.Tensor, role: str = "", rows: int | None = None, max_rows: int | None = None) -> dict:
     """Launch arguments of a kernel with a ``PDL`` constexpr, for inputs on ``t``'s device:
     ``{"PDL": 1, "launch_pdl": True}`` where PDL applies (``ENABLED``, sm_90+ and, for a
-    decode-step kernel, ``rows`` <= ``DECODE_MAX_ROWS``; ``PDL`` 2 where ``role`` is in
-    ``NO_TRIGGER``), else {}."""
-    if rows is not None and rows > DECODE_MAX_ROWS:
+    decode-step kernel, ``rows`` <= ``max_rows``, default ``DECODE_MAX_ROWS``; ``PDL`` 2 where
+    ``role`` is in ``NO_TRIGGER``), else {}."""
+    if rows is not None and rows > (DECODE_MAX_ROWS if max_rows is None else max_rows):
         return {}
     if ENABLED and pdl_supported(t.device):
         return {"PDL": 2 if role in NO_TRIGGER else 1, "launch_pdl": True}

@@ -126,6 +126,9 @@ HIST_COMPACT = True
 # keys a tile of the selection in the attention's prologue (``DeferredSelect``) holds: the
 # attention's own registers come on top, so smaller than SELECT_BLOCK_MAX
 ATTN_SELECT_BLOCK_MAX = 1024
+# PDL for the scan / the stage-2 kernel up to this many rows (None: ``_pdl.DECODE_MAX_ROWS``)
+SCAN_PDL_MAX_ROWS = None
+SELECT_PDL_MAX_ROWS = None
 # "lse" with the queries given (decode_step, the cache's decode): every scan program computes
 # its row's q_scale from q (False: lse_query_scale's torch ops first, as before session 8, and
 # no early loads in the scan; the benchmark times both)
@@ -640,7 +643,8 @@ def _select_row_hist(
     above = at_least - hist  # #(other keys > the bin's key)
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
     hit = (at_least >= need) & (above < need)
-    t_bin, n_above = _unpack2(tl.sum(tl.where(hit, _pack2(jb, above, True), 0), 0), True)
+    # (bin, count) in one int32 when the row is one tile: bins < HIST_MAX_BINS, counts < BLOCK < 2^15
+    t_bin, n_above = _unpack2(tl.sum(tl.where(hit, _pack2(jb, above, not SINGLE), 0), 0), not SINGLE)
     # T's bin (else above every bin); keys are compared by bin: a row's keys are congruent mod
     # KSTEP (``_hist_args``), so a bin holds one distinct key and bins order keys as keys do
     thr = tl.where(need > 0, NBINS - 1 - t_bin, NBINS)
@@ -867,7 +871,7 @@ def block_keys_triton(
     splits = triton.cdiv(nb, per_prog)
     k_contig = k_codes.stride(3) == 1 and k_codes.stride(2) == W
     lse_range = (1 if majority else G) * 32 * W  # the score's range S (reference: lse_logits_ref)
-    pdl = pdl_args(k_codes, "scan", rows=B * Hkv)
+    pdl = pdl_args(k_codes, "scan", rows=B * Hkv, max_rows=SCAN_PDL_MAX_ROWS)
     # with "lse", q_scale read from a tensor may be the previous launch's output: no EARLY then
     early = bool(pdl) and prefetch and (q_scale is None) and (not derived or rows_in)
     qa = {}
@@ -980,7 +984,7 @@ def select_triton(
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
         num_warps=SELECT_WARPS or (4 if block <= 1024 else 8), **(hist or {}),
-        **pdl_args(keys, "select", rows=B * Hkv),
+        **pdl_args(keys, "select", rows=B * Hkv, max_rows=SELECT_PDL_MAX_ROWS),
     )
     return out
 
