@@ -125,6 +125,7 @@ def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_
     kw = dict(k_blocks=k_blocks, must_select=must)
     if k_blocks == "tensor":
         kw.update(k_blocks=torch.tensor([7, 2], dtype=torch.int32), max_blocks=9)
+    monkeypatch.setattr(hk, "HIST_STEP4", False)  # bins of 2 scores first, then of 4 (below)
     calls = count_prologue_selections(monkeypatch)
     out, idx = check_step(q, q_w, k, v, k_codes, lens, chunk, **kw)
     assert calls == {"prologue": 1, "launch": 0}, calls

@@ -207,7 +207,9 @@ LATENCY_VARIANTS = {
     # the SIMT scan instead of the tensor-core one (session 8's; session 9, B = 1: 19.4 against
     # 17.6 us with the restructured SIMT scan since reverted)
     "simt_scan": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_SCAN=False)},
-    "hist_step4": {HK: dict(HIST_STEP4=True)},  # bins of 4 scores: half of stage 2's (not yet timed)
+    "hist_step2": {HK: dict(HIST_STEP4=False)},  # bins of 2 scores (before session 10)
+    # the tensor-core scan's first warp tile loaded in its loop, after the query codes (session 9)
+    "mma_late": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_FIRST_EARLY=False)},
 }
 
 

@@ -117,8 +117,10 @@ HIST_MAX_ROWS = 32
 # with (above: at 64 rows their atomics cost more than the search rounds they save)
 HIST_MAX_ROWS_MMA = 64
 # bins of 4 scores for the exact score of an even G (``_hist_args``): half the bins of stage 2's
-# suffix sum, the same selection (tested); not yet timed on the GPU, so off
-HIST_STEP4 = False
+# suffix sum, the same selection (tested). H200, 128K, 2048 tokens, hamming_topk (session 10):
+# Qwen3-32B (G = 8, 1024 bins instead of 2048) 39.9 against 41.0 us at B = 8, 11.8 against 12.4
+# at B = 1; Qwen3-8B (G = 4) 38.7 both at B = 8
+HIST_STEP4 = True
 # stage 2 of the histogram path by one suffix sum + one prefix sum (``_select_row_hist``); False:
 # the previous stage 2 (must blocks' keys taken out of the histogram, then the search's passes),
 # kept for the benchmark's before / after
