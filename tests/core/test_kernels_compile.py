@@ -314,15 +314,14 @@ def check_mma_scan_kernel():
     lane (and the length) are issued before the PDL wait."""
     ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
     i32 = "i32"
-    for chunk, hist, early, G, R, first, pre in (
-            (128, False, False, 4, 3, True, False), (128, True, True, 8, 4, True, False),
-            (16, True, True, 4, 3, True, False), (64, True, True, 4, 3, False, False),
-            (256, False, False, 16, 5, True, False), (512, True, True, 4, 3, True, False),
-            (128, True, True, 4, 3, True, True), (32, True, False, 8, 4, True, True)):
+    for chunk, hist, early, G, R, first in ((128, False, False, 4, 3, True), (128, True, True, 8, 4, True),
+                                            (16, True, True, 4, 3, True), (64, True, True, 4, 3, False),
+                                            (256, False, False, 16, 5, True), (512, True, True, 4, 3, True),
+                                            (32, True, False, 8, 4, True)):
         args = dict(q_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
                     BLOCKS_PER_PROG=i32, sqb=i32, sqh=i32, sqw=1, skb=i32, skh=i32, G=G, R=R, CHUNK=chunk,
                     NWARPS=4, must_ptr="*i32", hist_ptr="*i32", HIST=hist, M=2, KMIN=-512, NBINS=1024, KSTEP=2,
-                    PDL=1, EARLY=early, FIRST_EARLY=first, PREFETCH=pre)
+                    PDL=1, EARLY=early, FIRST_EARLY=first)
         ptx = compile_sm90(ms._block_keys_mma_kernel, args, aligned=("skb", "skh"), num_warps=4).asm["ptx"]
         n_mma = ptx.count("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc")
         assert n_mma == max(128, chunk) // 16, (chunk, n_mma)

@@ -73,7 +73,7 @@ def mma_scan_args(chunk: int = 128, G: int = 4) -> dict:
     return dict(q_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
                 BLOCKS_PER_PROG=i32, sqb=i32, sqh=i32, sqw=1, skb=i32, skh=i32, G=G, R=G.bit_length(),
                 CHUNK=chunk, NWARPS=4, must_ptr="*i32", hist_ptr="*i32", HIST=True, M=3, KMIN=-512 * (G // 4),
-                NBINS=512 * (G // 4), KSTEP=2, PDL=1, EARLY=True, FIRST_EARLY=True, PREFETCH=False)
+                NBINS=512 * (G // 4), KSTEP=2, PDL=1, EARLY=True, FIRST_EARLY=True)
 
 
 def sass_mix(cubin: bytes) -> tuple[collections.Counter, str]:

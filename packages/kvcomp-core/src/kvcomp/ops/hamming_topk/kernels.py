@@ -84,7 +84,9 @@ TARGET_PROGRAMS = 8192
 SCAN_WARPS = 4
 # the selection keeps a row's keys in registers up to this many blocks, else it re-reads tiles
 SELECT_BLOCK_MAX = 2048
-# warps of a stage-2 program (None: 4 up to 1024 blocks a row, else 8)
+# warps of a stage-2 program (None: 4 below 1024 blocks a row, else 8; at 1024 blocks (128K of
+# chunk 128) 8 warps took hamming_topk to 39.4 against 39.9 us at B = 8 for Qwen3-32B, the same
+# at B = 1 and for Qwen3-8B: H200, session 10)
 SELECT_WARPS = None
 # candidates per round of the threshold search (2 = binary, the default: measured on the H200,
 # a 16-ary search's [BLOCK, 16] reductions cost more than the rounds they save), used up to
@@ -985,7 +987,7 @@ def select_triton(
         Hkv, nb, K, 0 if kb_tensor else int(k_blocks), out.stride(0), out.stride(1),
         CHUNK=chunk_size, M=len(must_select), BLOCK=block, SINGLE=nb <= block, KB_TENSOR=kb_tensor,
         ARITY=SELECT_ARITY if block <= ARITY_BLOCK_MAX else 2,
-        num_warps=SELECT_WARPS or (4 if block <= 1024 else 8), **(hist or {}),
+        num_warps=SELECT_WARPS or (4 if block < 1024 else 8), **(hist or {}),
         **pdl_args(keys, "select", rows=B * Hkv, max_rows=SELECT_PDL_MAX_ROWS),
     )
     return out

@@ -41,9 +41,10 @@ MMA_WARPS = 4
 MMA_TARGET_PROGRAMS = 8192
 # chunks up to 128: a program's first warp tile of key codes is loaded before the query codes
 # (and before the PDL wait where EARLY applies), overlapping the two memory round trips
+# (H200, 128K, hamming_topk: B = 1 11.4-11.7 against 13.2 us; B = 8 38.6-38.8 against 38.8. Also
+# loading the next warp tile's codes before a tile's MMAs, 32 loads a lane in flight, was slower
+# at B = 1 and 8: 12.2 and 42.0 us; session 10, decode.md)
 MMA_FIRST_EARLY = True
-# ... and each loop step loads the next warp tile's codes before its own MMAs (with FIRST_EARLY)
-MMA_PREFETCH = False
 
 
 @triton.jit
@@ -202,7 +203,6 @@ def _block_keys_mma_kernel(
     must_ptr=None, hist_ptr=None, HIST: tl.constexpr = False, M: tl.constexpr = 0,
     KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1, KSTEP: tl.constexpr = 1,
     PDL: tl.constexpr = False, EARLY: tl.constexpr = False, FIRST_EARLY: tl.constexpr = True,
-    PREFETCH: tl.constexpr = False,
 ):
     """Block keys (the block max of the exact score, int32) of blocks [pid1 * BLOCKS_PER_PROG,
     ...) of row (b, kv-head) = pid0, into key_ptr + pid0 * NB_OUT; the query codes of row
@@ -211,9 +211,7 @@ def _block_keys_mma_kernel(
     only the query codes are the previous launch's): the lengths, and with FIRST_EARLY the
     first warp tile's key codes, are loaded before the wait. FIRST_EARLY (chunks up to 128):
     the first warp tile's codes are loaded before the query codes and the planes, so the
-    program's two memory round trips overlap (B = 1 is one wave of programs: latency); with
-    PREFETCH too, each warp tile's loop step loads the next tile's codes before its MMAs (32
-    loads a lane in flight, for programs of several tiles).
+    program's two memory round trips overlap (B = 1 is one wave of programs: latency).
     Every per-lane value is a [T] tensor of one element a thread (the default 1-D layout),
     the lane index from %laneid: 2-D tiles would let Triton pick layouts whose threads hold
     several columns, which the warp-wide MMA and shuffles cannot take."""
@@ -259,10 +257,7 @@ def _block_keys_mma_kernel(
         blk_w = blk0 + warp * BPW  # this warp's first block
         tok_w = blk_w * CHUNK  # and token
         if WT == 128:  # 8 MMAs: 16 loads a lane, then the MMAs
-            if FIRST_EARLY and PREFETCH:  # the next warp tile's codes (none past t_hi) before these MMAs
-                n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14, n15 = _load8(
-                    k_row, tok_w + STEP * CHUNK, gid, tid, t_hi)
-            elif FIRST_EARLY:
+            if FIRST_EARLY:
                 if blk0 != blk_lo:
                     x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load8(
                         k_row, tok_w, gid, tid, t_hi)
@@ -273,9 +268,6 @@ def _block_keys_mma_kernel(
                                                         x14, x15, tok_w, gid, t_hi, bq, zero, w_lo, w_hi, base)
             _emit8(r0, r1, r2, r3, r4, r5, r6, r7, blk_w, lane, blk_hi, n_blocks, key_row, must_ptr, hist_row,
                    MPB, HIST, M, KMIN, KSTEP)
-            if FIRST_EARLY and PREFETCH:
-                x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = (
-                    n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14, n15)
         else:  # one block of chunk / 16 MMAs, in groups of 8
             run = tl.full([T], -2147483648, dtype=tl.int32)
             for g in tl.static_range(NM // 8):
@@ -329,6 +321,6 @@ def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch
         q_codes, k_codes, seq_lens, keys, Hkv, nb, per_prog,
         q_codes.stride(0), q_codes.stride(1), q_codes.stride(2), k_codes.stride(0), k_codes.stride(1),
         G=Hq // Hkv, R=R, CHUNK=chunk_size, NWARPS=MMA_WARPS, num_warps=MMA_WARPS,
-        EARLY=early, FIRST_EARLY=MMA_FIRST_EARLY, PREFETCH=MMA_PREFETCH, **(hist or {}), **pdl,
+        EARLY=early, FIRST_EARLY=MMA_FIRST_EARLY, **(hist or {}), **pdl,
     )
     return keys
