@@ -310,3 +310,18 @@ def test_bench_decode_table_rows(monkeypatch):
     assert "VERIFICATION FAILED (select_exact)" in bench._table_line(bad)
     monkeypatch.setenv("KVCOMP_COMMIT", "abc1234")
     assert bench._git_commit() == "abc1234"
+
+
+def test_bench_decode_input_sets_leave_nothing_in_l2():
+    """The benchmark rotates over enough input sets that what one kvcomp call reads (the codes
+    for the selection, the smallest budget's K/V for the attention), not only the dense K/V, is
+    3x L2: 128K at B = 1 reads 16 MB of codes and 8 MB of selected K/V (2048 tokens)."""
+    import math as _math
+
+    from kvcomp.bench import decode as bench
+
+    touched = bench.touched_bytes(1, 131072, ["2048", "10%"])
+    assert touched == 8 * 2048 * 128 * 2 * 2  # the selected K/V, fewer than the 16 MB of codes
+    assert bench.touched_bytes(1, 131072, ["30%"]) == 8 * 131072 * 16  # the codes
+    assert bench.touched_bytes(8, 1024, ["2048"]) == 8 * 8 * 1024 * 16  # the budget is every block
+    assert _math.ceil(3 * bench.L2_BYTES / touched) == 19

@@ -73,7 +73,9 @@ TARGETS = {("2048", 8): 12.0, ("2048", 1): 8.0, ("10%", 1): 5.0, ("10%", 8): 5.0
            ("30%", 1): 2.5, ("30%", 8): 2.5}
 SELECT_MODES = ("exact", "exact_direct", "exact_planes", "exact_signed", "majority")
 L2_BYTES = 50 << 20  # H100 / H200 L2
-MAX_SETS = 6
+# input sets rotated through (``kv_input_sets``): at most this many, and this many bytes in all
+MAX_SETS = 256
+MAX_SET_BYTES = 32 << 30
 TOKEN_SCORES = ("hamming", "centered_norm")
 
 
@@ -299,10 +301,21 @@ def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict
     return t
 
 
-def kv_input_sets(B: int, L: int, gen, centered: bool = False, max_sets: int = MAX_SETS):
+def touched_bytes(B: int, L: int, budgets) -> int:
+    """The fewest bytes one timed kvcomp call reads from an input set: the key codes
+    (``hamming_topk``) or the smallest budget's selected K/V (``sparse_decode_attention``)."""
+    n_blocks = math.ceil(L / CHUNK)
+    tokens = min(min(_blocks_for(b, n_blocks), n_blocks) * CHUNK for b in budgets)
+    return min(B * HKV * L * BITS // 8, B * HKV * min(tokens, L) * HEAD_DIM * 2 * 2)
+
+
+def kv_input_sets(B: int, L: int, gen, centered: bool = False, max_sets: int = MAX_SETS,
+                  touched: int | None = None):
     """Random bf16 K/V caches [B, HKV, L, HEAD_DIM] on the GPU with their key codes (per kv-head
     random orthogonal projections kv_w [HKV, HEAD_DIM, BITS]): enough independent sets that
-    rotating through them leaves nothing in L2 to reuse. ``centered``: what the cache stores for
+    rotating through them leaves nothing in L2 to reuse: ``touched`` (bytes one timed call reads
+    from a set, ``touched_bytes``; default: the whole set) times the sets reaches 3x L2, up to
+    ``max_sets`` sets and MAX_SET_BYTES in all. ``centered``: what the cache stores for
     token_score="centered_norm" (codes of k - mu, ``scale`` = ||k - mu||). -> (kv_w, sets), each
     set {k, v, codes, lens, scale}."""
     from kvcomp.ops import hash_encode
@@ -313,8 +326,9 @@ def kv_input_sets(B: int, L: int, gen, centered: bool = False, max_sets: int = M
     kv_w = kv_w[..., :BITS].contiguous()  # [Hkv, D, BITS]
     lens = torch.full((B,), L, dtype=torch.int32, device=dev)
     set_bytes = B * HKV * L * (2 * HEAD_DIM * 2 + BITS // 8)
+    n_sets = math.ceil(3 * L2_BYTES / (touched or set_bytes))
     sets = []
-    for _ in range(max(1, min(max_sets, math.ceil(3 * L2_BYTES / set_bytes)))):
+    for _ in range(max(1, min(max_sets, MAX_SET_BYTES // set_bytes, n_sets))):
         kk = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
         vv = torch.randn(B, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
         if centered:
@@ -340,7 +354,9 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
     dev = "cuda"
     centered = cfg["token_score"] == "centered_norm"
     variants = cfg.get("variants", False)
-    kv_w, sets = kv_input_sets(B, L, gen, centered)
+    # kvcomp's calls read only the codes and the selected K/V of a set: enough sets that those
+    # bytes, not only the dense K/V, are 3x L2 (before session 10 one set at 128K, B = 1)
+    kv_w, sets = kv_input_sets(B, L, gen, centered, touched=touched_bytes(B, L, cfg["budgets"]))
     lens = sets[0]["lens"]
     n_sets = len(sets)
     k, v, k_codes = sets[0]["k"], sets[0]["v"], sets[0]["codes"]  # the verified set
