@@ -33,7 +33,16 @@ import math
 
 import torch
 
-from kvcomp.bench.decode import BITS, CHUNK, HEAD_DIM, HKV, MODELS, MUST_SELECT, kv_input_sets
+from kvcomp.bench.decode import (
+    BITS,
+    CHUNK,
+    HEAD_DIM,
+    HKV,
+    MODELS,
+    MUST_SELECT,
+    kv_input_sets,
+    touched_bytes,
+)
 from kvcomp.bench.timing import (
     attention_close,
     attention_ref_fp64,
@@ -43,8 +52,6 @@ from kvcomp.bench.timing import (
     kernel_bench_refusal,
     positive_ints,
 )
-
-MAX_SETS = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,7 +146,8 @@ def run_shape(L: int, B: int, cfg: dict, reps: int, gen) -> list[dict]:
     from kvcomp.ops.decode_step import decode_step
 
     dev = "cuda"
-    kv_w, sets = kv_input_sets(B, L, gen, max_sets=MAX_SETS)
+    # enough sets that what a kvcomp step reads (codes, selected K/V) leaves L2 (decode.py)
+    kv_w, sets = kv_input_sets(B, L, gen, touched=touched_bytes(B, L, cfg["budgets"]))
     lens, n_sets = sets[0]["lens"], len(sets)
     n_blocks = math.ceil(L / CHUNK)
     all_blocks = torch.arange(n_blocks, device=dev, dtype=torch.int32).view(1, 1, -1).expand(B, HKV, -1).contiguous()
