@@ -144,6 +144,25 @@ def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_
         assert not hk._HISTS.get(B * Hkv * nbins, torch.device("cpu")).any(), "histogram not zeroed"
 
 
+def test_selection_in_prologue_with_fitted_splits(monkeypatch):
+    """FUSED_MERGE_FIT: where a row's partials exceed the fused merge's limit, the attention
+    plans fewer, longer splits and still runs the deferred selection in its prologue (no
+    separate launch): the selection is the reference's, the output within the rule."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    B, Hkv, G, D, chunk = 2, 2, 8, 32, 16
+    gen = torch.Generator().manual_seed(808)
+    q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, 700, 64, torch.float32, "cpu", gen)
+    lens = torch.tensor([700, 333])
+    monkeypatch.setattr(ak, "FUSED_MERGE_MAX_BYTES", G * 2 * D * 4)  # 2 splits fit, the plan has 3
+    assert ak._plan(B, Hkv, 9, chunk, D)[2] == 3
+    monkeypatch.setattr(ak, "FUSED_MERGE_FIT", True)
+    calls = count_prologue_selections(monkeypatch)
+    check_step(q, q_w, k, v, k_codes, lens, chunk, k_blocks=9, must_select=(0, -1))
+    assert calls == {"prologue": 1, "launch": 0}, calls
+
+
 def test_deferred_selection_where_the_prologue_cannot_run(monkeypatch):
     """Without the fused merge (no program to zero the histogram after every reader) the
     deferred selection runs as its own launch first: same selection, output within the rule."""

@@ -135,6 +135,19 @@ def _two_kernel(monkeypatch):
     return ctx()
 
 
+class _Refuse:
+    """Stands in for a kernel that must not launch: records the attempt, launches nothing."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(grid)
+
+        return launch
+
+
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
 def test_fused_merge_matches_two_kernel_path(monkeypatch, G):
     """The merge run by the last split program of each row (ticket counters) gives the two-kernel
@@ -168,6 +181,13 @@ def test_fused_merge_matches_two_kernel_path(monkeypatch, G):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "FUSED_MERGE_MAX_BYTES", G * 2 * D * 4)
             torch.testing.assert_close(check(q, k, v, idx, lens_t, chunk), two, atol=0, rtol=0)
+            # ... or, with FUSED_MERGE_FIT, at most 2 longer splits, merged in the split kernel
+            mp.setattr(kernels, "FUSED_MERGE_FIT", True)
+            launched = []
+            mp.setattr(kernels, "_merge_kernel", _Refuse(launched))
+            fit = check(q, k, v, idx, lens_t, chunk)
+            assert not launched, "the fitted plan must not launch the merge kernel"
+            torch.testing.assert_close(fit.float(), two.float(), atol=1e-2, rtol=0)
     assert (kernels._tickets(1, torch.device("cpu")) == 0).all()
 
 

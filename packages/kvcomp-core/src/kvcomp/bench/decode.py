@@ -212,6 +212,8 @@ LATENCY_VARIANTS = {
     "hist_step2": {HK: dict(HIST_STEP4=False)},  # bins of 2 scores (before session 10)
     # the tensor-core scan's first warp tile loaded in its loop, after the query codes (session 9)
     "mma_late": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_FIRST_EARLY=False)},
+    # fewer, longer splits where the partials exceed the fused merge's limit (G = 8; not yet timed)
+    "attn_fit": {AK: dict(FUSED_MERGE_FIT=True)},
 }
 
 

@@ -56,6 +56,10 @@ FUSED_MERGE = True
 # at 128K, 2048 tokens, D = 128 (docs/benchmarks/decode.md): G = 4 x 32 splits (64 KB) fused 7.0
 # vs 7.9 us, G = 8 x 32 splits (128 KB) fused 9.0 vs 8.0 us; B = 8 (5 splits) fused 1.4 us faster
 FUSED_MERGE_MAX_BYTES = 64 << 10
+# where a row's partials would exceed that, plan fewer, longer splits so that they do not (the
+# fused merge instead of a second launch): built for Qwen3-32B at B = 1 (G = 8: 16 splits of 128
+# tokens instead of 32 of 64 at 2048 tokens), not yet timed, so off (the bench's attn_fit variant)
+FUSED_MERGE_FIT = False
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
 # a thread at 4 warps
 MERGE_TILE_ELEMS = 4096
@@ -299,12 +303,15 @@ def _tickets(rows: int, device: torch.device) -> torch.Tensor:
     return _TICKETS.get(rows, device)
 
 
-def _plan(B: int, Hkv: int, K: int, chunk: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads)."""
+def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads); at most
+    ``max_splits`` splits when given."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
     virtual = K * chunk
     tiles = triton.cdiv(virtual, block_n)
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
+    if max_splits is not None:
+        splits = max(1, min(splits, max_splits))
     per_split = triton.cdiv(tiles, splits) * block_n
     splits = triton.cdiv(virtual, per_split)
     return block_n, per_split, splits
@@ -350,6 +357,9 @@ def sparse_decode_attention_triton(
     if K == 0:
         return out.zero_()
     block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
+    if FUSED_MERGE and FUSED_MERGE_FIT and G * splits * D * 4 > FUSED_MERGE_MAX_BYTES:
+        # fewer, longer splits whose partials the fused merge takes (not a second launch)
+        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)))
     m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
