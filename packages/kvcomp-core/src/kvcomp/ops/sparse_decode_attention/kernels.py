@@ -33,7 +33,8 @@ import triton.language as tl
 
 from kvcomp.ops._common import StreamScratch, interpreting
 from kvcomp.ops._pdl import pdl_args, pdl_enter
-from kvcomp.ops.hamming_topk.kernels import DeferredSelect, _select_row_hist
+from kvcomp.ops.hamming_topk.kernels import DeferredSelect
+from kvcomp.ops.hamming_topk.select_kernels import _select_row_hist
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
