@@ -63,13 +63,14 @@ PROFILE_STEPS = 8
 FUSE = {"norms": dict(rope=False, linear=False), "rope": dict(linear=False), "all": {}}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, *, tiny_help: str, contexts: str, steps: int) -> None:
+    """The options ``kvcomp bench e2e`` and ``kvcomp bench e2e-mla`` share; ``contexts``: the
+    default context list as the help shows it, ``steps``: the default timed steps."""
     p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
-    p.add_argument("--tiny", action="store_true",
-                   help="a 4-layer toy model at small contexts (CPU smoke test of the whole bench)")
-    p.add_argument("--contexts", help="comma-separated context lengths (default 1024,32768,65536,131072)")
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    p.add_argument("--contexts", help=f"comma-separated context lengths (default {contexts})")
     p.add_argument("--batches", help="comma-separated batch sizes (default 1,4)")
-    p.add_argument("--steps", type=int, default=256, help="timed decode steps per run (default 256)")
+    p.add_argument("--steps", type=int, default=steps, help=f"timed decode steps per run (default {steps})")
     p.add_argument("--budget", type=int, default=2048, help="kvcomp tokens attended per sparse layer")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--prefill-ctx", type=int, default=32768,
@@ -80,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit)")
     p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, tiny_help="a 4-layer toy model at small contexts (CPU smoke test of the whole bench)",
+                      contexts="1024,32768,65536,131072", steps=256)
     p.add_argument("--fuse", nargs="?", const="all", choices=tuple(FUSE), default=None,
                    help="run decode steps through kvcomp.fusion.FusedDecode (the same model, so every "
                         "decoder gets it): 'all' (default: norms, RoPE, merged projections as gemv, "
@@ -304,21 +310,30 @@ def _free():
 
 def measure(model, graphs, method: str, ctx: int, B: int, args, dev: str) -> dict:
     """Per-step latency and throughput of ``method`` at context ``ctx`` and batch ``B``."""
+    return measure_decoder(model, graphs, Decoder(model, method, args.budget), ctx, B, args, dev,
+                           fill_synthetic, profile_methods=("kvcomp", "dense"))
+
+
+def measure_decoder(model, graphs, dec, ctx: int, B: int, args, dev: str, fill, profile_methods) -> dict:
+    """``measure`` for a decoder ``dec`` (closed at the end): its cache filled to ``ctx`` by
+    ``fill(cache, method, ctx)``, warm-up steps (the first replays capture), then ``args.steps``
+    timed greedy steps; a profile of replayed steps for ``profile_methods`` at the longest
+    B = 1 row with ``--profile``."""
     cuda = dev == "cuda"
     warm = 3
     V = model.config.vocab_size
+    method = dec.method
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    dec = Decoder(model, method, args.budget)
     cache = None
     try:
-        profiling = args.profile and cuda and method in ("kvcomp", "dense") and B == 1 and ctx == args._profile_ctx
+        profiling = args.profile and cuda and method in profile_methods and B == 1 and ctx == args._profile_ctx
         # room for every step this run makes (a transformers StaticCache has no host-side check)
         cache = dec.make_cache(ctx + args.steps + warm + (PROFILE_STEPS if profiling else 0) + 1)
         g = torch.Generator().manual_seed(5)
         stub = min(16, ctx)
         forward(model, torch.randint(1, V, (B, stub), generator=g).to(dev), cache)  # makes the storage
-        fill_synthetic(cache, method, ctx)
+        fill(cache, method, ctx)
         ids = torch.randint(1, V, (B, 1), generator=g).to(dev)
         for _ in range(warm):  # the first replays capture
             ids = forward(model, ids, cache).logits[:, -1:].argmax(-1)

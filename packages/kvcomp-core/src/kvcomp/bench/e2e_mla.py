@@ -75,22 +75,8 @@ ORDER = [(131072, 1), (65536, 4), (32768, 1), (65536, 1), (32768, 4), (131072, 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
-    p.add_argument("--tiny", action="store_true",
-                   help="a toy 4-layer DeepSeek-V3 config at small contexts (CPU smoke test)")
-    p.add_argument("--contexts", help="comma-separated context lengths (default 32768,65536,131072)")
-    p.add_argument("--batches", help="comma-separated batch sizes (default 1,4)")
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps per run (default 64)")
-    p.add_argument("--budget", type=int, default=2048, help="kvcomp tokens attended per sparse layer")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    p.add_argument("--prefill-ctx", type=int, default=32768,
-                   help="tokens of the real prefill timed for the hashing share (0: skip)")
-    p.add_argument("--verify-ctx", type=int, default=4096, help="context of the verification runs")
-    p.add_argument("--profile", action="store_true",
-                   help="torch.profiler table of graph-replayed steps at the longest B=1 row")
-    p.add_argument("--time-limit", type=float, default=0,
-                   help="start no new row after this many seconds (0: no limit)")
-    p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
+    e2e.add_run_arguments(p, tiny_help="a toy 4-layer DeepSeek-V3 config at small contexts (CPU smoke test)",
+                          contexts="32768,65536,131072", steps=64)
 
 
 # ---------------------------------------------------------------------------------- model
@@ -259,40 +245,8 @@ class _nullcontext:
 # ---------------------------------------------------------------------------------- measure
 def measure(model, graphs, method: str, ctx: int, B: int, args, dev: str) -> dict:
     """Per-step latency and throughput of ``method`` at context ``ctx`` and batch ``B``."""
-    cuda = dev == "cuda"
-    warm = 3
-    V = model.config.vocab_size
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    dec = Decoder(model, method, args.budget, args.tiny)
-    cache = None
-    try:
-        profiling = args.profile and cuda and method in ("kvcomp", "dense_kv") and B == 1 and ctx == args._profile_ctx
-        cache = dec.make_cache(ctx + args.steps + warm + (e2e.PROFILE_STEPS if profiling else 0) + 1)
-        g = torch.Generator().manual_seed(5)
-        stub = min(16, ctx)
-        e2e.forward(model, torch.randint(1, V, (B, stub), generator=g).to(dev), cache)  # makes the storage
-        fill_synthetic(cache, method, ctx)
-        ids = torch.randint(1, V, (B, 1), generator=g).to(dev)
-        for _ in range(warm):  # the first replays capture
-            ids = e2e.forward(model, ids, cache).logits[:, -1:].argmax(-1)
-        clock = e2e.Clock(cuda)
-        clock.start()
-        for _ in range(args.steps):
-            ids = e2e.forward(model, ids, cache).logits[:, -1:].argmax(-1)
-        ms = clock.stop_ms() / args.steps
-        row = {"method": method, "ctx": ctx, "batch": B, "steps": args.steps, "step_ms": ms,
-               "tokens_per_s": B * 1000.0 / ms, "graphs": bool(graphs.enabled)}
-        if cuda:
-            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if profiling:
-            row["profile"] = e2e.profile_steps(model, cache, ids, e2e.PROFILE_STEPS)
-        return row
-    finally:
-        dec.close()
-        graphs.clear()
-        del cache
-        e2e._free()
+    return e2e.measure_decoder(model, graphs, Decoder(model, method, args.budget, args.tiny), ctx, B, args, dev,
+                               fill_synthetic, profile_methods=("kvcomp", "dense_kv"))
 
 
 def measure_prefill(model, args, dev: str) -> dict:
