@@ -449,8 +449,97 @@ def plot(data: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
+def env_info(cuda: bool) -> dict:
+    """Versions and device of this run (the JSON's "env")."""
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+           "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def verify_first(verify_fn, model, args, graphs, dev: str, data: dict) -> bool:
+    """``data["verify"] = verify_fn(model, args, graphs, dev)``; False (after writing the JSON
+    and saying why) when a check fails: no speedups are reported then. If the CUDA-graph path
+    itself breaks, it is reported and the bench verifies and measures eager steps instead."""
     from kvcomp.bench.timing import VerificationError
+
+    try:
+        data["verify"] = verify_fn(model, args, graphs, dev)
+    except VerificationError as e:
+        data["verify"] = {"ok": False, "error": str(e), "checks": e.args[1] if len(e.args) > 1 else None}
+        _write(args.json, data)
+        print(f"VERIFICATION FAILED, no speedups reported: {e}")
+        return False
+    except Exception as e:  # the graph path broke: report it, measure eagerly (host-bound)
+        traceback.print_exc()
+        data["graphs_error"] = repr(e)
+        print(f"# CUDA graphs failed ({e!r}); measuring eager steps instead", flush=True)
+        graphs.clear()
+        graphs.enabled = False
+        data["verify"] = verify_fn(model, args, graphs, dev, check_graphs=False)
+    print(f"# verified: {json.dumps(data['verify'])}", flush=True)
+    _write(args.json, data)
+    return True
+
+
+def measure_rows(measure_fn, model, graphs, rows_todo, methods, args, dev: str, data: dict, t_start: float,
+                 targets: dict) -> None:
+    """Every (ctx, B) of ``rows_todo`` (until ``--time-limit``) with every method of ``methods``
+    by ``measure_fn``, into ``data["rows"]`` (a row that fails keeps its error, the others go
+    on) and kvcomp's speedups into ``data["speedups"]`` (against ``targets[(ctx, B)]``)."""
+    print(f"{'ctx':>7} {'B':>2} {'method':>8} {'step ms':>9} {'tok/s':>9} {'peak GB':>8}", flush=True)
+    for ctx, B in rows_todo:
+        if args.time_limit and time.time() - t_start > args.time_limit:
+            data.setdefault("skipped", []).append({"ctx": ctx, "batch": B, "why": "time limit"})
+            print(f"{ctx:>7} {B:>2} skipped (time limit)", flush=True)
+            continue
+        got = {}
+        for method in methods:
+            try:
+                row = measure_fn(model, graphs, method, ctx, B, args, dev)
+            except torch.cuda.OutOfMemoryError as e:
+                _free()
+                row = {"method": method, "ctx": ctx, "batch": B, "error": f"out of memory: {str(e)[:120]}"}
+            except Exception as e:  # keep the other rows; the traceback goes to the log
+                traceback.print_exc()
+                _free()
+                row = {"method": method, "ctx": ctx, "batch": B, "error": repr(e)[:300]}
+            data["rows"].append(row)
+            if "error" in row:
+                print(f"{ctx:>7} {B:>2} {method:>8} {row['error'][:60]}", flush=True)
+                continue
+            got[method] = row
+            print(f"{ctx:>7} {B:>2} {method:>8} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} "
+                  f"{row.get('peak_gb', float('nan')):>8.1f}", flush=True)
+            if "profile" in row:
+                print(f"# profile, {method}, {PROFILE_STEPS} replayed steps:\n{row['profile']}", flush=True)
+        if "kvcomp" in got:
+            sp = {"ctx": ctx, "batch": B}
+            for base in ("dense", "dense_kv"):
+                if base in got:
+                    sp[f"vs_{base}"] = got[base]["step_ms"] / got["kvcomp"]["step_ms"]
+            bases = [got[b]["step_ms"] for b in ("dense", "dense_kv") if b in got]
+            if bases:
+                sp["vs_best_dense"] = min(bases) / got["kvcomp"]["step_ms"]
+                t = targets.get((ctx, B))
+                if t is not None:
+                    sp["target"] = t
+                    sp["met"] = sp["vs_best_dense"] >= t
+            data["speedups"].append(sp)
+            print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
+                                               if k.startswith("vs_")), flush=True)
+        _write(args.json, data)
+
+
+def run(args: argparse.Namespace) -> int:
     from kvcomp.graphs import DecodeGraphs
 
     if args.replot:
@@ -482,21 +571,10 @@ def run(args: argparse.Namespace) -> int:
     rows_todo += [(c, b) for b in batches for c in contexts if (c, b) not in rows_todo]
     args._profile_ctx = max([c for c, b in rows_todo if b == 1], default=0)
 
-    import transformers
-
     data: dict = {
         "bench": "e2e", "model": "tiny" if args.tiny else "qwen3-8b-shape (random bf16 weights)",
-        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-                "python": platform.python_version()},
-        "budget_tokens": args.budget, "steps": args.steps, "rows": [], "speedups": [],
+        "env": env_info(cuda), "budget_tokens": args.budget, "steps": args.steps, "rows": [], "speedups": [],
     }
-    try:
-        import triton
-
-        data["env"]["triton"] = triton.__version__
-    except ImportError:
-        pass
     model = build_model(args.tiny, dev, dtype)
     data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
     # the CPU smoke run (--tiny) fuses on the CPU too
@@ -506,22 +584,8 @@ def run(args: argparse.Namespace) -> int:
         data["fused"] = repr(graphs.fused)
     try:
         print(f"# model built in {time.time() - t_start:.1f}s; verifying", flush=True)
-        try:
-            data["verify"] = verify(model, args, graphs, dev)
-        except VerificationError as e:
-            data["verify"] = {"ok": False, "error": str(e), "checks": e.args[1] if len(e.args) > 1 else None}
-            _write(args.json, data)
-            print(f"VERIFICATION FAILED, no speedups reported: {e}")
+        if not verify_first(verify, model, args, graphs, dev, data):
             return 1
-        except Exception as e:  # the graph path broke: report it, measure eagerly (host-bound)
-            traceback.print_exc()
-            data["graphs_error"] = repr(e)
-            print(f"# CUDA graphs failed ({e!r}); measuring eager steps instead", flush=True)
-            graphs.clear()
-            graphs.enabled = False
-            data["verify"] = verify(model, args, graphs, dev, check_graphs=False)
-        print(f"# verified: {json.dumps(data['verify'])}", flush=True)
-        _write(args.json, data)
         if args.prefill_ctx:
             data["prefill"] = measure_prefill(model, args, dev)
             p = data["prefill"]
@@ -529,48 +593,8 @@ def run(args: argparse.Namespace) -> int:
                   f"(x{p['kvcomp_over_dense_kv']:.3f}), hashing {p['hash_ms']:.2f} ms = {100 * p['hash_share']:.2f}%",
                   flush=True)
             _write(args.json, data)
-        print(f"{'ctx':>7} {'B':>2} {'method':>8} {'step ms':>9} {'tok/s':>9} {'peak GB':>8}", flush=True)
-        for ctx, B in rows_todo:
-            if args.time_limit and time.time() - t_start > args.time_limit:
-                data.setdefault("skipped", []).append({"ctx": ctx, "batch": B, "why": "time limit"})
-                print(f"{ctx:>7} {B:>2} skipped (time limit)", flush=True)
-                continue
-            got = {}
-            for method in methods:
-                try:
-                    row = measure(model, graphs, method, ctx, B, args, dev)
-                except torch.cuda.OutOfMemoryError as e:
-                    _free()
-                    row = {"method": method, "ctx": ctx, "batch": B, "error": f"out of memory: {str(e)[:120]}"}
-                except Exception as e:  # keep the other rows; the traceback goes to the log
-                    traceback.print_exc()
-                    _free()
-                    row = {"method": method, "ctx": ctx, "batch": B, "error": repr(e)[:300]}
-                data["rows"].append(row)
-                if "error" in row:
-                    print(f"{ctx:>7} {B:>2} {method:>8} {row['error'][:60]}", flush=True)
-                    continue
-                got[method] = row
-                print(f"{ctx:>7} {B:>2} {method:>8} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} "
-                      f"{row.get('peak_gb', float('nan')):>8.1f}", flush=True)
-                if "profile" in row:
-                    print(row["profile"], flush=True)
-            if "kvcomp" in got:
-                sp = {"ctx": ctx, "batch": B}
-                for base in ("dense", "dense_kv"):
-                    if base in got:
-                        sp[f"vs_{base}"] = got[base]["step_ms"] / got["kvcomp"]["step_ms"]
-                bases = [got[b]["step_ms"] for b in ("dense", "dense_kv") if b in got]
-                if bases:
-                    sp["vs_best_dense"] = min(bases) / got["kvcomp"]["step_ms"]
-                    t = TARGETS.get((ctx, B))
-                    if t is not None and not args.tiny:
-                        sp["target"] = t
-                        sp["met"] = sp["vs_best_dense"] >= t
-                data["speedups"].append(sp)
-                print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
-                                                   if k.startswith("vs_")), flush=True)
-            _write(args.json, data)
+        measure_rows(measure, model, graphs, rows_todo, methods, args, dev, data, t_start,
+                     targets={} if args.tiny else TARGETS)
     finally:
         graphs.remove()
     print("\n| ctx | B | kvcomp ms | dense ms | dense_kv ms | kvcomp tok/s | vs dense | vs dense_kv |")

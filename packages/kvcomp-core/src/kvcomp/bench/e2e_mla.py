@@ -40,11 +40,8 @@ Run: ``python -m kvcomp.bench.e2e_mla [--json PATH] ...`` (``--tiny``: a toy con
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-import traceback
 
 import torch
 
@@ -311,8 +308,6 @@ def _table(data: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvcomp.bench.timing import VerificationError
-
     t_start = time.time()
     try:
         import kvcomp_deepseek  # noqa: F401  (the MLA adapter and cache)
@@ -342,22 +337,11 @@ def run(args: argparse.Namespace) -> int:
     rows_todo += [(c, b) for b in batches for c in contexts if (c, b) not in rows_todo]
     args._profile_ctx = max([c for c, b in rows_todo if b == 1], default=0)
 
-    import transformers
-
     data: dict = {
         "bench": "e2e_mla",
         "model": "tiny deepseek-v3" if args.tiny else "deepseek-v3-shape, 4 layers (random bf16 weights)",
-        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-                "python": platform.python_version()},
-        "budget_tokens": args.budget, "steps": args.steps, "rows": [], "speedups": [],
+        "env": e2e.env_info(cuda), "budget_tokens": args.budget, "steps": args.steps, "rows": [], "speedups": [],
     }
-    try:
-        import triton
-
-        data["env"]["triton"] = triton.__version__
-    except ImportError:
-        pass
     model = build_model(args.tiny, dev, dtype)
     data["model_config"] = {k: getattr(model.config, k, None) for k in TINY}
     data["model_config"]["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
@@ -369,22 +353,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"# model built in {time.time() - t_start:.1f}s ({data['params_b']:.2f}B parameters); verifying",
               flush=True)
-        try:
-            data["verify"] = verify(model, args, graphs, dev)
-        except VerificationError as e:
-            data["verify"] = {"ok": False, "error": str(e), "checks": e.args[1] if len(e.args) > 1 else None}
-            e2e._write(args.json, data)
-            print(f"VERIFICATION FAILED, no speedups reported: {e}")
+        if not e2e.verify_first(verify, model, args, graphs, dev, data):
             return 1
-        except Exception as e:  # the graph path broke: report it, measure eagerly (host-bound)
-            traceback.print_exc()
-            data["graphs_error"] = repr(e)
-            print(f"# CUDA graphs failed ({e!r}); measuring eager steps instead", flush=True)
-            graphs.clear()
-            graphs.enabled = False
-            data["verify"] = verify(model, args, graphs, dev, check_graphs=False)
-        print(f"# verified: {json.dumps(data['verify'])}", flush=True)
-        e2e._write(args.json, data)
         if args.prefill_ctx:
             try:
                 data["prefill"] = p = measure_prefill(model, args, dev)
@@ -396,44 +366,7 @@ def run(args: argparse.Namespace) -> int:
                 data["prefill"] = {"ctx": args.prefill_ctx, "error": f"out of memory: {str(e)[:120]}"}
                 print(f"# prefill: {data['prefill']['error']}", flush=True)
             e2e._write(args.json, data)
-        print(f"{'ctx':>7} {'B':>2} {'method':>8} {'step ms':>9} {'tok/s':>9} {'peak GB':>8}", flush=True)
-        for ctx, B in rows_todo:
-            if args.time_limit and time.time() - t_start > args.time_limit:
-                data.setdefault("skipped", []).append({"ctx": ctx, "batch": B, "why": "time limit"})
-                print(f"{ctx:>7} {B:>2} skipped (time limit)", flush=True)
-                continue
-            got = {}
-            for method in methods:
-                try:
-                    row = measure(model, graphs, method, ctx, B, args, dev)
-                except torch.cuda.OutOfMemoryError as e:
-                    e2e._free()
-                    row = {"method": method, "ctx": ctx, "batch": B, "error": f"out of memory: {str(e)[:120]}"}
-                except Exception as e:  # keep the other rows; the traceback goes to the log
-                    traceback.print_exc()
-                    e2e._free()
-                    row = {"method": method, "ctx": ctx, "batch": B, "error": repr(e)[:300]}
-                data["rows"].append(row)
-                if "error" in row:
-                    print(f"{ctx:>7} {B:>2} {method:>8} {row['error'][:60]}", flush=True)
-                    continue
-                got[method] = row
-                print(f"{ctx:>7} {B:>2} {method:>8} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} "
-                      f"{row.get('peak_gb', float('nan')):>8.1f}", flush=True)
-                if "profile" in row:
-                    print(f"# profile, {method}, {e2e.PROFILE_STEPS} replayed steps:\n{row['profile']}", flush=True)
-            if "kvcomp" in got:
-                sp = {"ctx": ctx, "batch": B}
-                for base in ("dense", "dense_kv"):
-                    if base in got:
-                        sp[f"vs_{base}"] = got[base]["step_ms"] / got["kvcomp"]["step_ms"]
-                bases = [got[b]["step_ms"] for b in ("dense", "dense_kv") if b in got]
-                if bases:
-                    sp["vs_best_dense"] = min(bases) / got["kvcomp"]["step_ms"]
-                data["speedups"].append(sp)
-                print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
-                                                   if k.startswith("vs_")), flush=True)
-            e2e._write(args.json, data)
+        e2e.measure_rows(measure, model, graphs, rows_todo, methods, args, dev, data, t_start, targets={})
     finally:
         graphs.remove()
     _table(data)
