@@ -34,6 +34,7 @@ L2_BYTES = 50 << 20
 
 
 def main() -> None:
+    from kvcomp.bench.decode import _module_flags
     from kvcomp.ops import hamming_topk
     from kvcomp.ops.hamming_topk import kernels as hk
     from kvcomp.ops.hamming_topk import mma_scan as ms
@@ -62,13 +63,14 @@ def main() -> None:
     hist_rows = [int(x) for x in args.hist_rows.split(",") if x] or [None]
     step4 = [bool(int(x)) for x in args.step4.split(",") if x] or [None]
     mods = {"hk": hk, "ms": ms}
-    flags = []  # [(module, name, [values])]
+    flags = []  # [(module, name, [values])]: bool flags as bools, int or None ones as ints
     for f in args.flag:
         lhs, vals = f.split("=")
         mod, name = lhs.split(".")
         if mod not in mods or not hasattr(mods[mod], name):
             ap.error(f"--flag {f}: no flag {name} in {mod}")
-        flags.append((mods[mod], lhs, [int(v) for v in vals.split(",")]))
+        conv = bool if isinstance(getattr(mods[mod], name), bool) else int
+        flags.append((mods[mod], name, [conv(int(v)) for v in vals.split(",")]))
     knobs = [(bool(int(m)), hr, t, s4, fv) for m in args.mma.split(",") for hr in hist_rows for t in args.targets
              for s4 in step4 for fv in itertools.product(*[f[2] for f in flags])]
     out = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])
@@ -92,22 +94,19 @@ def main() -> None:
         out["rows"].append(dict(Hq=HQ, L=L, B=B, torch_sum_us=t_sum, code_bytes=nbytes))
         print(f"{HQ:>3} {L:>7} {B:>2} torch int32 sum of the codes: {t_sum:.1f} us, {100 * floor_us / t_sum:.0f}% of copy")
         for mma, hr, target, s4, fv in knobs:
-            old = (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS,
-                   hk.HIST_STEP4)
-            old_flags = [getattr(m, lhs.split(".")[1]) for m, lhs, _ in flags]
-            set_flags = {lhs: v for (_, lhs, _), v in zip(flags, fv)}
-            for (m, lhs, _), v in zip(flags, fv):  # bool flags as bools, int or None ones as ints
-                setattr(m, lhs.split(".")[1], bool(v) if isinstance(getattr(m, lhs.split(".")[1]), bool) else v)
-            hk.TARGET_PROGRAMS, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS = target, mma, target
+            spec = {hk.__name__: dict(TARGET_PROGRAMS=target), ms.__name__: dict(MMA_SCAN=mma, MMA_TARGET_PROGRAMS=target)}
             if hr is not None:
-                hk.HIST_MAX_ROWS = hk.HIST_MAX_ROWS_MMA = hr
+                spec[hk.__name__].update(HIST_MAX_ROWS=hr, HIST_MAX_ROWS_MMA=hr)
             if s4 is not None:
-                hk.HIST_STEP4 = s4
-            hr_now = hk.HIST_MAX_ROWS_MMA if mma else hk.HIST_MAX_ROWS
-            s4_now = hk.HIST_STEP4
-            tag = f"{HQ:>3} {L:>7} {B:>2} {int(mma):>3} {int(s4_now):>5} {hr_now:>4} {target:>6}" + "".join(
-                f" {k}={v}" for k, v in set_flags.items())
-            try:
+                spec[hk.__name__]["HIST_STEP4"] = s4
+            for (m, name, _), v in zip(flags, fv):
+                spec.setdefault(m.__name__, {})[name] = v
+            set_flags = {f"{'hk' if m is hk else 'ms'}.{name}": v for (m, name, _), v in zip(flags, fv)}
+            with _module_flags(spec):
+                hr_now = hk.HIST_MAX_ROWS_MMA if mma else hk.HIST_MAX_ROWS
+                s4_now = hk.HIST_STEP4
+                tag = f"{HQ:>3} {L:>7} {B:>2} {int(mma):>3} {int(s4_now):>5} {hr_now:>4} {target:>6}" + "".join(
+                    f" {k}={v}" for k, v in set_flags.items())
                 got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
                 if not torch.equal(got, want):
                     print(f"{tag}  MISMATCH against the reference: not timed")
@@ -119,11 +118,6 @@ def main() -> None:
                 t_sel = cuda_time_us([lambda q=q, k=k, n=lens, kb=kb: hamming_topk(q, k, n, k_blocks=kb, chunk_size=CHUNK,
                                                                                    must_select=MUST) for q, k in sets],
                                      reps=args.reps)
-            finally:
-                (hk.TARGET_PROGRAMS, hk.HIST_MAX_ROWS, hk.HIST_MAX_ROWS_MMA, ms.MMA_SCAN, ms.MMA_TARGET_PROGRAMS,
-                 hk.HIST_STEP4) = old
-                for (m, lhs, _), v in zip(flags, old_flags):
-                    setattr(m, lhs.split(".")[1], v)
             blocks_per_tile = ms.MMA_WARPS if mma else hk.BLOCK_T // CHUNK
             splits = max(1, min(math.ceil(target / (B * HKV)), math.ceil(nb / blocks_per_tile)))
             per_prog = math.ceil(math.ceil(nb / splits) / blocks_per_tile)

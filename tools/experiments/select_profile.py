@@ -17,8 +17,9 @@ configuration a marker kernel runs with a grid of (index + 1) programs; ``--pars
 report's kernels by it. Yardsticks profiled the same way: torch's int32 sum of the codes and an
 elementwise copy of them (``torch.add(codes, 0, out=dst)``: one read and one write).
 ``attend``: the attention alone on a selection made beforehand (no stage-2 prologue), against
-``decode_step``'s attention kernel, which runs stage 2 in its prologue. Variants (``VARIANTS``): the defaults, the histogram's bins of 4 scores (``HIST_STEP4``), the
-tensor-core scan's first tile loaded in its loop (``MMA_FIRST_EARLY`` off).
+``decode_step``'s attention kernel, which runs stage 2 in its prologue. Variants (``VARIANTS``):
+the defaults, the histogram's bins of 4 scores (``HIST_STEP4``), the tensor-core scan's first
+tile loaded in its loop (``MMA_FIRST_EARLY`` off).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from collections import defaultdict
 L, HKV, W, D, CHUNK, BUDGET = 131072, 8, 4, 128, 128, 2048
 MUST = (0, -2, -1)
 CALLS = 3
-# variant -> {(module, flag): value}; module "hk" = hamming_topk.kernels, "ms" = .mma_scan
+HK, MS = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.hamming_topk.mma_scan"
+# variant -> {module: {flag: value}} (``kvcomp.bench.decode._module_flags``)
 VARIANTS = {
     "default": {},
-    "step4": {("hk", "HIST_STEP4"): True},
-    "late": {("ms", "MMA_FIRST_EARLY"): False},
+    "step4": {HK: dict(HIST_STEP4=True)},
+    "late": {MS: dict(MMA_FIRST_EARLY=False)},
 }
 
 
@@ -56,10 +58,9 @@ def run(args) -> None:
     import torch
     import triton
     import triton.language as tl
+    from kvcomp.bench.decode import _module_flags
     from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention
     from kvcomp.ops.decode_step import decode_step
-    from kvcomp.ops.hamming_topk import kernels as hk
-    from kvcomp.ops.hamming_topk import mma_scan as ms
     from kvcomp.ops.hamming_topk.reference import (
         block_scores_ref,
         select_blocks_ref,
@@ -74,62 +75,54 @@ def run(args) -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     mark = torch.zeros(64, dtype=torch.int32, device=dev)
     cfgs = _configs(args.heads, args.batches, args.variants)
-    mods = {"hk": hk, "ms": ms}
     kb = BUDGET // CHUNK
     cudart = torch.cuda.cudart()
     for i, (op, hq, b, var) in enumerate(cfgs):
-        lens = torch.full((b,), L, dtype=torch.int32, device=dev)
-        codes = torch.randint(-2**31, 2**31 - 1, (b, HKV, L, W), device=dev, dtype=torch.int32, generator=gen)
-        if op in ("sum", "copy"):
-            dst = torch.empty_like(codes)
-            def fn(op=op, codes=codes, dst=dst):
-                return codes.sum(dtype=torch.int32) if op == "sum" else torch.add(codes, 0, out=dst)
-        else:
-            q = torch.randn(b, hq, D, device=dev, dtype=torch.bfloat16, generator=gen)
-            q_w = torch.randn(hq, D, 32 * W, device=dev, dtype=torch.float32, generator=gen)
-            needs_kv = op in ("decode_step", "attend")
-            k = torch.randn(b, HKV, L, D, device=dev, dtype=torch.bfloat16, generator=gen) if needs_kv else None
-            v = torch.randn_like(k) if k is not None else None
-            q_codes = hash_encode(q, q_w)
-            want = select_blocks_ref(block_scores_ref(token_scores_ref(q_codes, codes), lens, CHUNK, "max"), lens,
-                                     torch.full((b,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
-            old = {(m, f): getattr(mods[m], f) for m, f in VARIANTS[var]}
-            for (m, f), val in VARIANTS[var].items():
-                setattr(mods[m], f, val)
-            if op == "hamming_topk":
-                def fn(q_codes=q_codes, codes=codes, lens=lens):
-                    return hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
-            elif op == "attend":  # the attention alone, on a selection made beforehand (no prologue)
-                idx = hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
-
-                def fn(q=q, k=k, v=v, idx=idx, lens=lens):
-                    sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
-                    return idx
+        with _module_flags(VARIANTS[var] if var else {}):  # the variant's flags for this config only
+            lens = torch.full((b,), L, dtype=torch.int32, device=dev)
+            codes = torch.randint(-2**31, 2**31 - 1, (b, HKV, L, W), device=dev, dtype=torch.int32, generator=gen)
+            if op in ("sum", "copy"):
+                dst = torch.empty_like(codes)
+                def fn(op=op, codes=codes, dst=dst):
+                    return codes.sum(dtype=torch.int32) if op == "sum" else torch.add(codes, 0, out=dst)
             else:
-                def fn(q=q, q_w=q_w, codes=codes, k=k, v=v, lens=lens):
-                    return decode_step(q, q_w, codes, k, v, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)[1]
-            got = fn()
-            ok = torch.equal(got, want)
-            print(f"config {i}: {op} Hq={hq} B={b} {var}: selection {'equal to' if ok else 'DIFFERS from'} "
-                  "the reference", flush=True)
-            if not ok:
-                for (m, f), val in old.items():
-                    setattr(mods[m], f, val)
-                continue
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        cudart.cudaProfilerStart()
-        _marker_kernel[(i + 1,)](mark)
-        for _ in range(CALLS):
-            fn()
-        torch.cuda.synchronize()
-        cudart.cudaProfilerStop()
-        if op in ("hamming_topk", "decode_step"):
-            for (m, f), val in old.items():
-                setattr(mods[m], f, val)
-        del codes
-        torch.cuda.empty_cache()
+                q = torch.randn(b, hq, D, device=dev, dtype=torch.bfloat16, generator=gen)
+                q_w = torch.randn(hq, D, 32 * W, device=dev, dtype=torch.float32, generator=gen)
+                needs_kv = op in ("decode_step", "attend")
+                k = torch.randn(b, HKV, L, D, device=dev, dtype=torch.bfloat16, generator=gen) if needs_kv else None
+                v = torch.randn_like(k) if k is not None else None
+                q_codes = hash_encode(q, q_w)
+                want = select_blocks_ref(block_scores_ref(token_scores_ref(q_codes, codes), lens, CHUNK, "max"), lens,
+                                         torch.full((b,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
+                if op == "hamming_topk":
+                    def fn(q_codes=q_codes, codes=codes, lens=lens):
+                        return hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
+                elif op == "attend":  # the attention alone, on a selection made beforehand (no prologue)
+                    idx = hamming_topk(q_codes, codes, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
+
+                    def fn(q=q, k=k, v=v, idx=idx, lens=lens):
+                        sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+                        return idx
+                else:
+                    def fn(q=q, q_w=q_w, codes=codes, k=k, v=v, lens=lens):
+                        return decode_step(q, q_w, codes, k, v, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)[1]
+                got = fn()
+                ok = torch.equal(got, want)
+                print(f"config {i}: {op} Hq={hq} B={b} {var}: selection {'equal to' if ok else 'DIFFERS from'} "
+                      "the reference", flush=True)
+                if not ok:
+                    continue
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStart()
+            _marker_kernel[(i + 1,)](mark)
+            for _ in range(CALLS):
+                fn()
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStop()
+            del codes
+            torch.cuda.empty_cache()
 
 
 def _num(text: str) -> float:
