@@ -28,13 +28,16 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
     tlogs="$(mktemp -d)"
     # the hamming_topk file compiles the most kernels (its 35 GPU tests took ~320 s in one
     # process on a fresh H200, session 10): two processes, the tensor-core scan's tests apart
-    for spec in "tests/core/test_hamming_topk_kernel.py:mma_scan" "tests/core/test_hamming_topk_kernel.py:not mma_scan" \
-                tests/core/test_sparse_decode_attention_kernel.py tests/core/test_decode_step.py \
-                tests/core/test_broadcast_index_args.py ${EXTRA_TESTS:-}; do
+    # TESTS="file[:expr] ...": these instead of the default list (expr: pytest -k, "+" for spaces)
+    default="tests/core/test_hamming_topk_kernel.py:mma_scan tests/core/test_hamming_topk_kernel.py:not+mma_scan
+             tests/core/test_sparse_decode_attention_kernel.py tests/core/test_decode_step.py
+             tests/core/test_broadcast_index_args.py"
+    for spec in ${TESTS:-$default} ${EXTRA_TESTS:-}; do
         f="${spec%%:*}"
         sel=()
-        [ "$spec" != "$f" ] && sel=(-k "${spec#*:}")
-        log="$tlogs/$(basename "$f" .py)${sel:+_$(echo "${spec#*:}" | tr ' ' '_')}.log"
+        expr="${spec#*:}"
+        [ "$spec" != "$f" ] && sel=(-k "${expr//+/ }")
+        log="$tlogs/$(basename "$f" .py)${sel:+_${expr//+/_}}.log"
         timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider --durations=3 \
             "${sel[@]}" "$f" >"$log" 2>&1 &
         pids+=($!)

@@ -238,7 +238,7 @@ def test_integration_decode_and_verify_select_by_lse(monkeypatch):
     def spy(query, layer, binding, mode, scaling):
         out = real(query, layer, binding, mode, scaling)
         L = layer.max_len
-        calls.append((query.clone(), binding.q_weight, layer.codes_buf[:, :, :L].clone(), layer.keys_buf[:, :, :L].clone(),
+        calls.append((query.clone(), binding.kv_weight, layer.codes_buf[:, :, :L].clone(), layer.keys_buf[:, :, :L].clone(),
                       layer.values_buf[:, :, :L].clone(), layer.seq_lens.clone(), layer.norms_buf[:, :, :L].clone(),
                       layer.step_block_idx.clone(), binding.handle.policy.k_blocks(binding.layer_idx, L),
                       binding.handle.policy.max_k_blocks(binding.layer_idx, L)))

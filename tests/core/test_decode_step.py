@@ -51,6 +51,26 @@ def test_step_matches_reference(G, mode):
     check_step(q, q_w, k, v, k_codes, lens, 16, k_blocks=3, mode=mode)
 
 
+@pytest.mark.parametrize("G,T", [(4, 1), (8, 1), (2, 3)])
+def test_step_takes_the_kv_heads_weights(G, T):
+    """q_weight [Hkv, D, BITS] (query head j hashed with row j // G, what the integration passes)
+    gives the step of the weight expanded per query head, on both backends; a q_weight whose
+    rows are neither Hq nor Hkv is refused."""
+    gen = torch.Generator().manual_seed(10 + G)
+    Hkv = 2
+    _, q_w, k, v, k_codes = make_inputs(2, Hkv, G, 32, 129, 64, torch.float16, "cpu", gen)
+    kv_w = q_w[::G].contiguous()
+    q = dyadic(2, Hkv * G, *((T,) if T > 1 else ()), 32, gen=gen).to(torch.float16)
+    lens = torch.tensor([129, 70])
+    kw = dict(k_blocks=3, chunk_size=16)
+    for backend in ("triton", "reference"):
+        out_x, idx_x = decode_step(q, q_w, k_codes, k, v, lens, backend=backend, **kw)
+        out_g, idx_g = decode_step(q, kv_w, k_codes, k, v, lens, backend=backend, **kw)
+        assert torch.equal(idx_g, idx_x) and torch.equal(out_g, out_x)
+    with pytest.raises(ValueError, match="q_weight"):
+        decode_step(q, q_w[:3], k_codes, k, v, lens, **kw)
+
+
 def check_several_queries(B, Hkv, G, T, D, L, chunk, lens, k_blocks, dtype, device, seed):
     """q [B, Hq, T, D]: one selection from the G x T query rows of each kv-head (the group sum
     over all of them), then attention causal among the T new tokens."""

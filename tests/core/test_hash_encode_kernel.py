@@ -55,6 +55,36 @@ def test_per_head_weight_exact_and_heads_differ(dtype):
     assert torch.equal(codes, hash_encode_ref(x_same, w))
 
 
+@pytest.mark.parametrize("G,T", [(1, 1), (4, 1), (8, 3), (16, 9)])
+def test_gqa_grouped_weight_equals_repeated(G, T):
+    """enable_gqa: query head j hashed with kv-head j // G's row, the same codes as the weight
+    repeated per head; T = 9 rows takes the many-row kernel. Each kv-head's row is distinct, so
+    a head -> row mix-up (j % Hkv, or one row for all) would show."""
+    gen = torch.Generator().manual_seed(G * 10 + T)
+    Hkv = 3
+    x = dyadic(2, Hkv * G, T, 32, gen=gen)[:, :, :].transpose(2, 3).contiguous().transpose(2, 3)
+    w = dyadic(Hkv, 32, 64, gen=gen)
+    want = hash_encode_ref(x, w.repeat_interleave(G, 0))
+    got = hash_encode(x, w, enable_gqa=True, backend="triton")
+    assert torch.equal(got, want)
+    assert torch.equal(hash_encode(x, w, enable_gqa=True, backend="reference"), want)
+    q = x[:, :, 0]  # [B, Hq, D]: the decode query layout
+    assert torch.equal(hash_encode(q, w, enable_gqa=True, backend="triton"), want[:, :, 0])
+    if G > 1:
+        wrong = hash_encode_ref(x, w.repeat(G, 1, 1))  # kv-head j % Hkv
+        assert not torch.equal(got, wrong)
+
+
+def test_gqa_shape_errors():
+    x = torch.zeros(2, 6, 32)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        hash_encode(x, torch.zeros(4, 32, 64), enable_gqa=True)  # 6 heads, 4 rows
+    with pytest.raises(ValueError, match="enable_gqa"):
+        hash_encode(x, torch.zeros(32, 64), enable_gqa=True)  # not per kv-head
+    with pytest.raises(ValueError, match="per-head weight"):
+        hash_encode(x, torch.zeros(3, 32, 64))  # grouping only when asked for
+
+
 def test_query_layout_and_noncontiguous():
     gen = torch.Generator().manual_seed(2)
     base = dyadic(16, 3, 8, dtype=torch.float32, gen=gen).repeat(1, 1, 4)  # [16, 3, 32]
@@ -122,6 +152,7 @@ def test_gpu_real_shapes(dtype):
     q = torch.randn(4, 32, D, device="cuda").to(dtype)
     wq = wg.repeat_interleave(4, 0)
     assert_codes_match_up_to_rounding(hash_encode(q, wq), q, wq)
+    assert torch.equal(hash_encode(q, wg, enable_gqa=True), hash_encode(q, wq))  # same products
     if dtype != torch.float32:  # the real case: 16-bit keys / queries, fp32 hash weights
         assert_codes_match_tf32(hash_encode(xg, wg.float()), xg, wg.float())
         ql = torch.randn(8 * 128, 512, device="cuda").to(dtype)  # MLA query rows

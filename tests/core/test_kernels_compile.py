@@ -214,7 +214,7 @@ def _row_encode_args(codes: bool, pdl: bool = False) -> dict:
     i32 = "i32"
     return dict(
         x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
-        D=i32, H=i32, L_out=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
+        D=i32, H=i32, L_out=i32, HG=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
         sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
         HAS_POS=True, HAS_BIAS=codes, BLOCK_D=128, kc_ptr="*bf16", v_ptr="*bf16", vc_ptr="*bf16",
         skb=i32, skh=i32, skn=i32, svb=i32, svh=i32, svn=i32, svd=i32, svcb=i32, svch=i32, svcn=i32,

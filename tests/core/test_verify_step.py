@@ -30,7 +30,7 @@ import torch
 from kvcomp.bench.timing import attention_ref_fp64
 from kvcomp.ops._blocks import selected_token_mask
 from kvcomp.ops.decode_step import decode_step
-from kvcomp.ops.query_codes import encode_query, expand_query_weight
+from kvcomp.ops.query_codes import encode_query
 
 _spec = importlib.util.spec_from_file_location(
     "_kvcomp_integration_checks_verify", Path(__file__).resolve().parent / "test_integration_llama.py"
@@ -49,7 +49,7 @@ def test_encode_query_several_queries_is_the_rows_encoding(mode):
     B, Hkv, G, T, D, bits = 2, 3, 2, 3, 16, 64
     q = torch.randn(B, Hkv * G, T, D, generator=gen)
     w = torch.randn(Hkv, D, bits, generator=gen)
-    got = encode_query(q, w, mode, q_weight=expand_query_weight(w, Hkv * G) if mode != "mean" else None)
+    got = encode_query(q, w, mode)
     want = encode_query(q.reshape(B, Hkv * G * T, D), w, mode)
     assert torch.equal(got, want)
     assert got.shape == ((B, Hkv * G * T, bits // 32) if mode == "sum" else (B, Hkv, bits // 32))
@@ -64,7 +64,7 @@ def record_sparse_steps(monkeypatch):
     def spy(query, layer, binding, mode, scaling):
         out = real(query, layer, binding, mode, scaling)
         calls.append((binding.layer_idx, mode, query.detach().clone(), out.detach().clone(), scaling,
-                      binding.q_weight))
+                      binding.kv_weight))
         return out
 
     monkeypatch.setattr(kattn, "_sparse_decode", spy)
@@ -94,7 +94,7 @@ def test_verify_step_matches_reference(monkeypatch, T, prompt_len, token_score):
     assert [(i, m) for i, m, *_ in calls] == [(2, "compute"), (3, "reuse")]
     L = prompt_len + T
     c = cfg.chunk_size
-    for i, mode, q, out, scale, q_weight in calls:
+    for i, mode, q, out, scale, kv_weight in calls:
         layer = cache.layers[i]
         assert layer.lens == [L] and q.shape[2] == T and out.shape == (1, T, q.shape[1], q.shape[3])
         idx = layer.last_block_idx
@@ -102,7 +102,7 @@ def test_verify_step_matches_reference(monkeypatch, T, prompt_len, token_score):
             assert torch.equal(idx, cache.layers[2].last_block_idx)
         else:  # the selection of the G x T rows, as decode_step's reference makes it
             _, idx_r = decode_step(
-                q, q_weight, layer.codes_buf[:, :, :L], layer.keys_buf[:, :, :L],
+                q, kv_weight, layer.codes_buf[:, :, :L], layer.keys_buf[:, :, :L],
                 layer.values_buf[:, :, :L], layer.seq_lens, k_blocks=h.policy.k_blocks(i, L), max_blocks=h.policy.max_k_blocks(i, L),
                 chunk_size=c, must_select=tuple(cfg.must_select_blocks),
                 k_scale=None if layer.norms_buf is None else layer.norms_buf[:, :, :L],

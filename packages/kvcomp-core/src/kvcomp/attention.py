@@ -71,15 +71,14 @@ _FALLBACK_BY_CONFIG: dict[int, str] = {}
 class LayerBinding:
     """What the attention function needs for one attention module.
 
-    kv_weight  [Hkv, D, BITS] float32 on the module's device (layers that compute a selection)
-    q_weight   [Hq, D, BITS]  the same, expanded per query head (prepared once)
+    kv_weight  [Hkv, D, BITS] float32 on the module's device (layers that compute a selection;
+                              a kv-head's G query heads are hashed with its row)
     """
 
     layer_idx: int
     handle: Any  # the KVCompHandle: .config (KVCompConfig), .policy (LayerPolicy)
     fallback: str
     kv_weight: torch.Tensor | None = None
-    q_weight: torch.Tensor | None = None
     sliding_window: int | None = None
 
 
@@ -222,7 +221,7 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
     if mode == "compute":
         if layer.codes_buf is None:
             raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
-        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation, q_weight=binding.q_weight)
+        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation)
         lens = layer.lens  # host copy of seq_lens: one length needs no tensor ops (eager host time)
         k_blocks = policy.k_blocks(i, lens[0]) if len(set(lens)) == 1 else policy.k_blocks_tensor(i, seq_lens)
         block_idx = hamming_topk(
@@ -293,7 +292,7 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
     else:
         if layer.codes_buf is None:
             raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
-        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation, q_weight=binding.q_weight)
+        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation)
         ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
         k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
         # stage 2 of the selection may be left to the attention's prologue (as in decode_step)

@@ -43,7 +43,6 @@ from kvcomp import attention as attn
 from kvcomp.cache import KVCompCache, summarize
 from kvcomp.config import ConfigError, KVCompConfig
 from kvcomp.hashing import HashWeights
-from kvcomp.ops.query_codes import expand_query_weight
 from kvcomp.policy import LayerPolicy
 
 __all__ = ["enable", "KVCompHandle", "resolve_config", "resolve_hash_weights"]
@@ -143,7 +142,6 @@ class KVCompHandle:
         prev = model.config._attn_implementation or "sdpa"
         if prev == attn.ATTN_NAME:
             raise RuntimeError("the model already uses the 'kvcomp' attention without a live handle")
-        geo = self.adapter.geometry(model)
         modules = self.adapter.attention_modules(model)
         windows = self.adapter.sliding_windows(model)
         compute = set(self.policy.compute_layers)
@@ -157,15 +155,13 @@ class KVCompHandle:
         self.code_weights: list[torch.Tensor | None] = []
         attn.register()
         for i, module in enumerate(modules):
-            kv_w = q_w = None
+            kv_w = None
             if i in compute and windows[i] is None:
                 kv_w = self.hash_weights.layer(i, device=_module_device(module), dtype=torch.float32)
                 kv_w = kv_w.contiguous()
-                if self.config.query_aggregation != "mean":
-                    q_w = expand_query_weight(kv_w, geo["num_heads"])
             self.code_weights.append(kv_w)
             module._kvcomp = attn.LayerBinding(
-                layer_idx=i, handle=self, fallback=prev, kv_weight=kv_w, q_weight=q_w,
+                layer_idx=i, handle=self, fallback=prev, kv_weight=kv_w,
                 sliding_window=windows[i],
             )
         self._modules = modules

@@ -214,6 +214,12 @@ LATENCY_VARIANTS = {
     "mma_late": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_FIRST_EARLY=False)},
     # fewer, longer splits where the partials exceed the fused merge's limit (G = 8; not yet timed)
     "attn_fit": {AK: dict(FUSED_MERGE_FIT=True)},
+    # ... with one-tile splits of 128 tokens, or on 8 warps
+    "attn_fit_t128": {AK: dict(FUSED_MERGE_FIT=True, TILE_N=128)},
+    "attn_fit_w8": {AK: dict(FUSED_MERGE_FIT=True, WARPS=8)},
+    # the fused merge up to 128 KB of partials (G = 8 x 32 splits), 4 or 8 K elements a step
+    "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
+    "attn_fuse128_m8k": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10, MERGE_TILE_ELEMS=8192)},
 }
 
 
@@ -242,11 +248,14 @@ def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict
 
     P = functools.partial
     n = range(len(sets))
-    q_codes = [hash_encode(qs[i], q_w) for i in n]
+    q_codes = [hash_encode(qs[i], q_w, enable_gqa=True) for i in n]
     idx = [hamming_topk(q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
                         chunk_size=CHUNK, must_select=MUST_SELECT, k_scale=sets[i]["scale"])
            for i in n]
-    t = {"encode": cuda_time_us([P(hash_encode, qs[i], q_w) for i in n], reps=reps)}
+    t = {"encode": cuda_time_us([P(hash_encode, qs[i], q_w, enable_gqa=True) for i in n], reps=reps)}
+    # before session 11: the kv-heads' weights expanded to one copy per query head (G x the bytes)
+    q_wx = q_w.repeat_interleave(qs[0].shape[1] // q_w.shape[0], 0)
+    t["encode_expanded"] = cuda_time_us([P(hash_encode, qs[i], q_wx) for i in n], reps=reps)
 
     def selects(**kw):
         return [P(hamming_topk, q_codes[i], sets[i]["codes"], sets[i]["lens"], k_blocks=kb,
@@ -285,6 +294,8 @@ def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict
                scale=scale, k_scale=sets[i]["scale"]) for i in n]
     t["step"] = cuda_time_us(steps, reps=reps)
     t["step_eager"] = cuda_time_us(steps, reps=reps, graph=False)
+    t["step_q_expanded"] = cuda_time_us([P(st.func, st.args[0], q_wx, *st.args[2:], **st.keywords)
+                                         for st in steps], reps=reps)
     with _before():
         t["step_before"] = cuda_time_us(steps, reps=reps)
     if not variants:
@@ -372,18 +383,21 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
         qs = [torch.randn(B, Hq, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
               for _ in sets]
         q = qs[0]
-        q_w = kv_w.repeat_interleave(G, 0)
+        q_w = kv_w  # [Hkv, D, BITS]: query head j hashed with row j // G (enable_gqa)
+        q_wx = kv_w.repeat_interleave(G, 0)  # the same, one row per query head (the reference's)
         dense = [_dense_fn(qs[i], st["k"], st["v"]) for i, st in enumerate(sets)]
         dense_backend = dense[0][1]
         t_dense = cuda_time_us([d[0] for d in dense], reps=reps)
         t_dense_eager = cuda_time_us([d[0] for d in dense], reps=reps, graph=False)
         dense_bytes = 2 * B * HKV * L * HEAD_DIM * 2
         # query codes: equal to the reference but where the fp32 projection is ~0
-        q_codes = hash_encode(q, q_w)
-        proj = project(q, q_w)
-        ref_codes = hash_encode(q, q_w, backend="reference")
+        q_codes = hash_encode(q, q_w, enable_gqa=True)
+        proj = project(q, q_wx)
+        ref_codes = hash_encode(q, q_wx, backend="reference")
         flip = ((q_codes ^ ref_codes).long().unsqueeze(-1) >> torch.arange(32, device=dev)) & 1
         codes_ok = bool((proj.abs()[flip.flatten(-2).bool()] <= 1e-4 * proj.abs().max()).all())
+        # grouped and expanded weights: the same products, so the same codes bit for bit
+        codes_ok &= bool(torch.equal(q_codes, hash_encode(q, q_wx)))
         scores = {} if centered else {
             "exact": block_scores_ref(token_scores_ref(q_codes, k_codes), lens, CHUNK, "max"),
             "majority": block_scores_ref(

@@ -113,7 +113,7 @@ def check_verify_step(q, q_w, k_codes, k, v, lens, kb: int, chunk: int = CHUNK,
     scale = 1 / math.sqrt(D)
     out, idx = decode_step(q, q_w, k_codes, k, v, lens, k_blocks=kb, chunk_size=chunk,
                            must_select=must_select, scale=scale, backend=backend)
-    codes = hash_encode(q, q_w, backend=backend).reshape(B, Hq * T, -1)
+    codes = hash_encode(q, q_w, enable_gqa=q_w.shape[0] != Hq, backend=backend).reshape(B, Hq * T, -1)
     want = hamming_topk(codes, k_codes, lens, k_blocks=kb, chunk_size=chunk, must_select=must_select,
                         backend="reference")
     ok, err = check_queries(out, q, k, v, idx, lens, chunk, scale)
@@ -155,7 +155,7 @@ def run_shape(L: int, B: int, cfg: dict, reps: int, gen) -> list[dict]:
     rows, step1 = [], {}
     for model in cfg["models"]:
         Hq = MODELS[model]
-        q_w = kv_w.repeat_interleave(Hq // HKV, 0)
+        q_w = kv_w  # [Hkv, D, BITS]: query head j hashed with row j // G, as the integration does
         for T in cfg["q_lens"]:
             qs = [torch.randn(B, Hq, T, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
                   for _ in sets]

@@ -8,8 +8,9 @@
                                          (a speculative-decoding verify step): one selection
                                          from all G x T query rows of a kv-head, attention
                                          causal among the T tokens (``sparse_decode_attention``)
-        q_weight   [Hq, D, BITS]         hash projection of each query head (its kv-head's W,
-                                         ``kvcomp.ops.query_codes.expand_query_weight``)
+        q_weight   [Hkv, D, BITS]        the kv-heads' hash projections: query head j is hashed
+                                         with row j // G (read once per kv-head); or
+                   [Hq, D, BITS]         one per query head
         k_codes    [B, Hkv, Lmax, W]     int32 key-code cache (W = BITS // 32)
         k_cache    [B, Hkv, Lmax, D]     q's dtype
         v_cache    [B, Hkv, Lmax, D]
@@ -67,14 +68,17 @@ def decode_step(
     k_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dim() not in (3, 4) or q_weight.dim() != 3 or q_weight.shape[0] != q.shape[1]:
+    if (q.dim() not in (3, 4) or q_weight.dim() != 3 or k_codes.dim() != 4
+            or q_weight.shape[0] not in (q.shape[1], k_codes.shape[1])):
         raise ValueError(
-            f"decode_step needs q [B, Hq, D] or [B, Hq, T, D] and q_weight [Hq, D, BITS], got q "
-            f"{tuple(q.shape)} and q_weight {tuple(q_weight.shape)}"
+            f"decode_step needs q [B, Hq, D] or [B, Hq, T, D], q_weight [Hkv, D, BITS] or [Hq, D, "
+            f"BITS] and k_codes [B, Hkv, Lmax, W], got q {tuple(q.shape)}, q_weight "
+            f"{tuple(q_weight.shape)} and k_codes {tuple(k_codes.shape)}"
         )
     if isinstance(k_blocks, torch.Tensor) and max_blocks is None:
         raise ValueError("decode_step: a tensor k_blocks needs max_blocks= (no host read allowed)")
-    q_codes = hash_encode(q, q_weight, backend=backend)  # [B, Hq, W] or [B, Hq, T, W]
+    q_codes = hash_encode(q, q_weight, enable_gqa=q_weight.shape[0] != q.shape[1],
+                          backend=backend)  # [B, Hq, W] or [B, Hq, T, W]
     if q.dim() == 4:  # the kv-head's group: its G query heads x T queries
         q_codes = q_codes.reshape(q.shape[0], q.shape[1] * q.shape[2], q_codes.shape[-1])
     sel = hamming_topk(

@@ -7,10 +7,9 @@
                                       the group of a kv-head is then its G x T (head, query)
                                       rows, head-major, and "sum" returns [B, Hq * T, W]
         kv_weight  [Hkv, D, BITS]     the layer's per-kv-head hash projections
-        q_weight   [Hq, D, BITS]      optional, ``kv_weight`` expanded per query head (pass it to
-                                      avoid re-expanding every step; ``expand_query_weight``)
         mode
           "sum"      (exact, the paper's):  every query head hashed with its kv-head's W
+                     (``hash_encode(enable_gqa=True)``: W read once per kv-head, not expanded)
                      -> int32 [B, Hq, W]; hamming_topk sums BITS - 2*Ham over the group
           "majority": bit b = sign of the group's summed ±1 signs (ties -> 0)
                      -> int32 [B, Hkv, W]; one code per kv-head (G = 1 for hamming_topk)
@@ -44,7 +43,6 @@ def encode_query(
     kv_weight: torch.Tensor,
     mode: str = "sum",
     *,
-    q_weight: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     if q.dim() not in (3, 4):
@@ -60,14 +58,12 @@ def encode_query(
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv-heads ({Hkv})")
     G = Hq // Hkv * T  # rows of a kv-head's group
     if mode == "sum":
-        w = q_weight if q_weight is not None else expand_query_weight(kv_weight, Hq)
-        return hash_encode(q, w, backend=backend).reshape(B, Hq * T, -1)
+        return hash_encode(q, kv_weight, enable_gqa=True, backend=backend).reshape(B, Hq * T, -1)
     if mode == "mean":
         qm = q.float().reshape(B, Hkv, G, D).mean(2).to(q.dtype)
         return hash_encode(qm, kv_weight, backend=backend)
     # majority: per-bit vote of the group's signs
-    w = q_weight if q_weight is not None else expand_query_weight(kv_weight, Hq)
-    signs = (project(q, w) > 0).reshape(B, Hkv, G, -1)  # [B, Hkv, G, BITS]
+    signs = (project(q, expand_query_weight(kv_weight, Hq)) > 0).reshape(B, Hkv, G, -1)  # [B, Hkv, G, BITS]
     votes = signs.sum(2) * 2 - G  # positive where most heads say 1
     return pack_bits(votes > 0)
 

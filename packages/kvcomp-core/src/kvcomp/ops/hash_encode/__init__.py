@@ -1,9 +1,13 @@
 """``hash_encode``: the binary hash code of keys or queries.
 
-    codes = hash_encode(x, weight, bias=None)
+    codes = hash_encode(x, weight, bias=None, enable_gqa=False)
         x       [..., D]          float16 / bfloat16 / float32
         weight  [D, BITS]         one projection for all rows, or
                 [H, D, BITS]      one per head; then x is [B, H, *, D] (dim 1 is the head)
+                [Hkv, D, BITS]    with enable_gqa=True: x is [B, Hkv * G, *, D] and head j uses
+                                  weight[j // G] (a GQA layer's query heads hashed with their
+                                  kv-head's projection; the same codes as the weight repeated G
+                                  times per head, read once per kv-head)
         bias    None, or float32 (any strides) one of
                 [BITS]            shared by every row
                 [H, BITS]         per head; x is [B, H, *, D]
@@ -33,7 +37,7 @@ from kvcomp.ops.hash_encode.reference import hash_encode_into_ref, hash_encode_r
 __all__ = ["hash_encode", "hash_encode_ref"]
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gqa: bool = False) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
     if weight.dim() not in (2, 3):
@@ -43,7 +47,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         raise ValueError(f"weight has {bits} bits (last dim); must be a positive multiple of 32")
     if x.dim() < 1 or x.shape[-1] != D:
         raise ValueError(f"x last dim {tuple(x.shape)[-1:]} != weight head_dim {D}")
-    if weight.dim() == 3 and (x.dim() < 3 or x.shape[1] != weight.shape[0]):
+    if gqa:
+        if weight.dim() != 3 or x.dim() < 3 or weight.shape[0] == 0 or x.shape[1] % weight.shape[0]:
+            raise ValueError(
+                f"enable_gqa needs weight [Hkv, D, BITS] and x [B, Hkv * G, *, D] (heads a multiple "
+                f"of the weight's), got weight {tuple(weight.shape)} and x {tuple(x.shape)}"
+            )
+    elif weight.dim() == 3 and (x.dim() < 3 or x.shape[1] != weight.shape[0]):
         raise ValueError(
             f"per-head weight {tuple(weight.shape)} needs x [B, H, *, D] with H={weight.shape[0]}, "
             f"got x {tuple(x.shape)}"
@@ -73,9 +83,10 @@ def hash_encode(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    enable_gqa: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    _check(x, weight, bias)
+    _check(x, weight, bias, enable_gqa)
     if (out is None) != (positions is None):
         raise ValueError("hash_encode: pass both out= and positions= (or neither)")
     extra = () if bias is None else (bias,)
@@ -94,10 +105,15 @@ def hash_encode(
 
             with device_guard(x):
                 return hash_encode_into_triton(x, weight, out, positions.contiguous(), bias)
-        return hash_encode_into_ref(x, weight, out, positions, bias)
+        return hash_encode_into_ref(x, _per_head(x, weight, enable_gqa), out, positions, bias)
     if use_triton(backend, x, weight, *extra):
         from kvcomp.ops.hash_encode.kernels import hash_encode_triton
 
         with device_guard(x):
             return hash_encode_triton(x, weight, bias)
-    return hash_encode_ref(x, weight, bias)
+    return hash_encode_ref(x, _per_head(x, weight, enable_gqa), bias)
+
+
+def _per_head(x: torch.Tensor, weight: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """The references' weight: with ``gqa``, [Hkv, D, BITS] repeated to x's heads (row j // G)."""
+    return weight.repeat_interleave(x.shape[1] // weight.shape[0], dim=0) if gqa else weight

@@ -20,6 +20,10 @@ With ``HAS_BIAS`` bit j is ``proj_j > bias_j`` (fp32 compare) instead of ``proj_
 of ``(x - mu) @ W`` for ``bias = mu @ W`` without forming ``x - mu``; the bias row is read with
 strides (0 along a shared batch / head dim).
 
+Grouped weights (``hash_encode(enable_gqa=True)``: a GQA layer's query heads hashed with their
+kv-head's projection): head h reads weight row ``h // HG``, so the G query heads of a kv-head
+share one [D, BITS] row instead of G copies of it (8x fewer weight bytes for G = 8).
+
 Both kernels serve the cache's append path: with ``HAS_POS`` the codes of row t of
 sequence b go to row ``positions[b] + t`` of the code cache (rows >= Lmax are not written).
 """
@@ -39,7 +43,7 @@ from kvcomp.ops._pdl import pdl_args, pdl_enter
 @triton.jit
 def _hash_encode_kernel(
     x_ptr, w_ptr, out_ptr, pos_ptr, bias_ptr,
-    N, D, H, L_out,
+    N, D, H, L_out, HG,
     sxb, sxh, sxn, sxd,
     swh, swd, swk,
     sob, soh, son, sow,
@@ -59,7 +63,7 @@ def _hash_encode_kernel(
     row_ok = rows < N
     bit = tl.arange(0, 32)  # [32]
     x_rows = x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn  # [BLOCK_N, 1]
-    w_cols = w_ptr + h * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
+    w_cols = w_ptr + (h // HG) * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
     proj = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):  # [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] per step: few registers
         dims = k0 + tl.arange(0, BLOCK_K)
@@ -88,7 +92,7 @@ def _hash_encode_kernel(
 @triton.jit
 def _hash_encode_row_kernel(
     x_ptr, w_ptr, out_ptr, pos_ptr, bias_ptr,
-    D, H, L_out,
+    D, H, L_out, HG,
     sxb, sxh, sxn, sxd,
     swh, swd, swk,
     sob, soh, son, sow,
@@ -128,7 +132,7 @@ def _hash_encode_row_kernel(
     if not CODES:
         return
     wt = tl.load(
-        w_ptr + h * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
+        w_ptr + (h // HG) * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
         mask=dims[:, None] < D, other=0.0,
     ).to(tl.float32)  # [BLOCK_D, 32]
     proj = tl.sum(x.to(tl.float32)[:, None] * wt, 0)  # [32]
@@ -164,20 +168,21 @@ def _launch(
     x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.Tensor | None,
     bias: torch.Tensor | None = None,
 ) -> None:
-    """x4 [B, H, N, D], w3 [H or 1, D, BITS] (head stride 0 when shared), out4 [B, H, L_out, W],
-    bias None or fp32 [BITS] / [H, BITS] / [B, H, BITS]."""
+    """x4 [B, H, N, D], w3 [H / G, D, BITS] (head h uses w3[h // G]; G = H for one shared row),
+    out4 [B, H, L_out, W], bias None or fp32 [BITS] / [H, BITS] / [B, H, BITS]."""
     B, H, N, D = x4.shape
     W = w3.shape[-1] // 32
     if N == 0 or B * H == 0:
         return
     block_d = max(16, triton.next_power_of_2(D))
     swh = w3.stride(0) if w3.shape[0] > 1 else 0
+    hg = max(1, H // w3.shape[0])  # heads per weight row
     sb = _bias_strides(bias)
     bias_arg = bias if bias is not None else out4
     if N <= ROW_KERNEL_MAX_ROWS:
         _hash_encode_row_kernel[(N, B * H, W)](
             x4, w3, out4, pos if pos is not None else out4, bias_arg,
-            D, H, out4.shape[2],
+            D, H, out4.shape[2], hg,
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
             HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=4,
             **pdl_args(x4, "encode"),
@@ -189,7 +194,7 @@ def _launch(
     grid = (triton.cdiv(N, block_n), B * H, W)
     _hash_encode_kernel[grid](
         x4, w3, out4, pos if pos is not None else out4, bias_arg,
-        N, D, H, out4.shape[2],
+        N, D, H, out4.shape[2], hg,
         *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
         HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128),
         TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4,
@@ -207,8 +212,9 @@ def _sm_count(device: torch.device) -> int:
 def hash_encode_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [..., D] with weight [D, BITS], or x [B, H, *, D] with weight [H, D, BITS] or with a
-    per-head / per-sequence bias -> int32 [..., BITS // 32]."""
+    """x [..., D] with weight [D, BITS], or x [B, H, *, D] with weight [H, D, BITS] (or
+    [H / G, D, BITS]: head h uses row h // G) or with a per-head / per-sequence bias -> int32
+    [..., BITS // 32]."""
     D, bits = weight.shape[-2], weight.shape[-1]
     W = bits // 32
     if weight.dim() == 2 and (bias is None or bias.dim() == 1):
@@ -250,7 +256,7 @@ def append_kv_triton(
         wstr = (0,) * 7
     _hash_encode_row_kernel[(T, B * H, W)](
         k, *wargs, positions, bias if bias is not None else k_buf,
-        D, H, k_buf.shape[2],
+        D, H, k_buf.shape[2], 1,
         *k.stride(), *wstr, *_bias_strides(bias),
         HAS_POS=True, HAS_BIAS=bias is not None, BLOCK_D=max(16, triton.next_power_of_2(D)),
         kc_ptr=k_buf, v_ptr=v, vc_ptr=v_buf,
