@@ -106,7 +106,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
     i32 = "i32"
     args = dict(
         q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", idx_ptr="*i32", len_ptr="*i32",
-        lse_ptr="*fp32", o_ptr="*bf16", Hkv=i32, K_ENT=i32, TOK_PER_SPLIT=i32,
+        m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", Hkv=i32, K_ENT=i32, TOK_PER_SPLIT=i32,
         SPLITS=i32, scale_log2="fp32", sqb=i32, sqh=i32, sqd=i32, skb=i32, skh=i32, skt=i32,
         skd=i32, svb=i32, svh=i32, svt=i32, svd=i32, sib=i32, sih=i32, sik=i32,
         G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
@@ -124,7 +124,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
 
 def _merge_args(pdl: bool = False) -> dict:
     i32 = "i32"
-    return dict(lse_ptr="*fp32", o_ptr="*bf16", out_ptr="*bf16", Hq=i32, SPLITS=i32,
+    return dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", Hq=i32, SPLITS=i32,
                 sob=i32, soh=i32, sod=i32, D=128, S_PAD=32, BLOCK_D=128, PDL=pdl)
 
 

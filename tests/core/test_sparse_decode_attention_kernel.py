@@ -120,29 +120,6 @@ def test_many_splits(monkeypatch):
     check(q, k, v, idx, torch.tensor([1050]), chunk)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_partials_in_q_dtype_or_fp32(monkeypatch, fused):
-    """16-bit partial outputs (PARTIALS_LOWP, the default) and fp32 ones both pass the rule over
-    many splits, empty ones included; the two differ (the flag reaches the kernel), by rounding."""
-    monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
-    gen = torch.Generator().manual_seed(8)
-    B, Hkv, G, D, L, chunk = 2, 2, 4, 32, 700, 16
-    q = torch.randn(B, Hkv * G, D, generator=gen).bfloat16()
-    k = (torch.randn(B, Hkv, L, D, generator=gen) * 2).bfloat16()
-    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16()
-    idx = random_selection(B, Hkv, 44, 20, gen)
-    idx[1, 1] = -1  # a row without any attended token: zeros
-    lens = torch.tensor([700, 333])
-    assert kernels._plan(B, Hkv, 20, chunk, D)[2] > 2
-    outs = {}
-    for lowp in (True, False):
-        monkeypatch.setattr(kernels, "PARTIALS_LOWP", lowp)
-        outs[lowp] = check(q, k, v, idx, lens, chunk)
-        assert (outs[lowp][1, G:] == 0).all()
-    assert not torch.equal(outs[True], outs[False])
-    assert (outs[True].float() - outs[False].float()).abs().max() < 0.02
-
-
 def _two_kernel(monkeypatch):
     """Context: the split kernel + separate merge kernel (FUSED_MERGE off) inside the block."""
     import contextlib

@@ -5,11 +5,9 @@ The selected tokens of a (sequence, kv-head) form a virtual sequence: virtual to
 token is at or past seq_len). ``_sparse_decode_split_kernel``, grid (B * Hkv, SPLITS), walks one
 share of that virtual sequence in tiles of BLOCK_N tokens: it gathers each K/V tile once for all
 G query heads of the kv-head (the G rows padded to 16 for tl.dot), keeps an online softmax in
-fp32 (log2 domain) and writes its partial state: the log2-sum-exp of its scores (lse [B, Hq,
-SPLITS] fp32, -1e30 for a split without tokens) and its normalised output (o [B, Hq, SPLITS, D],
-in q's dtype for 16-bit q: ``PARTIALS_LOWP``, as FlashInfer's merge states; fp32 otherwise).
-``_merge_kernel``, grid (B * Hq,), combines the splits, weights 2^(lse - max lse), and writes the
-output in q's dtype; a row without any attended token gets zeros.
+fp32 (log2 domain) and writes its partial (m, l, acc) to [B, Hq, SPLITS(, D)] fp32 buffers.
+``_merge_kernel``, grid (B * Hq,), combines the splits by log-sum-exp and writes the output in
+q's dtype; a row without any attended token gets zeros.
 
 Fused merge (``FUSED_MERGE``, the default while a row's partials are at most
 ``FUSED_MERGE_MAX_BYTES``): no second launch. After storing its partials, each
@@ -54,23 +52,17 @@ POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
 # second launch; False keeps the two-kernel path (benchmarks time both)
 FUSED_MERGE = True
-# ... while one row's partial outputs (G * SPLITS * D of PARTIALS_LOWP's dtype, what its merging
-# program reads alone) are at most this many bytes; above, the merge kernel's B * Hq programs are
-# faster. Measured on the H200 at 128K, 2048 tokens, D = 128 with fp32 partials (decode.md): G = 4
-# x 32 splits (64 KB) fused 7.0 vs 7.9 us, G = 8 x 32 splits (128 KB) fused 9.0 vs 8.0 us (session
-# 11, no L2 reuse: decode step 21.5 vs 19.9 us); B = 8 (5 splits) fused 1.4 us faster
+# ... while one row's partials (G * SPLITS * D fp32, what its merging program reads alone) are at
+# most this many bytes; above, the merge kernel's B * Hq programs are faster. Measured on the H200
+# at 128K, 2048 tokens, D = 128 (docs/benchmarks/decode.md): G = 4 x 32 splits (64 KB) fused 7.0
+# vs 7.9 us, G = 8 x 32 splits (128 KB) fused 9.0 vs 8.0 us; B = 8 (5 splits) fused 1.4 us faster
 FUSED_MERGE_MAX_BYTES = 64 << 10
 # where a row's partials would exceed that, plan fewer, longer splits so that they do not (the
-# fused merge instead of a second launch). Timed in session 11 for Qwen3-32B at B = 1 with fp32
-# partials (16 splits of 128 tokens): decode step 20.6 vs 19.9 us; off
+# fused merge instead of a second launch): built for Qwen3-32B at B = 1 (G = 8: 16 splits of 128
+# tokens instead of 32 of 64 at 2048 tokens), not yet timed, so off (the bench's attn_fit variant)
 FUSED_MERGE_FIT = False
-# partial outputs in q's dtype for bf16 / fp16 q, as FlashInfer's merge states (half the bytes
-# the merge reads: G = 8 x 32 splits fit the fused merge); False: fp32, as flash-attention's
-# split-KV. The normalised partial is rounded once more (relative 2^-9 in bf16); the merge is a
-# convex combination of the partials in fp32
-PARTIALS_LOWP = True
-# elements of the partial outputs ([G rows, splits, D], fp32 once loaded) the fused merge loads
-# per step: 4096 = 32 registers a thread at 4 warps
+# elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
+# a thread at 4 warps
 MERGE_TILE_ELEMS = 4096
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
@@ -80,7 +72,7 @@ NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, s
 
 @triton.jit
 def _sparse_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, len_ptr, lse_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     Hkv, K_ENT, TOK_PER_SPLIT, SPLITS, scale_log2,
     sqb, sqh, sqd,
     skb, skh, skt, skd,
@@ -199,11 +191,9 @@ def _sparse_decode_split_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     row = (b * Hkv * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    tl.store(lse_ptr + row, tl.where(has, m_i + tl.log2(l_safe), NEG_BIG), mask=g_ok)
-    tl.store(o_ptr + row[:, None] * D + d[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
-             mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(m_ptr + row, m_i, mask=g_ok)
+    tl.store(l_ptr + row, l_i, mask=g_ok)
+    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
     if FUSED:
         # every thread's partial stores come before the ticket (barrier), and the acq_rel atomic
         # publishes them gpu-wide; the last ticket sees every split's partials
@@ -214,19 +204,19 @@ def _sparse_decode_split_kernel(
             if SEL:  # every program of the row has read the histogram (its ticket is in)
                 tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
                          tl.zeros([SEL_NBINS], dtype=tl.int32))
-            _merge_group(lse_ptr, o_ptr, out_ptr + b * sob + (h * G) * soh,
+            _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
                          b * Hkv * G + h * G, SPLITS, soh, sod,
                          G, D, G_R, S_PAD, S_TILE, BLOCK_D)
 
 
 @triton.jit
 def _merge_group(
-    lse_ptr, o_ptr, out_base, row0, SPLITS, soh, sod,
+    m_ptr, l_ptr, acc_ptr, out_base, row0, SPLITS, soh, sod,
     G: tl.constexpr, D: tl.constexpr, G_R: tl.constexpr, S_PAD: tl.constexpr,
     S_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge of the G query rows row0 .. row0 + G - 1 (partial states lse [rows, SPLITS] fp32,
-    log2 domain, and o [rows, SPLITS, D]; stored by other programs of this launch, so read
+    """Log-sum-exp merge of the G query rows row0 .. row0 + G - 1 (partials m, l [rows, SPLITS],
+    acc [rows, SPLITS, D] fp32, log2 domain; stored by other programs of this launch, so read
     through L2 only) into out_base + g * soh + d * sod (zeros for a row without any attended
     token). All G rows at once, S_TILE splits per step; with few steps they are unrolled, so
     every load is in flight together (the merge's latency is about two L2 round trips)."""
@@ -236,49 +226,49 @@ def _merge_group(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     rows = row0 + g  # [G_R]
-    lse = tl.load(lse_ptr + rows[:, None] * SPLITS + s[None, :], mask=g_ok[:, None] & (s < SPLITS)[None, :],
-                  other=NEG_BIG, cache_modifier=".cg")  # [G_R, S_PAD]
-    m_all = tl.max(lse, 1)  # [G_R]
+    m = tl.load(m_ptr + rows[:, None] * SPLITS + s[None, :], mask=g_ok[:, None] & (s < SPLITS)[None, :],
+                other=NEG_BIG, cache_modifier=".cg")  # [G_R, S_PAD]
+    m_all = tl.max(m, 1)  # [G_R]
     denom = tl.zeros([G_R], dtype=tl.float32)
     o = tl.zeros([G_R, BLOCK_D], dtype=tl.float32)
     N_TILES: tl.constexpr = S_PAD // S_TILE
     if N_TILES <= 8:
         for t in tl.static_range(N_TILES):
-            denom, o = _merge_tile(lse_ptr, o_ptr, rows, g_ok, m_all, t * S_TILE, SPLITS,
+            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, t * S_TILE, SPLITS,
                                    denom, o, D, G_R, S_TILE, BLOCK_D)
     else:
         for s0 in tl.range(0, SPLITS, S_TILE):
-            denom, o = _merge_tile(lse_ptr, o_ptr, rows, g_ok, m_all, s0, SPLITS,
+            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, SPLITS,
                                    denom, o, D, G_R, S_TILE, BLOCK_D)
-    o = o / tl.where(denom > 0, denom, 1.0)[:, None]  # denom >= 1 (the max's weight) for real rows
+    o = tl.where(denom[:, None] > 0, o / tl.where(denom > 0, denom, 1.0)[:, None], 0.0)
     tl.store(out_base + g[:, None] * soh + d[None, :] * sod, o.to(out_base.dtype.element_ty),
              mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _merge_tile(
-    lse_ptr, o_ptr, rows, g_ok, m_all, s0, SPLITS, denom, o,
+    m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, SPLITS, denom, o,
     D: tl.constexpr, G_R: tl.constexpr, S_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Splits [s0, s0 + S_TILE) of _merge_group's rows added into (denom [G_R], o [G_R, BLOCK_D]).
-    An empty split (lse -1e30, o 0) weighs 0, or adds 0 to o where the whole row is empty."""
+    """Splits [s0, s0 + S_TILE) of _merge_group's rows added into (denom [G_R], o [G_R, BLOCK_D])."""
     st = s0 + tl.arange(0, S_TILE)
     d = tl.arange(0, BLOCK_D)
     ok2 = g_ok[:, None] & (st < SPLITS)[None, :]  # [G_R, S_TILE]
     off = rows[:, None] * SPLITS + st[None, :]
-    lt = tl.load(lse_ptr + off, mask=ok2, other=NEG_BIG, cache_modifier=".cg")
-    ot = tl.load(o_ptr + off[:, :, None] * D + d[None, None, :],
+    mt = tl.load(m_ptr + off, mask=ok2, other=NEG_BIG, cache_modifier=".cg")
+    lt = tl.load(l_ptr + off, mask=ok2, other=0.0, cache_modifier=".cg")
+    at = tl.load(acc_ptr + off[:, :, None] * D + d[None, None, :],
                  mask=ok2[:, :, None] & (d < D)[None, None, :], other=0.0,
-                 cache_modifier=".cg").to(tl.float32)  # [G_R, S_TILE, BLOCK_D]
-    w = tl.where(ok2, tl.exp2(lt - m_all[:, None]), 0.0)  # [G_R, S_TILE]
-    denom = denom + tl.sum(w, 1)
-    o = o + tl.sum(ot * w[:, :, None], 1)
+                 cache_modifier=".cg")  # [G_R, S_TILE, BLOCK_D]
+    w = tl.exp2(mt - m_all[:, None])  # [G_R, S_TILE]
+    denom = denom + tl.sum(lt * w, 1)
+    o = o + tl.sum(at * w[:, :, None], 1)
     return denom, o
 
 
 @triton.jit
 def _merge_kernel(
-    lse_ptr, o_ptr, out_ptr,
+    m_ptr, l_ptr, acc_ptr, out_ptr,
     Hq, SPLITS, sob, soh, sod,
     D: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
@@ -290,13 +280,17 @@ def _merge_kernel(
     d = tl.arange(0, BLOCK_D)
     s_ok = s < SPLITS
     d_ok = d < D
-    lse = tl.load(lse_ptr + pid * SPLITS + s, mask=s_ok, other=NEG_BIG)  # [S_PAD]
-    o_s = tl.load(
-        o_ptr + (pid * SPLITS + s[:, None]) * D + d[None, :],
+    m = tl.load(m_ptr + pid * SPLITS + s, mask=s_ok, other=NEG_BIG)  # [S_PAD]
+    l = tl.load(l_ptr + pid * SPLITS + s, mask=s_ok, other=0.0)
+    acc = tl.load(
+        acc_ptr + (pid * SPLITS + s[:, None]) * D + d[None, :],
         mask=s_ok[:, None] & d_ok[None, :], other=0.0,
-    ).to(tl.float32)  # [S_PAD, BLOCK_D]
-    w = tl.where(s_ok, tl.exp2(lse - tl.max(lse, 0)), 0.0)  # an empty split weighs 0 (or adds o = 0)
-    o = tl.sum(o_s * w[:, None], 0) / tl.sum(w, 0)  # [BLOCK_D]; sum(w) >= 1
+    )  # [S_PAD, BLOCK_D]
+    m_all = tl.max(m, 0)
+    w = tl.exp2(m - m_all)
+    denom = tl.sum(l * w, 0)
+    o = tl.sum(acc * w[:, None], 0)  # [BLOCK_D]
+    o = tl.where(denom > 0, o / tl.where(denom > 0, denom, 1.0), 0.0)
     tl.store(out_ptr + b * sob + hq * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -364,15 +358,14 @@ def sparse_decode_attention_triton(
     if K == 0:
         return out.zero_()
     block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
-    o_dtype = q.dtype if PARTIALS_LOWP and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    o_bytes = G * D * o_dtype.itemsize  # one split's partial outputs of a row
-    if FUSED_MERGE and FUSED_MERGE_FIT and splits * o_bytes > FUSED_MERGE_MAX_BYTES:
+    if FUSED_MERGE and FUSED_MERGE_FIT and G * splits * D * 4 > FUSED_MERGE_MAX_BYTES:
         # fewer, longer splits whose partials the fused merge takes (not a second launch)
-        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // o_bytes))
-    lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
-    o_part = torch.empty(B, Hq, splits, D, dtype=o_dtype, device=q.device)
+        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)))
+    m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
     if POISON_SCRATCH:
-        for t in (lse, o_part):
+        for t in (m, l, acc):
             t.fill_(float("nan"))
     block_d = max(16, triton.next_power_of_2(D))
     paged = {}
@@ -380,7 +373,7 @@ def sparse_decode_attention_triton(
         paged = dict(tbl_ptr=block_table, stb=block_table.stride(0), stp=block_table.stride(1),
                      PAGED=True, PAGE=k_cache.shape[2])
     s_pad = max(2, triton.next_power_of_2(splits))
-    fuse = FUSED_MERGE and splits * o_bytes <= FUSED_MERGE_MAX_BYTES
+    fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
     if select is not None and not fuse:  # the merging program zeroes the histogram: none here
         select.run()
         select = None
@@ -393,7 +386,7 @@ def sparse_decode_attention_triton(
                      S_TILE=s_tile)
     pdl = pdl_args(q, "attention", rows=B * Hkv)  # PDL for few rows only (kvcomp.ops._pdl)
     _sparse_decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, block_idx, seq_lens, lse, o_part,
+        q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
         Hkv, K, per_split, splits, scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
@@ -404,7 +397,7 @@ def sparse_decode_attention_triton(
     )
     if not fuse:
         _merge_kernel[(B * Hq,)](
-            lse, o_part, out, Hq, splits, *out.stride(),
+            m, l, acc, out, Hq, splits, *out.stride(),
             D=D, S_PAD=s_pad, BLOCK_D=block_d,
             num_warps=4, **pdl,
         )
