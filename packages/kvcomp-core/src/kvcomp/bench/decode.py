@@ -212,14 +212,15 @@ LATENCY_VARIANTS = {
     "hist_step2": {HK: dict(HIST_STEP4=False)},  # bins of 2 scores (before session 10)
     # the tensor-core scan's first warp tile loaded in its loop, after the query codes (session 9)
     "mma_late": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_FIRST_EARLY=False)},
-    # fewer, longer splits where the partials exceed the fused merge's limit (G = 8; not yet timed)
+    # fewer, longer splits where the partials exceed the fused merge's limit (session 11,
+    # Qwen3-32B: 20.6 against 19.9 us)
     "attn_fit": {AK: dict(FUSED_MERGE_FIT=True)},
-    # ... with one-tile splits of 128 tokens, or on 8 warps
-    "attn_fit_t128": {AK: dict(FUSED_MERGE_FIT=True, TILE_N=128)},
-    "attn_fit_w8": {AK: dict(FUSED_MERGE_FIT=True, WARPS=8)},
-    # the fused merge up to 128 KB of partials (G = 8 x 32 splits), 4 or 8 K elements a step
+    # tiles of 128 tokens (session 11, B = 1 with 16-bit partials: 10% budgets 34.5 against
+    # 37.7 us for Qwen3-8B; 2048 tokens 20.4 against 19.0)
+    "attn_t128": {AK: dict(TILE_N=128)},
+    "attn_t128_w8": {AK: dict(TILE_N=128, WARPS=8)},
+    # the fused merge up to 128 KB of partials (G = 8 x 32 splits: 21.5 against 19.9 us)
     "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
-    "attn_fuse128_m8k": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10, MERGE_TILE_ELEMS=8192)},
 }
 
 

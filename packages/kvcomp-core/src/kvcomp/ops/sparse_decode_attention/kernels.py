@@ -55,11 +55,15 @@ FUSED_MERGE = True
 # ... while one row's partials (G * SPLITS * D fp32, what its merging program reads alone) are at
 # most this many bytes; above, the merge kernel's B * Hq programs are faster. Measured on the H200
 # at 128K, 2048 tokens, D = 128 (docs/benchmarks/decode.md): G = 4 x 32 splits (64 KB) fused 7.0
-# vs 7.9 us, G = 8 x 32 splits (128 KB) fused 9.0 vs 8.0 us; B = 8 (5 splits) fused 1.4 us faster
+# vs 7.9 us, G = 8 x 32 splits (128 KB) fused 9.0 vs 8.0 us (session 11, no L2 reuse: decode step
+# 21.5 vs 19.9 us); B = 8 (5 splits) fused 1.4 us faster. Partials in q's 16-bit dtype (half the
+# bytes, as FlashInfer's merge states) were tried in session 11 and made the fused path slower
+# (Qwen3-8B, B = 1: step 22.1 vs 19.0 us; B = 8: attention 26.7 vs 24.3 us): fp32 stays
 FUSED_MERGE_MAX_BYTES = 64 << 10
 # where a row's partials would exceed that, plan fewer, longer splits so that they do not (the
-# fused merge instead of a second launch): built for Qwen3-32B at B = 1 (G = 8: 16 splits of 128
-# tokens instead of 32 of 64 at 2048 tokens), not yet timed, so off (the bench's attn_fit variant)
+# fused merge instead of a second launch): for Qwen3-32B at B = 1 (G = 8: 16 splits of 128
+# tokens instead of 32 of 64 at 2048 tokens). Timed in session 11: decode step 20.6 vs 19.9 us,
+# off (the bench's attn_fit variant)
 FUSED_MERGE_FIT = False
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
 # a thread at 4 warps
