@@ -120,6 +120,25 @@ def test_many_splits(monkeypatch):
     check(q, k, v, idx, torch.tensor([1050]), chunk)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_long_tiles_where_splits_hold_several(monkeypatch, fused):
+    """Few programs for many selected tokens: splits of several tiles take LONG_TILE_N-token
+    tiles (a ragged last tile, empty entries, a ragged batch)."""
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 6)
+    monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
+    gen = torch.Generator().manual_seed(9)
+    B, Hkv, G, D, L, chunk = 2, 2, 4, 32, 1500, 16
+    q = torch.randn(B, Hkv * G, D, generator=gen).bfloat16()
+    k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16()
+    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16()
+    idx = random_selection(B, Hkv, 94, 41, gen, drop=0.1)
+    block_n, per_split, splits = kernels._plan(B, Hkv, 41, chunk, D)
+    assert block_n == kernels.LONG_TILE_N == 128 and per_split == 3 * block_n and splits == 2
+    check(q, k, v, idx, torch.tensor([1500, 1001]), chunk)
+    monkeypatch.setattr(kernels, "LONG_TILE_N", None)
+    assert kernels._plan(B, Hkv, 41, chunk, D)[0] == kernels.TILE_N
+
+
 def _two_kernel(monkeypatch):
     """Context: the split kernel + separate merge kernel (FUSED_MERGE off) inside the block."""
     import contextlib
