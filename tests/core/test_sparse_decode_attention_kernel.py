@@ -123,7 +123,7 @@ def test_many_splits(monkeypatch):
 @pytest.mark.parametrize("fused", [True, False])
 def test_long_tiles_where_splits_hold_several(monkeypatch, fused):
     """Few programs for many selected tokens: splits of several tiles take LONG_TILE_N-token
-    tiles (a ragged last tile, empty entries, a ragged batch)."""
+    tiles at few rows (a ragged last tile, empty entries, a ragged batch)."""
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 6)
     monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
     gen = torch.Generator().manual_seed(9)
@@ -135,6 +135,7 @@ def test_long_tiles_where_splits_hold_several(monkeypatch, fused):
     block_n, per_split, splits = kernels._plan(B, Hkv, 41, chunk, D)
     assert block_n == kernels.LONG_TILE_N == 128 and per_split == 3 * block_n and splits == 2
     check(q, k, v, idx, torch.tensor([1500, 1001]), chunk)
+    assert kernels._plan(B, 2 * kernels.LONG_TILE_MAX_ROWS, 41, chunk, D)[0] == kernels.TILE_N  # many rows
     monkeypatch.setattr(kernels, "LONG_TILE_N", None)
     assert kernels._plan(B, Hkv, 41, chunk, D)[0] == kernels.TILE_N
 

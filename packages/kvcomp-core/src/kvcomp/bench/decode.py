@@ -215,12 +215,11 @@ LATENCY_VARIANTS = {
     # fewer, longer splits where the partials exceed the fused merge's limit (session 11,
     # Qwen3-32B: 20.6 against 19.9 us)
     "attn_fit": {AK: dict(FUSED_MERGE_FIT=True)},
-    # tiles of 128 tokens everywhere (session 11, B = 1 with 16-bit partials: 10% budgets 34.5
-    # against 37.7 us for Qwen3-8B; 2048 tokens 20.4 against 19.0); 64 everywhere (before
-    # LONG_TILE_N: 128 where a split holds several tiles)
-    "attn_t128": {AK: dict(TILE_N=128)},
+    # 64-token tiles everywhere (before LONG_TILE_N: 128 where a split holds several tiles at
+    # few rows; session 11, B = 1, Qwen3-8B: 36.8 against 31.2 us at 10%); 128 everywhere (18.0
+    # against 17.9 at 2048 tokens); long tiles on 8 warps (35.1 at 10%)
     "attn_t64": {AK: dict(LONG_TILE_N=None)},
-    "attn_long_w8": {AK: dict(WARPS=8)},
+    "attn_t128": {AK: dict(TILE_N=128)},
     # the fused merge up to 128 KB of partials (G = 8 x 32 splits: 21.5 against 19.9 us)
     "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
 }

@@ -41,10 +41,13 @@ TARGET_PROGRAMS = 264
 MIN_TILES_PER_SPLIT = 1
 # tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
 TILE_N = 64
-# ... but this many where a split would hold several TILE_N tiles (large selections: fewer, longer
-# loop steps; head_dim <= 128); None: TILE_N always. Session 11, H200, 128K, B = 1, 10% budget
-# (103 blocks): the decode step with 128-token tiles 34.5 against 37.7 us (Qwen3-8B)
+# ... but this many where a split would hold several TILE_N tiles and the launch has at most
+# LONG_TILE_MAX_ROWS (sequence, kv-head) rows (large selections at small batch: fewer, longer loop
+# steps; head_dim <= 128); None: TILE_N always. Session 11, H200, 128K, decode step with 128- vs
+# 64-token tiles: B = 1 (8 rows) 31.2 vs 36.8 us at 10% (103 blocks), 56.1 vs 67.1 at 30%
+# (Qwen3-8B); but B = 8 (64 rows, 5 splits of ~40 tiles) 185.3 vs 155.2 and 456.2 vs 364.0
 LONG_TILE_N = 128
+LONG_TILE_MAX_ROWS = 16
 WARPS = 4
 STAGES = 2
 # ... but one stage where a split is a single tile (nothing to pipeline): measured on the H200 at
@@ -322,7 +325,8 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None =
         splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
         if max_splits is not None:
             splits = max(1, min(splits, max_splits))
-        if LONG_TILE_N and D <= 128 and block_n < LONG_TILE_N and triton.cdiv(tiles, splits) > 1:
+        if (LONG_TILE_N and D <= 128 and block_n < LONG_TILE_N and B * Hkv <= LONG_TILE_MAX_ROWS
+                and triton.cdiv(tiles, splits) > 1):
             block_n = LONG_TILE_N  # several tiles a split: plan again with the long tiles
             continue
         break
