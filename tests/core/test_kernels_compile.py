@@ -112,7 +112,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
         tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
         out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
-        G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False, MERGE_BY_SPLIT=False,
+        G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
         SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2,
@@ -140,19 +140,6 @@ def check_sparse_decode_attention_kernels():
                 [ln for ln in ptx.splitlines() if "atom" in ln]
             assert "bar.sync" in ptx
     compile_sm90(ak._merge_kernel, _merge_args(), num_warps=4)
-    # the fused merge one split at a time (MERGE_BY_SPLIT) keeps the merge's steps in one layout:
-    # far fewer CTA barriers (shared-memory layout conversions) than the tiled merge, for the
-    # 4 and 8 query rows of Qwen3-8B / -32B (strides aligned and unit as the JIT sees them)
-    unit = dict(sqd=1, skd=1, svd=1, sik=1, sod=1)
-    aligned = ("sqb", "sqh", "skb", "skh", "skt", "svb", "svh", "svt", "sib", "sih", "sob", "soh")
-    for G, s_tile in ((4, 8), (8, 4)):
-        bars = {}
-        for by_split in (True, False):
-            args = dict(_split_args(True, 1), G=G, G_R=G, S_TILE=s_tile, MERGE_BY_SPLIT=by_split, **unit)
-            ptx = compile_sm90(ak._sparse_decode_split_kernel, args, aligned=aligned, num_warps=4,
-                               num_stages=1).asm["ptx"]
-            bars[by_split] = ptx.count("bar.sync")
-        assert bars[True] * 3 < bars[False], (G, bars)
     # the selection in the prologue (decode_step at few rows): with PDL and the early loads, the
     # block keys and the histogram are read after the wait (they are the scan's output)
     for single in (True, False):

@@ -169,14 +169,11 @@ class _Refuse:
 
 
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
-@pytest.mark.parametrize("by_split", [True, False])
-def test_fused_merge_matches_two_kernel_path(monkeypatch, G, by_split):
+def test_fused_merge_matches_two_kernel_path(monkeypatch, G):
     """The merge run by the last split program of each row (ticket counters) gives the two-kernel
     path's output, on repeated calls with different shapes and split counts: a ticket left
     non-zero by one call would leave the next call's rows unmerged (NaN, from the poisoned
-    output) or merged early. Every ticket is zero afterwards. Both merges: one split at a time
-    (MERGE_BY_SPLIT; unrolled up to 64 splits, a loop above: the 70-split case) and in tiles."""
-    monkeypatch.setattr(kernels, "MERGE_BY_SPLIT", by_split)
+    output) or merged early. Every ticket is zero afterwards."""
     monkeypatch.setattr(kernels, "MERGE_TILE_ELEMS", 1)  # one split per merge step: unrolled
     # steps (<= 8 splits) and the loop (more)
     assert kernels.FUSED_MERGE
@@ -185,7 +182,7 @@ def test_fused_merge_matches_two_kernel_path(monkeypatch, G, by_split):
         (3, 2, 4097, [4097, 1, 129], 12, 64),
         (2, 2, 300, [127, 300], 9, 16),
         (1, 3, 129, [129], 2, 64),
-    ] + ([(1, 1, 4500, [4480], 70, 64)] if by_split else [])
+    ]
     for B, Hkv, L, lens, K, chunk in cases:
         D = 16
         q = torch.randn(B, Hkv * G, D, generator=gen).half()

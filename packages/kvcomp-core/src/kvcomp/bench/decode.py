@@ -220,11 +220,8 @@ LATENCY_VARIANTS = {
     # against 17.9 at 2048 tokens); long tiles on 8 warps (35.1 at 10%)
     "attn_t64": {AK: dict(LONG_TILE_N=None)},
     "attn_t128": {AK: dict(TILE_N=128)},
-    # the fused merge up to 128 KB of partials (G = 8 x 32 splits; session 11 with the tiled
-    # merge: 21.5 against 19.9 us); the tiled merge (before MERGE_BY_SPLIT)
+    # the fused merge up to 128 KB of partials (G = 8 x 32 splits: 21.5 against 19.9 us)
     "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
-    "merge_tiles": {AK: dict(MERGE_BY_SPLIT=False)},
-    "merge_tiles_fuse128": {AK: dict(MERGE_BY_SPLIT=False, FUSED_MERGE_MAX_BYTES=128 << 10)},
 }
 
 

@@ -72,13 +72,8 @@ FUSED_MERGE_MAX_BYTES = 64 << 10
 # tokens instead of 32 of 64 at 2048 tokens). Timed in session 11: decode step 20.6 vs 19.9 us,
 # off (the bench's attn_fit variant)
 FUSED_MERGE_FIT = False
-# the fused merge one split at a time ([G, D] elementwise steps in one layout, ``_merge_by_split``)
-# instead of [G, S_TILE, D] tiles reduced over the splits, which cross threads through shared
-# memory: for sm_90 the split kernel compiles to 15 instead of 93 barriers at G = 4, 83 instead
-# of 293 at G = 8 (PTX, session 11)
-MERGE_BY_SPLIT = True
-# elements of acc ([G rows, splits, D] fp32) the tiled fused merge loads per step: 4096 = 32
-# registers a thread at 4 warps
+# elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
+# a thread at 4 warps
 MERGE_TILE_ELEMS = 4096
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
@@ -100,7 +95,6 @@ def _sparse_decode_split_kernel(
     out_ptr=None, sob=0, soh=0, sod=0, ticket_ptr=None, FUSED: tl.constexpr = False,
     G_R: tl.constexpr = 1, S_PAD: tl.constexpr = 1, S_TILE: tl.constexpr = 1,
     T_Q: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-    MERGE_BY_SPLIT: tl.constexpr = False,
     sel_key_ptr=None, sel_hist_ptr=None, sel_must_ptr=None, sel_kb_ptr=None, SEL_NB=0, SEL_KB=0,
     SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
@@ -221,77 +215,9 @@ def _sparse_decode_split_kernel(
             if SEL:  # every program of the row has read the histogram (its ticket is in)
                 tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
                          tl.zeros([SEL_NBINS], dtype=tl.int32))
-            if MERGE_BY_SPLIT:
-                _merge_by_split(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
-                                b * Hkv * G + h * G, SPLITS, soh, sod, G, D, G_R, S_PAD, BLOCK_D)
-            else:
-                _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
-                             b * Hkv * G + h * G, SPLITS, soh, sod,
-                             G, D, G_R, S_PAD, S_TILE, BLOCK_D)
-
-
-@triton.jit
-def _merge_by_split(
-    m_ptr, l_ptr, acc_ptr, out_base, row0, SPLITS, soh, sod,
-    G: tl.constexpr, D: tl.constexpr, G_R: tl.constexpr, S_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``_merge_group``'s merge one split at a time: every step is [G_R, BLOCK_D] elementwise, so
-    nothing crosses threads in the loop (the 3-D tiles' reduction over splits goes through shared
-    memory), and the steps' loads do not depend on each other. A split's m and l are [G_R]
-    vectors for G_R <= 4; above, where the compiler would convert their layout to the tile's
-    through shared memory at every split, they are loaded broadcast along D in the tile's own
-    layout (repeated loads of one address, no barrier)."""
-    g = tl.arange(0, G_R)
-    g_ok = g < G
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    rows = row0 + g  # [G_R]
-    m = tl.load(m_ptr + rows[:, None] * SPLITS + s[None, :], mask=g_ok[:, None] & (s < SPLITS)[None, :],
-                other=NEG_BIG, cache_modifier=".cg")  # [G_R, S_PAD]
-    ok2 = g_ok[:, None] & d_ok[None, :]  # [G_R, BLOCK_D]
-    BCAST: tl.constexpr = G_R > 4
-    if BCAST:
-        base = rows[:, None] * SPLITS + 0 * d[None, :]  # [G_R, BLOCK_D]: a row's split 0, along D
-        m_all = tl.max(m, 1)[:, None] + tl.zeros([G_R, BLOCK_D], dtype=tl.float32)
-        denom = tl.zeros([G_R, BLOCK_D], dtype=tl.float32)
-    else:
-        base = rows * SPLITS  # [G_R]
-        m_all = tl.max(m, 1)
-        denom = tl.zeros([G_R], dtype=tl.float32)
-    o = tl.zeros([G_R, BLOCK_D], dtype=tl.float32)
-    if S_PAD <= 64:  # unrolled: the splits' loads can all be in flight
-        for sp in tl.static_range(S_PAD):
-            if sp < SPLITS:
-                denom, o = _merge_split(m_ptr, l_ptr, acc_ptr, base, rows * SPLITS, g_ok, d, ok2, m_all, sp,
-                                        denom, o, D, BCAST)
-    else:
-        for sp in tl.range(0, SPLITS):
-            denom, o = _merge_split(m_ptr, l_ptr, acc_ptr, base, rows * SPLITS, g_ok, d, ok2, m_all, sp,
-                                    denom, o, D, BCAST)
-    if not BCAST:
-        denom = denom[:, None]
-    o = tl.where(denom > 0, o / tl.where(denom > 0, denom, 1.0), 0.0)
-    tl.store(out_base + g[:, None] * soh + d[None, :] * sod, o.to(out_base.dtype.element_ty), mask=ok2)
-
-
-@triton.jit
-def _merge_split(m_ptr, l_ptr, acc_ptr, base, row_off, g_ok, d, ok2, m_all, sp, denom, o,
-                 D: tl.constexpr, BCAST: tl.constexpr):
-    """Split sp of ``_merge_by_split``'s rows added into (denom, o [G_R, BLOCK_D])."""
-    a = tl.load(acc_ptr + (row_off + sp)[:, None] * D + d[None, :], mask=ok2, other=0.0, cache_modifier=".cg")
-    if BCAST:
-        ms = tl.load(m_ptr + base + sp, mask=ok2, other=NEG_BIG, cache_modifier=".cg")
-        ls = tl.load(l_ptr + base + sp, mask=ok2, other=0.0, cache_modifier=".cg")
-        w = tl.exp2(ms - m_all)  # [G_R, BLOCK_D]
-        o = o + a * w
-    else:
-        ms = tl.load(m_ptr + base + sp, mask=g_ok, other=NEG_BIG, cache_modifier=".cg")
-        ls = tl.load(l_ptr + base + sp, mask=g_ok, other=0.0, cache_modifier=".cg")
-        w = tl.exp2(ms - m_all)  # [G_R]
-        o = o + a * w[:, None]
-    return denom + ls * w, o
+            _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
+                         b * Hkv * G + h * G, SPLITS, soh, sod,
+                         G, D, G_R, S_PAD, S_TILE, BLOCK_D)
 
 
 @triton.jit
@@ -474,7 +400,7 @@ def sparse_decode_attention_triton(
         s_tile = min(s_pad, max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2))
         fused = dict(out_ptr=out, sob=out.stride(0), soh=out.stride(1), sod=out.stride(2),
                      ticket_ptr=_tickets(B * Hkv, q.device), FUSED=True, G_R=g_r, S_PAD=s_pad,
-                     S_TILE=s_tile, MERGE_BY_SPLIT=MERGE_BY_SPLIT)
+                     S_TILE=s_tile)
     pdl = pdl_args(q, "attention", rows=B * Hkv)  # PDL for few rows only (kvcomp.ops._pdl)
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
