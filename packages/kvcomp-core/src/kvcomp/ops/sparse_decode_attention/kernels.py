@@ -73,7 +73,9 @@ FUSED_MERGE_MAX_BYTES = 64 << 10
 # off (the bench's attn_fit variant)
 FUSED_MERGE_FIT = False
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
-# a thread at 4 warps
+# a thread at 4 warps. (Session 11 tried a merge one split at a time, [G, D] elementwise steps:
+# 6-10x fewer CTA barriers in the PTX, but slower on the H200: 24.6 vs 17.9 us for the Qwen3-8B
+# step at 128K, B = 1; decode.md)
 MERGE_TILE_ELEMS = 4096
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
