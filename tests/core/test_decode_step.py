@@ -183,6 +183,41 @@ def test_selection_in_prologue_with_fitted_splits(monkeypatch):
     assert calls == {"prologue": 1, "launch": 0}, calls
 
 
+@pytest.mark.parametrize("G", [4, 8])
+def test_selection_in_prologue_with_the_merge_launched(monkeypatch, G):
+    """SELECT_IN_PROLOGUE_UNFUSED: where the partials exceed the fused merge's limit, the split
+    programs still run the deferred selection and the merge kernel zeroes the histogram. Three
+    steps in a row on the same scratch (a histogram left non-zero would change the next
+    selection): each equals the reference, the output is within the rule, no separate launch."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    B, Hkv, D, chunk = 2, 2, 32, 16
+    gen = torch.Generator().manual_seed(909 + G)
+    monkeypatch.setattr(ak, "FUSED_MERGE_MAX_BYTES", G * 2 * D * 4)  # 2 splits fit, the plan has 3
+    assert ak._plan(B, Hkv, 9, chunk, D)[2] == 3
+    monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE_UNFUSED", True)
+    merges = []
+    real_merge = ak._merge_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                merges.append(kw.get("HIST", False))
+                return real_merge[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ak, "_merge_kernel", Spy())
+    calls = count_prologue_selections(monkeypatch)
+    for step in range(3):
+        q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, 700, 64, torch.float32, "cpu", gen)
+        check_step(q, q_w, k, v, k_codes, torch.tensor([700, 333 + step]), chunk, k_blocks=9,
+                   must_select=(0, -1))
+    assert calls == {"prologue": 3, "launch": 0} and merges == [True] * 3, (calls, merges)
+    assert not any(t.any() for t in hk._HISTS._bufs.values()), "histogram not zeroed"
+
+
 def test_deferred_selection_where_the_prologue_cannot_run(monkeypatch):
     """Without the fused merge (no program to zero the histogram after every reader) the
     deferred selection runs as its own launch first: same selection, output within the rule."""
@@ -221,6 +256,31 @@ def test_gpu_selection_in_attention_prologue(monkeypatch, B, chunk, k_blocks):
         out, idx = check_step(q, q_w, k, v, k_codes, lens, chunk, **kw)
         monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", False)
         out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=chunk, backend="triton", **kw)
+        monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", True)
+        assert torch.equal(idx, idx2) and torch.equal(out, out2), step
+    assert calls == {"prologue": 8, "launch": 8}, calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 2])
+def test_gpu_selection_in_prologue_with_the_merge_launched(monkeypatch, B):
+    """SELECT_IN_PROLOGUE_UNFUSED on the GPU at Qwen3-32B's heads (G = 8: 128 KB of partials a
+    row at 2048 tokens, the merge is its own launch): 8 steps in a row, each equal to the
+    separate stage-2 launch (the merge kernel must zero the histogram after every reader)."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    gen = torch.Generator().manual_seed(40 + B)
+    L = 32768
+    q, q_w, k, v, k_codes = make_inputs(B, 8, 8, 128, L, 128, torch.bfloat16, "cuda", gen)
+    lens = torch.tensor([L, 20001][:B], device="cuda")
+    monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE_UNFUSED", True)
+    calls = count_prologue_selections(monkeypatch)
+    for step in range(8):
+        q = dyadic(*q.shape, gen=gen).to(q)
+        out, idx = check_step(q, q_w, k, v, k_codes, lens, 128, k_blocks=16)
+        monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", False)
+        out2, idx2 = decode_step(q, q_w, k_codes, k, v, lens, chunk_size=128, backend="triton", k_blocks=16)
         monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE", True)
         assert torch.equal(idx, idx2) and torch.equal(out, out2), step
     assert calls == {"prologue": 8, "launch": 8}, calls

@@ -122,10 +122,11 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
     return args
 
 
-def _merge_args(pdl: bool = False) -> dict:
+def _merge_args(pdl: bool = False, hist: bool = False) -> dict:
     i32 = "i32"
     return dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", Hq=i32, SPLITS=i32,
-                sob=i32, soh=i32, sod=i32, D=128, S_PAD=32, BLOCK_D=128, PDL=pdl)
+                sob=i32, soh=i32, sod=i32, D=128, S_PAD=32, BLOCK_D=128, PDL=pdl,
+                hist_ptr="*i32", G_H=i32, NBINS=1024, HIST=hist)
 
 
 def check_sparse_decode_attention_kernels():
@@ -140,6 +141,13 @@ def check_sparse_decode_attention_kernels():
                 [ln for ln in ptx.splitlines() if "atom" in ln]
             assert "bar.sync" in ptx
     compile_sm90(ak._merge_kernel, _merge_args(), num_warps=4)
+    # the selection in the prologue of split programs whose merge is its own launch
+    # (SELECT_IN_PROLOGUE_UNFUSED): the merge kernel zeroes the histogram, after its PDL wait
+    compile_sm90(ak._sparse_decode_split_kernel, _split_args(False, 1, pdl=True, sel=True),
+                 num_warps=4, num_stages=2)
+    ptx = compile_sm90(ak._merge_kernel, _merge_args(pdl=True, hist=True), num_warps=4).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    assert 0 < body.find("griddepcontrol.wait") < body.find("st.global")
     # the selection in the prologue (decode_step at few rows): with PDL and the early loads, the
     # block keys and the histogram are read after the wait (they are the scan's output)
     for single in (True, False):

@@ -199,6 +199,8 @@ def _pdl_variant(no_trigger, max_rows):
 LATENCY_MAX_B = 4
 LATENCY_VARIANTS = {
     "sel_launch": {AK: dict(SELECT_IN_PROLOGUE=False)},  # stage 2 as its own launch (session 6)
+    # stage 2 in the prologue also where the merge is its own launch (G = 8 at B = 1; session 11)
+    "sel_unfused": {AK: dict(SELECT_IN_PROLOGUE_UNFUSED=True)},
     "sel_w8": {HK: dict(SELECT_WARPS=8)},
     "attn_t32": {AK: dict(TILE_N=32)},
     "attn_s1": {AK: dict(STAGES=1)},

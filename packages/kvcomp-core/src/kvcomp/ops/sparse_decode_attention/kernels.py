@@ -80,6 +80,10 @@ MERGE_TILE_ELEMS = 4096
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
 SELECT_IN_PROLOGUE = True
+# ... also where the merge is its own launch (partials above the fused merge's limit, e.g. G = 8
+# at B = 1): the merge kernel then zeroes the histogram (it runs after every reader). Built in
+# session 11, tested on the CPU, not yet on the GPU or timed: off (the bench's sel_unfused)
+SELECT_IN_PROLOGUE_UNFUSED = False
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the running max, so that exp2(m - m_new) is safe
 
 
@@ -284,11 +288,20 @@ def _merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr,
     Hq, SPLITS, sob, soh, sod,
     D: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    hist_ptr=None, G_H=1, NBINS: tl.constexpr = 1, HIST: tl.constexpr = False,
 ):
+    """With HIST (the split kernel ran a deferred selection in its prologue), the first query
+    head of each kv-head's group (hq % G_H == 0) also zeroes that (sequence, kv-head) row's
+    selection histogram [NBINS] int32 for the next scan: every split program read it before
+    this launch began."""
     pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // Hq
     hq = pid % Hq
+    if HIST:
+        if hq % G_H == 0:
+            row = b * (Hq // G_H) + hq // G_H
+            tl.store(hist_ptr + row * NBINS + tl.arange(0, NBINS), tl.zeros([NBINS], dtype=tl.int32))
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, BLOCK_D)
     s_ok = s < SPLITS
@@ -393,8 +406,8 @@ def sparse_decode_attention_triton(
                      PAGED=True, PAGE=k_cache.shape[2])
     s_pad = max(2, triton.next_power_of_2(splits))
     fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
-    if select is not None and not fuse:  # the merging program zeroes the histogram: none here
-        select.run()
+    if select is not None and not fuse and not SELECT_IN_PROLOGUE_UNFUSED:
+        select.run()  # the merging program zeroes the histogram: none here, nor the merge kernel
         select = None
     fused = {}
     if fuse:
@@ -415,9 +428,11 @@ def sparse_decode_attention_triton(
         num_warps=WARPS, num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:
+        hist = {} if select is None else dict(  # the prologue read it: the merge zeroes it
+            hist_ptr=select.hist["hist_ptr"], NBINS=select.hist["NBINS"], G_H=G, HIST=True)
         _merge_kernel[(B * Hq,)](
             m, l, acc, out, Hq, splits, *out.stride(),
             D=D, S_PAD=s_pad, BLOCK_D=block_d,
-            num_warps=4, **pdl,
+            num_warps=4, **pdl, **hist,
         )
     return out
