@@ -62,7 +62,7 @@ def test_gqa_grouped_weight_equals_repeated(G, T):
     a head -> row mix-up (j % Hkv, or one row for all) would show."""
     gen = torch.Generator().manual_seed(G * 10 + T)
     Hkv = 3
-    x = dyadic(2, Hkv * G, T, 32, gen=gen)[:, :, :].transpose(2, 3).contiguous().transpose(2, 3)
+    x = dyadic(2, Hkv * G, 32, T, gen=gen).transpose(2, 3)  # [B, Hq, T, D], not contiguous
     w = dyadic(Hkv, 32, 64, gen=gen)
     want = hash_encode_ref(x, w.repeat_interleave(G, 0))
     got = hash_encode(x, w, enable_gqa=True, backend="triton")
