@@ -55,6 +55,22 @@ def test_encode_query_several_queries_is_the_rows_encoding(mode):
     assert got.shape == ((B, Hkv * G * T, bits // 32) if mode == "sum" else (B, Hkv, bits // 32))
 
 
+@pytest.mark.parametrize("G", [3, 4])
+def test_majority_query_codes_are_the_vote_of_the_heads_codes(G):
+    """"majority": bit b of a kv-head's code is the majority of its G query heads' bits b
+    (ties -> 0), each head hashed with its kv-head's row (hamming_topk's majority_codes of the
+    "sum" codes); a head -> kv-head mix-up would change the votes."""
+    from kvcomp.ops.hamming_topk import majority_codes
+
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, D, bits = 2, 3, 16, 64
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    w = torch.randn(Hkv, D, bits, generator=gen)
+    got = encode_query(q, w, "majority")
+    assert got.shape == (B, Hkv, bits // 32)
+    assert torch.equal(got, majority_codes(encode_query(q, w, "sum"), Hkv))
+
+
 def record_sparse_steps(monkeypatch):
     """Wrap the attention function's sparse step: per call (layer index, mode, query, output,
     scale, the layer's query hash weights)."""

@@ -30,14 +30,6 @@ from kvcomp.ops.hash_encode.reference import project
 QUERY_MODES = ("sum", "majority", "mean")
 
 
-def expand_query_weight(kv_weight: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """[Hkv, D, BITS] -> [Hq, D, BITS]: query head j uses kv-head j // (Hq // Hkv)."""
-    hkv = kv_weight.shape[0]
-    if num_q_heads % hkv:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of kv-heads ({hkv})")
-    return kv_weight.repeat_interleave(num_q_heads // hkv, dim=0).contiguous()
-
-
 def encode_query(
     q: torch.Tensor,
     kv_weight: torch.Tensor,
@@ -63,7 +55,8 @@ def encode_query(
         qm = q.float().reshape(B, Hkv, G, D).mean(2).to(q.dtype)
         return hash_encode(qm, kv_weight, backend=backend)
     # majority: per-bit vote of the group's signs
-    signs = (project(q, expand_query_weight(kv_weight, Hq)) > 0).reshape(B, Hkv, G, -1)  # [B, Hkv, G, BITS]
+    # a kv-head's G (head, query) rows against its own projection (no per-head copy of W)
+    signs = project(q.reshape(B, Hkv, G, D), kv_weight) > 0  # [B, Hkv, G, BITS]
     votes = signs.sum(2) * 2 - G  # positive where most heads say 1
     return pack_bits(votes > 0)
 
