@@ -218,6 +218,28 @@ def test_selection_in_prologue_with_the_merge_launched(monkeypatch, G):
     assert not any(t.any() for t in hk._HISTS._bufs.values()), "histogram not zeroed"
 
 
+def test_selection_in_prologue_with_the_two_level_merge(monkeypatch):
+    """MERGE_GROUP_SPLITS: the two-level fused merge keeps the deferred selection in the
+    prologue; the last merger zeroes the histogram after every program read it (three steps in
+    a row on the same scratch, each equal to the reference, no separate launch)."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
+    B, Hkv, G, D, chunk = 2, 2, 8, 32, 16
+    gen = torch.Generator().manual_seed(1001)
+    monkeypatch.setattr(ak, "FUSED_MERGE_MAX_BYTES", G * 2 * D * 4)  # 2 splits fit, the plan has 3
+    monkeypatch.setattr(ak, "MERGE_GROUP_SPLITS", 2)  # groups of 2 and 1 splits, then 2 groups
+    assert ak._plan(B, Hkv, 9, chunk, D)[2] == 3 and ak._two_level_group(G, D, 3) == 2
+    calls = count_prologue_selections(monkeypatch)
+    for step in range(3):
+        q, q_w, k, v, k_codes = make_inputs(B, Hkv, G, D, 700, 64, torch.float32, "cpu", gen)
+        check_step(q, q_w, k, v, k_codes, torch.tensor([700, 333 + step]), chunk, k_blocks=9,
+                   must_select=(0, -1))
+    assert calls == {"prologue": 3, "launch": 0}, calls
+    assert not any(t.any() for t in hk._HISTS._bufs.values()), "histogram not zeroed"
+
+
 def test_deferred_selection_where_the_prologue_cannot_run(monkeypatch):
     """Without the fused merge (no program to zero the histogram after every reader) the
     deferred selection runs as its own launch first: same selection, output within the rule."""
@@ -263,10 +285,13 @@ def test_gpu_selection_in_attention_prologue(monkeypatch, B, chunk, k_blocks):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 2])
-def test_gpu_selection_in_prologue_with_the_merge_launched(monkeypatch, B):
-    """SELECT_IN_PROLOGUE_UNFUSED on the GPU at Qwen3-32B's heads (G = 8: 128 KB of partials a
-    row at 2048 tokens, the merge is its own launch): 8 steps in a row, each equal to the
-    separate stage-2 launch (the merge kernel must zero the histogram after every reader)."""
+@pytest.mark.parametrize("merge", ["launched", "two_level"])
+def test_gpu_selection_in_prologue_with_the_merge_launched(monkeypatch, B, merge):
+    """Qwen3-32B's heads on the GPU (G = 8: 128 KB of partials a row at 2048 tokens, above the
+    fused merge's limit): stage 2 in the prologue with the merge as its own launch
+    (SELECT_IN_PROLOGUE_UNFUSED), or with the two-level fused merge (MERGE_GROUP_SPLITS). 8 steps
+    in a row, each equal to the separate stage-2 launch (the histogram must be zeroed after every
+    reader, the tickets reset)."""
     import importlib
 
     ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
@@ -274,7 +299,10 @@ def test_gpu_selection_in_prologue_with_the_merge_launched(monkeypatch, B):
     L = 32768
     q, q_w, k, v, k_codes = make_inputs(B, 8, 8, 128, L, 128, torch.bfloat16, "cuda", gen)
     lens = torch.tensor([L, 20001][:B], device="cuda")
-    monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE_UNFUSED", True)
+    if merge == "two_level":
+        monkeypatch.setattr(ak, "MERGE_GROUP_SPLITS", 8)
+    else:
+        monkeypatch.setattr(ak, "SELECT_IN_PROLOGUE_UNFUSED", True)
     calls = count_prologue_selections(monkeypatch)
     for step in range(8):
         q = dyadic(*q.shape, gen=gen).to(q)

@@ -112,7 +112,8 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         G=4, D=128, G_PAD=16, BLOCK_D=128, BLOCK_N=64, CHUNK=128, IEEE=False, DOT_F32=False,
         tbl_ptr="*i32", stb=i32, stp=i32, PAGED=False, PAGE=1,
         out_ptr="*bf16", sob=i32, soh=i32, sod=i32, ticket_ptr="*i32", FUSED=fused,
-        G_R=4 * t_q, S_PAD=32, S_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
+        G_R=4 * t_q, S_PAD=32, S_TILE=8, m1_ptr="*fp32", l1_ptr="*fp32", acc1_ptr="*fp32",
+        gticket_ptr="*i32", GROUP=i32, NG=i32, TWO_LEVEL=False, L1_PAD=8, L1_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
         SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2,
@@ -141,6 +142,11 @@ def check_sparse_decode_attention_kernels():
                 [ln for ln in ptx.splitlines() if "atom" in ln]
             assert "bar.sync" in ptx
     compile_sm90(ak._merge_kernel, _merge_args(), num_warps=4)
+    # the two-level fused merge (MERGE_GROUP_SPLITS): a group ticket, then the row ticket
+    ptx = compile_sm90(ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True, sel=True), TWO_LEVEL=True),
+                       num_warps=4, num_stages=2).asm["ptx"]
+    atoms = [ln for ln in ptx.splitlines() if "atom." in ln and "acq_rel" in ln]
+    assert len(atoms) >= 2, atoms
     # the selection in the prologue of split programs whose merge is its own launch
     # (SELECT_IN_PROLOGUE_UNFUSED): the merge kernel zeroes the histogram, after its PDL wait
     compile_sm90(ak._sparse_decode_split_kernel, _split_args(False, 1, pdl=True, sel=True),

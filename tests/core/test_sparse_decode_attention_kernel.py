@@ -211,6 +211,73 @@ def test_fused_merge_matches_two_kernel_path(monkeypatch, G):
     assert (kernels._tickets(1, torch.device("cpu")) == 0).all()
 
 
+@pytest.mark.parametrize("G,group", [(8, 2), (4, 3), (1, 4)])
+def test_two_level_merge_matches_two_kernel_path(monkeypatch, G, group):
+    """MERGE_GROUP_SPLITS: where one level would exceed the fused merge's limit, the last
+    program of each group of splits merges the group and the last group's merger merges the
+    groups. Repeated calls with other shapes and split counts (a ragged last group, empty
+    splits, rows without tokens): the two-kernel path's output, every ticket zero afterwards,
+    and no merge launch."""
+    monkeypatch.setattr(kernels, "MERGE_GROUP_SPLITS", group)
+    gen = torch.Generator().manual_seed(300 + G * 10 + group)
+    cases = [  # B, Hkv, L, lens, K (blocks), chunk
+        (3, 2, 4097, [4097, 1, 129], 12, 64),
+        (2, 2, 300, [127, 300], 9, 16),
+        (1, 1, 4500, [4480], 70, 64),
+    ]
+    merged = 0
+    for B, Hkv, L, lens, K, chunk in cases:
+        D = 16
+        splits = kernels._plan(B, Hkv, K, chunk, D)[2]
+        if splits <= group:  # one group: one level
+            assert kernels._two_level_group(G, D, splits) is None
+            continue
+        merged += 1
+        q = torch.randn(B, Hkv * G, D, generator=gen).half()
+        k = torch.randn(B, Hkv, L, D, generator=gen).half()
+        v = torch.randn(B, Hkv, L, D, generator=gen).half()
+        lens_t = torch.tensor(lens)
+        idx = random_selection(B, Hkv, -(-L // chunk), K, gen, drop=0.2)
+        with _two_kernel(monkeypatch):
+            two = check(q, k, v, idx, lens_t, chunk)
+        # one level would not fit, two do: groups of `group` splits, then the groups
+        monkeypatch.setattr(kernels, "FUSED_MERGE_MAX_BYTES", G * D * 4 * max(group, -(-splits // group)))
+        assert kernels._two_level_group(G, D, splits) == group
+        launched = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "_merge_kernel", _Refuse(launched))
+            got = check(q, k, v, idx, lens_t, chunk)
+        assert not launched, "the two-level merge must not launch the merge kernel"
+        torch.testing.assert_close(got.float(), two.float(), atol=1e-2, rtol=0)
+        monkeypatch.setattr(kernels, "FUSED_MERGE_MAX_BYTES", 64 << 10)
+    assert merged >= 2
+    assert (kernels._tickets(1, torch.device("cpu")) == 0).all()
+    assert not any(t.any() for t in kernels._GROUP_TICKETS._bufs.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,K", [(1, 16), (1, 103), (2, 16)])
+def test_gpu_two_level_merge(monkeypatch, B, K):
+    """The two-level fused merge on the GPU at Qwen3-32B's heads (G = 8, D = 128, 128K cache):
+    8 calls in a row on new selections, each within the rule and equal to the two-kernel path up
+    to rounding (a ticket left set would show as NaN from the poisoned output)."""
+    monkeypatch.setattr(kernels, "MERGE_GROUP_SPLITS", 8)
+    gen = torch.Generator().manual_seed(500 + B + K)
+    Hkv, G, D, L, chunk = 8, 8, 128, 131072, 128
+    q = torch.randn(B, Hkv * G, D, generator=gen).bfloat16().cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+    lens = torch.tensor([L, 70001][:B], device="cuda")
+    splits = kernels._plan(B, Hkv, K, chunk, D)[2]
+    assert kernels._two_level_group(G, D, splits) == 8 or G * splits * D * 4 <= kernels.FUSED_MERGE_MAX_BYTES
+    for _ in range(8):
+        idx = random_selection(B, Hkv, L // chunk, K, gen, drop=0.1).cuda()
+        got = check(q, k, v, idx, lens, chunk)
+        with _two_kernel(monkeypatch):
+            two = check(q, k, v, idx, lens, chunk)
+        torch.testing.assert_close(got.float(), two.float(), atol=2e-2, rtol=0)
+
+
 GPU_CASES = [(G, 128, torch.bfloat16) for G in (1, 2, 4, 8, 16)] + [
     (4, 128, torch.float16), (8, 64, torch.bfloat16), (2, 256, torch.bfloat16), (16, 64, torch.float16)
 ]

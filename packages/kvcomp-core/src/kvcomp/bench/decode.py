@@ -201,6 +201,9 @@ LATENCY_VARIANTS = {
     "sel_launch": {AK: dict(SELECT_IN_PROLOGUE=False)},  # stage 2 as its own launch (session 6)
     # stage 2 in the prologue also where the merge is its own launch (G = 8 at B = 1; session 11)
     "sel_unfused": {AK: dict(SELECT_IN_PROLOGUE_UNFUSED=True)},
+    # the fused merge in two levels where one would exceed its limit (G = 8 at B = 1: groups of
+    # 8 splits, then the 4 groups; session 11, not yet timed)
+    "merge2": {AK: dict(MERGE_GROUP_SPLITS=8)},
     "sel_w8": {HK: dict(SELECT_WARPS=8)},
     "attn_t32": {AK: dict(TILE_N=32)},
     "attn_s1": {AK: dict(STAGES=1)},

@@ -72,6 +72,13 @@ FUSED_MERGE_MAX_BYTES = 64 << 10
 # tokens instead of 32 of 64 at 2048 tokens). Timed in session 11: decode step 20.6 vs 19.9 us,
 # off (the bench's attn_fit variant)
 FUSED_MERGE_FIT = False
+# where a row's partials exceed FUSED_MERGE_MAX_BYTES, merge in two levels inside the split
+# kernel instead of a second launch: the last program of each group of this many splits merges
+# the group's partials into one (m, l, acc) per row, the last group's merger merges the groups
+# (``_sparse_decode_split_kernel``'s TWO_LEVEL). None: one level (a merge launch above the
+# limit). Built in session 11 for G = 8 at B = 1 (128 KB of partials a row: 32 KB and 16 KB on
+# the serial path instead), tested on the CPU, not yet on the GPU or timed: off (bench: merge2)
+MERGE_GROUP_SPLITS = None
 # elements of acc ([G rows, splits, D] fp32) the fused merge loads per step: 4096 = 32 registers
 # a thread at 4 warps. (Session 11 tried a merge one split at a time, [G, D] elementwise steps:
 # 6-10x fewer CTA barriers in the PTX, but slower on the H200: 24.6 vs 17.9 us for the Qwen3-8B
@@ -100,6 +107,8 @@ def _sparse_decode_split_kernel(
     tbl_ptr=None, stb=0, stp=0, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1,
     out_ptr=None, sob=0, soh=0, sod=0, ticket_ptr=None, FUSED: tl.constexpr = False,
     G_R: tl.constexpr = 1, S_PAD: tl.constexpr = 1, S_TILE: tl.constexpr = 1,
+    m1_ptr=None, l1_ptr=None, acc1_ptr=None, gticket_ptr=None, GROUP=1, NG=1,
+    TWO_LEVEL: tl.constexpr = False, L1_PAD: tl.constexpr = 1, L1_TILE: tl.constexpr = 1,
     T_Q: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
     sel_key_ptr=None, sel_hist_ptr=None, sel_must_ptr=None, sel_kb_ptr=None, SEL_NB=0, SEL_KB=0,
     SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
@@ -215,15 +224,39 @@ def _sparse_decode_split_kernel(
         # every thread's partial stores come before the ticket (barrier), and the acq_rel atomic
         # publishes them gpu-wide; the last ticket sees every split's partials
         tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:
-            tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
-            if SEL:  # every program of the row has read the histogram (its ticket is in)
-                tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
-                         tl.zeros([SEL_NBINS], dtype=tl.int32))
-            _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
-                         b * Hkv * G + h * G, SPLITS, soh, sod,
-                         G, D, G_R, S_PAD, S_TILE, BLOCK_D)
+        row0 = b * Hkv * G + h * G
+        if TWO_LEVEL:  # the last program of this split's group merges the group's partials
+            grp = split // GROUP
+            g_lo = grp * GROUP
+            gt = tl.atomic_add(gticket_ptr + pid * NG + grp, 1, sem="acq_rel", scope="gpu")
+            if gt == tl.minimum(GROUP, SPLITS - g_lo) - 1:
+                tl.atomic_xchg(gticket_ptr + pid * NG + grp, 0, sem="relaxed", scope="gpu")
+                m1, l1, o1 = _merge_range(m_ptr, l_ptr, acc_ptr, row0 + tl.arange(0, G_R), tl.arange(0, G_R) < G,
+                                          SPLITS, g_lo, tl.minimum(GROUP, SPLITS - g_lo),
+                                          D, G_R, L1_PAD, L1_TILE, BLOCK_D)
+                gr = tl.arange(0, G_R)
+                r1 = (row0 + gr) * NG + grp  # [G_R] into [B, Hq, NG]
+                tl.store(m1_ptr + r1, m1, mask=gr < G)
+                tl.store(l1_ptr + r1, l1, mask=gr < G)
+                tl.store(acc1_ptr + r1[:, None] * D + d[None, :], o1, mask=(gr < G)[:, None] & d_ok[None, :])
+                tl.debug_barrier()
+                ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+                if ticket == NG - 1:  # every group is merged: the groups' states into the output
+                    tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
+                    if SEL:  # every program of the row has read the histogram (transitively)
+                        tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
+                                 tl.zeros([SEL_NBINS], dtype=tl.int32))
+                    _merge_group(m1_ptr, l1_ptr, acc1_ptr, out_ptr + b * sob + (h * G) * soh,
+                                 row0, NG, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
+        else:
+            ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:
+                tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
+                if SEL:  # every program of the row has read the histogram (its ticket is in)
+                    tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
+                             tl.zeros([SEL_NBINS], dtype=tl.int32))
+                _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
+                             row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
 
 
 @triton.jit
@@ -235,15 +268,29 @@ def _merge_group(
     """Log-sum-exp merge of the G query rows row0 .. row0 + G - 1 (partials m, l [rows, SPLITS],
     acc [rows, SPLITS, D] fp32, log2 domain; stored by other programs of this launch, so read
     through L2 only) into out_base + g * soh + d * sod (zeros for a row without any attended
-    token). All G rows at once, S_TILE splits per step; with few steps they are unrolled, so
-    every load is in flight together (the merge's latency is about two L2 round trips)."""
+    token)."""
     g = tl.arange(0, G_R)
     g_ok = g < G
-    s = tl.arange(0, S_PAD)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    rows = row0 + g  # [G_R]
-    m = tl.load(m_ptr + rows[:, None] * SPLITS + s[None, :], mask=g_ok[:, None] & (s < SPLITS)[None, :],
+    _, denom, o = _merge_range(m_ptr, l_ptr, acc_ptr, row0 + g, g_ok, SPLITS, 0, SPLITS,
+                               D, G_R, S_PAD, S_TILE, BLOCK_D)
+    o = tl.where(denom[:, None] > 0, o / tl.where(denom > 0, denom, 1.0)[:, None], 0.0)
+    tl.store(out_base + g[:, None] * soh + d[None, :] * sod, o.to(out_base.dtype.element_ty),
+             mask=g_ok[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _merge_range(
+    m_ptr, l_ptr, acc_ptr, rows, g_ok, STRIDE, s_lo, s_n,
+    D: tl.constexpr, G_R: tl.constexpr, S_PAD: tl.constexpr, S_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The merged state (m, l [G_R], acc [G_R, BLOCK_D], unnormalised, log2 domain) of splits
+    s_lo .. s_lo + s_n - 1 (s_n <= S_PAD) of the rows (partials m, l [rows, STRIDE], acc [rows,
+    STRIDE, D]). All rows at once, S_TILE splits per step; with few steps they are unrolled, so
+    every load is in flight together (about two L2 round trips)."""
+    s = tl.arange(0, S_PAD)
+    m = tl.load(m_ptr + rows[:, None] * STRIDE + s_lo + s[None, :], mask=g_ok[:, None] & (s < s_n)[None, :],
                 other=NEG_BIG, cache_modifier=".cg")  # [G_R, S_PAD]
     m_all = tl.max(m, 1)  # [G_R]
     denom = tl.zeros([G_R], dtype=tl.float32)
@@ -251,27 +298,26 @@ def _merge_group(
     N_TILES: tl.constexpr = S_PAD // S_TILE
     if N_TILES <= 8:
         for t in tl.static_range(N_TILES):
-            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, t * S_TILE, SPLITS,
+            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, t * S_TILE, STRIDE, s_lo, s_n,
                                    denom, o, D, G_R, S_TILE, BLOCK_D)
     else:
-        for s0 in tl.range(0, SPLITS, S_TILE):
-            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, SPLITS,
+        for s0 in tl.range(0, s_n, S_TILE):
+            denom, o = _merge_tile(m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, STRIDE, s_lo, s_n,
                                    denom, o, D, G_R, S_TILE, BLOCK_D)
-    o = tl.where(denom[:, None] > 0, o / tl.where(denom > 0, denom, 1.0)[:, None], 0.0)
-    tl.store(out_base + g[:, None] * soh + d[None, :] * sod, o.to(out_base.dtype.element_ty),
-             mask=g_ok[:, None] & d_ok[None, :])
+    return m_all, denom, o
 
 
 @triton.jit
 def _merge_tile(
-    m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, SPLITS, denom, o,
+    m_ptr, l_ptr, acc_ptr, rows, g_ok, m_all, s0, STRIDE, s_lo, s_n, denom, o,
     D: tl.constexpr, G_R: tl.constexpr, S_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Splits [s0, s0 + S_TILE) of _merge_group's rows added into (denom [G_R], o [G_R, BLOCK_D])."""
+    """Splits s_lo + [s0, s0 + S_TILE) (below s_lo + s_n) of _merge_range's rows added into
+    (denom [G_R], o [G_R, BLOCK_D])."""
     st = s0 + tl.arange(0, S_TILE)
     d = tl.arange(0, BLOCK_D)
-    ok2 = g_ok[:, None] & (st < SPLITS)[None, :]  # [G_R, S_TILE]
-    off = rows[:, None] * SPLITS + st[None, :]
+    ok2 = g_ok[:, None] & (st < s_n)[None, :]  # [G_R, S_TILE]
+    off = rows[:, None] * STRIDE + s_lo + st[None, :]
     mt = tl.load(m_ptr + off, mask=ok2, other=NEG_BIG, cache_modifier=".cg")
     lt = tl.load(l_ptr + off, mask=ok2, other=0.0, cache_modifier=".cg")
     at = tl.load(acc_ptr + off[:, :, None] * D + d[None, None, :],
@@ -328,6 +374,27 @@ _TICKETS = StreamScratch(1024)
 def _tickets(rows: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 ticket counters of the fused merge for ``rows`` (sequence, kv-head) rows."""
     return _TICKETS.get(rows, device)
+
+
+# group ticket counters of the two-level merge, one per (sequence, kv-head, group of splits)
+_GROUP_TICKETS = StreamScratch(1024)
+
+
+def _group_tickets(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 ticket counters of the two-level merge's groups (MERGE_GROUP_SPLITS)."""
+    return _GROUP_TICKETS.get(n, device)
+
+
+def _two_level_group(G: int, D: int, splits: int) -> int | None:
+    """Splits per first-level group where the two-level fused merge applies (MERGE_GROUP_SPLITS
+    set, and a group's and the groups' partials each within FUSED_MERGE_MAX_BYTES), else None."""
+    if not MERGE_GROUP_SPLITS or splits <= MERGE_GROUP_SPLITS:
+        return None
+    group = int(MERGE_GROUP_SPLITS)
+    row = G * D * 4  # one split's partials of a row
+    if group * row > FUSED_MERGE_MAX_BYTES or triton.cdiv(splits, group) * row > FUSED_MERGE_MAX_BYTES:
+        return None
+    return group
 
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None) -> tuple[int, int, int]:
@@ -406,6 +473,8 @@ def sparse_decode_attention_triton(
                      PAGED=True, PAGE=k_cache.shape[2])
     s_pad = max(2, triton.next_power_of_2(splits))
     fuse = FUSED_MERGE and G * splits * D * 4 <= FUSED_MERGE_MAX_BYTES
+    group = _two_level_group(G, D, splits) if FUSED_MERGE and not fuse else None
+    fuse = fuse or group is not None
     if select is not None and not fuse and not SELECT_IN_PROLOGUE_UNFUSED:
         select.run()  # the merging program zeroes the histogram: none here, nor the merge kernel
         select = None
@@ -416,6 +485,20 @@ def sparse_decode_attention_triton(
         fused = dict(out_ptr=out, sob=out.stride(0), soh=out.stride(1), sod=out.stride(2),
                      ticket_ptr=_tickets(B * Hkv, q.device), FUSED=True, G_R=g_r, S_PAD=s_pad,
                      S_TILE=s_tile)
+        if group is not None:  # two levels: groups of `group` splits, then the groups
+            ng = triton.cdiv(splits, group)
+            m1 = torch.empty(B, Hq, ng, dtype=torch.float32, device=q.device)
+            l1 = torch.empty_like(m1)
+            acc1 = torch.empty(B, Hq, ng, D, dtype=torch.float32, device=q.device)
+            if POISON_SCRATCH:
+                for t in (m1, l1, acc1):
+                    t.fill_(float("nan"))
+            l1_pad = max(2, triton.next_power_of_2(group))
+            ng_pad = max(2, triton.next_power_of_2(ng))
+            tile = max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2)
+            fused.update(m1_ptr=m1, l1_ptr=l1, acc1_ptr=acc1, gticket_ptr=_group_tickets(B * Hkv * ng, q.device),
+                         GROUP=group, NG=ng, TWO_LEVEL=True, L1_PAD=l1_pad, L1_TILE=min(l1_pad, tile),
+                         S_PAD=ng_pad, S_TILE=min(ng_pad, tile))
     pdl = pdl_args(q, "attention", rows=B * Hkv)  # PDL for few rows only (kvcomp.ops._pdl)
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
