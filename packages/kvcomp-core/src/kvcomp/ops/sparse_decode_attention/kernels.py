@@ -385,6 +385,18 @@ def _group_tickets(n: int, device: torch.device) -> torch.Tensor:
     return _GROUP_TICKETS.get(n, device)
 
 
+def _partials(B: int, Hq: int, n: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Partial states of n splits (or groups) per query row: m, l [B, Hq, n] and acc [B, Hq, n, D]
+    fp32 (NaN-filled under POISON_SCRATCH, so that an unwritten entry shows)."""
+    m = torch.empty(B, Hq, n, dtype=torch.float32, device=device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, Hq, n, D, dtype=torch.float32, device=device)
+    if POISON_SCRATCH:
+        for t in (m, l, acc):
+            t.fill_(float("nan"))
+    return m, l, acc
+
+
 def _two_level_group(G: int, D: int, splits: int) -> int | None:
     """Splits per first-level group where the two-level fused merge applies (MERGE_GROUP_SPLITS
     set, and a group's and the groups' partials each within FUSED_MERGE_MAX_BYTES), else None."""
@@ -460,12 +472,7 @@ def sparse_decode_attention_triton(
     if FUSED_MERGE and FUSED_MERGE_FIT and G * splits * D * 4 > FUSED_MERGE_MAX_BYTES:
         # fewer, longer splits whose partials the fused merge takes (not a second launch)
         block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)))
-    m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
-    if POISON_SCRATCH:
-        for t in (m, l, acc):
-            t.fill_(float("nan"))
+    m, l, acc = _partials(B, Hq, splits, D, q.device)
     block_d = max(16, triton.next_power_of_2(D))
     paged = {}
     if block_table is not None:
@@ -481,21 +488,15 @@ def sparse_decode_attention_triton(
     fused = {}
     if fuse:
         g_r = triton.next_power_of_2(G)
-        s_tile = min(s_pad, max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2))
+        tile = max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2)  # splits a step
         fused = dict(out_ptr=out, sob=out.stride(0), soh=out.stride(1), sod=out.stride(2),
                      ticket_ptr=_tickets(B * Hkv, q.device), FUSED=True, G_R=g_r, S_PAD=s_pad,
-                     S_TILE=s_tile)
+                     S_TILE=min(s_pad, tile))
         if group is not None:  # two levels: groups of `group` splits, then the groups
             ng = triton.cdiv(splits, group)
-            m1 = torch.empty(B, Hq, ng, dtype=torch.float32, device=q.device)
-            l1 = torch.empty_like(m1)
-            acc1 = torch.empty(B, Hq, ng, D, dtype=torch.float32, device=q.device)
-            if POISON_SCRATCH:
-                for t in (m1, l1, acc1):
-                    t.fill_(float("nan"))
+            m1, l1, acc1 = _partials(B, Hq, ng, D, q.device)
             l1_pad = max(2, triton.next_power_of_2(group))
             ng_pad = max(2, triton.next_power_of_2(ng))
-            tile = max(1, triton.next_power_of_2(MERGE_TILE_ELEMS // (g_r * block_d) + 1) // 2)
             fused.update(m1_ptr=m1, l1_ptr=l1, acc1_ptr=acc1, gticket_ptr=_group_tickets(B * Hkv * ng, q.device),
                          GROUP=group, NG=ng, TWO_LEVEL=True, L1_PAD=l1_pad, L1_TILE=min(l1_pad, tile),
                          S_PAD=ng_pad, S_TILE=min(ng_pad, tile))
