@@ -490,3 +490,28 @@ def test_attention_references_count_a_repeated_block_once():
     a = sparse_mla_decode(ql, qp, ckv, kpe, uniq[:, :1], lens, chunk_size=chunk, scale=0.2, backend="reference")
     b = sparse_mla_decode(ql, qp, ckv, kpe, dup[:, :1], lens, chunk_size=chunk, scale=0.2, backend="reference")
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "slice", "split_last", "token_major", "dim_major"])
+def test_gather_rows_equals_torch_gather(layout):
+    """_blocks.gather_rows (the references' gather of selected tokens by whole rows from a view of
+    the storage) equals torch.gather exactly, for caches that are slices of preallocated buffers,
+    column slices of a fused buffer (the MLA latent | rope), and layouts it hands to gather."""
+    from kvcomp.ops._blocks import gather_rows
+
+    gen = torch.Generator().manual_seed(len(layout))
+    B, H, L, D, N = 2, 3, 50, 8, 17
+    if layout == "contiguous":
+        cache = torch.randn(B, H, L, D, generator=gen)
+    elif layout == "slice":  # keys_buf[:, :, :L] of a preallocated [B, H, Lmax, D] buffer
+        cache = torch.randn(B, H, L + 13, D, generator=gen)[:, :, :L]
+    elif layout == "split_last":  # kpe = buf[..., 24:] of [B, H, L, 24 + D]: rows at 4 x D
+        cache = torch.randn(B, H, L, 24 + D, generator=gen)[..., 24:]
+    elif layout == "token_major":  # [B, L, H, D] storage seen as [B, H, L, D]: rows still D-contiguous
+        cache = torch.randn(B, L, H, D, generator=gen).transpose(1, 2)
+    else:  # dims not contiguous: handed to torch.gather
+        cache = torch.randn(B, H, D, L, generator=gen).transpose(2, 3)
+    tok = torch.randint(0, L, (B, H, N), generator=gen)
+    want = torch.gather(cache, 2, tok.unsqueeze(-1).expand(-1, -1, -1, D))
+    assert torch.equal(gather_rows(cache, tok), want)
+    assert torch.equal(gather_rows(cache[:, 0], tok[:, 0]), want[:, 0])  # [B, L, D] (MLA)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._blocks import selected_token_index
+from kvcomp.ops._blocks import gather_rows, selected_token_index
 
 
 def sparse_decode_attention_ref(
@@ -36,8 +36,8 @@ def sparse_decode_attention_ref(
     Hkv, L, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     G = Hq // Hkv
     tok, valid = selected_token_index(block_idx, seq_lens, L, chunk_size)  # [B, Hkv, N]
-    kg = torch.gather(k_cache, 2, tok.unsqueeze(-1).expand(-1, -1, -1, D)).float()
-    vg = torch.gather(v_cache, 2, tok.unsqueeze(-1).expand(-1, -1, -1, Dv)).float()
+    kg = gather_rows(k_cache, tok).float()
+    vg = gather_rows(v_cache, tok).float()
     vg = vg.masked_fill(~valid.unsqueeze(-1), 0.0)  # slots gathered from row 0: never counted
     s = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, Hkv, G, D), kg) * scale
     s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._blocks import selected_token_index
+from kvcomp.ops._blocks import gather_rows, selected_token_index
 
 
 def sparse_mla_decode_ref(
@@ -21,12 +21,11 @@ def sparse_mla_decode_ref(
 ) -> torch.Tensor:
     """q_lat [B, H, R], q_pe [B, H, P], ckv [B, L, R], kpe [B, L, P], block_idx [B, 1, K]
     -> [B, H, R] = softmax((q_lat . ckv + q_pe . kpe) * scale) . ckv over selected tokens."""
-    R, P = ckv.shape[-1], kpe.shape[-1]
     tok, valid = selected_token_index(block_idx, seq_lens, ckv.shape[1], chunk_size)
     tok, valid = tok[:, 0], valid[:, 0]  # [B, N]: one selection for all heads
-    c = torch.gather(ckv, 1, tok.unsqueeze(-1).expand(-1, -1, R)).float()
+    c = gather_rows(ckv, tok).float()
     c = c.masked_fill(~valid.unsqueeze(-1), 0.0)
-    kp = torch.gather(kpe, 1, tok.unsqueeze(-1).expand(-1, -1, P)).float()
+    kp = gather_rows(kpe, tok).float()
     s = torch.einsum("bhr,bnr->bhn", q_lat.float(), c)
     s = (s + torch.einsum("bhp,bnp->bhn", q_pe.float(), kp)) * scale
     s = s.masked_fill(~valid.unsqueeze(1), float("-inf"))
