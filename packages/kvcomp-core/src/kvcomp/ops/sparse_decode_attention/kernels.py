@@ -225,38 +225,45 @@ def _sparse_decode_split_kernel(
         # publishes them gpu-wide; the last ticket sees every split's partials
         tl.debug_barrier()
         row0 = b * Hkv * G + h * G
+        out_base = out_ptr + b * sob + (h * G) * soh
         if TWO_LEVEL:  # the last program of this split's group merges the group's partials
             grp = split // GROUP
             g_lo = grp * GROUP
+            g_n = tl.minimum(GROUP, SPLITS - g_lo)
             gt = tl.atomic_add(gticket_ptr + pid * NG + grp, 1, sem="acq_rel", scope="gpu")
-            if gt == tl.minimum(GROUP, SPLITS - g_lo) - 1:
+            if gt == g_n - 1:
                 tl.atomic_xchg(gticket_ptr + pid * NG + grp, 0, sem="relaxed", scope="gpu")
-                m1, l1, o1 = _merge_range(m_ptr, l_ptr, acc_ptr, row0 + tl.arange(0, G_R), tl.arange(0, G_R) < G,
-                                          SPLITS, g_lo, tl.minimum(GROUP, SPLITS - g_lo),
-                                          D, G_R, L1_PAD, L1_TILE, BLOCK_D)
                 gr = tl.arange(0, G_R)
+                m1, l1, o1 = _merge_range(m_ptr, l_ptr, acc_ptr, row0 + gr, gr < G, SPLITS, g_lo, g_n,
+                                          D, G_R, L1_PAD, L1_TILE, BLOCK_D)
                 r1 = (row0 + gr) * NG + grp  # [G_R] into [B, Hq, NG]
                 tl.store(m1_ptr + r1, m1, mask=gr < G)
                 tl.store(l1_ptr + r1, l1, mask=gr < G)
                 tl.store(acc1_ptr + r1[:, None] * D + d[None, :], o1, mask=(gr < G)[:, None] & d_ok[None, :])
                 tl.debug_barrier()
                 ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
-                if ticket == NG - 1:  # every group is merged: the groups' states into the output
-                    tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
-                    if SEL:  # every program of the row has read the histogram (transitively)
-                        tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
-                                 tl.zeros([SEL_NBINS], dtype=tl.int32))
-                    _merge_group(m1_ptr, l1_ptr, acc1_ptr, out_ptr + b * sob + (h * G) * soh,
-                                 row0, NG, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
+                if ticket == NG - 1:  # every group is merged (so every program has read the histogram)
+                    _last_merge(ticket_ptr, pid, sel_hist_ptr, m1_ptr, l1_ptr, acc1_ptr,
+                                out_base, row0, NG, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
         else:
             ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLITS - 1:
-                tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
-                if SEL:  # every program of the row has read the histogram (its ticket is in)
-                    tl.store(sel_hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS),
-                             tl.zeros([SEL_NBINS], dtype=tl.int32))
-                _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * sob + (h * G) * soh,
-                             row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
+            if ticket == SPLITS - 1:  # every program of the row is done (and has read the histogram)
+                _last_merge(ticket_ptr, pid, sel_hist_ptr, m_ptr, l_ptr, acc_ptr,
+                            out_base, row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
+
+
+@triton.jit
+def _last_merge(
+    ticket_ptr, pid, hist_ptr, m_ptr, l_ptr, acc_ptr, out_base, row0, N, soh, sod,
+    G: tl.constexpr, D: tl.constexpr, G_R: tl.constexpr, S_PAD: tl.constexpr, S_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, SEL: tl.constexpr, SEL_NBINS: tl.constexpr,
+):
+    """What the last program of row pid does: reset its ticket for the next launch, zero the
+    row's selection histogram (SEL), merge the N partial states into the output."""
+    tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
+    if SEL:
+        tl.store(hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS), tl.zeros([SEL_NBINS], dtype=tl.int32))
+    _merge_group(m_ptr, l_ptr, acc_ptr, out_base, row0, N, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
 
 
 @triton.jit
