@@ -345,9 +345,21 @@ def check_mma_scan_kernel():
         assert before_wait == (want if early else 0), (chunk, early, first, before_wait)
 
 
+def check_l2_prefetch_kernel():
+    """Both modes emit their prefetch instruction, predicated on the chunk being inside nbytes."""
+    pf = importlib.import_module("kvcomp.ops.l2_prefetch")
+    for bulk, insn in ((True, "cp.async.bulk.prefetch.L2.global"), (False, "prefetch.global.L2::evict_last")):
+        args = dict(base="*u8", nbytes="i64", CHUNK=pf.BULK if bulk else pf.LINE, PER_PROG=256,
+                    BLOCK=pf.BLOCK, BULK_MODE=bulk)
+        ptx = compile_sm90(pf._l2_prefetch_kernel, args, num_warps=4).asm["ptx"]
+        assert f"@p {insn}" in ptx, bulk
+        other = "prefetch.global.L2::evict_last" if bulk else "cp.async.bulk"
+        assert other not in ptx, bulk
+
+
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
           check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel,
-          check_pdl_kernels, check_mma_scan_kernel]
+          check_pdl_kernels, check_mma_scan_kernel, check_l2_prefetch_kernel]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
