@@ -211,29 +211,17 @@ def _gemv_args(dot: bool, block_m: int, block_n: int, block_k: int, extras: bool
         x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", M=i32, N=i32,
         K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
-        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl, ROW_CHUNKS=0,
-        PF_SLOTS=128,
+        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl,
     )
 
 
 def check_gemv_kernel():
-    """Both tile forms, with the bias, the residual epilogue and the RMSNorm prologue; with PDL
-    and ROW_CHUNKS the weight rows' L2 prefetches (BLOCK_N x ROW_CHUNKS of them) come before the
-    grid-dependency wait and no load does."""
+    """Both tile forms, with the bias, the residual epilogue and the RMSNorm prologue."""
     gv = importlib.import_module("kvcomp.ops.gemv")
     for dot, block_m, block_n, block_k in ((True, 16, 32, 256), (False, 1, 4, 1024), (False, 4, 8, 512)):
         for extras in (False, True):
             compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, extras),
                          num_warps=4, num_stages=3)
-    for dot, block_m, block_n, block_k, chunks, slots in ((False, 1, 4, 1024, 2, 128), (True, 16, 32, 256, 6, 256)):
-        args = dict(_gemv_args(dot, block_m, block_n, block_k, True, pdl=True), ROW_CHUNKS=chunks,
-                    PF_SLOTS=slots)
-        ptx = compile_sm90(gv._gemv_kernel, args, num_warps=4, num_stages=3).asm["ptx"]
-        before = ptx[ptx.index(".entry"):].split("griddepcontrol.wait")[0]
-        assert before.count("@p cp.async.bulk.prefetch.L2.global") >= 1, dot
-        assert "ld.global" not in before, dot
-        plain = compile_sm90(gv._gemv_kernel, dict(args, PDL=False), num_warps=4, num_stages=3).asm["ptx"]
-        assert "prefetch" not in plain, dot
 
 
 def _row_encode_args(codes: bool, pdl: bool = False) -> dict:

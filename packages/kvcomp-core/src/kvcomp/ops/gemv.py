@@ -31,8 +31,6 @@ The weight must have a contiguous last dim; x any strides with a contiguous last
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from kvcomp.ops._common import FLOAT_DTYPES, check_tensor, device_guard, interpreting, use_triton
@@ -55,11 +53,6 @@ MAX_ROWS = 16
 # tiles), more rows on tensor-core tiles.
 GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
 GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)
-# with PDL on sm_90+: each program prefetches its weight rows into L2 before it waits for the
-# previous kernel (only x comes from there), so the programs that are resident early (PDL lets
-# them launch while the predecessor runs: a latency-bound sparse attention at B = 1 leaves most
-# of the HBM bandwidth idle) stream their weight during it. Needs rows 16-byte aligned.
-PREFETCH_EARLY = os.environ.get("KVCOMP_GEMV_PREFETCH", "1") != "0"
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -84,32 +77,15 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-        ROW_CHUNKS: tl.constexpr = 0, PF_SLOTS: tl.constexpr = 128,
     ):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
         (+ r[m, n] after rounding to y's dtype). With HAS_NORM, x[m, k] is nw[k] x[m, k]
         rsqrt(mean_k x[m, k]^2 + eps): each program sums the squares of the rows it streams
         anyway and scales its dot products by the row's factor at the end. PDL: programmatic
-        dependent launch (``kvcomp.ops._pdl``); ROW_CHUNKS > 0 (with PDL): before the wait,
-        L2 prefetches of the program's BLOCK_N weight rows, 4 KB per instruction, ROW_CHUNKS
-        instructions per row, one per thread of PF_SLOTS (a power of two >= the threads and
-        >= BLOCK_N x ROW_CHUNKS); the weight does not come from the previous kernel
-        (``PREFETCH_EARLY``)."""
+        dependent launch (``kvcomp.ops._pdl``)."""
+        pdl_enter(PDL)
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
-        if ROW_CHUNKS and PDL and pid_m == 0:
-            i = tl.arange(0, PF_SLOTS)  # one (row, chunk) per thread: no duplicate instructions
-            rp = pid_n * BLOCK_N + i // ROW_CHUNKS
-            off = (i % ROW_CHUNKS) * 4096
-            row = (w_ptr + rp * swn).to(tl.pointer_type(tl.uint8), bitcast=True)
-            left = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8) - off  # bytes left in the row
-            live = ((left > 0) & (rp < N) & (i < BLOCK_N * ROW_CHUNKS)).to(tl.int32)
-            tl.inline_asm_elementwise(
-                "{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n"
-                "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
-                "=r,l,r,r", [row + off, tl.where(live != 0, tl.minimum(left, 4096), 16), live],
-                dtype=tl.int32, is_pure=False, pack=1)
-        pdl_enter(PDL)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
@@ -215,10 +191,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         r2 = r2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, block_m))
-    pdl = pdl_args(x, "gemv")
-    chunks = triton.cdiv(K * weight.element_size(), 4096)  # 4 KB prefetches per weight row
-    prefetch = (PREFETCH_EARLY and bool(pdl) and weight.data_ptr() % 16 == 0
-                and weight.stride(0) * weight.element_size() % 16 == 0)
     with device_guard(x):
         _gemv_kernel[grid](
             x2, weight, bias if bias is not None else weight, r2 if r2 is not None else y, y, M, N, K,
@@ -227,8 +199,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
             nw_ptr=norm[0].contiguous() if norm is not None else None,
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
-            ROW_CHUNKS=chunks if prefetch else 0,
-            PF_SLOTS=triton.next_power_of_2(max(32 * cfg["num_warps"], cfg["block_n"] * chunks)),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
         )
     return y.view(*x.shape[:-1], N)

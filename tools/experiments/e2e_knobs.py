@@ -1,0 +1,101 @@
+"""Experiment (issue 6): module-flag knobs end to end, in one process (the model built once).
+
+``kvcomp bench e2e``'s Qwen3-8B-shaped model with ``--fuse all``; for each knob set (module
+flags, as ``kvcomp bench decode --variants`` sets them) the kvcomp and dense_kv decoders at
+each (context, batch), graphs captured again per set. Then, optionally, a torch.profiler table
+of 8 replayed steps of both decoders with PDL off (``--profile-nopdl``: with PDL a kernel's
+recorded duration includes the time its programs wait, resident, for the previous kernel, so
+the durations overlap; without it they add up to the step).
+
+The kernels are the library's, verified by ``kvcomp bench e2e`` and the GPU tests; this only
+times them. Not part of the test suite.
+
+    python tools/experiments/e2e_knobs.py --sets base,gemv_s4 [--rows 131072x1] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import time
+
+import torch
+from kvcomp.bench import e2e
+
+GEMV = "kvcomp.ops.gemv"
+ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)  # the default
+SETS = {
+    "base": {},
+    "gemv_s4": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_stages=4))},
+    "gemv_s2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_stages=2))},
+    "gemv_n8": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=8, block_k=512))},
+    "gemv_w8": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_warps=8))},
+    "gemv_n2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=2, block_k=2048))},
+    "sel_launch": {"kvcomp.ops.sparse_decode_attention.kernels": dict(SELECT_IN_PROLOGUE=False)},
+}
+
+
+@contextlib.contextmanager
+def flags(spec: dict):
+    saved = []
+    try:
+        for mod_name, values in spec.items():
+            mod = importlib.import_module(mod_name)
+            for k, v in values.items():
+                saved.append((mod, k, getattr(mod, k)))
+                setattr(mod, k, v)
+        yield
+    finally:
+        for mod, k, v in reversed(saved):
+            setattr(mod, k, v)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sets", default="base", help=f"comma-separated subset of {','.join(SETS)}")
+    p.add_argument("--rows", default="131072x1", help="comma-separated CTXxB")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--profile-nopdl", action="store_true")
+    p.add_argument("--json")
+    a = p.parse_args()
+    from kvcomp.graphs import DecodeGraphs
+
+    args = argparse.Namespace(steps=a.steps, budget=2048, profile=False, _profile_ctx=0, prefetch=0.0)
+    model = e2e.build_model(False, "cuda", torch.bfloat16)
+    graphs = DecodeGraphs(model, warmup=2, fuse=dict(e2e.FUSE["all"], devices=("cuda",)))
+    rows = [tuple(int(v) for v in r.split("x")) for r in a.rows.split(",")]
+    out: dict = {"env": e2e.env_info(True), "sets": {}, "profiles": {}}
+    t0 = time.time()
+    try:
+        for name in a.sets.split(","):
+            for ctx, B in rows:
+                got = {}
+                with flags(SETS[name]):
+                    for method in ("kvcomp", "dense_kv"):
+                        got[method] = e2e.measure(model, graphs, method, ctx, B, args, "cuda")["step_ms"]
+                got["ratio"] = got["dense_kv"] / got["kvcomp"]
+                out["sets"][f"{name}@{ctx}x{B}"] = got
+                print(f"{name:>12} {ctx:>7} {B}  kvcomp {got['kvcomp']:.3f} ms  dense_kv {got['dense_kv']:.3f} ms"
+                      f"  {got['ratio']:.3f}x  ({time.time() - t0:.0f}s)", flush=True)
+        if a.profile_nopdl:
+            pdl = importlib.import_module("kvcomp.ops._pdl")
+            pdl.ENABLED = False
+            ctx, B = rows[0]
+            args.profile, args._profile_ctx = True, ctx
+            for method in ("kvcomp", "dense_kv"):
+                row = e2e.measure_decoder(model, graphs, e2e.Decoder(model, method, 2048), ctx, B, args, "cuda",
+                                          e2e.fill_synthetic, profile_methods=(method,))
+                out["profiles"][method] = {"step_ms_nopdl": row["step_ms"], "table": row.get("profile")}
+                print(f"# no PDL, {method}: {row['step_ms']:.3f} ms/step\n{row.get('profile')}", flush=True)
+    finally:
+        graphs.remove()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
