@@ -222,6 +222,14 @@ def check_gemv_kernel():
         for extras in (False, True):
             compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, extras),
                          num_warps=4, num_stages=3)
+    # preload: the whole [BLOCK_N, K] weight tile (32 KB: 8 loads of 16 bytes a thread) before
+    # the grid-dependency wait, x and the residual after it
+    args = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32",
+                swn="i32", HAS_BIAS=True, HAS_RES=True, BLOCK_N=4, K_PAD=4096, PDL=True)
+    ptx = compile_sm90(gv._gemv_preload_kernel, args, aligned=("swn", "K"), num_warps=8).asm["ptx"]
+    before, after = ptx[ptx.index(".entry"):].split("griddepcontrol.wait")
+    assert before.count("ld.global.v4.b32") == 8 and before.count("ld.global") == 8, before.count("ld.global")
+    assert after.count("ld.global.v4") == 2, after.count("ld.global.v4")  # x; then bias and residual (scalars)
 
 
 def _row_encode_args(codes: bool, pdl: bool = False) -> dict:

@@ -34,15 +34,19 @@ SETS = {
     "gemv_w8": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_warps=8))},
     "gemv_n2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=2, block_k=2048))},
     "sel_launch": {"kvcomp.ops.sparse_decode_attention.kernels": dict(SELECT_IN_PROLOGUE=False)},
+    # o_proj's weight loaded into registers before its PDL wait ("@fused": FusedDecode attributes)
+    "preload": {"@fused": dict(preload=True)},
+    "preload_16k": {"@fused": dict(preload=True), GEMV: dict(PRELOAD_TILE_BYTES=16 << 10)},
+    "preload_w4": {"@fused": dict(preload=True), GEMV: dict(PRELOAD_WARPS=4)},
 }
 
 
 @contextlib.contextmanager
-def flags(spec: dict):
+def flags(spec: dict, fused=None):
     saved = []
     try:
         for mod_name, values in spec.items():
-            mod = importlib.import_module(mod_name)
+            mod = fused if mod_name == "@fused" else importlib.import_module(mod_name)
             for k, v in values.items():
                 saved.append((mod, k, getattr(mod, k)))
                 setattr(mod, k, v)
@@ -72,7 +76,7 @@ def main() -> int:
         for name in a.sets.split(","):
             for ctx, B in rows:
                 got = {}
-                with flags(SETS[name]):
+                with flags(SETS[name], graphs.fused):
                     for method in ("kvcomp", "dense_kv"):
                         got[method] = e2e.measure(model, graphs, method, ctx, B, args, "cuda")["step_ms"]
                 got["ratio"] = got["dense_kv"] / got["kvcomp"]

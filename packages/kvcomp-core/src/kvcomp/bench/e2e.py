@@ -181,7 +181,7 @@ class Decoder:
     def close(self) -> None:
         from kvcomp import attention
 
-        attention.PREFETCH_MODE = self._mode
+        attention.PREFETCH_MODE = getattr(self, "_mode", attention.PREFETCH_MODE)
         if self.handle is not None:
             self.handle.disable()
             self.handle = None
