@@ -52,9 +52,9 @@ def test_fused_decode_step_matches_and_prefill_is_untouched():
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("B,preload", [(1, False), (1, True), (3, True)])  # one row: the norms folded
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])                      # into the projections
-def test_fused_decode_bf16_models_and_merged_weights(arch, B, preload):
+@pytest.mark.parametrize("B", [1, 3])  # one row: the norms folded into the projections
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fused_decode_bf16_models_and_merged_weights(arch, B):
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     if arch == "qwen2":
@@ -73,7 +73,7 @@ def test_fused_decode_bf16_models_and_merged_weights(arch, B, preload):
     with torch.no_grad():
         pre = model(ids, past_key_values=DynamicCache(), use_cache=True)
         ref = model(nxt, past_key_values=pre.past_key_values).logits.float()
-        fused = FusedDecode(model, devices=("cpu",), preload=preload)  # preload: o_proj's (one row)
+        fused = FusedDecode(model, devices=("cpu",))
         attn = model.model.layers[1].self_attn
         assert (fused.merged, fused.layers) == (4, 2)
         assert fused.head_norms == (2 if arch == "qwen3" else 0)  # qwen3's q / k norms after the merged gemv
@@ -123,8 +123,8 @@ def test_unknown_modules_are_left_alone_and_bad_args_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,preload", [(1, False), (1, True), (2, False)])  # one row: the norms folded
-def test_graphs_with_fusion_gpu(B, preload):                                 # into the projections
+@pytest.mark.parametrize("B", [1, 2])  # one row: the norms folded into the projections
+def test_graphs_with_fusion_gpu(B):
     import kvcomp
     from kvcomp.config import KVCompConfig
 
@@ -153,7 +153,7 @@ def test_graphs_with_fusion_gpu(B, preload):                                 # i
             return torch.stack(out, 1).float()  # [B, 8, V]
 
         eager = gen()
-        graphs = h.compile_decode(fuse=dict(preload=preload))
+        graphs = h.compile_decode(fuse=True)
         try:
             f = graphs.fused
             assert f is not None and f.norms == 2 * 3 + 3 * 2 + 1

@@ -140,33 +140,3 @@ def test_generate_with_graphs_transformers_static_cache():
     finally:
         graphs.remove()
     assert torch.equal(eager, got)
-
-
-@pytest.mark.parametrize("fuse", [False, True])
-def test_l2_prefetch_keeps_the_logits(fuse):
-    """handle.prefetch (o_proj's weight into L2 on a side stream during each sparse layer's
-    selection and attention) changes no value: eager bit for bit, and captured (a parallel
-    branch of the graph) as the eager step."""
-    model = _model()
-    h = kvcomp.enable(model, _cfg(model))
-    graphs = h.compile_decode(fuse=fuse)
-    try:
-        cache = h.new_cache(static=True, max_cache_len=PROMPT + 16)
-        _step(model, _ids(PROMPT), cache)
-        toks = [_ids(1, seed=20 + i) for i in range(NEW)]
-        state = cache.checkpoint()
-        graphs.enabled = False
-        plain = [_step(model, t, cache) for t in toks]
-        cache.restore(state)
-        h.prefetch = 1.0
-        eager = [_step(model, t, cache) for t in toks]
-        cache.restore(state)
-        graphs.enabled = True
-        replay = [_step(model, t, cache) for t in toks]
-        assert graphs.captures == 1
-        for x, y, z in zip(plain, eager, replay):
-            assert torch.equal(x, y)
-            _close(z, y, torch.bfloat16)
-    finally:
-        graphs.remove()
-        h.disable()

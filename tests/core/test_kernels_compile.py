@@ -222,14 +222,6 @@ def check_gemv_kernel():
         for extras in (False, True):
             compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, extras),
                          num_warps=4, num_stages=3)
-    # preload: the whole [BLOCK_N, K] weight tile (32 KB: 8 loads of 16 bytes a thread) before
-    # the grid-dependency wait, x and the residual after it
-    args = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32",
-                swn="i32", HAS_BIAS=True, HAS_RES=True, BLOCK_N=4, K_PAD=4096, PDL=True)
-    ptx = compile_sm90(gv._gemv_preload_kernel, args, aligned=("swn", "K"), num_warps=8).asm["ptx"]
-    before, after = ptx[ptx.index(".entry"):].split("griddepcontrol.wait")
-    assert before.count("ld.global.v4.b32") == 8 and before.count("ld.global") == 8, before.count("ld.global")
-    assert after.count("ld.global.v4") == 2, after.count("ld.global.v4")  # x; then bias and residual (scalars)
 
 
 def _row_encode_args(codes: bool, pdl: bool = False) -> dict:
@@ -353,21 +345,9 @@ def check_mma_scan_kernel():
         assert before_wait == (want if early else 0), (chunk, early, first, before_wait)
 
 
-def check_l2_prefetch_kernel():
-    """Both modes emit their prefetch instruction, predicated on the chunk being inside nbytes."""
-    pf = importlib.import_module("kvcomp.ops.l2_prefetch")
-    for bulk, insn in ((True, "cp.async.bulk.prefetch.L2.global"), (False, "prefetch.global.L2::evict_last")):
-        args = dict(base="*u8", nbytes="i64", CHUNK=pf.BULK if bulk else pf.LINE, PER_PROG=256,
-                    BLOCK=pf.BLOCK, BULK_MODE=bulk)
-        ptx = compile_sm90(pf._l2_prefetch_kernel, args, num_warps=4).asm["ptx"]
-        assert f"@p {insn}" in ptx, bulk
-        other = "prefetch.global.L2::evict_last" if bulk else "cp.async.bulk"
-        assert other not in ptx, bulk
-
-
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
           check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel,
-          check_pdl_kernels, check_mma_scan_kernel, check_l2_prefetch_kernel]
+          check_pdl_kernels, check_mma_scan_kernel]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

@@ -34,10 +34,6 @@ SETS = {
     "gemv_w8": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_warps=8))},
     "gemv_n2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=2, block_k=2048))},
     "sel_launch": {"kvcomp.ops.sparse_decode_attention.kernels": dict(SELECT_IN_PROLOGUE=False)},
-    # o_proj's weight loaded into registers before its PDL wait ("@fused": FusedDecode attributes)
-    "preload": {"@fused": dict(preload=True)},
-    "preload_16k": {"@fused": dict(preload=True), GEMV: dict(PRELOAD_TILE_BYTES=16 << 10)},
-    "preload_w4": {"@fused": dict(preload=True), GEMV: dict(PRELOAD_WARPS=4)},
 }
 
 
@@ -66,7 +62,7 @@ def main() -> int:
     a = p.parse_args()
     from kvcomp.graphs import DecodeGraphs
 
-    args = argparse.Namespace(steps=a.steps, budget=2048, profile=False, _profile_ctx=0, prefetch=0.0)
+    args = argparse.Namespace(steps=a.steps, budget=2048, profile=False, _profile_ctx=0)
     model = e2e.build_model(False, "cuda", torch.bfloat16)
     graphs = DecodeGraphs(model, warmup=2, fuse=dict(e2e.FUSE["all"], devices=("cuda",)))
     rows = [tuple(int(v) for v in r.split("x")) for r in a.rows.split(",")]

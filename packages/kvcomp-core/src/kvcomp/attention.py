@@ -53,7 +53,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from kvcomp.cache import KVCompCache, KVCompLayer, layer_for_key
 from kvcomp.ops import hamming_topk, sparse_decode_attention
 from kvcomp.ops.hamming_topk import split_deferred
-from kvcomp.ops.l2_prefetch import join_l2_prefetch, start_l2_prefetch
 from kvcomp.ops.query_codes import encode_query
 
 __all__ = ["ATTN_NAME", "MAX_VERIFY_QUERIES", "LayerBinding", "forward_scope", "is_verify_step",
@@ -253,18 +252,6 @@ def _sparse_decode(query, layer: KVCompLayer, binding: LayerBinding, mode: str, 
     return out.unsqueeze(1) if T == 1 else out.transpose(1, 2)  # [B, T, Hq, D]
 
 
-PREFETCH_MODE = "bulk"  # kvcomp.ops.l2_prefetch's mode for handle.prefetch
-
-
-def _start_prefetch(module, fraction: float):
-    """Start the L2 prefetch of the first ``fraction`` of ``module.o_proj``'s weight on a side
-    stream (``kvcomp.ops.l2_prefetch``); the event to join, or None."""
-    w = getattr(getattr(module, "o_proj", None), "weight", None)
-    if not fraction or not isinstance(w, torch.Tensor) or not w.is_cuda or not w.is_contiguous():
-        return None
-    return start_l2_prefetch(w, int(fraction * w.numel()) * w.element_size(), mode=PREFETCH_MODE)
-
-
 def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, kwargs):
     """Decode step on a ``KVCompStaticLayer`` (``kvcomp.static_cache``): tensor ops on the full
     buffers only (no host sync, shapes fixed by max_cache_len), so it can run in a CUDA graph.
@@ -288,7 +275,6 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
         return dense_attention(module, query, layer.keys_buf, layer.values_buf, mask,
                                binding.fallback, scaling, kwargs)
     deferred = None  # a selection whose stage 2 the attention runs (hamming_topk's _defer)
-    prefetch = None  # the side-stream L2 prefetch of o_proj's weight (handle.prefetch)
     if policy.mode(i, layer.padded_len) == "dense":  # a dense layer, or below the threshold
         nb = -(-cap // cfg.chunk_size)
 
@@ -306,7 +292,6 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
     else:
         if layer.codes_buf is None:
             raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
-        prefetch = _start_prefetch(module, handle.prefetch)
         q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation)
         ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
         k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
@@ -324,7 +309,6 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
     out = sparse_decode_attention(q, layer.keys_buf, layer.values_buf, block_idx, seq_lens,
                                   chunk_size=cfg.chunk_size, scale=float(scaling),
                                   _select=deferred)
-    join_l2_prefetch(prefetch)
     return out.unsqueeze(1)  # [B, 1, Hq, D]
 
 

@@ -58,10 +58,7 @@ from kvcomp.ops.gemv import MAX_ROWS as GEMV_ROWS
 from kvcomp.ops.gemv import gemv
 from kvcomp.ops.norm_act import add_rms_norm, head_rms_norm_, rms_norm, rope, silu_mul
 
-__all__ = ["FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES", "PRELOAD_O_PROJ"]
-
-# FusedDecode's default for ``preload`` (o_proj's weight loaded before the attention ends)
-PRELOAD_O_PROJ = False
+__all__ = ["FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
 
 # RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
 RMS_NORMS = (
@@ -157,19 +154,14 @@ class FusedDecode:
         linear:    projections as ``gemv`` with merged q|k|v and gate|up weights (default True)
         layers:    the residual adds fused into the decoder layers' norm / down projection
                    (default True; needs ``linear``)
-        preload:   one-row o_proj of a fused layer as ``gemv(preload=True)``: its programs load
-                   their weight before they wait for the attention (PDL; default
-                   ``PRELOAD_O_PROJ``; the attribute can be changed between steps, a captured
-                   graph keeps the choice it was captured with)
     """
 
     def __init__(self, model: torch.nn.Module, *, max_rows: int = 256, devices=("cuda",),
-                 rope: bool = True, linear: bool = True, layers: bool = True, preload: bool | None = None):
+                 rope: bool = True, linear: bool = True, layers: bool = True):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
         self.max_rows = max_rows
         self.devices = tuple(devices)
-        self.preload = PRELOAD_O_PROJ if preload is None else bool(preload)
         self.norms = self.mlps = self.linears = self.merged = self.layers = 0
         self._patched: list[torch.nn.Module] = []
         self._rope_patched: list[tuple[object, object]] = []  # (python module, original function)
@@ -277,8 +269,7 @@ class FusedDecode:
         if not fused._gemv_ok(x, m.weight):
             y = F.linear(x, m.weight, m.bias)
             return y if res is None else res + y
-        # res: this is a fused layer's o_proj, right after its attention
-        return gemv(x, m.weight, m.bias, residual=res, preload=res is not None and fused.preload)
+        return gemv(x, m.weight, m.bias, residual=res)
 
     def _member_forward(fused, m, x):  # noqa: N805
         merged, i = fused._members[m]

@@ -14,11 +14,6 @@ config (seeded random, or the config's trained file). Keyword arguments: ``debug
 every layer's last block_idx and per-step counts on the caches; ``offload=OffloadConfig(...)``
 (``kvcomp.offload``; a dict of its fields or True also work) makes every new cache an
 ``OffloadCache``: the sparse layers' K/V in host memory, codes and a block cache in HBM.
-``prefetch=f`` (0 to 1, default 0; ``handle.prefetch`` can be changed later): on static caches
-on the GPU, each sparse layer's decode step prefetches the first fraction f of its attention
-module's ``o_proj`` weight into L2 on a side stream while it selects and attends
-(``kvcomp.ops.l2_prefetch``); the output projection then reads those bytes from L2. A CUDA
-graph keeps the setting it was captured with (``DecodeGraphs.clear()`` to capture again).
 
 What enable does (and disable undoes):
   * registers the "kvcomp" attention and mask functions (``kvcomp.attention``) and switches
@@ -118,14 +113,13 @@ class KVCompHandle:
     """An active kvcomp patch of one model (made by ``enable``).
 
     Attributes: ``model``, ``adapter``, ``config`` (KVCompConfig), ``policy`` (LayerPolicy),
-    ``hash_weights`` (HashWeights), ``enabled``, ``prefetch``; ``stats`` of the latest cache."""
+    ``hash_weights`` (HashWeights), ``enabled``; ``stats`` of the latest cache."""
 
     def __init__(self, model, adapter, config: KVCompConfig, hash_weights: HashWeights, *,
-                 debug: bool = False, offload=None, prefetch: float = 0.0):
+                 debug: bool = False, offload=None):
         from kvcomp.offload import OffloadConfig
 
         self.offload = OffloadConfig.coerce(offload)
-        self.prefetch = prefetch
         self.model = model
         self.adapter = adapter
         self.config = config
@@ -138,18 +132,6 @@ class KVCompHandle:
         self._last_cache = None
         self._last_stats = None
         self._install()
-
-    @property
-    def prefetch(self) -> float:
-        """Fraction of each sparse layer's o_proj weight prefetched into L2 during its
-        selection and attention (static caches on the GPU; module doc)."""
-        return self._prefetch
-
-    @prefetch.setter
-    def prefetch(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"prefetch must be a number in [0, 1] (a fraction of o_proj's weight), got {value!r}")
-        self._prefetch = float(value)
 
     # ------------------------------------------------------------------ install / remove
     def _install(self) -> None:

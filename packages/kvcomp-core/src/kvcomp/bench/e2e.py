@@ -91,10 +91,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "decoder gets it): 'all' (default: norms, RoPE, merged projections as gemv, "
                         "residual adds), 'rope' (norms, SiLU and RoPE only), 'norms' (norms and SiLU only)")
     p.add_argument("--replot", metavar="JSON", help="only draw --plot from a saved --json result")
-    p.add_argument("--prefetch", type=float, default=0.0,
-                   help="kvcomp's handle.prefetch: the fraction of o_proj's weight prefetched into L2 "
-                        "during each sparse layer's selection and attention (methods kvcomp@F[:line] "
-                        "time other fractions in the same run)")
 
 
 # ---------------------------------------------------------------------------------- model
@@ -135,41 +131,16 @@ def cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def parse_method(method: str) -> tuple[str, float, str]:
-    """"kvcomp", "dense", "dense_kv", or "kvcomp@F" / "kvcomp@F:line": kvcomp with
-    ``handle.prefetch = F`` (L2 prefetch of o_proj's weight, mode "bulk" or "line") ->
-    (base method, prefetch fraction or 0, prefetch mode). ValueError names a bad one."""
-    base, _, spec = method.partition("@")
-    if base not in METHODS or (spec and base != "kvcomp"):
-        raise ValueError(f"unknown method {method!r}: choose from {METHODS} or kvcomp@F[:line]")
-    if not spec:
-        return base, 0.0, "bulk"
-    frac, _, mode = spec.partition(":")
-    try:
-        f = float(frac)
-    except ValueError:
-        f = -1.0
-    if not 0.0 <= f <= 1.0 or mode not in ("", "bulk", "line"):
-        raise ValueError(f"method {method!r}: kvcomp@F[:line] needs a fraction F in [0, 1]")
-    return base, f, mode or "bulk"
-
-
 class Decoder:
-    """One of METHODS (or "kvcomp@F[:line]": ``parse_method``) on the model:
-    ``make_cache(max_len)``, ``close()``."""
+    """One of METHODS on the model: ``make_cache(max_len)``, ``close()``."""
 
-    def __init__(self, model, method: str, budget: int, prefetch: float = 0.0):
+    def __init__(self, model, method: str, budget: int):
         import kvcomp
-        from kvcomp import attention
 
         self.model, self.method = model, method
-        base, frac, mode = parse_method(method)
         self.handle = None
-        self._mode = attention.PREFETCH_MODE
-        if base != "dense":
-            self.handle = kvcomp.enable(model, kvcomp_config(model, budget=budget, dense=base == "dense_kv"),
-                                        prefetch=(frac if "@" in method else prefetch) if base == "kvcomp" else 0.0)
-            attention.PREFETCH_MODE = mode
+        if method != "dense":
+            self.handle = kvcomp.enable(model, kvcomp_config(model, budget=budget, dense=method == "dense_kv"))
 
     def make_cache(self, max_len: int):
         if self.handle is not None:
@@ -179,9 +150,6 @@ class Decoder:
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
     def close(self) -> None:
-        from kvcomp import attention
-
-        attention.PREFETCH_MODE = getattr(self, "_mode", attention.PREFETCH_MODE)
         if self.handle is not None:
             self.handle.disable()
             self.handle = None
@@ -298,9 +266,8 @@ def verify(model, args, graphs, dev: str, check_graphs: bool = True) -> dict:
     # Only the decoders this run times are checked (``--methods``).
     timed = [m for m in args.methods.split(",") if m]
     if check_graphs and torch.cuda.is_available():
-        variants = [m for m in timed if m.startswith("kvcomp@")]  # L2 prefetch: captured too
-        for method in [m for m in ("kvcomp", "dense_kv", "dense") if m in timed] + variants:
-            dec = Decoder(model, method, args.budget, getattr(args, "prefetch", 0.0))
+        for method in [m for m in ("kvcomp", "dense_kv", "dense") if m in timed]:
+            dec = Decoder(model, method, args.budget)
             try:
                 cache = dec.make_cache(ctx + n + 4)
                 forward(model, prompt, cache)
@@ -343,8 +310,7 @@ def _free():
 
 def measure(model, graphs, method: str, ctx: int, B: int, args, dev: str) -> dict:
     """Per-step latency and throughput of ``method`` at context ``ctx`` and batch ``B``."""
-    return measure_decoder(model, graphs, Decoder(model, method, args.budget, getattr(args, "prefetch", 0.0)),
-                           ctx, B, args, dev,
+    return measure_decoder(model, graphs, Decoder(model, method, args.budget), ctx, B, args, dev,
                            fill_synthetic, profile_methods=("kvcomp", "dense"))
 
 
@@ -567,9 +533,6 @@ def measure_rows(measure_fn, model, graphs, rows_todo, methods, args, dev: str, 
                 if t is not None:
                     sp["target"] = t
                     sp["met"] = sp["vs_best_dense"] >= t
-            for m, r in got.items():  # kvcomp@F variants against the same baseline
-                if m.startswith("kvcomp@") and "dense_kv" in got:
-                    sp[f"vs_dense_kv[{m}]"] = got["dense_kv"]["step_ms"] / r["step_ms"]
             data["speedups"].append(sp)
             print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
                                                if k.startswith("vs_")), flush=True)
@@ -596,14 +559,9 @@ def run(args: argparse.Namespace) -> int:
     contexts = _ints(args.contexts, [512, 2560] if args.tiny else [1024, 32768, 65536, 131072])
     batches = _ints(args.batches, [1, 2] if args.tiny else [1, 4])
     methods = [m for m in args.methods.split(",") if m]
-    try:
-        for m in methods:
-            parse_method(m)
-    except ValueError as e:
-        print(f"--methods: {e}")
-        return 2
-    if not 0.0 <= args.prefetch <= 1.0:
-        print(f"--prefetch must be in [0, 1], got {args.prefetch}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"--methods: unknown {bad}; choose from {METHODS}")
         return 2
     if args.tiny and args.verify_ctx == 4096:
         args.verify_ctx = 2560

@@ -26,13 +26,6 @@ Two tile forms (``GEMV_CONFIG`` / ``GEMV_CONFIG_ONE_ROW``; both tested): ``dot``
 (M <= 4; at M = 1 the K axis is reduced once, at the end). Rows of x beyond ``MAX_ROWS`` are the caller's
 business (``kvcomp.fusion.FusedDecode`` sends prefill to F.linear).
 
-``gemv(..., preload=True)`` (one row): each program loads its whole weight tile (BLOCK_N rows
-of K, ``PRELOAD_TILE_BYTES``) into registers before it waits for the previous kernel under
-programmatic dependent launch (``kvcomp.ops._pdl``), and reads x only after the wait. The
-weight does not come from the previous kernel, so the programs that PDL places on the SMs while
-that kernel still runs stream their weight during it. For the projection after a latency-bound
-kernel that leaves HBM idle (o_proj after a sparse attention at B = 1).
-
 The weight must have a contiguous last dim; x any strides with a contiguous last dim.
 """
 
@@ -60,9 +53,6 @@ MAX_ROWS = 16
 # tiles), more rows on tensor-core tiles.
 GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
 GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)
-# gemv(preload=True): weight bytes a program holds in registers (BLOCK_N rows of K), and its warps
-PRELOAD_TILE_BYTES = 32 << 10
-PRELOAD_WARPS = 8
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -152,41 +142,12 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], out, mask=ok)
 
 
-    @triton.jit
-    def _gemv_preload_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, K, swn, HAS_BIAS: tl.constexpr,
-                             HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
-                             PDL: tl.constexpr = False):
-        """One row of x: grid (cdiv(N, BLOCK_N),). Each program loads its whole [BLOCK_N, K]
-        weight tile into registers first, then waits for the previous kernel (PDL), then
-        reads x (which that kernel wrote) and reduces: y[n] = sum_k x[k] w[n, k] (+ b[n])
-        (+ r[n] after rounding to y's dtype)."""
-        pid = tl.program_id(0).to(tl.int64)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, K_PAD)
-        n_ok = rn < N
-        k_ok = rk < K
-        w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        pdl_enter(PDL)
-        x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
-        out = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        out = out.to(y_ptr.dtype.element_ty)
-        if HAS_RES:
-            r = tl.load(r_ptr + rn, mask=n_ok, other=0.0)
-            out = (out.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + rn, out, mask=n_ok)
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, *, norm: tuple | None = None, backend: str = "auto",
-         config: dict | None = None, preload: bool = False) -> torch.Tensor:
+         config: dict | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype.
 
-    ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype.
-    ``preload``: for one row without ``norm``, where a program's weight tile fits
-    ``PRELOAD_TILE_BYTES``, the kernel whose programs load their weight before they wait for
-    the previous kernel (module doc); otherwise ignored."""
+    ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
     if x.dim() < 1 or weight.shape[1] != x.shape[-1]:
@@ -229,15 +190,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if r2 is not None and r2.stride(1) != 1:
         r2 = r2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    k_pad = triton.next_power_of_2(K)
-    block_n = PRELOAD_TILE_BYTES // (k_pad * weight.element_size())
-    if preload and M == 1 and norm is None and block_n >= 1:
-        with device_guard(x):
-            _gemv_preload_kernel[(triton.cdiv(N, block_n),)](
-                x2, weight, bias if bias is not None else weight, r2 if r2 is not None else y, y, N, K,
-                weight.stride(0), HAS_BIAS=bias is not None, HAS_RES=r2 is not None, BLOCK_N=block_n,
-                K_PAD=k_pad, num_warps=PRELOAD_WARPS, **pdl_args(x, "gemv"))
-        return y.view(*x.shape[:-1], N)
     grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, block_m))
     with device_guard(x):
         _gemv_kernel[grid](

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call (session 12): the L2 prefetch of o_proj's weight during sparse attention.
+# One device call: GPU tests, the decode step's launch variants at B = 1, the end-to-end bench
+# (session 12 ran its L2-prefetch experiments with it; they were removed afterwards, e2e.md).
 #   1. GPU tests (TESTS, as in tools/gpu_kernels.sh: "file[:expr] ...", "+" for spaces), in
 #      parallel, at most TEST_TIMEOUT seconds
 #   2. kvcomp bench decode at B = 1, 128K, 2048 tokens with the launch variants VARIANTS
 #      (comma-separated names of kvcomp.bench.decode.LATENCY_VARIANTS; empty: skip)
-#   3. kvcomp bench e2e --fuse all with the methods E2E_METHODS (kvcomp@F[:line]: prefetch F),
-#      once per value of GEMV_PF (KVCOMP_GEMV_PREFETCH: gemv's early weight prefetch 1 / 0)
+#   3. kvcomp bench e2e --fuse all --methods E2E_METHODS at E2E_CONTEXTS x E2E_BATCHES (E2E_EXTRA:
+#      more arguments, e.g. --profile)
 # Logs and JSON to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,12 +39,10 @@ sys.exit(main(["bench", "decode", "--lengths", "131072", "--batches", "1", "--bu
 PY
     echo "decode rc=$?"; tail -n 30 "$OUT/decode.log"
 fi
-for gpf in ${GEMV_PF:-1}; do  # KVCOMP_GEMV_PREFETCH: gemv's weight rows prefetched before the PDL wait
-    # shellcheck disable=SC2086
-    KVCOMP_GEMV_PREFETCH=$gpf timeout "${E2E_TIMEOUT:-300}" python3 -m kvcomp.cli bench e2e --fuse all --steps 64 \
-        --prefill-ctx 0 --contexts "${E2E_CONTEXTS:-131072}" --batches "${E2E_BATCHES:-1}" ${E2E_EXTRA:-} \
-        --methods "${E2E_METHODS:-kvcomp,dense_kv}" --time-limit "${E2E_LIMIT:-240}" \
-        --json "$OUT/e2e_gpf$gpf.json" > "$OUT/e2e_gpf$gpf.log" 2>&1
-    echo "e2e KVCOMP_GEMV_PREFETCH=$gpf rc=$?"
-    grep -E "verified|speedup|^ *[0-9]+ +[0-9] |Error|error" "$OUT/e2e_gpf$gpf.log" | cut -c1-400 | tail -n 30
-done
+# shellcheck disable=SC2086
+timeout "${E2E_TIMEOUT:-300}" python3 -m kvcomp.cli bench e2e --fuse all --steps 64 --prefill-ctx 0 \
+    --contexts "${E2E_CONTEXTS:-131072}" --batches "${E2E_BATCHES:-1}" ${E2E_EXTRA:-} \
+    --methods "${E2E_METHODS:-kvcomp,dense_kv}" --time-limit "${E2E_LIMIT:-240}" \
+    --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+echo "e2e rc=$?"
+grep -E "verified|speedup|^ *[0-9]+ +[0-9] |Error|error" "$OUT/e2e.log" | cut -c1-400 | tail -n 30
