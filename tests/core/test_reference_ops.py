@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvcomp.ops import hamming_topk, hash_encode, sparse_decode_attention, sparse_mla_decode
-from kvcomp.ops._common import pack_bits, popcount32, unpack_bits
+from kvcomp.ops._common import pack_bits, popcount32, unpack_bits, word_popcounts
 from kvcomp.ops.hamming_topk.reference import token_scores_ref
 
 REF = {"backend": "reference"}
@@ -98,7 +98,10 @@ def test_popcount_and_token_scores_bit_by_bit():
     g = torch.Generator().manual_seed(4)
     words = rand_codes(g, 500)
     words[:4] = torch.tensor([0, -1, -(2**31), 2**31 - 1])
-    assert popcount32(words).tolist() == [bin(w & 0xFFFFFFFF).count("1") for w in words.tolist()]
+    want = [bin(w & 0xFFFFFFFF).count("1") for w in words.tolist()]
+    assert popcount32(words).tolist() == want
+    assert word_popcounts(words).tolist() == want  # the CPU path (numpy's bitwise_count)
+    assert word_popcounts(words.view(20, 25).t()).tolist() == torch.tensor(want).view(20, 25).t().tolist()
 
     B, Hkv, G, L, W = 2, 3, 2, 9, 3
     q = rand_codes(g, B, Hkv * G, W)

@@ -6,8 +6,10 @@ import contextlib
 import functools
 import os
 
+import numpy as np
 import torch
 
+_np_bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -99,6 +101,15 @@ def popcount32(x: torch.Tensor) -> torch.Tensor:
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
     return (v * 0x01010101) >> 24
+
+
+def word_popcounts(x: torch.Tensor) -> torch.Tensor:
+    """Bit count of each int32 word of x, exact: on the CPU numpy's ``bitwise_count`` (one
+    vectorised pass, uint8; numpy >= 2.0), elsewhere ``popcount32`` (int32). Sum the result
+    with an explicit dtype."""
+    if x.device.type == "cpu" and _np_bitwise_count is not None:
+        return torch.from_numpy(_np_bitwise_count(x.to(torch.int32).contiguous().numpy().view(np.uint32)))
+    return popcount32(x)
 
 
 def unpack_bits(codes: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._common import popcount32
+from kvcomp.ops._common import word_popcounts
 
 
 def token_scores_ref(
@@ -40,13 +40,14 @@ def token_scores_ref(
     """q_codes [B, Hq, W], k_codes [B, Hkv, L, W] -> int32 [B, Hkv, L] group-summed scores;
     with k_scale [B, Hkv, L] (float) -> float32 [B, Hkv, L], each score times its token's weight."""
     B, Hq, W = q_codes.shape
-    Hkv = k_codes.shape[1]
+    Hkv, L = k_codes.shape[1], k_codes.shape[2]
     G = Hq // Hkv
     bits = 32 * W
-    q = q_codes.view(B, Hkv, G, 1, W)
-    k = k_codes.unsqueeze(2)  # [B, Hkv, 1, L, W]
-    ham = popcount32(torch.bitwise_xor(q, k)).sum(-1)  # [B, Hkv, G, L] int64
-    s = (bits - 2 * ham).sum(2).to(torch.int32)
+    q = q_codes.view(B, Hkv, 1, G, W)
+    k = k_codes.unsqueeze(3)  # [B, Hkv, L, 1, W]
+    # sum over g of (bits - 2 popc(q_g ^ k)) = G bits - 2 (popcounts of a token's G x W words)
+    ham = word_popcounts(torch.bitwise_xor(k, q)).view(B, Hkv, L, G * W).sum(-1, dtype=torch.int32)
+    s = G * bits - 2 * ham
     if k_scale is None:
         return s
     prod = s.to(torch.float32) * k_scale.to(torch.float32)
