@@ -38,11 +38,11 @@ SETS = {
 
 
 @contextlib.contextmanager
-def flags(spec: dict, fused=None):
+def flags(spec: dict):
     saved = []
     try:
         for mod_name, values in spec.items():
-            mod = fused if mod_name == "@fused" else importlib.import_module(mod_name)
+            mod = importlib.import_module(mod_name)
             for k, v in values.items():
                 saved.append((mod, k, getattr(mod, k)))
                 setattr(mod, k, v)
@@ -72,7 +72,7 @@ def main() -> int:
         for name in a.sets.split(","):
             for ctx, B in rows:
                 got = {}
-                with flags(SETS[name], graphs.fused):
+                with flags(SETS[name]):
                     for method in ("kvcomp", "dense_kv"):
                         got[method] = e2e.measure(model, graphs, method, ctx, B, args, "cuda")["step_ms"]
                 got["ratio"] = got["dense_kv"] / got["kvcomp"]
