@@ -35,12 +35,6 @@ SETS = {
     "gemv_n2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=2, block_k=2048))},
     "sel_launch": {"kvcomp.ops.sparse_decode_attention.kernels": dict(SELECT_IN_PROLOGUE=False)},
 }
-# one-row configs for Qwen3-8B's o_proj (4096 x 4096) and merged q|k|v (6144 x 4096) alone
-for _shape, _tag in (((4096, 4096), "o"), ((6144, 4096), "qkv")):
-    for _bn, _bk, _w, _st in ((2, 1024, 4, 3), (2, 2048, 4, 3), (8, 512, 4, 3), (4, 512, 4, 3),
-                              (4, 2048, 4, 2), (4, 1024, 2, 3), (4, 1024, 4, 4)):
-        SETS[f"{_tag}_n{_bn}k{_bk}w{_w}s{_st}"] = {GEMV: dict(GEMV_CONFIG_ONE_ROW_BY_SHAPE={
-            _shape: dict(form="fma", block_n=_bn, block_k=_bk, num_warps=_w, num_stages=_st)})}
 
 
 @contextlib.contextmanager

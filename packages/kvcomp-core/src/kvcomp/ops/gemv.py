@@ -53,8 +53,6 @@ MAX_ROWS = 16
 # tiles), more rows on tensor-core tiles.
 GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
 GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)
-# one-row configurations for particular weight shapes (N, K), measured end to end
-GEMV_CONFIG_ONE_ROW_BY_SHAPE: dict[tuple[int, int], dict] = {}
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -173,8 +171,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         check_tensor("norm weight", norm[0], ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         if norm[0].shape[0] != weight.shape[1]:
             raise ValueError(f"norm weight {tuple(norm[0].shape)} must be [K] = [{weight.shape[1]}]")
-    one_row = GEMV_CONFIG_ONE_ROW_BY_SHAPE.get((weight.shape[0], weight.shape[1]), GEMV_CONFIG_ONE_ROW)
-    cfg = dict(one_row if rows == 1 else GEMV_CONFIG, **(config or {}))
+    cfg = dict(GEMV_CONFIG_ONE_ROW if rows == 1 else GEMV_CONFIG, **(config or {}))
     if cfg["form"] not in ("dot", "fma"):
         raise ValueError(f"config form must be 'dot' or 'fma', got {cfg['form']!r}")
     x2 = x.reshape(-1, K)
