@@ -34,6 +34,9 @@ def test_pack_unpack_round_trip():
         codes = pack_bits(b)
         assert codes.dtype == torch.int32 and codes.shape == (3, 5, bits // 32)
         assert torch.equal(unpack_bits(codes), b)
+        # the CPU path (numpy's packbits, bool input) against the shifts (any other dtype)
+        assert torch.equal(pack_bits(b.to(torch.uint8)), codes)
+        assert torch.equal(pack_bits(b.transpose(0, 1)), codes.transpose(0, 1))
     edge = torch.tensor([[-(2**31), -1, 0, 2**31 - 1, 1, -2]], dtype=torch.int32)
     assert torch.equal(pack_bits(unpack_bits(edge)), edge)
     with pytest.raises(ValueError, match="multiple of 32"):
