@@ -175,3 +175,70 @@ def test_graphs_with_fusion_gpu(B):
     gap = own.amax(-1) - chosen
     assert (gap <= 0.02 * own.abs().amax(-1)).all(), gap
     assert torch.equal(got[:, 700], eager[:, 700])  # the first new token: same prefix, same choice
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_attention_step_on_a_static_kvcomp_cache(arch, B):
+    """Decode steps on a static kvcomp cache take ``rope_append`` (norms, RoPE, append, query
+    codes in one op) between the merged projection and kvcomp's attention: the same tokens and
+    logits as the unfused model on the same cache, query codes made only where a layer selects;
+    prefill and other caches run the modules' own forwards."""
+    import kvcomp
+    import kvcomp.fusion as fusion
+    from kvcomp.compat import cache_kwarg
+    from kvcomp.config import KVCompConfig
+
+    L, D, P, NEW = 4, 16, 45, 6
+    cfg = AutoConfig.for_model(arch, vocab_size=128, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=D, max_position_embeddings=512, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # norm weights away from 1: a norm skipped or applied twice must show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 2.0)
+    h = kvcomp.enable(model, KVCompConfig.default(arch, L, D, threshold=16, chunk_size=4, ratio=0.25))
+    ids = torch.randint(1, 128, (B, P), generator=torch.Generator().manual_seed(B))
+
+    def gen():
+        cache = h.new_cache(static=True, max_cache_len=P + NEW)
+        with torch.no_grad():
+            out = model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=NEW, min_new_tokens=NEW,
+                                 do_sample=False, return_dict_in_generate=True, output_logits=True,
+                                 pad_token_id=0)
+        return out, cache
+
+    try:
+        ref, ref_cache = gen()
+        fused = FusedDecode(model, devices=("cpu",))
+        try:
+            assert fused.attentions == L
+            got, cache = gen()
+            fusion.FUSED_ATTENTION_STEP = False  # the same fused model, the attention's own forward
+            try:
+                off, off_cache = gen()
+            finally:
+                fusion.FUSED_ATTENTION_STEP = True
+            dyn = model.generate(ids, **{cache_kwarg(model): h.new_cache()}, max_new_tokens=2, do_sample=False,
+                                 pad_token_id=0)  # a dynamic cache: the module's own forward
+        finally:
+            fused.remove()
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    finally:
+        h.disable()
+    assert torch.equal(dyn, ref.sequences[:, : P + 2])
+    for run in (got, off):
+        assert torch.equal(run.sequences, ref.sequences)
+        for x, y in zip(run.logits, ref.logits):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    for i in range(L):  # update_rotary made the query codes exactly where the layer selects
+        made = cache.layers[i].step_query_codes
+        assert (made is not None) == (i in h.policy.compute_layers), i
+        assert off_cache.layers[i].step_query_codes is None
+        if made is not None:
+            assert made[1].shape[:2] == (B, 4) and made[0].shape == (B, 4, 1, D)
+    assert torch.equal(cache.layers[L - 1].keys_buf, ref_cache.layers[L - 1].keys_buf) or torch.allclose(
+        cache.layers[L - 1].keys_buf, ref_cache.layers[L - 1].keys_buf, rtol=1e-5, atol=1e-5)

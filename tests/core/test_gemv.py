@@ -3,7 +3,7 @@
 import pytest
 import torch
 from kvcomp.ops._common import interpreting
-from kvcomp.ops.gemv import gemv, gemv_ref
+from kvcomp.ops.gemv import GEMV_CONFIG, GEMV_CONFIG_ONE_ROW, gemv, gemv_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 CONFIGS = [dict(form="dot", block_n=16, block_k=32), dict(form="fma", block_n=8, block_k=32)]
@@ -110,3 +110,42 @@ def test_gemv_norm_prologue(cfg, dtype, M, dev):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) <= tol
     with pytest.raises(ValueError, match="norm weight"):
         gemv(x, w, norm=(nw[:-1], 1e-6))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [None], ids=lambda c: c["form"] if c else "default")
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gemv_gated_epilogue(cfg, M, dtype, dev):
+    """gated=True: silu(gate) * up of a merged [gate; up] weight in the epilogue, equal to the
+    plain projection's halves through silu_mul (up to the projections' summation order); a
+    permutation of the (gate, up) row pairs permutes the output exactly (each output reads its
+    own pair: an indexing bug moves whole values)."""
+    from kvcomp.ops.norm_act import silu_mul
+
+    g = torch.Generator().manual_seed(M * 7 + 3)
+    NI, K = 37, 70
+    x = torch.randn(M, 1, K, generator=g).to(dev, dtype)
+    w = torch.randn(2 * NI, K, generator=g).to(dev, dtype)
+    b = torch.randn(2 * NI, generator=g).to(dev, dtype)
+    nw = (1 + torch.rand(K, generator=g)).to(dev, dtype)
+    for bias, norm in ((None, None), (b, None), (b, (nw, 1e-6))):
+        got = gemv(x, w, bias, norm=norm, gated=True, backend="triton", config=cfg)
+        assert got.shape == (M, 1, NI) and got.dtype == dtype
+        y = gemv(x, w, bias, norm=norm, backend="triton", config=cfg)
+        # gate, up, silu and the product each rounded: a few bf16 steps apart at most
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-2, atol=4e-2)
+        for want in (silu_mul(y[..., :NI], y[..., NI:], backend="reference"),
+                     gemv_ref(x, w, bias, None, norm, gated=True)):
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+    perm = torch.randperm(NI, generator=g).to(dev)
+    wp = torch.cat([w[:NI][perm], w[NI:][perm]])
+    want = gemv(x, w, gated=True, backend="triton", config=cfg)[..., perm]
+    form = (cfg or (GEMV_CONFIG_ONE_ROW if M == 1 else GEMV_CONFIG))["form"]
+    atol = 1e-6 * float(want.abs().max()) if form == "dot" and dev == "cpu" else 0
+    torch.testing.assert_close(gemv(x, wp, gated=True, backend="triton", config=cfg), want, rtol=0, atol=atol)
+    r = torch.randn(M, 1, NI, generator=g).to(dev, dtype)
+    torch.testing.assert_close(gemv(x, w, residual=r, gated=True, backend="triton", config=cfg).float(),
+                               gemv_ref(x, w, None, r, gated=True).float(), **tol)
+    with pytest.raises(ValueError, match="even rows"):
+        gemv(x, w[:-1], gated=True)

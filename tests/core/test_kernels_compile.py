@@ -211,17 +211,21 @@ def _gemv_args(dot: bool, block_m: int, block_n: int, block_k: int, extras: bool
         x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", M=i32, N=i32,
         K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
-        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl,
+        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl, GATED=False,
     )
 
 
 def check_gemv_kernel():
-    """Both tile forms, with the bias, the residual epilogue and the RMSNorm prologue."""
+    """Both tile forms, with the bias, the residual epilogue and the RMSNorm prologue, and the
+    gated (silu(gate) * up) epilogue."""
     gv = importlib.import_module("kvcomp.ops.gemv")
     for dot, block_m, block_n, block_k in ((True, 16, 32, 256), (False, 1, 4, 1024), (False, 4, 8, 512)):
         for extras in (False, True):
             compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, extras),
                          num_warps=4, num_stages=3)
+        gated = dict(_gemv_args(dot, block_m, max(16 if dot else 1, block_n // 2), block_k, True), GATED=True)
+        ptx = compile_sm90(gv._gemv_kernel, gated, num_warps=4, num_stages=3).asm["ptx"]
+        assert "ex2.approx" in ptx  # the silu's exp
 
 
 def _row_encode_args(codes: bool, pdl: bool = False) -> dict:
@@ -345,9 +349,36 @@ def check_mma_scan_kernel():
         assert before_wait == (want if early else 0), (chunk, early, first, before_wait)
 
 
+def check_rope_append_kernel():
+    """Every variant compiles; no fp contraction (RoPE rounds as torch: the rope kernel's rule);
+    with EARLY only the q / k / v rows are loaded after the PDL wait, without it nothing before."""
+    ra = importlib.import_module("kvcomp.ops.rope_append")
+    i32 = "i32"
+    for norm, codes, qcodes, bias, early in ((True, True, True, False, True), (False, False, False, False, True),
+                                             (True, True, False, True, False), (False, False, True, False, False)):
+        args = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", c_ptr="*bf16", s_ptr="*bf16", pos_ptr="*i32",
+                    kb_ptr="*bf16", vb_ptr="*bf16", qo_ptr="*bf16", qn_ptr="*bf16", kn_ptr="*bf16",
+                    kw_ptr="*fp32", code_ptr="*i32", bias_ptr="*fp32", qw_ptr="*fp32", qc_ptr="*i32",
+                    Hq=i32, Hkv=i32, G=i32, L_out=i32, DV=i32, eps="fp32",
+                    **{n: i32 for n in ("sqb", "sqh", "skb", "skh", "svb", "svh", "scb", "ssb", "skbb", "skbh",
+                                        "skbn", "svbb", "svbh", "svbn", "swh", "swd", "swk", "sqwh", "sqwd",
+                                        "sqwk", "scdb", "scdh", "scdn", "sbb", "sbh", "sbk")},
+                    HALF=64, BLOCK=64, BLOCK_DV=128, W=4 if codes or qcodes else 1, NORM=norm, CODES=codes,
+                    QCODES=qcodes, HAS_BIAS=bias, EARLY=early, PDL=1)
+        ptx = compile_sm90(ra._rope_append_kernel, args, **ra._launch_options(4 if codes or qcodes else 0)).asm["ptx"]
+        assert "fma." not in ptx, (norm, codes, qcodes)
+        body = ptx[ptx.index(".entry"):]
+        before, after = body.split("griddepcontrol.wait")
+        if early:  # position, cos / sin halves (+ norm weights, + projection columns) before it
+            assert before.count("ld.global") >= 5 and after.count("ld.global") >= 2, (before.count("ld.global"),)
+            assert "st.global" not in before
+        else:
+            assert "ld.global" not in before
+
+
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
           check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel,
-          check_pdl_kernels, check_mma_scan_kernel]
+          check_pdl_kernels, check_mma_scan_kernel, check_rope_append_kernel]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

@@ -34,6 +34,11 @@ SETS = {
     "gemv_w8": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_warps=8))},
     "gemv_n2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=2, block_k=2048))},
     "sel_launch": {"kvcomp.ops.sparse_decode_attention.kernels": dict(SELECT_IN_PROLOGUE=False)},
+    # the attention's norms, RoPE, append and query codes as four launches (before rope_append)
+    "no_rope_append": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False)},
+    # the MLP's silu_mul as its own launch after the gate|up gemv (before gemv(gated=True))
+    "no_gated": {"kvcomp.fusion": dict(GATED_MLP=False)},
+    "neither": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False, GATED_MLP=False)},
 }
 
 

@@ -56,7 +56,7 @@ from kvcomp.ops.hamming_topk import split_deferred
 from kvcomp.ops.query_codes import encode_query
 
 __all__ = ["ATTN_NAME", "MAX_VERIFY_QUERIES", "LayerBinding", "forward_scope", "is_verify_step",
-           "kvcomp_attention", "kvcomp_mask", "register"]
+           "kvcomp_attention", "kvcomp_mask", "register", "static_query_weight"]
 
 ATTN_NAME = "kvcomp"
 # the most new tokens a step may have and still share one selection (a verify step); longer
@@ -292,7 +292,11 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
     else:
         if layer.codes_buf is None:
             raise RuntimeError(f"layer {i} computes a selection but its cache layer keeps no key codes")
-        q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation)
+        made = layer.step_query_codes  # by the update (update_rotary), for this very query?
+        if made is not None and made[0] is query:
+            q_codes = made[1]
+        else:
+            q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation)
         ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
         k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
         # stage 2 of the selection may be left to the attention's prologue (as in decode_step)
@@ -310,6 +314,23 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
                                   chunk_size=cfg.chunk_size, scale=float(scaling),
                                   _select=deferred)
     return out.unsqueeze(1)  # [B, 1, Hq, D]
+
+
+def static_query_weight(module: torch.nn.Module, layer) -> torch.Tensor | None:
+    """The hash weight [Hkv, D, BITS] whose query codes the next decode step of the static
+    ``layer`` will compute in ``module``'s attention (``_static_decode``'s selection), or None
+    (a dense step, a reused selection, another query aggregation): what a fused update
+    (``KVCompStaticLayer.update_rotary``) needs to make them in its own launch."""
+    binding: LayerBinding | None = getattr(module, "_kvcomp", None)
+    if binding is None or binding.sliding_window is not None or layer.codes_buf is None:
+        return None
+    cfg, policy = binding.handle.config, binding.handle.policy
+    i = binding.layer_idx
+    if cfg.query_aggregation != "sum" or policy.source(i) != i:
+        return None
+    if policy.mode(i, layer.padded_len + 1) == "dense":
+        return None
+    return binding.kv_weight
 
 
 def kvcomp_mask(*args, **kwargs):

@@ -58,7 +58,7 @@ from kvcomp.ops.gemv import MAX_ROWS as GEMV_ROWS
 from kvcomp.ops.gemv import gemv
 from kvcomp.ops.norm_act import add_rms_norm, head_rms_norm_, rms_norm, rope, silu_mul
 
-__all__ = ["FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
+__all__ = ["ATTENTIONS", "FusedDecode", "HEAD_NORM_ATTENTION", "LAYERS", "RMS_NORMS", "ROPE_MODULES"]
 
 # RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
 RMS_NORMS = (
@@ -76,6 +76,15 @@ ROPE_MODULES = (
 HEAD_NORM_ATTENTION = ("Qwen3Attention", "Qwen3MoeAttention")
 # decoder layers whose forward is h = x + attn(norm1(x)); out = h + mlp(norm2(h))
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+# attention modules whose forward is: q / k / v projections (q / k head norms for the classes
+# in HEAD_NORM_ATTENTION), apply_rotary_pos_emb, cache.update, the attention function, o_proj
+ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+# read at every call: False sends the patched attentions through their own forwards (benchmarks
+# time both in one process: tools/experiments/e2e_knobs.py)
+FUSED_ATTENTION_STEP = True
+# read at every call: the MLP's silu(gate) * up in the merged gate|up gemv's epilogue
+# (``gemv(gated=True)``); False: the gemv, then ``silu_mul`` (a second launch)
+GATED_MLP = True
 
 
 def _is_linear(m) -> bool:
@@ -116,6 +125,16 @@ class _Merged:
                         and lin.in_features == linears[0].in_features for lin in linears)
                 and len({lin.bias is None for lin in linears}) == 1)
 
+    def project_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole merged projection of x, the input norm inside it where one is pending, the
+        head norms not applied (the caller applies them): [..., sum N_i]."""
+        norm = None
+        if self.input_norm is not None and self.input_norm[0] is x:
+            norm, self.input_norm = self.input_norm[1:], None
+        self._x = self._y = None
+        self.pending = {}
+        return gemv(x, self.weight, self.bias, norm=norm)
+
     def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Output slice i of the merged projection of x (computed once per input object)."""
         if self._x is not x:
@@ -154,10 +173,15 @@ class FusedDecode:
         linear:    projections as ``gemv`` with merged q|k|v and gate|up weights (default True)
         layers:    the residual adds fused into the decoder layers' norm / down projection
                    (default True; needs ``linear``)
+        attention: decode steps of the attention classes in ``ATTENTIONS`` on a static kvcomp
+                   cache run the head norms, RoPE, the cache append and the query codes as
+                   one ``kvcomp.ops.rope_append`` launch (``KVCompStaticLayer.update_rotary``)
+                   between the merged projection and the attention function (default True;
+                   needs ``linear``); any other call runs the module's own forward
     """
 
     def __init__(self, model: torch.nn.Module, *, max_rows: int = 256, devices=("cuda",),
-                 rope: bool = True, linear: bool = True, layers: bool = True):
+                 rope: bool = True, linear: bool = True, layers: bool = True, attention: bool = True):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
         self.max_rows = max_rows
@@ -171,7 +195,7 @@ class FusedDecode:
         self._attn_qkv: dict[torch.nn.Module, _Merged] = {}
         self._pending_res: dict[torch.nn.Module, torch.Tensor] = {}  # o_proj -> residual to add
         self._linear_set: set[torch.nn.Module] = set()
-        self.head_norms = 0
+        self.head_norms = self.attentions = 0
         for m in model.modules():
             mod = sys.modules.get(type(m).__module__)
             if (rope and type(m).__module__ in ROPE_MODULES and mod is not None
@@ -191,6 +215,12 @@ class FusedDecode:
                     self.merged += 1
                     self._attn_qkv[m] = merged
                     self._merge_head_norms(m, merged)
+                    if (attention and type(m).__name__ in ATTENTIONS and "forward" not in m.__dict__
+                            and isinstance(getattr(m, "head_dim", None), int)
+                            and (type(m).__name__ not in HEAD_NORM_ATTENTION or merged.head_norms is not None)):
+                        self._patch(m, self._attn_forward)
+                        self.attentions += 1
+                        continue
             if "forward" in m.__dict__:
                 continue  # already wrapped (by us or someone else): leave it
             if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
@@ -280,15 +310,79 @@ class FusedDecode:
             return F.linear(x, m.weight, m.bias)
         return merged.project(i, x)
 
+    def _attn_decode_args(fused, m, args, kwargs):
+        """(x, cos, sin, mask, cache layer, merged) where ``_attn_forward``'s fused decode step
+        applies to this call, else None."""
+        from kvcomp.attention import ATTN_NAME
+
+        names = ("hidden_states", "position_embeddings", "attention_mask")
+        if len(args) > len(names):
+            return None
+        got = dict(zip(names, args))
+        got.update((n, kwargs[n]) for n in names if n in kwargs)
+        x, pe = got.get("hidden_states"), got.get("position_embeddings")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        merged = fused._attn_qkv.get(m)
+        if (not FUSED_ATTENTION_STEP or x is None or pe is None or cache is None or merged is None or x.dim() != 3 or x.shape[1] != 1
+                or not fused._gemv_ok(x, merged.weight) or getattr(m, "_kvcomp", None) is None
+                or getattr(m.config, "_attn_implementation", None) != ATTN_NAME):
+            return None
+        layers = getattr(cache, "layers", ())
+        layer = layers[m.layer_idx] if m.layer_idx < len(layers) else None
+        if (layer is None or not hasattr(layer, "update_rotary") or not layer.is_initialized
+                or layer.padded_len == 0 or layer.norms_buf is not None):
+            return None
+        cos, sin = pe
+        if cos.dim() != 3 or cos.shape[1:] != (1, m.head_dim) or cos.dtype != x.dtype or sin.shape != cos.shape:
+            return None
+        return x, cos, sin, got.get("attention_mask"), layer, merged
+
+    def _attn_forward(fused, m, *args, **kwargs):  # noqa: N805
+        """A decode step on a static kvcomp cache: merged projection, ``update_rotary`` (norms,
+        RoPE, append, query codes: one launch), kvcomp's attention, o_proj; else the module's
+        own forward."""
+        got = fused._attn_decode_args(m, args, kwargs)
+        if got is None:
+            return type(m).forward(m, *args, **kwargs)
+        from kvcomp.attention import kvcomp_attention, static_query_weight
+
+        x, cos, sin, mask, layer, merged = got
+        B, D = x.shape[0], m.head_dim
+        y = merged.project_raw(x)  # [B, 1, (Hq + 2 Hkv) * D]
+        (_, q_end), (_, k_end), (_, v_end) = merged.slices
+        q = y[..., :q_end].view(B, 1, -1, D).transpose(1, 2)
+        k = y[..., q_end:k_end].view(B, 1, -1, D).transpose(1, 2)
+        v = y[..., k_end:v_end].view(B, 1, -1, D).transpose(1, 2)
+        norms = {}
+        if merged.head_norms is not None:
+            qn, kn = merged.head_norms[:2]
+            norms = dict(q_norm=qn.weight, k_norm=kn.weight, eps=float(qn.variance_epsilon))
+        # only q / k / v come from the launch before (the projection): early loads are safe
+        q_rot, key, value = layer.update_rotary(q, k, v, cos, sin, q_weight=static_query_weight(m, layer),
+                                                early=True, **norms)
+        rest = {n: a for n, a in kwargs.items() if n not in (
+            "hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values")}
+        out, _ = kvcomp_attention(m, q_rot, key, value, mask, dropout=0.0, scaling=m.scaling,
+                                  sliding_window=getattr(m, "sliding_window", None), **rest)
+        return m.o_proj(out.reshape(B, 1, -1).contiguous()), None
+
     def _mlp_forward(fused, m, x):  # noqa: N805
         if not fused._use(x):
             return type(m).forward(m, x)
         gu = fused._gate_up.get(m)
         if gu is None or not fused._gemv_ok(x, gu.weight):
             return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
-        y = gemv(x, gu.weight, gu.bias)
-        n = m.gate_proj.out_features
-        return m.down_proj(silu_mul(y[..., :n], y[..., n:]))
+        return m.down_proj(fused._gate_up_act(gu, m, x))
+
+    @staticmethod
+    def _gate_up_act(gu: _Merged, mlp, x: torch.Tensor, norm=None) -> torch.Tensor:
+        """silu(gate(x)) * up(x) from the merged gate|up weight: in the gemv's epilogue where the
+        halves match (``GATED_MLP``), else the gemv then ``silu_mul``."""
+        n = mlp.gate_proj.out_features
+        if GATED_MLP and 2 * n == gu.weight.shape[0]:
+            return gemv(x, gu.weight, gu.bias, norm=norm, gated=True)
+        y = gemv(x, gu.weight, gu.bias, norm=norm)
+        return silu_mul(y[..., :n], y[..., n:])
 
     def _layer_forward(fused, m, hidden_states, *args, **kwargs):  # noqa: N805
         mlp = m.mlp
@@ -324,13 +418,11 @@ class FusedDecode:
         eps = float(post.variance_epsilon)
         if one_row:
             h = h if added else hidden_states + h
-            y = gemv(h, gu.weight, gu.bias, norm=(post.weight, eps))
+            a = fused._gate_up_act(gu, mlp, h, norm=(post.weight, eps))
         else:  # the norm folded into tensor-core tiles measured slower (H200): its own kernel
             hn, h = (post(h), h) if added else add_rms_norm(h, hidden_states, post.weight, eps)
-            y = gemv(hn, gu.weight, gu.bias)
-        n = mlp.gate_proj.out_features
-        return gemv(silu_mul(y[..., :n], y[..., n:]), mlp.down_proj.weight, mlp.down_proj.bias,
-                    residual=h)
+            a = fused._gate_up_act(gu, mlp, hn)
+        return gemv(a, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
 
     def _rope_function(self, orig):
         fused = self
@@ -371,5 +463,5 @@ class FusedDecode:
     def __repr__(self) -> str:
         return (f"FusedDecode(norms={self.norms}, mlps={self.mlps}, ropes={self.ropes}, "
                 f"linears={self.linears}, merged={self.merged}, head_norms={self.head_norms}, "
-                f"layers={self.layers}, "
+                f"layers={self.layers}, attentions={self.attentions}, "
                 f"max_rows={self.max_rows}, devices={self.devices})")

@@ -54,6 +54,7 @@ import torch
 from kvcomp.cache import _ACTIVE, KVCompCache, KVCompLayer
 from kvcomp.ops.append_kv import append_kv
 from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
+from kvcomp.ops.rope_append import rope_append
 
 __all__ = ["KVCompStaticCache", "KVCompStaticLayer"]
 
@@ -70,6 +71,7 @@ class KVCompStaticLayer(KVCompLayer):
     def _clear(self) -> None:
         super()._clear()
         self.capacity = 0
+        self.step_query_codes = None  # (q_rot, codes [B, Hq, W]) made by update_rotary
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._allocate(key_states, value_states, self.max_cache_len)
@@ -87,9 +89,57 @@ class KVCompStaticLayer(KVCompLayer):
         padded_len + T - 1``. Returns the new states on the first update (prefill runs the
         model's own attention), else the full buffers [B, Hkv, max_cache_len, D] (the attention
         function reads ``seq_lens``)."""
-        cache: KVCompStaticCache = self._cache_ref()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        key_states, value_states, seq_lens, start = self._begin_write(key_states, value_states)
+        T = key_states.shape[2]
+        dev = self.keys_buf.device
+        prefill = self.padded_len == 0
+        if self.norms_buf is not None and prefill:  # centered_norm: mu of the prompt (no padding)
+            lens = torch.full((key_states.shape[0],), T, dtype=torch.int32, device=dev)
+            self.key_mu.copy_(key_mean(key_states, lens))
+            self.key_bias.copy_(hash_bias(self.key_mu, self.code_weight))
+        # keys, values and codes in one launch for a decode step (kvcomp.ops.append_kv)
+        append_kv(key_states, value_states, self.keys_buf, self.values_buf, start,
+                  codes=self.codes_buf, weight=self.code_weight if self.codes_buf is not None else None,
+                  bias=self.key_bias)
+        if self.norms_buf is not None:
+            key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
+        ret = (key_states, value_states) if prefill else (self.keys_buf, self.values_buf)
+        return self._end_write(seq_lens, T, prefill, ret)
+
+    def update_rotary(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, *, q_norm: torch.Tensor | None = None,
+                      k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                      q_weight: torch.Tensor | None = None, early: bool = False):
+        """A decode step's update that also finishes the query (``kvcomp.ops.rope_append``, one
+        launch): q [B, Hq, 1, D], k / v [B, Hkv, 1, D] are the raw projections; the per-head
+        norms (``q_norm`` / ``k_norm`` [D], optional), the rotary embedding (cos / sin
+        [B or 1, 1, D]) and the key's code are applied here, and with ``q_weight`` [Hkv, D, BITS]
+        the query codes are made in the same launch and kept for the attention function
+        (``step_query_codes``). ``early``: q / k / v come from the previous launch and nothing
+        else does (``rope_append``). Returns (q_rot [B, Hq, 1, D], keys_buf, values_buf).
+        Not for the first update (prefill) nor layers that keep key norms (``update``)."""
+        if not self.is_initialized or self.padded_len == 0:
+            raise RuntimeError(f"layer {self.layer_idx}: update_rotary is for decode steps after the prefill")
+        if self.norms_buf is not None:
+            raise RuntimeError(f"layer {self.layer_idx} keeps key norms (centred codes): use update()")
+        k, v, seq_lens, start = self._begin_write(k, v)
+        if k.shape[2] != 1:
+            raise ValueError(f"layer {self.layer_idx}: update_rotary takes one new token, got {k.shape[2]}")
+        has_codes = self.codes_buf is not None
+        q_rot, q_codes = rope_append(
+            q, k, v, cos, sin, self.keys_buf, self.values_buf, start, q_norm=q_norm, k_norm=k_norm,
+            eps=eps, codes=self.codes_buf, k_weight=self.code_weight if has_codes else None,
+            k_bias=self.key_bias, q_weight=q_weight, early=early)
+        self.step_query_codes = (q_rot, q_codes) if q_codes is not None else None
+        keys, values = self._end_write(seq_lens, 1, False, (self.keys_buf, self.values_buf))
+        return q_rot, keys, values
+
+    def _begin_write(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Checks and the shared step state of an update: (keys, values on the cache's device,
+        seq_lens [B], the step's first row per sequence [B])."""
+        cache: KVCompStaticCache = self._cache_ref()
         B, H, T, _ = key_states.shape
         if B != self.batch_size or H != self.keys_buf.shape[1]:
             raise ValueError(
@@ -103,28 +153,18 @@ class KVCompStaticLayer(KVCompLayer):
                 f"max_cache_len={self.capacity}"
             )
         dev = self.keys_buf.device
-        key_states = key_states.to(dev)
-        value_states = value_states.to(dev)
         write_pos, seq_lens = cache._advance_shared(self, B, T, dev)
-        prefill = self.padded_len == 0
-        if self.norms_buf is not None and prefill:  # centered_norm: mu of the prompt (no padding)
-            lens = torch.full((B,), T, dtype=torch.int32, device=dev)
-            self.key_mu.copy_(key_mean(key_states, lens))
-            self.key_bias.copy_(hash_bias(self.key_mu, self.code_weight))
         # every sequence writes at the same rows; one contiguous [B] per step, shared by the layers
         start = cache.step_shared(("start", dev, B), lambda: write_pos[:1].expand(B).contiguous())
-        # keys, values and codes in one launch for a decode step (kvcomp.ops.append_kv)
-        append_kv(key_states, value_states, self.keys_buf, self.values_buf, start,
-                  codes=self.codes_buf, weight=self.code_weight if self.codes_buf is not None else None,
-                  bias=self.key_bias)
-        if self.norms_buf is not None:
-            key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
+        self.step_query_codes = None
+        return key_states.to(dev), value_states.to(dev), seq_lens, start
+
+    def _end_write(self, seq_lens: torch.Tensor, T: int, prefill: bool, ret):
         self.seq_lens = seq_lens
         self._advance_host(T)
         self.updates += 1
         self.step_kind = "prefill" if prefill else ("decode" if T == 1 else "extend")
         self.keys, self.values = self.keys_buf, self.values_buf
-        ret = (key_states, value_states) if prefill else (self.keys_buf, self.values_buf)
         self._returned_key = weakref.ref(ret[0])
         _ACTIVE.layer = weakref.ref(self)
         return ret

@@ -20,6 +20,12 @@ one program (no split-K reduction kernel, no atomics: deterministic), accumulati
                                  in front of the projection, without the module's two
                                  roundings to x's dtype; the dot-form tiles round the
                                  normalised x once, to the weight's dtype)
+    gemv(x, weight, gated=True)  weight [2I, K] = [gate; up] (a merged gate|up projection) ->
+                                 [..., I] = silu_mul(y[..., :I], y[..., I:]) of that y (each
+                                 half rounded, then ``kvcomp.ops.silu_mul``'s math) in the
+                                 epilogue: each program streams matching gate and up rows, so
+                                 the 2I outputs are never written and no second launch reads
+                                 them
 
 Two tile forms (``GEMV_CONFIG`` / ``GEMV_CONFIG_ONE_ROW``; both tested): ``dot`` multiplies the tile with tl.dot
 (x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
@@ -56,9 +62,11 @@ GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-             residual: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, norm: tuple | None = None,
+             gated: bool = False) -> torch.Tensor:
     """fp32 accumulation of x @ weight.T (+ bias), rounded once to x's dtype (+ residual);
-    with ``norm = (norm_weight, eps)`` x is RMS-normalised first, in fp32."""
+    with ``norm = (norm_weight, eps)`` x is RMS-normalised first, in fp32; ``gated``: the
+    halves through ``silu_mul`` (module doc)."""
     x32 = x.to(torch.float32)
     if norm is not None:
         x32 = norm[0].to(torch.float32) * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm[1])
@@ -66,6 +74,11 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if bias is not None:
         y = y + bias.to(torch.float32)
     y = y.to(x.dtype)
+    if gated:
+        from kvcomp.ops.norm_act import silu_mul_ref
+
+        n = y.shape[-1] // 2
+        y = silu_mul_ref(y[..., :n], y[..., n:])
     return y if residual is None else residual + y
 
 
@@ -77,12 +90,14 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+        GATED: tl.constexpr = False,
     ):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
         (+ r[m, n] after rounding to y's dtype). With HAS_NORM, x[m, k] is nw[k] x[m, k]
         rsqrt(mean_k x[m, k]^2 + eps): each program sums the squares of the rows it streams
         anyway and scales its dot products by the row's factor at the end. PDL: programmatic
-        dependent launch (``kvcomp.ops._pdl``)."""
+        dependent launch (``kvcomp.ops._pdl``). GATED: w is [2N, K] = [gate; up]; the program
+        also streams the up rows N + rn and stores silu(gate) * up (``silu_mul``'s roundings)."""
         pdl_enter(PDL)
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
@@ -95,16 +110,24 @@ if triton is not None:
         x_rows = x_ptr + rm[:, None] * sxm
         if DOT:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            if GATED:
+                acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         elif BLOCK_M == 1:
             acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # K reduced once, at the end
+            if GATED:
+                acc1_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
             accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if GATED:
+                accm_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_NORM:
             ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if GATED:
+                wu = tl.load(w_rows + N * swn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_NORM:
                 xf = x.to(tl.float32)
@@ -116,26 +139,51 @@ if triton is not None:
                     x = xf
             if DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+                if GATED:
+                    acc_u = tl.dot(wu.to(tl.float32), tl.trans(x.to(tl.float32)), acc_u)
             elif DOT and IEEE:  # fp32 inputs: no tf32 rounding
                 acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+                if GATED:
+                    acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision="ieee")
             elif DOT:
                 acc = tl.dot(w, tl.trans(x), acc)
+                if GATED:
+                    acc_u = tl.dot(wu, tl.trans(x), acc_u)
             elif BLOCK_M == 1:
                 acc1 += x.to(tl.float32) * w.to(tl.float32)
+                if GATED:
+                    acc1_u += x.to(tl.float32) * wu.to(tl.float32)
             else:
                 accm += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+                if GATED:
+                    accm_u += tl.sum(x.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :], 2)
         if DOT:
             out = tl.trans(acc)
+            if GATED:
+                out_u = tl.trans(acc_u)
         elif BLOCK_M == 1:
             out = tl.sum(acc1, 1)[None, :]
+            if GATED:
+                out_u = tl.sum(acc1_u, 1)[None, :]
         else:
             out = accm
+            if GATED:
+                out_u = accm_u
         if HAS_NORM:
-            out *= tl.math.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
+            inv = tl.math.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
+            out *= inv
+            if GATED:
+                out_u *= inv
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                out_u += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
         out = out.to(y_ptr.dtype.element_ty)
+        if GATED:  # silu_mul of the two rounded halves, with its roundings
+            g32 = out.to(tl.float32)
+            a = (g32 / (1.0 + tl.exp(-g32))).to(y_ptr.dtype.element_ty)
+            out = (a.to(tl.float32) * out_u.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty)
         if HAS_RES:
             r = tl.load(r_ptr + rm[:, None] * srm + rn[None, :], mask=ok, other=0.0)
             out = (out.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
@@ -143,9 +191,10 @@ if triton is not None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None, *, norm: tuple | None = None, backend: str = "auto",
-         config: dict | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype.
+         residual: torch.Tensor | None = None, *, norm: tuple | None = None, gated: bool = False,
+         backend: str = "auto", config: dict | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype
+    ([..., N / 2] with ``gated``: silu(gate) * up of the merged [gate; up] weight).
 
     ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -158,12 +207,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias {tuple(bias.shape)} must be [N] for weight {tuple(weight.shape)}")
+    N, K = weight.shape
+    if gated:
+        if N % 2:
+            raise ValueError(f"gated gemv needs a [gate; up] weight of even rows, got {tuple(weight.shape)}")
+        N //= 2
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
-        if residual.shape != (*x.shape[:-1], weight.shape[0]):
+        if residual.shape != (*x.shape[:-1], N):
             raise ValueError(f"residual {tuple(residual.shape)} must be [..., N] = "
-                             f"{(*x.shape[:-1], weight.shape[0])} for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    N, K = weight.shape
+                             f"{(*x.shape[:-1], N)} for x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+                             + (" (gated)" if gated else ""))
     rows = x.numel() // K if K else 0
     if norm is not None:
         if not (isinstance(norm, tuple) and len(norm) == 2):
@@ -177,7 +231,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if not use_triton(backend, x, weight) or triton is None or x.numel() == 0 or N == 0:
-        return gemv_ref(x, weight, bias, residual, norm)
+        return gemv_ref(x, weight, bias, residual, norm, gated)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     if x2.stride(1) != 1:
@@ -190,15 +244,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if r2 is not None and r2.stride(1) != 1:
         r2 = r2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, block_m))
+    # gated: as many weight rows per program as the plain tiles (half gate, half up)
+    block_n = max(16 if dot else 1, cfg["block_n"] // 2) if gated else cfg["block_n"]
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     with device_guard(x):
         _gemv_kernel[grid](
             x2, weight, bias if bias is not None else weight, r2 if r2 is not None else y, y, M, N, K,
             x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-            HAS_BIAS=bias is not None, HAS_RES=r2 is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+            HAS_BIAS=bias is not None, HAS_RES=r2 is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
             nw_ptr=norm[0].contiguous() if norm is not None else None,
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
+            GATED=bool(gated), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
         )
     return y.view(*x.shape[:-1], N)
