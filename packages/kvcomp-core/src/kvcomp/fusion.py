@@ -85,6 +85,10 @@ FUSED_ATTENTION_STEP = True
 # read at every call: the MLP's silu(gate) * up in the merged gate|up gemv's epilogue
 # (``gemv(gated=True)``); False: the gemv, then ``silu_mul`` (a second launch)
 GATED_MLP = True
+# ... for inputs of at most this many rows: one row (the CUDA-core tiles) measured faster on the
+# H200; B = 4 (tensor-core tiles) lost ~0.95 ms a step in both decoders (docs/benchmarks/e2e.md,
+# session 13)
+GATED_MLP_MAX_ROWS = 1
 
 
 def _is_linear(m) -> bool:
@@ -379,7 +383,7 @@ class FusedDecode:
         """silu(gate(x)) * up(x) from the merged gate|up weight: in the gemv's epilogue where the
         halves match (``GATED_MLP``), else the gemv then ``silu_mul``."""
         n = mlp.gate_proj.out_features
-        if GATED_MLP and 2 * n == gu.weight.shape[0]:
+        if GATED_MLP and 2 * n == gu.weight.shape[0] and x.numel() <= GATED_MLP_MAX_ROWS * x.shape[-1]:
             return gemv(x, gu.weight, gu.bias, norm=norm, gated=True)
         y = gemv(x, gu.weight, gu.bias, norm=norm)
         return silu_mul(y[..., :n], y[..., n:])

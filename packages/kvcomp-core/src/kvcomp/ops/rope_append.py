@@ -275,12 +275,14 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     qws = tuple(qw.stride()) if qw is not None else (0, 0, 0)
     cds = (codes.stride(0), codes.stride(1), codes.stride(2)) if codes is not None else (0, 0, 0)
     dummy = q_rot
+    # the two weight pointers meet in one branch of the kernel: a missing one is an fp32 dummy
+    wdummy = kw if kw is not None else (qw if qw is not None else torch.empty(1, device=q.device))
     with device_guard(q):
         _rope_append_kernel[(B * (Hq + Hkv), max(W, 1))](
             q, k, v, cos, sin, positions, k_buf, v_buf, q_rot,
             q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
-            kw if kw is not None else dummy, codes if codes is not None else dummy,
-            k_bias if k_bias is not None else dummy, qw if qw is not None else dummy,
+            kw if kw is not None else wdummy, codes if codes is not None else dummy,
+            k_bias if k_bias is not None else dummy, qw if qw is not None else wdummy,
             q_codes if q_codes is not None else dummy,
             Hq, Hkv, Hq // Hkv, k_buf.shape[2], v.shape[3], float(eps),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
