@@ -117,6 +117,12 @@ def test_static_equals_dynamic(model, kind):
                 for i in h.policy.compute_layers:
                     bi = cache.layers[i].step_block_idx
                     assert bi is not None and bi.shape == (batch, KV_HEADS, h.policy.max_k_blocks(i, PROMPT + NEW))
+                # the k_blocks of a step come from a table of the policy's rule over every length
+                tables = [t for key, t in cache._persistent.items() if key[0] == "k_blocks"]
+                assert tables and all(t.shape == (PROMPT + NEW + 1,) for t in tables)
+                i = h.policy.compute_layers[0]
+                assert [int(tables[0][n]) for n in (1, 16, 17, PROMPT, total + 1)] == [
+                    h.policy.k_blocks(i, n) for n in (1, 16, 17, PROMPT, total + 1)]
                 if batch == 2:
                     a, b = cache.layers[h.policy.compute_layers[0]].step_block_idx
                     assert not torch.equal(a, b)  # the two sequences select differently

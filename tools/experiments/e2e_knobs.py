@@ -39,6 +39,7 @@ SETS = {
     # the MLP's silu_mul as its own launch after the gate|up gemv (before gemv(gated=True))
     "no_gated": {"kvcomp.fusion": dict(GATED_MLP=False)},
     "neither": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False, GATED_MLP=False)},
+    "no_table": {"kvcomp.attention": dict(K_BLOCKS_TABLE=False)},  # the policy's ops in every step
     "gated_rows": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16)},  # the gated epilogue at B > 1 too
 }
 

@@ -63,6 +63,9 @@ ATTN_NAME = "kvcomp"
 # extends (e.g. a prompt fed in pieces) want a selection per query and attend densely
 MAX_VERIFY_QUERIES = 8
 _FORWARD = threading.local()
+# static decode: a step's k_blocks by one gather from a per-cache table of the policy's rule
+# (False: the rule's ~40 tensor ops in every step, as before session 13; benchmarks time both)
+K_BLOCKS_TABLE = True
 # previous attention implementation per model config (configs are not hashable: keyed by id)
 _FALLBACK_BY_CONFIG: dict[int, str] = {}
 
@@ -298,7 +301,14 @@ def _static_decode(module, query, layer, binding: LayerBinding, scaling: float, 
         else:
             q_codes = encode_query(q, binding.kv_weight, cfg.query_aggregation)
         ratio_key = "budget" if cfg.top_k_budget_tokens is not None else cfg.top_k_ratio_per_layer[i]
-        k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
+        # the policy's rule for every length, tabulated once per cache (~40 tiny tensor ops);
+        # a step then reads its row with one gather
+        if K_BLOCKS_TABLE:
+            table = cache.persistent(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(
+                i, torch.arange(cap + 1, device=dev, dtype=torch.int32)))
+            k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: table.index_select(0, seq_lens))
+        else:
+            k_blocks = cache.step_shared(("k_blocks", ratio_key, dev), lambda: policy.k_blocks_tensor(i, seq_lens))
         # stage 2 of the selection may be left to the attention's prologue (as in decode_step)
         sel = hamming_topk(
             q_codes, layer.codes_buf, seq_lens, k_blocks=k_blocks,

@@ -41,8 +41,15 @@ below it, and on dense layers, every real block is attended through the same ker
 query hashing). The length is the same for every sequence, so the choice is one per step
 (``decode_phase``), taken on the host; a graph is captured per phase. Tensors every layer of a step would make
 alike (the k_blocks of a ratio, the all-blocks index) are made once per forward
-(``step_shared``). Static caches keep no decode counters: they would add kernels to every
-step (``stats`` reports zero steps).
+(``step_shared``); the k_blocks are one gather from a table of the policy's rule over every
+length, made once per cache (``persistent``), where the rule's ~40 tiny tensor ops ran in every
+step before. Static caches keep no decode counters: they would add kernels to every step
+(``stats`` reports zero steps).
+
+``KVCompStaticLayer.update_rotary`` is the decode update of a fused decoder
+(``kvcomp.fusion.FusedDecode``): it takes the raw q / k / v projections and runs the per-head
+norms, RoPE, the append (and key code) and the query codes in one launch
+(``kvcomp.ops.rope_append``); the attention function then uses those query codes.
 """
 
 from __future__ import annotations
@@ -245,6 +252,7 @@ class KVCompStaticCache(KVCompCache):
         self.host_len = 0
         self._write_pos: torch.Tensor | None = None
         self._memo: dict = {}
+        self._persistent: dict = {}
         self.storage_version = 0  # bumped when device state is (re)allocated
 
     @property
@@ -280,6 +288,14 @@ class KVCompStaticCache(KVCompCache):
             )
         return (self.step_shared(("write_pos", dev), lambda: self._write_pos.to(dev)),
                 self.step_shared(("seq_lens", dev), lambda: self.seq_lens_shared.to(dev)))
+
+    def persistent(self, key, make):
+        """A tensor kept for the cache's lifetime (e.g. a policy table): ``make()`` on first use.
+        Made in the eager warm-up before a graph capture, it is only read by the replays."""
+        t = self._persistent.get(key)
+        if t is None:
+            t = self._persistent[key] = make()
+        return t
 
     def step_shared(self, key, make):
         """A tensor every layer of the current forward shares: ``make()`` on first use."""
