@@ -271,8 +271,11 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     if kw is not None and kw.dim() == 2:
         kw = kw.unsqueeze(0)
     qw = q_weight.float() if q_weight is not None else None
-    kws = (kw.stride(0) if kw.shape[0] > 1 else 0, kw.stride(1), kw.stride(2)) if kw is not None else (0, 0, 0)
-    qws = tuple(qw.stride()) if qw is not None else (0, 0, 0)
+    kws = (kw.stride(0) if kw.shape[0] > 1 else 0, kw.stride(1), kw.stride(2)) if kw is not None else None
+    qws = tuple(qw.stride()) if qw is not None else None
+    # a missing weight takes the other's strides: the kernel's two branches then agree on them
+    # (a unit stride specialised in both), and its loads stay vectorised
+    kws, qws = kws or qws or (0, 0, 0), qws or kws or (0, 0, 0)
     cds = (codes.stride(0), codes.stride(1), codes.stride(2)) if codes is not None else (0, 0, 0)
     dummy = q_rot
     # the two weight pointers meet in one branch of the kernel: a missing one is an fp32 dummy
