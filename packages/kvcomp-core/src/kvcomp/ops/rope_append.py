@@ -192,8 +192,11 @@ if triton is not None:
 
 
 def _launch_options(W: int) -> dict:
-    """``rope``'s options (no fp contraction); 4 warps where a program projects onto a code word."""
-    return {**ROPE_LAUNCH, "num_warps": 4} if W else dict(ROPE_LAUNCH)
+    """``rope``'s options (no fp contraction, one warp) for every mode: on the H200 one warp was
+    the fastest with codes too (Qwen3-8B, B = 1 / 4, key and query codes: 2.00 / 2.58 us against
+    2.22 / 3.47 with 4 warps and 3.21 / 7.25 with 8; ``tools/experiments/rope_append_speed.py``,
+    docs/benchmarks/e2e.md session 13)."""
+    return dict(ROPE_LAUNCH)
 
 
 def _check_args(q, k, v, cos, sin, k_buf, v_buf, positions, q_norm, k_norm, codes, k_weight, k_bias,
