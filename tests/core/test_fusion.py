@@ -122,18 +122,23 @@ def test_unknown_modules_are_left_alone_and_bad_args_refused():
         FusedDecode(model, max_rows=0)
 
 
+def _gpu_model(arch: str, seed: int):
+    """A 3-layer random bf16 model on the GPU (8 q / 2 kv heads of 64 dims)."""
+    cfg = AutoConfig.for_model(arch, vocab_size=256, hidden_size=512, intermediate_size=1024,
+                               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                               head_dim=64, max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 2])  # one row: the norms folded into the projections
 def test_graphs_with_fusion_gpu(B):
     import kvcomp
     from kvcomp.config import KVCompConfig
 
-    cfg = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=512, intermediate_size=1024,
-                               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
-                               head_dim=64, max_position_embeddings=4096)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    model = _gpu_model("qwen3", seed=0)
     kcfg = KVCompConfig.default("qwen3", 3, 64, chunk_size=64, threshold=256, top_k_budget_tokens=256,
                                 dense_layers=1)
     h = kvcomp.enable(model, kcfg)
@@ -242,3 +247,41 @@ def test_fused_attention_step_on_a_static_kvcomp_cache(arch, B):
             assert made[1].shape[:2] == (B, 4) and made[0].shape == (B, 4, 1, D)
     assert torch.equal(cache.layers[L - 1].keys_buf, ref_cache.layers[L - 1].keys_buf) or torch.allclose(
         cache.layers[L - 1].keys_buf, ref_cache.layers[L - 1].keys_buf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_attention_crosses_the_threshold_gpu(B):
+    """llama (no head norms), fused decoder with CUDA graphs on a static kvcomp cache, a prompt
+    below the threshold: the decode steps run ``rope_append`` with the key's code only (dense
+    phase), then with the query codes too (sparse phase, a second graph). Every token is the
+    unfused model's argmax along the same tokens, or within bf16 rounding of it."""
+    import kvcomp
+    from kvcomp.config import KVCompConfig
+
+    model = _gpu_model("llama", seed=1)
+    kcfg = KVCompConfig.default("llama", 3, 64, chunk_size=16, threshold=240, top_k_budget_tokens=64,
+                                dense_layers=1)
+    h = kvcomp.enable(model, kcfg)
+    P, NEW = 200, 80
+    ids = torch.randint(1, 256, (B, P), generator=torch.Generator().manual_seed(2)).cuda()
+    try:
+        graphs = h.compile_decode(fuse=True)
+        try:
+            assert graphs.fused.attentions == 3
+            got = model.generate(ids, past_key_values=h.new_cache(static=True, max_cache_len=P + NEW),
+                                 max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            assert graphs.captures == 2  # one graph per phase (dense, then sparse)
+        finally:
+            graphs.remove()
+        cache = h.new_cache(static=True, max_cache_len=P + NEW)
+        with torch.no_grad():  # the unfused model's logits along the fused run's tokens
+            own = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+            for t in range(NEW - 1):
+                own.append(model(got[:, P + t: P + t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        own = torch.stack(own, 1).float()  # [B, NEW, V]
+    finally:
+        h.disable()
+    chosen = own.gather(-1, got[:, P:].unsqueeze(-1)).squeeze(-1)
+    gap = own.amax(-1) - chosen
+    assert (gap <= 0.02 * own.abs().amax(-1)).all(), gap

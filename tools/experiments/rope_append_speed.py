@@ -13,17 +13,18 @@ reference first, then timed like ``kvcomp bench decode`` (CUDA graph of back-to-
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import torch
 from kvcomp.bench.timing import cuda_time_us
-from kvcomp.ops import rope_append as ra_mod
 from kvcomp.ops.append_kv import append_kv
 from kvcomp.ops.hash_encode import hash_encode
 from kvcomp.ops.norm_act import head_rms_norm_, rope
 from kvcomp.ops.rope_append import rope_append, rope_append_ref
 
 HQ, HKV, D, BITS, L = 32, 8, 128, 128, 4096
+ra_mod = importlib.import_module("kvcomp.ops.rope_append")  # the module (kvcomp.ops exports the function)
 
 
 def case(B: int, seed: int = 0):

@@ -8,6 +8,8 @@
 ``kvcomp.ops`` never imports transformers.
 
 ``kvcomp.ops.append_kv``: a static cache's append of keys, values and key codes in one kernel.
+``kvcomp.ops.rope_append``: a decode step's per-head q / k norms, RoPE, that append and the
+query codes in one kernel (``KVCompStaticLayer.update_rotary``).
 
 ``kvcomp.ops.key_stats`` (``key_mean``, ``hash_bias``, ``key_norms``) computes what centred,
 norm-weighted selection stores beside the codes: ``hash_encode(k, W, bias=hash_bias(mu, W))``
@@ -30,11 +32,12 @@ from kvcomp.ops.hash_encode import hash_encode
 from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 from kvcomp.ops.mla_decode import mla_decode
 from kvcomp.ops.norm_act import add_rms_norm, rms_norm, rope, silu_mul
+from kvcomp.ops.rope_append import rope_append
 from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
 from kvcomp.ops.sparse_mla_decode import sparse_mla_decode
 
 __all__ = [
     "hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode",
     "key_mean", "key_norms", "hash_bias", "rms_norm", "add_rms_norm", "silu_mul", "rope", "gemv",
-    "append_kv",
+    "append_kv", "rope_append",
 ]
