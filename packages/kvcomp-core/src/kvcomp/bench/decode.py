@@ -228,6 +228,13 @@ LATENCY_VARIANTS = {
     "attn_t128": {AK: dict(TILE_N=128)},
     # the fused merge up to 128 KB of partials (G = 8 x 32 splits: 21.5 against 19.9 us)
     "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
+    # the query encode's one-row programs on 1 / 2 warps (4 by default; session 13: one warp was
+    # the fastest for rope_append's programs of the same product)
+    "enc_w1": {"kvcomp.ops.hash_encode.kernels": dict(ROW_KERNEL_WARPS=1)},
+    "enc_w2": {"kvcomp.ops.hash_encode.kernels": dict(ROW_KERNEL_WARPS=2)},
+    # the merge launch (G = 8 at B = 1) on 2 / 8 warps (4 by default)
+    "merge_w2": {AK: dict(MERGE_WARPS=2)},
+    "merge_w8": {AK: dict(MERGE_WARPS=8)},
 }
 
 

@@ -151,6 +151,8 @@ def _hash_encode_row_kernel(
 
 # at most this many rows per (batch, head) take the one-row kernel
 ROW_KERNEL_MAX_ROWS = 8
+# warps of a one-row program (a [D] x [D, 32] product); the bench's enc_w* variants time others
+ROW_KERNEL_WARPS = 4
 
 
 def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -184,7 +186,7 @@ def _launch(
             x4, w3, out4, pos if pos is not None else out4, bias_arg,
             D, H, out4.shape[2], hg,
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
-            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=4,
+            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=ROW_KERNEL_WARPS,
             **pdl_args(x4, "encode"),
         )
         return
@@ -264,7 +266,8 @@ def append_kv_triton(
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
         svcb=v_buf.stride(0), svch=v_buf.stride(1), svcn=v_buf.stride(2),
         COPY=True, CODES=has_codes, V_PROG=min(1, W - 1), DV=v.shape[3],
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=4, **pdl_args(k, "encode"),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=ROW_KERNEL_WARPS,
+        **pdl_args(k, "encode"),
     )
 
 

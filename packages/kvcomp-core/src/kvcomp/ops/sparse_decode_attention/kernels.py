@@ -85,6 +85,8 @@ MERGE_GROUP_SPLITS = None
 # 6-10x fewer CTA barriers in the PTX, but slower on the H200: 24.6 vs 17.9 us for the Qwen3-8B
 # step at 128K, B = 1; decode.md)
 MERGE_TILE_ELEMS = 4096
+# warps of a merge-launch program (one (sequence, q-head) row)
+MERGE_WARPS = 4
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
 SELECT_IN_PROLOGUE = True
@@ -526,6 +528,6 @@ def sparse_decode_attention_triton(
         _merge_kernel[(B * Hq,)](
             m, l, acc, out, Hq, splits, *out.stride(),
             D=D, S_PAD=s_pad, BLOCK_D=block_d,
-            num_warps=4, **pdl, **hist,
+            num_warps=MERGE_WARPS, **pdl, **hist,
         )
     return out
