@@ -228,12 +228,14 @@ LATENCY_VARIANTS = {
     "attn_t128": {AK: dict(TILE_N=128)},
     # the fused merge up to 128 KB of partials (G = 8 x 32 splits: 21.5 against 19.9 us)
     "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
-    # the query encode's one-row programs on 1 / 2 warps (4 by default; session 13: one warp was
-    # the fastest for rope_append's programs of the same product)
-    "enc_w1": {"kvcomp.ops.hash_encode.kernels": dict(ROW_KERNEL_WARPS=1)},
+    # the query encode's one-row programs on 2 / 4 warps (1 since session 13: 17.5 / 19.7 us
+    # against 17.9 / 19.9 with 4, Qwen3-8B / 32B)
     "enc_w2": {"kvcomp.ops.hash_encode.kernels": dict(ROW_KERNEL_WARPS=2)},
-    # the merge launch (G = 8 at B = 1) on 2 / 8 warps (4 by default)
-    "merge_w2": {AK: dict(MERGE_WARPS=2)},
+    "enc_w4": {"kvcomp.ops.hash_encode.kernels": dict(ROW_KERNEL_WARPS=4)},
+    # the merge launch (G = 8 at B = 1) on 1 / 4 / 8 warps (2 since session 13: 19.6 against 19.9
+    # with 4 and 21.2 with 8, Qwen3-32B)
+    "merge_w1": {AK: dict(MERGE_WARPS=1)},
+    "merge_w4": {AK: dict(MERGE_WARPS=4)},
     "merge_w8": {AK: dict(MERGE_WARPS=8)},
 }
 

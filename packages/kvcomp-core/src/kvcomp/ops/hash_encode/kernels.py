@@ -151,8 +151,10 @@ def _hash_encode_row_kernel(
 
 # at most this many rows per (batch, head) take the one-row kernel
 ROW_KERNEL_MAX_ROWS = 8
-# warps of a one-row program (a [D] x [D, 32] product); the bench's enc_w* variants time others
-ROW_KERNEL_WARPS = 4
+# warps of a one-row program (a [D] x [D, 32] product). One: on the H200 the decode step's query
+# encode at 128K, B = 1 gave steps of 17.5 / 19.7 us (Qwen3-8B / 32B) against 17.9 / 19.9 with
+# 4 warps (docs/benchmarks/decode.md, session 13); the bench's enc_w* variants time others
+ROW_KERNEL_WARPS = 1
 
 
 def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
