@@ -85,9 +85,9 @@ MERGE_GROUP_SPLITS = None
 # 6-10x fewer CTA barriers in the PTX, but slower on the H200: 24.6 vs 17.9 us for the Qwen3-8B
 # step at 128K, B = 1; decode.md)
 MERGE_TILE_ELEMS = 4096
-# warps of a merge-launch program (one (sequence, q-head) row): 2 measured 19.6 against 19.9 us
-# (4 warps) and 21.2 (8) for Qwen3-32B's step at 128K, B = 1 (decode.md, session 13)
-MERGE_WARPS = 2
+# warps of a merge-launch program (one (sequence, q-head) row): one measured 17.8 against 19.4 us
+# (2 warps), 19.7 (4) and 21.2 (8) for Qwen3-32B's step at 128K, B = 1 (decode.md, session 13)
+MERGE_WARPS = 1
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
 SELECT_IN_PROLOGUE = True
