@@ -9,8 +9,10 @@ small inputs only (decode steps), with one Triton kernel each:
 
     RMSNorm   classes named in ``RMS_NORMS`` -> ``kvcomp.ops.rms_norm``
     MLP       modules with gate_proj / up_proj / down_proj Linear layers and a SiLU ``act_fn``:
-              down(silu(gate(x)) * up(x)) -> one ``gemv`` on the merged gate|up weight,
-              ``silu_mul``, ``gemv`` of down
+              down(silu(gate(x)) * up(x)) -> one ``gemv`` on the merged gate|up weight with
+              ``silu(gate) * up`` in its epilogue for one-row inputs (``gemv(gated=True)``;
+              ``GATED_MLP``, ``GATED_MLP_MAX_ROWS``), else the gemv and ``silu_mul``; ``gemv``
+              of down
     RoPE      ``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling modules in
               ``ROPE_MODULES`` -> ``kvcomp.ops.rope``: a global of that module, replaced while a
               ``FusedDecode`` is active (for every model of that type in the process: the fused
@@ -24,6 +26,12 @@ small inputs only (decode steps), with one Triton kernel each:
               launch and the two norm modules then pass that exact output through (they check
               that their input is the slice the projection normalised; anything else is
               normalised as usual), where the model ran two norm launches
+    attention attention classes in ``ATTENTIONS`` whose layer runs on a static kvcomp cache
+              (``handle.new_cache(static=True)``), decode steps: the merged projection, then
+              ``KVCompStaticLayer.update_rotary``: the head norms, RoPE, the cache append (and
+              the key's code) and the query codes in one ``kvcomp.ops.rope_append`` launch,
+              then kvcomp's attention with those codes, then o_proj; any other call (prefill,
+              another cache, ``FUSED_ATTENTION_STEP`` off) runs the module's own forward
     layer     decoder layers of the classes in ``LAYERS`` (pre-norm, SiLU MLP): the residual
               adds in the epilogues of o_proj and down_proj; for one-row inputs (B = 1) each
               RMSNorm inside the projection that follows it (``gemv(norm=...)``: the input norm
