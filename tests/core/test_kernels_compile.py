@@ -365,7 +365,7 @@ def check_rope_append_kernel():
                                         "sqwk", "scdb", "scdh", "scdn", "sbb", "sbh", "sbk")},
                     HALF=64, BLOCK=64, BLOCK_DV=128, W=4 if codes or qcodes else 1, NORM=norm, CODES=codes,
                     QCODES=qcodes, HAS_BIAS=bias, EARLY=early, PDL=1)
-        ptx = compile_sm90(ra._rope_append_kernel, args, **ra._launch_options(4 if codes or qcodes else 0)).asm["ptx"]
+        ptx = compile_sm90(ra._rope_append_kernel, args, **ra._launch_options(128)).asm["ptx"]
         assert "fma." not in ptx, (norm, codes, qcodes)
         body = ptx[ptx.index(".entry"):]
         before, after = body.split("griddepcontrol.wait")

@@ -71,7 +71,7 @@ def time_batch(B: int, warps: list[int], out: list) -> None:
             assert (got[1] != ref[1]).float().mean() < 0.01
         orig = ra_mod._launch_options
         for nw in (warps if mode != "none" else [1]):
-            ra_mod._launch_options = lambda W, nw=nw, orig=orig: {**orig(W), "num_warps": nw}
+            ra_mod._launch_options = lambda D, nw=nw, orig=orig: {**orig(D), "num_warps": nw}
             try:
                 us = cuda_time_us(lambda kw=kw: call(kw), reps=50)
             finally:

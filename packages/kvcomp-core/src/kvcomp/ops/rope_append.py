@@ -191,12 +191,14 @@ if triton is not None:
                              mask=(row < L_out) & (row >= 0))
 
 
-def _launch_options(W: int) -> dict:
-    """``rope``'s options (no fp contraction, one warp) for every mode: on the H200 one warp was
-    the fastest with codes too (Qwen3-8B, B = 1 / 4, key and query codes: 2.00 / 2.58 us against
-    2.22 / 3.47 with 4 warps and 3.21 / 7.25 with 8; ``tools/experiments/rope_append_speed.py``,
-    docs/benchmarks/e2e.md session 13)."""
-    return dict(ROPE_LAUNCH)
+def _launch_options(D: int) -> dict:
+    """``rope``'s options (no fp contraction, one warp) for head_dim <= 128 in every mode: on the
+    H200 one warp was the fastest with codes too (Qwen3-8B, B = 1 / 4, key and query codes: 2.00 /
+    2.58 us against 2.22 / 3.47 with 4 warps and 3.21 / 7.25 with 8;
+    ``tools/experiments/rope_append_speed.py``, docs/benchmarks/e2e.md session 13). Wider heads
+    take 4 warps (a program's [D / 2, 32] x 2 fp32 projection tiles would not fit one warp's
+    registers; not measured)."""
+    return dict(ROPE_LAUNCH) if D <= 128 else {**ROPE_LAUNCH, "num_warps": 4}
 
 
 def _check_args(q, k, v, cos, sin, k_buf, v_buf, positions, q_norm, k_norm, codes, k_weight, k_bias,
@@ -299,6 +301,6 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
             HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)),
             BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), W=max(W, 1),
             NORM=q_norm is not None, CODES=codes is not None, QCODES=q_weight is not None,
-            HAS_BIAS=k_bias is not None, EARLY=bool(early), **_launch_options(W), **pdl_args(q, "norm"),
+            HAS_BIAS=k_bias is not None, EARLY=bool(early), **_launch_options(D), **pdl_args(q, "norm"),
         )
     return q_rot, q_codes

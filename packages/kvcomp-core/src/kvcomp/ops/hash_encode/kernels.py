@@ -151,10 +151,15 @@ def _hash_encode_row_kernel(
 
 # at most this many rows per (batch, head) take the one-row kernel
 ROW_KERNEL_MAX_ROWS = 8
-# warps of a one-row program (a [D] x [D, 32] product). One: on the H200 the decode step's query
-# encode at 128K, B = 1 gave steps of 17.5 / 19.7 us (Qwen3-8B / 32B) against 17.9 / 19.9 with
-# 4 warps (docs/benchmarks/decode.md, session 13); the bench's enc_w* variants time others
+# warps of a one-row program (a [D] x [D, 32] product) for D <= 128. One: on the H200 the decode
+# step's query encode at 128K, B = 1 gave steps of 17.5 / 19.7 us (Qwen3-8B / 32B) against 17.9 /
+# 19.9 with 4 warps (docs/benchmarks/decode.md, session 13); the bench's enc_w* variants time
+# others. Wider rows (the MLA latent, D = 512: a [512, 32] fp32 tile) keep 4 warps, as measured
 ROW_KERNEL_WARPS = 1
+
+
+def _row_warps(block_d: int) -> int:
+    return ROW_KERNEL_WARPS if block_d <= 128 else 4
 
 
 def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -188,7 +193,7 @@ def _launch(
             x4, w3, out4, pos if pos is not None else out4, bias_arg,
             D, H, out4.shape[2], hg,
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
-            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=ROW_KERNEL_WARPS,
+            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=_row_warps(block_d),
             **pdl_args(x4, "encode"),
         )
         return
@@ -268,7 +273,7 @@ def append_kv_triton(
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
         svcb=v_buf.stride(0), svch=v_buf.stride(1), svcn=v_buf.stride(2),
         COPY=True, CODES=has_codes, V_PROG=min(1, W - 1), DV=v.shape[3],
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=ROW_KERNEL_WARPS,
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), num_warps=_row_warps(max(16, triton.next_power_of_2(D))),
         **pdl_args(k, "encode"),
     )
 
