@@ -86,10 +86,10 @@ MERGE_GROUP_SPLITS = None
 # step at 128K, B = 1; decode.md)
 MERGE_TILE_ELEMS = 4096
 # warps of a merge-launch program (one (sequence, q-head) row, its [S_PAD, BLOCK_D] fp32 partials
-# loaded at once) for tiles of up to 4096 elements: one measured 17.8 against 19.4 us (2 warps),
-# 19.7 (4) and 21.2 (8) for Qwen3-32B's step at 128K, B = 1 ([32, 128]; decode.md, session 13).
-# Larger tiles (more splits: few rows) get a warp per 4096 elements, up to 8, so that a thread
-# holds at most 128 of them (not measured)
+# loaded at once) for tiles of up to 8192 elements: one measured 17.8 against 19.4 us (2 warps),
+# 19.7 (4) and 21.2 (8) for Qwen3-32B's step at 128K, B = 1, 2048 tokens ([32, 128]), and 32.7 /
+# 57.1 against 35.7 / 59.9 us (4 warps) at 10% / 30% ([64, 128]; decode.md, session 13). Larger
+# tiles (more splits: fewer rows) get a warp per 8192 elements, up to 8 (not measured)
 MERGE_WARPS = 1
 # run a deferred histogram selection (``decode_step``, few rows) in the split programs' prologue
 # instead of its own launch; False: ``DeferredSelect.run()`` first (the benchmark's before)
@@ -532,6 +532,6 @@ def sparse_decode_attention_triton(
         _merge_kernel[(B * Hq,)](
             m, l, acc, out, Hq, splits, *out.stride(),
             D=D, S_PAD=s_pad, BLOCK_D=block_d,
-            num_warps=max(MERGE_WARPS, min(8, s_pad * block_d // 4096)), **pdl, **hist,
+            num_warps=max(MERGE_WARPS, min(8, s_pad * block_d // 8192)), **pdl, **hist,
         )
     return out
