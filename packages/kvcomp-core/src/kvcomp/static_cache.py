@@ -131,9 +131,10 @@ class KVCompStaticLayer(KVCompLayer):
             raise RuntimeError(f"layer {self.layer_idx}: update_rotary is for decode steps after the prefill")
         if self.norms_buf is not None:
             raise RuntimeError(f"layer {self.layer_idx} keeps key norms (centred codes): use update()")
+        if k.dim() != 4 or k.shape[2] != 1:  # before the shared state advances
+            raise ValueError(f"layer {self.layer_idx}: update_rotary takes k [B, Hkv, 1, D] (one new "
+                             f"token), got {tuple(k.shape)}")
         k, v, seq_lens, start = self._begin_write(k, v)
-        if k.shape[2] != 1:
-            raise ValueError(f"layer {self.layer_idx}: update_rotary takes one new token, got {k.shape[2]}")
         has_codes = self.codes_buf is not None
         q_rot, q_codes = rope_append(
             q, k, v, cos, sin, self.keys_buf, self.values_buf, start, q_norm=q_norm, k_norm=k_norm,
