@@ -208,11 +208,25 @@ def test_errors(model):
         with pytest.raises(ValueError, match="batch"):
             cache.batch_repeat_interleave(2)
         cache2 = h.new_cache(static=True, max_cache_len=64)
+        with pytest.raises(RuntimeError, match="after the prefill"):  # nothing stored yet
+            cache2.layers[0].update_rotary(*_qkv(1, 1), *_cos_sin(1))
         step(model, ids_for(PROMPT), cache2)
         with pytest.raises(ValueError, match="batch"):
             step(model, ids_for(1, 2), cache2)
+        with pytest.raises(ValueError, match="one new"):  # refused before the lengths advance
+            cache2.layers[0].update_rotary(*_qkv(1, 2), *_cos_sin(2))
+        assert cache2.host_len == PROMPT and int(cache2.length) == PROMPT
     finally:
         h.disable()
+
+
+def _qkv(B, T):
+    return (torch.randn(B, HEADS, T, HEAD_DIM), torch.randn(B, KV_HEADS, T, HEAD_DIM),
+            torch.randn(B, KV_HEADS, T, HEAD_DIM))
+
+
+def _cos_sin(T):
+    return torch.ones(1, T, HEAD_DIM), torch.zeros(1, T, HEAD_DIM)
 
 
 def test_decode_graphs_static_path(model):
