@@ -283,8 +283,9 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     kws, qws = kws or qws or (0, 0, 0), qws or kws or (0, 0, 0)
     cds = (codes.stride(0), codes.stride(1), codes.stride(2)) if codes is not None else (0, 0, 0)
     dummy = q_rot
-    # the two weight pointers meet in one branch of the kernel: a missing one is an fp32 dummy
-    wdummy = kw if kw is not None else (qw if qw is not None else torch.empty(1, device=q.device))
+    # the two weight pointers meet in one branch of the kernel: a missing one stands in for the
+    # other (one pointer type); with neither, both are the same dummy (no allocation per step)
+    wdummy = kw if kw is not None else (qw if qw is not None else dummy)
     with device_guard(q):
         _rope_append_kernel[(B * (Hq + Hkv), max(W, 1))](
             q, k, v, cos, sin, positions, k_buf, v_buf, q_rot,
