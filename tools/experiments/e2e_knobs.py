@@ -41,6 +41,10 @@ SETS = {
     "neither": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False, GATED_MLP=False)},
     "no_table": {"kvcomp.attention": dict(K_BLOCKS_TABLE=False)},  # the policy's ops in every step
     "gated_rows": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16)},  # the gated epilogue at B > 1 too
+    # the tensor-core scan's occupancy at B = 1 (kvcomp bench decode's scan_* variants)
+    "scan_r40": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=40)},
+    "scan_r32": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=32)},
+    "scan_t1024": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_TARGET_PROGRAMS=1024)},
 }
 
 
@@ -59,12 +63,40 @@ def flags(spec: dict):
             setattr(mod, k, v)
 
 
+def timeline(model, graphs, method: str, ctx: int, B: int, args, path: str) -> None:
+    """A chrome trace of 3 graph-replayed greedy steps of ``method`` (after the timed ones of
+    ``e2e.measure_decoder``): kernel start / end times, for the critical path with PDL on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def traced(model_, cache, ids, n):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                ids = e2e.forward(model_, ids, cache).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(path)
+        return "trace: " + path
+
+    saved = e2e.profile_steps
+    e2e.profile_steps = traced
+    try:
+        args.profile, args._profile_ctx = True, ctx
+        row = e2e.measure_decoder(model, graphs, e2e.Decoder(model, method, 2048), ctx, B, args, "cuda",
+                                  e2e.fill_synthetic, profile_methods=(method,))
+        print(f"# {method} {ctx}x{B}: {row['step_ms']:.3f} ms/step, {row.get('profile')}", flush=True)
+    finally:
+        e2e.profile_steps = saved
+        args.profile = False
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", default="base", help=f"comma-separated subset of {','.join(SETS)}")
     p.add_argument("--rows", default="131072x1", help="comma-separated CTXxB")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-nopdl", action="store_true")
+    p.add_argument("--timeline", metavar="DIR",
+                   help="chrome traces (torch.profiler, PDL as set) of 3 replayed steps of both decoders "
+                        "at the first row, base flags, into DIR")
     p.add_argument("--json")
     a = p.parse_args()
     from kvcomp.graphs import DecodeGraphs
@@ -86,6 +118,10 @@ def main() -> int:
                 out["sets"][f"{name}@{ctx}x{B}"] = got
                 print(f"{name:>12} {ctx:>7} {B}  kvcomp {got['kvcomp']:.3f} ms  dense_kv {got['dense_kv']:.3f} ms"
                       f"  {got['ratio']:.3f}x  ({time.time() - t0:.0f}s)", flush=True)
+        if a.timeline:
+            ctx, B = rows[0]
+            for method in ("kvcomp", "dense_kv"):
+                timeline(model, graphs, method, ctx, B, args, f"{a.timeline}/trace_{method}_{ctx}x{B}.json")
         if a.profile_nopdl:
             pdl = importlib.import_module("kvcomp.ops._pdl")
             pdl.ENABLED = False

@@ -157,6 +157,7 @@ def _flags(module: str, **values):
 
 
 HK, AK = "kvcomp.ops.hamming_topk.kernels", "kvcomp.ops.sparse_decode_attention.kernels"
+MMA = "kvcomp.ops.hamming_topk.mma_scan"
 
 
 @contextlib.contextmanager
@@ -214,10 +215,10 @@ LATENCY_VARIANTS = {
     "rows_reduce": {HK: dict(SLICED_ROWS=False)},  # group rows by cross-thread reductions (session 7)
     # the SIMT scan instead of the tensor-core one (session 8's; session 9, B = 1: 19.4 against
     # 17.6 us with the restructured SIMT scan since reverted)
-    "simt_scan": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_SCAN=False)},
+    "simt_scan": {MMA: dict(MMA_SCAN=False)},
     "hist_step2": {HK: dict(HIST_STEP4=False)},  # bins of 2 scores (before session 10)
     # the tensor-core scan's first warp tile loaded in its loop, after the query codes (session 9)
-    "mma_late": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_FIRST_EARLY=False)},
+    "mma_late": {MMA: dict(MMA_FIRST_EARLY=False)},
     # fewer, longer splits where the partials exceed the fused merge's limit (session 11,
     # Qwen3-32B: 20.6 against 19.9 us)
     "attn_fit": {AK: dict(FUSED_MERGE_FIT=True)},
@@ -237,6 +238,11 @@ LATENCY_VARIANTS = {
     "merge_w2": {AK: dict(MERGE_WARPS=2)},
     "merge_w4": {AK: dict(MERGE_WARPS=4)},
     "merge_w8": {AK: dict(MERGE_WARPS=8)},
+    # the tensor-core scan's occupancy at B = 1 (2048 programs, ~1.5 waves at 48 registers): a
+    # register cap of 40 / 32 (12 / 16 programs an SM, spills), or two warp tiles a program (1024)
+    "scan_r40": {MMA: dict(MMA_MAXNREG=40)},
+    "scan_r32": {MMA: dict(MMA_MAXNREG=32)},
+    "scan_t1024": {MMA: dict(MMA_TARGET_PROGRAMS=1024)},
 }
 
 

@@ -45,6 +45,10 @@ MMA_TARGET_PROGRAMS = 8192
 # loading the next warp tile's codes before a tile's MMAs, 32 loads a lane in flight, was slower
 # at B = 1 and 8: 12.2 and 42.0 us; session 10, decode.md)
 MMA_FIRST_EARLY = True
+# register cap (ptxas .maxnreg) of the scan's programs, or None (the compiler's choice: 48 for
+# sm_90, so 10 programs of 4 warps an SM and the 2048 programs of 128K at B = 1 in ~1.5 waves;
+# 32 would fit 16 an SM, one wave, at the price of spills)
+MMA_MAXNREG = None
 
 
 @triton.jit
@@ -322,5 +326,6 @@ def block_keys_mma(q_codes: torch.Tensor, k_codes: torch.Tensor, seq_lens: torch
         q_codes.stride(0), q_codes.stride(1), q_codes.stride(2), k_codes.stride(0), k_codes.stride(1),
         G=Hq // Hkv, R=R, CHUNK=chunk_size, NWARPS=MMA_WARPS, num_warps=MMA_WARPS,
         EARLY=early, FIRST_EARLY=MMA_FIRST_EARLY, **(hist or {}), **pdl,
+        **({"maxnreg": MMA_MAXNREG} if MMA_MAXNREG else {}),
     )
     return keys
