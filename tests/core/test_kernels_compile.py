@@ -211,7 +211,7 @@ def _gemv_args(dot: bool, block_m: int, block_n: int, block_k: int, extras: bool
         x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", r_ptr="*bf16", y_ptr="*bf16", M=i32, N=i32,
         K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
-        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl, GATED=False,
+        nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl, GATED=False, EARLY=0,
     )
 
 
@@ -226,6 +226,14 @@ def check_gemv_kernel():
         gated = dict(_gemv_args(dot, block_m, max(16 if dot else 1, block_n // 2), block_k, True), GATED=True)
         ptx = compile_sm90(gv._gemv_kernel, gated, num_warps=4, num_stages=3).asm["ptx"]
         assert "ex2.approx" in ptx  # the silu's exp
+        # EARLY: the weight's first tile (both halves when gated) loaded before the PDL wait,
+        # x (the previous launch's output) only after it; nothing stored before it
+        for args in (_gemv_args(dot, block_m, block_n, block_k, True, pdl=True), dict(gated, PDL=True)):
+            body = straight_path(compile_sm90(gv._gemv_kernel, dict(args, EARLY=1), num_warps=4,
+                                              num_stages=3).asm["ptx"])
+            before, after = body.split("griddepcontrol.wait")
+            assert before.count("ld.global") >= (2 if args["GATED"] else 1) and "st.global" not in before
+            assert after.count("ld.global") >= 1
 
 
 def _row_encode_args(codes: bool, pdl: bool = False) -> dict:

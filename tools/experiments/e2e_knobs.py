@@ -41,6 +41,8 @@ SETS = {
     "neither": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False, GATED_MLP=False)},
     "no_table": {"kvcomp.attention": dict(K_BLOCKS_TABLE=False)},  # the policy's ops in every step
     "gated_rows": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16)},  # the gated epilogue at B > 1 too
+    # every gemv waits for its predecessor before its first weight load (before gemv(early=True))
+    "late_w": {GEMV: dict(EARLY_WEIGHT=False)},
     # the tensor-core scan's occupancy at B = 1 (kvcomp bench decode's scan_* variants)
     "scan_r40": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=40)},
     "scan_r32": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=32)},

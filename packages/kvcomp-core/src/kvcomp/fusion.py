@@ -47,7 +47,10 @@ are ordinary views). The fused ops compute the modules' math in the same precisi
 differ from them by float summation order (a GEMV or a norm's mean), except the norms folded
 into the projections (layer, above), which round less; tested against the unfused model.
 Plain kernels, not ``torch.compile``: no recompilation per batch size or tensor layout (dynamo
-guards on both), nothing to compile inside a CUDA-graph capture.
+guards on both), nothing to compile inside a CUDA-graph capture. Every ``gemv`` here takes
+``early=True``: a model's parameters are complete before a decode step starts, so with
+programmatic dependent launch each projection reads its weight's first tile while the kernel
+before it drains.
 
     fused = FusedDecode(model)        # or handle.compile_decode(fuse=True)
     ...                               # decode steps (eager or replayed from CUDA graphs)
@@ -145,7 +148,7 @@ class _Merged:
             norm, self.input_norm = self.input_norm[1:], None
         self._x = self._y = None
         self.pending = {}
-        return gemv(x, self.weight, self.bias, norm=norm)
+        return gemv(x, self.weight, self.bias, norm=norm, early=True)
 
     def project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Output slice i of the merged projection of x (computed once per input object)."""
@@ -153,7 +156,7 @@ class _Merged:
             norm = None
             if self.input_norm is not None and self.input_norm[0] is x:
                 norm, self.input_norm = self.input_norm[1:], None
-            y = gemv(x, self.weight, self.bias, norm=norm)
+            y = gemv(x, self.weight, self.bias, norm=norm, early=True)
             self.pending = {}
             if self.head_norms is not None:
                 qn, kn, hq, hk = self.head_norms
@@ -311,7 +314,7 @@ class FusedDecode:
         if not fused._gemv_ok(x, m.weight):
             y = F.linear(x, m.weight, m.bias)
             return y if res is None else res + y
-        return gemv(x, m.weight, m.bias, residual=res)
+        return gemv(x, m.weight, m.bias, residual=res, early=True)
 
     def _member_forward(fused, m, x):  # noqa: N805
         merged, i = fused._members[m]
@@ -392,8 +395,8 @@ class FusedDecode:
         halves match (``GATED_MLP``), else the gemv then ``silu_mul``."""
         n = mlp.gate_proj.out_features
         if GATED_MLP and 2 * n == gu.weight.shape[0] and x.numel() <= GATED_MLP_MAX_ROWS * x.shape[-1]:
-            return gemv(x, gu.weight, gu.bias, norm=norm, gated=True)
-        y = gemv(x, gu.weight, gu.bias, norm=norm)
+            return gemv(x, gu.weight, gu.bias, norm=norm, gated=True, early=True)
+        y = gemv(x, gu.weight, gu.bias, norm=norm, early=True)
         return silu_mul(y[..., :n], y[..., n:])
 
     def _layer_forward(fused, m, hidden_states, *args, **kwargs):  # noqa: N805
@@ -434,7 +437,7 @@ class FusedDecode:
         else:  # the norm folded into tensor-core tiles measured slower (H200): its own kernel
             hn, h = (post(h), h) if added else add_rms_norm(h, hidden_states, post.weight, eps)
             a = fused._gate_up_act(gu, mlp, hn)
-        return gemv(a, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
+        return gemv(a, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, early=True)
 
     def _rope_function(self, orig):
         fused = self

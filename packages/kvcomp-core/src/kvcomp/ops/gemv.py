@@ -59,6 +59,9 @@ MAX_ROWS = 16
 # tiles), more rows on tensor-core tiles.
 GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
 GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)
+# ``gemv(early=True)`` loads the weight's first K tile before the PDL wait (False: after it, as
+# without ``early``; the e2e experiments time both)
+EARLY_WEIGHT = True
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -85,20 +88,62 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 if triton is not None:
 
     @triton.jit
+    def _gemv_accumulate(acc, acc_u, ss, w, wu, x_rows, nw_ptr, kk, k_ok, m_ok,
+                         DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                         HAS_NORM: tl.constexpr, GATED: tl.constexpr):
+        """One K tile of ``_gemv_kernel``: x's tile loaded (normalised with HAS_NORM), its
+        products with the weight tile w (and the up tile wu with GATED) added to the
+        accumulators of the tile form (acc: [BLOCK_N, BLOCK_M] for DOT, [BLOCK_N, BLOCK_K] for
+        one row of FMA, else [BLOCK_M, BLOCK_N]; acc_u the same with GATED, else unused; ss the
+        running sum of squares with HAS_NORM, else unused)."""
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            ss += xf * xf
+            xf = xf * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if DOT and not DOT_F32:
+                x = xf.to(w.dtype)  # the tensor cores take the weight's dtype
+            else:
+                x = xf
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+            if GATED:
+                acc_u = tl.dot(wu.to(tl.float32), tl.trans(x.to(tl.float32)), acc_u)
+        elif DOT and IEEE:  # fp32 inputs: no tf32 rounding
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            if GATED:
+                acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision="ieee")
+        elif DOT:
+            acc = tl.dot(w, tl.trans(x), acc)
+            if GATED:
+                acc_u = tl.dot(wu, tl.trans(x), acc_u)
+        elif BLOCK_M == 1:
+            acc += x.to(tl.float32) * w.to(tl.float32)
+            if GATED:
+                acc_u += x.to(tl.float32) * wu.to(tl.float32)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            if GATED:
+                acc_u += tl.sum(x.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :], 2)
+        return acc, acc_u, ss
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K, sxm, swn, srm, sym,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-        GATED: tl.constexpr = False,
+        GATED: tl.constexpr = False, EARLY: tl.constexpr = 0,
     ):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
         (+ r[m, n] after rounding to y's dtype). With HAS_NORM, x[m, k] is nw[k] x[m, k]
         rsqrt(mean_k x[m, k]^2 + eps): each program sums the squares of the rows it streams
         anyway and scales its dot products by the row's factor at the end. PDL: programmatic
         dependent launch (``kvcomp.ops._pdl``). GATED: w is [2N, K] = [gate; up]; the program
-        also streams the up rows N + rn and stores silu(gate) * up (``silu_mul``'s roundings)."""
-        pdl_enter(PDL)
+        also streams the up rows N + rn and stores silu(gate) * up (``silu_mul``'s roundings).
+        EARLY (1; the weight was written before the previous launch): the first K tile of the
+        weight is loaded before the PDL wait, so a program placed while its predecessor drains
+        already streams; the same sums in the same order as without."""
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,67 +153,50 @@ if triton is not None:
         m_ok = rm < M
         w_rows = w_ptr + rn[:, None] * swn
         x_rows = x_ptr + rm[:, None] * sxm
+        if EARLY:  # the weight's first tile, before the wait (no other input is read before it)
+            k_ok0 = rk < K
+            w0 = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok0[None, :], other=0.0)
+            if GATED:
+                wu0 = tl.load(w_rows + N * swn + rk[None, :], mask=n_ok[:, None] & k_ok0[None, :], other=0.0)
+            else:
+                wu0 = w0
+        pdl_enter(PDL)
         if DOT:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            if GATED:
-                acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         elif BLOCK_M == 1:
-            acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # K reduced once, at the end
-            if GATED:
-                acc1_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # K reduced once, at the end
         else:
-            accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if GATED:
-                accm_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = acc  # used with GATED only
         if HAS_NORM:
             ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        else:
+            ss = tl.zeros((1, 1), dtype=tl.float32)  # unused
+        if EARLY:
+            acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w0, wu0, x_rows, nw_ptr, rk, rk < K, m_ok,
+                                              DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, GATED)
+        for k0 in range(EARLY * BLOCK_K, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if GATED:
                 wu = tl.load(w_rows + N * swn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_NORM:
-                xf = x.to(tl.float32)
-                ss += xf * xf
-                xf = xf * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                if DOT and not DOT_F32:
-                    x = xf.to(w.dtype)  # the tensor cores take the weight's dtype
-                else:
-                    x = xf
-            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
-                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
-                if GATED:
-                    acc_u = tl.dot(wu.to(tl.float32), tl.trans(x.to(tl.float32)), acc_u)
-            elif DOT and IEEE:  # fp32 inputs: no tf32 rounding
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-                if GATED:
-                    acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision="ieee")
-            elif DOT:
-                acc = tl.dot(w, tl.trans(x), acc)
-                if GATED:
-                    acc_u = tl.dot(wu, tl.trans(x), acc_u)
-            elif BLOCK_M == 1:
-                acc1 += x.to(tl.float32) * w.to(tl.float32)
-                if GATED:
-                    acc1_u += x.to(tl.float32) * wu.to(tl.float32)
             else:
-                accm += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-                if GATED:
-                    accm_u += tl.sum(x.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :], 2)
+                wu = w
+            acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w, wu, x_rows, nw_ptr, kk, k_ok, m_ok,
+                                              DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, GATED)
         if DOT:
             out = tl.trans(acc)
             if GATED:
                 out_u = tl.trans(acc_u)
         elif BLOCK_M == 1:
-            out = tl.sum(acc1, 1)[None, :]
+            out = tl.sum(acc, 1)[None, :]
             if GATED:
-                out_u = tl.sum(acc1_u, 1)[None, :]
+                out_u = tl.sum(acc_u, 1)[None, :]
         else:
-            out = accm
+            out = acc
             if GATED:
-                out_u = accm_u
+                out_u = acc_u
         if HAS_NORM:
             inv = tl.math.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
             out *= inv
@@ -192,10 +220,15 @@ if triton is not None:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, *, norm: tuple | None = None, gated: bool = False,
-         backend: str = "auto", config: dict | None = None) -> torch.Tensor:
+         early: bool = False, backend: str = "auto", config: dict | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] (module doc) -> [..., N] in x's dtype
     ([..., N / 2] with ``gated``: silu(gate) * up of the merged [gate; up] weight).
 
+    ``early``: the caller promises that the weight was complete before the previous kernel in
+    the stream was launched (a model's parameters in a decode step): with programmatic
+    dependent launch the kernel then reads the weight's first tile before it waits for that
+    kernel (``kvcomp.ops._pdl``), so its programs stream while the predecessor drains. Never
+    for a weight the previous kernel writes. Same result either way.
     ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
@@ -255,6 +288,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
             nw_ptr=norm[0].contiguous() if norm is not None else None,
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
-            GATED=bool(gated), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
+            GATED=bool(gated), EARLY=int(bool(early) and EARLY_WEIGHT), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
         )
     return y.view(*x.shape[:-1], N)
