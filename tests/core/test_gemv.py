@@ -1,5 +1,7 @@
 """kvcomp.ops.gemv against its fp32 reference: both tile forms, awkward shapes, strides, bias."""
 
+import importlib
+
 import pytest
 import torch
 from kvcomp.ops._common import interpreting
@@ -154,12 +156,17 @@ def test_gemv_gated_epilogue(cfg, M, dtype, dev):
 @pytest.mark.parametrize("cfg", CONFIGS + [None], ids=lambda c: c["form"] if c else "default")
 @pytest.mark.parametrize("M,K", [(1, 5), (1, 70), (1, 300), (3, 70), (4, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [1, 2])
 @pytest.mark.parametrize("dev", DEVICES)
-def test_gemv_early_weight_same_result(cfg, M, K, dtype, dev):
+def test_gemv_early_weight_same_result(cfg, M, K, dtype, tiles, dev, monkeypatch):
     """early=True (the weight's first K tile read before the PDL wait) computes the same sums in
     the same order: bit-identical to early=False for every tile form and epilogue, K below one
     tile, one tile and several; chained launches (each reads the previous one's output, under
-    PDL on the GPU) too."""
+    PDL on the GPU) too. The early form is taken at every row count here (by default one row),
+    with one or two tiles before the wait."""
+    mod = importlib.import_module("kvcomp.ops.gemv")  # (kvcomp.ops.gemv as an attribute is the function)
+    monkeypatch.setattr(mod, "EARLY_MAX_ROWS", 16)
+    monkeypatch.setattr(mod, "EARLY_TILES", tiles)
     g = torch.Generator().manual_seed(M * 100 + K)
     N = 2 * 19
     x = torch.randn(M, 1, K, generator=g).to(dev, dtype)

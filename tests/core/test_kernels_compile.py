@@ -229,11 +229,12 @@ def check_gemv_kernel():
         # EARLY: the weight's first tile (both halves when gated) loaded before the PDL wait,
         # x (the previous launch's output) only after it; nothing stored before it
         for args in (_gemv_args(dot, block_m, block_n, block_k, True, pdl=True), dict(gated, PDL=True)):
-            body = straight_path(compile_sm90(gv._gemv_kernel, dict(args, EARLY=1), num_warps=4,
-                                              num_stages=3).asm["ptx"])
-            before, after = body.split("griddepcontrol.wait")
-            assert before.count("ld.global") >= (2 if args["GATED"] else 1) and "st.global" not in before
-            assert after.count("ld.global") >= 1
+            for tiles in (1, 2):
+                body = straight_path(compile_sm90(gv._gemv_kernel, dict(args, EARLY=tiles), num_warps=4,
+                                                  num_stages=3).asm["ptx"])
+                before, after = body.split("griddepcontrol.wait")
+                assert before.count("ld.global") >= tiles * (2 if args["GATED"] else 1)
+                assert "st.global" not in before and after.count("ld.global") >= 1
 
 
 def _row_encode_args(codes: bool, pdl: bool = False) -> dict:

@@ -60,8 +60,14 @@ MAX_ROWS = 16
 GEMV_CONFIG = dict(form="dot", block_n=32, block_k=256, num_warps=4, num_stages=4)
 GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num_stages=3)
 # ``gemv(early=True)`` loads the weight's first K tile before the PDL wait (False: after it, as
-# without ``early``; the e2e experiments time both)
+# without ``early``; the e2e experiments time both), for inputs of up to EARLY_MAX_ROWS rows.
+# H200, Qwen3-8B-shaped decode step with every projection early (session 14, docs/benchmarks/
+# e2e.md): one row (the CUDA-core tiles) 4.74-4.75 against 4.91 ms for kvcomp at 128K and 8.70
+# against 8.81 for dense_kv; four rows (tensor-core tiles) 6.05 against 5.96 ms at 64K: one row only
 EARLY_WEIGHT = True
+EARLY_MAX_ROWS = 1
+# K tiles loaded before the wait (1 or 2)
+EARLY_TILES = 1
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -86,6 +92,18 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 if triton is not None:
+
+    @triton.jit
+    def _gemv_weight_tile(w_rows, kk, n_ok, K, up_off, GATED: tl.constexpr):
+        """The weight tile of columns kk ([BLOCK_N, BLOCK_K], zeros outside) and, with GATED,
+        the matching up tile (rows + up_off elements; else the same tile again)."""
+        mask = n_ok[:, None] & (kk < K)[None, :]
+        w = tl.load(w_rows + kk[None, :], mask=mask, other=0.0)
+        if GATED:
+            wu = tl.load(w_rows + up_off + kk[None, :], mask=mask, other=0.0)
+        else:
+            wu = w
+        return w, wu
 
     @triton.jit
     def _gemv_accumulate(acc, acc_u, ss, w, wu, x_rows, nw_ptr, kk, k_ok, m_ok,
@@ -141,9 +159,9 @@ if triton is not None:
         anyway and scales its dot products by the row's factor at the end. PDL: programmatic
         dependent launch (``kvcomp.ops._pdl``). GATED: w is [2N, K] = [gate; up]; the program
         also streams the up rows N + rn and stores silu(gate) * up (``silu_mul``'s roundings).
-        EARLY (1; the weight was written before the previous launch): the first K tile of the
-        weight is loaded before the PDL wait, so a program placed while its predecessor drains
-        already streams; the same sums in the same order as without."""
+        EARLY (the weight was written before the previous launch): the first EARLY (1 or 2) K
+        tiles of the weight are loaded before the PDL wait, so a program placed while its
+        predecessor drains already streams; the same sums in the same order as without."""
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,13 +171,10 @@ if triton is not None:
         m_ok = rm < M
         w_rows = w_ptr + rn[:, None] * swn
         x_rows = x_ptr + rm[:, None] * sxm
-        if EARLY:  # the weight's first tile, before the wait (no other input is read before it)
-            k_ok0 = rk < K
-            w0 = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok0[None, :], other=0.0)
-            if GATED:
-                wu0 = tl.load(w_rows + N * swn + rk[None, :], mask=n_ok[:, None] & k_ok0[None, :], other=0.0)
-            else:
-                wu0 = w0
+        if EARLY >= 1:  # the weight's first tiles, before the wait (no other input is read before it)
+            w0, wu0 = _gemv_weight_tile(w_rows, rk, n_ok, K, N * swn, GATED)
+        if EARLY >= 2:
+            w1, wu1 = _gemv_weight_tile(w_rows, BLOCK_K + rk, n_ok, K, N * swn, GATED)
         pdl_enter(PDL)
         if DOT:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -172,17 +187,17 @@ if triton is not None:
             ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         else:
             ss = tl.zeros((1, 1), dtype=tl.float32)  # unused
-        if EARLY:
+        if EARLY >= 1:
             acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w0, wu0, x_rows, nw_ptr, rk, rk < K, m_ok,
                                               DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, GATED)
+        if EARLY >= 2:
+            acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w1, wu1, x_rows, nw_ptr, BLOCK_K + rk,
+                                              BLOCK_K + rk < K, m_ok, DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM,
+                                              GATED)
         for k0 in range(EARLY * BLOCK_K, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if GATED:
-                wu = tl.load(w_rows + N * swn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            else:
-                wu = w
+            w, wu = _gemv_weight_tile(w_rows, kk, n_ok, K, N * swn, GATED)
             acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w, wu, x_rows, nw_ptr, kk, k_ok, m_ok,
                                               DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, GATED)
         if DOT:
@@ -227,8 +242,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ``early``: the caller promises that the weight was complete before the previous kernel in
     the stream was launched (a model's parameters in a decode step): with programmatic
     dependent launch the kernel then reads the weight's first tile before it waits for that
-    kernel (``kvcomp.ops._pdl``), so its programs stream while the predecessor drains. Never
-    for a weight the previous kernel writes. Same result either way.
+    kernel (``kvcomp.ops._pdl``), so its programs stream while the predecessor drains (inputs
+    of up to ``EARLY_MAX_ROWS`` rows: measured faster there only). Never for a weight the
+    previous kernel writes. Same result either way.
     ``config`` overrides ``GEMV_CONFIG`` keys (the sweep); x and weight must share a dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
@@ -288,7 +304,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             BLOCK_K=cfg["block_k"], DOT_F32=dot and interpreting(), IEEE=x.dtype == torch.float32,
             nw_ptr=norm[0].contiguous() if norm is not None else None,
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
-            GATED=bool(gated), EARLY=int(bool(early) and EARLY_WEIGHT), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
+            GATED=bool(gated), EARLY=EARLY_TILES if early and EARLY_WEIGHT and M <= EARLY_MAX_ROWS else 0,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
         )
     return y.view(*x.shape[:-1], N)
