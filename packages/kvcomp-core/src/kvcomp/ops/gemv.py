@@ -66,8 +66,9 @@ GEMV_CONFIG_ONE_ROW = dict(form="fma", block_n=4, block_k=1024, num_warps=4, num
 # against 8.81 for dense_kv; four rows (tensor-core tiles) 6.05 against 5.96 ms at 64K: one row only
 EARLY_WEIGHT = True
 EARLY_MAX_ROWS = 1
-# K tiles loaded before the wait (1 or 2)
-EARLY_TILES = 1
+# K tiles loaded before the wait (1 or 2): two took kvcomp's step at 128K, B = 1 to 4.70 against
+# 4.74-4.75 ms with one (dense_kv 8.71 / 8.70; the same session)
+EARLY_TILES = 2
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
