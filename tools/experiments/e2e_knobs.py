@@ -45,6 +45,10 @@ SETS = {
     "late_w": {GEMV: dict(EARLY_WEIGHT=False)},
     "early2": {GEMV: dict(EARLY_TILES=2)},  # two K tiles before the wait
     "early_rows4": {GEMV: dict(EARLY_MAX_ROWS=4)},  # the early tile on the tensor-core tiles too
+    # 2-4 rows on the CUDA-core tiles (4 features x 1024 a program, as one row), late / early
+    "rows4_fma": {GEMV: dict(GEMV_CONFIG=dict(ONE_ROW))},
+    "rows4_fma_early": {GEMV: dict(GEMV_CONFIG=dict(ONE_ROW), EARLY_MAX_ROWS=4)},
+    "rows4_fma8_early": {GEMV: dict(GEMV_CONFIG=dict(ONE_ROW, block_n=8, block_k=512), EARLY_MAX_ROWS=4)},
     # the tensor-core scan's occupancy at B = 1 (kvcomp bench decode's scan_* variants)
     "scan_r40": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=40)},
     "scan_r32": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=32)},
