@@ -53,6 +53,7 @@ SETS = {
     "scan_r40": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=40)},
     "scan_r32": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=32)},
     "scan_t1024": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_TARGET_PROGRAMS=1024)},
+    "scan_t4096": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_TARGET_PROGRAMS=4096)},
 }
 
 
