@@ -37,8 +37,14 @@ from kvcomp.ops.hamming_topk.kernels import _scan_program, _sliced_base, _sliced
 # take the tensor-core scan where it applies (False: the SIMT scan everywhere)
 MMA_SCAN = True
 MMA_WARPS = 4
-# at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS)
-MMA_TARGET_PROGRAMS = 8192
+# at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS).
+# H200, 128K, 2048 tokens, B = 8 (16384 warp tiles; session 14, two runs each): 4096 (four tiles
+# a program, the query planes derived half as often) against 8192: hamming_topk 38.5 / 39.2
+# against 39.8 / 41.1 us and the step 67.3 / 67.3 against 68.2 / 68.4 for Qwen3-32B, 38.8 / 39.4
+# against 39.2 / 41.4 and 65.2 / 65.2 against 65.3 / 65.4 for Qwen3-8B; one tile a program
+# (16384) 74.9 / 70.6 us. B = 4 at 128K (8192 tiles, two a program now): kvcomp's e2e step 6.85
+# against 6.79-6.84 ms (equal); B = 1 and 2 keep one tile a program
+MMA_TARGET_PROGRAMS = 4096
 # chunks up to 128: a program's first warp tile of key codes is loaded before the query codes
 # (and before the PDL wait where EARLY applies), overlapping the two memory round trips
 # (H200, 128K, hamming_topk: B = 1 11.4-11.7 against 13.2 us; B = 8 38.6-38.8 against 38.8. Also
