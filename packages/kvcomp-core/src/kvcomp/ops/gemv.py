@@ -26,6 +26,11 @@ one program (no split-K reduction kernel, no atomics: deterministic), accumulati
                                  epilogue: each program streams matching gate and up rows, so
                                  the 2I outputs are never written and no second launch reads
                                  them
+    gemv(..., early=True)        the same result; the weight's first EARLY_TILES K tiles are
+                                 read before the kernel waits for its predecessor (programmatic
+                                 dependent launch), for a weight complete before that
+                                 predecessor was launched (a model's parameters in a decode
+                                 step; one-row inputs: ``EARLY_MAX_ROWS``)
 
 Two tile forms (``GEMV_CONFIG`` / ``GEMV_CONFIG_ONE_ROW``; both tested): ``dot`` multiplies the tile with tl.dot
 (x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
