@@ -534,8 +534,9 @@ def measure_rows(measure_fn, model, graphs, rows_todo, methods, args, dev: str, 
                     sp["target"] = t
                     sp["met"] = sp["vs_best_dense"] >= t
             data["speedups"].append(sp)
-            print("        speedup " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()
-                                               if k.startswith("vs_")), flush=True)
+            verdict = f"; target {sp['target']}x: {'met' if sp['met'] else 'missed'}" if "target" in sp else ""
+            print("        speedup " + ", ".join(f"{k} {v:.3f}x" for k, v in sp.items()
+                                               if k.startswith("vs_")) + verdict, flush=True)
         _write(args.json, data)
 
 
@@ -597,8 +598,8 @@ def run(args: argparse.Namespace) -> int:
                      targets={} if args.tiny else TARGETS)
     finally:
         graphs.remove()
-    print("\n| ctx | B | kvcomp ms | dense ms | dense_kv ms | kvcomp tok/s | vs dense | vs dense_kv |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| ctx | B | kvcomp ms | dense ms | dense_kv ms | kvcomp tok/s | vs dense | vs dense_kv | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by = {(r["ctx"], r["batch"], r["method"]): r for r in data["rows"] if "error" not in r}
     for sp in data["speedups"]:
         c, b = sp["ctx"], sp["batch"]
@@ -607,12 +608,13 @@ def run(args: argparse.Namespace) -> int:
             r = by.get((c, b, m))
             return f"{r['step_ms']:.2f}" if r else "-"
 
-        def x(key, sp=sp):
-            return f"{sp[key]:.2f}x" if key in sp and math.isfinite(sp[key]) else "-"
+        def x(key, sp=sp):  # three decimals: 1.796x must not read as the 1.8x it misses
+            return f"{sp[key]:.3f}x" if key in sp and math.isfinite(sp[key]) else "-"
 
         kv = by.get((c, b, "kvcomp"))
+        target = f"{sp['target']}x: {'met' if sp['met'] else 'missed'}" if "target" in sp else ""
         print(f"| {c} | {b} | {ms('kvcomp')} | {ms('dense')} | {ms('dense_kv')} | "
-              f"{kv['tokens_per_s']:.1f} | {x('vs_dense')} | {x('vs_dense_kv')} |")
+              f"{kv['tokens_per_s']:.1f} | {x('vs_dense')} | {x('vs_dense_kv')} | {target} |")
     print(f"# total {time.time() - t_start:.0f}s")
     _write(args.json, data)
     if args.plot:
