@@ -253,8 +253,9 @@ def test_fused_attention_step_on_a_static_kvcomp_cache(arch, B):
 @pytest.mark.parametrize("B", [1, 3])
 def test_fused_attention_crosses_the_threshold_gpu(B):
     """llama (no head norms), fused decoder with CUDA graphs on a static kvcomp cache, a prompt
-    below the threshold: the decode steps run ``rope_append`` with the key's code only (dense
-    phase), then with the query codes too (sparse phase, a second graph). The tokens equal the
+    below the threshold: the decode steps run ``rope_append`` without codes (dense phase), then
+    with the key's and the query codes (sparse phase, a second graph; the dense steps' key codes
+    are filled in before its first replay, also when it replays without a capture). The tokens equal the
     same fused model's with the attention's own forward (four launches instead of
     ``rope_append``: the rotated rows are bit-identical, the codes summed in another order);
     in the dense phase every token is also the unfused model's argmax along the same tokens, or
@@ -264,6 +265,7 @@ def test_fused_attention_crosses_the_threshold_gpu(B):
     import kvcomp
     import kvcomp.fusion as fusion
     from kvcomp.config import KVCompConfig
+    from kvcomp.ops import hash_encode
 
     model = _gpu_model("llama", seed=1)
     kcfg = KVCompConfig.default("llama", 3, 64, chunk_size=16, threshold=240, top_k_budget_tokens=64,
@@ -273,16 +275,28 @@ def test_fused_attention_crosses_the_threshold_gpu(B):
     dense_steps = 240 - P - 1  # new tokens decoded below the threshold
     ids = torch.randint(1, 256, (B, P), generator=torch.Generator().manual_seed(2)).cuda()
 
-    def gen():
-        return model.generate(ids, past_key_values=h.new_cache(static=True, max_cache_len=P + NEW),
-                              max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    def gen(cache=None):
+        cache = h.new_cache(static=True, max_cache_len=P + NEW) if cache is None else cache
+        return model.generate(ids, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW,
+                              do_sample=False)
 
     try:
         graphs = h.compile_decode(fuse=True)
         try:
             assert graphs.fused.attentions == 3
-            got = gen()
+            kept = h.new_cache(static=True, max_cache_len=P + NEW)
+            got = gen(kept)
             assert graphs.captures == 2  # one graph per phase (dense, then sparse)
+            # the same cache again replays both graphs: the dense steps leave their keys' codes
+            # to fill_codes before the first sparse replay (no warm-up runs then)
+            kept.reset()
+            assert torch.equal(gen(kept), got) and graphs.captures == 2
+            layer = kept.layers[2]
+            assert layer.coded_len == P + NEW - 1
+            want = hash_encode(layer.keys_buf[:, :, :P + NEW - 1], layer.code_weight)
+            # codes of the stored bf16 keys (rope_append codes the fp32 rotation: a sign may differ
+            # where a projection is near zero); missing codes would be 14% of the words
+            assert (layer.codes_buf[:, :, :P + NEW - 1] != want).float().mean() < 0.02
             fusion.FUSED_ATTENTION_STEP = False
             try:
                 graphs.clear()

@@ -212,7 +212,16 @@ def _gemv_args(dot: bool, block_m: int, block_n: int, block_k: int, extras: bool
         K=i32, sxm=i32, swn=i32, srm=i32, sym=i32, HAS_BIAS=extras, HAS_RES=extras, DOT=dot,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=False, IEEE=False,
         nw_ptr="*bf16" if extras else None, eps="fp32", HAS_NORM=extras, PDL=pdl, GATED=False, EARLY=0,
+        STACKED=False, TWO_TILES=False, ROWS=block_n,
     )
+
+
+def _gated_args(dot: bool, block_m: int, block_n: int, block_k: int, stacked: bool) -> dict:
+    """The gated epilogue with as many weight rows a program as the plain tile of block_n rows:
+    stacked (one tile of gate and up rows) or in two tiles."""
+    half = max(16 if dot else 1, block_n // 2)
+    return dict(_gemv_args(dot, block_m, half, block_k, True), GATED=True, STACKED=stacked,
+                TWO_TILES=not stacked, ROWS=2 * half if stacked else half)
 
 
 def check_gemv_kernel():
@@ -223,9 +232,16 @@ def check_gemv_kernel():
         for extras in (False, True):
             compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, extras),
                          num_warps=4, num_stages=3)
-        gated = dict(_gemv_args(dot, block_m, max(16 if dot else 1, block_n // 2), block_k, True), GATED=True)
+        gated = _gated_args(dot, block_m, block_n, block_k, stacked=dot)
         ptx = compile_sm90(gv._gemv_kernel, gated, num_warps=4, num_stages=3).asm["ptx"]
         assert "ex2.approx" in ptx  # the silu's exp
+        if dot:  # stacked: the plain tile's tensor-core work (two 16-row tiles: every warp ran all)
+            plain = compile_sm90(gv._gemv_kernel, _gemv_args(dot, block_m, block_n, block_k, True),
+                                 num_warps=4, num_stages=3).asm["ptx"]
+            two = compile_sm90(gv._gemv_kernel, _gated_args(dot, block_m, block_n, block_k, stacked=False),
+                               num_warps=4, num_stages=3).asm["ptx"]
+            assert ptx.count("mma.sync") == plain.count("mma.sync") < two.count("mma.sync"), (
+                ptx.count("mma.sync"), plain.count("mma.sync"), two.count("mma.sync"))
         # EARLY: the weight's first tile (both halves when gated) loaded before the PDL wait,
         # x (the previous launch's output) only after it; nothing stored before it
         for args in (_gemv_args(dot, block_m, block_n, block_k, True, pdl=True), dict(gated, PDL=True)):

@@ -13,7 +13,10 @@ What the tests establish:
       a new prompt gives the fresh cache's logits, with the same buffers);
   (d) clear errors: padded batch, full cache, batch change, missing max_cache_len;
   (e) ``DecodeGraphs`` (static buffers, eager on the CPU) gives generate's tokens for kvcomp and
-      for transformers' StaticCache (the dense baseline).
+      for transformers' StaticCache (the dense baseline);
+  (f) one-token steps below the threshold leave their keys' codes unwritten; the first step at
+      the threshold (or ``fill_codes`` before a replay, or a multi-token update) encodes them:
+      every stored row's code then equals ``hash_encode`` of its key, bit for bit.
 """
 
 from __future__ import annotations
@@ -256,3 +259,78 @@ def test_decode_graphs_static_path(model):
     finally:
         g.remove()
     assert_same(ref, got)
+
+
+def _assert_codes_exact(h, cache, n):
+    """Rows 0 .. n - 1 of every hashed layer hold hash_encode of their keys (bias included)."""
+    from kvcomp.ops import hash_encode
+
+    for i in h.policy.compute_layers:
+        layer = cache.layers[i]
+        want = hash_encode(layer.keys_buf[:, :, :n], layer.code_weight, bias=layer.key_bias)
+        assert torch.equal(layer.codes_buf[:, :, :n], want), i
+        assert layer.coded_len == n
+
+
+@pytest.mark.parametrize("score", ["hamming", "centered_norm"])
+def test_codes_deferred_below_the_threshold(model, score):
+    t = PROMPT + 4
+    h = kvcomp.enable(model, config_for(model, threshold=t, chunk_size=4, ratio=0.25, token_score=score))
+    hashed = h.policy.compute_layers
+    try:
+        cache = h.new_cache(static=True, max_cache_len=64)
+        step(model, ids_for(PROMPT, 2), cache)  # a prefill codes its rows, below the threshold too
+        _assert_codes_exact(h, cache, PROMPT)
+        for j in range(3):  # lengths PROMPT + 1 .. + 3 < t: dense steps, no codes written
+            step(model, ids_for(1, 2, seed=30 + j), cache)
+            for i in hashed:
+                layer = cache.layers[i]
+                assert layer.coded_len == PROMPT and layer.padded_len == PROMPT + j + 1
+                assert not layer.codes_buf[:, :, PROMPT: PROMPT + j + 1].any()  # zeroed buffers
+        state = cache.checkpoint()
+        step(model, ids_for(1, 2, seed=40), cache)  # length t: fills rows PROMPT .. t - 2, codes t - 1
+        _assert_codes_exact(h, cache, t)
+        assert cache.layers[hashed[0]].step_block_idx is not None
+        cache.restore(state)  # back to t - 1 tokens: rows below it keep their codes
+        assert all(cache.layers[i].coded_len == t - 1 for i in hashed)
+        cache.crop(-2)  # t - 3 tokens
+        assert all(cache.layers[i].coded_len == t - 3 for i in hashed)
+        step(model, ids_for(1, 2, seed=41), cache)  # t - 2: a dense step again
+        assert all(cache.layers[i].coded_len == t - 3 for i in hashed)
+        assert not cache.decode_phase()
+        cache.fill_codes()  # only before a step at the threshold: nothing yet
+        assert all(cache.layers[i].coded_len == t - 3 for i in hashed)
+        step(model, ids_for(1, 2, seed=42), cache)  # t - 1
+        assert cache.decode_phase()
+        cache.fill_codes()  # what DecodeGraphs runs before replaying the step at t
+        _assert_codes_exact(h, cache, t - 1)
+        cache.advance(1)  # as after a replay that wrote row t - 1 and its code
+        assert all(cache.layers[i].coded_len == t for i in hashed)
+        cache.reset()
+        assert all(cache.layers[i].coded_len == 0 for i in hashed)
+    finally:
+        h.disable()
+
+
+def test_decode_graphs_fill_deferred_codes(model):
+    """Two generations through the same DecodeGraphs entries (static buffers, eager without
+    CUDA) with a prompt below the threshold: the tokens equal the dynamic cache's (which codes
+    every key at once), and every row's code is exact afterwards."""
+    t = PROMPT + 4
+    h = kvcomp.enable(model, config_for(model, threshold=t, chunk_size=4, ratio=0.25))
+    ids = ids_for(PROMPT, 2, seed=6)
+    try:
+        ref = generate(model, ids, h.new_cache(), new=12)
+        g = h.compile_decode(enabled=False)
+        try:
+            cache = h.new_cache(static=True, max_cache_len=PROMPT + 12)
+            for _ in range(2):
+                cache.reset()
+                got = generate(model, ids, cache, new=12)
+                assert_same(ref, got)
+                _assert_codes_exact(h, cache, PROMPT + 11)
+            assert len(g._entries) == 2
+        finally:
+            g.remove()
+    finally:
+        h.disable()

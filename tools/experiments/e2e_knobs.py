@@ -41,6 +41,10 @@ SETS = {
     "neither": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False, GATED_MLP=False)},
     "no_table": {"kvcomp.attention": dict(K_BLOCKS_TABLE=False)},  # the policy's ops in every step
     "gated_rows": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16)},  # the gated epilogue at B > 1 too
+    # ... on the two-tile gated tensor-core form (session 13's, before GATED_STACKED)
+    "gated_rows_two": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16), GEMV: dict(GATED_STACKED=False)},
+    # below the threshold every step writes its key's code (before deferred codes)
+    "codes_always": {"kvcomp.static_cache": dict(DEFER_CODES=False)},
     # every gemv waits for its predecessor before its first weight load (before gemv(early=True))
     "late_w": {GEMV: dict(EARLY_WEIGHT=False)},
     "early2": {GEMV: dict(EARLY_TILES=2)},  # two K tiles before the wait

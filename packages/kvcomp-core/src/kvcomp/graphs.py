@@ -169,6 +169,8 @@ class DecodeGraphs:
             entry = _Entry(cache, B, ids.device, mask_len)
             entry.version = version
             self._entries[key] = entry
+        if kind == "kvcomp":
+            cache.fill_codes()  # codes that steps below the threshold deferred (eager, once)
         self._load_inputs(entry, cache, kind, kwargs)
         call = self._call_kwargs(entry, cache, name, kind)
         if not self.enabled:

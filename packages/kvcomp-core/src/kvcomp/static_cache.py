@@ -60,10 +60,15 @@ import torch
 
 from kvcomp.cache import _ACTIVE, KVCompCache, KVCompLayer
 from kvcomp.ops.append_kv import append_kv
+from kvcomp.ops.hash_encode import hash_encode
 from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 from kvcomp.ops.rope_append import rope_append
 
 __all__ = ["KVCompStaticCache", "KVCompStaticLayer"]
+
+# one-token steps below the threshold leave their keys' codes to ``fill_codes`` (False: every
+# update writes them; for the end-to-end comparison in tools/experiments/e2e_knobs.py)
+DEFER_CODES = True
 
 
 class KVCompStaticLayer(KVCompLayer):
@@ -78,6 +83,7 @@ class KVCompStaticLayer(KVCompLayer):
     def _clear(self) -> None:
         super()._clear()
         self.capacity = 0
+        self.coded_len = 0  # rows 0 .. coded_len - 1 of codes_buf hold their keys' codes
         self.step_query_codes = None  # (q_rot, codes [B, Hq, W]) made by update_rotary
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -106,14 +112,15 @@ class KVCompStaticLayer(KVCompLayer):
             lens = torch.full((key_states.shape[0],), T, dtype=torch.int32, device=dev)
             self.key_mu.copy_(key_mean(key_states, lens))
             self.key_bias.copy_(hash_bias(self.key_mu, self.code_weight))
+        coded = self._codes_now(T)
         # keys, values and codes in one launch for a decode step (kvcomp.ops.append_kv)
         append_kv(key_states, value_states, self.keys_buf, self.values_buf, start,
-                  codes=self.codes_buf, weight=self.code_weight if self.codes_buf is not None else None,
-                  bias=self.key_bias)
+                  codes=self.codes_buf if coded else None, weight=self.code_weight if coded else None,
+                  bias=self.key_bias if coded else None)
         if self.norms_buf is not None:
             key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
         ret = (key_states, value_states) if prefill else (self.keys_buf, self.values_buf)
-        return self._end_write(seq_lens, T, prefill, ret)
+        return self._end_write(seq_lens, T, prefill, ret, coded)
 
     def update_rotary(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, *, q_norm: torch.Tensor | None = None,
@@ -135,14 +142,49 @@ class KVCompStaticLayer(KVCompLayer):
             raise ValueError(f"layer {self.layer_idx}: update_rotary takes k [B, Hkv, 1, D] (one new "
                              f"token), got {tuple(k.shape)}")
         k, v, seq_lens, start = self._begin_write(k, v)
-        has_codes = self.codes_buf is not None
+        coded = self._codes_now(1)
         q_rot, q_codes = rope_append(
             q, k, v, cos, sin, self.keys_buf, self.values_buf, start, q_norm=q_norm, k_norm=k_norm,
-            eps=eps, codes=self.codes_buf, k_weight=self.code_weight if has_codes else None,
-            k_bias=self.key_bias, q_weight=q_weight, early=early)
+            eps=eps, codes=self.codes_buf if coded else None, k_weight=self.code_weight if coded else None,
+            k_bias=self.key_bias if coded else None, q_weight=q_weight, early=early)
         self.step_query_codes = (q_rot, q_codes) if q_codes is not None else None
-        keys, values = self._end_write(seq_lens, 1, False, (self.keys_buf, self.values_buf))
+        keys, values = self._end_write(seq_lens, 1, False, (self.keys_buf, self.values_buf), coded)
         return q_rot, keys, values
+
+    # ------------------------------------------------------------------------ deferred codes
+    def _codes_now(self, T: int) -> bool:
+        """Whether this update (shared state advanced, ``padded_len`` not yet) writes its rows'
+        codes. A one-token step below the threshold does not: it attends to every block and
+        nothing reads codes until the threshold, so its key's code waits for ``fill_codes``
+        (saves the code's work in every hashed layer of every step below it). Any other update
+        first encodes the rows such steps left (``fill_codes``), then its own."""
+        if self.codes_buf is None:
+            return False
+        cache: KVCompStaticCache = self._cache_ref()
+        t = cache.seq_len_threshold
+        if DEFER_CODES and T == 1 and t is not None and cache.host_len < t:
+            return False
+        self.fill_codes()
+        return True
+
+    def fill_codes(self) -> None:
+        """Encode the keys of rows ``coded_len .. padded_len - 1`` into ``codes_buf`` (one
+        ``hash_encode``; nothing when every stored row has its code). Eager only: the rows are
+        host values, so it must not run inside a graph capture (``KVCompStaticCache.fill_codes``
+        runs it before a replayed step at or above the threshold)."""
+        a, b = self.coded_len, self.padded_len
+        if self.codes_buf is None or a >= b:
+            self.coded_len = min(self.coded_len, self.padded_len)
+            return
+        if self.keys_buf.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"layer {self.layer_idx}: rows {a}..{b - 1} have no key codes during a graph capture "
+                "(KVCompStaticCache.fill_codes must run before the capture)"
+            )
+        pos = torch.full((self.batch_size,), a, dtype=torch.int64, device=self.keys_buf.device)
+        hash_encode(self.keys_buf[:, :, a:b], self.code_weight, bias=self.key_bias, out=self.codes_buf,
+                    positions=pos)
+        self.coded_len = b
 
     def _begin_write(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Checks and the shared step state of an update: (keys, values on the cache's device,
@@ -167,9 +209,11 @@ class KVCompStaticLayer(KVCompLayer):
         self.step_query_codes = None
         return key_states.to(dev), value_states.to(dev), seq_lens, start
 
-    def _end_write(self, seq_lens: torch.Tensor, T: int, prefill: bool, ret):
+    def _end_write(self, seq_lens: torch.Tensor, T: int, prefill: bool, ret, coded: bool):
         self.seq_lens = seq_lens
         self._advance_host(T)
+        if coded:
+            self.coded_len = self.padded_len
         self.updates += 1
         self.step_kind = "prefill" if prefill else ("decode" if T == 1 else "extend")
         self.keys, self.values = self.keys_buf, self.values_buf
@@ -193,7 +237,7 @@ class KVCompStaticLayer(KVCompLayer):
         """Forget the stored tokens; the buffers stay (a captured graph stays valid)."""
         if not self.is_initialized:
             return
-        self.padded_len = 0
+        self.padded_len = self.coded_len = 0
         self.lens = [0] * self.batch_size
         self.step_kind = "none"
         self.step_block_idx = None
@@ -208,6 +252,7 @@ class KVCompStaticLayer(KVCompLayer):
         remove = -tokens_to_remove if tokens_to_remove < 0 else self.padded_len - tokens_to_remove
         remove = max(0, min(remove, self.padded_len))
         self.padded_len -= remove
+        self.coded_len = min(self.coded_len, self.padded_len)
         self.lens = [self.padded_len] * self.batch_size
         self.step_block_idx = None
 
@@ -327,11 +372,27 @@ class KVCompStaticCache(KVCompCache):
         t = self.seq_len_threshold
         return t is not None and self.host_len + 1 >= t
 
+    def fill_codes(self) -> None:
+        """Before a replayed one-token step at or above the threshold (``decode_phase()``):
+        encode, on every layer, the keys whose codes the steps below it left unwritten
+        (``KVCompStaticLayer.fill_codes``; eager, nothing to do after the first such step).
+        ``kvcomp.graphs.DecodeGraphs`` calls it; eager updates do it themselves."""
+        if not self.decode_phase():
+            return
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.fill_codes()
+
     def advance(self, T: int) -> None:
-        """Advance the host mirrors by ``T`` tokens after a replayed step (no Python ran)."""
+        """Advance the host mirrors by ``T`` tokens after a replayed step (no Python ran); the
+        step wrote its keys' codes unless it was one token below the threshold."""
+        t = self.seq_len_threshold
+        coded = T > 1 or t is None or self.host_len + T >= t or not DEFER_CODES
         self.host_len += T
         for layer in self.layers:
             if layer.is_initialized:
+                if coded and layer.codes_buf is not None and layer.coded_len == layer.padded_len:
+                    layer.coded_len += T
                 layer._advance_host(T)
                 layer.updates += 1
                 layer.step_kind = "decode" if T == 1 else "extend"
@@ -348,6 +409,7 @@ class KVCompStaticCache(KVCompCache):
         for layer, (n, updates) in zip(self.layers, per_layer):
             if layer.is_initialized:
                 layer.padded_len, layer.updates = n, updates
+                layer.coded_len = min(layer.coded_len, n)  # rows up to n kept their codes
                 layer.lens = [n] * layer.batch_size
         if dev is not None:
             self.length.copy_(dev[0])
@@ -355,8 +417,9 @@ class KVCompStaticCache(KVCompCache):
         self._memo = {}
 
     def set_length(self, n: int) -> None:
-        """Declare the first ``n`` rows of every initialized layer valid (host mirrors and
-        device lengths); for benchmarks and tests that write the buffers (and codes) directly."""
+        """Declare the first ``n`` rows of every initialized layer valid, their codes included
+        (host mirrors and device lengths); for benchmarks and tests that write the buffers and
+        codes directly."""
         if self.length is None:
             raise RuntimeError("set_length: the cache has no storage yet (run a forward first)")
         if not 0 <= n <= self._max_cache_len:
@@ -364,7 +427,7 @@ class KVCompStaticCache(KVCompCache):
         self.host_len = n
         for layer in self.layers:
             if layer.is_initialized:
-                layer.padded_len = n
+                layer.padded_len = layer.coded_len = n
                 layer.lens = [n] * layer.batch_size
         self.length.fill_(n)
         self.seq_lens_shared.fill_(n)

@@ -74,6 +74,10 @@ EARLY_MAX_ROWS = 1
 # K tiles loaded before the wait (1 or 2): two took kvcomp's step at 128K, B = 1 to 4.70 against
 # 4.74-4.75 ms with one (dense_kv 8.71 / 8.70; the same session)
 EARLY_TILES = 2
+# gated tensor-core tiles: gate and up rows stacked in one [2 * block_n, block_k] tile and one
+# dot, like the plain tiles (False: two [block_n, block_k] tiles and dots; a 16-row output does
+# not split over 4 warps, so every warp ran all of both dots: 64 mma.sync a K tile against 16)
+GATED_STACKED = True
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -157,7 +161,8 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         nw_ptr=None, eps=0.0, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-        GATED: tl.constexpr = False, EARLY: tl.constexpr = 0,
+        GATED: tl.constexpr = False, EARLY: tl.constexpr = 0, STACKED: tl.constexpr = False,
+        TWO_TILES: tl.constexpr = False, ROWS: tl.constexpr = 16,
     ):
         """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): y[m, n] = sum_k x[m, k] w[n, k] (+ b[n])
         (+ r[m, n] after rounding to y's dtype). With HAS_NORM, x[m, k] is nw[k] x[m, k]
@@ -167,7 +172,11 @@ if triton is not None:
         also streams the up rows N + rn and stores silu(gate) * up (``silu_mul``'s roundings).
         EARLY (the weight was written before the previous launch): the first EARLY (1 or 2) K
         tiles of the weight are loaded before the PDL wait, so a program placed while its
-        predecessor drains already streams; the same sums in the same order as without."""
+        predecessor drains already streams; the same sums in the same order as without.
+        GATED weight tiles: STACKED (the tensor-core form) stacks the gate and up rows in one
+        [ROWS = 2 BLOCK_N, BLOCK_K] tile and one dot (split in the epilogue), shaped like the
+        plain tiles; TWO_TILES keeps them in two tiles and two accumulators. Without GATED,
+        ROWS = BLOCK_N."""
         pid_n = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,15 +184,22 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         m_ok = rm < M
-        w_rows = w_ptr + rn[:, None] * swn
+        if STACKED:  # tile row r: gate row rn[r] for r < BLOCK_N, else up row N + rn[r - BLOCK_N]
+            rr = tl.arange(0, ROWS)
+            rn_w = pid_n * BLOCK_N + rr % BLOCK_N
+            n_ok_w = rn_w < N
+            w_rows = w_ptr + (rn_w * swn + (rr // BLOCK_N) * N * swn)[:, None]
+        else:
+            n_ok_w = n_ok
+            w_rows = w_ptr + rn[:, None] * swn
         x_rows = x_ptr + rm[:, None] * sxm
         if EARLY >= 1:  # the weight's first tiles, before the wait (no other input is read before it)
-            w0, wu0 = _gemv_weight_tile(w_rows, rk, n_ok, K, N * swn, GATED)
+            w0, wu0 = _gemv_weight_tile(w_rows, rk, n_ok_w, K, N * swn, TWO_TILES)
         if EARLY >= 2:
-            w1, wu1 = _gemv_weight_tile(w_rows, BLOCK_K + rk, n_ok, K, N * swn, GATED)
+            w1, wu1 = _gemv_weight_tile(w_rows, BLOCK_K + rk, n_ok_w, K, N * swn, TWO_TILES)
         pdl_enter(PDL)
         if DOT:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc = tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)
         elif BLOCK_M == 1:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # K reduced once, at the end
         else:
@@ -195,18 +211,21 @@ if triton is not None:
             ss = tl.zeros((1, 1), dtype=tl.float32)  # unused
         if EARLY >= 1:
             acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w0, wu0, x_rows, nw_ptr, rk, rk < K, m_ok,
-                                              DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, GATED)
+                                              DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, TWO_TILES)
         if EARLY >= 2:
             acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w1, wu1, x_rows, nw_ptr, BLOCK_K + rk,
                                               BLOCK_K + rk < K, m_ok, DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM,
-                                              GATED)
+                                              TWO_TILES)
         for k0 in range(EARLY * BLOCK_K, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
-            w, wu = _gemv_weight_tile(w_rows, kk, n_ok, K, N * swn, GATED)
+            w, wu = _gemv_weight_tile(w_rows, kk, n_ok_w, K, N * swn, TWO_TILES)
             acc, acc_u, ss = _gemv_accumulate(acc, acc_u, ss, w, wu, x_rows, nw_ptr, kk, k_ok, m_ok,
-                                              DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, GATED)
-        if DOT:
+                                              DOT, BLOCK_M, DOT_F32, IEEE, HAS_NORM, TWO_TILES)
+        if STACKED:  # [BLOCK_M, 2 BLOCK_N] -> gate and up halves [BLOCK_M, BLOCK_N]
+            both = tl.permute(tl.reshape(tl.trans(acc), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1))
+            out, out_u = tl.split(both)
+        elif DOT:
             out = tl.trans(acc)
             if GATED:
                 out_u = tl.trans(acc_u)
@@ -299,8 +318,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if r2 is not None and r2.stride(1) != 1:
         r2 = r2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    # gated: as many weight rows per program as the plain tiles (half gate, half up)
+    # gated: as many weight rows per program as the plain tiles (half gate, half up); the
+    # tensor-core form stacks them in one tile (GATED_STACKED)
     block_n = max(16 if dot else 1, cfg["block_n"] // 2) if gated else cfg["block_n"]
+    stacked = bool(gated) and dot and GATED_STACKED
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     with device_guard(x):
         _gemv_kernel[grid](
@@ -311,6 +332,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             nw_ptr=norm[0].contiguous() if norm is not None else None,
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
             GATED=bool(gated), EARLY=EARLY_TILES if early and EARLY_WEIGHT and M <= EARLY_MAX_ROWS else 0,
+            STACKED=stacked, TWO_TILES=bool(gated) and not stacked, ROWS=2 * block_n if stacked else block_n,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
         )
     return y.view(*x.shape[:-1], N)
