@@ -109,7 +109,7 @@ def main() -> int:
     p.add_argument("--profile-nopdl", action="store_true")
     p.add_argument("--timeline", metavar="DIR",
                    help="chrome traces (torch.profiler, PDL as set) of 3 replayed steps of both decoders "
-                        "at the first row, base flags, into DIR")
+                        "at the first row, under each set's flags, into DIR")
     p.add_argument("--json")
     a = p.parse_args()
     from kvcomp.graphs import DecodeGraphs
@@ -133,8 +133,11 @@ def main() -> int:
                       f"  {got['ratio']:.3f}x  ({time.time() - t0:.0f}s)", flush=True)
         if a.timeline:
             ctx, B = rows[0]
-            for method in ("kvcomp", "dense_kv"):
-                timeline(model, graphs, method, ctx, B, args, f"{a.timeline}/trace_{method}_{ctx}x{B}.json")
+            for name in dict.fromkeys(a.sets.split(",")):
+                with flags(SETS[name]):
+                    for method in ("kvcomp", "dense_kv"):
+                        timeline(model, graphs, method, ctx, B, args,
+                                 f"{a.timeline}/trace_{name}_{method}_{ctx}x{B}.json")
         if a.profile_nopdl:
             pdl = importlib.import_module("kvcomp.ops._pdl")
             pdl.ENABLED = False
