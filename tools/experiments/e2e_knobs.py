@@ -92,7 +92,7 @@ def timeline(model, graphs, method: str, ctx: int, B: int, args, path: str) -> N
     saved = e2e.profile_steps
     e2e.profile_steps = traced
     try:
-        args.profile, args._profile_ctx = True, ctx
+        args.profile, args._profile_ctx, args._profile_batch = True, ctx, B
         row = e2e.measure_decoder(model, graphs, e2e.Decoder(model, method, 2048), ctx, B, args, "cuda",
                                   e2e.fill_synthetic, profile_methods=(method,))
         print(f"# {method} {ctx}x{B}: {row['step_ms']:.3f} ms/step, {row.get('profile')}", flush=True)

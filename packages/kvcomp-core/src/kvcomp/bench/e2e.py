@@ -327,7 +327,8 @@ def measure_decoder(model, graphs, dec, ctx: int, B: int, args, dev: str, fill, 
         torch.cuda.reset_peak_memory_stats()
     cache = None
     try:
-        profiling = args.profile and cuda and method in profile_methods and B == 1 and ctx == args._profile_ctx
+        profiling = (args.profile and cuda and method in profile_methods and ctx == args._profile_ctx
+                     and B == getattr(args, "_profile_batch", 1))
         # room for every step this run makes (a transformers StaticCache has no host-side check)
         cache = dec.make_cache(ctx + args.steps + warm + (PROFILE_STEPS if profiling else 0) + 1)
         g = torch.Generator().manual_seed(5)
