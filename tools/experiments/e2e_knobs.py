@@ -43,6 +43,13 @@ SETS = {
     "gated_rows": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16)},  # the gated epilogue at B > 1 too
     # ... on the two-tile gated tensor-core form (session 13's, before GATED_STACKED)
     "gated_rows_two": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16), GEMV: dict(GATED_STACKED=False)},
+    # the gated gemv lets its successor (the down projection) launch only as its programs exit:
+    # launched early, down's 128 programs were placed during its tail (49.5 us against 27)
+    "gated_rows_late": {"kvcomp.fusion": dict(GATED_MLP_MAX_ROWS=16),
+                        "kvcomp.ops._pdl": dict(NO_TRIGGER=frozenset({"gemv_gated"}))},
+    "gated_late": {"kvcomp.ops._pdl": dict(NO_TRIGGER=frozenset({"gemv_gated"}))},  # one row (B = 1)
+    # tensor-core tiles of 16 features (twice the programs of every projection at B > 1)
+    "dot_n16": {GEMV: dict(GEMV_CONFIG=dict(form="dot", block_n=16, block_k=256, num_warps=4, num_stages=4))},
     # below the threshold every step writes its key's code (before deferred codes)
     "codes_always": {"kvcomp.static_cache": dict(DEFER_CODES=False)},
     # every gemv waits for its predecessor before its first weight load (before gemv(early=True))

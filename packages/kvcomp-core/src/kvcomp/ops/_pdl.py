@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     gdc_wait = gdc_launch_dependents = None
 
 ENABLED = os.environ.get("KVCOMP_PDL", "1") != "0"
-# kernel roles ("encode", "rows", "scan", "select", "attention", "gemv", "norm") that do not
+# kernel roles ("encode", "rows", "scan", "select", "attention", "gemv", "gemv_gated", "norm") that do not
 # signal their successor early: it then launches as their programs exit. A successor launched
 # early keeps its programs on the SMs, waiting, while this kernel still runs.
 NO_TRIGGER: frozenset = frozenset()

@@ -333,6 +333,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             eps=float(norm[1]) if norm is not None else 0.0, HAS_NORM=norm is not None,
             GATED=bool(gated), EARLY=EARLY_TILES if early and EARLY_WEIGHT and M <= EARLY_MAX_ROWS else 0,
             STACKED=stacked, TWO_TILES=bool(gated) and not stacked, ROWS=2 * block_n if stacked else block_n,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x, "gemv"),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **pdl_args(x, "gemv_gated" if gated else "gemv"),
         )
     return y.view(*x.shape[:-1], N)
