@@ -30,7 +30,10 @@ one program (no split-K reduction kernel, no atomics: deterministic), accumulati
                                  read before the kernel waits for its predecessor (programmatic
                                  dependent launch), for a weight complete before that
                                  predecessor was launched (a model's parameters in a decode
-                                 step; one-row inputs: ``EARLY_MAX_ROWS``)
+                                 step; one-row inputs: ``EARLY_MAX_ROWS``). Bit-identical,
+                                 except with ``norm`` on the tensor-core tiles (several rows),
+                                 whose sum of squares is reduced across threads in an order
+                                 that follows the compiler's layout (fp32 on the H200: 1.9e-6)
 
 Two tile forms (``GEMV_CONFIG`` / ``GEMV_CONFIG_ONE_ROW``; both tested): ``dot`` multiplies the tile with tl.dot
 (x's rows padded to 16, tensor cores; any M) and ``fma`` multiplies elementwise on CUDA cores
