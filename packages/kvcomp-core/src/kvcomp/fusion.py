@@ -97,8 +97,10 @@ FUSED_ATTENTION_STEP = True
 # (``gemv(gated=True)``); False: the gemv, then ``silu_mul`` (a second launch)
 GATED_MLP = True
 # ... for inputs of at most this many rows: one row (the CUDA-core tiles) measured faster on the
-# H200; B = 4 (tensor-core tiles) lost ~0.95 ms a step in both decoders (docs/benchmarks/e2e.md,
-# session 13)
+# H200; B = 4 (tensor-core tiles) lost ~0.95 ms a step in both decoders (session 13), 0.8 ms
+# with the stacked tile, where the kernel alone ties gemv + silu_mul: the down projection,
+# launched early by its PDL trigger, ran at half speed; without that trigger it ties the two
+# launches (docs/benchmarks/e2e.md, session 15)
 GATED_MLP_MAX_ROWS = 1
 
 

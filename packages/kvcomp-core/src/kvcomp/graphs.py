@@ -27,8 +27,10 @@ and replays:
                               "row <= position"); for kvcomp L = 1, all True (its static
                               decode builds what it needs from ``seq_lens``)
 The returned output is the captured one with ``logits`` cloned (the next replay overwrites
-the graph's buffer). After a replay ``KVCompStaticCache.advance(1)`` moves the cache's host
-mirrors (the device state moved inside the graph).
+the graph's buffer). Before a step on a kvcomp cache, ``KVCompStaticCache.fill_codes()`` encodes
+(eagerly, once) the key codes that steps below the threshold left unwritten; after a replay
+``KVCompStaticCache.advance(1)`` moves the cache's host mirrors (the device state moved inside
+the graph).
 
 Without CUDA (tests, CPU) the same path runs with the same static buffers, eagerly: everything
 but the capture itself is exercised.

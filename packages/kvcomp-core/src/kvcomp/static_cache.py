@@ -20,7 +20,11 @@ State shared by the layers of one cache (device tensors, made at the first updat
 
 The first layer that updates in a forward advances the shared state (tensor ops only); every
 layer writes its keys, values and codes at ``write_pos`` (``kvcomp.ops.append_kv``: one kernel
-for a decode step). The per-step
+for a decode step). A one-token step below ``seq_len_threshold`` writes no code: it attends to
+every block, and nothing reads codes until the threshold. ``KVCompStaticLayer.coded_len``
+counts the rows that have one; the first update at or above the threshold (or any multi-token
+update) encodes the rows in between first (``fill_codes``, one ``hash_encode``), and before a
+replayed step ``kvcomp.graphs.DecodeGraphs`` calls ``KVCompStaticCache.fill_codes()``. The per-step
 hot path therefore has no host sync, no allocation whose size depends on device values and
 only shapes fixed by ``max_cache_len``: a one-token decode forward can be captured once and
 replayed (``kvcomp.graphs.DecodeGraphs``). The tensors above are never reallocated after the
