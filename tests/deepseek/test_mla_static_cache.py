@@ -15,7 +15,10 @@ What the tests establish (CPU, fp32, kernels' references):
       reset a new prompt gives a fresh cache's logits in the same buffers);
   (d) clear errors: missing / stray max_cache_len, padded batch, full cache, batch change;
   (e) ``DecodeGraphs``' static-buffer path (eager on the CPU) gives generate's tokens, one
-      entry per threshold phase.
+      entry per threshold phase;
+  (f) one-token steps below the threshold write no split codes; the first step at it (or
+      ``fill_codes`` before a replay) encodes the rows left: then every row's codes equal
+      ``split_codes`` of its latent, and the tokens equal the dynamic cache's.
 GPU (``-m gpu``): capture + replay of the one-token decode forward is bit-identical to the
 eager step (bf16, sparse and all-blocks, B = 2), and ``generate`` with graphs gives the eager
 tokens.
@@ -247,6 +250,50 @@ def test_decode_graphs_static_path(model):
         finally:
             g.remove()
         assert_same(ref, got, atol=1e-6)
+    finally:
+        h.disable()
+
+
+# ------------------------------------------------------------------------------------ (f)
+def _assert_split_codes(h, cache, n):
+    for i in h.policy.compute_layers:
+        x = cache.layers[i]
+        w_lat, w_rope = x.mla_weights
+        want = split_codes(x.keys_buf[:, :, :n], x.values_buf[:, :, :n], w_lat, w_rope)
+        assert torch.equal(x.mla_codes[:, :, :n], want) and x.coded_len == n, i
+
+
+def test_split_codes_deferred_below_the_threshold(model):
+    t = PROMPT + 4
+    h = kvcomp.enable(model, mla_config(threshold=t, top_k_budget_tokens=5 * CHUNK))
+    ids = ids_for(PROMPT, 2, seed=7)
+    try:
+        cache = h.new_cache(static=True, max_cache_len=64)
+        step(model, ids, cache)
+        _assert_split_codes(h, cache, PROMPT)
+        for j in range(3):  # below the threshold: no codes written
+            step(model, ids_for(1, 2, seed=50 + j), cache)
+            for i in h.policy.compute_layers:
+                x = cache.layers[i]
+                assert x.coded_len == PROMPT and not x.mla_codes[:, :, PROMPT: PROMPT + j + 1].any()
+        assert cache.decode_phase()
+        cache.fill_codes()  # what DecodeGraphs runs before the replay of the step at t
+        _assert_split_codes(h, cache, t - 1)
+        cache.crop(-2)
+        step(model, ids_for(1, 2, seed=60), cache)  # t - 2: dense again, nothing coded
+        _assert_split_codes(h, cache, t - 3)
+        step(model, ids_for(1, 2, seed=61), cache)  # t - 1
+        step(model, ids_for(1, 2, seed=62), cache)  # t: the update fills, then codes its row
+        _assert_split_codes(h, cache, t)
+        # the same tokens as the dynamic cache (which codes every key at once) across the threshold
+        dyn = generate(model, ids, h.new_cache(), new=10)
+        g = h.compile_decode(enabled=False)
+        try:
+            st_cache = h.new_cache(static=True, max_cache_len=PROMPT + 10)
+            assert_same(dyn, generate(model, ids, st_cache, new=10))
+            _assert_split_codes(h, st_cache, PROMPT + 9)
+        finally:
+            g.remove()
     finally:
         h.disable()
 

@@ -88,6 +88,7 @@ class KVCompStaticLayer(KVCompLayer):
         super()._clear()
         self.capacity = 0
         self.coded_len = 0  # rows 0 .. coded_len - 1 of codes_buf hold their keys' codes
+        self.step_coded = False  # the latest update wrote its rows' codes
         self.step_query_codes = None  # (q_rot, codes [B, Hq, W]) made by update_rotary
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -117,10 +118,11 @@ class KVCompStaticLayer(KVCompLayer):
             self.key_mu.copy_(key_mean(key_states, lens))
             self.key_bias.copy_(hash_bias(self.key_mu, self.code_weight))
         coded = self._codes_now(T)
+        own = coded and self.codes_buf is not None  # (a subclass may keep its codes elsewhere)
         # keys, values and codes in one launch for a decode step (kvcomp.ops.append_kv)
         append_kv(key_states, value_states, self.keys_buf, self.values_buf, start,
-                  codes=self.codes_buf if coded else None, weight=self.code_weight if coded else None,
-                  bias=self.key_bias if coded else None)
+                  codes=self.codes_buf if own else None, weight=self.code_weight if own else None,
+                  bias=self.key_bias if own else None)
         if self.norms_buf is not None:
             key_norms(key_states, self.key_mu, out=self.norms_buf, positions=start)
         ret = (key_states, value_states) if prefill else (self.keys_buf, self.values_buf)
@@ -147,22 +149,34 @@ class KVCompStaticLayer(KVCompLayer):
                              f"token), got {tuple(k.shape)}")
         k, v, seq_lens, start = self._begin_write(k, v)
         coded = self._codes_now(1)
+        own = coded and self.codes_buf is not None
         q_rot, q_codes = rope_append(
             q, k, v, cos, sin, self.keys_buf, self.values_buf, start, q_norm=q_norm, k_norm=k_norm,
-            eps=eps, codes=self.codes_buf if coded else None, k_weight=self.code_weight if coded else None,
-            k_bias=self.key_bias if coded else None, q_weight=q_weight, early=early)
+            eps=eps, codes=self.codes_buf if own else None, k_weight=self.code_weight if own else None,
+            k_bias=self.key_bias if own else None, q_weight=q_weight, early=early)
         self.step_query_codes = (q_rot, q_codes) if q_codes is not None else None
         keys, values = self._end_write(seq_lens, 1, False, (self.keys_buf, self.values_buf), coded)
         return q_rot, keys, values
 
     # ------------------------------------------------------------------------ deferred codes
+    def keeps_codes(self) -> bool:
+        """Whether the layer stores key codes (it computes a selection); a subclass that keeps
+        them in another buffer overrides this and ``_encode_rows``."""
+        return self.codes_buf is not None
+
+    def _encode_rows(self, a: int, b: int) -> None:
+        """Write the codes of the stored keys of rows ``a .. b - 1`` (one ``hash_encode``)."""
+        pos = torch.full((self.batch_size,), a, dtype=torch.int64, device=self.keys_buf.device)
+        hash_encode(self.keys_buf[:, :, a:b], self.code_weight, bias=self.key_bias, out=self.codes_buf,
+                    positions=pos)
+
     def _codes_now(self, T: int) -> bool:
         """Whether this update (shared state advanced, ``padded_len`` not yet) writes its rows'
         codes. A one-token step below the threshold does not: it attends to every block and
         nothing reads codes until the threshold, so its key's code waits for ``fill_codes``
         (saves the code's work in every hashed layer of every step below it). Any other update
         first encodes the rows such steps left (``fill_codes``), then its own."""
-        if self.codes_buf is None:
+        if not self.keeps_codes():
             return False
         cache: KVCompStaticCache = self._cache_ref()
         t = cache.seq_len_threshold
@@ -177,7 +191,7 @@ class KVCompStaticLayer(KVCompLayer):
         host values, so it must not run inside a graph capture (``KVCompStaticCache.fill_codes``
         runs it before a replayed step at or above the threshold)."""
         a, b = self.coded_len, self.padded_len
-        if self.codes_buf is None or a >= b:
+        if not self.keeps_codes() or a >= b:
             self.coded_len = min(self.coded_len, self.padded_len)
             return
         if self.keys_buf.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -185,9 +199,7 @@ class KVCompStaticLayer(KVCompLayer):
                 f"layer {self.layer_idx}: rows {a}..{b - 1} have no key codes during a graph capture "
                 "(KVCompStaticCache.fill_codes must run before the capture)"
             )
-        pos = torch.full((self.batch_size,), a, dtype=torch.int64, device=self.keys_buf.device)
-        hash_encode(self.keys_buf[:, :, a:b], self.code_weight, bias=self.key_bias, out=self.codes_buf,
-                    positions=pos)
+        self._encode_rows(a, b)
         self.coded_len = b
 
     def _begin_write(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -216,6 +228,7 @@ class KVCompStaticLayer(KVCompLayer):
     def _end_write(self, seq_lens: torch.Tensor, T: int, prefill: bool, ret, coded: bool):
         self.seq_lens = seq_lens
         self._advance_host(T)
+        self.step_coded = coded  # this update wrote its rows' codes
         if coded:
             self.coded_len = self.padded_len
         self.updates += 1
@@ -395,7 +408,7 @@ class KVCompStaticCache(KVCompCache):
         self.host_len += T
         for layer in self.layers:
             if layer.is_initialized:
-                if coded and layer.codes_buf is not None and layer.coded_len == layer.padded_len:
+                if coded and layer.keeps_codes() and layer.coded_len == layer.padded_len:
                     layer.coded_len += T
                 layer._advance_host(T)
                 layer.updates += 1

@@ -17,7 +17,8 @@ length:
 Token t of every sequence is at row t. The shared device state (``length`` int64 [1],
 ``seq_lens`` int32 [B], ``write_pos`` int64 [T]) is ``KVCompStaticCache``'s: the first layer that
 updates in a forward advances it with tensor ops, every layer writes its latent and codes with
-``index_copy_`` at ``write_pos``. Nothing is reallocated after the first update (``reset``,
+``index_copy_`` at ``write_pos`` (a one-token step below the threshold writes no codes; the first
+step at it encodes the rows left, as ``KVCompStaticLayer.fill_codes`` does for GQA). Nothing is reallocated after the first update (``reset``,
 ``crop`` work in place), no host sync on a one-token step, shapes fixed by ``max_cache_len``.
 
 Decode (``kvcomp_deepseek.attention``): every one-token step on a static layer runs in latent
@@ -86,7 +87,7 @@ class MLAStaticCacheLayer(KVCompStaticLayer):
         ``padded_len .. padded_len + T - 1``; returns what ``KVCompStaticLayer.update`` does (the
         new states on the first update, else the full buffers)."""
         ret = super().update(key_states, value_states, *args, **kwargs)
-        if self.mla_codes is not None:
+        if self.step_coded:  # (not on a one-token step below the threshold: fill_codes later)
             cache: MLAStaticCache = self._cache_ref()
             dev = self.keys_buf.device
             write_pos = cache.step_shared(("write_pos", dev), lambda: cache._write_pos.to(dev))
@@ -94,6 +95,14 @@ class MLAStaticCacheLayer(KVCompStaticLayer):
             codes = split_codes(key_states.to(dev), value_states.to(dev), w_lat, w_rope)
             self.mla_codes.index_copy_(2, write_pos, codes)
         return ret
+
+    def keeps_codes(self) -> bool:
+        return self.mla_codes is not None
+
+    def _encode_rows(self, a: int, b: int) -> None:
+        """The split codes of the stored latent of rows ``a .. b - 1``."""
+        w_lat, w_rope = self.mla_weights
+        self.mla_codes[:, :, a:b] = split_codes(self.keys_buf[:, :, a:b], self.values_buf[:, :, a:b], w_lat, w_rope)
 
     def _select_batch(self, index: torch.Tensor) -> None:
         super()._select_batch(index)
