@@ -310,13 +310,16 @@ def _gpu_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["sparse", "all_blocks"])
+@pytest.mark.parametrize("kind", ["sparse", "all_blocks", "cross"])
 def test_gpu_replay_equals_eager(kind):
+    """"cross": the threshold at the third new token; the two steps below it write no split
+    codes, the replays fill them in before the first sparse step (a second graph)."""
     from kvcomp.graphs import DecodeGraphs
 
     model = _gpu_model()
-    extra = (dict(threshold=256, top_k_budget_tokens=256) if kind == "sparse"
-             else dict(threshold=0, top_k_budget_tokens=10**6))
+    extra = {"sparse": dict(threshold=256, top_k_budget_tokens=256),
+             "all_blocks": dict(threshold=0, top_k_budget_tokens=10**6),
+             "cross": dict(threshold=GPU_PROMPT + 3, top_k_budget_tokens=256)}[kind]
     h = kvcomp.enable(model, mla_config(r=GPU_R, p=GPU_P, chunk=GPU_CHUNK, bits_kv=128, bits_rope=64, **extra))
     g = DecodeGraphs(model)
     try:
@@ -330,10 +333,12 @@ def test_gpu_replay_equals_eager(kind):
         cache.restore(state)
         g.enabled = True
         replay = [step(model, t, cache) for t in toks]
-        assert g.captures == 1 and g.replays == len(toks)
+        assert g.captures == (2 if kind == "cross" else 1) and g.replays == len(toks)
         for x, y in zip(replay, eager):
             assert torch.equal(x, y)
-        if kind == "sparse":  # the replayed step really selected a subset
+        if kind == "cross":
+            _assert_split_codes(h, cache, GPU_PROMPT + len(toks))
+        if kind != "all_blocks":  # the replayed step really selected a subset
             bi = cache.layers[h.policy.compute_layers[0]].step_block_idx
             assert int((bi >= 0).sum(-1).max()) < -(-(GPU_PROMPT + 5) // GPU_CHUNK)
         # generate with graphs == eager generate
