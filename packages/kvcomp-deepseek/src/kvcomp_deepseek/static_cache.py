@@ -18,8 +18,9 @@ Token t of every sequence is at row t. The shared device state (``length`` int64
 ``seq_lens`` int32 [B], ``write_pos`` int64 [T]) is ``KVCompStaticCache``'s: the first layer that
 updates in a forward advances it with tensor ops, every layer writes its latent and codes with
 ``index_copy_`` at ``write_pos`` (a one-token step below the threshold writes no codes; the first
-step at it encodes the rows left, as ``KVCompStaticLayer.fill_codes`` does for GQA). Nothing is reallocated after the first update (``reset``,
-``crop`` work in place), no host sync on a one-token step, shapes fixed by ``max_cache_len``.
+step at it encodes the rows left, as ``KVCompStaticLayer.fill_codes`` does for GQA). Nothing is
+reallocated after the first update (``reset``, ``crop`` work in place), no host sync on a
+one-token step, shapes fixed by ``max_cache_len``.
 
 Decode (``kvcomp_deepseek.attention``): every one-token step on a static layer runs in latent
 space (weight absorption) over the full buffers, reading the lengths from ``seq_lens``:
@@ -87,7 +88,9 @@ class MLAStaticCacheLayer(KVCompStaticLayer):
         ``padded_len .. padded_len + T - 1``; returns what ``KVCompStaticLayer.update`` does (the
         new states on the first update, else the full buffers)."""
         ret = super().update(key_states, value_states, *args, **kwargs)
-        if self.step_coded:  # (not on a one-token step below the threshold: fill_codes later)
+        # the new rows at the device's write_pos (a replayed graph reads it), not at host rows as
+        # in _encode_rows; not on a one-token step below the threshold (fill_codes later)
+        if self.step_coded:
             cache: MLAStaticCache = self._cache_ref()
             dev = self.keys_buf.device
             write_pos = cache.step_shared(("write_pos", dev), lambda: cache._write_pos.to(dev))
@@ -102,7 +105,8 @@ class MLAStaticCacheLayer(KVCompStaticLayer):
     def _encode_rows(self, a: int, b: int) -> None:
         """The split codes of the stored latent of rows ``a .. b - 1``."""
         w_lat, w_rope = self.mla_weights
-        self.mla_codes[:, :, a:b] = split_codes(self.keys_buf[:, :, a:b], self.values_buf[:, :, a:b], w_lat, w_rope)
+        self.mla_codes[:, :, a:b] = split_codes(self.keys_buf[:, :, a:b], self.values_buf[:, :, a:b],
+                                                w_lat, w_rope)
 
     def _select_batch(self, index: torch.Tensor) -> None:
         super()._select_batch(index)
