@@ -1,0 +1,185 @@
+"""Where an MLA (DeepSeek-V3) decode step's time goes on the GPU, and latent-decode variants.
+
+    python tools/experiments/mla_profile.py [--json PATH] [--batches 1,4,8] [--length 131072]
+        [--parts select,dense]
+
+DeepSeek-V3 geometry: 128 query heads on one latent kv-head, R = 512, P = 64, 512 + 64-bit split
+codes (18 words), chunk 128, 2048 selected tokens, bf16. Every time is the median of CUDA-graph
+replays with L2 flushed before each (``kvcomp.bench.mla``'s timer).
+
+``select``: per batch, the sparse step's pieces: the query codes, ``hamming_topk`` and its two
+stages run alone (the scan ``block_keys_triton``; stage 2 ``select_triton`` on the scan's keys),
+the sparse attention, the whole step; then ``hamming_topk`` under module-flag variants (the
+scan's program count, the query planes in a launch of their own). Every variant's selection is
+compared with the default's (equal, or the row says so).
+
+``dense``: ``mla_decode`` at its default launch and at other (heads, tokens, warps, stages)
+tiles, and with the swapped operands (``SWAP``: the kv tile as the A operand of q.k, the queries
+in shared memory), each output compared with the default's (max abs difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+H, R, P, CHUNK, SELECTED, MUST = 128, 512, 64, 128, 2048, (0, -2, -1)
+HK = "kvcomp.ops.hamming_topk.kernels"
+SELECT_VARIANTS = {
+    "programs_2048": {HK: dict(TARGET_PROGRAMS=2048)},
+    "programs_512": {HK: dict(TARGET_PROGRAMS=512)},
+    "rows_launch": {HK: dict(ROWS_IN_SCAN=False)},
+}
+DENSE_CONFIGS = [
+    dict(block_h=32, block_t=32, num_warps=4, num_stages=2),
+    dict(block_h=64, block_t=32, num_warps=8, num_stages=2),
+    dict(block_h=64, block_t=64, num_warps=8, num_stages=2),
+    dict(block_h=32, block_t=64, num_warps=4, num_stages=2),
+    dict(block_h=64, block_t=16, num_warps=8, num_stages=2),
+    dict(block_h=64, block_t=32, num_warps=8, num_stages=1),
+    dict(block_h=64, block_t=64, num_warps=8, num_stages=2, swap=True),
+    dict(block_h=64, block_t=32, num_warps=8, num_stages=2, swap=True),
+    dict(block_h=32, block_t=64, num_warps=4, num_stages=2, swap=True),
+    dict(block_h=128, block_t=32, num_warps=8, num_stages=2, swap=True),
+]
+
+
+def _flags(mods: dict):
+    """Set module flags; returns the undo dict."""
+    import importlib
+
+    undo = {}
+    for name, kv in mods.items():
+        m = importlib.import_module(name)
+        undo[name] = {k: getattr(m, k) for k in kv}
+        for k, v in kv.items():
+            setattr(m, k, v)
+    return undo
+
+
+def inputs(B: int, L: int, dev: str):
+    from kvcomp.hashing import HashWeights
+    from kvcomp.ops import hash_encode
+
+    hw = HashWeights.random_mla(1, R, P, 512, 64)
+    w_lat, w_rope = hw.latent(0, device=dev)[0], hw.rope(0, device=dev)[0]
+    g = torch.Generator(device=dev).manual_seed(B * 7 + L)
+    dt = torch.bfloat16
+    x = dict(
+        ckv=torch.randn(B, L, R, device=dev, dtype=dt, generator=g),
+        kpe=torch.randn(B, L, P, device=dev, dtype=dt, generator=g),
+        q_lat=torch.randn(B, H, R, device=dev, dtype=dt, generator=g) * 0.06,
+        q_pe=torch.randn(B, H, P, device=dev, dtype=dt, generator=g) * 0.06,
+        seq_lens=torch.full((B,), L, dtype=torch.int32, device=dev),
+        w_lat=w_lat, w_rope=w_rope,
+    )
+    x["k_codes"] = torch.cat([hash_encode(x["ckv"], w_lat), hash_encode(x["kpe"], w_rope)], -1).unsqueeze(1)
+    return x
+
+
+def part_select(B: int, L: int, timer, graph_time) -> dict:
+    from kvcomp.ops import hamming_topk, hash_encode, sparse_mla_decode
+    from kvcomp.ops.hamming_topk import kernels as hk
+
+    x = inputs(B, L, "cuda")
+    k_blocks = math.ceil(SELECTED / CHUNK)
+    scale = 1 / math.sqrt(192.0)
+
+    def qcodes():
+        return torch.cat([hash_encode(x["q_lat"], x["w_lat"]), hash_encode(x["q_pe"], x["w_rope"])], -1)
+
+    qc = qcodes()
+
+    def select():
+        return hamming_topk(qc, x["k_codes"], x["seq_lens"], k_blocks=k_blocks, chunk_size=CHUNK, must_select=MUST)
+
+    def scan():
+        return hk.block_keys_triton(qc, x["k_codes"], x["seq_lens"], CHUNK, "max", "exact")
+
+    keys = scan()
+
+    def stage2():
+        return hk.select_triton(keys, x["seq_lens"], k_blocks, k_blocks, CHUNK, MUST)
+
+    ref = select()
+    assert torch.equal(stage2(), ref), "stage 2 alone differs from hamming_topk"
+
+    def sparse():
+        return sparse_mla_decode(x["q_lat"], x["q_pe"], x["ckv"], x["kpe"], ref, x["seq_lens"], chunk_size=CHUNK,
+                                 scale=scale)
+
+    def step():
+        q2 = qcodes()
+        bi = hamming_topk(q2, x["k_codes"], x["seq_lens"], k_blocks=k_blocks, chunk_size=CHUNK, must_select=MUST)
+        return sparse_mla_decode(x["q_lat"], x["q_pe"], x["ckv"], x["kpe"], bi, x["seq_lens"], chunk_size=CHUNK,
+                                 scale=scale)
+
+    row = dict(B=B, L=L, code_bytes=x["k_codes"].numel() * 4)
+    for name, fn in (("qcodes", qcodes), ("hamming_topk", select), ("scan", scan), ("stage2", stage2),
+                     ("sparse", sparse), ("step", step)):
+        row[name] = graph_time(fn, timer)
+        print(f"B={B} {name}: {row[name]}", flush=True)
+    for var, mods in SELECT_VARIANTS.items():
+        undo = _flags(mods)
+        try:
+            same = torch.equal(select(), ref)
+            row[f"hamming_topk[{var}]"] = graph_time(select, timer) if same else "selection differs"
+        finally:
+            _flags(undo)
+        print(f"B={B} hamming_topk[{var}]: {row[f'hamming_topk[{var}]']}", flush=True)
+    return row
+
+
+def part_dense(B: int, L: int, timer, graph_time) -> list:
+    from kvcomp.ops.sparse_mla_decode.kernels import mla_decode_launch
+
+    x = inputs(B, L, "cuda")
+    scale = 1 / math.sqrt(192.0)
+    args = (x["q_lat"], x["q_pe"], x["ckv"], x["kpe"], None, x["seq_lens"], 1, scale)
+    ref = mla_decode_launch(*args)
+    flops = 2 * B * H * L * (2 * R + P)
+    rows = []
+    for cfg in [{}] + DENSE_CONFIGS:
+        try:
+            out = mla_decode_launch(*args, **cfg)
+            diff = (out.float() - ref.float()).abs().max().item()
+            us = graph_time(lambda c=cfg: mla_decode_launch(*args, **c), timer)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or launch is a result
+            diff, us = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        r = dict(B=B, L=L, config=cfg or "default", us=us, max_abs_diff=diff)
+        if isinstance(us, float):
+            r["tflops"] = flops / us / 1e6
+        rows.append(r)
+        print(f"dense B={B} {cfg or 'default'}: {us} diff {diff}", flush=True)
+    return rows
+
+
+def main() -> int:
+    from kvcomp.bench.mla import _graph_time, _timer
+    from kvcomp.bench.timing import positive_ints
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=positive_ints, default=[1, 4, 8])
+    p.add_argument("--length", type=int, default=131072)
+    p.add_argument("--parts", default="select,dense")
+    p.add_argument("--json")
+    a = p.parse_args()
+    timer = _timer(torch.device("cuda"), 100)
+    res = dict(device=torch.cuda.get_device_name(), select=[], dense=[])
+    for B in a.batches:
+        if "select" in a.parts:
+            res["select"].append(part_select(B, a.length, timer, _graph_time))
+        if "dense" in a.parts:
+            res["dense"] += part_dense(B, a.length, timer, _graph_time)
+        torch.cuda.empty_cache()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
