@@ -374,6 +374,26 @@ def check_mma_scan_kernel():
         assert before_wait == (want if early else 0), (chunk, early, first, before_wait)
 
 
+def check_mma_wide_kernel():
+    """The wide tensor-core scan (``mma_wide``) for sm_90 through ptxas: 2 ceil(W / 8) 1-bit MMAs
+    and as many 8-byte key-code loads a lane per 16 tokens, no barrier; its planes kernel."""
+    mw = importlib.import_module("kvcomp.ops.hamming_topk.mma_wide")
+    i32 = "i32"
+    for W, R, chunk, hist in ((18, 8, 128, False), (8, 3, 64, True), (2, 3, 256, False), (32, 8, 16, True)):
+        args = dict(planes_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
+                    BLOCKS_PER_PROG=i32, skb=i32, skh=i32, W=W, R=R, CHUNK=chunk, NWARPS=4, must_ptr="*i32",
+                    hist_ptr="*i32", HIST=hist, M=2, KMIN=-512, NBINS=1024, KSTEP=4, PDL=1)
+        ptx = compile_sm90(mw._block_keys_wide_kernel, args, aligned=("skb", "skh"), num_warps=4).asm["ptx"]
+        groups = max(128, chunk) // 16
+        n_mma = ptx.count("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc")
+        assert n_mma == groups * 2 * -(-W // 8), (W, chunk, n_mma)
+        assert ptx.count("ld.global.b64") == groups * 2 * -(-W // 8), (W, chunk)
+        assert "bar.sync" not in ptx, chunk
+    args = dict(q_ptr="*i32", planes_ptr="*i32", Hkv=i32, sqb=i32, sqh=i32, sqw=i32, G=128, G_PAD=128, W=18, R=8,
+                R_PAD=8, PDL=1)
+    compile_sm90(mw._signed_planes_kernel, args, num_warps=4)
+
+
 def check_rope_append_kernel():
     """Every variant compiles; no fp contraction (RoPE rounds as torch: the rope kernel's rule);
     with EARLY only the q / k / v rows are loaded after the PDL wait, without it nothing before."""
@@ -403,7 +423,7 @@ def check_rope_append_kernel():
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
           check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel,
-          check_pdl_kernels, check_mma_scan_kernel, check_rope_append_kernel]
+          check_pdl_kernels, check_mma_scan_kernel, check_mma_wide_kernel, check_rope_append_kernel]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

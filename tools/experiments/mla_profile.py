@@ -28,22 +28,27 @@ import torch
 
 H, R, P, CHUNK, SELECTED, MUST = 128, 512, 64, 128, 2048, (0, -2, -1)
 HK = "kvcomp.ops.hamming_topk.kernels"
+MW = "kvcomp.ops.hamming_topk.mma_wide"
 SELECT_VARIANTS = {
-    "programs_2048": {HK: dict(TARGET_PROGRAMS=2048)},
-    "programs_512": {HK: dict(TARGET_PROGRAMS=512)},
-    "rows_launch": {HK: dict(ROWS_IN_SCAN=False)},
+    "simt_scan": {MW: dict(MMA_WIDE=False)},  # session 15's scan (the planes in every program)
+    "wide_programs_1024": {MW: dict(WIDE_TARGET_PROGRAMS=1024)},
+    "wide_programs_16384": {MW: dict(WIDE_TARGET_PROGRAMS=16384)},
+    "wide_8warps": {MW: dict(WIDE_WARPS=8)},
 }
+# session 16, first call: (64, 64, 8 warps, 2 stages) best at B = 4 / 8, (32, 64, 4, 2) at B = 1
+# (173 against 178 us); SWAP slower everywhere; (128 heads: out of shared memory)
 DENSE_CONFIGS = [
     dict(block_h=32, block_t=32, num_warps=4, num_stages=2),
     dict(block_h=64, block_t=32, num_warps=8, num_stages=2),
-    dict(block_h=64, block_t=64, num_warps=8, num_stages=2),
     dict(block_h=32, block_t=64, num_warps=4, num_stages=2),
-    dict(block_h=64, block_t=16, num_warps=8, num_stages=2),
-    dict(block_h=64, block_t=32, num_warps=8, num_stages=1),
-    dict(block_h=64, block_t=64, num_warps=8, num_stages=2, swap=True),
-    dict(block_h=64, block_t=32, num_warps=8, num_stages=2, swap=True),
-    dict(block_h=32, block_t=64, num_warps=4, num_stages=2, swap=True),
-    dict(block_h=128, block_t=32, num_warps=8, num_stages=2, swap=True),
+]
+SPARSE_CONFIGS = [
+    dict(block_h=64, block_t=64, num_warps=8, num_stages=2),
+    dict(block_h=64, block_t=32, num_warps=8, num_stages=2),
+    dict(block_h=32, block_t=64, num_warps=4, num_stages=2),
+    dict(block_h=16, block_t=32, num_warps=4, num_stages=2),
+    dict(block_h=32, block_t=32, num_warps=4, num_stages=2, num_splits=64),
+    dict(block_h=32, block_t=32, num_warps=4, num_stages=2, num_splits=16),
 ]
 
 
@@ -133,27 +138,34 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
     return row
 
 
-def part_dense(B: int, L: int, timer, graph_time) -> list:
+def part_dense(B: int, L: int, timer, graph_time, sparse: bool = False) -> list:
     from kvcomp.ops.sparse_mla_decode.kernels import mla_decode_launch
 
     x = inputs(B, L, "cuda")
     scale = 1 / math.sqrt(192.0)
-    args = (x["q_lat"], x["q_pe"], x["ckv"], x["kpe"], None, x["seq_lens"], 1, scale)
+    bi, chunk, n = None, 1, L
+    if sparse:
+        g = torch.Generator(device="cpu").manual_seed(B)
+        nb = SELECTED // CHUNK
+        bi = torch.stack([torch.randperm(L // CHUNK, generator=g)[:nb] for _ in range(B)]).to(torch.int32)
+        bi, chunk, n = bi.view(B, 1, nb).cuda(), CHUNK, SELECTED
+    args = (x["q_lat"], x["q_pe"], x["ckv"], x["kpe"], bi, x["seq_lens"], chunk, scale)
     ref = mla_decode_launch(*args)
-    flops = 2 * B * H * L * (2 * R + P)
+    flops = 2 * B * H * n * (2 * R + P)
     rows = []
-    for cfg in [{}] + DENSE_CONFIGS:
+    for cfg in [{}] + (SPARSE_CONFIGS if sparse else DENSE_CONFIGS):
         try:
             out = mla_decode_launch(*args, **cfg)
             diff = (out.float() - ref.float()).abs().max().item()
             us = graph_time(lambda c=cfg: mla_decode_launch(*args, **c), timer)
         except Exception as e:  # noqa: BLE001 - a config that does not compile or launch is a result
             diff, us = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        r = dict(B=B, L=L, config=cfg or "default", us=us, max_abs_diff=diff)
+        r = dict(B=B, L=L, op="sparse" if sparse else "dense", config=cfg or "default", us=us,
+                 max_abs_diff=diff)
         if isinstance(us, float):
             r["tflops"] = flops / us / 1e6
         rows.append(r)
-        print(f"dense B={B} {cfg or 'default'}: {us} diff {diff}", flush=True)
+        print(f"{r['op']} B={B} {cfg or 'default'}: {us} diff {diff}", flush=True)
     return rows
 
 
@@ -164,7 +176,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=positive_ints, default=[1, 4, 8])
     p.add_argument("--length", type=int, default=131072)
-    p.add_argument("--parts", default="select,dense")
+    p.add_argument("--parts", default="select,dense,sparse")
     p.add_argument("--json")
     a = p.parse_args()
     timer = _timer(torch.device("cuda"), 100)
@@ -174,6 +186,8 @@ def main() -> int:
             res["select"].append(part_select(B, a.length, timer, _graph_time))
         if "dense" in a.parts:
             res["dense"] += part_dense(B, a.length, timer, _graph_time)
+        if "sparse" in a.parts:
+            res["dense"] += part_dense(B, a.length, timer, _graph_time, sparse=True)
         torch.cuda.empty_cache()
         if a.json:
             with open(a.json, "w") as f:

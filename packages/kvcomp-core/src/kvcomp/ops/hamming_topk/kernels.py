@@ -608,8 +608,10 @@ def block_keys_triton(
                   QS_FROM_Q=True, QG=qg, QG_P=triton.next_power_of_2(qg), QD=qd,
                   QD_P=triton.next_power_of_2(qd))
     if _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q, q_scale, select):
-        from kvcomp.ops.hamming_topk import mma_scan  # (it imports this module)
+        from kvcomp.ops.hamming_topk import mma_scan, mma_wide  # (they import this module)
 
+        if W != 4:
+            return mma_wide.block_keys_wide(q_codes, k_codes, seq_lens, chunk_size, R, keys, hist)
         return mma_scan.block_keys_mma(q_codes, k_codes, seq_lens, chunk_size, R, keys, hist, pdl, early)
     _block_keys_kernel[(B * Hkv, splits)](
         rows, base, k_codes, seq_lens, keys, k_scale if k_scale is not None else keys,
@@ -628,13 +630,17 @@ def block_keys_triton(
 
 
 def _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q, q_scale, select) -> bool:
-    """Whether ``block_keys_triton`` runs the tensor-core scan (``mma_scan.mma_applies``, the
-    rows derived in the scan) for these arguments."""
-    from kvcomp.ops.hamming_topk import mma_scan  # (it imports this module)
+    """Whether ``block_keys_triton`` runs a tensor-core scan for these arguments: ``mma_scan``
+    (128-bit codes, the rows derived in the scan) or ``mma_wide`` (other even widths)."""
+    from kvcomp.ops.hamming_topk import mma_scan, mma_wide  # (they import this module)
 
     Hkv = k_codes.shape[1]
     G = q_codes.shape[1] // max(Hkv, 1)
     form, majority, _ = _form(G, mode)
+    if k_codes.shape[3] != 4:
+        weighted = k_scale is not None or q is not None or q_scale is not None
+        return mma_wide.wide_applies(k_codes, G, form, majority, chunk_size, chunk_repre, weighted, select,
+                                     interpreting())
     return ROWS_IN_SCAN and mma_scan.mma_applies(k_codes, G, form, majority, chunk_size, chunk_repre, k_scale, q,
                                                  q_scale, select, interpreting())
 

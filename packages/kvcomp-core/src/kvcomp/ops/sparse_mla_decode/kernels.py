@@ -166,19 +166,40 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def _smem_optin(index: int) -> int:
+    """Shared memory a program may opt in to (bytes): 227 KB on sm_90, 163 KB on an A100."""
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if not smem:  # older torch: by architecture
+        smem = 232448 if (props.major, props.minor) >= (9, 0) else 101376
+    return smem
+
+
+# dense decode on GPUs with >= this much shared memory a program (sm_90) and >= 64 heads: 64
+# heads x 64 tokens on 8 warps, two stages (221 KB of shared memory at R = 512). H200, 128K, 128
+# heads, R = 512 (session 16, tools/experiments/mla_profile.py): 178 / 592 / 1582 us at B = 1 /
+# 4 / 8 against 237 / 1414 / 2194 with the previous defaults (32 x 32 on 4 warps below B = 8,
+# 64 x 32 on 8 warps from B = 8); the swapped operands (SWAP) were slower in every tile tried
+DENSE_WIDE_SMEM = 224 * 1024
+
+
 def _launch_config(B: int, H: int, R: int, sparse: bool, on_gpu: bool,
-                   block_h, block_t, num_warps, num_stages):
+                   block_h, block_t, num_warps, num_stages, smem: int = 0, lowp: bool = True):
     """Tile sizes: BLOCK_H heads share one kv tile (tl.dot needs >= 16 rows). Defaults from the
-    H200 sweep (docs/benchmarks/mla.md): 32 heads x 32 tokens on 4 warps, except dense decode of
-    a batch >= 8, where 64 heads on 8 warps halve the kv re-reads and win by ~20%."""
+    H200 sweeps (docs/benchmarks/mla.md): dense decode where a program may take ``smem`` >=
+    DENSE_WIDE_SMEM bytes of shared memory (sm_90) with R >= 256, H >= 64 and 16-bit inputs
+    (``lowp``): 64 heads x 64 tokens on 8 warps; else 32 heads x 32 tokens on 4 warps, and 64 heads on 8 warps for dense
+    decode of a batch >= 8 (halves the kv re-reads)."""
+    wide = on_gpu and lowp and not sparse and R >= 256 and H >= 64 and smem >= DENSE_WIDE_SMEM
     big = on_gpu and not sparse and B >= 8 and R >= 256
     if block_h is None:
-        block_h = 64 if big else (32 if R >= 256 else 64)
+        block_h = 64 if (big or wide) else (32 if R >= 256 else 64)
         block_h = min(block_h, max(16, triton.next_power_of_2(H)))
     if block_t is None:
-        block_t = 32 if on_gpu else 16
+        block_t = 64 if wide else (32 if on_gpu else 16)
     if num_warps is None:
-        num_warps = 8 if big else 4
+        num_warps = 8 if (big or wide) else 4
     if num_stages is None:
         num_stages = 2
     return block_h, block_t, num_warps, num_stages
@@ -212,8 +233,10 @@ def mla_decode_launch(
     on_gpu = dev.type == "cuda"
     sparse = block_idx is not None
     n_virtual = block_idx.shape[2] * chunk_size if sparse else ckv.shape[1]
+    smem = _smem_optin(dev.index or 0) if on_gpu and not interpreting() else 0
     block_h, block_t, num_warps, num_stages = _launch_config(
-        B, H, R, sparse, on_gpu, block_h, block_t, num_warps, num_stages
+        B, H, R, sparse, on_gpu, block_h, block_t, num_warps, num_stages, smem,
+        q_lat.dtype in (torch.float16, torch.bfloat16),
     )
     n_htiles = triton.cdiv(H, block_h)
     if num_splits is None:
