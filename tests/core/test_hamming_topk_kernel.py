@@ -385,6 +385,35 @@ def test_histogram_threshold_many_blocks(monkeypatch):
                     chunk_size=2, must_select=(0, -2, -1))
 
 
+@pytest.mark.parametrize("G,W,mode,max_bins", [(4, 2, "exact", 16), (8, 4, "exact", 64), (3, 2, "exact", 32),
+                                                (8, 2, "majority", 16), (128, 2, "exact", 64)])
+@pytest.mark.parametrize("single", [True, False])
+def test_coarse_histogram_bins(monkeypatch, G, W, mode, max_bins, single):
+    """HIST_COARSE: scores too wide for one bin a value (here HIST_MAX_BINS made small) take bins
+    of several values and stage 2 searches T's bin: the reference's selection, tied keys (low
+    entropy) and distinct ones, ragged lengths, tensor k_blocks, must-select entries repeated
+    and out of range, the row in one tile and in several (``single``), launches in a row."""
+    monkeypatch.setattr(kernels, "HIST_MAX_BINS", max_bins)
+    if not single:
+        monkeypatch.setattr(kernels, "SELECT_BLOCK_MAX", 16)
+    hist = kernels._hist_args(G, W, mode, 4, torch.device("cpu"))
+    assert hist["COARSE"] and hist["NBINS"] <= max_bins
+    assert hist["KSTEP"] * (hist["NBINS"] - 1) >= 2 * (1 if mode == "majority" else G) * 32 * W
+    gen = torch.Generator().manual_seed(G * 31 + W + single)
+    B, Hkv, L = 2, 2, 700
+    lens = torch.tensor([700, 129])
+    for rep in range(3):
+        low = rep == 1
+        q = codes(B, Hkv * G, W, low_entropy=low, gen=gen)
+        k = codes(B, Hkv, L, W, low_entropy=low, gen=gen)
+        kb = torch.tensor([9, 3]) if rep == 2 else 6
+        kw = dict(k_blocks=kb, max_blocks=9, chunk_size=16, must_select=(0, -1, 0, 400), mode=mode)
+        got, want = both(q, k, lens, **kw)
+        assert torch.equal(got, want), rep
+    monkeypatch.setattr(kernels, "HIST_COARSE", False)
+    assert kernels._hist_args(G, W, mode, 4, torch.device("cpu")) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("G,mode", [(4, "exact"), (8, "exact"), (8, "majority")])
 @pytest.mark.parametrize("fused", [False, True])

@@ -42,21 +42,23 @@ def compile_sm90(fn, args: dict, aligned: tuple[str, ...] | None = None, **optio
                           target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def _select_args(hist: bool, compact: bool = True, single: bool = True, pdl: bool = False) -> dict:
+def _select_args(hist: bool, compact: bool = True, single: bool = True, pdl: bool = False,
+                 coarse: bool = False) -> dict:
     return dict(key_ptr="*i32", len_ptr="*i32", kb_ptr="*i32", must_ptr="*i32", out_ptr="*i32",
                 Hkv="i32", NB_IN="i32", K="i32", KB_CONST="i32", sob="i32", soh="i32",
                 CHUNK=128, M=3, BLOCK=1024, SINGLE=single, KB_TENSOR=False, ARITY=2,
                 hist_ptr="*i32", HIST=hist, KMIN=-512, NBINS=1024 if compact else 2048, COMPACT=compact, PDL=pdl,
-                KSTEP=2 if compact else 1)
+                KSTEP=(32 if coarse else 2) if compact else 1, COARSE=coarse)
 
 
 def check_select_kernel():
-    """The search, the histogram stage 2 by prefix sums (one row in registers, and tiled), and
-    the previous histogram stage 2."""
+    """The search, the histogram stage 2 by prefix sums (one row in registers, and tiled; bins of
+    one value and coarse bins), and the previous histogram stage 2."""
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
-    for hist, compact, single in ((False, True, True), (True, True, True), (True, True, False),
-                                  (True, False, True)):
-        compile_sm90(hk._select_kernel, _select_args(hist, compact, single), num_warps=4)
+    for hist, compact, single, coarse in ((False, True, True, False), (True, True, True, False),
+                                          (True, True, False, False), (True, False, True, False),
+                                          (True, True, True, True), (True, True, False, True)):
+        compile_sm90(hk._select_kernel, _select_args(hist, compact, single, coarse=coarse), num_warps=4)
 
 
 def _block_keys_args(hist: bool, lse: bool, n_sub: int = 1, pdl: bool = False, form: int = 0,

@@ -1,21 +1,22 @@
 """Where an MLA (DeepSeek-V3) decode step's time goes on the GPU, and latent-decode variants.
 
     python tools/experiments/mla_profile.py [--json PATH] [--batches 1,4,8] [--length 131072]
-        [--parts select,dense]
+        [--parts select,dense,sparse]
 
 DeepSeek-V3 geometry: 128 query heads on one latent kv-head, R = 512, P = 64, 512 + 64-bit split
 codes (18 words), chunk 128, 2048 selected tokens, bf16. Every time is the median of CUDA-graph
 replays with L2 flushed before each (``kvcomp.bench.mla``'s timer).
 
 ``select``: per batch, the sparse step's pieces: the query codes, ``hamming_topk`` and its two
-stages run alone (the scan ``block_keys_triton``; stage 2 ``select_triton`` on the scan's keys),
-the sparse attention, the whole step; then ``hamming_topk`` under module-flag variants (the
-scan's program count, the query planes in a launch of their own). Every variant's selection is
-compared with the default's (equal, or the row says so).
+stages run alone (the scan ``block_keys_triton``, no histogram; stage 2 ``select_triton`` on the
+scan's keys by the search), the sparse attention, the whole step; then ``hamming_topk`` under
+module-flag variants (``SELECT_VARIANTS``). Every variant's selection is compared with the
+default's (equal, or the row says so).
 
-``dense``: ``mla_decode`` at its default launch and at other (heads, tokens, warps, stages)
-tiles, and with the swapped operands (``SWAP``: the kv tile as the A operand of q.k, the queries
-in shared memory), each output compared with the default's (max abs difference).
+``dense`` / ``sparse``: ``mla_decode`` (``sparse_mla_decode`` over 2048 random tokens) at its
+default launch and at other (heads, tokens, warps, stages) tiles (``DENSE_CONFIGS``,
+``SPARSE_CONFIGS``; ``swap``: the kv tile as the A operand of q.k, the queries in shared
+memory), each output compared with the default's (max abs difference).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import torch
 H, R, P, CHUNK, SELECTED, MUST = 128, 512, 64, 128, 2048, (0, -2, -1)
 HK = "kvcomp.ops.hamming_topk.kernels"
 MW = "kvcomp.ops.hamming_topk.mma_wide"
+# session 16, second call (scan: wide tensor-core scan): its program count (1024 / 16384) and 8
+# warps a program measured equal to the defaults (20.7 / 32.3 / 43.6 us at B = 1 / 4 / 8)
 SELECT_VARIANTS = {
-    "simt_scan": {MW: dict(MMA_WIDE=False)},  # session 15's scan (the planes in every program)
-    "wide_programs_1024": {MW: dict(WIDE_TARGET_PROGRAMS=1024)},
-    "wide_programs_16384": {MW: dict(WIDE_TARGET_PROGRAMS=16384)},
-    "wide_8warps": {MW: dict(WIDE_WARPS=8)},
+    "simt_scan": {MW: dict(MMA_WIDE=False), HK: dict(HIST_COARSE=False)},  # session 15's selection
+    "search": {HK: dict(HIST_COARSE=False)},  # stage 2 by the binary search (session 16, call 2)
 }
 # session 16, first call: (64, 64, 8 warps, 2 stages) best at B = 4 / 8, (32, 64, 4, 2) at B = 1
 # (173 against 178 us); SWAP slower everywhere; (128 heads: out of shared memory)

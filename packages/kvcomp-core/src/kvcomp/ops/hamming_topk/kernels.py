@@ -108,6 +108,10 @@ FUSED_HIST_MAXNREG = None
 # stage 2 finds the threshold from a histogram the scan fills (module doc), when keys fit
 HIST_SELECT = True
 HIST_MAX_BINS = 8192
+# wider score ranges (MLA: 128 heads x 576 bits, 36865 values a row) still take the histogram,
+# with bins of several values (KSTEP doubled until NBINS <= HIST_MAX_BINS): stage 2 then
+# searches T's bin for T (log2(KSTEP) rounds) instead of the whole key range (~17 rounds)
+HIST_COARSE = True
 # ... and only for few (sequence, kv-head) rows, where stage 2's latency is the cost. Measured on
 # the H200 at 128K: B = 1 (8 rows) 13.5 vs 14.3 us for the whole hamming_topk (G = 4) and 16.6
 # vs 17.2 (G = 8); B = 8 (64 rows, G = 8) 68.6 vs 65.1 us: the scan's atomics then cost more
@@ -667,10 +671,17 @@ def _hist_args(G: int, W: int, mode: str, rows: int, device: torch.device, mma: 
     if HIST_STEP4 and HIST_COMPACT and mode != "majority" and G % 2 == 0:
         kstep = 4
     nbins = triton.next_power_of_2(2 * S // kstep + 1)
+    coarse = False
+    while HIST_COARSE and HIST_COMPACT and nbins > HIST_MAX_BINS:  # bins of several values
+        kstep, coarse = 2 * kstep, True
+        nbins = triton.next_power_of_2(2 * S // kstep + 1)
     if not HIST_SELECT or nbins > HIST_MAX_BINS or rows == 0 or rows > (HIST_MAX_ROWS_MMA if mma else HIST_MAX_ROWS):
         return None
     t = _HISTS.get(rows * nbins, device)
-    return dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT, KSTEP=kstep)
+    args = dict(hist_ptr=t, HIST=True, KMIN=-S, NBINS=nbins, COMPACT=HIST_COMPACT, KSTEP=kstep)
+    if coarse:
+        args["COARSE"] = True
+    return args
 
 
 def _row_counters(n: int, device: torch.device) -> torch.Tensor:
@@ -777,17 +788,20 @@ def hamming_topk_triton(
         mma = not FUSED_HIST_SELECT and _mma_scan_takes(q_codes, k_codes, chunk_size, chunk_repre, mode, k_scale, q,
                                                          q_scale, None)
         hist = _hist_args(q_codes.shape[1] // max(Hkv, 1), W, mode, B * Hkv, q_codes.device, mma)
-    fused_hist = FUSED_HIST_SELECT and hist is not None and hist["COMPACT"]
+    # coarse bins (``HIST_COARSE``): stage 2 in its own launch (the fused and the deferred selections
+    # take one value a bin)
+    coarse = hist is not None and hist.get("COARSE", False)
+    fused_hist = FUSED_HIST_SELECT and hist is not None and hist["COMPACT"] and not coarse
     if not (FUSED_SELECT or fused_hist):
         scan_hist = hist
         if hist is not None and hist["COMPACT"]:  # the scan leaves the must blocks out
             scan_hist = dict(hist, must_ptr=_must_tensor(tuple(must_select), q_codes.device),
                              M=len(must_select))
         if scan_hist is not None:
-            scan_hist = {k: v for k, v in scan_hist.items() if k != "COMPACT"}
+            scan_hist = {k: v for k, v in scan_hist.items() if k not in ("COMPACT", "COARSE")}
         keys = block_keys_triton(q_codes, k_codes, seq_lens, chunk_size, chunk_repre, mode,
                                  k_scale=k_scale, hist=scan_hist, q_scale=q_scale, prefetch=prefetch, q=q)
-        if defer and hist is not None and hist["COMPACT"]:
+        if defer and hist is not None and hist["COMPACT"] and not coarse:
             out = torch.empty(keys.shape[0], keys.shape[1], K, dtype=torch.int32, device=keys.device)
             return DeferredSelect(keys, seq_lens, k_blocks, K, chunk_size, tuple(must_select),
                                   {k: v for k, v in hist.items() if k != "COMPACT"}, out)

@@ -53,6 +53,7 @@ def _select_kernel(
     KB_TENSOR: tl.constexpr, ARITY: tl.constexpr,
     hist_ptr=None, HIST: tl.constexpr = False, KMIN: tl.constexpr = 0, NBINS: tl.constexpr = 1,
     COMPACT: tl.constexpr = True, PDL: tl.constexpr = False, KSTEP: tl.constexpr = 1,
+    COARSE: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -66,7 +67,7 @@ def _select_kernel(
     if HIST and COMPACT:
         _select_row_hist(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb,
                          K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS, False, KSTEP,
-                         0, K, True)
+                         0, K, True, COARSE)
     elif HIST:
         _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
                     CHUNK, M, BLOCK, SINGLE, ARITY, False, hist_ptr + pid * NBINS, True, KMIN, NBINS)
@@ -119,7 +120,7 @@ def _select_row_hist(
     key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr, KSTEP: tl.constexpr,
-    slot_lo, slot_hi, ZERO: tl.constexpr,
+    slot_lo, slot_hi, ZERO: tl.constexpr, COARSE: tl.constexpr = False,
 ):
     """Selection of one (b, kv-head) row from its block keys and the histogram of its other
     (not must-select) keys that the scan filled. Writes output slots [slot_lo, slot_hi) only
@@ -130,7 +131,10 @@ def _select_row_hist(
     Two scans and one reduction in a chain: the threshold T and the number of other keys above
     it from one suffix sum of the histogram, then every kept block's output slot from one
     prefix sum over the keys that counts (ties at T, keys above T or must-select) at once.
-    Same selection as ``_select_row`` and the reference (ties at T: lowest index first)."""
+    Same selection as ``_select_row`` and the reference (ties at T: lowest index first).
+    COARSE: a bin holds KSTEP consecutive key values, several of them distinct (scores too wide
+    for one bin a value, MLA's): T's bin only bounds T, a binary search over that bin's values
+    (log2(KSTEP) rounds over the bin's keys) finds it."""
     n = (seq_len + CHUNK - 1) // CHUNK
     if SINGLE:  # issued first: these loads overlap the histogram's
         key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, CG)
@@ -163,6 +167,33 @@ def _select_row_hist(
     # KSTEP (``_hist_args``), so a bin holds one distinct key and bins order keys as keys do
     thr = tl.where(need > 0, NBINS - 1 - t_bin, NBINS)
     need_ties = tl.where(need > 0, need - n_above, 0)  # keys == T to keep
+    vthr = tl.zeros([], dtype=tl.int64)
+    if COARSE:  # T = the largest value in T's bin with #(the bin's other keys >= T) >= need_ties
+        lo = tl.where(need > 0, KMIN + thr.to(tl.int64) * KSTEP, 0)  # the invariant holds at lo
+        hi = tl.where(need > 0, lo + KSTEP - 1, 0)
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            ge = tl.zeros([], dtype=tl.int64)
+            for start in range(0, n, BLOCK):
+                if SINGLE:
+                    key, must, real = key1, must1, real1
+                else:
+                    key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
+                cand = real & ~must & ((key - KMIN) // KSTEP == thr) & (key >= mid)
+                ge += tl.sum(cand.to(tl.int64), 0)
+            if ge >= need_ties:
+                lo = mid
+            else:
+                hi = mid - 1
+        vthr = lo
+        n_gt = tl.zeros([], dtype=tl.int64)
+        for start in range(0, n, BLOCK):
+            if SINGLE:
+                key, must, real = key1, must1, real1
+            else:
+                key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
+            n_gt += tl.sum((real & ~must & ((key - KMIN) // KSTEP == thr) & (key > vthr)).to(tl.int64), 0)
+        need_ties = tl.where(need > 0, need_ties - n_gt, 0)
 
     # compaction: slot of a kept block = #(kept before it) = #(gt before) + min(#(ties before),
     # need_ties); both counts from one prefix sum of (tie, gt) packed in one integer (16-bit
@@ -175,8 +206,13 @@ def _select_row_hist(
         else:
             key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
         kbin = (key - KMIN) // KSTEP
-        gt = real & (must | (kbin > thr))
-        tie = real & ~must & (kbin == thr)
+        if COARSE:
+            cand = real & ~must & (kbin == thr)
+            gt = real & (must | (kbin > thr) | (cand & (key > vthr)))
+            tie = cand & (key == vthr)
+        else:
+            gt = real & (must | (kbin > thr))
+            tie = real & ~must & (kbin == thr)
         v = _pack2(tie, gt, not SINGLE)
         ties_b, gt_b = _unpack2(carry + tl.cumsum(v, 0) - v, not SINGLE)
         keep = gt | (tie & (ties_b < need_ties))
