@@ -394,6 +394,7 @@ def test_coarse_histogram_bins(monkeypatch, G, W, mode, max_bins, single):
     entropy) and distinct ones, ragged lengths, tensor k_blocks, must-select entries repeated
     and out of range, the row in one tile and in several (``single``), launches in a row."""
     monkeypatch.setattr(kernels, "HIST_MAX_BINS", max_bins)
+    monkeypatch.setattr(kernels, "HIST_COARSE", True)
     if not single:
         monkeypatch.setattr(kernels, "SELECT_BLOCK_MAX", 16)
     hist = kernels._hist_args(G, W, mode, 4, torch.device("cpu"))

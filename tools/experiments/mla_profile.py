@@ -32,9 +32,11 @@ HK = "kvcomp.ops.hamming_topk.kernels"
 MW = "kvcomp.ops.hamming_topk.mma_wide"
 # session 16, second call (scan: wide tensor-core scan): its program count (1024 / 16384) and 8
 # warps a program measured equal to the defaults (20.7 / 32.3 / 43.6 us at B = 1 / 4 / 8)
+# third call: bins of several values (HIST_COARSE) slower than the search (21.7 / 33.4 / 45.9 us
+# against 20.3 / 31.9 / 43.0), off since
 SELECT_VARIANTS = {
-    "simt_scan": {MW: dict(MMA_WIDE=False), HK: dict(HIST_COARSE=False)},  # session 15's selection
-    "search": {HK: dict(HIST_COARSE=False)},  # stage 2 by the binary search (session 16, call 2)
+    "simt_scan": {MW: dict(MMA_WIDE=False)},  # session 15's selection
+    "coarse_hist": {HK: dict(HIST_COARSE=True)},
 }
 # session 16, first call: (64, 64, 8 warps, 2 stages) best at B = 4 / 8, (32, 64, 4, 2) at B = 1
 # (173 against 178 us); SWAP slower everywhere; (128 heads: out of shared memory)

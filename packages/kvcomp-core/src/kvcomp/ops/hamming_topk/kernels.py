@@ -108,10 +108,12 @@ FUSED_HIST_MAXNREG = None
 # stage 2 finds the threshold from a histogram the scan fills (module doc), when keys fit
 HIST_SELECT = True
 HIST_MAX_BINS = 8192
-# wider score ranges (MLA: 128 heads x 576 bits, 36865 values a row) still take the histogram,
-# with bins of several values (KSTEP doubled until NBINS <= HIST_MAX_BINS): stage 2 then
-# searches T's bin for T (log2(KSTEP) rounds) instead of the whole key range (~17 rounds)
-HIST_COARSE = True
+# wider score ranges (MLA: 128 heads x 576 bits, 36865 values a row) take the histogram with
+# bins of several values (KSTEP doubled until NBINS <= HIST_MAX_BINS): stage 2 then searches T's
+# bin for T (log2(KSTEP) rounds) instead of the whole key range. Off: slower on the H200 (MLA,
+# 128K, hamming_topk at B = 1 / 4 / 8: 21.7 / 33.4 / 45.9 us against 20.3 / 31.9 / 43.0 for the
+# search; session 16, tools/experiments/mla_profile.py), kept tested for the record
+HIST_COARSE = False
 # ... and only for few (sequence, kv-head) rows, where stage 2's latency is the cost. Measured on
 # the H200 at 128K: B = 1 (8 rows) 13.5 vs 14.3 us for the whole hamming_topk (G = 4) and 16.6
 # vs 17.2 (G = 8); B = 8 (64 rows, G = 8) 68.6 vs 65.1 us: the scan's atomics then cost more
