@@ -15,8 +15,7 @@ default's (equal, or the row says so).
 
 ``dense`` / ``sparse``: ``mla_decode`` (``sparse_mla_decode`` over 2048 random tokens) at its
 default launch and at other (heads, tokens, warps, stages) tiles (``DENSE_CONFIGS``,
-``SPARSE_CONFIGS``; ``swap``: the kv tile as the A operand of q.k, the queries in shared
-memory), each output compared with the default's (max abs difference).
+``SPARSE_CONFIGS``), each output compared with the default's (max abs difference).
 """
 
 from __future__ import annotations
@@ -39,7 +38,9 @@ SELECT_VARIANTS = {
     "coarse_hist": {HK: dict(HIST_COARSE=True)},
 }
 # session 16, first call: (64, 64, 8 warps, 2 stages) best at B = 4 / 8, (32, 64, 4, 2) at B = 1
-# (173 against 178 us); SWAP slower everywhere; (128 heads: out of shared memory)
+# (173 against 178 us); swapped operands (the kv tile as q.k's A operand, a SWAP constexpr of the
+# kernel then, removed since) slower in every tile: B = 1 / 4 / 8 at 64 x 64 x 8 warps 264 / 921 /
+# 2499 us; 128 heads a program: out of shared memory
 DENSE_CONFIGS = [
     dict(block_h=32, block_t=32, num_warps=4, num_stages=2),
     dict(block_h=64, block_t=32, num_warps=8, num_stages=2),

@@ -43,7 +43,7 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    SPARSE: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_h = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -96,11 +96,7 @@ def _mla_decode_split_kernel(
             KPE + pid_b * s_kb + tok[:, None] * s_kl + offs_p[None, :] * s_kp,
             mask=valid[:, None] & mask_p[None, :], other=0.0,
         )  # [BLOCK_T, BLOCK_P]
-        if SWAP and not IEEE:  # s^T [BLOCK_T, BLOCK_H]: the kv tile is the A operand, the queries B
-            st = tl.dot(kv, tl.trans(q))
-            st = tl.dot(pe, tl.trans(qp), acc=st)
-            s = tl.trans(st)
-        elif IEEE:  # fp32 inputs (and the interpreter, whose bf16 tl.dot is wrong): exact fp32
+        if IEEE:  # fp32 inputs (and the interpreter, whose bf16 tl.dot is wrong): exact fp32
             s = tl.dot(q.to(tl.float32), tl.trans(kv.to(tl.float32)), input_precision="ieee")
             s = tl.dot(qp.to(tl.float32), tl.trans(pe.to(tl.float32)), acc=s, input_precision="ieee")
         else:
@@ -180,7 +176,8 @@ def _smem_optin(index: int) -> int:
 # heads x 64 tokens on 8 warps, two stages (221 KB of shared memory at R = 512). H200, 128K, 128
 # heads, R = 512 (session 16, tools/experiments/mla_profile.py): 178 / 592 / 1582 us at B = 1 /
 # 4 / 8 against 237 / 1414 / 2194 with the previous defaults (32 x 32 on 4 warps below B = 8,
-# 64 x 32 on 8 warps from B = 8); the swapped operands (SWAP) were slower in every tile tried
+# 64 x 32 on 8 warps from B = 8). Also measured there, slower in every tile tried: the kv tile
+# as the A operand of q.k and the queries as B (in shared memory, out of the registers)
 DENSE_WIDE_SMEM = 224 * 1024
 
 
@@ -220,7 +217,6 @@ def mla_decode_launch(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    swap: bool = False,
 ) -> torch.Tensor:
     """Shared launcher. block_idx [B, 1, K] int32 (sparse) or None (dense over t < seq_lens).
 
@@ -267,7 +263,7 @@ def mla_decode_launch(
         lse_part.stride(0), lse_part.stride(1),
         R=R, P=P,
         BLOCK_R=triton.next_power_of_2(R), BLOCK_P=max(16, triton.next_power_of_2(P)),
-        BLOCK_H=block_h, BLOCK_T=block_t, SPARSE=sparse, IEEE=ieee, SWAP=swap,
+        BLOCK_H=block_h, BLOCK_T=block_t, SPARSE=sparse, IEEE=ieee,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_s = max(2, triton.next_power_of_2(num_splits))
