@@ -280,6 +280,34 @@ def _query_rows_args(pdl: bool) -> dict:
                 G=8, W=4, BLOCK_W=4, R=4, MAJORITY=False, PDL=pdl, FORM=2, R_PAD=4)
 
 
+def _mla_split_args(sparse: bool, pdl: bool = False) -> dict:
+    args = dict(Q_LAT="*bf16", Q_PE="*bf16", CKV="*bf16", KPE="*bf16", BLOCK_IDX="*i32", SEQ_LENS="*i32",
+                O_PART="*fp32", LSE_PART="*fp32", scale_log2="fp32", H="i32", n_virtual="i32", per_split="i32",
+                chunk_size="i32")
+    args.update({n: "i32" for n in ("s_qlb s_qlh s_qlr s_qpb s_qph s_qpp s_cb s_cl s_cr s_kb s_kl s_kp s_bib "
+                                    "s_bik s_ob s_oh s_os s_lb s_lh").split()})
+    args.update(s_qlr=1, s_qpp=1, s_cr=1, s_kp=1, R=512, P=64, BLOCK_R=512, BLOCK_P=64,
+                BLOCK_H=32 if sparse else 64, BLOCK_T=32 if sparse else 64, SPARSE=sparse, IEEE=False, PDL=pdl)
+    return args
+
+
+def _mla_merge_args(pdl: bool = False) -> dict:
+    return dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16", H="i32", n_splits="i32", s_ob="i32", s_oh="i32",
+                s_os="i32", s_lb="i32", s_lh="i32", s_outb="i32", s_outh="i32", s_outr="i32", R=512, BLOCK_R=128,
+                BLOCK_S=64, PDL=pdl)
+
+
+def _planes_args(pdl: bool = False) -> dict:
+    return dict(q_ptr="*i32", planes_ptr="*i32", Hkv="i32", sqb="i32", sqh="i32", sqw="i32", G=128, G_PAD=128,
+                W=18, R=8, R_PAD=8, PDL=pdl)
+
+
+def _wide_args(pdl: bool = False) -> dict:
+    return dict(planes_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv="i32", NB_OUT="i32",
+                BLOCKS_PER_PROG="i32", skb="i32", skh="i32", W=18, R=8, CHUNK=128, NWARPS=4, must_ptr="*i32",
+                hist_ptr="*i32", HIST=False, M=3, KMIN=-512, NBINS=1024, KSTEP=4, PDL=pdl)
+
+
 def check_pdl_kernels():
     """Every decode-step and fused-decoder kernel with programmatic dependent launch (``kvcomp.ops._pdl``): the
     grid-dependency wait, then the launch of dependents, both before the kernel's first global
@@ -288,6 +316,8 @@ def check_pdl_kernels():
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
     gv = importlib.import_module("kvcomp.ops.gemv")
+    mk = importlib.import_module("kvcomp.ops.sparse_mla_decode.kernels")
+    mw = importlib.import_module("kvcomp.ops.hamming_topk.mma_wide")
     cases = [
         (he._hash_encode_row_kernel, _row_encode_args, dict(codes=True), {}),
         (gv._gemv_kernel, _gemv_args, dict(dot=False, block_m=1, block_n=4, block_k=1024, extras=True),
@@ -301,6 +331,11 @@ def check_pdl_kernels():
         (hk._select_kernel, _select_args, dict(hist=False), dict(num_warps=4)),
         (ak._sparse_decode_split_kernel, _split_args, dict(fused=True, t_q=1), dict(num_stages=2)),
         (ak._merge_kernel, _merge_args, {}, {}),
+        (mk._mla_decode_split_kernel, _mla_split_args, dict(sparse=True), dict(num_warps=4, num_stages=2)),
+        (mk._mla_decode_split_kernel, _mla_split_args, dict(sparse=False), dict(num_warps=8, num_stages=2)),
+        (mk._mla_merge_kernel, _mla_merge_args, {}, dict(num_warps=4)),
+        (mw._signed_planes_kernel, _planes_args, {}, dict(num_warps=4)),
+        (mw._block_keys_wide_kernel, _wide_args, {}, dict(num_warps=4)),
     ]
     for fn, args, opts in _norm_act_cases(pdl=True):
         cases.append((fn, lambda pdl, a=args: dict(a, PDL=pdl), {}, opts))
@@ -391,9 +426,7 @@ def check_mma_wide_kernel():
         assert n_mma == groups * 2 * -(-W // 8), (W, chunk, n_mma)
         assert ptx.count("ld.global.b64") == groups * 2 * -(-W // 8), (W, chunk)
         assert "bar.sync" not in ptx, chunk
-    args = dict(q_ptr="*i32", planes_ptr="*i32", Hkv=i32, sqb=i32, sqh=i32, sqw=i32, G=128, G_PAD=128, W=18, R=8,
-                R_PAD=8, PDL=1)
-    compile_sm90(mw._signed_planes_kernel, args, num_warps=4)
+    compile_sm90(mw._signed_planes_kernel, _planes_args(pdl=True), num_warps=4)
 
 
 def check_rope_append_kernel():

@@ -9,6 +9,8 @@ torch computation against the fp32 reference, plus a small atol. Selections are 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from kvcomp.ops import mla_decode, sparse_mla_decode
@@ -248,3 +250,33 @@ def test_mla_select_deepseek_geometry_gpu():
     got = mla_select(q, k, sl, k_blocks=16, chunk_size=128)
     want = hamming_topk(q.cpu(), k.cpu(), sl.cpu(), k_blocks=16, chunk_size=128, backend="reference")
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+def test_mla_kernels_pdl_bit_identical_gpu(monkeypatch):
+    """With programmatic dependent launch (sm_90+) the dense and sparse latent decodes and their
+    merge give the bits of plain stream order, also replayed in a CUDA graph after a selection."""
+    pdl = importlib.import_module("kvcomp.ops._pdl")
+    if not pdl.pdl_supported(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+")
+    B, H, R, P, L, chunk = 2, 128, 512, 64, 9000, 128
+    q_lat, q_pe, ckv, kpe = _inputs(B, H, R, P, L, torch.bfloat16, "cuda", seed=11)
+    q_lat = q_lat * 0.05
+    sl = torch.tensor([9000, 4097], device="cuda")
+    bi = torch.tensor([[[0, 5, 9, 70]], [[1, 2, 31, -1]]], dtype=torch.int32, device="cuda")
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        run = lambda: (mla_decode(q_lat, q_pe, ckv, kpe, sl, scale=0.1),
+                       sparse_mla_decode(q_lat, q_pe, ckv, kpe, bi, sl, chunk_size=chunk, scale=0.1))
+        eager = run()
+        graph = torch.cuda.CUDAGraph()
+        run()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            replayed = run()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[on] = (eager, replayed)
+    for a, b in zip(outs[True][0] + outs[True][1], outs[False][0] + outs[False][1]):
+        assert torch.equal(a, b)

@@ -97,8 +97,14 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
     k_blocks = math.ceil(SELECTED / CHUNK)
     scale = 1 / math.sqrt(192.0)
 
-    def qcodes():
-        return torch.cat([hash_encode(x["q_lat"], x["w_lat"]), hash_encode(x["q_pe"], x["w_rope"])], -1)
+    wl = x["w_lat"].shape[-1] // 32
+    zero_pos = torch.zeros(B, dtype=torch.int32, device="cuda")
+
+    def qcodes():  # as kvcomp_deepseek's query_codes
+        codes = torch.empty(B, H, 1, wl + x["w_rope"].shape[-1] // 32, dtype=torch.int32, device="cuda")
+        hash_encode(x["q_lat"].unsqueeze(2), x["w_lat"], out=codes[..., :wl], positions=zero_pos)
+        hash_encode(x["q_pe"].unsqueeze(2), x["w_rope"], out=codes[..., wl:], positions=zero_pos)
+        return codes.view(B, H, -1)
 
     qc = qcodes()
 
@@ -139,6 +145,12 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
         finally:
             _flags(undo)
         print(f"B={B} hamming_topk[{var}]: {row[f'hamming_topk[{var}]']}", flush=True)
+    undo = _flags({"kvcomp.ops._pdl": dict(ENABLED=False)})  # the whole step without PDL
+    try:
+        row["step[no_pdl]"] = graph_time(step, timer)
+    finally:
+        _flags(undo)
+    print(f"B={B} step[no_pdl]: {row['step[no_pdl]']}", flush=True)
     return row
 
 

@@ -12,7 +12,8 @@ The same stage-1 body serves both ops:
     SPARSE=False  virtual position j is the token itself (dense decode over t < seq_lens[b])
 
 Byte floor of a dense step (bf16, R=512, P=64): 1152 bytes per token (ckv + kpe), i.e.
-151 MB per sequence at 128K tokens.
+151 MB per sequence at 128K tokens. Both launches take programmatic dependent launch on sm_90+
+up to ``_pdl.DECODE_MAX_ROWS`` sequences (``kvcomp.ops._pdl``; bit-identical, GPU test).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kvcomp.ops._common import interpreting
+from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 LOG2E = 1.4426950408889634
 
@@ -43,8 +45,9 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    SPARSE: tl.constexpr, IEEE: tl.constexpr,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid_h = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -132,10 +135,11 @@ def _mla_merge_kernel(
     s_ob, s_oh, s_os,
     s_lb, s_lh,
     s_outb, s_outh, s_outr,
-    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[b, h, r-tile] = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m); zeros when every split
     is empty. Grid (H, B, cdiv(R, BLOCK_R)); all splits are loaded at once (no serial loop)."""
+    pdl_enter(PDL)
     pid_h = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r = tl.program_id(2).to(tl.int64)
@@ -253,6 +257,7 @@ def mla_decode_launch(
 
     if B == 0 or H == 0:
         return out.zero_()
+    pdl = pdl_args(q_lat, "attention", rows=B)  # one latent kv-head: B (sequence, kv-head) rows
     _mla_decode_split_kernel[(n_htiles, num_splits, B)](
         q_lat, q_pe, ckv, kpe, bidx, seq_lens, o_part, lse_part,
         float(scale) * LOG2E,
@@ -264,7 +269,7 @@ def mla_decode_launch(
         R=R, P=P,
         BLOCK_R=triton.next_power_of_2(R), BLOCK_P=max(16, triton.next_power_of_2(P)),
         BLOCK_H=block_h, BLOCK_T=block_t, SPARSE=sparse, IEEE=ieee,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     block_s = max(2, triton.next_power_of_2(num_splits))
     merge_r = max(16, min(triton.next_power_of_2(R), 8192 // block_s))  # <= 8K fp32 per program
@@ -275,7 +280,7 @@ def mla_decode_launch(
         lse_part.stride(0), lse_part.stride(1),
         *out.stride(),
         R=R, BLOCK_R=merge_r, BLOCK_S=block_s,
-        num_warps=4,
+        num_warps=4, **pdl,
     )
     return out
 
