@@ -327,25 +327,3 @@ def test_beam_search_assisted_crop_and_hand_loop():
         assert c2.layers[2].lens == [PROMPT + 1]
         assert int((c2.layers[2].step_block_idx >= 0).sum()) == 3
     h.disable()
-
-
-@pytest.mark.parametrize("aggregation", ["sum", "mean"])
-def test_query_codes_in_one_buffer(aggregation):
-    """``query_codes`` (both encodes into one buffer) equals the concatenation of the two parts'
-    codes, for per-head and head-averaged queries, bf16 and fp32."""
-    from kvcomp.ops import hash_encode
-    from kvcomp_deepseek.attention import MLABinding, query_codes
-
-    g = torch.Generator().manual_seed(3)
-    B, H, R, P = 3, 5, 64, 32
-    w_lat = torch.randn(R, 128, generator=g)
-    w_rope = torch.randn(P, 64, generator=g)
-    binding = MLABinding(layer_idx=0, handle=None, fallback="sdpa", w_lat=w_lat, w_rope=w_rope)
-    for dt in (torch.float32, torch.bfloat16):
-        q_lat = torch.randn(B, H, R, generator=g).to(dt)
-        q_pe = torch.randn(B, H, P, generator=g).to(dt)
-        got = query_codes(q_lat, q_pe, binding, aggregation)
-        if aggregation == "mean":
-            q_lat, q_pe = q_lat.float().mean(1, keepdim=True), q_pe.float().mean(1, keepdim=True)
-        want = torch.cat([hash_encode(q_lat, w_lat), hash_encode(q_pe, w_rope)], -1)
-        assert got.shape == want.shape and torch.equal(got, want), (aggregation, dt)

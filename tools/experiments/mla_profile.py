@@ -33,6 +33,10 @@ MW = "kvcomp.ops.hamming_topk.mma_wide"
 # warps a program measured equal to the defaults (20.7 / 32.3 / 43.6 us at B = 1 / 4 / 8)
 # third call: bins of several values (HIST_COARSE) slower than the search (21.7 / 33.4 / 45.9 us
 # against 20.3 / 31.9 / 43.0), off since
+# fifth call (PDL for the latent attention and its merge): the step without PDL (step[no_pdl])
+# 59.1 / 106.9 / 165.6 against 55.6 / 105.1 / 164.3 us at B = 1 / 4 / 8; the query codes written
+# into one buffer by hash_encode(out=) (the cache-append kernel) were slower than the two encodes
+# + concatenation (18.7 / 45.7 / 76.9 against 12.9 / 16.3 / 19.6 us), reverted
 SELECT_VARIANTS = {
     "simt_scan": {MW: dict(MMA_WIDE=False)},  # session 15's selection
     "coarse_hist": {HK: dict(HIST_COARSE=True)},
@@ -97,14 +101,8 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
     k_blocks = math.ceil(SELECTED / CHUNK)
     scale = 1 / math.sqrt(192.0)
 
-    wl = x["w_lat"].shape[-1] // 32
-    zero_pos = torch.zeros(B, dtype=torch.int32, device="cuda")
-
-    def qcodes():  # as kvcomp_deepseek's query_codes
-        codes = torch.empty(B, H, 1, wl + x["w_rope"].shape[-1] // 32, dtype=torch.int32, device="cuda")
-        hash_encode(x["q_lat"].unsqueeze(2), x["w_lat"], out=codes[..., :wl], positions=zero_pos)
-        hash_encode(x["q_pe"].unsqueeze(2), x["w_rope"], out=codes[..., wl:], positions=zero_pos)
-        return codes.view(B, H, -1)
+    def qcodes():
+        return torch.cat([hash_encode(x["q_lat"], x["w_lat"]), hash_encode(x["q_pe"], x["w_rope"])], -1)
 
     qc = qcodes()
 

@@ -148,14 +148,8 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
     seq_lens = torch.full((B,), L, dtype=torch.int32, device=dev)
     k_codes = torch.cat([hash_encode(ckv, w_lat), hash_encode(kpe, w_rope)], dim=-1).unsqueeze(1)
 
-    wl = w_lat.shape[-1] // 32
-    zero_pos = torch.zeros(B, dtype=torch.int32, device=dev)
-
-    def qcodes():  # as kvcomp_deepseek's query_codes: both parts' codes into one buffer
-        codes = torch.empty(B, H, 1, wl + w_rope.shape[-1] // 32, dtype=torch.int32, device=dev)
-        hash_encode(q_lat.unsqueeze(2), w_lat, out=codes[..., :wl], positions=zero_pos)
-        hash_encode(q_pe.unsqueeze(2), w_rope, out=codes[..., wl:], positions=zero_pos)
-        return codes.view(B, H, -1)
+    def qcodes():
+        return torch.cat([hash_encode(q_lat, w_lat), hash_encode(q_pe, w_rope)], dim=-1)
 
     def select_generic(qc):
         return hamming_topk(qc, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk,
