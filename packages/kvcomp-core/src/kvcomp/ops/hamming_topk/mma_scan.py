@@ -125,6 +125,13 @@ def _mma_max(a0, a1, t, t_hi, bq, zero, w_lo, w_hi, base):
     """The larger exact score of the lane's two tokens t and t + 8 of one MMA (every lane of a
     quad gets its tokens' scores; int32 min for tokens at or past ``t_hi``)."""
     d0, d1, d2, d3 = _mma_and_popc(a0, a1, bq, zero)
+    return _pair_max(d0, d1, d2, d3, t, t_hi, w_lo, w_hi, base)
+
+
+@triton.jit
+def _pair_max(d0, d1, d2, d3, t, t_hi, w_lo, w_hi, base):
+    """From a lane's MMA outputs (popcounts of planes 2 tid and 2 tid + 1 for tokens t and t + 8):
+    the larger exact score of its two tokens, int32 min for tokens at or past ``t_hi``."""
     sa = w_lo * d0 + w_hi * d1  # token t's planes 2 tid, 2 tid + 1; token t + 8's
     sb = w_lo * d2 + w_hi * d3
     sa = sa + _shfl_xor1(sa)

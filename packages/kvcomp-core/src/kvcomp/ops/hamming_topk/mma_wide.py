@@ -41,9 +41,8 @@ from kvcomp.ops.hamming_topk.mma_scan import (
     _emit8,
     _lane_id,
     _max4,
+    _pair_max,
     _plane_weight,
-    _shfl_xor1,
-    _shfl_xor2,
 )
 
 # take the wide tensor-core scan where it applies (False: the SIMT scan)
@@ -123,15 +122,7 @@ def _group_max(k64, t, tid, t_hi, b0, b1, b2, b3, b4, b5, b6, b7, zero, w_lo, w_
         d0, d1, d2, d3 = _seg(k64, t, 2, tid, t_hi, W2, b4, b5, d0, d1, d2, d3)
     if NS > 3:
         d0, d1, d2, d3 = _seg(k64, t, 3, tid, t_hi, W2, b6, b7, d0, d1, d2, d3)
-    sa = w_lo * d0 + w_hi * d1  # token t: planes 2 tid, 2 tid + 1; token t + 8 below
-    sb = w_lo * d2 + w_hi * d3
-    sa = sa + _shfl_xor1(sa)
-    sb = sb + _shfl_xor1(sb)
-    sa = sa + _shfl_xor2(sa)  # every plane of the token: the quad's sum
-    sb = sb + _shfl_xor2(sb)
-    sa = tl.where(t < t_hi, base - 4 * sa, -2147483648)
-    sb = tl.where(t + 8 < t_hi, base - 4 * sb, -2147483648)
-    return tl.maximum(sa, sb)
+    return _pair_max(d0, d1, d2, d3, t, t_hi, w_lo, w_hi, base)
 
 
 @triton.jit
