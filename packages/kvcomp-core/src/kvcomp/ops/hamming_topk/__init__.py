@@ -44,9 +44,11 @@ weight multiplies the logit estimate, below). Every ``mode`` combines with it; t
                 per code word), from bit-planes of the per-bit counts c_b (bit_length(G) + 1
                 popcounts) or, for even G, from the two's-complement bit-planes of G / 2 - c_b
                 (bit_length(G) popcounts: 3 instead of 4 at G = 4), whichever is cheapest; all
-                are exact integer sums, the same scores. On sm_80+ GPUs, for 128-bit codes,
-                even G and "max" blocks without weights, the signed planes' popcounts run as
-                1-bit tensor-core MMAs (``mma_scan``; the same scores).
+                are exact integer sums, the same scores. On sm_80+ GPUs, for "max" blocks
+                without weights and even G, the signed planes' popcounts run as 1-bit
+                tensor-core MMAs (the same scores): ``mma_scan`` for 128-bit codes (G <= 30),
+                ``mma_wide`` for other even word counts up to 32 and G <= 254 (MLA's 576-bit
+                split codes with 128 heads).
     "majority"  cheaper approximation: one code per kv-head whose bit b is set iff more than
                 half of the G query codes have it (ties -> 0), scored ``BITS - 2 * Hamming``;
                 equals ``hamming_topk(majority_codes(q_codes, Hkv), ...)`` with G = 1.

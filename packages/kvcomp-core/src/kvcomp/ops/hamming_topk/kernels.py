@@ -23,9 +23,10 @@ is the fp32 max mapped the same way. The exact-or-cheaper forms of the group sco
 
 The planes (and the majority code) are derived from the G query codes by every scan program
 (``_group_rows``, ``ROWS_IN_SCAN``), not in a launch of their own. All launches take
-programmatic dependent launch on sm_90+ (``kvcomp.ops._pdl``). Where it applies (128-bit codes,
-signed planes, "max" blocks; ``mma_scan``), stage 1 is the tensor-core scan instead: the
-planes' popcounts as 1-bit MMAs, the same keys and histogram counts.
+programmatic dependent launch on sm_90+ (``kvcomp.ops._pdl``). Where it applies (signed planes,
+"max" blocks: ``mma_scan`` for 128-bit codes, ``mma_wide`` for other even widths and groups up
+to 254), stage 1 is a tensor-core scan instead: the planes' popcounts as 1-bit MMAs, the same
+keys and histogram counts.
 
 Stage 2, ``_select_kernel`` (``select_kernels.py``), grid (B * Hkv): per row, a binary (or
 ARITY-ary) search over the key values finds the threshold T such that ``count`` keys are >= T
