@@ -51,8 +51,8 @@ from kvcomp.ops.hamming_topk.mma_scan import (
 MMA_WIDE = True
 # warps a program (8: equal within 1 us there)
 WIDE_WARPS = 4
-# at least this many programs (several warp tiles a program above), as mma_scan's (1024 and
-# 16384: equal within 1 us there, 47.2 against 43.6 at B = 8 for 1024)
+# at least this many programs (several warp tiles a program above), as mma_scan's (16384: equal
+# there; 1024: equal at B = 1 / 4, 47.2 against 43.6 us at B = 8)
 WIDE_TARGET_PROGRAMS = 4096
 MAX_WORDS = 32  # 2 * 4 segments of 8 bytes: 8 B fragments a lane
 
