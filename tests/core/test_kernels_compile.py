@@ -255,15 +255,34 @@ def check_gemv_kernel():
                 assert "st.global" not in before and after.count("ld.global") >= 1
 
 
-def _row_encode_args(codes: bool, pdl: bool = False) -> dict:
+def _part2_args(split: bool) -> dict:
+    """The second part's arguments of the encode kernels (``hash_encode_split``)."""
+    i32 = "i32"
+    return dict(x2_ptr="*bf16", w2_ptr="*fp32", D2=i32, W1=i32, sx2b=i32, sx2h=i32, sx2n=i32, sx2d=i32,
+                sw2h=i32, sw2d=i32, sw2k=i32, SPLIT=split)
+
+
+def _row_encode_args(codes: bool, pdl: bool = False, split: bool = False) -> dict:
     i32 = "i32"
     return dict(
         x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
         D=i32, H=i32, L_out=i32, HG=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
         sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
-        HAS_POS=True, HAS_BIAS=codes, BLOCK_D=128, kc_ptr="*bf16", v_ptr="*bf16", vc_ptr="*bf16",
+        HAS_POS=True, HAS_BIAS=codes and not split, BLOCK_D=128 if not split else 512, kc_ptr="*bf16",
+        v_ptr="*bf16", vc_ptr="*bf16",
         skb=i32, skh=i32, skn=i32, svb=i32, svh=i32, svn=i32, svd=i32, svcb=i32, svch=i32, svcn=i32,
-        COPY=True, CODES=codes, V_PROG=1 if codes else 0, DV=i32, BLOCK_DV=128, PDL=pdl,
+        COPY=not split, CODES=codes, V_PROG=1 if codes else 0, DV=i32, BLOCK_DV=128, PDL=pdl,
+        **_part2_args(split), BLOCK_D2=64,
+    )
+
+
+def _encode_args(split: bool) -> dict:
+    i32 = "i32"
+    return dict(
+        x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
+        N=i32, D=i32, H=i32, L_out=i32, HG=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
+        sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
+        HAS_POS=False, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=128, TF32=True, **_part2_args(split), TF32_2=True,
     )
 
 
@@ -272,6 +291,18 @@ def check_append_kv_kernel():
     he = importlib.import_module("kvcomp.ops.hash_encode.kernels")
     for codes in (True, False):
         compile_sm90(he._hash_encode_row_kernel, _row_encode_args(codes), num_warps=4)
+
+
+def check_hash_encode_split_kernels():
+    """Both encode kernels with a second part (MLA's 512 + 64 split): each part's products (tf32
+    MMAs in the tile kernel, one per 8 columns x 8 dims of each part's loop) and no extra store."""
+    he = importlib.import_module("kvcomp.ops.hash_encode.kernels")
+    plain = compile_sm90(he._hash_encode_kernel, _encode_args(False), num_warps=4).asm["ptx"]
+    split = compile_sm90(he._hash_encode_kernel, _encode_args(True), num_warps=4).asm["ptx"]
+    assert split.count("mma.sync") == 2 * plain.count("mma.sync") > 0  # one product loop a part
+    assert split.count("st.global") == plain.count("st.global")
+    row = compile_sm90(he._hash_encode_row_kernel, _row_encode_args(True, split=True), num_warps=4).asm["ptx"]
+    assert row.count("st.global") == 1  # only the code word (no key / value copies)
 
 
 def _query_rows_args(pdl: bool) -> dict:
@@ -458,7 +489,8 @@ def check_rope_append_kernel():
 
 CHECKS = [check_select_kernel, check_block_keys_kernel_with_histogram, check_norm_act_kernels,
           check_sparse_decode_attention_kernels, check_gemv_kernel, check_append_kv_kernel,
-          check_pdl_kernels, check_mma_scan_kernel, check_mma_wide_kernel, check_rope_append_kernel]
+          check_pdl_kernels, check_mma_scan_kernel, check_mma_wide_kernel, check_rope_append_kernel,
+          check_hash_encode_split_kernels]
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

@@ -7,7 +7,8 @@ DeepSeek-V3 geometry: 128 query heads on one latent kv-head, R = 512, P = 64, 51
 codes (18 words), chunk 128, 2048 selected tokens, bf16. Every time is the median of CUDA-graph
 replays with L2 flushed before each (``kvcomp.bench.mla``'s timer).
 
-``select``: per batch, the sparse step's pieces: the query codes, ``hamming_topk`` and its two
+``select``: per batch, the sparse step's pieces: the query codes (``hash_encode_split``; the
+two encodes + concatenation it replaced, and each encode alone), ``hamming_topk`` and its two
 stages run alone (the scan ``block_keys_triton``, no histogram; stage 2 ``select_triton`` on the
 scan's keys by the search), the sparse attention, the whole step; then ``hamming_topk`` under
 module-flag variants (``SELECT_VARIANTS``). Every variant's selection is compared with the
@@ -37,6 +38,8 @@ MW = "kvcomp.ops.hamming_topk.mma_wide"
 # 59.1 / 106.9 / 165.6 against 55.6 / 105.1 / 164.3 us at B = 1 / 4 / 8; the query codes written
 # into one buffer by hash_encode(out=) (the cache-append kernel) were slower than the two encodes
 # + concatenation (18.7 / 45.7 / 76.9 against 12.9 / 16.3 / 19.6 us), reverted
+# session 17: hash_encode_split (both parts in one launch of the encode kernels) as "qcodes", the
+# previous form as "qcodes[cat]"
 SELECT_VARIANTS = {
     "simt_scan": {MW: dict(MMA_WIDE=False)},  # session 15's selection
     "coarse_hist": {HK: dict(HIST_COARSE=True)},
@@ -94,17 +97,30 @@ def inputs(B: int, L: int, dev: str):
 
 
 def part_select(B: int, L: int, timer, graph_time) -> dict:
-    from kvcomp.ops import hamming_topk, hash_encode, sparse_mla_decode
+    from kvcomp.ops import hamming_topk, hash_encode, hash_encode_split, sparse_mla_decode
     from kvcomp.ops.hamming_topk import kernels as hk
 
     x = inputs(B, L, "cuda")
     k_blocks = math.ceil(SELECTED / CHUNK)
     scale = 1 / math.sqrt(192.0)
 
-    def qcodes():
+    def qcodes():  # one launch (session 17)
+        return hash_encode_split((x["q_lat"], x["q_pe"]), (x["w_lat"], x["w_rope"]))
+
+    def qcodes_cat():  # before: two encodes and their concatenation
         return torch.cat([hash_encode(x["q_lat"], x["w_lat"]), hash_encode(x["q_pe"], x["w_rope"])], -1)
 
+    def enc_lat():
+        return hash_encode(x["q_lat"], x["w_lat"])
+
+    def enc_pe():
+        return hash_encode(x["q_pe"], x["w_rope"])
+
     qc = qcodes()
+    q_cat = qcodes_cat()
+    row0 = dict(qcodes_equal_cat=bool(torch.equal(qc, q_cat)),
+                qcodes_bits_differing=int(((qc ^ q_cat) != 0).sum()))
+    print(f"B={B} split query codes vs two encodes + cat: {row0}", flush=True)
 
     def select():
         return hamming_topk(qc, x["k_codes"], x["seq_lens"], k_blocks=k_blocks, chunk_size=CHUNK, must_select=MUST)
@@ -130,8 +146,9 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
         return sparse_mla_decode(x["q_lat"], x["q_pe"], x["ckv"], x["kpe"], bi, x["seq_lens"], chunk_size=CHUNK,
                                  scale=scale)
 
-    row = dict(B=B, L=L, code_bytes=x["k_codes"].numel() * 4)
-    for name, fn in (("qcodes", qcodes), ("hamming_topk", select), ("scan", scan), ("stage2", stage2),
+    row = dict(B=B, L=L, code_bytes=x["k_codes"].numel() * 4, **row0)
+    for name, fn in (("qcodes", qcodes), ("qcodes[cat]", qcodes_cat), ("encode_lat", enc_lat),
+                     ("encode_pe", enc_pe), ("hamming_topk", select), ("scan", scan), ("stage2", stage2),
                      ("sparse", sparse), ("step", step)):
         row[name] = graph_time(fn, timer)
         print(f"B={B} {name}: {row[name]}", flush=True)

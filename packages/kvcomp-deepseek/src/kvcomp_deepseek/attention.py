@@ -44,7 +44,7 @@ from kvcomp.attention import (
     forward_scope,
     kvcomp_mask,
 )
-from kvcomp.ops import hamming_topk, hash_encode, mla_decode, sparse_mla_decode
+from kvcomp.ops import hamming_topk, hash_encode_split, mla_decode, sparse_mla_decode
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
@@ -187,14 +187,11 @@ def _dense_compacted(module, query, key, value, layer: MLACacheLayer, fallback, 
 
 def query_codes(q_lat, q_pe, binding: MLABinding, aggregation: str) -> torch.Tensor:
     """Per-head split codes [B, H, W] (aggregation "sum" / "majority"), or the codes of the
-    head-averaged query [B, 1, W] ("mean"). (Both encodes written into one buffer through
-    ``hash_encode(out=)`` instead of the concatenation: slower on the H200, session 16: the
-    out= path is the cache-append kernel, 18.7 / 45.7 / 76.9 us against 12.9 / 16.3 / 19.6 at
-    B = 1 / 4 / 8.)"""
+    head-averaged query [B, 1, W] ("mean"); both parts in one launch (``hash_encode_split``)."""
     if aggregation == "mean":
         q_lat = q_lat.float().mean(1, keepdim=True)
         q_pe = q_pe.float().mean(1, keepdim=True)
-    return torch.cat([hash_encode(q_lat, binding.w_lat), hash_encode(q_pe, binding.w_rope)], -1)
+    return hash_encode_split((q_lat, q_pe), (binding.w_lat, binding.w_rope))
 
 
 def _absorbed_query(module, binding: MLABinding, query: torch.Tensor, dt: torch.dtype):

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import torch
 from kvcomp.cache import KVCompCache, KVCompLayer
-from kvcomp.ops import hash_encode
+from kvcomp.ops import hash_encode_split
 
 __all__ = ["MLACache", "MLACacheLayer", "split_codes"]
 
 
 def split_codes(lat: torch.Tensor, pe: torch.Tensor, w_lat: torch.Tensor, w_rope: torch.Tensor):
     """[hash(lat) | hash(pe)]: lat [..., R], pe [..., P], w_lat [R, bits_kv], w_rope [P, bits_rope]
-    -> int32 [..., (bits_kv + bits_rope) / 32]."""
-    return torch.cat([hash_encode(lat, w_lat), hash_encode(pe, w_rope)], dim=-1)
+    -> int32 [..., (bits_kv + bits_rope) / 32] (``kvcomp.ops.hash_encode_split``: one launch)."""
+    return hash_encode_split((lat, pe), (w_lat, w_rope))
 
 
 class MLACacheLayer(KVCompLayer):

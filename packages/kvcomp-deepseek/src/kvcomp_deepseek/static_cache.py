@@ -35,6 +35,7 @@ counters (``stats`` reports zero steps).
 from __future__ import annotations
 
 import torch
+from kvcomp.ops import hash_encode_split
 from kvcomp.static_cache import KVCompStaticCache, KVCompStaticLayer
 
 from kvcomp_deepseek.cache import split_codes
@@ -93,10 +94,11 @@ class MLAStaticCacheLayer(KVCompStaticLayer):
         if self.step_coded:
             cache: MLAStaticCache = self._cache_ref()
             dev = self.keys_buf.device
+            B = key_states.shape[0]
             write_pos = cache.step_shared(("write_pos", dev), lambda: cache._write_pos.to(dev))
-            w_lat, w_rope = self.mla_weights
-            codes = split_codes(key_states.to(dev), value_states.to(dev), w_lat, w_rope)
-            self.mla_codes.index_copy_(2, write_pos, codes)
+            start = cache.step_shared(("start", dev, B), lambda: write_pos[:1].expand(B).contiguous())
+            hash_encode_split((key_states.to(dev), value_states.to(dev)), self.mla_weights,
+                              out=self.mla_codes, positions=start)  # one launch
         return ret
 
     def keeps_codes(self) -> bool:

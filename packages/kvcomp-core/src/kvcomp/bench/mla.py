@@ -8,7 +8,7 @@ decode query (q_lat [B, H, R], q_pe [B, H, P]) and times:
     copy         a device-to-device copy (bytes read + written): the bandwidth ceiling
     dense        ``kvcomp.ops.mla_decode`` (our split-K Triton latent decode), every token
     einsum       the same math in plain torch (bf16 einsum, fp32 softmax)
-    qcodes       the query codes of the step (hash_encode of q_lat and q_pe per head)
+    qcodes       the query codes of the step (``hash_encode_split`` of q_lat and q_pe per head)
     select       ``kvcomp.ops.hamming_topk`` with G = H (the generic kernel, exact) and
     mla_select   ``kvcomp.ops.mla_select`` (count planes + torch top-k), exact, same result
     sparse       ``kvcomp.ops.sparse_mla_decode`` over the selected blocks
@@ -36,7 +36,7 @@ import time
 import torch
 
 from kvcomp.bench.timing import positive_ints, progress
-from kvcomp.ops import hamming_topk, hash_encode, mla_decode, sparse_mla_decode
+from kvcomp.ops import hamming_topk, hash_encode_split, mla_decode, sparse_mla_decode
 from kvcomp.ops._blocks import selected_token_mask
 from kvcomp.ops.hamming_topk import hamming_topk_ref
 from kvcomp.ops.mla_decode import mla_decode_ref
@@ -146,10 +146,10 @@ def run_config(B, L, args, dev, timer, copy_gbps, w_lat, w_rope) -> dict:
     q_lat = torch.randn(B, H, R, device=dev, dtype=dt, generator=g) * 0.06
     q_pe = torch.randn(B, H, P, device=dev, dtype=dt, generator=g) * 0.06
     seq_lens = torch.full((B,), L, dtype=torch.int32, device=dev)
-    k_codes = torch.cat([hash_encode(ckv, w_lat), hash_encode(kpe, w_rope)], dim=-1).unsqueeze(1)
+    k_codes = hash_encode_split((ckv, kpe), (w_lat, w_rope)).unsqueeze(1)
 
     def qcodes():
-        return torch.cat([hash_encode(q_lat, w_lat), hash_encode(q_pe, w_rope)], dim=-1)
+        return hash_encode_split((q_lat, q_pe), (w_lat, w_rope))
 
     def select_generic(qc):
         return hamming_topk(qc, k_codes, seq_lens, k_blocks=k_blocks, chunk_size=chunk,

@@ -7,6 +7,8 @@
 
 ``kvcomp.ops`` never imports transformers.
 
+``kvcomp.ops.hash_encode_split``: MLA's split code (latent and RoPE parts hashed with their
+own projections, one code) in one launch.
 ``kvcomp.ops.append_kv``: a static cache's append of keys, values and key codes in one kernel.
 ``kvcomp.ops.rope_append``: a decode step's per-head q / k norms, RoPE, that append and the
 query codes in one kernel (``KVCompStaticLayer.update_rotary``).
@@ -28,7 +30,7 @@ bit ``b`` is ``(x @ W)[..., b] > 0`` (``> bias[..., b]`` with a bias) and lives 
 from kvcomp.ops.append_kv import append_kv
 from kvcomp.ops.gemv import gemv
 from kvcomp.ops.hamming_topk import hamming_topk
-from kvcomp.ops.hash_encode import hash_encode
+from kvcomp.ops.hash_encode import hash_encode, hash_encode_split
 from kvcomp.ops.key_stats import hash_bias, key_mean, key_norms
 from kvcomp.ops.mla_decode import mla_decode
 from kvcomp.ops.norm_act import add_rms_norm, rms_norm, rope, silu_mul
@@ -37,7 +39,7 @@ from kvcomp.ops.sparse_decode_attention import sparse_decode_attention
 from kvcomp.ops.sparse_mla_decode import sparse_mla_decode
 
 __all__ = [
-    "hash_encode", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode",
+    "hash_encode", "hash_encode_split", "hamming_topk", "sparse_decode_attention", "sparse_mla_decode", "mla_decode",
     "key_mean", "key_norms", "hash_bias", "rms_norm", "add_rms_norm", "silu_mul", "rope", "gemv",
     "append_kv", "rope_append",
 ]

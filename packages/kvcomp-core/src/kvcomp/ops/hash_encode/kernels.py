@@ -41,6 +41,24 @@ from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 
 @triton.jit
+def _proj_tile(x_rows, w_cols, row_ok, D, sxd, swd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               TF32: tl.constexpr):
+    """[BLOCK_N, 32] fp32 projections of the rows at ``x_rows`` ([BLOCK_N, 1] pointers) on the
+    32 weight columns at ``w_cols`` ([1, 32]), in [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] steps."""
+    proj = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):  # [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] per step: few registers
+        dims = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + dims[None, :] * sxd, mask=row_ok[:, None] & (dims[None, :] < D),
+                    other=0.0).to(tl.float32)
+        wt = tl.load(w_cols + dims[:, None] * swd, mask=dims[:, None] < D, other=0.0).to(tl.float32)
+        if TF32:  # 16-bit rows are exact in tf32; only the weight is rounded (10-bit mantissa)
+            proj += tl.dot(x, wt, input_precision="tf32")
+        else:
+            proj += tl.dot(x, wt, input_precision="ieee")
+    return proj
+
+
+@triton.jit
 def _hash_encode_kernel(
     x_ptr, w_ptr, out_ptr, pos_ptr, bias_ptr,
     N, D, H, L_out, HG,
@@ -53,7 +71,11 @@ def _hash_encode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TF32: tl.constexpr,
+    x2_ptr=None, w2_ptr=None, D2=0, W1=0, sx2b=0, sx2h=0, sx2n=0, sx2d=0, sw2h=0, sw2d=0, sw2k=0,
+    SPLIT: tl.constexpr = False, TF32_2: tl.constexpr = False,
 ):
+    """SPLIT (``hash_encode_split``): words >= W1 are the codes of a second input x2 [.., D2]
+    with its own weight w2 (word w is x2's word w - W1); the same rows, heads and output."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     w = tl.program_id(2)  # the code word this program writes
@@ -63,17 +85,17 @@ def _hash_encode_kernel(
     row_ok = rows < N
     bit = tl.arange(0, 32)  # [32]
     x_rows = x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn  # [BLOCK_N, 1]
-    w_cols = w_ptr + (h // HG) * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
-    proj = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):  # [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] per step: few registers
-        dims = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + dims[None, :] * sxd, mask=row_ok[:, None] & (dims[None, :] < D),
-                    other=0.0).to(tl.float32)
-        wt = tl.load(w_cols + dims[:, None] * swd, mask=dims[:, None] < D, other=0.0).to(tl.float32)
-        if TF32:  # 16-bit rows are exact in tf32; only the weight is rounded (10-bit mantissa)
-            proj += tl.dot(x, wt, input_precision="tf32")
+    if SPLIT:
+        if w >= W1:
+            x2_rows = x2_ptr + b * sx2b + h * sx2h + rows[:, None].to(tl.int64) * sx2n
+            w2_cols = w2_ptr + (h // HG) * sw2h + ((w - W1) * 32 + bit)[None, :] * sw2k
+            proj = _proj_tile(x2_rows, w2_cols, row_ok, D2, sx2d, sw2d, BLOCK_N, BLOCK_K, TF32_2)
         else:
-            proj += tl.dot(x, wt, input_precision="ieee")
+            w_cols = w_ptr + (h // HG) * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
+            proj = _proj_tile(x_rows, w_cols, row_ok, D, sxd, swd, BLOCK_N, BLOCK_K, TF32)
+    else:
+        w_cols = w_ptr + (h // HG) * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
+        proj = _proj_tile(x_rows, w_cols, row_ok, D, sxd, swd, BLOCK_N, BLOCK_K, TF32)
     if HAS_POS:
         out_rows = tl.load(pos_ptr + b).to(tl.int64) + rows
         out_ok = row_ok & (out_rows < L_out) & (out_rows >= 0)
@@ -87,6 +109,18 @@ def _hash_encode_kernel(
         bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
     word = tl.sum(bits, 1)  # [BLOCK_N]: distinct bits, so the sum is their OR (wraps to int32)
     tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
+
+
+@triton.jit
+def _proj_row(x_row, w_base, col0, D, sxd, swd, swk, BLOCK_D: tl.constexpr):
+    """[32] fp32 projections of one row (at ``x_row``, D dims) on weight columns col0 .. col0 + 31
+    (broadcast-multiply and a tree sum, no matrix unit)."""
+    dims = tl.arange(0, BLOCK_D)
+    bit = tl.arange(0, 32)
+    x = tl.load(x_row + dims * sxd, mask=dims < D, other=0.0)
+    wt = tl.load(w_base + dims[:, None] * swd + (col0 + bit)[None, :] * swk, mask=dims[:, None] < D,
+                 other=0.0).to(tl.float32)  # [BLOCK_D, 32]
+    return tl.sum(x.to(tl.float32)[:, None] * wt, 0)
 
 
 @triton.jit
@@ -104,10 +138,13 @@ def _hash_encode_row_kernel(
     skb=0, skh=0, skn=0, svb=0, svh=0, svn=0, svd=0, svcb=0, svch=0, svcn=0,
     COPY: tl.constexpr = False, CODES: tl.constexpr = True, V_PROG: tl.constexpr = 0,
     DV=0, BLOCK_DV: tl.constexpr = 16, PDL: tl.constexpr = False,
+    x2_ptr=None, w2_ptr=None, D2=0, W1=0, sx2b=0, sx2h=0, sx2n=0, sx2d=0, sw2h=0, sw2d=0, sw2k=0,
+    SPLIT: tl.constexpr = False, BLOCK_D2: tl.constexpr = 16,
 ):
     """With COPY (the cache's append, HAS_POS): row n of x is also stored in the key cache kc
     and row n of v in the value cache vc, at row pos[b] + n (program w == 0 stores the key,
     w == V_PROG the value row of DV dims; last dims contiguous); without CODES only the copies run.
+    SPLIT (``hash_encode_split``, no COPY): words >= W1 are x2's (D2 dims, weight w2).
     PDL: programmatic dependent launch (``kvcomp.ops._pdl``)."""
     pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
@@ -117,7 +154,8 @@ def _hash_encode_row_kernel(
     h = pid_bh % H
     dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     bit = tl.arange(0, 32)  # [32]
-    x = tl.load(x_ptr + b * sxb + h * sxh + n * sxn + dims * sxd, mask=dims < D, other=0.0)
+    if not SPLIT:
+        x = tl.load(x_ptr + b * sxb + h * sxh + n * sxn + dims * sxd, mask=dims < D, other=0.0)
     if COPY:
         row = tl.load(pos_ptr + b).to(tl.int64) + n + tl.zeros([BLOCK_D], dtype=tl.int64)
         ok = (dims < D) & (row < L_out) & (row >= 0)
@@ -131,11 +169,19 @@ def _hash_encode_row_kernel(
             tl.store(vc_ptr + b * svcb + h * svch + rowv * svcn + dv, v.to(vc_ptr.dtype.element_ty), mask=okv)
     if not CODES:
         return
-    wt = tl.load(
-        w_ptr + (h // HG) * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
-        mask=dims[:, None] < D, other=0.0,
-    ).to(tl.float32)  # [BLOCK_D, 32]
-    proj = tl.sum(x.to(tl.float32)[:, None] * wt, 0)  # [32]
+    if SPLIT:
+        if w >= W1:
+            proj = _proj_row(x2_ptr + b * sx2b + h * sx2h + n * sx2n, w2_ptr + (h // HG) * sw2h,
+                             (w - W1) * 32, D2, sx2d, sw2d, sw2k, BLOCK_D2)
+        else:
+            proj = _proj_row(x_ptr + b * sxb + h * sxh + n * sxn, w_ptr + (h // HG) * swh, w * 32,
+                             D, sxd, swd, swk, BLOCK_D)
+    else:
+        wt = tl.load(
+            w_ptr + (h // HG) * swh + dims[:, None] * swd + (w * 32 + bit)[None, :] * swk,
+            mask=dims[:, None] < D, other=0.0,
+        ).to(tl.float32)  # [BLOCK_D, 32]
+        proj = tl.sum(x.to(tl.float32)[:, None] * wt, 0)  # [32]
     if HAS_BIAS:
         thr = tl.load(bias_ptr + b * sbb + h * sbh + (w * 32 + bit) * sbk)  # [32] fp32
     else:
@@ -175,12 +221,15 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
 
 def _launch(
     x4: torch.Tensor, w3: torch.Tensor, out4: torch.Tensor, pos: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, part2: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """x4 [B, H, N, D], w3 [H / G, D, BITS] (head h uses w3[h // G]; G = H for one shared row),
-    out4 [B, H, L_out, W], bias None or fp32 [BITS] / [H, BITS] / [B, H, BITS]."""
+    out4 [B, H, L_out, W], bias None or fp32 [BITS] / [H, BITS] / [B, H, BITS]. part2 (x4b [B, H,
+    N, D2], w3b [H / G, D2, BITS2]): the words after x4's are x4b's codes (``hash_encode_split``;
+    no bias)."""
     B, H, N, D = x4.shape
-    W = w3.shape[-1] // 32
+    W1 = w3.shape[-1] // 32
+    W = W1 + (part2[1].shape[-1] // 32 if part2 is not None else 0)
     if N == 0 or B * H == 0:
         return
     block_d = max(16, triton.next_power_of_2(D))
@@ -188,15 +237,26 @@ def _launch(
     hg = max(1, H // w3.shape[0])  # heads per weight row
     sb = _bias_strides(bias)
     bias_arg = bias if bias is not None else out4
+    split, block_d2 = {}, 16
+    if part2 is not None:
+        x4b, w3b = part2
+        block_d2 = max(16, triton.next_power_of_2(x4b.shape[3]))
+        split = dict(x2_ptr=x4b, w2_ptr=w3b, D2=x4b.shape[3], W1=W1, sx2b=x4b.stride(0), sx2h=x4b.stride(1),
+                     sx2n=x4b.stride(2), sx2d=x4b.stride(3), sw2h=w3b.stride(0) if w3b.shape[0] > 1 else 0,
+                     sw2d=w3b.stride(1), sw2k=w3b.stride(2), SPLIT=True)
     if N <= ROW_KERNEL_MAX_ROWS:
+        if part2 is not None:
+            split["BLOCK_D2"] = block_d2
         _hash_encode_row_kernel[(N, B * H, W)](
             x4, w3, out4, pos if pos is not None else out4, bias_arg,
             D, H, out4.shape[2], hg,
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
-            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, num_warps=_row_warps(block_d),
-            **pdl_args(x4, "encode"),
+            HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d,
+            num_warps=_row_warps(max(block_d, block_d2)), **split, **pdl_args(x4, "encode"),
         )
         return
+    if part2 is not None:
+        split["TF32_2"] = part2[0].dtype in (torch.float16, torch.bfloat16) and not interpreting()
     block_n = min(64, max(16, triton.next_power_of_2(N)))
     while block_n > 16 and triton.cdiv(N, block_n) * B * H * W < 2 * _sm_count(x4.device):
         block_n //= 2  # small inputs (MLA query rows): more, shorter programs
@@ -205,8 +265,9 @@ def _launch(
         x4, w3, out4, pos if pos is not None else out4, bias_arg,
         N, D, H, out4.shape[2], hg,
         *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
-        HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=min(block_d, 128),
-        TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4,
+        HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_K=min(max(block_d, block_d2), 128),
+        TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4, **split,
     )
 
 
@@ -218,26 +279,48 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _as_4d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(x4 [B, H, N, D], w3 [H', D, BITS]) views for ``_launch`` of x [..., D] with weight [D, BITS]
+    (bias None / [BITS]: all rows one head), or x [B, H, *, D] with a per-head / per-sequence
+    bias or a per-head weight [H', D, BITS]."""
+    D = weight.shape[-2]
+    if weight.dim() == 2 and (bias is None or bias.dim() == 1):
+        return x.reshape(1, 1, -1, D), weight.unsqueeze(0)
+    if weight.dim() == 2:  # shared weight, bias per head (and sequence): x is [B, H, *, D]
+        return x.reshape(x.shape[0], x.shape[1], -1, D), weight.unsqueeze(0)
+    return x.reshape(x.shape[0], x.shape[1], -1, D), weight
+
+
 def hash_encode_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [..., D] with weight [D, BITS], or x [B, H, *, D] with weight [H, D, BITS] (or
     [H / G, D, BITS]: head h uses row h // G) or with a per-head / per-sequence bias -> int32
     [..., BITS // 32]."""
-    D, bits = weight.shape[-2], weight.shape[-1]
-    W = bits // 32
-    if weight.dim() == 2 and (bias is None or bias.dim() == 1):
-        x4 = x.reshape(1, 1, -1, D)
-        w3 = weight.unsqueeze(0)
-    elif weight.dim() == 2:  # shared weight, bias per head (and sequence): x is [B, H, *, D]
-        x4 = x.reshape(x.shape[0], x.shape[1], -1, D)
-        w3 = weight.unsqueeze(0)
-    else:
-        B, H = x.shape[0], x.shape[1]
-        x4 = x.reshape(B, H, -1, D)
-        w3 = weight
+    W = weight.shape[-1] // 32
+    x4, w3 = _as_4d(x, weight, bias)
     out = torch.empty(*x.shape[:-1], W, dtype=torch.int32, device=x.device)
     _launch(x4, w3, out.view(*x4.shape[:3], W), None, bias)
+    return out
+
+
+def hash_encode_split_triton(
+    x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor, w2: torch.Tensor,
+    out: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[hash(x1, w1) | hash(x2, w2)] in one launch (``hash_encode_split``; the caller checked
+    that x1 and x2 share their leading dims and w1 and w2 their form). Into out [B, H, Lmax, W]
+    at rows positions[b] + t when given (x [B, H, T, D])."""
+    W = (w1.shape[-1] + w2.shape[-1]) // 32
+    if out is None:
+        x4a, w3a = _as_4d(x1, w1, None)
+        x4b, w3b = _as_4d(x2, w2, None)
+        res = torch.empty(*x1.shape[:-1], W, dtype=torch.int32, device=x1.device)
+        _launch(x4a, w3a, res.view(*x4a.shape[:3], W), None, None, (x4b, w3b))
+        return res
+    w3a = w1.unsqueeze(0) if w1.dim() == 2 else w1
+    w3b = w2.unsqueeze(0) if w2.dim() == 2 else w2
+    _launch(x1, w3a, out, positions, None, (x2, w3b))
     return out
 
 

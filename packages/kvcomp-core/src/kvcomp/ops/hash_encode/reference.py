@@ -49,10 +49,16 @@ def hash_encode_into_ref(
     positions: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Codes of x [B, H, T, D] written to out [B, H, Lmax, W] at rows positions[b] + t."""
+    """Codes of x [B, H, T, D] written to out [B, H, Lmax, W] at rows positions[b] + t; rows
+    outside [0, Lmax) are not written (as the kernel)."""
     codes = hash_encode_ref(x, weight, bias)  # [B, H, T, W]
     B, H, T, W = codes.shape
-    rows = positions.to(torch.long).view(B, 1, 1) + torch.arange(T, device=x.device).view(1, 1, T)
-    idx = rows.expand(B, H, T).unsqueeze(-1).expand(B, H, T, W)
-    out.scatter_(2, idx, codes)
+    rows = positions.to(torch.long).view(B, 1) + torch.arange(T, device=x.device).view(1, T)  # [B, T]
+    b, t = ((rows >= 0) & (rows < out.shape[2])).nonzero(as_tuple=True)
+    out[b, :, rows[b, t]] = codes[b, :, t]  # [n, H, W] each
     return out
+
+
+def hash_encode_split_ref(xs, weights) -> torch.Tensor:
+    """[hash_encode_ref(x_0, w_0) | hash_encode_ref(x_1, w_1) | ...] along the last (word) dim."""
+    return torch.cat([hash_encode_ref(x, w) for x, w in zip(xs, weights)], dim=-1)

@@ -1,0 +1,182 @@
+"""How fast can any kernel read the key codes that the decode step's scan reads? The floor of
+issue 3's "scan + selection >= 80% of the copy bandwidth on the code bytes at 128K" target.
+
+    python tools/experiments/read_floor.py [--lengths 131072] [--batches 1,8] [--json PATH]
+
+For each (L, B) (8 kv heads, 128-bit codes: B * 8 * L * 16 bytes, 16.8 MB at 128K, B = 1) it
+times, in one process and over enough code sets that nothing is found in L2:
+
+* read-only Triton kernels that stream the codes and reduce them to one word a program (so no
+  load is dead), swept over programs a launch (1-32 per SM, or one per 16 KB), warps (4, 8)
+  and the loads a thread issues before its first use (1, 2, 4, 8 tiles of 16 bytes a thread);
+* torch's int32 sum of the codes, and a copy of exactly those bytes (``dst.copy_(src)``: the
+  copy bandwidth at this size, read + write);
+* kvcomp's scan alone (``block_keys_triton``) and scan + selection (``hamming_topk``, the
+  issue's number), selections checked against the reference first.
+
+Every time is a CUDA-graph replay of back-to-back calls (``kvcomp.bench.timing.cuda_time_us``),
+as ``kvcomp bench decode`` times. "%copy" = code bytes / time / the 2 GiB copy bandwidth (read +
+write) measured in the same run, as the bench counts it. The best read-only kernel's %copy is
+the most that scan + selection could reach at that size if it cost nothing beyond the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+import triton.language as tl
+from kvcomp.bench.timing import copy_bandwidth_gbs, cuda_time_us, positive_ints
+
+HKV, W, CHUNK, BUDGET = 8, 4, 128, 2048
+MUST = (0, -1)
+L2_BYTES = 60 << 20
+
+
+@triton.jit
+def _read_kernel(src, out, n_vec, PER_PROG, VEC_PER_THREAD_LOADS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p XOR-reduces int32x4 vectors [p * PER_PROG, (p + 1) * PER_PROG) of src (viewed
+    as [n_vec, 4]), VEC_PER_THREAD_LOADS tiles of BLOCK vectors loaded before any is used."""
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * PER_PROG
+    hi = tl.minimum(lo + PER_PROG, n_vec)
+    acc = tl.zeros([BLOCK, 4], dtype=tl.int32)
+    cols = tl.arange(0, 4)
+    rows = tl.arange(0, BLOCK)
+    step: tl.constexpr = BLOCK * VEC_PER_THREAD_LOADS
+    for start in range(lo, hi, step):
+        for u in tl.static_range(VEC_PER_THREAD_LOADS):
+            r = start + u * BLOCK + rows
+            x = tl.load(src + r[:, None] * 4 + cols[None, :], mask=(r < hi)[:, None], other=0)
+            acc ^= x
+    tl.store(out + pid, tl.xor_sum(tl.xor_sum(acc, 1), 0))
+
+
+def _read_variants(n_vec: int, sms: int):
+    """(name, programs, vectors a program, loads before use, BLOCK, warps)."""
+    out = []
+    for warps in (4, 8):
+        block = warps * 32  # one int32x4 vector a thread a tile
+        for unroll in (1, 2, 4, 8):
+            for per_sm in (1, 2, 4, 8, 16, 32):
+                progs = sms * per_sm
+                per = math.ceil(n_vec / progs)
+                per = math.ceil(per / (block * unroll)) * block * unroll
+                progs = math.ceil(n_vec / per)
+                out.append((f"w{warps}_u{unroll}_{per_sm}/sm", progs, per, unroll, block, warps))
+            per = 1024  # one 16 KB slice a program: many short programs
+            per = math.ceil(per / (block * unroll)) * block * unroll
+            out.append((f"w{warps}_u{unroll}_16KB", math.ceil(n_vec / per), per, unroll, block, warps))
+    return out
+
+
+def main() -> None:
+    from kvcomp.ops import hamming_topk
+    from kvcomp.ops.hamming_topk import kernels as hk
+    from kvcomp.ops.hamming_topk.reference import (
+        block_scores_ref,
+        select_blocks_ref,
+        token_scores_ref,
+    )
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=positive_ints, default=[131072])
+    ap.add_argument("--batches", type=positive_ints, default=[1, 8])
+    ap.add_argument("--heads", type=int, default=32, help="query heads (8 kv heads)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = "cuda"
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    gen = torch.Generator(device=dev).manual_seed(0)
+    copy = copy_bandwidth_gbs()
+    res = dict(device=torch.cuda.get_device_name(), sms=sms, copy_GBps=copy, rows=[])
+    print(f"{res['device']} ({sms} SMs): copy {copy:.0f} GB/s (read + write, 2 GiB)")
+    for L in args.lengths:
+        for B in args.batches:
+            nbytes = B * HKV * L * W * 4
+            n_sets = max(2, math.ceil(3 * L2_BYTES / nbytes))
+            lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+            sets = [(torch.randint(-2**31, 2**31 - 1, (B, args.heads, W), device=dev, dtype=torch.int32, generator=gen),
+                     torch.randint(-2**31, 2**31 - 1, (B, HKV, L, W), device=dev, dtype=torch.int32, generator=gen))
+                    for _ in range(n_sets)]
+            dsts = [torch.empty_like(k) for _, k in sets]
+            floor_us = nbytes / (copy * 1e3)
+            row = dict(L=L, B=B, code_bytes=nbytes, sets=n_sets, floor_us=floor_us, reads={})
+
+            def pct(us, floor_us=floor_us):
+                return 100.0 * floor_us / us
+
+            kb = BUDGET // CHUNK
+            q0, k0 = sets[0]
+            want = select_blocks_ref(block_scores_ref(token_scores_ref(q0, k0), lens, CHUNK, "max"), lens,
+                                     torch.full((B,), kb, dtype=torch.int32, device=dev), kb, CHUNK, MUST)
+            got = hamming_topk(q0, k0, lens, k_blocks=kb, chunk_size=CHUNK, must_select=MUST)
+            row["verified"] = bool(torch.equal(got, want))
+            if not row["verified"]:
+                print(f"L={L} B={B}: hamming_topk differs from the reference; not timed")
+                res["rows"].append(row)
+                continue
+            row["scan_us"] = cuda_time_us([lambda q=q, k=k, n=lens: hk.block_keys_triton(q, k, n, CHUNK, "max")
+                                           for q, k in sets], reps=args.reps)
+            row["select_us"] = cuda_time_us([lambda q=q, k=k, n=lens, kb=kb: hamming_topk(q, k, n, k_blocks=kb, chunk_size=CHUNK,
+                                                                           must_select=MUST) for q, k in sets],
+                                            reps=args.reps)
+            row["torch_sum_us"] = cuda_time_us([lambda k=k: k.sum(dtype=torch.int32) for _, k in sets], reps=args.reps)
+            row["copy_same_bytes_us"] = cuda_time_us([lambda k=k, d=d: d.copy_(k) for (_, k), d in zip(sets, dsts)],
+                                                     reps=args.reps)
+            n_vec = nbytes // 16
+            # every read kernel's XOR of all the words, against torch's, before it is timed
+            ref = k0.view(-1, 4)
+            ref_x = ref[:, 0]
+            for c in range(1, 4):
+                ref_x = ref_x ^ ref[:, c]
+            ref_word = int(_xor_all(ref_x))
+            print(f"L={L} B={B}: {nbytes / 1e6:.1f} MB of codes, {floor_us:.2f} us at the copy bandwidth; "
+                  f"{n_sets} sets")
+            for name, progs, per, unroll, block, warps in _read_variants(n_vec, sms):
+                out = torch.empty(progs, dtype=torch.int32, device=dev)
+
+                def launch(k, out=out, progs=progs, per=per, unroll=unroll, block=block, warps=warps, n_vec=n_vec):
+                    _read_kernel[(progs,)](k, out, n_vec, per, VEC_PER_THREAD_LOADS=unroll, BLOCK=block,
+                                           num_warps=warps)
+                launch(k0)
+                if int(_xor_all(out)) != ref_word:
+                    print(f"  {name}: wrong XOR, not timed")
+                    continue
+                row["reads"][name] = cuda_time_us([lambda k=k: launch(k) for _, k in sets], reps=args.reps)
+            best = min(row["reads"], key=row["reads"].get)
+            row["best_read"] = best
+            for label, us in [("scan (block_keys_triton)", row["scan_us"]), ("scan + selection (hamming_topk)",
+                                                                               row["select_us"]),
+                              ("torch int32 sum", row["torch_sum_us"]),
+                              (f"best read-only kernel ({best})", row["reads"][best]),
+                              ("copy of the same bytes (read + write)", row["copy_same_bytes_us"])]:
+                print(f"  {label:<44} {us:7.2f} us  {pct(us):5.1f}% of copy")
+            cp = row["copy_same_bytes_us"]
+            print(f"  copy bandwidth at this size: {2 * nbytes / cp / 1e3:.0f} GB/s (read + write)")
+            top = sorted(row["reads"].items(), key=lambda kv: kv[1])[:8]
+            print("  fastest read variants: " + ", ".join(f"{n} {t:.2f}" for n, t in top))
+            res["rows"].append(row)
+            del sets, dsts
+            torch.cuda.empty_cache()
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(res, fh, indent=1)
+
+
+def _xor_all(x: torch.Tensor) -> torch.Tensor:
+    """XOR of every element of an int32 tensor (torch has no xor reduction)."""
+    x = x.flatten()
+    while x.numel() > 1:
+        if x.numel() % 2:
+            x = torch.cat([x, x.new_zeros(1)])
+        x = x[0::2] ^ x[1::2]
+    return x[0]
+
+
+if __name__ == "__main__":
+    main()
