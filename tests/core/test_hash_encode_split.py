@@ -39,8 +39,8 @@ def test_two_parts_shared_weights_exact(lead, dtype):
 
 
 def test_mixed_dtypes_and_noncontiguous():
-    """A bf16 latent and an fp32 RoPE part (each its own tf32 / ieee product), both transposed
-    views; a wide first part (D 300, looped over dims in the tile kernel)."""
+    """A bf16 latent and an fp32 RoPE part (one launch each), then both bf16 (one launch), all
+    transposed views; a wide first part (D 300, looped over dims in the tile kernel)."""
     gen = torch.Generator().manual_seed(11)
     x1 = dyadic(2, 300, 9, dtype=torch.bfloat16, gen=gen).transpose(1, 2)  # [2, 9, 300]
     x2 = dyadic(2, 16, 9, gen=gen).transpose(1, 2)  # [2, 9, 16] fp32
@@ -48,6 +48,9 @@ def test_mixed_dtypes_and_noncontiguous():
     w2 = dyadic(16, 32, dtype=torch.float16, gen=gen)
     got = hash_encode_split([x1, x2], [w1, w2], backend="triton")
     assert torch.equal(got, torch.cat([hash_encode_ref(x1, w1), hash_encode_ref(x2, w2)], -1))
+    x2b = x2.to(torch.bfloat16)  # one dtype: the one-launch path, on the same strided views
+    got = hash_encode_split([x1, x2b], [w1, w2.float()], backend="triton")
+    assert torch.equal(got, torch.cat([hash_encode_ref(x1, w1), hash_encode_ref(x2b, w2)], -1))
 
 
 @pytest.mark.parametrize("T", [1, 3, 12])
@@ -157,3 +160,33 @@ def test_gpu_mla_shapes(dtype):
         want[..., :16] = hash_encode_into_ref(kl, wl, out[..., :16].clone(), pos)
         want[..., 16:] = hash_encode_into_ref(kr, wr, out[..., 16:].clone(), pos)
         assert torch.equal(got, want), T
+
+
+@pytest.mark.parametrize("wpp", [1, 2, 4])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_tile_kernel_word_groups(monkeypatch, wpp, block_n):
+    """The tile kernel at every (rows, words) a program: 5 + 3 words (groups that end inside an
+    input), 37 rows (a ragged last row block), a per-(sequence, head) bias, the split, and the
+    cache-append form."""
+    from kvcomp.ops.hash_encode import kernels as he
+
+    monkeypatch.setattr(he, "TILE_BLOCK_N", block_n)
+    monkeypatch.setattr(he, "TILE_WPP", wpp)
+    gen = torch.Generator().manual_seed(wpp * 10 + block_n)
+    B, H, T = 2, 3, 37
+    x1 = dyadic(B, H, T, 40, dtype=torch.bfloat16, gen=gen)
+    x2 = dyadic(B, H, T, 16, dtype=torch.bfloat16, gen=gen)
+    w1 = dyadic(40, 160, gen=gen)
+    w2 = dyadic(16, 96, gen=gen)
+    want = torch.cat([hash_encode_ref(x1, w1), hash_encode_ref(x2, w2)], -1)
+    assert torch.equal(hash_encode_split((x1, x2), (w1, w2), backend="triton"), want)
+    assert torch.equal(hash_encode(x1, w1, backend="triton"), want[..., :5])
+    bias = dyadic(B, H, 160, gen=gen)
+    from kvcomp.ops.hash_encode.reference import hash_encode_ref as ref_b
+
+    assert torch.equal(hash_encode(x1, w1, bias=bias, backend="triton"), ref_b(x1, w1, bias))
+    pos = torch.tensor([3, 50])
+    out = torch.full((B, H, 90, 8), -9, dtype=torch.int32)
+    got = hash_encode_split((x1, x2), (w1, w2), out=out.clone(), positions=pos, backend="triton")
+    assert torch.equal(got, hash_encode_split((x1, x2), (w1, w2), out=out.clone(), positions=pos,
+                                              backend="reference"))

@@ -276,13 +276,15 @@ def _row_encode_args(codes: bool, pdl: bool = False, split: bool = False) -> dic
     )
 
 
-def _encode_args(split: bool) -> dict:
+def _encode_args(split: bool, wpp: int = 1) -> dict:
     i32 = "i32"
     return dict(
         x_ptr="*bf16", w_ptr="*fp32", out_ptr="*i32", pos_ptr="*i32", bias_ptr="*fp32",
         N=i32, D=i32, H=i32, L_out=i32, HG=i32, sxb=i32, sxh=i32, sxn=i32, sxd=i32, swh=i32, swd=i32, swk=i32,
         sob=i32, soh=i32, son=i32, sow=i32, sbb=i32, sbh=i32, sbk=i32,
-        HAS_POS=False, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=128, TF32=True, **_part2_args(split), TF32_2=True,
+        HAS_POS=False, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=128, TF32=True, W1=i32, WPP=wpp,
+        x2_ptr="*bf16", w2_ptr="*fp32", D2=i32, W2=i32, sx2b=i32, sx2h=i32, sx2n=i32, sx2d=i32,
+        sw2h=i32, sw2d=i32, sw2k=i32, SPLIT=split,
     )
 
 
@@ -294,13 +296,18 @@ def check_append_kv_kernel():
 
 
 def check_hash_encode_split_kernels():
-    """Both encode kernels with a second part (MLA's 512 + 64 split): each part's products (tf32
-    MMAs in the tile kernel, one per 8 columns x 8 dims of each part's loop) and no extra store."""
+    """Both encode kernels with a second part (MLA's 512 + 64 split), the tile kernel at 1, 2 and 4
+    code words a program (tf32 MMAs: WPP x those of one word, one loop for both parts); the row
+    kernel's split stores only the code word."""
     he = importlib.import_module("kvcomp.ops.hash_encode.kernels")
-    plain = compile_sm90(he._hash_encode_kernel, _encode_args(False), num_warps=4).asm["ptx"]
-    split = compile_sm90(he._hash_encode_kernel, _encode_args(True), num_warps=4).asm["ptx"]
-    assert split.count("mma.sync") == 2 * plain.count("mma.sync") > 0  # one product loop a part
-    assert split.count("st.global") == plain.count("st.global")
+    for wpp in (1, 2, 4):
+        plain = compile_sm90(he._hash_encode_kernel, _encode_args(False, wpp), num_warps=4).asm["ptx"]
+        split = compile_sm90(he._hash_encode_kernel, _encode_args(True, wpp), num_warps=4).asm["ptx"]
+        # one product loop for both inputs (pointers picked per program), WPP x the MMAs of one word
+        assert split.count("mma.sync") == plain.count("mma.sync") > 0
+        if wpp == 1:
+            mma1 = plain.count("mma.sync")
+        assert plain.count("mma.sync") == wpp * mma1
     row = compile_sm90(he._hash_encode_row_kernel, _row_encode_args(True, split=True), num_warps=4).asm["ptx"]
     assert row.count("st.global") == 1  # only the code word (no key / value copies)
 

@@ -14,6 +14,9 @@ scan's keys by the search), the sparse attention, the whole step; then ``hamming
 module-flag variants (``SELECT_VARIANTS``). Every variant's selection is compared with the
 default's (equal, or the row says so).
 
+``encode``: the encode's tile kernel at several (rows, code words) a program (``ENCODE_TILES``),
+for the split query codes, a 32K-token latent's split codes and a GQA layer's 32K keys.
+
 ``dense`` / ``sparse``: ``mla_decode`` (``sparse_mla_decode`` over 2048 random tokens) at its
 default launch and at other (heads, tokens, warps, stages) tiles (``DENSE_CONFIGS``,
 ``SPARSE_CONFIGS``), each output compared with the default's (max abs difference).
@@ -169,6 +172,46 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
     return row
 
 
+ENCODE_TILES = [(16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (16, 4), (32, 4), (64, 4), (128, 4)]
+
+
+def part_encode(B: int, timer, graph_time) -> list:
+    """The encode's tile kernel at (rows, code words) a program (``ENCODE_TILES``) against its
+    default pick, for MLA's split query codes at this batch (B x 128 rows of 512 + 64 dims) and,
+    once, the split key codes of a 32K-token latent and a Qwen3-8B layer's 32K keys (8 heads x
+    128 dims, 128 bits; prefill hashing). Each result compared with the default's."""
+    from kvcomp.ops import hash_encode, hash_encode_split
+    from kvcomp.ops.hash_encode import kernels as he
+
+    x = inputs(B, 8, "cuda")
+    shapes = {f"q_split[B={B}]": lambda: hash_encode_split((x["q_lat"], x["q_pe"]), (x["w_lat"], x["w_rope"])),
+              f"q_cat[B={B}]": lambda: torch.cat([hash_encode(x["q_lat"], x["w_lat"]),
+                                                  hash_encode(x["q_pe"], x["w_rope"])], -1)}
+    if B == 1:
+        g = torch.Generator(device="cuda").manual_seed(5)
+        lat = torch.randn(1, 1, 32768, R, device="cuda", dtype=torch.bfloat16, generator=g)
+        pe = torch.randn(1, 1, 32768, P, device="cuda", dtype=torch.bfloat16, generator=g)
+        kq = torch.randn(1, 8, 32768, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        wq = torch.randn(8, 128, 128, device="cuda", generator=g)
+        shapes["k_split[32K]"] = lambda: hash_encode_split((lat, pe), (x["w_lat"], x["w_rope"]))
+        shapes["gqa_keys[32K]"] = lambda: hash_encode(kq, wq)
+    rows = []
+    for name, fn in shapes.items():
+        ref = fn()
+        row = dict(shape=name, default=graph_time(fn, timer))
+        for bn, wpp in ENCODE_TILES:
+            he.TILE_BLOCK_N, he.TILE_WPP = bn, wpp
+            try:
+                same = torch.equal(fn(), ref)
+                row[f"{bn}x{wpp}"] = graph_time(fn, timer) if same else "codes differ"
+            finally:
+                he.TILE_BLOCK_N = he.TILE_WPP = None
+        print(f"encode {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items() if k != "shape"), flush=True)
+        rows.append(row)
+    return rows
+
+
 def part_dense(B: int, L: int, timer, graph_time, sparse: bool = False) -> list:
     from kvcomp.ops.sparse_mla_decode.kernels import mla_decode_launch
 
@@ -211,8 +254,10 @@ def main() -> int:
     p.add_argument("--json")
     a = p.parse_args()
     timer = _timer(torch.device("cuda"), 100)
-    res = dict(device=torch.cuda.get_device_name(), select=[], dense=[])
+    res = dict(device=torch.cuda.get_device_name(), select=[], dense=[], encode=[])
     for B in a.batches:
+        if "encode" in a.parts:
+            res["encode"] += part_encode(B, timer, _graph_time)
         if "select" in a.parts:
             res["select"].append(part_select(B, a.length, timer, _graph_time))
         if "dense" in a.parts:

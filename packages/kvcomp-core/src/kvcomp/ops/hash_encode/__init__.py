@@ -33,8 +33,8 @@ Exact for fp32 inputs; for half inputs a bit can differ from the fp32 reference 
 
 The split code of MLA (``hash_bits`` "512+64": the latent and the RoPE part of a key or query
 hashed separately, one code): equal to ``torch.cat([hash_encode(x_p, w_p) ...], -1)``, with
-two parts in one launch (the CUDA path; more parts are written one launch each, into slices of
-the output, never concatenated). ``out=`` / ``positions=`` as in ``hash_encode`` (x_p [B, H, T,
+two parts of one dtype (and weights of one dtype) in one launch (the CUDA path; otherwise one
+launch a part, each into its slice of the output, never concatenated). ``out=`` / ``positions=`` as in ``hash_encode`` (x_p [B, H, T,
 D_p], out [B, H, Lmax, sum W_p]). No bias.
 """
 
@@ -167,7 +167,8 @@ def hash_encode_split(
         )
     words = [w.shape[-1] // 32 for w in weights]
     into = _check_out(xs[0], sum(words), out, positions, "hash_encode_split")
-    fused = len(xs) == 2 and use_triton(backend, *xs, *weights, *((out,) if into else ()))
+    fused = (len(xs) == 2 and xs[0].dtype == xs[1].dtype and weights[0].dtype == weights[1].dtype
+             and use_triton(backend, *xs, *weights, *((out,) if into else ())))
     if fused:
         from kvcomp.ops.hash_encode.kernels import hash_encode_split_triton
 

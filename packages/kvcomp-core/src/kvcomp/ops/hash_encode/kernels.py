@@ -41,24 +41,6 @@ from kvcomp.ops._pdl import pdl_args, pdl_enter
 
 
 @triton.jit
-def _proj_tile(x_rows, w_cols, row_ok, D, sxd, swd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               TF32: tl.constexpr):
-    """[BLOCK_N, 32] fp32 projections of the rows at ``x_rows`` ([BLOCK_N, 1] pointers) on the
-    32 weight columns at ``w_cols`` ([1, 32]), in [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] steps."""
-    proj = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):  # [BLOCK_N, BLOCK_K] x [BLOCK_K, 32] per step: few registers
-        dims = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + dims[None, :] * sxd, mask=row_ok[:, None] & (dims[None, :] < D),
-                    other=0.0).to(tl.float32)
-        wt = tl.load(w_cols + dims[:, None] * swd, mask=dims[:, None] < D, other=0.0).to(tl.float32)
-        if TF32:  # 16-bit rows are exact in tf32; only the weight is rounded (10-bit mantissa)
-            proj += tl.dot(x, wt, input_precision="tf32")
-        else:
-            proj += tl.dot(x, wt, input_precision="ieee")
-    return proj
-
-
-@triton.jit
 def _hash_encode_kernel(
     x_ptr, w_ptr, out_ptr, pos_ptr, bias_ptr,
     N, D, H, L_out, HG,
@@ -71,44 +53,80 @@ def _hash_encode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TF32: tl.constexpr,
-    x2_ptr=None, w2_ptr=None, D2=0, W1=0, sx2b=0, sx2h=0, sx2n=0, sx2d=0, sw2h=0, sw2d=0, sw2k=0,
-    SPLIT: tl.constexpr = False, TF32_2: tl.constexpr = False,
+    W1=1, WPP: tl.constexpr = 1,
+    x2_ptr=None, w2_ptr=None, D2=0, W2=0, sx2b=0, sx2h=0, sx2n=0, sx2d=0, sw2h=0, sw2d=0, sw2k=0,
+    SPLIT: tl.constexpr = False,
 ):
-    """SPLIT (``hash_encode_split``): words >= W1 are the codes of a second input x2 [.., D2]
-    with its own weight w2 (word w is x2's word w - W1); the same rows, heads and output."""
+    """Program (row block, b * H + h, g) writes words g * WPP .. g * WPP + WPP - 1 of x's W1 words
+    (a [BLOCK_N, BLOCK_K] x [BLOCK_K, 32 * WPP] product a step). SPLIT (``hash_encode_split``):
+    after x's ceil(W1 / WPP) word groups come those of a second input x2 [.., D2] with its own
+    weight w2 (W2 words, written after x's W1): one product loop, its pointers picked per
+    program (both inputs of one dtype, both weights of one dtype)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    w = tl.program_id(2)  # the code word this program writes
+    g = tl.program_id(2)  # the group of WPP code words this program writes
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_ok = rows < N
-    bit = tl.arange(0, 32)  # [32]
-    x_rows = x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn  # [BLOCK_N, 1]
+    cols = tl.arange(0, 32 * WPP)  # the group's weight columns, from its first
     if SPLIT:
-        if w >= W1:
-            x2_rows = x2_ptr + b * sx2b + h * sx2h + rows[:, None].to(tl.int64) * sx2n
-            w2_cols = w2_ptr + (h // HG) * sw2h + ((w - W1) * 32 + bit)[None, :] * sw2k
-            proj = _proj_tile(x2_rows, w2_cols, row_ok, D2, sx2d, sw2d, BLOCK_N, BLOCK_K, TF32_2)
-        else:
-            w_cols = w_ptr + (h // HG) * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
-            proj = _proj_tile(x_rows, w_cols, row_ok, D, sxd, swd, BLOCK_N, BLOCK_K, TF32)
+        G1 = (W1 + WPP - 1) // WPP
+        is2 = g >= G1
+        gp = tl.where(is2, g - G1, g)  # the group within its input
+        n_words = tl.where(is2, W2, W1)
+        word0 = tl.where(is2, W1, 0) + gp * WPP  # its first output word
+        x_base = tl.where(is2, x2_ptr + b * sx2b + h * sx2h, x_ptr + b * sxb + h * sxh)
+        w_base = tl.where(is2, w2_ptr + (h // HG) * sw2h, w_ptr + (h // HG) * swh)
+        sn = tl.where(is2, sx2n, sxn)
+        sd = tl.where(is2, sx2d, sxd)
+        s_wd = tl.where(is2, sw2d, swd)
+        s_wk = tl.where(is2, sw2k, swk)
+        dd = tl.where(is2, D2, D)
     else:
-        w_cols = w_ptr + (h // HG) * swh + (w * 32 + bit)[None, :] * swk  # [1, 32]
-        proj = _proj_tile(x_rows, w_cols, row_ok, D, sxd, swd, BLOCK_N, BLOCK_K, TF32)
+        gp = g
+        n_words = W1
+        word0 = g * WPP
+        x_base = x_ptr + b * sxb + h * sxh
+        w_base = w_ptr + (h // HG) * swh
+        sn = sxn
+        sd = sxd
+        s_wd = swd
+        s_wk = swk
+        dd = D
+    col = gp * (32 * WPP) + cols  # [32 * WPP] columns of the input's weight
+    col_ok = col < n_words * 32
+    x_rows = x_base + rows[:, None].to(tl.int64) * sn  # [BLOCK_N, 1]
+    w_cols = w_base + col[None, :] * s_wk  # [1, 32 * WPP]
+    proj = tl.zeros([BLOCK_N, 32 * WPP], dtype=tl.float32)
+    for k0 in range(0, dd, BLOCK_K):  # [BLOCK_N, BLOCK_K] x [BLOCK_K, 32 WPP] a step: few registers
+        dims = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + dims[None, :] * sd, mask=row_ok[:, None] & (dims[None, :] < dd),
+                    other=0.0).to(tl.float32)
+        wt = tl.load(w_cols + dims[:, None] * s_wd, mask=(dims[:, None] < dd) & col_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if TF32:  # 16-bit rows are exact in tf32; only the weight is rounded (10-bit mantissa)
+            proj += tl.dot(x, wt, input_precision="tf32")
+        else:
+            proj += tl.dot(x, wt, input_precision="ieee")
     if HAS_POS:
         out_rows = tl.load(pos_ptr + b).to(tl.int64) + rows
         out_ok = row_ok & (out_rows < L_out) & (out_rows >= 0)
     else:
         out_rows = rows.to(tl.int64)
         out_ok = row_ok
+    bit = cols % 32
     if HAS_BIAS:  # bit = proj > bias (fp32 compare): the sign of x.w - bias
-        thr = tl.load(bias_ptr + b * sbb + h * sbh + (w * 32 + bit) * sbk)  # [32] fp32
-        bits = tl.where(proj > thr[None, :], 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
+        thr = tl.load(bias_ptr + b * sbb + h * sbh + col * sbk, mask=col_ok, other=0.0)  # fp32
+        bits = tl.where(proj > thr[None, :], 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32 WPP]
     else:
-        bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]  # [BLOCK_N, 32]
-    word = tl.sum(bits, 1)  # [BLOCK_N]: distinct bits, so the sum is their OR (wraps to int32)
-    tl.store(out_ptr + b * sob + h * soh + out_rows * son + w * sow, word, mask=out_ok)
+        bits = tl.where(proj > 0, 1, 0).to(tl.int32) << bit[None, :]
+    # distinct bits in a word, so their sum is their OR (wraps to int32)
+    words = tl.sum(tl.reshape(bits, [BLOCK_N, WPP, 32]), 2)  # [BLOCK_N, WPP]
+    wi = tl.arange(0, WPP)
+    w_ok = (gp * WPP + wi) < n_words
+    tl.store(out_ptr + b * sob + h * soh + out_rows[:, None] * son + (word0 + wi)[None, :] * sow, words,
+             mask=out_ok[:, None] & w_ok[None, :])
 
 
 @triton.jit
@@ -241,34 +259,57 @@ def _launch(
     if part2 is not None:
         x4b, w3b = part2
         block_d2 = max(16, triton.next_power_of_2(x4b.shape[3]))
-        split = dict(x2_ptr=x4b, w2_ptr=w3b, D2=x4b.shape[3], W1=W1, sx2b=x4b.stride(0), sx2h=x4b.stride(1),
+        split = dict(x2_ptr=x4b, w2_ptr=w3b, D2=x4b.shape[3], sx2b=x4b.stride(0), sx2h=x4b.stride(1),
                      sx2n=x4b.stride(2), sx2d=x4b.stride(3), sw2h=w3b.stride(0) if w3b.shape[0] > 1 else 0,
-                     sw2d=w3b.stride(1), sw2k=w3b.stride(2), SPLIT=True)
+                     sw2d=w3b.stride(1), sw2k=w3b.stride(2), SPLIT=True, BLOCK_D2=block_d2)
     if N <= ROW_KERNEL_MAX_ROWS:
-        if part2 is not None:
-            split["BLOCK_D2"] = block_d2
         _hash_encode_row_kernel[(N, B * H, W)](
             x4, w3, out4, pos if pos is not None else out4, bias_arg,
             D, H, out4.shape[2], hg,
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
             HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d,
-            num_warps=_row_warps(max(block_d, block_d2)), **split, **pdl_args(x4, "encode"),
+            num_warps=_row_warps(max(block_d, block_d2)), **split, **({"W1": W1} if split else {}),
+            **pdl_args(x4, "encode"),
         )
         return
+    n_groups, block_n, wpp = _tile_config(N, B * H, W1, W - W1, x4.device)
     if part2 is not None:
-        split["TF32_2"] = part2[0].dtype in (torch.float16, torch.bfloat16) and not interpreting()
-    block_n = min(64, max(16, triton.next_power_of_2(N)))
-    while block_n > 16 and triton.cdiv(N, block_n) * B * H * W < 2 * _sm_count(x4.device):
-        block_n //= 2  # small inputs (MLA query rows): more, shorter programs
-    grid = (triton.cdiv(N, block_n), B * H, W)
-    _hash_encode_kernel[grid](
+        del split["BLOCK_D2"]
+        split["W2"] = W - W1
+    _hash_encode_kernel[(triton.cdiv(N, block_n), B * H, n_groups)](
         x4, w3, out4, pos if pos is not None else out4, bias_arg,
         N, D, H, out4.shape[2], hg,
         *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
         HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=min(max(block_d, block_d2), 128),
-        TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4, **split,
+        TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4,
+        W1=W1, WPP=wpp, **split,
     )
+
+
+# the tile kernel's (rows, code words) a program: None picks by size (``_tile_config``); set
+# both to time others (tools/experiments/mla_profile.py --parts encode)
+TILE_BLOCK_N: int | None = None
+TILE_WPP: int | None = None
+
+
+def _tile_config(N: int, BH: int, W1: int, W2: int, device: torch.device) -> tuple[int, int, int]:
+    """(word groups, rows, words) a program of the tile kernel for N rows of BH (batch, head)
+    pairs and W1 (+ W2) code words: the widest product that still gives 2 programs an SM."""
+    def groups(wpp: int) -> int:
+        return triton.cdiv(W1, wpp) + triton.cdiv(W2, wpp)
+
+    if TILE_BLOCK_N is not None and TILE_WPP is not None:
+        return groups(TILE_WPP), TILE_BLOCK_N, TILE_WPP
+    top = min(64, max(16, triton.next_power_of_2(N)))
+    want = 2 * _sm_count(device)
+    for wpp in (4, 2, 1):
+        block_n = top
+        while block_n > 16 and triton.cdiv(N, block_n) * BH * groups(wpp) < want:
+            block_n //= 2  # small inputs (MLA query rows): more, shorter programs
+        if triton.cdiv(N, block_n) * BH * groups(wpp) >= want or wpp == 1:
+            return groups(wpp), block_n, wpp
+    raise AssertionError("unreachable")
 
 
 @functools.cache
