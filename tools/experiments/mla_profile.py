@@ -172,7 +172,7 @@ def part_select(B: int, L: int, timer, graph_time) -> dict:
     return row
 
 
-ENCODE_TILES = [(16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (16, 4), (32, 4), (64, 4), (128, 4)]
+ENCODE_TILES = [(16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (16, 4), (32, 4), (64, 4), (128, 2)]
 
 
 def part_encode(B: int, timer, graph_time) -> list:
@@ -204,6 +204,8 @@ def part_encode(B: int, timer, graph_time) -> list:
             try:
                 same = torch.equal(fn(), ref)
                 row[f"{bn}x{wpp}"] = graph_time(fn, timer) if same else "codes differ"
+            except Exception as e:  # e.g. out of shared memory
+                row[f"{bn}x{wpp}"] = f"{type(e).__name__}"
             finally:
                 he.TILE_BLOCK_N = he.TILE_WPP = None
         print(f"encode {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
