@@ -46,6 +46,11 @@ MW = "kvcomp.ops.hamming_topk.mma_wide"
 SELECT_VARIANTS = {
     "simt_scan": {MW: dict(MMA_WIDE=False)},  # session 15's selection
     "coarse_hist": {HK: dict(HIST_COARSE=True)},
+    "arity4": {HK: dict(SELECT_ARITY=4)},  # session 17: stage 2's search, candidates a round
+    "arity8": {HK: dict(SELECT_ARITY=8)},
+    "arity16": {HK: dict(SELECT_ARITY=16)},
+    "arity16_w4": {HK: dict(SELECT_ARITY=16, SELECT_WARPS=4)},
+    "w4": {HK: dict(SELECT_WARPS=4)},
 }
 # session 16, first call: (64, 64, 8 warps, 2 stages) best at B = 4 / 8, (32, 64, 4, 2) at B = 1
 # (173 against 178 us); swapped operands (the kv tile as q.k's A operand, a SWAP constexpr of the

@@ -295,21 +295,22 @@ TILE_WPP: int | None = None
 
 def _tile_config(N: int, BH: int, W1: int, W2: int, device: torch.device) -> tuple[int, int, int]:
     """(word groups, rows, words) a program of the tile kernel for N rows of BH (batch, head)
-    pairs and W1 (+ W2) code words: the widest product that still gives 2 programs an SM."""
+    pairs and W1 (+ W2) code words: 32 rows x 2 words, or smaller tiles where that leaves fewer
+    than 2 programs an SM. H200, session 17 (docs/benchmarks/mla.md), us: 32 x 2 was the fastest
+    tile for MLA's split query codes at B = 8 / 32 (13.3 / 31.5; 64 x 1, the tile before, 19.4 /
+    52.4), a 32K-token latent's split codes (203 against 376) and a Qwen3-8B layer's 32K keys (186
+    against 314); at B = 1 (128 rows) 16 x 1 (8.3; 32 x 2 9.0). 64-row tiles were slower at every
+    size, 4 words a program no faster than 2."""
     def groups(wpp: int) -> int:
         return triton.cdiv(W1, wpp) + triton.cdiv(W2, wpp)
 
     if TILE_BLOCK_N is not None and TILE_WPP is not None:
         return groups(TILE_WPP), TILE_BLOCK_N, TILE_WPP
-    top = min(64, max(16, triton.next_power_of_2(N)))
     want = 2 * _sm_count(device)
-    for wpp in (4, 2, 1):
-        block_n = top
-        while block_n > 16 and triton.cdiv(N, block_n) * BH * groups(wpp) < want:
-            block_n //= 2  # small inputs (MLA query rows): more, shorter programs
-        if triton.cdiv(N, block_n) * BH * groups(wpp) >= want or wpp == 1:
+    for wpp, block_n in ((2, 32), (1, 32), (1, 16)):
+        if triton.cdiv(N, block_n) * BH * groups(wpp) >= want:
             return groups(wpp), block_n, wpp
-    raise AssertionError("unreachable")
+    return groups(1), 16, 1
 
 
 @functools.cache
