@@ -14,6 +14,12 @@ times, in one process and over enough code sets that nothing is found in L2:
 * kvcomp's scan alone (``block_keys_triton``) and scan + selection (``hamming_topk``, the
   issue's number), selections checked against the reference first.
 
+``--gather``: the same for the attention's bytes, the K and V rows of the selected blocks (2048
+tokens a (sequence, kv-head): 16 blocks of 128 x 128 bf16, 64 KB of K + V a block): read-only
+kernels over exactly those blocks (a program reads 1, 2 or 4 blocks' K and V, or half a block),
+against ``sparse_decode_attention`` on the same selection (its output checked against the
+reference first).
+
 Every time is a CUDA-graph replay of back-to-back calls (``kvcomp.bench.timing.cuda_time_us``),
 as ``kvcomp bench decode`` times. "%copy" = code bytes / time / the 2 GiB copy bandwidth (read +
 write) measured in the same run, as the bench counts it. The best read-only kernel's %copy is
@@ -55,6 +61,28 @@ def _read_kernel(src, out, n_vec, PER_PROG, VEC_PER_THREAD_LOADS: tl.constexpr, 
     tl.store(out + pid, tl.xor_sum(tl.xor_sum(acc, 1), 0))
 
 
+@triton.jit
+def _gather_kernel(k_ptr, v_ptr, idx_ptr, out, K_SEL, s_kb, s_kh, s_kl, HKV: tl.constexpr,
+                   BLOCKS: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+    """Program (r, j) XOR-reduces the K and V rows of selected blocks j * BLOCKS .. j * BLOCKS +
+    BLOCKS - 1 of row r = b * HKV + h (idx [B * HKV, K_SEL]), ROWS token rows a load."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    b = r // HKV
+    h = r % HKV
+    acc = tl.zeros([ROWS, D], dtype=tl.int16)
+    rows = tl.arange(0, ROWS)
+    dims = tl.arange(0, D)
+    for u in tl.static_range(BLOCKS):
+        blk = tl.load(idx_ptr + r * K_SEL + j * BLOCKS + u).to(tl.int64)
+        base = b * s_kb + h * s_kh + (blk * CHUNK) * s_kl
+        for t0 in tl.static_range(0, CHUNK, ROWS):
+            off = base + (t0 + rows)[:, None] * s_kl + dims[None, :]
+            acc ^= tl.load(k_ptr + off).to(tl.int16, bitcast=True)
+            acc ^= tl.load(v_ptr + off).to(tl.int16, bitcast=True)
+    tl.store(out + r * tl.num_programs(1) + j, tl.xor_sum(tl.xor_sum(acc, 1), 0).to(tl.int32))
+
+
 def _read_variants(n_vec: int, sms: int):
     """(name, programs, vectors a program, loads before use, BLOCK, warps)."""
     out = []
@@ -87,6 +115,8 @@ def main() -> None:
     ap.add_argument("--batches", type=positive_ints, default=[1, 8])
     ap.add_argument("--heads", type=int, default=32, help="query heads (8 kv heads)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--gather", action="store_true", help="also the selected K/V blocks (the attention's bytes)")
+    ap.add_argument("--codes", type=int, default=1, help="0: skip the key codes part")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = "cuda"
@@ -95,7 +125,16 @@ def main() -> None:
     copy = copy_bandwidth_gbs()
     res = dict(device=torch.cuda.get_device_name(), sms=sms, copy_GBps=copy, rows=[])
     print(f"{res['device']} ({sms} SMs): copy {copy:.0f} GB/s (read + write, 2 GiB)")
-    for L in args.lengths:
+    if args.gather:
+        res["gather"] = []
+        for L in args.lengths:
+            for B in args.batches:
+                res["gather"].append(gather_floor(L, B, copy, args.reps, gen))
+                torch.cuda.empty_cache()
+                if args.json:
+                    with open(args.json, "w") as fh:
+                        json.dump(res, fh, indent=1)
+    for L in args.lengths if args.codes else ():
         for B in args.batches:
             nbytes = B * HKV * L * W * 4
             n_sets = max(2, math.ceil(3 * L2_BYTES / nbytes))
@@ -166,6 +205,63 @@ def main() -> None:
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump(res, fh, indent=1)
+
+
+def gather_floor(L: int, B: int, copy: float, reps: int, gen) -> dict:
+    """Read-only kernels over the selected blocks' K / V against the attention (module doc)."""
+    from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp
+    from kvcomp.ops import sparse_decode_attention
+
+    dev, D, HQ, KSEL = "cuda", 128, 32, BUDGET // CHUNK
+    kv_bytes = B * HKV * KSEL * CHUNK * D * 2 * 2
+    n_sets = 2 if kv_bytes > L2_BYTES else max(2, math.ceil(3 * L2_BYTES / kv_bytes))
+    sets = []
+    for _ in range(n_sets):
+        k = torch.randn(B, HKV, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(B, HKV, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        idx = torch.stack([torch.randperm(L // CHUNK, device=dev, generator=gen)[:KSEL] for _ in range(B * HKV)])
+        idx = idx.sort(-1).values.to(torch.int32).view(B, HKV, KSEL)
+        q = torch.randn(B, HQ, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        sets.append((q, k, v, idx))
+    lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+    q, k, v, idx = sets[0]
+    mask = torch.zeros(B, HKV, L, dtype=torch.bool, device=dev)
+    tok = (idx.long().unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=dev)).flatten(2)
+    mask.scatter_(2, tok, True)
+    got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+    ok, _, _ = attention_close(got, attention_ref_fp64(q, k, v, mask, D ** -0.5),
+                               attention_ref_lowp(q, k, v, mask, D ** -0.5))
+    row = dict(L=L, B=B, kv_bytes=kv_bytes, sets=n_sets, attention_verified=bool(ok), reads={})
+    floor_us = kv_bytes / (copy * 1e3)
+    print(f"gather L={L} B={B}: {kv_bytes / 1e6:.1f} MB of selected K/V, {floor_us:.2f} us at the copy bandwidth")
+    if ok:
+        row["attention_us"] = cuda_time_us([lambda q=q, k=k, v=v, i=idx: sparse_decode_attention(
+            q, k, v, i, lens, chunk_size=CHUNK) for q, k, v, idx in sets], reps=reps)
+    ref_x = None
+    for blocks, rows_, warps in [(1, 32, 4), (1, 64, 4), (1, 128, 8), (2, 64, 4), (4, 64, 4), (1, 32, 8)]:
+        name = f"{blocks}blk_{rows_}rows_w{warps}"
+        out = torch.empty(B * HKV * (KSEL // blocks), dtype=torch.int32, device=dev)
+
+        def launch(k, v, i, out=out, blocks=blocks, rows_=rows_, warps=warps):
+            _gather_kernel[(B * HKV, KSEL // blocks)](k, v, i, out, KSEL, k.stride(0), k.stride(1), k.stride(2),
+                                                     HKV=HKV, BLOCKS=blocks, ROWS=rows_, CHUNK=CHUNK, D=D,
+                                                     num_warps=warps)
+        launch(k, v, idx)
+        word = int(_xor_all(out))
+        if ref_x is None:
+            ref_x = word
+        elif word != ref_x:
+            print(f"  {name}: XOR differs from the first variant's, not timed")
+            continue
+        row["reads"][name] = cuda_time_us([lambda k=k, v=v, i=idx: launch(k, v, i) for _, k, v, idx in sets],
+                                          reps=reps)
+    best = min(row["reads"], key=row["reads"].get)
+    row["best_read"] = best
+    for label, us in [(f"best gather read ({best})", row["reads"][best])] + (
+            [("sparse_decode_attention", row["attention_us"])] if ok else []):
+        print(f"  {label:<44} {us:7.2f} us  {100 * floor_us / us:5.1f}% of copy")
+    print("  gather variants: " + ", ".join(f"{n} {t:.2f}" for n, t in sorted(row["reads"].items(), key=lambda kv: kv[1])))
+    return row
 
 
 def _xor_all(x: torch.Tensor) -> torch.Tensor:

@@ -191,9 +191,13 @@ def _launch_config(B: int, H: int, R: int, sparse: bool, on_gpu: bool,
     H200 sweeps (docs/benchmarks/mla.md): dense decode where a program may take ``smem`` >=
     DENSE_WIDE_SMEM bytes of shared memory (sm_90) with R >= 256, H >= 64 and 16-bit inputs
     (``lowp``): 64 heads x 64 tokens on 8 warps; else 32 heads x 32 tokens on 4 warps, and 64 heads on 8 warps for dense
-    decode of a batch >= 8 (halves the kv re-reads)."""
+    decode of a batch >= 8 (halves the kv re-reads); sparse decode of one sequence: 16 heads a
+    program (twice the programs; H200, session 17: 23.0 against 25.9 us at 128 heads, 2048
+    tokens; slower from B = 4: 41.5 against 35.0 in session 16, 96 against 53 at B = 8)."""
     wide = on_gpu and lowp and not sparse and R >= 256 and H >= 64 and smem >= DENSE_WIDE_SMEM
     big = on_gpu and not sparse and B >= 8 and R >= 256
+    if block_h is None and on_gpu and sparse and B == 1 and R >= 256:
+        block_h = 16
     if block_h is None:
         block_h = 64 if (big or wide) else (32 if R >= 256 else 64)
         block_h = min(block_h, max(16, triton.next_power_of_2(H)))
