@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32, help="query heads (8 kv heads)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--gather", action="store_true", help="also the selected K/V blocks (the attention's bytes)")
+    ap.add_argument("--gather-blocks", type=positive_ints, default=[BUDGET // CHUNK],
+                    help="selected blocks a row for --gather, e.g. 16,103,307 (2048 tokens, 10%%, 30%% of 128K)")
     ap.add_argument("--codes", type=int, default=1, help="0: skip the key codes part")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -129,7 +131,9 @@ def main() -> None:
         res["gather"] = []
         for L in args.lengths:
             for B in args.batches:
-                res["gather"].append(gather_floor(L, B, copy, args.reps, gen))
+                for ksel in args.gather_blocks:
+                    res["gather"].append(gather_floor(L, B, copy, args.reps, gen, ksel))
+                    torch.cuda.empty_cache()
                 torch.cuda.empty_cache()
                 if args.json:
                     with open(args.json, "w") as fh:
@@ -207,12 +211,29 @@ def main() -> None:
                     json.dump(res, fh, indent=1)
 
 
-def gather_floor(L: int, B: int, copy: float, reps: int, gen) -> dict:
+AK = "kvcomp.ops.sparse_decode_attention.kernels"
+# launch knobs of the attention timed beside its default (``--gather``): programs a launch aims
+# at (splits a row), pipeline stages, warps, the token tile
+ATTN_VARIANTS = {
+    "t384": dict(TARGET_PROGRAMS=384),
+    "t512": dict(TARGET_PROGRAMS=512),
+    "t512_s1": dict(TARGET_PROGRAMS=512, STAGES=1),
+    "t1024": dict(TARGET_PROGRAMS=1024),
+    "t1024_w8": dict(TARGET_PROGRAMS=1024, WARPS=8),
+    "t2048": dict(TARGET_PROGRAMS=2048),
+    "t512_n128": dict(TARGET_PROGRAMS=512, TILE_N=128),
+    "s3": dict(STAGES=3),
+}
+
+
+def gather_floor(L: int, B: int, copy: float, reps: int, gen, ksel: int = BUDGET // CHUNK) -> dict:
     """Read-only kernels over the selected blocks' K / V against the attention (module doc)."""
+    import importlib
+
     from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp
     from kvcomp.ops import sparse_decode_attention
 
-    dev, D, HQ, KSEL = "cuda", 128, 32, BUDGET // CHUNK
+    dev, D, HQ, KSEL = "cuda", 128, 32, ksel
     kv_bytes = B * HKV * KSEL * CHUNK * D * 2 * 2
     n_sets = 2 if kv_bytes > L2_BYTES else max(2, math.ceil(3 * L2_BYTES / kv_bytes))
     sets = []
@@ -231,14 +252,34 @@ def gather_floor(L: int, B: int, copy: float, reps: int, gen) -> dict:
     got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
     ok, _, _ = attention_close(got, attention_ref_fp64(q, k, v, mask, D ** -0.5),
                                attention_ref_lowp(q, k, v, mask, D ** -0.5))
-    row = dict(L=L, B=B, kv_bytes=kv_bytes, sets=n_sets, attention_verified=bool(ok), reads={})
+    row = dict(L=L, B=B, blocks=KSEL, kv_bytes=kv_bytes, sets=n_sets, attention_verified=bool(ok), reads={},
+               attention_variants={})
     floor_us = kv_bytes / (copy * 1e3)
-    print(f"gather L={L} B={B}: {kv_bytes / 1e6:.1f} MB of selected K/V, {floor_us:.2f} us at the copy bandwidth")
+    print(f"gather L={L} B={B} {KSEL} blocks: {kv_bytes / 1e6:.1f} MB of selected K/V, {floor_us:.2f} us at the "
+          f"copy bandwidth")
+    calls = [lambda q=q, k=k, v=v, i=idx: sparse_decode_attention(q, k, v, i, lens, chunk_size=CHUNK)
+             for q, k, v, idx in sets]
     if ok:
-        row["attention_us"] = cuda_time_us([lambda q=q, k=k, v=v, i=idx: sparse_decode_attention(
-            q, k, v, i, lens, chunk_size=CHUNK) for q, k, v, idx in sets], reps=reps)
+        row["attention_us"] = cuda_time_us(calls, reps=reps)
+        ak = importlib.import_module(AK)
+        for name, flags in ATTN_VARIANTS.items():
+            undo = {f: getattr(ak, f) for f in flags}
+            try:
+                for f, val in flags.items():
+                    setattr(ak, f, val)
+                same = attention_close(sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK),
+                                       attention_ref_fp64(q, k, v, mask, D ** -0.5),
+                                       attention_ref_lowp(q, k, v, mask, D ** -0.5))[0]
+                row["attention_variants"][name] = cuda_time_us(calls, reps=reps) if same else "wrong"
+            finally:
+                for f, val in undo.items():
+                    setattr(ak, f, val)
+        print("  attention variants: default {:.2f}, ".format(row["attention_us"]) + ", ".join(
+            f"{n} {t:.2f}" if isinstance(t, float) else f"{n} {t}" for n, t in row["attention_variants"].items()))
     ref_x = None
     for blocks, rows_, warps in [(1, 32, 4), (1, 64, 4), (1, 128, 8), (2, 64, 4), (4, 64, 4), (1, 32, 8)]:
+        if KSEL % blocks:
+            continue
         name = f"{blocks}blk_{rows_}rows_w{warps}"
         out = torch.empty(B * HKV * (KSEL // blocks), dtype=torch.int32, device=dev)
 
