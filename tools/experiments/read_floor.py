@@ -215,14 +215,15 @@ AK = "kvcomp.ops.sparse_decode_attention.kernels"
 # launch knobs of the attention timed beside its default (``--gather``): programs a launch aims
 # at (splits a row), pipeline stages, warps, the token tile
 ATTN_VARIANTS = {
+    # session 17, first call (B = 8 at 16 / 103 / 307 blocks, B = 1): t384, t512, t512_s1, t1024,
+    # t1024_w8, t2048, t512_n128, s3 (decode.md "Session 17"); t512 fastest at B = 8, every budget
+    "t264": dict(TARGET_PROGRAMS=264),
     "t384": dict(TARGET_PROGRAMS=384),
     "t512": dict(TARGET_PROGRAMS=512),
-    "t512_s1": dict(TARGET_PROGRAMS=512, STAGES=1),
+    "t768": dict(TARGET_PROGRAMS=768),
     "t1024": dict(TARGET_PROGRAMS=1024),
-    "t1024_w8": dict(TARGET_PROGRAMS=1024, WARPS=8),
-    "t2048": dict(TARGET_PROGRAMS=2048),
-    "t512_n128": dict(TARGET_PROGRAMS=512, TILE_N=128),
-    "s3": dict(STAGES=3),
+    "t512_w8": dict(TARGET_PROGRAMS=512, WARPS=8),
+    "t512_s3": dict(TARGET_PROGRAMS=512, STAGES=3),
 }
 
 
