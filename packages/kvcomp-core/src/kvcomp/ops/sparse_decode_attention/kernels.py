@@ -38,6 +38,14 @@ from kvcomp.ops.hamming_topk.select_kernels import _select_row_hist
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
+# ... but this many from MANY_ROWS (sequence, kv-head) rows: shorter splits that spread the work
+# more evenly over the SMs (B = 8: 64 rows x 8 splits of 4 tiles instead of 5 of 7, where 3
+# programs fit an SM). Session 17, H200, 128K, attention alone (tools/experiments/read_floor.py
+# --gather), us at 264 / 512: B = 8 2048 tokens 26.1 / 24.6, 10% 125.5 / 117.5, 30% 328.7 /
+# 290.6; B = 4 (32 rows) 16.3 / 15.5, 10% 69.2 / 62.8; B = 2 (16 rows) 10.4 / 10.5, 10% 33.9
+# / 37.5; B = 1 7.5 / 7.5, 10% 21.4 / 22.5
+TARGET_PROGRAMS_MANY = 512
+MANY_ROWS = 32
 MIN_TILES_PER_SPLIT = 1
 # tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
 TILE_N = 64
@@ -431,7 +439,8 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None =
     virtual = K * chunk
     while True:
         tiles = triton.cdiv(virtual, block_n)
-        splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
+        target = TARGET_PROGRAMS_MANY if B * Hkv >= MANY_ROWS else TARGET_PROGRAMS
+        splits = max(1, min(triton.cdiv(target, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
         if max_splits is not None:
             splits = max(1, min(splits, max_splits))
         if (LONG_TILE_N and D <= 128 and block_n < LONG_TILE_N and B * Hkv <= LONG_TILE_MAX_ROWS
