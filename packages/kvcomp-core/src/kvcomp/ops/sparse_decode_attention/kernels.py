@@ -46,6 +46,11 @@ TARGET_PROGRAMS = 264
 # / 37.5; B = 1 7.5 / 7.5, 10% 21.4 / 22.5
 TARGET_PROGRAMS_MANY = 512
 MANY_ROWS = 32
+# ... also where the programs run stage 2 of the selection in their prologue (``decode_step``):
+# each program of a row repeats the row's stage 2, so more splits cost more prologues (the
+# decode bench at B = 8 took 73.7 us for Qwen3-32B's step with 512 against 68.5 in session 14;
+# its parts summed to 66.5). Off until timed against 264 in one process
+TARGET_MANY_WITH_SELECT = False
 MIN_TILES_PER_SPLIT = 1
 # tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
 TILE_N = 64
@@ -432,14 +437,15 @@ def _two_level_group(G: int, D: int, splits: int) -> int | None:
     return group
 
 
-def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None) -> tuple[int, int, int]:
+def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None,
+          many: bool = True) -> tuple[int, int, int]:
     """(BLOCK_N, tokens per split, splits) from shapes only (no device reads); at most
-    ``max_splits`` splits when given."""
+    ``max_splits`` splits when given; ``many``: TARGET_PROGRAMS_MANY from MANY_ROWS rows."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
     virtual = K * chunk
     while True:
         tiles = triton.cdiv(virtual, block_n)
-        target = TARGET_PROGRAMS_MANY if B * Hkv >= MANY_ROWS else TARGET_PROGRAMS
+        target = TARGET_PROGRAMS_MANY if many and B * Hkv >= MANY_ROWS else TARGET_PROGRAMS
         splits = max(1, min(triton.cdiv(target, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
         if max_splits is not None:
             splits = max(1, min(splits, max_splits))
@@ -492,10 +498,12 @@ def sparse_decode_attention_triton(
         return out
     if K == 0:
         return out.zero_()
-    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D)
+    many = select is None or TARGET_MANY_WITH_SELECT
+    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, many=many)
     if FUSED_MERGE and FUSED_MERGE_FIT and G * splits * D * 4 > FUSED_MERGE_MAX_BYTES:
         # fewer, longer splits whose partials the fused merge takes (not a second launch)
-        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)))
+        block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)),
+                                           many=many)
     m, l, acc = _partials(B, Hq, splits, D, q.device)
     block_d = max(16, triton.next_power_of_2(D))
     paged = {}
