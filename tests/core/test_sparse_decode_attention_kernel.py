@@ -121,12 +121,13 @@ def test_many_splits(monkeypatch):
 
 
 def test_many_rows_take_shorter_splits():
-    """From MANY_ROWS (sequence, kv-head) rows the plan aims at TARGET_PROGRAMS_MANY programs:
-    Qwen3-8B at B = 8, 2048 tokens: 64 rows x 8 splits of 4 tiles (5 of 7 below the rule); B = 1
-    keeps its plan. Then a 32-row batch (many short splits, ragged, empty entries) against the
-    reference."""
-    assert kernels._plan(8, 8, 16, 128, 128) == (64, 256, 8)
-    assert kernels._plan(4, 8, 16, 128, 128) == (64, 128, 16)
+    """From MANY_ROWS (sequence, kv-head) rows and for groups of at most MANY_MAX_G query heads the
+    plan aims at TARGET_PROGRAMS_MANY programs: Qwen3-8B at B = 8, 2048 tokens: 64 rows x 8
+    splits of 4 tiles; Qwen3-32B (G = 8) and fewer rows keep 264 (5 splits of 7). Then a 32-row
+    batch (many short splits, ragged, empty entries) against the reference."""
+    assert kernels._plan(8, 8, 16, 128, 128, G=4) == (64, 256, 8)
+    assert kernels._plan(8, 8, 16, 128, 128, G=8) == (64, 448, 5)
+    assert kernels._plan(4, 8, 16, 128, 128, G=4) == (64, 128, 16)
     assert kernels._plan(1, 8, 16, 128, 128) == (64, 64, 32)  # 8 rows: TARGET_PROGRAMS, one tile a split
     assert kernels._plan(2, 8, 16, 128, 128) == (128, 128, 16)  # 16 rows: long tiles
     gen = torch.Generator().manual_seed(12)
@@ -135,7 +136,7 @@ def test_many_rows_take_shorter_splits():
     k = torch.randn(B, Hkv, L, D, generator=gen)
     v = torch.randn(B, Hkv, L, D, generator=gen)
     idx = random_selection(B, Hkv, 25, 20, gen, drop=0.2)
-    assert kernels._plan(B, Hkv, 20, chunk, D)[2] == 5  # 320 tokens: 5 one-tile splits
+    assert kernels._plan(B, Hkv, 20, chunk, D, G=G)[2] == 5  # 320 tokens: 5 one-tile splits
     check(q, k, v, idx, torch.tensor([400, 390, 17, 250]), chunk)
 
 

@@ -34,10 +34,9 @@ SETS = {
     "gemv_w8": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, num_warps=8))},
     "gemv_n2": {GEMV: dict(GEMV_CONFIG_ONE_ROW=dict(ONE_ROW, block_n=2, block_k=2048))},
     "sel_launch": {"kvcomp.ops.sparse_decode_attention.kernels": dict(SELECT_IN_PROLOGUE=False)},
-    # session 17: the attention's 512-program plan from 32 rows off everywhere (before), and also
-    # where the programs run stage 2 in their prologue (kvcomp's sparse layers)
+    # session 17: the attention's 512-program plan from 32 rows off (before); its "attn_t512_sel"
+    # (the plan also in the prologue-selection path) is the default since
     "attn_t264": {"kvcomp.ops.sparse_decode_attention.kernels": dict(TARGET_PROGRAMS_MANY=264)},
-    "attn_t512_sel": {"kvcomp.ops.sparse_decode_attention.kernels": dict(TARGET_MANY_WITH_SELECT=True)},
     # the attention's norms, RoPE, append and query codes as four launches (before rope_append)
     "no_rope_append": {"kvcomp.fusion": dict(FUSED_ATTENTION_STEP=False)},
     # the MLP's silu_mul as its own launch after the gate|up gemv (before gemv(gated=True))

@@ -38,19 +38,20 @@ from kvcomp.ops.hamming_topk.select_kernels import _select_row_hist
 
 # about two waves of programs on a 132-SM H200
 TARGET_PROGRAMS = 264
-# ... but this many from MANY_ROWS (sequence, kv-head) rows: shorter splits that spread the work
-# more evenly over the SMs (B = 8: 64 rows x 8 splits of 4 tiles instead of 5 of 7, where 3
-# programs fit an SM). Session 17, H200, 128K, attention alone (tools/experiments/read_floor.py
-# --gather), us at 264 / 512: B = 8 2048 tokens 26.1 / 24.6, 10% 125.5 / 117.5, 30% 328.7 /
-# 290.6; B = 4 (32 rows) 16.3 / 15.5, 10% 69.2 / 62.8; B = 2 (16 rows) 10.4 / 10.5, 10% 33.9
-# / 37.5; B = 1 7.5 / 7.5, 10% 21.4 / 22.5
+# ... but this many from MANY_ROWS (sequence, kv-head) rows, for groups of at most MANY_MAX_G
+# query heads: shorter splits that spread the work more evenly over the SMs (B = 8: 64 rows x 8
+# splits of 4 tiles instead of 5 of 7, where 3 programs fit an SM). Session 17, H200, 128K
+# (decode.md "Session 17"), the attention alone (tools/experiments/read_floor.py --gather), us
+# at 264 / 512 programs, G = 4: B = 8 2048 tokens 26.1 / 24.6, 10% 125.5 / 117.5, 30% 328.7 /
+# 290.6; B = 4 (32 rows) 16.3 / 15.5, 10% 69.2 / 62.8; fewer rows gained nothing (B = 2, 16
+# rows: 10.4 / 10.5, 10% 33.9 / 37.5). ``decode_step`` at B = 8, 2048 tokens, same process
+# (tools/experiments/attn_plan_ab.py): Qwen3-8B (G = 4) 65.6 / 64.4; Qwen3-32B (G = 8) 67.5 /
+# 73.8: there every program of a row runs the row's stage 2 in its prologue, over 1024
+# histogram bins, so more programs cost more than they gain; G = 8 keeps 264. The plan depends
+# on shapes only, so that ``decode_step`` and the attention alone stay bit-identical.
 TARGET_PROGRAMS_MANY = 512
 MANY_ROWS = 32
-# ... also where the programs run stage 2 of the selection in their prologue (``decode_step``):
-# each program of a row repeats the row's stage 2, so more splits cost more prologues (the
-# decode bench at B = 8 took 73.7 us for Qwen3-32B's step with 512 against 68.5 in session 14;
-# its parts summed to 66.5). Off until timed against 264 in one process
-TARGET_MANY_WITH_SELECT = False
+MANY_MAX_G = 4
 MIN_TILES_PER_SPLIT = 1
 # tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
 TILE_N = 64
@@ -438,14 +439,15 @@ def _two_level_group(G: int, D: int, splits: int) -> int | None:
 
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None,
-          many: bool = True) -> tuple[int, int, int]:
+          G: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, tokens per split, splits) from shapes only (no device reads); at most
-    ``max_splits`` splits when given; ``many``: TARGET_PROGRAMS_MANY from MANY_ROWS rows."""
+    ``max_splits`` splits when given; G query heads a kv-head (TARGET_PROGRAMS_MANY from
+    MANY_ROWS rows where G <= MANY_MAX_G)."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
     virtual = K * chunk
     while True:
         tiles = triton.cdiv(virtual, block_n)
-        target = TARGET_PROGRAMS_MANY if many and B * Hkv >= MANY_ROWS else TARGET_PROGRAMS
+        target = TARGET_PROGRAMS_MANY if G <= MANY_MAX_G and B * Hkv >= MANY_ROWS else TARGET_PROGRAMS
         splits = max(1, min(triton.cdiv(target, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
         if max_splits is not None:
             splits = max(1, min(splits, max_splits))
@@ -498,12 +500,11 @@ def sparse_decode_attention_triton(
         return out
     if K == 0:
         return out.zero_()
-    many = select is None or TARGET_MANY_WITH_SELECT
-    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, many=many)
+    block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, G=G)
     if FUSED_MERGE and FUSED_MERGE_FIT and G * splits * D * 4 > FUSED_MERGE_MAX_BYTES:
         # fewer, longer splits whose partials the fused merge takes (not a second launch)
         block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)),
-                                           many=many)
+                                           G=G)
     m, l, acc = _partials(B, Hq, splits, D, q.device)
     block_d = max(16, triton.next_power_of_2(D))
     paged = {}
