@@ -32,10 +32,10 @@ Exact for fp32 inputs; for half inputs a bit can differ from the fp32 reference 
         codes    [..., sum_p BITS_p // 32] int32: part 0's words, then part 1's, ...
 
 The split code of MLA (``hash_bits`` "512+64": the latent and the RoPE part of a key or query
-hashed separately, one code): equal to ``torch.cat([hash_encode(x_p, w_p) ...], -1)``, with
-two parts of one dtype (and weights of one dtype) in one launch (the CUDA path; otherwise one
-launch a part, each into its slice of the output, never concatenated). ``out=`` / ``positions=`` as in ``hash_encode`` (x_p [B, H, T,
-D_p], out [B, H, Lmax, sum W_p]). No bias.
+hashed separately, one code): equal to ``torch.cat([hash_encode(x_p, w_p) ...], -1)``. Two
+parts of one dtype (with weights of one dtype) take one launch on the CUDA path; otherwise each
+part is encoded on its own and written into its words of the output. ``out=`` / ``positions=``
+as in ``hash_encode`` (x_p [B, H, T, D_p], out [B, H, Lmax, sum W_p]). No bias.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """Triton kernel of ``hash_encode``: projection, sign and bit-packing fused in one pass.
 
-One program writes one 32-bit code word of ``BLOCK_N`` rows of one (batch, head): it
-multiplies the rows (upcast to fp32 as the reference does) by the word's 32 columns of the
-head's projection ([D, 32], fp32, IEEE products so that signs match the fp32 reference) in
-slices of at most 128 dims (a [BLOCK_N, D] tile for D = 512, the MLA latent, would not fit the
-registers: a first version with whole rows and all words unrolled did not finish compiling in
-minutes), takes ``> 0`` and ORs bit j into bit j of the word. The rows are re-read once per
-word, from L2. fp32 rows use IEEE fp32 products: codes equal the reference's except where
-a projection is within fp32 rounding of 0. fp16 / bf16 rows are exact in tf32, so the product
-runs on the tensor cores in tf32 with only the (fp32) weight rounded to 10 mantissa bits: a
-bit may then differ from the fp32 reference where ``|x.w| <= 2**-11 * sum_i |x_i w_i|``
-(tested); with 16-bit weights (exact in tf32) the codes are those of the fp32 reference. Codes are int32, bit b of the code in word b // 32 at bit b % 32 (LSB first).
+One program writes ``WPP`` 32-bit code words of ``BLOCK_N`` rows of one (batch, head) (32 rows x
+2 words by default, ``_tile_config``): it multiplies the rows (upcast to fp32 as the reference
+does) by the words' 32 WPP columns of the head's projection ([D, 32 WPP], fp32) in slices of at
+most 128 dims (a [BLOCK_N, D] tile for D = 512, the MLA latent, would not fit the registers: a
+first version with whole rows and all words unrolled did not finish compiling in minutes),
+takes ``> 0`` and ORs bit j into bit j of its word. The rows are re-read once per group of WPP
+words, from L2. fp32 rows use IEEE fp32 products: codes equal the reference's except where a
+projection is within fp32 rounding of 0. fp16 / bf16 rows are exact in tf32, so the product
+runs on the tensor cores in tf32 with only the (fp32) weight rounded to 10 mantissa bits: a bit
+may then differ from the fp32 reference where ``|x.w| <= 2**-11 * sum_i |x_i w_i|`` (tested);
+with 16-bit weights (exact in tf32) the codes are those of the fp32 reference. Codes are int32,
+bit b of the code in word b // 32 at bit b % 32 (LSB first).
 
 Decode-sized inputs (a few rows per head, e.g. one query token) take ``_hash_encode_row_kernel``
 instead: one program per (row, head, word), a [D] x [D, 32] product by broadcast-multiply and a
@@ -23,6 +24,10 @@ strides (0 along a shared batch / head dim).
 Grouped weights (``hash_encode(enable_gqa=True)``: a GQA layer's query heads hashed with their
 kv-head's projection): head h reads weight row ``h // HG``, so the G query heads of a kv-head
 share one [D, BITS] row instead of G copies of it (8x fewer weight bytes for G = 8).
+
+``hash_encode_split`` (MLA's latent + RoPE parts): with ``SPLIT`` both kernels take a second
+input x2 with its own weight w2, whose words follow x's; the tile kernel picks each program's
+input (pointers, strides, width) by its word group, so one product loop serves both.
 
 Both kernels serve the cache's append path: with ``HAS_POS`` the codes of row t of
 sequence b go to row ``positions[b] + t`` of the code cache (rows >= Lmax are not written).
