@@ -190,3 +190,17 @@ def test_tile_kernel_word_groups(monkeypatch, wpp, block_n):
     got = hash_encode_split((x1, x2), (w1, w2), out=out.clone(), positions=pos, backend="triton")
     assert torch.equal(got, hash_encode_split((x1, x2), (w1, w2), out=out.clone(), positions=pos,
                                               backend="reference"))
+
+
+def test_tile_config_as_measured(monkeypatch):
+    """The tile kernel's (rows, words) a program on a 132-SM GPU, as session 17's H200 sweep chose
+    (docs/benchmarks/mla.md): 32 x 2 where that fills 2 programs an SM, else 32 x 1, else 16 x 1."""
+    from kvcomp.ops.hash_encode import kernels as he
+
+    monkeypatch.setattr(he, "_sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    assert he._tile_config(1 * 128, 1, 16, 2, dev) == (18, 16, 1)  # MLA query codes, B = 1
+    assert he._tile_config(8 * 128, 1, 16, 2, dev) == (9, 32, 2)  # B = 8
+    assert he._tile_config(32 * 128, 1, 16, 2, dev) == (9, 32, 2)  # B = 32
+    assert he._tile_config(32768, 8, 4, 0, dev) == (2, 32, 2)  # a Qwen3-8B layer's 32K keys
+    assert he._tile_config(4 * 128, 1, 16, 2, dev) == (18, 32, 1)  # 16 x 18 x 1 = 288 programs

@@ -280,3 +280,17 @@ def test_mla_kernels_pdl_bit_identical_gpu(monkeypatch):
         outs[on] = (eager, replayed)
     for a, b in zip(outs[True][0] + outs[True][1], outs[False][0] + outs[False][1]):
         assert torch.equal(a, b)
+
+
+def test_launch_tiles_as_measured():
+    """The launch picks that the H200 sweeps chose (docs/benchmarks/mla.md): the sparse latent
+    decode of one sequence takes 16-head programs (session 17), more sequences 32 x 32 on 4
+    warps; the dense decode 64 x 64 on 8 warps where 221 KB of shared memory is available."""
+    kernels = importlib.import_module("kvcomp.ops.sparse_mla_decode.kernels")
+    cfg = kernels._launch_config
+    big_smem = kernels.DENSE_WIDE_SMEM
+    assert cfg(1, 128, 512, True, True, None, None, None, None, big_smem) == (16, 32, 4, 2)
+    assert cfg(4, 128, 512, True, True, None, None, None, None, big_smem) == (32, 32, 4, 2)
+    assert cfg(1, 128, 512, False, True, None, None, None, None, big_smem) == (64, 64, 8, 2)
+    assert cfg(1, 128, 512, True, False, None, None, None, None, 0)[0] == 32  # CPU: no GPU pick
+    assert cfg(1, 128, 512, True, True, 32, None, None, None, big_smem)[0] == 32  # an explicit tile wins
