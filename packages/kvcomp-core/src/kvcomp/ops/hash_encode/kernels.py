@@ -266,21 +266,18 @@ def _launch(
         block_d2 = max(16, triton.next_power_of_2(x4b.shape[3]))
         split = dict(x2_ptr=x4b, w2_ptr=w3b, D2=x4b.shape[3], sx2b=x4b.stride(0), sx2h=x4b.stride(1),
                      sx2n=x4b.stride(2), sx2d=x4b.stride(3), sw2h=w3b.stride(0) if w3b.shape[0] > 1 else 0,
-                     sw2d=w3b.stride(1), sw2k=w3b.stride(2), SPLIT=True, BLOCK_D2=block_d2)
+                     sw2d=w3b.stride(1), sw2k=w3b.stride(2), SPLIT=True)
     if N <= ROW_KERNEL_MAX_ROWS:
         _hash_encode_row_kernel[(N, B * H, W)](
             x4, w3, out4, pos if pos is not None else out4, bias_arg,
             D, H, out4.shape[2], hg,
             *x4.stride(), swh, w3.stride(1), w3.stride(2), *out4.stride(), *sb,
             HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d,
-            num_warps=_row_warps(max(block_d, block_d2)), **split, **({"W1": W1} if split else {}),
-            **pdl_args(x4, "encode"),
+            num_warps=_row_warps(max(block_d, block_d2)),
+            **(dict(split, W1=W1, BLOCK_D2=block_d2) if split else {}), **pdl_args(x4, "encode"),
         )
         return
     n_groups, block_n, wpp = _tile_config(N, B * H, W1, W - W1, x4.device)
-    if part2 is not None:
-        del split["BLOCK_D2"]
-        split["W2"] = W - W1
     _hash_encode_kernel[(triton.cdiv(N, block_n), B * H, n_groups)](
         x4, w3, out4, pos if pos is not None else out4, bias_arg,
         N, D, H, out4.shape[2], hg,
@@ -288,7 +285,7 @@ def _launch(
         HAS_POS=pos is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=min(max(block_d, block_d2), 128),
         TF32=x4.dtype in (torch.float16, torch.bfloat16) and not interpreting(), num_warps=4,
-        W1=W1, WPP=wpp, **split,
+        W1=W1, WPP=wpp, **(dict(split, W2=W - W1) if split else {}),
     )
 
 
