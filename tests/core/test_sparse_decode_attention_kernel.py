@@ -140,6 +140,44 @@ def test_many_rows_take_shorter_splits():
     check(q, k, v, idx, torch.tensor([400, 390, 17, 250]), chunk)
 
 
+@pytest.mark.parametrize("chunk,tile,T", [(64, 16, 1), (128, 32, 1), (32, 32, 1), (64, 16, 2)])
+def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
+    """SCALAR_BLOCKS (a tile's block entry loaded one step ahead, where chunk_size is a multiple
+    of the tile): bit for bit the per-token path, on splits of several tiles and several
+    blocks, -1 entries, ragged lengths (a block cut by seq_len), several queries a sequence,
+    and a paged pool; and within the rule of the fp64 reference."""
+    monkeypatch.setattr(kernels, "TILE_N", tile)
+    monkeypatch.setattr(kernels, "LONG_TILE_N", None)
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 8)  # few programs: splits of several tiles
+    gen = torch.Generator().manual_seed(chunk + tile + T)
+    B, Hkv, G, D, L = 2, 2, 2, 32, 9 * chunk
+    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
+    q = torch.randn(*shape_q, generator=gen)
+    k = torch.randn(B, Hkv, L, D, generator=gen)
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    lens = torch.tensor([L, 4 * chunk + 7])
+    nb = -(-L // chunk)
+    idx = random_selection(B, Hkv, nb, 7, gen, drop=0.2)
+    # entries stay distinct (the kernel's contract): the block that row 1's length cuts, and with
+    # several queries the new tokens' block of row 0
+    for b_, e, blk in [(1, 0, 4)] + ([(0, 1, nb - 1)] if T > 1 else []):
+        idx[b_] = torch.where(idx[b_] == blk, -1, idx[b_])
+        idx[b_, :, e] = blk
+    assert kernels._plan(B, Hkv, 7, chunk, D)[1] > tile  # splits of several tiles
+    runs = {}
+    for scalar in (False, True):
+        monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
+        runs[scalar] = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton")
+        assert not runs[scalar].isnan().any()
+    assert torch.equal(runs[True], runs[False])
+    if T == 1:
+        check(q, k, v, idx, lens, chunk)  # SCALAR_BLOCKS still on
+        kp, vp, table = paged_from_contiguous(k, v, chunk, gen)
+        paged = sparse_decode_attention(q, kp, vp, idx, lens, chunk_size=chunk, block_table=table,
+                                        backend="triton")
+        assert torch.equal(paged, runs[True])
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_long_tiles_where_splits_hold_several(monkeypatch, fused):
     """Few programs for many selected tokens: splits of several tiles take LONG_TILE_N-token

@@ -68,6 +68,12 @@ STAGES = 2
 # 128K, 2048 tokens, B = 1 (32 splits of one tile): 18.3 vs 18.9 us for the decode step; where
 # splits hold several tiles (10% budgets) one stage for all was 4 us slower (decode.md, session 7)
 ONE_TILE_STAGES = 1
+# where a token tile lies in one selected block (chunk_size a multiple of the tile), load each
+# tile's block entry one loop step ahead as a scalar (``BLK_SCALAR``): the K / V addresses then
+# depend on no load of their own step, and Triton's pipeliner double-buffers K / V at 3 stages
+# (sm_90 TTGIR: two [BLOCK_N, D] buffers each; with the entries loaded per token in the step,
+# one buffer at any stage count, so a tile's load is only issued after the previous tile's dots)
+SCALAR_BLOCKS = False
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
@@ -136,6 +142,7 @@ def _sparse_decode_split_kernel(
     SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
+    BLK_SCALAR: tl.constexpr = False,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -195,11 +202,21 @@ def _sparse_decode_split_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
     v_lo = split * TOK_PER_SPLIT
     v_hi = tl.minimum(v_lo + TOK_PER_SPLIT, K_ENT * CHUNK)
+    if BLK_SCALAR:  # the first tile's block entry (a tile lies in one block: CHUNK % BLOCK_N == 0)
+        nblk = tl.load(i_base + (tl.minimum(v_lo, v_hi - 1) // CHUNK) * sik)
     for v0 in range(v_lo, v_hi, BLOCK_N):
         vt = v0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual tokens
         in_range = vt < v_hi
-        blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
-        t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
+        if BLK_SCALAR:
+            # this tile's entry was loaded one step ahead: its K / V addresses do not wait on a
+            # load of this step, so the compiler's pipeliner can issue them a step ahead too
+            blk = nblk.to(tl.int64) + tl.zeros([BLOCK_N], dtype=tl.int64)  # a splat of the scalar
+            # the next tile's entry (clamped to the split's last: a valid address, unused)
+            nblk = tl.load(i_base + (tl.minimum(v0 + BLOCK_N, v_hi - 1) // CHUNK) * sik)
+            t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
+        else:
+            blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
+            t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
         ok = in_range & (blk >= 0) & (t < seq_len)
         if PAGED:
             page = tl.load(tbl_ptr + b * stb + (t // PAGE) * stp, mask=ok, other=0).to(tl.int64)
@@ -542,6 +559,7 @@ def sparse_decode_attention_triton(
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
+        BLK_SCALAR=SCALAR_BLOCKS and chunk_size % block_n == 0,
         num_warps=WARPS, num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:

@@ -1,0 +1,175 @@
+"""The split-K attention's launch and pipelining knobs, A/B in one process on the H200 (issue 3:
+">= 70% of the copy bandwidth on the K/V bytes it gathers", short at B = 8 with 2048 tokens).
+
+    python tools/experiments/attn_pipeline.py [--cases b8_16,b1_16] [--variants default,sc_s3] [--json PATH]
+    python tools/experiments/attn_pipeline.py --ncu VARIANT --cases b8_16   # eager calls for ncu
+
+For each case (Qwen3-8B: 32 query / 8 kv heads, or Qwen3-32B: 64 / 8; D 128, chunk 128, L =
+128K, B sequences, a number of selected blocks a row) it builds enough input sets that nothing
+is found in L2, checks every variant's output against the fp64 reference (flash-attention's
+rule), then times ``sparse_decode_attention`` alone (CUDA-graph replays of back-to-back calls
+over the sets, ``kvcomp.bench.timing.cuda_time_us``) and reports % of the copy bandwidth
+measured in the same run on the gathered K/V bytes. It also reports each variant's compiled
+split kernel as the H200's Triton built it: registers, spills, shared memory, stages.
+
+Variants are module flags of ``kvcomp.ops.sparse_decode_attention.kernels`` (``VARIANTS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+
+import torch
+
+AK = "kvcomp.ops.sparse_decode_attention.kernels"
+HKV, D, CHUNK, L = 8, 128, 128, 131072
+L2_BYTES = 60 << 20
+# name: (B, query heads, selected blocks a row)
+CASES = {
+    "b8_16": (8, 32, 16), "b8_103": (8, 32, 103), "b8_307": (8, 32, 307), "b4_16": (4, 32, 16),
+    "b1_16": (1, 32, 16), "b1_103": (1, 32, 103), "b8_16_g8": (8, 64, 16), "b1_16_g8": (1, 64, 16),
+}
+VARIANTS = {
+    "default": {},
+    "sc_s2": dict(SCALAR_BLOCKS=True),
+    "sc_s3": dict(SCALAR_BLOCKS=True, STAGES=3),
+    "sc_s4": dict(SCALAR_BLOCKS=True, STAGES=4),
+    "n32_s2": dict(TILE_N=32),
+    "sc_n32_s3": dict(SCALAR_BLOCKS=True, TILE_N=32, STAGES=3),
+    "sc_n32_s4": dict(SCALAR_BLOCKS=True, TILE_N=32, STAGES=4),
+    "sc_s3_t264": dict(SCALAR_BLOCKS=True, STAGES=3, TARGET_PROGRAMS_MANY=264),
+    "sc_s3_t384": dict(SCALAR_BLOCKS=True, STAGES=3, TARGET_PROGRAMS_MANY=384),
+    "sc_n32_s3_t264": dict(SCALAR_BLOCKS=True, TILE_N=32, STAGES=3, TARGET_PROGRAMS_MANY=264),
+    "sc_s3_w8": dict(SCALAR_BLOCKS=True, STAGES=3, WARPS=8),
+    "sc_s3_1tile3": dict(SCALAR_BLOCKS=True, STAGES=3, ONE_TILE_STAGES=3),
+}
+
+
+def _compiled(fn) -> set:
+    """Every compiled kernel of a JIT function (any Triton 3.x cache layout)."""
+    out = set()
+    for entry in getattr(fn, "device_caches", {}).values():
+        caches = entry if isinstance(entry, (tuple, list)) else (entry,)
+        for c in caches:
+            if isinstance(c, dict):
+                out.update(v for v in c.values() if hasattr(v, "metadata"))
+    return out
+
+
+def _info(k) -> dict:
+    md = k.metadata
+    try:
+        k._init_handles()
+    except Exception:  # noqa: BLE001 (already loaded, or an older Triton)
+        pass
+    return dict(regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
+                smem=getattr(md, "shared", None), stages=getattr(md, "num_stages", None),
+                warps=getattr(md, "num_warps", None))
+
+
+def make_sets(B: int, HQ: int, ksel: int, gen) -> list:
+    kv_bytes = B * HKV * ksel * CHUNK * D * 2 * 2
+    n_sets = 2 if kv_bytes > L2_BYTES else max(2, math.ceil(3 * L2_BYTES / kv_bytes))
+    sets = []
+    for _ in range(n_sets):
+        k = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        idx = torch.stack([torch.randperm(L // CHUNK, device="cuda", generator=gen)[:ksel]
+                           for _ in range(B * HKV)])
+        idx = idx.sort(-1).values.to(torch.int32).view(B, HKV, ksel)
+        q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        sets.append((q, k, v, idx))
+    return sets
+
+
+def run_case(name: str, variants: list[str], copy: float, reps: int, gen) -> dict:
+    from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp, cuda_time_us
+    from kvcomp.ops import sparse_decode_attention
+
+    ak = importlib.import_module(AK)
+    B, HQ, ksel = CASES[name]
+    sets = make_sets(B, HQ, ksel, gen)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q, k, v, idx = sets[0]
+    mask = torch.zeros(B, HKV, L, dtype=torch.bool, device="cuda")
+    tok = (idx.long().unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device="cuda")).flatten(2)
+    mask.scatter_(2, tok, True)
+    ref64 = attention_ref_fp64(q, k, v, mask, D ** -0.5)
+    lowp = attention_ref_lowp(q, k, v, mask, D ** -0.5)
+    kv_bytes = B * HKV * ksel * CHUNK * D * 4
+    floor_us = kv_bytes / (copy * 1e3)
+    row = dict(case=name, B=B, Hq=HQ, blocks=ksel, kv_bytes=kv_bytes, sets=len(sets), variants={})
+    calls = [lambda q=q, k=k, v=v, i=i: sparse_decode_attention(q, k, v, i, lens, chunk_size=CHUNK)
+             for q, k, v, i in sets]
+    for vname in variants:
+        flags = VARIANTS[vname]
+        undo = {f: getattr(ak, f) for f in flags}
+        before = _compiled(ak._sparse_decode_split_kernel)
+        try:
+            for f, val in flags.items():
+                setattr(ak, f, val)
+            got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+            ok, err, base = attention_close(got, ref64, lowp)
+            res = dict(verified=bool(ok), err=float(err), plan=list(ak._plan(B, HKV, ksel, CHUNK, D, G=HQ // HKV)))
+            if ok:
+                us = cuda_time_us(calls, reps=reps)
+                res.update(us=us, pct_copy=100 * floor_us / us)
+            new = _compiled(ak._sparse_decode_split_kernel) - before
+            res["compiled"] = [_info(c) for c in new]
+        finally:
+            for f, val in undo.items():
+                setattr(ak, f, val)
+        row["variants"][vname] = res
+        us = res.get("us")
+        print(f"{name:<9} {vname:<16} " + (f"{us:8.2f} us {res['pct_copy']:5.1f}%" if us else "WRONG" + " " * 13)
+              + f"  plan {res['plan']}  {res['compiled']}", flush=True)
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    from kvcomp.bench.timing import copy_bandwidth_gbs
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="b8_16,b4_16,b8_103,b1_16")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--json")
+    p.add_argument("--ncu", help="run this variant eagerly 12 times a case (for ncu), no timing")
+    a = p.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if a.ncu:
+        from kvcomp.ops import sparse_decode_attention
+
+        ak = importlib.import_module(AK)
+        for f, val in VARIANTS[a.ncu].items():
+            setattr(ak, f, val)
+        for name in a.cases.split(","):
+            B, HQ, ksel = CASES[name]
+            sets = make_sets(B, HQ, ksel, gen)
+            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            for i in range(12):
+                q, k, v, idx = sets[i % len(sets)]
+                sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+            torch.cuda.synchronize()
+        return
+    copy = copy_bandwidth_gbs()
+    res = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])
+    print(f"{res['device']}: copy {copy:.0f} GB/s")
+    for name in a.cases.split(","):
+        res["rows"].append(run_case(name, a.variants.split(","), copy, a.reps, gen))
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+    print("\ncase      " + " ".join(f"{v[:12]:>12}" for v in a.variants.split(",")))
+    for r in res["rows"]:
+        print(f"{r['case']:<9} " + " ".join(
+            f"{r['variants'][v].get('us', float('nan')):12.2f}" for v in a.variants.split(",")))
+
+
+if __name__ == "__main__":
+    main()
