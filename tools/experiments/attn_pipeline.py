@@ -86,7 +86,12 @@ def make_sets(B: int, HQ: int, ksel: int, gen) -> list:
 
 
 def run_case(name: str, variants: list[str], copy: float, reps: int, gen) -> dict:
-    from kvcomp.bench.timing import attention_close, attention_ref_fp64, attention_ref_lowp, cuda_time_us
+    from kvcomp.bench.timing import (
+        attention_close,
+        attention_ref_fp64,
+        attention_ref_lowp,
+        cuda_time_us,
+    )
     from kvcomp.ops import sparse_decode_attention
 
     ak = importlib.import_module(AK)
