@@ -118,7 +118,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         gticket_ptr="*i32", GROUP=i32, NG=i32, TWO_LEVEL=False, L1_PAD=8, L1_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
-        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2,
+        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, BLK_SCALAR=False,
     )
     if t_q > 1:
         args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
@@ -144,6 +144,14 @@ def check_sparse_decode_attention_kernels():
                 [ln for ln in ptx.splitlines() if "atom" in ln]
             assert "bar.sync" in ptx
     compile_sm90(ak._merge_kernel, _merge_args(), num_warps=4)
+    # a tile's block entry as one scalar loaded a step ahead (BLK_SCALAR, chunk 128, 64-token
+    # tiles): no per-token [64] vector of entry pointers is left, and no K / V load waits on one
+    for scalar in (False, True):
+        args = dict(_split_args(True, 1), CHUNK=128, BLK_SCALAR=scalar)
+        ir = compile_sm90(ak._sparse_decode_split_kernel, args, num_warps=4, num_stages=2).asm["ttgir"]
+        assert ("tensor<64x!tt.ptr<i32>" in ir) != scalar, scalar
+    compile_sm90(ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True, sel=True), CHUNK=128,
+                                                       BLK_SCALAR=True, EARLY=True), num_warps=4, num_stages=2)
     # the two-level fused merge (MERGE_GROUP_SPLITS): a group ticket, then the row ticket
     ptx = compile_sm90(ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True, sel=True), TWO_LEVEL=True),
                        num_warps=4, num_stages=2).asm["ptx"]

@@ -30,21 +30,20 @@ L2_BYTES = 60 << 20
 # name: (B, query heads, selected blocks a row)
 CASES = {
     "b8_16": (8, 32, 16), "b8_103": (8, 32, 103), "b8_307": (8, 32, 307), "b4_16": (4, 32, 16),
-    "b1_16": (1, 32, 16), "b1_103": (1, 32, 103), "b8_16_g8": (8, 64, 16), "b1_16_g8": (1, 64, 16),
+    "b2_16": (2, 32, 16), "b1_16": (1, 32, 16), "b1_103": (1, 32, 103), "b8_16_g8": (8, 64, 16), "b1_16_g8": (1, 64, 16),
 }
+# session 18, call 1 (SCALAR_BLOCKS off by default then; decode.md "Session 18"): sc_s2 (the
+# scalar entries) fastest at every case; sc_s3 / sc_s4 / sc_n32_s3 / sc_n32_s4 / sc_s3_t264 /
+# sc_s3_t384 / sc_n32_s3_t264 / sc_s3_w8 / sc_s3_1tile3 / n32_s2 slower at B = 8
 VARIANTS = {
     "default": {},
-    "sc_s2": dict(SCALAR_BLOCKS=True),
-    "sc_s3": dict(SCALAR_BLOCKS=True, STAGES=3),
-    "sc_s4": dict(SCALAR_BLOCKS=True, STAGES=4),
-    "n32_s2": dict(TILE_N=32),
-    "sc_n32_s3": dict(SCALAR_BLOCKS=True, TILE_N=32, STAGES=3),
-    "sc_n32_s4": dict(SCALAR_BLOCKS=True, TILE_N=32, STAGES=4),
-    "sc_s3_t264": dict(SCALAR_BLOCKS=True, STAGES=3, TARGET_PROGRAMS_MANY=264),
-    "sc_s3_t384": dict(SCALAR_BLOCKS=True, STAGES=3, TARGET_PROGRAMS_MANY=384),
-    "sc_n32_s3_t264": dict(SCALAR_BLOCKS=True, TILE_N=32, STAGES=3, TARGET_PROGRAMS_MANY=264),
-    "sc_s3_w8": dict(SCALAR_BLOCKS=True, STAGES=3, WARPS=8),
-    "sc_s3_1tile3": dict(SCALAR_BLOCKS=True, STAGES=3, ONE_TILE_STAGES=3),
+    "per_token": dict(SCALAR_BLOCKS=False),  # the entries loaded per token in the step (before)
+    "s3": dict(STAGES=3),
+    "n32": dict(TILE_N=32),
+    "t384": dict(TARGET_PROGRAMS_MANY=384),
+    "t1024": dict(TARGET_PROGRAMS_MANY=1024),
+    "many16": dict(MANY_ROWS=16),
+    "g8_many": dict(MANY_MAX_G=8),
 }
 
 

@@ -69,11 +69,15 @@ STAGES = 2
 # splits hold several tiles (10% budgets) one stage for all was 4 us slower (decode.md, session 7)
 ONE_TILE_STAGES = 1
 # where a token tile lies in one selected block (chunk_size a multiple of the tile), load each
-# tile's block entry one loop step ahead as a scalar (``BLK_SCALAR``): the K / V addresses then
-# depend on no load of their own step, and Triton's pipeliner double-buffers K / V at 3 stages
-# (sm_90 TTGIR: two [BLOCK_N, D] buffers each; with the entries loaded per token in the step,
-# one buffer at any stage count, so a tile's load is only issued after the previous tile's dots)
-SCALAR_BLOCKS = False
+# tile's block entry one loop step ahead as a scalar (``BLK_SCALAR``) instead of per token in the
+# step: the K / V addresses then wait on no load of their own step (before, each step began with
+# a synchronous load of the tile's entries). Session 18, H200, 128K, Qwen3-8B shapes, the
+# attention alone, us (tools/experiments/attn_pipeline.py; decode.md "Session 18"), per-token /
+# scalar: B = 8 2048 tokens 24.72 / 22.72, 10% 107.3 / 106.3, 30% 298.2 / 296.4; B = 4 15.56 /
+# 14.18; B = 1 7.52 / 7.41, 10% 22.35 / 21.22; Qwen3-32B B = 8 26.82 / 24.73. With 3 stages
+# the pipeliner then double-buffers K / V (two [BLOCK_N, D] buffers each, 72 KB, 150 registers:
+# 3 programs an SM) and that was slower: 27.46 us at B = 8 (STAGES stays 2)
+SCALAR_BLOCKS = True
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
