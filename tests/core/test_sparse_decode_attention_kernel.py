@@ -178,6 +178,34 @@ def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
         assert torch.equal(paged, runs[True])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,K,T", [(8, 4, 16, 1), (1, 4, 103, 1), (8, 8, 16, 1), (2, 4, 40, 3)])
+def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
+    """On the H200 at real shapes (chunk 128, 64- or 128-token tiles): SCALAR_BLOCKS gives the
+    per-token path's output bit for bit, within the rule, with ragged lengths and -1 entries."""
+    gen = torch.Generator().manual_seed(600 + B * G + K + T)
+    Hkv, D, L, chunk = 8, 128, 32768, 128
+    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
+    q = torch.randn(*shape_q, generator=gen).bfloat16().cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+    lens = torch.tensor([L, 20001, 129, 30000, 4097, 1, 32767, 128][:B], device="cuda")
+    idx = random_selection(B, Hkv, L // chunk, K, gen, drop=0.1)
+    if T > 1:  # the new tokens' blocks are selected (distinct entries)
+        for b_ in range(B):
+            last = (int(lens[b_]) - 1) // chunk
+            idx[b_] = torch.where(idx[b_] == last, -1, idx[b_])
+            idx[b_, :, 0] = last
+    idx = idx.cuda()
+    outs = []
+    for scalar in (False, True):
+        monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
+        outs.append(sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk))
+    assert torch.equal(outs[0], outs[1])
+    if T == 1:
+        check(q, k, v, idx, lens, chunk)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_long_tiles_where_splits_hold_several(monkeypatch, fused):
     """Few programs for many selected tokens: splits of several tiles take LONG_TILE_N-token

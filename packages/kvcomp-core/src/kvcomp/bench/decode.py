@@ -19,7 +19,8 @@ verifies, then times with CUDA events (median, CUDA-graph replays):
              form), attend_two_kernel (``FUSED_MERGE`` off: split kernel + merge kernel),
              select_before / step_before (the kernels of session 5: group-score rows in their
              own launch where a form needs them, no signed planes, no programmatic dependent
-             launch)
+             launch); attend_per_token / step_per_token (``SCALAR_BLOCKS`` off: each tile's
+             block entries loaded per token in its own loop step, before session 18)
     fused    select_fused / step_fused: the histogram stage 2 in the scan's launch
              (``FUSED_HIST_SELECT``; B x Hkv <= ``HIST_MAX_ROWS`` only, else the same as select),
              and with a 64-register cap (``FUSED_HIST_MAXNREG``): select_fused_r64
@@ -316,6 +317,8 @@ def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict
     t["attend"] = cuda_time_us(attends, reps=reps)
     with _flags(AK, FUSED_MERGE=False):
         t["attend_two_kernel"] = cuda_time_us(attends, reps=reps)
+    with _flags(AK, SCALAR_BLOCKS=False):  # before session 18: each tile's block entries per token
+        t["attend_per_token"] = cuda_time_us(attends, reps=reps)
     steps = [P(decode_step, qs[i], q_w, sets[i]["codes"], sets[i]["k"], sets[i]["v"],
                sets[i]["lens"], k_blocks=kb, chunk_size=CHUNK, must_select=MUST_SELECT,
                scale=scale, k_scale=sets[i]["scale"]) for i in n]
@@ -325,6 +328,8 @@ def _stage_times(sets, qs, q_w, kb, scale, reps, variants: bool = False) -> dict
                                          for st in steps], reps=reps)
     with _before():
         t["step_before"] = cuda_time_us(steps, reps=reps)
+    with _flags(AK, SCALAR_BLOCKS=False):
+        t["step_per_token"] = cuda_time_us(steps, reps=reps)
     if not variants:
         return t
     with _fused():
@@ -470,6 +475,11 @@ def run_length_batch(L, B, cfg, reps, copy_gbs, gen) -> list[dict]:
             with _before():
                 b_out, b_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
             checks["step_before"] = bool(torch.equal(b_idx, idx) and torch.equal(b_out, out))
+            with _flags(AK, SCALAR_BLOCKS=False):  # the same tiles in the same order: bit for bit
+                p_out, p_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
+                checks["attend_per_token"] = bool(torch.equal(
+                    sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK, scale=scale), out))
+            checks["step_per_token"] = bool(torch.equal(p_idx, idx) and torch.equal(p_out, out))
             if variants:
                 with _fused():
                     f_out, f_idx = decode_step(q, q_w, k_codes, k, v, lens, **step_kw)
