@@ -37,6 +37,7 @@ CASES = {
 # sc_s3_t384 / sc_n32_s3_t264 / sc_s3_w8 / sc_s3_1tile3 / n32_s2 slower at B = 8
 VARIANTS = {
     "default": {},
+    "default2": {},  # the default again: the run-to-run spread
     "per_token": dict(SCALAR_BLOCKS=False),  # the entries loaded per token in the step (before)
     "s3": dict(STAGES=3),
     "n32": dict(TILE_N=32),
@@ -44,6 +45,9 @@ VARIANTS = {
     "t1024": dict(TARGET_PROGRAMS_MANY=1024),
     "many16": dict(MANY_ROWS=16),
     "g8_many": dict(MANY_MAX_G=8),
+    "r128": dict(MAXNREG=128),
+    "per_token_r128": dict(SCALAR_BLOCKS=False, MAXNREG=128),
+    "r96": dict(MAXNREG=96),
 }
 
 
@@ -135,6 +139,64 @@ def run_case(name: str, variants: list[str], copy: float, reps: int, gen) -> dic
     return row
 
 
+def warm_gpu(seconds: float = 2.0) -> None:
+    """Busy the GPU for a while first, so that its clocks are up before the first measurement
+    (session 18: the first variant timed in a fresh process read ~7% slow)."""
+    import time
+
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            x @ x
+        torch.cuda.synchronize()
+
+
+def run_steps(B: int, model: str, budget: str, variants: list[str], copy: float, reps: int, gen) -> dict:
+    """``decode_step`` (encode, scan, selection, attention) on the bench's input sets (``kvcomp
+    bench decode``'s, 128K), each variant verified first: the selection equal to the default's
+    and the output within the attention rule of the default's (bit-identical where the variant
+    changes only registers or the entries' loads)."""
+    from kvcomp.bench import decode
+    from kvcomp.bench.timing import cuda_time_us
+    from kvcomp.ops.decode_step import decode_step
+
+    ak = importlib.import_module(AK)
+    kv_w, sets = decode.kv_input_sets(B, L, gen, False, touched=decode.touched_bytes(B, L, [budget]))
+    Hq = decode.MODELS[model]
+    n_blocks = L // CHUNK
+    kb = min(decode._blocks_for(budget, n_blocks), n_blocks)
+    qs = [torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in sets]
+    kw = dict(k_blocks=kb, chunk_size=CHUNK, must_select=decode.MUST_SELECT, scale=D ** -0.5)
+    steps = [lambda q=q, st=st: decode_step(q, kv_w, st["codes"], st["k"], st["v"], st["lens"], **kw)
+             for q, st in zip(qs, sets)]
+    want = steps[0]()
+    row = dict(B=B, model=model, budget=budget, blocks=kb, variants={})
+    for vname in variants:
+        flags = VARIANTS[vname]
+        undo = {f: getattr(ak, f) for f in flags}
+        before = _compiled(ak._sparse_decode_split_kernel)
+        try:
+            for f, val in flags.items():
+                setattr(ak, f, val)
+            out, idx = steps[0]()
+            same = bool(torch.equal(idx, want[1]) and torch.equal(out, want[0]))
+            close = same or bool((out.float() - want[0].float()).abs().max() < 2e-2)
+            res = dict(bit_identical=same, verified=close)
+            if close:
+                res["us"] = cuda_time_us(steps, reps=reps)
+            res["compiled"] = [_info(c) for c in _compiled(ak._sparse_decode_split_kernel) - before]
+        finally:
+            for f, val in undo.items():
+                setattr(ak, f, val)
+        row["variants"][vname] = res
+        print(f"step {model} B={B} {budget:<5} {vname:<16} " + (f"{res['us']:8.2f} us" if "us" in res else "WRONG")
+              + f"  same {same}  {res['compiled']}", flush=True)
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> None:
     from kvcomp.bench.timing import copy_bandwidth_gbs
 
@@ -144,6 +206,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--json")
     p.add_argument("--ncu", help="run this variant eagerly 12 times a case (for ncu), no timing")
+    p.add_argument("--steps", default="", help="also decode_step rows B:model:budget, e.g. 8:qwen3-8b:2048")
+    p.add_argument("--step-variants", default="default,per_token")
     a = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if a.ncu:
@@ -164,7 +228,15 @@ def main() -> None:
     copy = copy_bandwidth_gbs()
     res = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])
     print(f"{res['device']}: copy {copy:.0f} GB/s")
-    for name in a.cases.split(","):
+    warm_gpu()
+    res["steps"] = []
+    for spec in filter(None, a.steps.split(",")):
+        B, model, budget = spec.split(":")
+        res["steps"].append(run_steps(int(B), model, budget, a.step_variants.split(","), copy, a.reps, gen))
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+    for name in filter(None, a.cases.split(",")):
         res["rows"].append(run_case(name, a.variants.split(","), copy, a.reps, gen))
         if a.json:
             with open(a.json, "w") as fh:

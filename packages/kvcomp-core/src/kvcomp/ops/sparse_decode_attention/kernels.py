@@ -78,6 +78,8 @@ ONE_TILE_STAGES = 1
 # the pipeliner then double-buffers K / V (two [BLOCK_N, D] buffers each, 72 KB, 150 registers:
 # 3 programs an SM) and that was slower: 27.46 us at B = 8 (STAGES stays 2)
 SCALAR_BLOCKS = True
+# a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
+MAXNREG = None
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
@@ -564,6 +566,7 @@ def sparse_decode_attention_triton(
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
         BLK_SCALAR=SCALAR_BLOCKS and chunk_size % block_n == 0,
+        **({"maxnreg": MAXNREG} if MAXNREG and not interpreting() else {}),
         num_warps=WARPS, num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:
