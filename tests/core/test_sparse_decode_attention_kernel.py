@@ -206,6 +206,22 @@ def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
         check(q, k, v, idx, lens, chunk)
 
 
+def test_register_cap_of_the_many_program_plan(monkeypatch):
+    """The many-program plan (4 programs of 4 warps an SM for one wave) caps the split kernel at
+    MANY_MAXNREG registers on the GPU; other plans keep the compiler's choice; MAXNREG overrides;
+    the interpreter takes no cap."""
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    assert kernels.WARPS * 32 * kernels.MANY_MAXNREG * 4 <= 65536
+    assert kernels._maxnreg(8, 8, 4) == kernels.MANY_MAXNREG == 128  # Qwen3-8B, B = 8
+    assert kernels._maxnreg(4, 8, 4) == 128
+    assert kernels._maxnreg(8, 8, 8) is None  # Qwen3-32B keeps 264 programs
+    assert kernels._maxnreg(1, 8, 4) is None
+    monkeypatch.setattr(kernels, "MAXNREG", 96)
+    assert kernels._maxnreg(1, 8, 4) == 96
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)
+    assert kernels._maxnreg(8, 8, 4) is None
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_long_tiles_where_splits_hold_several(monkeypatch, fused):
     """Few programs for many selected tokens: splits of several tiles take LONG_TILE_N-token

@@ -48,6 +48,9 @@ VARIANTS = {
     "r128": dict(MAXNREG=128),
     "per_token_r128": dict(SCALAR_BLOCKS=False, MAXNREG=128),
     "r96": dict(MAXNREG=96),
+    # call 3 (decode.md "Session 18") made MANY_MAXNREG = 128 the default: the step at B = 8
+    "uncapped": dict(MANY_MAXNREG=None),
+    "per_token_uncapped": dict(SCALAR_BLOCKS=False, MANY_MAXNREG=None),
 }
 
 

@@ -80,6 +80,13 @@ ONE_TILE_STAGES = 1
 SCALAR_BLOCKS = True
 # a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
 MAXNREG = None
+# ... and this cap where the plan aims at TARGET_PROGRAMS_MANY: 4 programs of 4 warps an SM
+# (65536 registers), so that the 512 programs run in one wave. Session 18, H200, 128K, B = 8,
+# Qwen3-8B: with SCALAR_BLOCKS and the selection in the prologue (decode_step) the compiler took
+# more than 128 (3 programs an SM) and the step went 64.0 -> 67.7-68.9 us at 2048 tokens, 145.7
+# -> 173.8 at 10%; capped at 128 (no spills): 63.3 / 145.2. The attention alone: 22.71 against
+# 22.47-22.50 us uncapped (decode.md "Session 18")
+MANY_MAXNREG = 128
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
@@ -461,6 +468,19 @@ def _two_level_group(G: int, D: int, splits: int) -> int | None:
     return group
 
 
+def _many(B: int, Hkv: int, G: int) -> bool:
+    """Whether the plan aims at TARGET_PROGRAMS_MANY (MANY_ROWS rows or more, groups of at most
+    MANY_MAX_G query heads)."""
+    return G <= MANY_MAX_G and B * Hkv >= MANY_ROWS
+
+
+def _maxnreg(B: int, Hkv: int, G: int) -> int | None:
+    """The split kernel's register cap: MAXNREG, else MANY_MAXNREG for the many-program plan."""
+    if interpreting():
+        return None
+    return MAXNREG or (MANY_MAXNREG if _many(B, Hkv, G) else None)
+
+
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None,
           G: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, tokens per split, splits) from shapes only (no device reads); at most
@@ -470,7 +490,7 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None =
     virtual = K * chunk
     while True:
         tiles = triton.cdiv(virtual, block_n)
-        target = TARGET_PROGRAMS_MANY if G <= MANY_MAX_G and B * Hkv >= MANY_ROWS else TARGET_PROGRAMS
+        target = TARGET_PROGRAMS_MANY if _many(B, Hkv, G) else TARGET_PROGRAMS
         splits = max(1, min(triton.cdiv(target, max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
         if max_splits is not None:
             splits = max(1, min(splits, max_splits))
@@ -566,7 +586,7 @@ def sparse_decode_attention_triton(
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
         BLK_SCALAR=SCALAR_BLOCKS and chunk_size % block_n == 0,
-        **({"maxnreg": MAXNREG} if MAXNREG and not interpreting() else {}),
+        **({"maxnreg": r} if (r := _maxnreg(B, Hkv, G)) else {}),
         num_warps=WARPS, num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:
