@@ -30,7 +30,7 @@ L2_BYTES = 60 << 20
 # name: (B, query heads, selected blocks a row)
 CASES = {
     "b8_16": (8, 32, 16), "b8_103": (8, 32, 103), "b8_307": (8, 32, 307), "b4_16": (4, 32, 16),
-    "b2_16": (2, 32, 16), "b1_16": (1, 32, 16), "b1_103": (1, 32, 103), "b8_16_g8": (8, 64, 16), "b1_16_g8": (1, 64, 16),
+    "b2_16": (2, 32, 16), "b1_16": (1, 32, 16), "b1_103": (1, 32, 103), "b1_307": (1, 32, 307), "b8_16_g8": (8, 64, 16), "b1_16_g8": (1, 64, 16),
 }
 # session 18, call 1 (SCALAR_BLOCKS off by default then; decode.md "Session 18"): sc_s2 (the
 # scalar entries) fastest at every case; sc_s3 / sc_s4 / sc_n32_s3 / sc_n32_s4 / sc_s3_t264 /
@@ -51,6 +51,14 @@ VARIANTS = {
     # call 3 (decode.md "Session 18") made MANY_MAXNREG = 128 the default: the step at B = 8
     "uncapped": dict(MANY_MAXNREG=None),
     "per_token_uncapped": dict(SCALAR_BLOCKS=False, MANY_MAXNREG=None),
+    # B = 1 at 10% / 30% (8 rows, 128-token tiles, 26 / 77 splits of 4 tiles: 209 registers, 2
+    # programs an SM): 64-token tiles, more programs, a register cap for 3 an SM
+    "no_long": dict(LONG_TILE_N=None),
+    "no_long_many": dict(LONG_TILE_N=None, MANY_ROWS=8, FUSED_MERGE_MAX_BYTES=128 << 10),
+    "no_long_many_uncapped": dict(LONG_TILE_N=None, MANY_ROWS=8, FUSED_MERGE_MAX_BYTES=128 << 10,
+                                  MANY_MAXNREG=None),
+    "r168": dict(MAXNREG=168),
+    "r168_t396": dict(MAXNREG=168, TARGET_PROGRAMS=396),
 }
 
 
