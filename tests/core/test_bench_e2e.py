@@ -57,3 +57,13 @@ def test_e2e_needs_a_gpu_or_tiny(capsys):
     assert main(["bench", "e2e", "--steps", "1"]) == 1
     assert "--tiny" in capsys.readouterr().out
     assert main(["bench", "e2e", "--tiny", "--methods", "kvcomp,sparse"]) == 2
+
+
+def test_profile_row_is_the_longest_of_the_smallest_batch():
+    """``--profile`` profiles the longest context of the smallest batch asked for: 128K, B = 1 by
+    default; 64K, B = 4 where only B = 4 rows run (the 3x target's row)."""
+    from kvcomp.bench.e2e import ORDER, profile_row
+
+    assert profile_row(ORDER) == (131072, 1)
+    assert profile_row([(65536, 4), (32768, 4)]) == (65536, 4)
+    assert profile_row([]) is None

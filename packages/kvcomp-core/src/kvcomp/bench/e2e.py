@@ -77,7 +77,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, tiny_help: str, contexts: s
                    help="tokens of the real prefill timed for the hashing share (0: skip)")
     p.add_argument("--verify-ctx", type=int, default=4096, help="context of the verification runs")
     p.add_argument("--profile", action="store_true",
-                   help="torch.profiler table of graph-replayed steps at the longest B=1 row")
+                   help="torch.profiler table of graph-replayed steps at the longest row of the smallest batch")
     p.add_argument("--time-limit", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit)")
     p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
@@ -311,14 +311,14 @@ def _free():
 def measure(model, graphs, method: str, ctx: int, B: int, args, dev: str) -> dict:
     """Per-step latency and throughput of ``method`` at context ``ctx`` and batch ``B``."""
     return measure_decoder(model, graphs, Decoder(model, method, args.budget), ctx, B, args, dev,
-                           fill_synthetic, profile_methods=("kvcomp", "dense"))
+                           fill_synthetic, profile_methods=("kvcomp", "dense", "dense_kv"))
 
 
 def measure_decoder(model, graphs, dec, ctx: int, B: int, args, dev: str, fill, profile_methods) -> dict:
     """``measure`` for a decoder ``dec`` (closed at the end): its cache filled to ``ctx`` by
     ``fill(cache, method, ctx)``, warm-up steps (the first replays capture), then ``args.steps``
-    timed greedy steps; a profile of replayed steps for ``profile_methods`` at the longest
-    B = 1 row with ``--profile``."""
+    timed greedy steps; a profile of replayed steps for ``profile_methods`` at the longest row of
+    the smallest batch with ``--profile`` (``profile_row``)."""
     cuda = dev == "cuda"
     warm = 3
     V = model.config.vocab_size
@@ -327,8 +327,8 @@ def measure_decoder(model, graphs, dec, ctx: int, B: int, args, dev: str, fill, 
         torch.cuda.reset_peak_memory_stats()
     cache = None
     try:
-        profiling = (args.profile and cuda and method in profile_methods and ctx == args._profile_ctx
-                     and B == getattr(args, "_profile_batch", 1))
+        profiling = (args.profile and cuda and method in profile_methods
+                     and (ctx, B) == getattr(args, "_profile_row", None))
         # room for every step this run makes (a transformers StaticCache has no host-side check)
         cache = dec.make_cache(ctx + args.steps + warm + (PROFILE_STEPS if profiling else 0) + 1)
         g = torch.Generator().manual_seed(5)
@@ -355,6 +355,14 @@ def measure_decoder(model, graphs, dec, ctx: int, B: int, args, dev: str, fill, 
         graphs.clear()
         del cache
         _free()
+
+
+def profile_row(rows_todo) -> tuple[int, int] | None:
+    """The (ctx, B) row ``--profile`` profiles: the longest context of the smallest batch."""
+    if not rows_todo:
+        return None
+    b = min(b for _, b in rows_todo)
+    return max(c for c, bb in rows_todo if bb == b), b
 
 
 def profile_steps(model, cache, ids, n: int) -> str:
@@ -571,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
         args.prefill_ctx = 2048
     rows_todo = [rc for rc in ORDER if rc[0] in contexts and rc[1] in batches]
     rows_todo += [(c, b) for b in batches for c in contexts if (c, b) not in rows_todo]
-    args._profile_ctx = max([c for c, b in rows_todo if b == 1], default=0)
+    args._profile_row = profile_row(rows_todo)
 
     data: dict = {
         "bench": "e2e", "model": "tiny" if args.tiny else "qwen3-8b-shape (random bf16 weights)",

@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         args.budget = 64
     rows_todo = [rc for rc in ORDER if rc[0] in contexts and rc[1] in batches]
     rows_todo += [(c, b) for b in batches for c in contexts if (c, b) not in rows_todo]
-    args._profile_ctx = max([c for c, b in rows_todo if b == 1], default=0)
+    args._profile_row = e2e.profile_row(rows_todo)
 
     data: dict = {
         "bench": "e2e_mla",
