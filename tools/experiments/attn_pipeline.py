@@ -18,6 +18,7 @@ Variants are module flags of ``kvcomp.ops.sparse_decode_attention.kernels`` (``V
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -84,6 +85,25 @@ def _info(k) -> dict:
                 warps=getattr(md, "num_warps", None))
 
 
+@contextlib.contextmanager
+def variant(name: str):
+    """The module flags of ``VARIANTS[name]`` set inside the block (restored after it); yields a
+    list that receives the split kernels compiled inside it (``_info`` of each)."""
+    ak = importlib.import_module(AK)
+    flags = VARIANTS[name]
+    undo = {f: getattr(ak, f) for f in flags}
+    before = _compiled(ak._sparse_decode_split_kernel)
+    compiled: list = []
+    try:
+        for f, val in flags.items():
+            setattr(ak, f, val)
+        yield compiled
+    finally:
+        compiled.extend(_info(c) for c in _compiled(ak._sparse_decode_split_kernel) - before)
+        for f, val in undo.items():
+            setattr(ak, f, val)
+
+
 def make_sets(B: int, HQ: int, ksel: int, gen) -> list:
     kv_bytes = B * HKV * ksel * CHUNK * D * 2 * 2
     n_sets = 2 if kv_bytes > L2_BYTES else max(2, math.ceil(3 * L2_BYTES / kv_bytes))
@@ -124,23 +144,14 @@ def run_case(name: str, variants: list[str], copy: float, reps: int, gen) -> dic
     calls = [lambda q=q, k=k, v=v, i=i: sparse_decode_attention(q, k, v, i, lens, chunk_size=CHUNK)
              for q, k, v, i in sets]
     for vname in variants:
-        flags = VARIANTS[vname]
-        undo = {f: getattr(ak, f) for f in flags}
-        before = _compiled(ak._sparse_decode_split_kernel)
-        try:
-            for f, val in flags.items():
-                setattr(ak, f, val)
+        with variant(vname) as compiled:
             got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
             ok, err, base = attention_close(got, ref64, lowp)
             res = dict(verified=bool(ok), err=float(err), plan=list(ak._plan(B, HKV, ksel, CHUNK, D, G=HQ // HKV)))
             if ok:
                 us = cuda_time_us(calls, reps=reps)
                 res.update(us=us, pct_copy=100 * floor_us / us)
-            new = _compiled(ak._sparse_decode_split_kernel) - before
-            res["compiled"] = [_info(c) for c in new]
-        finally:
-            for f, val in undo.items():
-                setattr(ak, f, val)
+        res["compiled"] = compiled
         row["variants"][vname] = res
         us = res.get("us")
         print(f"{name:<9} {vname:<16} " + (f"{us:8.2f} us {res['pct_copy']:5.1f}%" if us else "WRONG" + " " * 13)
@@ -151,8 +162,9 @@ def run_case(name: str, variants: list[str], copy: float, reps: int, gen) -> dic
 
 
 def warm_gpu(seconds: float = 2.0) -> None:
-    """Busy the GPU for a while first, so that its clocks are up before the first measurement
-    (session 18: the first variant timed in a fresh process read ~7% slow)."""
+    """Busy the GPU for a while first, so that its clocks are up before the first measurement.
+    (Session 18: the first variant timed in a fresh process read ~7% slow, with this warm-up too;
+    so every comparison also times the default again, ``default2``.)"""
     import time
 
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -172,7 +184,6 @@ def run_steps(B: int, model: str, budget: str, variants: list[str], copy: float,
     from kvcomp.bench.timing import cuda_time_us
     from kvcomp.ops.decode_step import decode_step
 
-    ak = importlib.import_module(AK)
     kv_w, sets = decode.kv_input_sets(B, L, gen, False, touched=decode.touched_bytes(B, L, [budget]))
     Hq = decode.MODELS[model]
     n_blocks = L // CHUNK
@@ -184,22 +195,14 @@ def run_steps(B: int, model: str, budget: str, variants: list[str], copy: float,
     want = steps[0]()
     row = dict(B=B, model=model, budget=budget, blocks=kb, variants={})
     for vname in variants:
-        flags = VARIANTS[vname]
-        undo = {f: getattr(ak, f) for f in flags}
-        before = _compiled(ak._sparse_decode_split_kernel)
-        try:
-            for f, val in flags.items():
-                setattr(ak, f, val)
+        with variant(vname) as compiled:
             out, idx = steps[0]()
             same = bool(torch.equal(idx, want[1]) and torch.equal(out, want[0]))
             close = same or bool((out.float() - want[0].float()).abs().max() < 2e-2)
             res = dict(bit_identical=same, verified=close)
             if close:
                 res["us"] = cuda_time_us(steps, reps=reps)
-            res["compiled"] = [_info(c) for c in _compiled(ak._sparse_decode_split_kernel) - before]
-        finally:
-            for f, val in undo.items():
-                setattr(ak, f, val)
+        res["compiled"] = compiled
         row["variants"][vname] = res
         print(f"step {model} B={B} {budget:<5} {vname:<16} " + (f"{res['us']:8.2f} us" if "us" in res else "WRONG")
               + f"  same {same}  {res['compiled']}", flush=True)
