@@ -60,6 +60,9 @@ VARIANTS = {
                                   MANY_MAXNREG=None),
     "r168": dict(MAXNREG=168),
     "r168_t396": dict(MAXNREG=168, TARGET_PROGRAMS=396),
+    # G = 8 on the 512-program plan, now with its 128-register cap (session 17 measured the plan
+    # for G = 8 uncapped, which may have been the 3-programs-an-SM wave, not stage 2)
+    "g8_many_m8k": dict(MANY_MAX_G=8, MERGE_TILE_ELEMS=8192),
 }
 
 

@@ -71,12 +71,13 @@ ONE_TILE_STAGES = 1
 # where a token tile lies in one selected block (chunk_size a multiple of the tile), load each
 # tile's block entry one loop step ahead as a scalar (``BLK_SCALAR``) instead of per token in the
 # step: the K / V addresses then wait on no load of their own step (before, each step began with
-# a synchronous load of the tile's entries). Session 18, H200, 128K, Qwen3-8B shapes, the
-# attention alone, us (tools/experiments/attn_pipeline.py; decode.md "Session 18"), per-token /
-# scalar: B = 8 2048 tokens 24.72 / 22.72, 10% 107.3 / 106.3, 30% 298.2 / 296.4; B = 4 15.56 /
-# 14.18; B = 1 7.52 / 7.41, 10% 22.35 / 21.22; Qwen3-32B B = 8 26.82 / 24.73. With 3 stages
+# a synchronous load of the tile's entries). Same tiles, same math: bit-identical outputs.
+# Session 18, H200, 128K, the attention alone in one process, us, per-token / scalar
+# (tools/experiments/attn_pipeline.py call 3; decode.md "Session 18"): Qwen3-8B B = 8 2048 tokens
+# 23.16 / 22.50, B = 4 14.59 / 14.19, B = 1 10% 21.54 / 21.13; Qwen3-32B B = 8 25.32 / 24.34;
+# `kvcomp bench decode`: B = 8 30% 293.2 / 292.9, Qwen3-32B 30% 328.3 / 311.0. With 3 stages
 # the pipeliner then double-buffers K / V (two [BLOCK_N, D] buffers each, 72 KB, 150 registers:
-# 3 programs an SM) and that was slower: 27.46 us at B = 8 (STAGES stays 2)
+# 3 programs an SM) and that was slower: 27.5 against 22.7 us at B = 8 (STAGES stays 2)
 SCALAR_BLOCKS = True
 # a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
 MAXNREG = None
@@ -226,10 +227,9 @@ def _sparse_decode_split_kernel(
             blk = nblk.to(tl.int64) + tl.zeros([BLOCK_N], dtype=tl.int64)  # a splat of the scalar
             # the next tile's entry (clamped to the split's last: a valid address, unused)
             nblk = tl.load(i_base + (tl.minimum(v0 + BLOCK_N, v_hi - 1) // CHUNK) * sik)
-            t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
         else:
             blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
-            t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
+        t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
         ok = in_range & (blk >= 0) & (t < seq_len)
         if PAGED:
             page = tl.load(tbl_ptr + b * stb + (t // PAGE) * stp, mask=ok, other=0).to(tl.int64)
