@@ -122,11 +122,12 @@ def test_many_splits(monkeypatch):
 
 def test_many_rows_take_shorter_splits():
     """From MANY_ROWS (sequence, kv-head) rows and for groups of at most MANY_MAX_G query heads the
-    plan aims at TARGET_PROGRAMS_MANY programs: Qwen3-8B at B = 8, 2048 tokens: 64 rows x 8
-    splits of 4 tiles; Qwen3-32B (G = 8) and fewer rows keep 264 (5 splits of 7). Then a 32-row
-    batch (many short splits, ragged, empty entries) against the reference."""
+    plan aims at TARGET_PROGRAMS_MANY programs: Qwen3-8B and Qwen3-32B (G = 4, 8) at B = 8, 2048
+    tokens: 64 rows x 8 splits of 4 tiles; G = 16 and fewer rows keep 264 (5 splits of 7). Then a
+    32-row batch (many short splits, ragged, empty entries) against the reference."""
     assert kernels._plan(8, 8, 16, 128, 128, G=4) == (64, 256, 8)
-    assert kernels._plan(8, 8, 16, 128, 128, G=8) == (64, 448, 5)
+    assert kernels._plan(8, 8, 16, 128, 128, G=8) == (64, 256, 8)
+    assert kernels._plan(8, 8, 16, 128, 128, G=16) == (64, 448, 5)
     assert kernels._plan(4, 8, 16, 128, 128, G=4) == (64, 128, 16)
     assert kernels._plan(1, 8, 16, 128, 128) == (64, 64, 32)  # 8 rows: TARGET_PROGRAMS, one tile a split
     assert kernels._plan(2, 8, 16, 128, 128) == (128, 128, 16)  # 16 rows: long tiles
@@ -214,7 +215,8 @@ def test_register_cap_of_the_many_program_plan(monkeypatch):
     assert kernels.WARPS * 32 * kernels.MANY_MAXNREG * 4 <= 65536
     assert kernels._maxnreg(8, 8, 4) == kernels.MANY_MAXNREG == 128  # Qwen3-8B, B = 8
     assert kernels._maxnreg(4, 8, 4) == 128
-    assert kernels._maxnreg(8, 8, 8) is None  # Qwen3-32B keeps 264 programs
+    assert kernels._maxnreg(8, 8, 8) == 128  # Qwen3-32B
+    assert kernels._maxnreg(8, 8, 16) is None  # G = 16 keeps 264 programs
     assert kernels._maxnreg(1, 8, 4) is None
     monkeypatch.setattr(kernels, "MAXNREG", 96)
     assert kernels._maxnreg(1, 8, 4) == 96

@@ -45,7 +45,8 @@ VARIANTS = {
     "t384": dict(TARGET_PROGRAMS_MANY=384),
     "t1024": dict(TARGET_PROGRAMS_MANY=1024),
     "many16": dict(MANY_ROWS=16),
-    "g8_many": dict(MANY_MAX_G=8),
+    "g8_many": dict(MANY_MAX_G=8),  # the default since call 9 (G = 8 on the 512 plan)
+    "g8_264": dict(MANY_MAX_G=4),  # G = 8 back on 264 programs
     "r128": dict(MAXNREG=128),
     "per_token_r128": dict(SCALAR_BLOCKS=False, MAXNREG=128),
     "r96": dict(MAXNREG=96),
@@ -61,7 +62,8 @@ VARIANTS = {
     "r168": dict(MAXNREG=168),
     "r168_t396": dict(MAXNREG=168, TARGET_PROGRAMS=396),
     # G = 8 on the 512-program plan, now with its 128-register cap (session 17 measured the plan
-    # for G = 8 uncapped, which may have been the 3-programs-an-SM wave, not stage 2)
+    # for G = 8 uncapped: that was the 3-programs-an-SM wave, not stage 2); the merge's 8 splits
+    # of 8 rows in one step
     "g8_many_m8k": dict(MANY_MAX_G=8, MERGE_TILE_ELEMS=8192),
 }
 

@@ -2,7 +2,8 @@
 decode``'s rows (verified first) at 128K, B = 8, 2048 tokens for Qwen3-8B and Qwen3-32B, with
 264 then 512 programs (``TARGET_PROGRAMS_MANY``, for both group sizes). "with_select" in the
 output: the 512 plan. (Session 17 ran it at 3b87c5b, where a flag of the time put the 512 plan
-into the prologue-selection path; the result set ``MANY_MAX_G`` = 4.)
+into the prologue-selection path; the result set ``MANY_MAX_G`` = 4. Session 18 found Qwen3-32B's
+slower 512 plan to be a register-bound second wave and, with ``MANY_MAXNREG``, set it to 8.)
 
     python tools/experiments/attn_plan_ab.py [--json PATH]
 """
@@ -29,6 +30,7 @@ def main() -> None:
     copy = copy_bandwidth_gbs()
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = []
+    undo = ak.MANY_MAX_G, ak.TARGET_PROGRAMS_MANY
     ak.MANY_MAX_G = 8  # both models may take the 512 plan
     for flag in (False, True):
         ak.TARGET_PROGRAMS_MANY = 512 if flag else 264
@@ -37,7 +39,7 @@ def main() -> None:
             out.append(dict(with_select=flag, model=r["model"], verified=r["verified"], step=t.get("step"),
                             attend=t.get("attend"), select=t.get("select_exact")))
             print(out[-1], flush=True)
-    ak.MANY_MAX_G, ak.TARGET_PROGRAMS_MANY = 4, 512
+    ak.MANY_MAX_G, ak.TARGET_PROGRAMS_MANY = undo
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=out), fh, indent=1)

@@ -46,12 +46,16 @@ TARGET_PROGRAMS = 264
 # 290.6; B = 4 (32 rows) 16.3 / 15.5, 10% 69.2 / 62.8; fewer rows gained nothing (B = 2, 16
 # rows: 10.4 / 10.5, 10% 33.9 / 37.5). ``decode_step`` at B = 8, 2048 tokens, same process
 # (tools/experiments/attn_plan_ab.py): Qwen3-8B (G = 4) 65.6 / 64.4; Qwen3-32B (G = 8) 67.5 /
-# 73.8: there every program of a row runs the row's stage 2 in its prologue, over 1024
-# histogram bins, so more programs cost more than they gain; G = 8 keeps 264. The plan depends
-# on shapes only, so that ``decode_step`` and the attention alone stay bit-identical.
+# 73.8, which kept G = 8 on 264 then. Session 18 found the cause: with the selection's stage 2
+# in the prologue the kernel took more than 128 registers, 3 programs an SM, two waves of 512
+# (MANY_MAXNREG). With that cap, Qwen3-32B at B = 8 (tools/experiments/attn_pipeline.py call
+# 9, us, 264 / 512): step 2048 tokens 64.6-65.9 / 65.6-66.1, 10% 150.9-151.0 / 147.5-148.0, 30%
+# 349.1-349.6 / 335.8-336.2; the attention alone 24.50 / 23.66-23.91. So G <= 8 take 512.
+# The plan depends on shapes only, so that ``decode_step`` and the attention alone stay
+# bit-identical.
 TARGET_PROGRAMS_MANY = 512
 MANY_ROWS = 32
-MANY_MAX_G = 4
+MANY_MAX_G = 8
 MIN_TILES_PER_SPLIT = 1
 # tile of tokens per step for head_dim <= 128 (halved above), warps and pipeline stages
 TILE_N = 64
