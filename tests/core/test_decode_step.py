@@ -164,6 +164,32 @@ def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_
         assert not hk._HISTS.get(B * Hkv * nbins, torch.device("cpu")).any(), "histogram not zeroed"
 
 
+def test_selection_in_prologue_with_scalar_entries_and_prefetch(monkeypatch):
+    """The attention's tile entries one step ahead (SCALAR_BLOCKS) and the next tile prefetched
+    into registers (PREFETCH_TILES), after the selection in the prologue wrote this program's
+    share of block_idx: the selection of the reference and the per-token path's output bit for
+    bit (chunk 128, splits of several 32-token tiles, ragged lengths)."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    monkeypatch.setattr(ak, "TILE_N", 32)
+    monkeypatch.setattr(ak, "LONG_TILE_N", None)
+    monkeypatch.setattr(ak, "TARGET_PROGRAMS", 8)
+    gen = torch.Generator().manual_seed(77)
+    q, q_w, k, v, k_codes = make_inputs(2, 2, 4, 32, 1300, 64, torch.float32, "cpu", gen)
+    lens = torch.tensor([1300, 700])
+    assert ak._plan(2, 2, 5, 128, 32, G=4)[1] > 32  # several tiles a split
+    calls = count_prologue_selections(monkeypatch)
+    outs = []
+    for scalar, prefetch in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(ak, "SCALAR_BLOCKS", scalar)
+        monkeypatch.setattr(ak, "PREFETCH_TILES", prefetch)
+        outs.append(check_step(q, q_w, k, v, k_codes, lens, 128, k_blocks=5, must_select=(0, -1)))
+    assert calls == {"prologue": 3, "launch": 0}, calls
+    for out, idx in outs[1:]:
+        assert torch.equal(idx, outs[0][1]) and torch.equal(out, outs[0][0])
+
+
 def test_selection_in_prologue_with_fitted_splits(monkeypatch):
     """FUSED_MERGE_FIT: where a row's partials exceed the fused merge's limit, the attention
     plans fewer, longer splits and still runs the deferred selection in its prologue (no

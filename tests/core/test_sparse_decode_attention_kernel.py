@@ -144,9 +144,10 @@ def test_many_rows_take_shorter_splits():
 @pytest.mark.parametrize("chunk,tile,T", [(64, 16, 1), (128, 32, 1), (32, 32, 1), (64, 16, 2)])
 def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
     """SCALAR_BLOCKS (a tile's block entry loaded one step ahead, where chunk_size is a multiple
-    of the tile): bit for bit the per-token path, on splits of several tiles and several
-    blocks, -1 entries, ragged lengths (a block cut by seq_len), several queries a sequence,
-    and a paged pool; and within the rule of the fp64 reference."""
+    of the tile), and with it PREFETCH_TILES (the next tile's K / V loaded into registers during
+    a step): bit for bit the per-token path, on splits of several tiles and several blocks, -1
+    entries, ragged lengths (a block cut by seq_len), several queries a sequence, and a paged
+    pool; and within the rule of the fp64 reference."""
     monkeypatch.setattr(kernels, "TILE_N", tile)
     monkeypatch.setattr(kernels, "LONG_TILE_N", None)
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 8)  # few programs: splits of several tiles
@@ -166,24 +167,28 @@ def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
         idx[b_, :, e] = blk
     assert kernels._plan(B, Hkv, 7, chunk, D)[1] > tile  # splits of several tiles
     runs = {}
-    for scalar in (False, True):
+    for scalar, prefetch in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
-        runs[scalar] = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton")
-        assert not runs[scalar].isnan().any()
-    assert torch.equal(runs[True], runs[False])
+        monkeypatch.setattr(kernels, "PREFETCH_TILES", prefetch)
+        got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton")
+        assert not got.isnan().any()
+        runs[scalar, prefetch] = got
+    assert torch.equal(runs[True, False], runs[False, False])
+    assert torch.equal(runs[True, True], runs[False, False])
     if T == 1:
-        check(q, k, v, idx, lens, chunk)  # SCALAR_BLOCKS still on
+        check(q, k, v, idx, lens, chunk)  # SCALAR_BLOCKS and PREFETCH_TILES still on
         kp, vp, table = paged_from_contiguous(k, v, chunk, gen)
         paged = sparse_decode_attention(q, kp, vp, idx, lens, chunk_size=chunk, block_table=table,
                                         backend="triton")
-        assert torch.equal(paged, runs[True])
+        assert torch.equal(paged, runs[False, False])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,K,T", [(8, 4, 16, 1), (1, 4, 103, 1), (8, 8, 16, 1), (2, 4, 40, 3)])
 def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
-    """On the H200 at real shapes (chunk 128, 64- or 128-token tiles): SCALAR_BLOCKS gives the
-    per-token path's output bit for bit, within the rule, with ragged lengths and -1 entries."""
+    """On the H200 at real shapes (chunk 128, 64- or 128-token tiles): SCALAR_BLOCKS, and with it
+    PREFETCH_TILES, give the per-token path's output bit for bit, within the rule, with ragged
+    lengths and -1 entries."""
     gen = torch.Generator().manual_seed(600 + B * G + K + T)
     Hkv, D, L, chunk = 8, 128, 32768, 128
     shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
@@ -199,10 +204,11 @@ def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
             idx[b_, :, 0] = last
     idx = idx.cuda()
     outs = []
-    for scalar in (False, True):
+    for scalar, prefetch in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
+        monkeypatch.setattr(kernels, "PREFETCH_TILES", prefetch)
         outs.append(sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     if T == 1:
         check(q, k, v, idx, lens, chunk)
 

@@ -65,6 +65,12 @@ VARIANTS = {
     # for G = 8 uncapped: that was the 3-programs-an-SM wave, not stage 2); the merge's 8 splits
     # of 8 rows in one step
     "g8_many_m8k": dict(MANY_MAX_G=8, MERGE_TILE_ELEMS=8192),
+    # built after the last device call of session 18, not timed yet: the next tile's K / V
+    # prefetched into registers during each step (sm_90 with triton 3.9: 196 registers at
+    # 64-token tiles, 136 at 32; the many-program plan caps them at 128)
+    "prefetch": dict(PREFETCH_TILES=True),
+    "prefetch_n32": dict(PREFETCH_TILES=True, TILE_N=32),
+    "prefetch_n32_uncapped": dict(PREFETCH_TILES=True, TILE_N=32, MANY_MAXNREG=None),
 }
 
 

@@ -83,6 +83,12 @@ ONE_TILE_STAGES = 1
 # the pipeliner then double-buffers K / V (two [BLOCK_N, D] buffers each, 72 KB, 150 registers:
 # 3 programs an SM) and that was slower: 27.5 against 22.7 us at B = 8 (STAGES stays 2)
 SCALAR_BLOCKS = True
+# with the scalar entries, prefetch the next tile's K / V into registers by plain loads at the top
+# of each loop step (``PREFETCH``, one pipeline stage), so that they are in flight during the
+# step's dots. Off: not measured yet. Why: as compiled (sm_90 TTGIR, triton 3.9), the pipelined
+# loop issues the next tile's copies only after both dots, into the one buffer it just read, so
+# a program never has a load in flight while it computes (decode.md "Session 18")
+PREFETCH_TILES = False
 # a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
 MAXNREG = None
 # ... and this cap where the plan aims at TARGET_PROGRAMS_MANY: 4 programs of 4 warps an SM
@@ -160,7 +166,7 @@ def _sparse_decode_split_kernel(
     SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
-    BLK_SCALAR: tl.constexpr = False,
+    BLK_SCALAR: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -222,33 +228,35 @@ def _sparse_decode_split_kernel(
     v_hi = tl.minimum(v_lo + TOK_PER_SPLIT, K_ENT * CHUNK)
     if BLK_SCALAR:  # the first tile's block entry (a tile lies in one block: CHUNK % BLOCK_N == 0)
         nblk = tl.load(i_base + (tl.minimum(v_lo, v_hi - 1) // CHUNK) * sik)
+    if PREFETCH:  # (with BLK_SCALAR) the first tile in registers, and the second tile's entry
+        t_n, ok_n = _tile_tokens(nblk, v_lo, v_hi, seq_len, BLOCK_N, CHUNK)
+        k_n, v_n = _load_tile(k_base, v_base, t_n, ok_n, d, d_ok, skt, skd, svt, svd, skb, svb,
+                              tbl_ptr, b, stb, stp, PAGED, PAGE)
+        nblk = tl.load(i_base + (tl.minimum(v_lo + BLOCK_N, v_hi - 1) // CHUNK) * sik)
     for v0 in range(v_lo, v_hi, BLOCK_N):
-        vt = v0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual tokens
-        in_range = vt < v_hi
-        if BLK_SCALAR:
-            # this tile's entry was loaded one step ahead: its K / V addresses do not wait on a
-            # load of this step, so the compiler's pipeliner can issue them a step ahead too
-            blk = nblk.to(tl.int64) + tl.zeros([BLOCK_N], dtype=tl.int64)  # a splat of the scalar
-            # the next tile's entry (clamped to the split's last: a valid address, unused)
-            nblk = tl.load(i_base + (tl.minimum(v0 + BLOCK_N, v_hi - 1) // CHUNK) * sik)
+        if PREFETCH:
+            # this tile was loaded during the previous step; the next tile's loads are issued
+            # now and stay in flight during this step's dots (used only in the next step)
+            t, ok, kt, vt_ = t_n, ok_n, k_n, v_n
+            t_n, ok_n = _tile_tokens(nblk, v0 + BLOCK_N, v_hi, seq_len, BLOCK_N, CHUNK)
+            k_n, v_n = _load_tile(k_base, v_base, t_n, ok_n, d, d_ok, skt, skd, svt, svd, skb, svb,
+                                  tbl_ptr, b, stb, stp, PAGED, PAGE)
+            nblk = tl.load(i_base + (tl.minimum(v0 + 2 * BLOCK_N, v_hi - 1) // CHUNK) * sik)
         else:
-            blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
-        t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
-        ok = in_range & (blk >= 0) & (t < seq_len)
-        if PAGED:
-            page = tl.load(tbl_ptr + b * stb + (t // PAGE) * stp, mask=ok, other=0).to(tl.int64)
-            k_rows = page * skb + (t % PAGE) * skt  # [BLOCK_N]
-            v_rows = page * svb + (t % PAGE) * svt
-        else:
-            k_rows = t * skt
-            v_rows = t * svt
-        kt = tl.load(
-            k_base + k_rows[:, None] + d[None, :] * skd, mask=ok[:, None] & d_ok[None, :], other=0.0
-        )  # [BLOCK_N, BLOCK_D]
-        # V is gathered right after K (same rows): both loads are in flight before the dots
-        vt_ = tl.load(
-            v_base + v_rows[:, None] + d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0
-        )  # [BLOCK_N, BLOCK_D]
+            if BLK_SCALAR:
+                # this tile's entry was loaded one step ahead: its K / V addresses do not wait on
+                # a load of this step, so the compiler's pipeliner can issue them a step ahead too
+                t, ok = _tile_tokens(nblk, v0, v_hi, seq_len, BLOCK_N, CHUNK)
+                # the next tile's entry (clamped to the split's last: a valid address, unused)
+                nblk = tl.load(i_base + (tl.minimum(v0 + BLOCK_N, v_hi - 1) // CHUNK) * sik)
+            else:
+                vt = v0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual tokens
+                in_range = vt < v_hi
+                blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
+                t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
+                ok = in_range & (blk >= 0) & (t < seq_len)
+            kt, vt_ = _load_tile(k_base, v_base, t, ok, d, d_ok, skt, skd, svt, svd, skb, svb,
+                                 tbl_ptr, b, stb, stp, PAGED, PAGE)
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         elif DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
@@ -306,6 +314,36 @@ def _sparse_decode_split_kernel(
             if ticket == SPLITS - 1:  # every program of the row is done (and has read the histogram)
                 _last_merge(ticket_ptr, pid, sel_hist_ptr, m_ptr, l_ptr, acc_ptr,
                             out_base, row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
+
+
+@triton.jit
+def _tile_tokens(entry, v0, v_hi, seq_len, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """(t, ok) of the tile of virtual tokens v0 .. v0 + BLOCK_N - 1 that lies in the selected
+    block ``entry`` (a scalar, -1: none): real token positions [BLOCK_N] int64 and whether each
+    is attended (below v_hi, a selected block, below seq_len)."""
+    vt = v0 + tl.arange(0, BLOCK_N)
+    blk = entry.to(tl.int64) + tl.zeros([BLOCK_N], dtype=tl.int64)  # a splat of the scalar
+    t = blk * CHUNK + vt % CHUNK
+    return t, (vt < v_hi) & (blk >= 0) & (t < seq_len)
+
+
+@triton.jit
+def _load_tile(k_base, v_base, t, ok, d, d_ok, skt, skd, svt, svd, skb, svb,
+               tbl_ptr, b, stb, stp, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """The K and V rows of tokens t ([BLOCK_N], zeros where not ok) -> two [BLOCK_N, BLOCK_D]
+    tiles; with PAGED, token t of sequence b is row t % PAGE of page tbl[b, t // PAGE]."""
+    if PAGED:
+        page = tl.load(tbl_ptr + b * stb + (t // PAGE) * stp, mask=ok, other=0).to(tl.int64)
+        k_rows = page * skb + (t % PAGE) * skt  # [BLOCK_N]
+        v_rows = page * svb + (t % PAGE) * svt
+    else:
+        k_rows = t * skt
+        v_rows = t * svt
+    mask = ok[:, None] & d_ok[None, :]
+    kt = tl.load(k_base + k_rows[:, None] + d[None, :] * skd, mask=mask, other=0.0)
+    # V is gathered right after K (same rows): both loads are in flight before the dots
+    vt = tl.load(v_base + v_rows[:, None] + d[None, :] * svd, mask=mask, other=0.0)
+    return kt, vt
 
 
 @triton.jit
@@ -581,6 +619,8 @@ def sparse_decode_attention_triton(
                          GROUP=group, NG=ng, TWO_LEVEL=True, L1_PAD=l1_pad, L1_TILE=min(l1_pad, tile),
                          S_PAD=ng_pad, S_TILE=min(ng_pad, tile))
     pdl = pdl_args(q, "attention", rows=B * Hkv)  # PDL for few rows only (kvcomp.ops._pdl)
+    scalar = SCALAR_BLOCKS and chunk_size % block_n == 0
+    prefetch_tiles = scalar and PREFETCH_TILES and per_split > block_n  # several tiles a split
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
         Hkv, K, per_split, splits, scale * math.log2(math.e),
@@ -589,9 +629,10 @@ def sparse_decode_attention_triton(
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
-        BLK_SCALAR=SCALAR_BLOCKS and chunk_size % block_n == 0,
+        BLK_SCALAR=scalar, PREFETCH=prefetch_tiles,
         **({"maxnreg": r} if (r := _maxnreg(B, Hkv, G)) else {}),
-        num_warps=WARPS, num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
+        num_warps=WARPS,
+        num_stages=1 if prefetch_tiles else ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:
         hist = {} if select is None else dict(  # the prologue read it: the merge zeroes it
