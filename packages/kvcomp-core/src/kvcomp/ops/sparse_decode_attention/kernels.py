@@ -9,6 +9,11 @@ fp32 (log2 domain) and writes its partial (m, l, acc) to [B, Hq, SPLITS(, D)] fp
 ``_merge_kernel``, grid (B * Hq,), combines the splits by log-sum-exp and writes the output in
 q's dtype; a row without any attended token gets zeros.
 
+Where a tile lies in one block (CHUNK a multiple of BLOCK_N), the tile's block entry is one
+scalar loaded a loop step ahead (``BLK_SCALAR``), and optionally the next tile's K / V are
+loaded into registers during the current step (``PREFETCH``); either way the same tiles in the
+same order, so the same output bit for bit.
+
 Fused merge (``FUSED_MERGE``, the default while a row's partials are at most
 ``FUSED_MERGE_MAX_BYTES``): no second launch. After storing its partials, each
 split program takes a ticket from an int32 counter of its (sequence, kv-head) (a CTA barrier,
