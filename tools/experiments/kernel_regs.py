@@ -1,4 +1,4 @@
-"""Registers and spills of the decode-step kernels as ptxas reports them for sm_90 (no GPU
+"""Registers, spills and shared memory of the decode-step kernels as ptxas reports them for sm_90 (no GPU
 needed: the kernels are compiled from their Triton source as in tests/core/test_kernels_compile.py,
 then ``ptxas -v`` of the triton wheel runs on the PTX).
 
@@ -47,12 +47,18 @@ def main() -> None:
     ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     cases = []
-    for stages in (1, 2):
-        for block_n in (32, 64):
-            for sel in (False, True):
-                args = dict(tk._split_args(True, 1, pdl=True, sel=sel), EARLY=True, BLOCK_N=block_n, CHUNK=16)
-                cases.append((f"attention BLOCK_N={block_n} stages={stages} sel={sel}",
-                              ak._sparse_decode_split_kernel, args, dict(num_warps=4, num_stages=stages)))
+    # the attention as the JIT compiles it at 128K, B = 8 (chunk 128, 8 splits, unit strides as
+    # constants, 16-byte aligned pointers and strides): per-token entries, the scalar entries,
+    # and the register prefetch (one stage); with the selection in the prologue (sel) or not
+    for block_n in (32, 64):
+        for sel in (False, True):
+            for name, scalar, prefetch, stages in (("per-token", False, False, 2), ("scalar", True, False, 2),
+                                                   ("prefetch", True, True, 1)):
+                args = dict(tk._split_args(True, 1, pdl=sel, sel=sel), EARLY=sel, BLOCK_N=block_n, CHUNK=128,
+                            S_PAD=8, S_TILE=8, sqd=1, skd=1, svd=1, sod=1, SEL_NBINS=512,
+                            BLK_SCALAR=scalar, PREFETCH=prefetch)
+                cases.append((f"attention {name} BLOCK_N={block_n} sel={sel}", ak._sparse_decode_split_kernel,
+                              args, dict(num_warps=4, num_stages=stages)))
     cases.append(("scan (hist, signed planes)", hk._block_keys_kernel,
                   tk._block_keys_args(hist=True, lse=False, form=2, pdl=True), dict(num_warps=4)))
     cases.append(("select (hist, tiled)", hk._select_kernel, tk._select_args(True, single=False, pdl=True),
@@ -60,11 +66,14 @@ def main() -> None:
     ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
     cases.append(("scan on the tensor cores (mma_scan, hist)", ms._block_keys_mma_kernel, mma_scan_args(),
                   dict(num_warps=4)))
-    print(f"{'kernel':<48} {'regs':>5} {'spill B':>8}")
+    print(f"{'kernel':<48} {'regs':>5} {'spill B':>8} {'smem B':>7}")
     for name, fn, args, opts in cases:
-        k = tk.compile_sm90(fn, args, **opts)
+        aligned = None
+        if fn is ak._sparse_decode_split_kernel:  # as the JIT specialises 16-byte aligned tensors
+            aligned = tuple(n for n, a in args.items() if n.startswith("s") and a == "i32" and n != "SPLITS")
+        k = tk.compile_sm90(fn, args, aligned=aligned, **opts)
         regs, spill = ptxas_info(k.asm["ptx"])
-        print(f"{name:<48} {regs:>5} {spill:>8}")
+        print(f"{name:<48} {regs:>5} {spill:>8} {k.metadata.shared:>7}")
 
 
 def mma_scan_args(chunk: int = 128, G: int = 4) -> dict:
