@@ -71,6 +71,9 @@ VARIANTS = {
     "prefetch": dict(PREFETCH_TILES=True),
     "prefetch_n32": dict(PREFETCH_TILES=True, TILE_N=32),
     "prefetch_n32_uncapped": dict(PREFETCH_TILES=True, TILE_N=32, MANY_MAXNREG=None),
+    "prefetch_uncapped": dict(PREFETCH_TILES=True, MANY_MAXNREG=None),
+    "prefetch_w8": dict(PREFETCH_TILES=True, WARPS=8),  # the prefetched tile over 256 threads
+    "prefetch_no_long": dict(PREFETCH_TILES=True, LONG_TILE_N=None),  # B = 1: 64-token tiles
 }
 
 
