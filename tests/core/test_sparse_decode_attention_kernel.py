@@ -213,6 +213,69 @@ def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
         check(q, k, v, idx, lens, chunk)
 
 
+def test_timeline_hook_is_checked(monkeypatch):
+    """TIMELINE (the profiling hook) needs the GPU: under the interpreter, and with a buffer of the
+    wrong dtype, device or size, the launch refuses with an error that names the hook."""
+    q = torch.randn(1, 2, 16)
+    k = torch.randn(1, 1, 64, 16)
+    idx = torch.zeros(1, 1, 1, dtype=torch.int32)
+    lens = torch.tensor([64])
+    monkeypatch.setattr(kernels, "TIMELINE", torch.zeros(64, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="TIMELINE"):
+        sparse_decode_attention(q, k, k, idx, lens, chunk_size=16, backend="triton")
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="TIMELINE"):
+        kernels._timeline_args(4, torch.device("cpu"))
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        for bad in (torch.zeros(4, 8, dtype=torch.int32, device=dev), torch.zeros(3, 8, dtype=torch.int64, device=dev),
+                    torch.zeros(4, 8, dtype=torch.int64)):
+            monkeypatch.setattr(kernels, "TIMELINE", bad)
+            with pytest.raises(ValueError, match="int64 tensor"):
+                kernels._timeline_args(4, dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,K,fused", [(8, 4, 16, True), (1, 4, 103, True), (2, 8, 40, False)])
+def test_gpu_timeline_records_every_program(monkeypatch, B, G, K, fused):
+    """With the TIMELINE hook the output is bit for bit the same; every program writes its row:
+    increasing timestamps within the launch, an SM id, the tiles of its share, and (fused) exactly
+    one program per (sequence, kv-head) draws the last ticket."""
+    gen = torch.Generator().manual_seed(700 + B + K)
+    Hkv, D, L, chunk = 8, 128, 32768, 128
+    monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
+    q = torch.randn(B, Hkv * G, D, generator=gen).bfloat16().cuda()
+    k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
+    lens = torch.tensor([L, 20001, 129, 30000, 4097, 1, 32767, 128][:B], device="cuda")
+    idx = random_selection(B, Hkv, L // chunk, K, gen, drop=0.1).cuda()
+    want = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk)
+    block_n, per_split, splits = kernels._plan(B, Hkv, K, chunk, D, G=G)
+    n = B * Hkv * splits
+    tline = torch.full((n + 5, 8), -7, dtype=torch.int64, device="cuda")
+    monkeypatch.setattr(kernels, "TIMELINE", tline)
+    got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk)
+    assert torch.equal(got, want)
+    t = tline.cpu()
+    assert (t[n:] == -7).all()  # nothing past the launch's programs
+    t = t[:n]
+    assert (t[:, 0] > 0).all() and (t[:, :5].diff(dim=1) >= 0).all()
+    assert int(t[:, 4].max() - t[:, 0].min()) < 10**8  # one launch: well under 0.1 s
+    sm = t[:, 5]
+    assert ((sm >= 0) & (sm < torch.cuda.get_device_properties(0).multi_processor_count)).all()
+    tiles = t[:, 7].view(B * Hkv, splits)
+    assert (tiles.sum(1) == triton_cdiv(K * chunk, block_n)).all()
+    tickets = t[:, 6].view(B * Hkv, splits)
+    if fused:
+        assert (tickets.sort(1).values == torch.arange(splits)).all()
+    else:
+        assert (tickets == -1).all()
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
 def test_register_cap_of_the_many_program_plan(monkeypatch):
     """The many-program plan (4 programs of 4 warps an SM for one wave) caps the split kernel at
     MANY_MAXNREG registers on the GPU; other plans keep the compiler's choice; MAXNREG overrides;

@@ -58,6 +58,7 @@ class VerificationError(AssertionError):
 def cuda_time_us(
     fn: Callable[[], object] | Sequence[Callable[[], object]],
     *, warmup: int = 3, reps: int = 50, graph: bool = True, min_calls: int = 8,
+    warm_ms: float = 30.0,
 ) -> float:
     """Median device time of one call, in microseconds, from CUDA events.
 
@@ -66,7 +67,11 @@ def cuda_time_us(
     repetition and the time of a repetition is divided by its number of calls, so the device
     queue stays full and host launch latency is not counted. With ``graph`` (default) the calls
     are captured once into one CUDA graph, as a served model replays its decode step, and each
-    repetition replays it; without, they are launched eagerly (launch overheads included)."""
+    repetition replays it; without, they are launched eagerly (launch overheads included).
+    Before the timed repetitions the calls run for at least ``warm_ms`` milliseconds of wall time:
+    a kernel timed right after a pause (its Triton compile, a host-side check) otherwise ran on
+    clocks that had dropped (session 19: the first variant timed after its compile read 5-7%
+    slow on the H200, 24.89 against 23.23 us for the same attention later in the process)."""
     fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
     calls = fns * max(1, -(-min_calls // len(fns)))
     for _ in range(warmup):
@@ -90,9 +95,12 @@ def cuda_time_us(
                 run_all()
         torch.cuda.current_stream().wait_stream(stream)
         run = g.replay
-        for _ in range(2):
-            run()
-    torch.cuda.synchronize()
+    t_end = time.perf_counter() + warm_ms / 1000
+    while True:
+        run()
+        torch.cuda.synchronize()
+        if time.perf_counter() >= t_end:
+            break
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):

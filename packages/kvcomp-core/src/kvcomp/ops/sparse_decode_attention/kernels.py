@@ -105,6 +105,13 @@ MAXNREG = None
 MANY_MAXNREG = 128
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
+# profiling hook (CUDA only, off: None): an int64 tensor [>= programs, 8] on the device. Each split
+# program of the next launches then records its row (pid * SPLITS + split) of it: the
+# %globaltimer (ns) at its start, before its loop (after the prologue: the query, the selection
+# with SEL), after its last tile's softmax update, after its ticket (fused merge) and at its end;
+# its SM (%smid), its ticket (-1 unfused) and its tiles. The outputs are unchanged;
+# tools/experiments/attn_timeline.py reads it (where the launch's time goes)
+TIMELINE = None
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
 # second launch; False keeps the two-kernel path (benchmarks time both)
 FUSED_MERGE = True
@@ -172,6 +179,7 @@ def _sparse_decode_split_kernel(
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
     BLK_SCALAR: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    tline_ptr=None, TLINE: tl.constexpr = False,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -186,7 +194,9 @@ def _sparse_decode_split_kernel(
     scan's block keys and histogram and writes its own share of block_idx (the entries of its
     tokens), and the row's merging program zeroes the histogram
     (``hamming_topk.kernels.DeferredSelect``). The split plan is the same as without SEL, so is
-    the output, bit for bit."""
+    the output, bit for bit. TLINE: record the program's timeline (``TIMELINE``)."""
+    if TLINE:
+        t_start = _globaltimer(tl.program_id(1))
     if not EARLY:
         pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
@@ -226,6 +236,8 @@ def _sparse_decode_split_kernel(
                          SEL_KMIN, SEL_NBINS, False, SEL_KSTEP,
                          v_first // CHUNK, (v_end + CHUNK - 1) // CHUNK, False)
         tl.debug_barrier()  # the share's stores before any thread reads them below
+    if TLINE:
+        t_pro = _globaltimer(split)
     m_i = tl.full([G_PAD], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
@@ -285,6 +297,8 @@ def _sparse_decode_split_kernel(
             pv = tl.dot(p.to(vt_.dtype), vt_)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    if TLINE:  # after the last update (the timer read waits for l_i)
+        t_loop = _globaltimer(tl.max(l_i, 0).to(tl.int32))
     row = (b * Hkv * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
     tl.store(m_ptr + row, m_i, mask=g_ok)
     tl.store(l_ptr + row, l_i, mask=g_ok)
@@ -319,6 +333,41 @@ def _sparse_decode_split_kernel(
             if ticket == SPLITS - 1:  # every program of the row is done (and has read the histogram)
                 _last_merge(ticket_ptr, pid, sel_hist_ptr, m_ptr, l_ptr, acc_ptr,
                             out_base, row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
+    if TLINE:
+        if FUSED:
+            if TWO_LEVEL:
+                t_ticket = _globaltimer(gt)
+                tk = gt
+            else:
+                t_ticket = _globaltimer(ticket)
+                tk = ticket
+        else:
+            t_ticket = t_loop
+            tk = -1
+        t_end = _globaltimer(tk)
+        tb = tline_ptr + (pid * SPLITS + split) * 8
+        tl.store(tb, t_start)
+        tl.store(tb + 1, t_pro)
+        tl.store(tb + 2, t_loop)
+        tl.store(tb + 3, t_ticket)
+        tl.store(tb + 4, t_end)
+        tl.store(tb + 5, _smid(tk).to(tl.int64))
+        tl.store(tb + 6, tk.to(tl.int64))
+        tl.store(tb + 7, ((v_hi - v_lo + BLOCK_N - 1) // BLOCK_N).to(tl.int64))
+
+
+@triton.jit
+def _globaltimer(dep):
+    """The GPU's global nanosecond timer, read after ``dep`` (an int32 scalar) is computed."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid(dep):
+    """The SM this program runs on."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dep], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -515,6 +564,23 @@ def _two_level_group(G: int, D: int, splits: int) -> int | None:
     return group
 
 
+def _timeline_args(programs: int, device: torch.device) -> dict:
+    """The split kernel's TLINE arguments where ``TIMELINE`` is set (checked), else {}."""
+    tline = TIMELINE
+    if tline is None:
+        return {}
+    if interpreting() or device.type != "cuda":
+        raise ValueError("sparse_decode_attention kernels.TIMELINE: the timer reads need a CUDA GPU "
+                         "(not the Triton interpreter); set TIMELINE = None")
+    if (not isinstance(tline, torch.Tensor) or tline.dtype != torch.int64 or tline.device != device
+            or not tline.is_contiguous() or tline.numel() < programs * 8):
+        raise ValueError(f"sparse_decode_attention kernels.TIMELINE must be a contiguous int64 tensor "
+                         f"on {device} of at least {programs} x 8 elements (this launch's programs), got "
+                         f"{getattr(tline, 'dtype', type(tline))} {tuple(getattr(tline, 'shape', ()))} "
+                         f"on {getattr(tline, 'device', '?')}")
+    return dict(tline_ptr=tline, TLINE=True)
+
+
 def _many(B: int, Hkv: int, G: int) -> bool:
     """Whether the plan aims at TARGET_PROGRAMS_MANY (MANY_ROWS rows or more, groups of at most
     MANY_MAX_G query heads)."""
@@ -634,7 +700,7 @@ def sparse_decode_attention_triton(
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
-        BLK_SCALAR=scalar, PREFETCH=prefetch_tiles,
+        BLK_SCALAR=scalar, PREFETCH=prefetch_tiles, **_timeline_args(B * Hkv * splits, q.device),
         **({"maxnreg": r} if (r := _maxnreg(B, Hkv, G)) else {}),
         num_warps=WARPS,
         num_stages=1 if prefetch_tiles else ONE_TILE_STAGES if per_split <= block_n else STAGES,
