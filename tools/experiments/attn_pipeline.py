@@ -12,7 +12,8 @@ over the sets, ``kvcomp.bench.timing.cuda_time_us``) and reports % of the copy b
 measured in the same run on the gathered K/V bytes. It also reports each variant's compiled
 split kernel as the H200's Triton built it: registers, spills, shared memory, stages.
 
-Variants are module flags of ``kvcomp.ops.sparse_decode_attention.kernels`` (``VARIANTS``).
+Variants are module flags of ``kvcomp.ops.sparse_decode_attention.kernels`` (``VARIANTS``; a key
+"module:FLAG" sets a flag of another module).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ VARIANTS = {
     "prefetch_uncapped": dict(PREFETCH_TILES=True, MANY_MAXNREG=None),
     "prefetch_w8": dict(PREFETCH_TILES=True, WARPS=8),  # the prefetched tile over 256 threads
     "prefetch_no_long": dict(PREFETCH_TILES=True, LONG_TILE_N=None),  # B = 1: 64-token tiles
+    # session 19 (attn_timeline.py): at B = 8 a launch starts ~1 us after the previous one ends
+    # (no PDL above 16 rows); PDL for the attention at up to 64 rows, and for every decode kernel
+    "pdl64": dict(PDL_MAX_ROWS=64),
+    "pdl64_all": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 64},
 }
 
 
@@ -104,18 +109,19 @@ def variant(name: str):
     """The module flags of ``VARIANTS[name]`` set inside the block (restored after it); yields a
     list that receives the split kernels compiled inside it (``_info`` of each)."""
     ak = importlib.import_module(AK)
-    flags = VARIANTS[name]
-    undo = {f: getattr(ak, f) for f in flags}
+    flags = {(importlib.import_module(f.split(":")[0]) if ":" in f else ak, f.split(":")[-1]): val
+             for f, val in VARIANTS[name].items()}  # "module:FLAG" for a flag of another module
+    undo = {key: getattr(*key) for key in flags}
     before = _compiled(ak._sparse_decode_split_kernel)
     compiled: list = []
     try:
-        for f, val in flags.items():
-            setattr(ak, f, val)
+        for (mod, f), val in flags.items():
+            setattr(mod, f, val)
         yield compiled
     finally:
         compiled.extend(_info(c) for c in _compiled(ak._sparse_decode_split_kernel) - before)
-        for f, val in undo.items():
-            setattr(ak, f, val)
+        for (mod, f), val in undo.items():
+            setattr(mod, f, val)
 
 
 def make_sets(B: int, HQ: int, ksel: int, gen) -> list:
@@ -241,17 +247,15 @@ def main() -> None:
     if a.ncu:
         from kvcomp.ops import sparse_decode_attention
 
-        ak = importlib.import_module(AK)
-        for f, val in VARIANTS[a.ncu].items():
-            setattr(ak, f, val)
-        for name in a.cases.split(","):
-            B, HQ, ksel = CASES[name]
-            sets = make_sets(B, HQ, ksel, gen)
-            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-            for i in range(12):
-                q, k, v, idx = sets[i % len(sets)]
-                sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
-            torch.cuda.synchronize()
+        with variant(a.ncu):
+            for name in a.cases.split(","):
+                B, HQ, ksel = CASES[name]
+                sets = make_sets(B, HQ, ksel, gen)
+                lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+                for i in range(12):
+                    q, k, v, idx = sets[i % len(sets)]
+                    sparse_decode_attention(q, k, v, idx, lens, chunk_size=CHUNK)
+                torch.cuda.synchronize()
         return
     copy = copy_bandwidth_gbs()
     res = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])

@@ -3,7 +3,8 @@ the attention at 2048 tokens, B = 8, is at 66-70% of copy while the read-only ke
 blocks reaches 88-90%; a linear fit of the bench's 2048 / 10% rows gives ~7.7 us a launch that
 does not scale with the bytes).
 
-    python tools/experiments/attn_timeline.py [--cases b8_16,b1_103] [--steps 8:qwen3-8b:2048] [--json PATH]
+    python tools/experiments/attn_timeline.py [--cases b8_16,b1_103] [--steps 8:qwen3-8b:2048]
+        [--variants default,pdl64] [--json PATH]
 
 Each program of ``_sparse_decode_split_kernel`` records %globaltimer at its start, after its
 prologue, after its last tile, after its merge ticket and at its end, and its SM
@@ -38,7 +39,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attn_pipeline import AK, CASES, CHUNK, HKV, D, L, make_sets, warm_gpu  # noqa: E402
+from attn_pipeline import AK, CASES, CHUNK, HKV, D, L, make_sets, variant, warm_gpu  # noqa: E402
 
 
 def _pct(xs, p):
@@ -182,6 +183,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default="b8_16,b8_16_g8,b4_16,b8_103,b1_16,b1_103")
     p.add_argument("--steps", default="8:qwen3-8b:2048,1:qwen3-8b:10%")
+    p.add_argument("--variants", default="default", help="attn_pipeline.py's VARIANTS, each row under each")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json")
     a = p.parse_args()
@@ -190,19 +192,22 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
     warm_gpu()
     out = dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=[])
-    for spec in filter(None, a.steps.split(",")):
-        B, model, budget = spec.split(":")
-        out["rows"].append(run_step(int(B), model, budget, copy, a.reps, gen))
-        print(json.dumps(out["rows"][-1]), flush=True)
-    for name in filter(None, a.cases.split(",")):
-        out["rows"].append(run_case(name, copy, a.reps, gen))
-        print(json.dumps(out["rows"][-1]), flush=True)
+    for vname in a.variants.split(","):
+        with variant(vname):
+            for spec in filter(None, a.steps.split(",")):
+                B, model, budget = spec.split(":")
+                out["rows"].append(dict(run_step(int(B), model, budget, copy, a.reps, gen), variant=vname))
+                print(json.dumps(out["rows"][-1]), flush=True)
+            for name in filter(None, a.cases.split(",")):
+                out["rows"].append(dict(run_case(name, copy, a.reps, gen), variant=vname))
+                print(json.dumps(out["rows"][-1]), flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)
-    print("\n" + " " * 22 + " ".join(f"{c[:9]:>9}" for c in COLS))
+    print("\n" + " " * 30 + " ".join(f"{c[:9]:>9}" for c in COLS))
     for r in out["rows"]:
-        print(f"{r.get('case', r.get('step')):<22}" + " ".join(f"{r.get(c, float('nan')):9.2f}" for c in COLS))
+        name = f"{r.get('case', r.get('step'))} {r['variant']}"
+        print(f"{name[:30]:<30}" + " ".join(f"{r.get(c, float('nan')):9.2f}" for c in COLS))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ MAXNREG = None
 # -> 173.8 at 10%; capped at 128 (no spills): 63.3 / 145.2. The attention alone: 22.71 against
 # 22.47-22.50 us uncapped (decode.md "Session 18")
 MANY_MAXNREG = 128
+# PDL for launches of at most this many (sequence, kv-head) rows (None: ``_pdl.DECODE_MAX_ROWS``)
+PDL_MAX_ROWS = None
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
 # profiling hook (CUDA only, off: None): an int64 tensor [>= programs, 8] on the device. Each split
@@ -689,7 +691,7 @@ def sparse_decode_attention_triton(
             fused.update(m1_ptr=m1, l1_ptr=l1, acc1_ptr=acc1, gticket_ptr=_group_tickets(B * Hkv * ng, q.device),
                          GROUP=group, NG=ng, TWO_LEVEL=True, L1_PAD=l1_pad, L1_TILE=min(l1_pad, tile),
                          S_PAD=ng_pad, S_TILE=min(ng_pad, tile))
-    pdl = pdl_args(q, "attention", rows=B * Hkv)  # PDL for few rows only (kvcomp.ops._pdl)
+    pdl = pdl_args(q, "attention", rows=B * Hkv, max_rows=PDL_MAX_ROWS)  # few rows only (kvcomp.ops._pdl)
     scalar = SCALAR_BLOCKS and chunk_size % block_n == 0
     prefetch_tiles = scalar and PREFETCH_TILES and per_split > block_n  # several tiles a split
     _sparse_decode_split_kernel[(B * Hkv, splits)](
