@@ -305,6 +305,7 @@ def _sparse_decode_split_kernel(
     tl.store(m_ptr + row, m_i, mask=g_ok)
     tl.store(l_ptr + row, l_i, mask=g_ok)
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    merged = 0.0  # (the timeline's dependency on the last program's merge)
     if FUSED:
         # every thread's partial stores come before the ticket (barrier), and the acq_rel atomic
         # publishes them gpu-wide; the last ticket sees every split's partials
@@ -328,12 +329,12 @@ def _sparse_decode_split_kernel(
                 tl.debug_barrier()
                 ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
                 if ticket == NG - 1:  # every group is merged (so every program has read the histogram)
-                    _last_merge(ticket_ptr, pid, sel_hist_ptr, m1_ptr, l1_ptr, acc1_ptr,
+                    merged = _last_merge(ticket_ptr, pid, sel_hist_ptr, m1_ptr, l1_ptr, acc1_ptr,
                                 out_base, row0, NG, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
         else:
             ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if ticket == SPLITS - 1:  # every program of the row is done (and has read the histogram)
-                _last_merge(ticket_ptr, pid, sel_hist_ptr, m_ptr, l_ptr, acc_ptr,
+                merged = _last_merge(ticket_ptr, pid, sel_hist_ptr, m_ptr, l_ptr, acc_ptr,
                             out_base, row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
     if TLINE:
         if FUSED:
@@ -346,7 +347,7 @@ def _sparse_decode_split_kernel(
         else:
             t_ticket = t_loop
             tk = -1
-        t_end = _globaltimer(tk)
+        t_end = _globaltimer(tk + (merged != 0.0).to(tl.int32))
         tb = tline_ptr + (pid * SPLITS + split) * 8
         tl.store(tb, t_start)
         tl.store(tb + 1, t_pro)
@@ -409,11 +410,12 @@ def _last_merge(
     BLOCK_D: tl.constexpr, SEL: tl.constexpr, SEL_NBINS: tl.constexpr,
 ):
     """What the last program of row pid does: reset its ticket for the next launch, zero the
-    row's selection histogram (SEL), merge the N partial states into the output."""
+    row's selection histogram (SEL), merge the N partial states into the output. Returns the
+    sum of the rows' denominators (the timeline hook's dependency: known after the merge)."""
     tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")
     if SEL:
         tl.store(hist_ptr + pid * SEL_NBINS + tl.arange(0, SEL_NBINS), tl.zeros([SEL_NBINS], dtype=tl.int32))
-    _merge_group(m_ptr, l_ptr, acc_ptr, out_base, row0, N, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
+    return _merge_group(m_ptr, l_ptr, acc_ptr, out_base, row0, N, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D)
 
 
 @triton.jit
@@ -434,6 +436,7 @@ def _merge_group(
     o = tl.where(denom[:, None] > 0, o / tl.where(denom > 0, denom, 1.0)[:, None], 0.0)
     tl.store(out_base + g[:, None] * soh + d[None, :] * sod, o.to(out_base.dtype.element_ty),
              mask=g_ok[:, None] & (d < D)[None, :])
+    return tl.sum(denom, 0)
 
 
 @triton.jit
