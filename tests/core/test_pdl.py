@@ -59,28 +59,31 @@ def _run_graph(q_w, sets, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "G,lens,k_blocks,mode,chunk_repre,two_kernel,no_trigger",
+    "G,lens,k_blocks,mode,chunk_repre,two_kernel,no_trigger,Hkv",
     [
-        (4, [4097, 1, 2500], 7, "exact", "max", False, ()),  # histogram stage 2, fused merge
-        (8, [4097, 129, 4000], 9, "exact", "max", False, ()),  # signed planes, rows in the scan
-        (4, [4097, 3000, 127], 5, "majority", "max", True, ()),  # merge kernel (5 launches a step)
-        (2, [4097] * 3, 12, "exact", "lse", False, ()),  # lse: float keys, search stage 2
-        (4, [4097, 1, 2500], 7, "exact", "max", True, ("select", "attention")),  # late triggers
-        (8, [4097, 129, 4000], 9, "exact", "max", False, ("encode", "scan", "select", "attention")),
+        (4, [4097, 1, 2500], 7, "exact", "max", False, (), 3),  # histogram stage 2, fused merge
+        (8, [4097, 129, 4000], 9, "exact", "max", False, (), 3),  # signed planes, rows in the scan
+        (4, [4097, 3000, 127], 5, "majority", "max", True, (), 3),  # merge kernel (5 launches a step)
+        (2, [4097] * 3, 12, "exact", "lse", False, (), 3),  # lse: float keys, search stage 2
+        (4, [4097, 1, 2500], 7, "exact", "max", True, ("select", "attention"), 3),  # late triggers
+        (8, [4097, 129, 4000], 9, "exact", "max", False, ("encode", "scan", "select", "attention"), 3),
+        # 64 rows (B = 8 of Qwen3-8B's 8 kv-heads): the 512-program attention plan, capped registers
+        (4, [4097, 1, 2500, 129, 4000, 3000, 127, 4097], 7, "exact", "max", False, (), 8),
+        (8, [4097, 1, 2500, 129, 4000, 3000, 127, 4097], 9, "exact", "max", False, (), 8),
     ],
 )
 def test_gpu_pdl_steps_bit_identical(monkeypatch, G, lens, k_blocks, mode, chunk_repre, two_kernel,
-                                     no_trigger):
+                                     no_trigger, Hkv):
     if not torch.cuda.is_available() or not _pdl.pdl_supported(torch.device("cuda")):
         pytest.skip("needs a CUDA GPU of compute capability >= 9.0")
     from kvcomp.ops.sparse_decode_attention import kernels as ak
 
     monkeypatch.setattr(_pdl, "NO_TRIGGER", frozenset(no_trigger))
-    monkeypatch.setattr(_pdl, "DECODE_MAX_ROWS", 16)  # B x Hkv = 9 here: PDL on
+    monkeypatch.setattr(_pdl, "DECODE_MAX_ROWS", 64)  # B x Hkv = 9 or 64 here: PDL on
     if two_kernel:
         monkeypatch.setattr(ak, "FUSED_MERGE", False)
     gen = torch.Generator().manual_seed(G * 100 + k_blocks)
-    B, Hkv, D, L = len(lens), 3, 128, max(lens)
+    B, D, L = len(lens), 128, max(lens)
     q_w, sets = _sets(6, B, Hkv, G, D, L, lens, 128, torch.bfloat16, gen,
                       centered=chunk_repre == "lse")
     kw = dict(k_blocks=k_blocks, chunk_size=64, must_select=(0, -2, -1), mode=mode,

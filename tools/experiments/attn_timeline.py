@@ -130,7 +130,8 @@ def timeline(calls, programs: int, kv_bytes: int, copy: float, reps: int) -> dic
     rows = [analyse(b.cpu()) for b in bufs]
     for i in range(1, len(bufs)):
         rows[i]["gap_us"] = (float(bufs[i][:, 0].min()) - float(bufs[i - 1][:, 4].max())) * 1e-3
-    summ = {k: statistics.median(r[k] for r in rows if k in r) for k in rows[-1]}
+    summ: dict = {k: statistics.median(r[k] for r in rows if k in r) for k in rows[-1]}
+    summ["raw_last_launch"] = bufs[-1].cpu().tolist()  # [programs, 8] for offline analysis
     summ.update(us_hook_off=us_off, us_hook_on=statistics.median(times),
                 pct_copy_span=100 * kv_bytes / (summ["span_us"] * 1e-6) / (copy * 1e9),
                 pct_copy_call=100 * kv_bytes / (us_off * 1e-6) / (copy * 1e9))
@@ -197,10 +198,10 @@ def main() -> None:
             for spec in filter(None, a.steps.split(",")):
                 B, model, budget = spec.split(":")
                 out["rows"].append(dict(run_step(int(B), model, budget, copy, a.reps, gen), variant=vname))
-                print(json.dumps(out["rows"][-1]), flush=True)
+                print(json.dumps({k: v for k, v in out["rows"][-1].items() if k != "raw_last_launch"}), flush=True)
             for name in filter(None, a.cases.split(",")):
                 out["rows"].append(dict(run_case(name, copy, a.reps, gen), variant=vname))
-                print(json.dumps(out["rows"][-1]), flush=True)
+                print(json.dumps({k: v for k, v in out["rows"][-1].items() if k != "raw_last_launch"}), flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)

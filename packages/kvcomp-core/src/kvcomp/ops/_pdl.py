@@ -52,12 +52,17 @@ ENABLED = os.environ.get("KVCOMP_PDL", "1") != "0"
 # early keeps its programs on the SMs, waiting, while this kernel still runs.
 NO_TRIGGER: frozenset = frozenset()
 # the decode-step kernels (scan, selection, attention) take PDL only up to this many (sequence,
-# kv-head) rows: there the step is a chain of latency-bound launches (B = 1 at 128K on the
-# H200: 18.8 us against 19.9-20.1 without). At B = 8 (64 rows) it gained nothing and slowed
-# the fused-merge attention (128 vs 117-120 us at 10% of 128K). B = 4 (32 rows, session 7, with
-# the histogram path there): at G = 4 it gained 1.4-1.5 us (47.3 vs 48.7 us at 2048 tokens of
-# 128K, 98.5 vs 100.0 at 10%), at G = 8 it lost 3-8 us (59.1 vs 56.0, 113.2 vs 105.1): off.
-DECODE_MAX_ROWS = 16
+# kv-head) rows. There the step is a chain of latency-bound launches (B = 1 at 128K on the H200:
+# 18.8 us against 19.9-20.1 without). Sessions 6-7 kept it at 16: at B = 8 (64 rows) PDL gained
+# nothing and slowed the fused-merge attention (128 vs 117-120 us at 10% of 128K), and at B = 4
+# with G = 8 it lost 3-8 us. Since then the attention at 32+ rows runs 512 programs in one wave
+# (sessions 17-18), so a successor launched early no longer takes the slots of a second wave.
+# Session 19 (tools/experiments/attn_pipeline.py, same process, 128K, decode_step, us, 16 / 64
+# rows): Qwen3-8B B = 8 2048 tokens 63.0-64.2 / 61.2, 10% 147.1 / 144.4; Qwen3-32B B = 8 66.7-66.8
+# / 64.2; Qwen3-8B B = 4 39.6 / 36.6. The attention alone at B = 8 2048 tokens 23.05-23.09 /
+# 22.53 (a launch began ~1 us after the previous one ended: attn_timeline.py), but 105.8-106.0 /
+# 106.9 at 10%. Above 64 rows: not measured, off.
+DECODE_MAX_ROWS = 64
 
 
 @functools.cache

@@ -317,6 +317,8 @@ def _sparse_decode_split_kernel(
             g_lo = grp * GROUP
             g_n = tl.minimum(GROUP, SPLITS - g_lo)
             gt = tl.atomic_add(gticket_ptr + pid * NG + grp, 1, sem="acq_rel", scope="gpu")
+            if TLINE:
+                t_ticket = _globaltimer(gt)
             if gt == g_n - 1:
                 tl.atomic_xchg(gticket_ptr + pid * NG + grp, 0, sem="relaxed", scope="gpu")
                 gr = tl.arange(0, G_R)
@@ -333,16 +335,16 @@ def _sparse_decode_split_kernel(
                                 out_base, row0, NG, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
         else:
             ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if TLINE:
+                t_ticket = _globaltimer(ticket)
             if ticket == SPLITS - 1:  # every program of the row is done (and has read the histogram)
                 merged = _last_merge(ticket_ptr, pid, sel_hist_ptr, m_ptr, l_ptr, acc_ptr,
                             out_base, row0, SPLITS, soh, sod, G, D, G_R, S_PAD, S_TILE, BLOCK_D, SEL, SEL_NBINS)
     if TLINE:
-        if FUSED:
+        if FUSED:  # (t_ticket: read right after the atomic)
             if TWO_LEVEL:
-                t_ticket = _globaltimer(gt)
                 tk = gt
             else:
-                t_ticket = _globaltimer(ticket)
                 tk = ticket
         else:
             t_ticket = t_loop

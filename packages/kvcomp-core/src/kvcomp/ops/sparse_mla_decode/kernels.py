@@ -13,7 +13,7 @@ The same stage-1 body serves both ops:
 
 Byte floor of a dense step (bf16, R=512, P=64): 1152 bytes per token (ckv + kpe), i.e.
 151 MB per sequence at 128K tokens. Both launches take programmatic dependent launch on sm_90+
-up to ``_pdl.DECODE_MAX_ROWS`` sequences (``kvcomp.ops._pdl``; bit-identical, GPU test).
+up to ``PDL_MAX_ROWS`` sequences (``kvcomp.ops._pdl``; bit-identical, GPU test).
 """
 
 from __future__ import annotations
@@ -183,6 +183,9 @@ def _smem_optin(index: int) -> int:
 # 64 x 32 on 8 warps from B = 8). Also measured there, slower in every tile tried: the kv tile
 # as the A operand of q.k and the queries as B (in shared memory, out of the registers)
 DENSE_WIDE_SMEM = 224 * 1024
+# PDL up to this many sequences (the GQA decode kernels' ``_pdl.DECODE_MAX_ROWS`` went from 16
+# to 64 in session 19, measured for them only; the MLA kernels keep 16, as measured)
+PDL_MAX_ROWS = 16
 
 
 def _launch_config(B: int, H: int, R: int, sparse: bool, on_gpu: bool,
@@ -261,7 +264,7 @@ def mla_decode_launch(
 
     if B == 0 or H == 0:
         return out.zero_()
-    pdl = pdl_args(q_lat, "attention", rows=B)  # one latent kv-head: B (sequence, kv-head) rows
+    pdl = pdl_args(q_lat, "attention", rows=B, max_rows=PDL_MAX_ROWS)  # one latent kv-head: B (sequence, kv-head) rows
     _mla_decode_split_kernel[(n_htiles, num_splits, B)](
         q_lat, q_pe, ckv, kpe, bidx, seq_lens, o_part, lse_part,
         float(scale) * LOG2E,
