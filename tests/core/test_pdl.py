@@ -21,6 +21,29 @@ def test_pdl_off_for_cpu_tensors():
     assert not _pdl.pdl_supported(torch.device("cpu"))
 
 
+def test_pdl_rules_by_rows_and_role(monkeypatch):
+    """Where PDL applies (forced here on a CPU tensor): decode kernels up to DECODE_MAX_ROWS rows
+    (or the caller's max_rows); the attention lets its successor launch early (PDL 1) only up to
+    its EARLY_TRIGGER_MAX_ROWS, above as its programs exit (PDL 2); NO_TRIGGER roles always 2."""
+    monkeypatch.setattr(_pdl, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(_pdl, "ENABLED", True)
+    monkeypatch.setattr(_pdl, "DECODE_MAX_ROWS", 64)
+    monkeypatch.setattr(_pdl, "EARLY_TRIGGER_MAX_ROWS", {"attention": 16})
+    monkeypatch.setattr(_pdl, "NO_TRIGGER", frozenset({"gemv_gated"}))
+    t = torch.zeros(1)
+    on = {"launch_pdl": True}
+    assert _pdl.pdl_args(t, "attention", rows=16) == dict(on, PDL=1)
+    assert _pdl.pdl_args(t, "attention", rows=17) == dict(on, PDL=2)
+    assert _pdl.pdl_args(t, "attention", rows=64) == dict(on, PDL=2)
+    assert _pdl.pdl_args(t, "attention", rows=65) == {}
+    assert _pdl.pdl_args(t, "attention", rows=20, max_rows=16) == {}
+    assert _pdl.pdl_args(t, "scan", rows=64) == dict(on, PDL=1)
+    assert _pdl.pdl_args(t, "gemv") == dict(on, PDL=1)
+    assert _pdl.pdl_args(t, "gemv_gated") == dict(on, PDL=2)
+    monkeypatch.setattr(_pdl, "ENABLED", False)
+    assert _pdl.pdl_args(t, "scan", rows=1) == {}
+
+
 def _sets(n, B, Hkv, G, D, L, lens, bits, dtype, gen, centered=False):
     dev = "cuda"
     kv_w = torch.linalg.qr(torch.randn(Hkv, D, D, generator=gen))[0][..., :bits].contiguous().to(dev)

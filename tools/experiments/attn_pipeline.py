@@ -78,7 +78,9 @@ VARIANTS = {
     # session 19 (attn_timeline.py): at B = 8 a launch starts ~1 us after the previous one ends
     # (no PDL above 16 rows); PDL for the attention at up to 64 rows, and for every decode kernel
     "pdl64": dict(PDL_MAX_ROWS=64),
-    "pdl64_all": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 64},
+    "pdl64_all": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 64},  # the default since 3d65ea1
+    "pdl16": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 16},  # before
+    "attn_early": {"kvcomp.ops._pdl:EARLY_TRIGGER_MAX_ROWS": {}},  # 3d65ea1's (early at any rows)
 }
 
 

@@ -68,6 +68,10 @@ SETS = {
     "scan_r32": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_MAXNREG=32)},
     "scan_t1024": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_TARGET_PROGRAMS=1024)},
     "scan_t4096": {"kvcomp.ops.hamming_topk.mma_scan": dict(MMA_TARGET_PROGRAMS=4096)},
+    # session 19: the decode kernels' PDL up to 16 rows (before), and the attention's early
+    # trigger at any row count (3d65ea1)
+    "pdl_rows16": {"kvcomp.ops._pdl": dict(DECODE_MAX_ROWS=16)},
+    "attn_early": {"kvcomp.ops._pdl": dict(EARLY_TRIGGER_MAX_ROWS={})},
 }
 
 

@@ -63,6 +63,13 @@ NO_TRIGGER: frozenset = frozenset()
 # 22.53 (a launch began ~1 us after the previous one ended: attn_timeline.py), but 105.8-106.0 /
 # 106.9 at 10%. Above 64 rows: not measured, off.
 DECODE_MAX_ROWS = 64
+# ... but a kernel of these roles over more rows than this lets its successor launch only as its
+# programs exit (PDL 2): in a model the attention's successor is the o_proj gemv, whose programs,
+# launched early, wait on the SMs that the attention's one wave of programs needs. Session 19,
+# `kvcomp bench e2e` (Qwen3-8B shape, 256 steps) with the early trigger at 32 rows, against
+# session 18's 16-row PDL: 64K, B = 4 kvcomp 5.92 / 5.74 ms, dense_kv 13.17 / 12.98; 1K, B = 4
+# 4.84 / 4.63 (decode.md / e2e.md "Session 19")
+EARLY_TRIGGER_MAX_ROWS: dict = {"attention": 16}
 
 
 @functools.cache
@@ -82,11 +89,13 @@ def pdl_args(t: torch.Tensor, role: str = "", rows: int | None = None, max_rows:
     """Launch arguments of a kernel with a ``PDL`` constexpr, for inputs on ``t``'s device:
     ``{"PDL": 1, "launch_pdl": True}`` where PDL applies (``ENABLED``, sm_90+ and, for a
     decode-step kernel, ``rows`` <= ``max_rows``, default ``DECODE_MAX_ROWS``; ``PDL`` 2 where
-    ``role`` is in ``NO_TRIGGER``), else {}."""
+    ``role`` is in ``NO_TRIGGER`` or ``rows`` exceeds the role's ``EARLY_TRIGGER_MAX_ROWS``), else
+    {}."""
     if rows is not None and rows > (DECODE_MAX_ROWS if max_rows is None else max_rows):
         return {}
     if ENABLED and pdl_supported(t.device):
-        return {"PDL": 2 if role in NO_TRIGGER else 1, "launch_pdl": True}
+        late = role in NO_TRIGGER or (rows is not None and rows > EARLY_TRIGGER_MAX_ROWS.get(role, rows))
+        return {"PDL": 2 if late else 1, "launch_pdl": True}
     return {}
 
 
