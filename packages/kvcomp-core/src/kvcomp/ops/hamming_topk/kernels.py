@@ -141,7 +141,11 @@ HIST_COMPACT = True
 ATTN_SELECT_BLOCK_MAX = 1024
 # PDL for the scan / the stage-2 kernel up to this many rows (None: ``_pdl.DECODE_MAX_ROWS``)
 SCAN_PDL_MAX_ROWS = None
-SELECT_PDL_MAX_ROWS = None
+# ... the stage-2 launch (the selection on its own: ``hamming_topk``; ``decode_step`` runs it in the
+# attention's prologue): 16. Session 19: with PDL at 64 rows, scan + selection at B = 8 (128K)
+# went from 39.1 to 40.5-40.8 us (80-81% -> 77-78% of copy): the stage-2 programs, launched
+# early, wait on the SMs during the scan
+SELECT_PDL_MAX_ROWS = 16
 # "lse" with the queries given (decode_step, the cache's decode): every scan program computes
 # its row's q_scale from q (False: lse_query_scale's torch ops first, as before session 8, and
 # no early loads in the scan; the benchmark times both)
