@@ -190,6 +190,30 @@ def test_selection_in_prologue_with_scalar_entries_and_prefetch(monkeypatch):
         assert torch.equal(idx, outs[0][1]) and torch.equal(out, outs[0][0])
 
 
+@pytest.mark.parametrize("tile", [32, 64])
+def test_selection_in_prologue_with_balanced_splits(monkeypatch, tile):
+    """BALANCED_SPLITS: splits of unequal tiles (the first ones one tile longer), each writing its
+    own share of block_idx in the prologue (a 128-token block cut by a split boundary with
+    32-token tiles is written by both splits): the reference's selection, the output within the
+    rule, no separate selection launch."""
+    import importlib
+
+    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
+    monkeypatch.setattr(ak, "TILE_N", tile)
+    monkeypatch.setattr(ak, "LONG_TILE_N", None)
+    monkeypatch.setattr(ak, "TARGET_PROGRAMS", 12)  # 4 rows x 3 splits
+    monkeypatch.setattr(ak, "BALANCED_SPLITS", True)
+    gen = torch.Generator().manual_seed(78 + tile)
+    q, q_w, k, v, k_codes = make_inputs(2, 2, 4, 32, 1300, 64, torch.float32, "cpu", gen)
+    lens = torch.tensor([1300, 700])
+    block_n, per_split, splits = ak._plan(2, 2, 5, 128, 32, G=4)
+    tok, n_long = ak._layout(block_n, per_split, splits, 5 * 128)
+    assert splits == 3 and n_long > 0, (tok, n_long)
+    calls = count_prologue_selections(monkeypatch)
+    check_step(q, q_w, k, v, k_codes, lens, 128, k_blocks=5, must_select=(0, -1))
+    assert calls == {"prologue": 1, "launch": 0}, calls
+
+
 def test_selection_in_prologue_with_fitted_splits(monkeypatch):
     """FUSED_MERGE_FIT: where a row's partials exceed the fused merge's limit, the attention
     plans fewer, longer splits and still runs the deferred selection in its prologue (no

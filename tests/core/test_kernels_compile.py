@@ -119,7 +119,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
         SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, BLK_SCALAR=False, PREFETCH=False,
-        tline_ptr="*i64", TLINE=False,
+        tline_ptr="*i64", TLINE=False, N_LONG="i32",
     )
     if t_q > 1:
         args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))

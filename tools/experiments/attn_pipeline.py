@@ -81,6 +81,13 @@ VARIANTS = {
     "pdl64_all": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 64},  # the default since 3d65ea1
     "pdl16": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 16},  # before
     "attn_early": {"kvcomp.ops._pdl:EARLY_TRIGGER_MAX_ROWS": {}},  # 3d65ea1's (early at any rows)
+    # built after the last device call of session 19, not timed: the tiles dealt out evenly
+    # (B = 1 at 10%: 33 splits of 3-4 tiles, 264 programs, 2 on every SM; G = 4's partials then
+    # exceed the fused merge's 64 KB: with 256 programs, or FUSED_MERGE_FIT, 32 splits)
+    "balanced": dict(BALANCED_SPLITS=True),
+    "balanced_t256": dict(BALANCED_SPLITS=True, TARGET_PROGRAMS=256),
+    "balanced_fit": dict(BALANCED_SPLITS=True, FUSED_MERGE_FIT=True),
+    "balanced_m72k": dict(BALANCED_SPLITS=True, FUSED_MERGE_MAX_BYTES=72 << 10),
 }
 
 

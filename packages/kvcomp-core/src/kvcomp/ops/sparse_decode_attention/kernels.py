@@ -103,6 +103,16 @@ MAXNREG = None
 # -> 173.8 at 10%; capped at 128 (no spills): 63.3 / 145.2. The attention alone: 22.71 against
 # 22.47-22.50 us uncapped (decode.md "Session 18")
 MANY_MAXNREG = 128
+# deal a row's tiles out to its splits as evenly as possible (the first tiles % splits splits one
+# tile longer) instead of equal splits of cdiv(tiles, splits) tiles, of which there may then be
+# fewer than planned. Built in session 19, not measured yet (off). Why: at B = 1 with 10% of 128K
+# (8 rows x 103 128-token tiles) the plan is 26 splits of 4 tiles, 208 programs at 2 an SM
+# (228 registers); attn_timeline.py (decode.md "Session 19") showed the loop's time set by the
+# SMs that run two programs (15.4 us, against 10.1 on SMs with one), 8 tiles an SM. 33 splits
+# of 3-4 tiles (264 programs, 2 on every SM) would put 6-7 tiles on an SM. (For G = 4 at 33
+# splits the partials, 67.6 KB a row, exceed FUSED_MERGE_MAX_BYTES: a merge launch, unless
+# TARGET_PROGRAMS is 256 or FUSED_MERGE_FIT caps the splits at 32; attn_pipeline.py's variants)
+BALANCED_SPLITS = False
 # PDL for launches of at most this many (sequence, kv-head) rows (None: ``_pdl.DECODE_MAX_ROWS``)
 PDL_MAX_ROWS = None
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
@@ -181,7 +191,7 @@ def _sparse_decode_split_kernel(
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
     BLK_SCALAR: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    tline_ptr=None, TLINE: tl.constexpr = False,
+    tline_ptr=None, TLINE: tl.constexpr = False, N_LONG=0,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -222,6 +232,10 @@ def _sparse_decode_split_kernel(
         v_base = v_ptr + b * svb + h * svh
     i_base = idx_ptr + b * sib + h * sih
 
+    # this split's virtual tokens: TOK_PER_SPLIT each, the first N_LONG splits one tile more
+    # (``BALANCED_SPLITS``; N_LONG = 0: equal splits, the last one cut at the end)
+    v_lo = split * TOK_PER_SPLIT + tl.minimum(split, N_LONG) * BLOCK_N
+    v_hi = tl.minimum(v_lo + TOK_PER_SPLIT + tl.where(split < N_LONG, BLOCK_N, 0), K_ENT * CHUNK)
     if EARLY:  # the selection is the previous launch's: wait for it now
         pdl_enter(PDL)
     if SEL:  # this program's share of block_idx from the scan's keys and histogram
@@ -230,21 +244,17 @@ def _sparse_decode_split_kernel(
         else:
             kb = SEL_KB + tl.zeros([], dtype=tl.int64)  # SEL_KB may be specialised to 1
         # the entries of this split's virtual tokens; a block cut by a split boundary (CHUNK not
-        # dividing TOK_PER_SPLIT) is written by both of its splits, with the same value
-        v_first = split * TOK_PER_SPLIT
-        v_end = tl.minimum(v_first + TOK_PER_SPLIT, K_ENT * CHUNK)
+        # dividing a split) is written by both of its splits, with the same value
         _select_row_hist(sel_key_ptr + pid * SEL_NB, i_base, sel_must_ptr, seq_len, kb, K_ENT,
                          sel_hist_ptr + pid * SEL_NBINS, CHUNK, SEL_M, SEL_BLOCK, SEL_SINGLE,
                          SEL_KMIN, SEL_NBINS, False, SEL_KSTEP,
-                         v_first // CHUNK, (v_end + CHUNK - 1) // CHUNK, False)
+                         v_lo // CHUNK, (v_hi + CHUNK - 1) // CHUNK, False)
         tl.debug_barrier()  # the share's stores before any thread reads them below
     if TLINE:
         t_pro = _globaltimer(split)
     m_i = tl.full([G_PAD], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
-    v_lo = split * TOK_PER_SPLIT
-    v_hi = tl.minimum(v_lo + TOK_PER_SPLIT, K_ENT * CHUNK)
     if BLK_SCALAR:  # the first tile's block entry (a tile lies in one block: CHUNK % BLOCK_N == 0)
         nblk = tl.load(i_base + (tl.minimum(v_lo, v_hi - 1) // CHUNK) * sik)
     if PREFETCH:  # (with BLK_SCALAR) the first tile in registers, and the second tile's entry
@@ -603,7 +613,7 @@ def _maxnreg(B: int, Hkv: int, G: int) -> int | None:
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None,
           G: int = 1) -> tuple[int, int, int]:
-    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads); at most
+    """(BLOCK_N, tokens of the longest split, splits) from shapes only (no device reads); at most
     ``max_splits`` splits when given; G query heads a kv-head (TARGET_PROGRAMS_MANY from
     MANY_ROWS rows where G <= MANY_MAX_G)."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
@@ -620,8 +630,19 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None =
             continue
         break
     per_split = triton.cdiv(tiles, splits) * block_n
-    splits = triton.cdiv(virtual, per_split)
+    if not BALANCED_SPLITS:
+        splits = triton.cdiv(virtual, per_split)
     return block_n, per_split, splits
+
+
+def _layout(block_n: int, per_split: int, splits: int, virtual: int) -> tuple[int, int]:
+    """(TOK_PER_SPLIT, N_LONG) of a plan over ``virtual`` tokens: with ``BALANCED_SPLITS`` the
+    tiles dealt out as evenly as possible (N_LONG splits one tile longer), else equal splits of
+    per_split tokens."""
+    if not BALANCED_SPLITS:
+        return per_split, 0
+    q, r = divmod(triton.cdiv(virtual, block_n), splits)
+    return q * block_n, r
 
 
 def sparse_decode_attention_triton(
@@ -668,6 +689,7 @@ def sparse_decode_attention_triton(
         # fewer, longer splits whose partials the fused merge takes (not a second launch)
         block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)),
                                            G=G)
+    tok_split, n_long = _layout(block_n, per_split, splits, K * chunk_size)
     m, l, acc = _partials(B, Hq, splits, D, q.device)
     block_d = max(16, triton.next_power_of_2(D))
     paged = {}
@@ -701,13 +723,13 @@ def sparse_decode_attention_triton(
     prefetch_tiles = scalar and PREFETCH_TILES and per_split > block_n  # several tiles a split
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
-        Hkv, K, per_split, splits, scale * math.log2(math.e),
+        Hkv, K, tok_split, splits, scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
-        BLK_SCALAR=scalar, PREFETCH=prefetch_tiles, **_timeline_args(B * Hkv * splits, q.device),
+        BLK_SCALAR=scalar, PREFETCH=prefetch_tiles, **_timeline_args(B * Hkv * splits, q.device), N_LONG=n_long,
         **({"maxnreg": r} if (r := _maxnreg(B, Hkv, G)) else {}),
         num_warps=WARPS,
         num_stages=1 if prefetch_tiles else ONE_TILE_STAGES if per_split <= block_n else STAGES,
