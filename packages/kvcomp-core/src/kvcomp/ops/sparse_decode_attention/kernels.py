@@ -90,9 +90,11 @@ ONE_TILE_STAGES = 1
 SCALAR_BLOCKS = True
 # with the scalar entries, prefetch the next tile's K / V into registers by plain loads at the top
 # of each loop step (``PREFETCH``, one pipeline stage), so that they are in flight during the
-# step's dots. Off: not measured yet. Why: as compiled (sm_90 TTGIR, triton 3.9), the pipelined
-# loop issues the next tile's copies only after both dots, into the one buffer it just read, so
-# a program never has a load in flight while it computes (decode.md "Session 18")
+# step's dots. Why: as compiled (sm_90 TTGIR, triton 3.9), the pipelined loop issues the next
+# tile's copies only after both dots, into the one buffer it just read (decode.md "Session 18").
+# Off: slower everywhere. Session 19, H200, 128K, the attention alone, us, default / prefetch /
+# prefetch with 32-token tiles: B = 8 2048 tokens 23.23 / 51.77 (64 spills at the 128-register
+# cap) / 23.33; B = 4 14.19 / 38.41 / 16.46; B = 1 10% 21.14 / 43.05 (decode.md "Session 19")
 PREFETCH_TILES = False
 # a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
 MAXNREG = None
