@@ -34,6 +34,28 @@ def random_selection(B, Hkv, n_blocks, K, gen, drop=0.3):
     return torch.stack(rows).view(B, Hkv, K).to(torch.int32)
 
 
+def case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, drop, pins=()):
+    """q ([B, Hkv * G, D], or [B, Hkv * G, T, D] for T > 1 queries a sequence), k, v [B, Hkv, L,
+    D] fp32 on the CPU, and a random selection [B, Hkv, K] with block ``blk`` at entry ``e`` of
+    sequence ``b`` for each (b, e, blk) of ``pins`` and nowhere else in that row (entries stay
+    distinct: the kernel's contract)."""
+    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
+    q = torch.randn(*shape_q, generator=gen)
+    k = torch.randn(B, Hkv, L, D, generator=gen)
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    idx = random_selection(B, Hkv, -(-L // chunk), K, gen, drop=drop)
+    for b_, e, blk in pins:
+        idx[b_] = torch.where(idx[b_] == blk, -1, idx[b_])
+        idx[b_, :, e] = blk
+    return q, k, v, idx
+
+
+def last_block_pins(lens, chunk):
+    """Pins of the block holding each sequence's last token at entry 0 (several queries a
+    sequence attend to their own new tokens)."""
+    return [(b_, 0, (int(n) - 1) // chunk) for b_, n in enumerate(lens)]
+
+
 def check(q, k, v, idx, lens, chunk, scale=None, atol=1e-5):
     D = q.shape[-1]
     scale = scale if scale is not None else 1 / math.sqrt(D)
@@ -153,18 +175,10 @@ def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 8)  # few programs: splits of several tiles
     gen = torch.Generator().manual_seed(chunk + tile + T)
     B, Hkv, G, D, L = 2, 2, 2, 32, 9 * chunk
-    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
-    q = torch.randn(*shape_q, generator=gen)
-    k = torch.randn(B, Hkv, L, D, generator=gen)
-    v = torch.randn(B, Hkv, L, D, generator=gen)
     lens = torch.tensor([L, 4 * chunk + 7])
-    nb = -(-L // chunk)
-    idx = random_selection(B, Hkv, nb, 7, gen, drop=0.2)
-    # entries stay distinct (the kernel's contract): the block that row 1's length cuts, and with
-    # several queries the new tokens' block of row 0
-    for b_, e, blk in [(1, 0, 4)] + ([(0, 1, nb - 1)] if T > 1 else []):
-        idx[b_] = torch.where(idx[b_] == blk, -1, idx[b_])
-        idx[b_, :, e] = blk
+    # the block that row 1's length cuts, and with several queries the new tokens' block of row 0
+    q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, 7, chunk, gen, 0.2,
+                               [(1, 0, 4)] + ([(0, 1, L // chunk - 1)] if T > 1 else []))
     assert kernels._plan(B, Hkv, 7, chunk, D)[1] > tile  # splits of several tiles
     runs = {}
     for scalar, prefetch in ((False, False), (True, False), (True, True)):
@@ -222,16 +236,9 @@ def test_balanced_splits(monkeypatch, chunk, tile, K, fused, T):
     block_n, per_split, splits = kernels._plan(B, Hkv, K, chunk, D)
     tok, n_long = kernels._layout(block_n, per_split, splits, K * chunk)
     assert splits == 3 and n_long > 0, (block_n, per_split, splits, tok, n_long)
-    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
-    q = torch.randn(*shape_q, generator=gen)
-    k = torch.randn(B, Hkv, L, D, generator=gen)
-    v = torch.randn(B, Hkv, L, D, generator=gen)
     lens = torch.tensor([L, 2 * chunk + 5])
-    nb = -(-L // chunk)
-    idx = random_selection(B, Hkv, nb, K, gen, drop=0.1)
-    for b_, e, blk in [(1, 0, 2)] + ([(0, 1, nb - 1)] if T > 1 else []):
-        idx[b_] = torch.where(idx[b_] == blk, -1, idx[b_])
-        idx[b_, :, e] = blk
+    q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, 0.1,
+                               [(1, 0, 2)] + ([(0, 1, L // chunk - 1)] if T > 1 else []))
     got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton")
     assert not got.isnan().any()
     if T == 1:
@@ -258,18 +265,9 @@ def test_gpu_balanced_splits(monkeypatch, B, G, K, T):
     monkeypatch.setattr(kernels, "BALANCED_SPLITS", True)
     gen = torch.Generator().manual_seed(900 + K + T)
     Hkv, D, L, chunk = 8, 128, 65536, 128
-    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
-    q = torch.randn(*shape_q, generator=gen).bfloat16().cuda()
-    k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
-    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
-    lens = torch.tensor([L, 40001][:B], device="cuda")
-    idx = random_selection(B, Hkv, L // chunk, K, gen, drop=0.05)
-    if T > 1:
-        for b_ in range(B):
-            last = (int(lens[b_]) - 1) // chunk
-            idx[b_] = torch.where(idx[b_] == last, -1, idx[b_])
-            idx[b_, :, 0] = last
-    idx = idx.cuda()
+    lens = torch.tensor([L, 40001][:B])
+    q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, 0.05, last_block_pins(lens, chunk) if T > 1 else ())
+    q, k, v, idx, lens = (t.cuda() for t in (q.bfloat16(), k.bfloat16(), v.bfloat16(), idx, lens))
     block_n, per_split, splits = kernels._plan(B, Hkv, K, chunk, D, G=G)
     assert kernels._layout(block_n, per_split, splits, K * chunk)[1] > 0 or K * chunk // block_n % splits == 0
     got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk)
@@ -297,18 +295,9 @@ def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
     lengths and -1 entries."""
     gen = torch.Generator().manual_seed(600 + B * G + K + T)
     Hkv, D, L, chunk = 8, 128, 32768, 128
-    shape_q = (B, Hkv * G, T, D) if T > 1 else (B, Hkv * G, D)
-    q = torch.randn(*shape_q, generator=gen).bfloat16().cuda()
-    k = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
-    v = torch.randn(B, Hkv, L, D, generator=gen).bfloat16().cuda()
-    lens = torch.tensor([L, 20001, 129, 30000, 4097, 1, 32767, 128][:B], device="cuda")
-    idx = random_selection(B, Hkv, L // chunk, K, gen, drop=0.1)
-    if T > 1:  # the new tokens' blocks are selected (distinct entries)
-        for b_ in range(B):
-            last = (int(lens[b_]) - 1) // chunk
-            idx[b_] = torch.where(idx[b_] == last, -1, idx[b_])
-            idx[b_, :, 0] = last
-    idx = idx.cuda()
+    lens = torch.tensor([L, 20001, 129, 30000, 4097, 1, 32767, 128][:B])
+    q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, 0.1, last_block_pins(lens, chunk) if T > 1 else ())
+    q, k, v, idx, lens = (t.cuda() for t in (q.bfloat16(), k.bfloat16(), v.bfloat16(), idx, lens))
     outs = []
     for scalar, prefetch in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
