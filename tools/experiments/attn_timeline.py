@@ -22,6 +22,7 @@ launches of the last replay):
   merge: the last program's merge (ticket -> end);
 * drain: the last end minus the time by which 90% of the programs had ended;
 * SM busy: the mean over SMs of the time some program of the launch ran there, over the span;
+* loop by SM load: the loop's median among programs whose SM ran 1, 2, ... programs of the launch;
 * %copy in span: the gathered K/V bytes over the span, against the copy bandwidth of the run.
 
 It also times the same graph with the hook off and on (the timer reads' cost).
@@ -87,6 +88,12 @@ def analyse(t: torch.Tensor) -> dict:
         res.update(merge_p50_us=float((end - ticket)[last].median()) * us,
                    merge_max_us=float((end - ticket)[last].max()) * us)
     res["drain_us"] = res["span_us"] - res["end90_us"]
+    # a program's loop by how many programs of the launch its SM ran (session 19: at B = 8 16.4
+    # us on SMs with 4 against 15.5 with 3; at B = 1, 10% 15.4 with 2 against 10.1 with 1)
+    per_sm = torch.bincount(sm, minlength=n_sm)[sm]
+    for c in per_sm.unique().tolist():
+        res[f"loop_p50_us_sm{c}"] = float((loop - pro)[per_sm == c].median()) * us
+        res[f"programs_on_sm{c}"] = int((per_sm == c).sum())
     return res
 
 
@@ -130,7 +137,8 @@ def timeline(calls, programs: int, kv_bytes: int, copy: float, reps: int) -> dic
     rows = [analyse(b.cpu()) for b in bufs]
     for i in range(1, len(bufs)):
         rows[i]["gap_us"] = (float(bufs[i][:, 0].min()) - float(bufs[i - 1][:, 4].max())) * 1e-3
-    summ: dict = {k: statistics.median(r[k] for r in rows if k in r) for k in rows[-1]}
+    keys = dict.fromkeys(k for r in rows for k in r)
+    summ: dict = {k: statistics.median(r[k] for r in rows if k in r) for k in keys}
     summ["raw_last_launch"] = bufs[-1].cpu().tolist()  # [programs, 8] for offline analysis
     summ.update(us_hook_off=us_off, us_hook_on=statistics.median(times),
                 pct_copy_span=100 * kv_bytes / (summ["span_us"] * 1e-6) / (copy * 1e9),
