@@ -192,8 +192,9 @@ def run_case(name: str, variants: list[str], copy: float, reps: int, gen) -> dic
 
 def warm_gpu(seconds: float = 2.0) -> None:
     """Busy the GPU for a while first, so that its clocks are up before the first measurement.
-    (Session 18: the first variant timed in a fresh process read ~7% slow, with this warm-up too;
-    so every comparison also times the default again, ``default2``.)"""
+    (Session 18: the first variant timed after each case's compile read 5-7% slow even so: the
+    clocks drop during the compile. Since session 19 ``cuda_time_us`` warms for 30 ms itself;
+    ``default2`` still times the default twice, for the spread.)"""
     import time
 
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
