@@ -164,11 +164,11 @@ def test_selection_in_attention_prologue(monkeypatch, B, Hkv, G, chunk, lens, k_
         assert not hk._HISTS.get(B * Hkv * nbins, torch.device("cpu")).any(), "histogram not zeroed"
 
 
-def test_selection_in_prologue_with_scalar_entries_and_prefetch(monkeypatch):
-    """The attention's tile entries one step ahead (SCALAR_BLOCKS) and the next tile prefetched
-    into registers (PREFETCH_TILES), after the selection in the prologue wrote this program's
-    share of block_idx: the selection of the reference and the per-token path's output bit for
-    bit (chunk 128, splits of several 32-token tiles, ragged lengths)."""
+def test_selection_in_prologue_with_scalar_entries(monkeypatch):
+    """The attention's tile entries one step ahead (SCALAR_BLOCKS), after the selection in the
+    prologue wrote this program's share of block_idx: the selection of the reference and the
+    per-token path's output bit for bit (chunk 128, splits of several 32-token tiles, ragged
+    lengths)."""
     import importlib
 
     ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
@@ -181,37 +181,12 @@ def test_selection_in_prologue_with_scalar_entries_and_prefetch(monkeypatch):
     assert ak._plan(2, 2, 5, 128, 32, G=4)[1] > 32  # several tiles a split
     calls = count_prologue_selections(monkeypatch)
     outs = []
-    for scalar, prefetch in ((False, False), (True, False), (True, True)):
+    for scalar in (False, True):
         monkeypatch.setattr(ak, "SCALAR_BLOCKS", scalar)
-        monkeypatch.setattr(ak, "PREFETCH_TILES", prefetch)
         outs.append(check_step(q, q_w, k, v, k_codes, lens, 128, k_blocks=5, must_select=(0, -1)))
-    assert calls == {"prologue": 3, "launch": 0}, calls
-    for out, idx in outs[1:]:
-        assert torch.equal(idx, outs[0][1]) and torch.equal(out, outs[0][0])
-
-
-@pytest.mark.parametrize("tile", [32, 64])
-def test_selection_in_prologue_with_balanced_splits(monkeypatch, tile):
-    """BALANCED_SPLITS: splits of unequal tiles (the first ones one tile longer), each writing its
-    own share of block_idx in the prologue (a 128-token block cut by a split boundary with
-    32-token tiles is written by both splits): the reference's selection, the output within the
-    rule, no separate selection launch."""
-    import importlib
-
-    ak = importlib.import_module("kvcomp.ops.sparse_decode_attention.kernels")
-    monkeypatch.setattr(ak, "TILE_N", tile)
-    monkeypatch.setattr(ak, "LONG_TILE_N", None)
-    monkeypatch.setattr(ak, "TARGET_PROGRAMS", 12)  # 4 rows x 3 splits
-    monkeypatch.setattr(ak, "BALANCED_SPLITS", True)
-    gen = torch.Generator().manual_seed(78 + tile)
-    q, q_w, k, v, k_codes = make_inputs(2, 2, 4, 32, 1300, 64, torch.float32, "cpu", gen)
-    lens = torch.tensor([1300, 700])
-    block_n, per_split, splits = ak._plan(2, 2, 5, 128, 32, G=4)
-    tok, n_long = ak._layout(block_n, per_split, splits, 5 * 128)
-    assert splits == 3 and n_long > 0, (tok, n_long)
-    calls = count_prologue_selections(monkeypatch)
-    check_step(q, q_w, k, v, k_codes, lens, 128, k_blocks=5, must_select=(0, -1))
-    assert calls == {"prologue": 1, "launch": 0}, calls
+    assert calls == {"prologue": 2, "launch": 0}, calls
+    out, idx = outs[1]
+    assert torch.equal(idx, outs[0][1]) and torch.equal(out, outs[0][0])
 
 
 def test_selection_in_prologue_with_fitted_splits(monkeypatch):

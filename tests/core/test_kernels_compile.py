@@ -118,8 +118,8 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         gticket_ptr="*i32", GROUP=i32, NG=i32, TWO_LEVEL=False, L1_PAD=8, L1_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
-        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, BLK_SCALAR=False, PREFETCH=False,
-        tline_ptr="*i64", TLINE=False, N_LONG="i32",
+        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, BLK_SCALAR=False,
+        tline_ptr="*i64", TLINE=False,
     )
     if t_q > 1:
         args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
@@ -153,13 +153,9 @@ def check_sparse_decode_attention_kernels():
         assert ("tensor<64x!tt.ptr<i32>" in ir) != scalar, scalar
     compile_sm90(ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True, sel=True), CHUNK=128,
                                                        BLK_SCALAR=True, EARLY=True), num_warps=4, num_stages=2)
-    # the next tile prefetched into registers (PREFETCH, one stage; its loop carries the next
-    # tile's K / V, tokens and mask, which the interpreter does not type-check): contiguous,
-    # paged, and with the prologue selection
-    for base in (_split_args(True, 1), dict(_split_args(True, 1), PAGED=True, PAGE=64),
-                 dict(_split_args(True, 1, pdl=True, sel=True), EARLY=True)):
-        compile_sm90(ak._sparse_decode_split_kernel, dict(base, CHUNK=128, BLK_SCALAR=True, PREFETCH=True),
-                     num_warps=4, num_stages=1)
+    # ... on a paged pool, and on one-tile splits (one stage)
+    compile_sm90(ak._sparse_decode_split_kernel, dict(_split_args(True, 1), PAGED=True, PAGE=64, CHUNK=128,
+                                                       BLK_SCALAR=True), num_warps=4, num_stages=1)
     # the two-level fused merge (MERGE_GROUP_SPLITS): a group ticket, then the row ticket
     ptx = compile_sm90(ak._sparse_decode_split_kernel, dict(_split_args(True, 1, pdl=True, sel=True), TWO_LEVEL=True),
                        num_warps=4, num_stages=2).asm["ptx"]

@@ -166,9 +166,8 @@ def test_many_rows_take_shorter_splits():
 @pytest.mark.parametrize("chunk,tile,T", [(64, 16, 1), (128, 32, 1), (32, 32, 1), (64, 16, 2)])
 def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
     """SCALAR_BLOCKS (a tile's block entry loaded one step ahead, where chunk_size is a multiple
-    of the tile), and with it PREFETCH_TILES (the next tile's K / V loaded into registers during
-    a step): bit for bit the per-token path, on splits of several tiles and several blocks, -1
-    entries, ragged lengths (a block cut by seq_len), several queries a sequence, and a paged
+    of the tile): bit for bit the per-token path, on splits of several tiles and several blocks,
+    -1 entries, ragged lengths (a block cut by seq_len), several queries a sequence, and a paged
     pool; and within the rule of the fp64 reference."""
     monkeypatch.setattr(kernels, "TILE_N", tile)
     monkeypatch.setattr(kernels, "LONG_TILE_N", None)
@@ -181,104 +180,18 @@ def test_scalar_block_entries_are_the_same_sums(monkeypatch, chunk, tile, T):
                                [(1, 0, 4)] + ([(0, 1, L // chunk - 1)] if T > 1 else []))
     assert kernels._plan(B, Hkv, 7, chunk, D)[1] > tile  # splits of several tiles
     runs = {}
-    for scalar, prefetch in ((False, False), (True, False), (True, True)):
+    for scalar in (False, True):
         monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
-        monkeypatch.setattr(kernels, "PREFETCH_TILES", prefetch)
         got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton")
         assert not got.isnan().any()
-        runs[scalar, prefetch] = got
-    assert torch.equal(runs[True, False], runs[False, False])
-    assert torch.equal(runs[True, True], runs[False, False])
+        runs[scalar] = got
+    assert torch.equal(runs[True], runs[False])
     if T == 1:
-        check(q, k, v, idx, lens, chunk)  # SCALAR_BLOCKS and PREFETCH_TILES still on
+        check(q, k, v, idx, lens, chunk)  # SCALAR_BLOCKS still on
         kp, vp, table = paged_from_contiguous(k, v, chunk, gen)
         paged = sparse_decode_attention(q, kp, vp, idx, lens, chunk_size=chunk, block_table=table,
                                         backend="triton")
-        assert torch.equal(paged, runs[False, False])
-
-
-def test_balanced_split_layout(monkeypatch):
-    """BALANCED_SPLITS: the planned splits all run, the tiles dealt out evenly (the first
-    tiles % splits one tile longer), and the layout covers every tile once; off, equal splits
-    (N_LONG 0). B = 1, 10% of 128K (8 rows x 103 128-token tiles): 26 splits of 4 tiles, or 33
-    splits of 3-4."""
-    assert kernels._plan(1, 8, 103, 128, 128) == (128, 512, 26)
-    assert kernels._layout(128, 512, 26, 103 * 128) == (512, 0)
-    monkeypatch.setattr(kernels, "BALANCED_SPLITS", True)
-    block_n, per_split, splits = kernels._plan(1, 8, 103, 128, 128)
-    assert (block_n, per_split, splits) == (128, 512, 33)
-    tok, n_long = kernels._layout(block_n, per_split, splits, 103 * 128)
-    assert (tok, n_long) == (384, 4)
-    for tiles, S in [(103, 33), (7, 3), (32, 8), (5, 5), (9, 2)]:  # (tiles, splits): every tile once
-        tok, n_long = kernels._layout(16, 16 * -(-tiles // S), S, tiles * 16 - 3)
-        lo = [s_ * tok + min(s_, n_long) * 16 for s_ in range(S)]
-        hi = [min(a + tok + 16 * (s_ < n_long), tiles * 16 - 3) for s_, a in enumerate(lo)]
-        assert lo[0] == 0 and hi[-1] == tiles * 16 - 3 and all(h == a for h, a in zip(hi, lo[1:]))
-        assert max(hi[i] - lo[i] for i in range(S)) <= 16 * -(-tiles // S)
-    assert kernels._plan(8, 8, 16, 128, 128, G=4) == (64, 256, 8)  # even already: the same plan
-
-
-@pytest.mark.parametrize("chunk,tile,K,fused,T", [(64, 16, 2, True, 1), (128, 32, 2, False, 1),
-                                                  (16, 32, 7, True, 1), (64, 16, 2, True, 3)])
-def test_balanced_splits(monkeypatch, chunk, tile, K, fused, T):
-    """BALANCED_SPLITS on splits of 1-3 tiles (scalar entries where chunk is a multiple of the
-    tile, per-token entries where not; the fused merge and the merge kernel; several queries a
-    sequence; a paged pool): within the rule of the fp64 reference, and with the next tile
-    prefetched bit for bit the same."""
-    monkeypatch.setattr(kernels, "TILE_N", tile)
-    monkeypatch.setattr(kernels, "LONG_TILE_N", None)
-    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 12)  # 4 rows x 3 splits
-    monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
-    monkeypatch.setattr(kernels, "BALANCED_SPLITS", True)
-    gen = torch.Generator().manual_seed(chunk + tile + T + 5)
-    B, Hkv, G, D = 2, 2, 2, 32
-    L = (K + 3) * chunk
-    block_n, per_split, splits = kernels._plan(B, Hkv, K, chunk, D)
-    tok, n_long = kernels._layout(block_n, per_split, splits, K * chunk)
-    assert splits == 3 and n_long > 0, (block_n, per_split, splits, tok, n_long)
-    lens = torch.tensor([L, 2 * chunk + 5])
-    q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, 0.1,
-                               [(1, 0, 2)] + ([(0, 1, L // chunk - 1)] if T > 1 else []))
-    got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton")
-    assert not got.isnan().any()
-    if T == 1:
-        check(q, k, v, idx, lens, chunk)
-        kp, vp, table = paged_from_contiguous(k, v, chunk, gen)
-        paged = sparse_decode_attention(q, kp, vp, idx, lens, chunk_size=chunk, block_table=table,
-                                        backend="triton")
-        assert torch.equal(paged, got)
-    else:  # query t sees the tokens below lens - (T - 1 - t): each against its own reference
-        for t in range(T):
-            ok, err, base = attention_close(got[:, :, t], *_refs(q[:, :, t], k, v, idx, lens - (T - 1 - t), chunk))
-            assert ok, (t, err, base)
-    if chunk % tile == 0:
-        monkeypatch.setattr(kernels, "PREFETCH_TILES", True)
-        assert torch.equal(sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk, backend="triton"), got)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,G,K,T", [(1, 4, 103, 1), (1, 8, 307, 1), (2, 4, 40, 3)])
-def test_gpu_balanced_splits(monkeypatch, B, G, K, T):
-    """BALANCED_SPLITS at real shapes (B = 1 at 10% / 30% of 128K-like selections: 128-token
-    tiles, 33 splits of 3-4 / 9-10 tiles; several queries a sequence): within the rule, and
-    bit-identical with the next tile prefetched."""
-    monkeypatch.setattr(kernels, "BALANCED_SPLITS", True)
-    gen = torch.Generator().manual_seed(900 + K + T)
-    Hkv, D, L, chunk = 8, 128, 65536, 128
-    lens = torch.tensor([L, 40001][:B])
-    q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, 0.05, last_block_pins(lens, chunk) if T > 1 else ())
-    q, k, v, idx, lens = (t.cuda() for t in (q.bfloat16(), k.bfloat16(), v.bfloat16(), idx, lens))
-    block_n, per_split, splits = kernels._plan(B, Hkv, K, chunk, D, G=G)
-    assert kernels._layout(block_n, per_split, splits, K * chunk)[1] > 0 or K * chunk // block_n % splits == 0
-    got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk)
-    if T == 1:
-        check(q, k, v, idx, lens, chunk)
-    else:
-        for t in range(T):
-            ok, err, base = attention_close(got[:, :, t], *_refs(q[:, :, t], k, v, idx, lens - (T - 1 - t), chunk))
-            assert ok, (t, err, base)
-    monkeypatch.setattr(kernels, "PREFETCH_TILES", True)
-    assert torch.equal(sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk), got)
+        assert torch.equal(paged, runs[False])
 
 
 def _refs(q, k, v, idx, lens, chunk):
@@ -290,20 +203,18 @@ def _refs(q, k, v, idx, lens, chunk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,K,T", [(8, 4, 16, 1), (1, 4, 103, 1), (8, 8, 16, 1), (2, 4, 40, 3)])
 def test_gpu_scalar_block_entries_are_the_same_sums(monkeypatch, B, G, K, T):
-    """On the H200 at real shapes (chunk 128, 64- or 128-token tiles): SCALAR_BLOCKS, and with it
-    PREFETCH_TILES, give the per-token path's output bit for bit, within the rule, with ragged
-    lengths and -1 entries."""
+    """On the H200 at real shapes (chunk 128, 64- or 128-token tiles): SCALAR_BLOCKS gives the
+    per-token path's output bit for bit, within the rule, with ragged lengths and -1 entries."""
     gen = torch.Generator().manual_seed(600 + B * G + K + T)
     Hkv, D, L, chunk = 8, 128, 32768, 128
     lens = torch.tensor([L, 20001, 129, 30000, 4097, 1, 32767, 128][:B])
     q, k, v, idx = case_inputs(B, Hkv, G, D, L, T, K, chunk, gen, 0.1, last_block_pins(lens, chunk) if T > 1 else ())
     q, k, v, idx, lens = (t.cuda() for t in (q.bfloat16(), k.bfloat16(), v.bfloat16(), idx, lens))
     outs = []
-    for scalar, prefetch in ((False, False), (True, False), (True, True)):
+    for scalar in (False, True):
         monkeypatch.setattr(kernels, "SCALAR_BLOCKS", scalar)
-        monkeypatch.setattr(kernels, "PREFETCH_TILES", prefetch)
         outs.append(sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[0], outs[1])
     if T == 1:
         check(q, k, v, idx, lens, chunk)
 

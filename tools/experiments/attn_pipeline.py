@@ -66,28 +66,14 @@ VARIANTS = {
     # for G = 8 uncapped: that was the 3-programs-an-SM wave, not stage 2); the merge's 8 splits
     # of 8 rows in one step
     "g8_many_m8k": dict(MANY_MAX_G=8, MERGE_TILE_ELEMS=8192),
-    # built after the last device call of session 18, not timed yet: the next tile's K / V
-    # prefetched into registers during each step (sm_90 with triton 3.9: 196 registers at
-    # 64-token tiles, 136 at 32; the many-program plan caps them at 128)
-    "prefetch": dict(PREFETCH_TILES=True),
-    "prefetch_n32": dict(PREFETCH_TILES=True, TILE_N=32),
-    "prefetch_n32_uncapped": dict(PREFETCH_TILES=True, TILE_N=32, MANY_MAXNREG=None),
-    "prefetch_uncapped": dict(PREFETCH_TILES=True, MANY_MAXNREG=None),
-    "prefetch_w8": dict(PREFETCH_TILES=True, WARPS=8),  # the prefetched tile over 256 threads
-    "prefetch_no_long": dict(PREFETCH_TILES=True, LONG_TILE_N=None),  # B = 1: 64-token tiles
-    # session 19 (attn_timeline.py): at B = 8 a launch starts ~1 us after the previous one ends
+    # session 19's PREFETCH_TILES (prefetch*) and session 20's BALANCED_SPLITS (balanced*):
+    # timed slower, removed from the kernel (decode.md "Session 19" / "Session 20").
+    # Session 19 (attn_timeline.py): at B = 8 a launch starts ~1 us after the previous one ends
     # (no PDL above 16 rows); PDL for the attention at up to 64 rows, and for every decode kernel
     "pdl64": dict(PDL_MAX_ROWS=64),
     "pdl64_all": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 64},  # the default since 3d65ea1
     "pdl16": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 16},  # before
     "attn_early": {"kvcomp.ops._pdl:EARLY_TRIGGER_MAX_ROWS": {}},  # 3d65ea1's (early at any rows)
-    # built after the last device call of session 19, not timed: the tiles dealt out evenly
-    # (B = 1 at 10%: 33 splits of 3-4 tiles, 264 programs, 2 on every SM; G = 4's partials then
-    # exceed the fused merge's 64 KB: with 256 programs, or FUSED_MERGE_FIT, 32 splits)
-    "balanced": dict(BALANCED_SPLITS=True),
-    "balanced_t256": dict(BALANCED_SPLITS=True, TARGET_PROGRAMS=256),
-    "balanced_fit": dict(BALANCED_SPLITS=True, FUSED_MERGE_FIT=True),
-    "balanced_m72k": dict(BALANCED_SPLITS=True, FUSED_MERGE_MAX_BYTES=72 << 10),
 }
 
 

@@ -49,8 +49,10 @@ def _pct(xs, p):
 
 
 def analyse(t: torch.Tensor) -> dict:
-    """One launch's timeline rows [programs, 8] (int64, ns) -> summary in microseconds."""
-    t = t.double()
+    """One launch's timeline rows [programs, 8] (int64, ns) -> summary in microseconds. Rows that
+    no program wrote (still zero: a knob such as FUSED_MERGE_FIT planned fewer splits than
+    ``_plan`` alone) are left out."""
+    t = t[t[:, 0] > 0].double()
     start, pro, loop, ticket, end = (t[:, i] for i in range(5))
     sm, tk, tiles = t[:, 5].long(), t[:, 6].long(), t[:, 7]
     t0, t1 = float(start.min()), float(end.max())

@@ -48,15 +48,14 @@ def main() -> None:
     hk = importlib.import_module("kvcomp.ops.hamming_topk.kernels")
     cases = []
     # the attention as the JIT compiles it at 128K, B = 8 (chunk 128, 8 splits, unit strides as
-    # constants, 16-byte aligned pointers and strides): per-token entries, the scalar entries,
-    # and the register prefetch (one stage); with the selection in the prologue (sel) or not
+    # constants, 16-byte aligned pointers and strides): per-token entries and the scalar entries;
+    # with the selection in the prologue (sel) or not
     for block_n in (32, 64):
         for sel in (False, True):
-            for name, scalar, prefetch, stages in (("per-token", False, False, 2), ("scalar", True, False, 2),
-                                                   ("prefetch", True, True, 1)):
+            for name, scalar, stages in (("per-token", False, 2), ("scalar", True, 2)):
                 args = dict(tk._split_args(True, 1, pdl=sel, sel=sel), EARLY=sel, BLOCK_N=block_n, CHUNK=128,
                             S_PAD=8, S_TILE=8, sqd=1, skd=1, svd=1, sod=1, SEL_NBINS=512,
-                            BLK_SCALAR=scalar, PREFETCH=prefetch)
+                            BLK_SCALAR=scalar)
                 cases.append((f"attention {name} BLOCK_N={block_n} sel={sel}", ak._sparse_decode_split_kernel,
                               args, dict(num_warps=4, num_stages=stages)))
     cases.append(("scan (hist, signed planes)", hk._block_keys_kernel,

@@ -10,9 +10,8 @@ fp32 (log2 domain) and writes its partial (m, l, acc) to [B, Hq, SPLITS(, D)] fp
 q's dtype; a row without any attended token gets zeros.
 
 Where a tile lies in one block (CHUNK a multiple of BLOCK_N), the tile's block entry is one
-scalar loaded a loop step ahead (``BLK_SCALAR``), and optionally the next tile's K / V are
-loaded into registers during the current step (``PREFETCH``); either way the same tiles in the
-same order, so the same output bit for bit.
+scalar loaded a loop step ahead (``BLK_SCALAR``); the same tiles in the same order as with the
+per-token entries, so the same output bit for bit.
 
 Fused merge (``FUSED_MERGE``, the default while a row's partials are at most
 ``FUSED_MERGE_MAX_BYTES``): no second launch. After storing its partials, each
@@ -88,14 +87,11 @@ ONE_TILE_STAGES = 1
 # the pipeliner then double-buffers K / V (two [BLOCK_N, D] buffers each, 72 KB, 150 registers:
 # 3 programs an SM) and that was slower: 27.5 against 22.7 us at B = 8 (STAGES stays 2)
 SCALAR_BLOCKS = True
-# with the scalar entries, prefetch the next tile's K / V into registers by plain loads at the top
-# of each loop step (``PREFETCH``, one pipeline stage), so that they are in flight during the
-# step's dots. Why: as compiled (sm_90 TTGIR, triton 3.9), the pipelined loop issues the next
-# tile's copies only after both dots, into the one buffer it just read (decode.md "Session 18").
-# Off: slower everywhere. Session 19, H200, 128K, the attention alone, us, default / prefetch /
-# prefetch with 32-token tiles: B = 8 2048 tokens 23.23 / 51.77 (64 spills at the 128-register
-# cap) / 23.33; B = 4 14.19 / 38.41 / 16.46; B = 1 10% 21.14 / 43.05 (decode.md "Session 19")
-PREFETCH_TILES = False
+# Timed on the H200 and removed (decode.md "Session 19" / "Session 20"; git history has the code):
+# the next tile's K / V prefetched into registers during each step (B = 8 23.23 -> 51.77 us,
+# spills at the register cap; B = 1 10% 21.14 -> 43.05), and a row's tiles dealt out evenly over
+# more splits (B = 1 10%: 264 / 256 programs on every SM, 20.97 -> 22.28 / 21.33 us: the loop
+# is bound by the aggregate bandwidth, not by the busiest SM's tiles)
 # a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
 MAXNREG = None
 # ... and this cap where the plan aims at TARGET_PROGRAMS_MANY: 4 programs of 4 warps an SM
@@ -105,16 +101,6 @@ MAXNREG = None
 # -> 173.8 at 10%; capped at 128 (no spills): 63.3 / 145.2. The attention alone: 22.71 against
 # 22.47-22.50 us uncapped (decode.md "Session 18")
 MANY_MAXNREG = 128
-# deal a row's tiles out to its splits as evenly as possible (the first tiles % splits splits one
-# tile longer) instead of equal splits of cdiv(tiles, splits) tiles, of which there may then be
-# fewer than planned. Built in session 19, not measured yet (off). Why: at B = 1 with 10% of 128K
-# (8 rows x 103 128-token tiles) the plan is 26 splits of 4 tiles, 208 programs at 2 an SM
-# (228 registers); attn_timeline.py (decode.md "Session 19") showed the loop's time set by the
-# SMs that run two programs (15.4 us, against 10.1 on SMs with one), 8 tiles an SM. 33 splits
-# of 3-4 tiles (264 programs, 2 on every SM) would put 6-7 tiles on an SM. (For G = 4 at 33
-# splits the partials, 67.6 KB a row, exceed FUSED_MERGE_MAX_BYTES: a merge launch, unless
-# TARGET_PROGRAMS is 256 or FUSED_MERGE_FIT caps the splits at 32; attn_pipeline.py's variants)
-BALANCED_SPLITS = False
 # PDL for launches of at most this many (sequence, kv-head) rows (None: ``_pdl.DECODE_MAX_ROWS``)
 PDL_MAX_ROWS = None
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
@@ -192,8 +178,8 @@ def _sparse_decode_split_kernel(
     SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
-    BLK_SCALAR: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    tline_ptr=None, TLINE: tl.constexpr = False, N_LONG=0,
+    BLK_SCALAR: tl.constexpr = False,
+    tline_ptr=None, TLINE: tl.constexpr = False,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -234,10 +220,9 @@ def _sparse_decode_split_kernel(
         v_base = v_ptr + b * svb + h * svh
     i_base = idx_ptr + b * sib + h * sih
 
-    # this split's virtual tokens: TOK_PER_SPLIT each, the first N_LONG splits one tile more
-    # (``BALANCED_SPLITS``; N_LONG = 0: equal splits, the last one cut at the end)
-    v_lo = split * TOK_PER_SPLIT + tl.minimum(split, N_LONG) * BLOCK_N
-    v_hi = tl.minimum(v_lo + TOK_PER_SPLIT + tl.where(split < N_LONG, BLOCK_N, 0), K_ENT * CHUNK)
+    # this split's virtual tokens (TOK_PER_SPLIT each, the last split cut at the end)
+    v_lo = split * TOK_PER_SPLIT
+    v_hi = tl.minimum(v_lo + TOK_PER_SPLIT, K_ENT * CHUNK)
     if EARLY:  # the selection is the previous launch's: wait for it now
         pdl_enter(PDL)
     if SEL:  # this program's share of block_idx from the scan's keys and histogram
@@ -259,35 +244,21 @@ def _sparse_decode_split_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
     if BLK_SCALAR:  # the first tile's block entry (a tile lies in one block: CHUNK % BLOCK_N == 0)
         nblk = tl.load(i_base + (tl.minimum(v_lo, v_hi - 1) // CHUNK) * sik)
-    if PREFETCH:  # (with BLK_SCALAR) the first tile in registers, and the second tile's entry
-        t_n, ok_n = _tile_tokens(nblk, v_lo, v_hi, seq_len, BLOCK_N, CHUNK)
-        k_n, v_n = _load_tile(k_base, v_base, t_n, ok_n, d, d_ok, skt, skd, svt, svd, skb, svb,
-                              tbl_ptr, b, stb, stp, PAGED, PAGE)
-        nblk = tl.load(i_base + (tl.minimum(v_lo + BLOCK_N, v_hi - 1) // CHUNK) * sik)
     for v0 in range(v_lo, v_hi, BLOCK_N):
-        if PREFETCH:
-            # this tile was loaded during the previous step; the next tile's loads are issued
-            # now and stay in flight during this step's dots (used only in the next step)
-            t, ok, kt, vt_ = t_n, ok_n, k_n, v_n
-            t_n, ok_n = _tile_tokens(nblk, v0 + BLOCK_N, v_hi, seq_len, BLOCK_N, CHUNK)
-            k_n, v_n = _load_tile(k_base, v_base, t_n, ok_n, d, d_ok, skt, skd, svt, svd, skb, svb,
-                                  tbl_ptr, b, stb, stp, PAGED, PAGE)
-            nblk = tl.load(i_base + (tl.minimum(v0 + 2 * BLOCK_N, v_hi - 1) // CHUNK) * sik)
+        if BLK_SCALAR:
+            # this tile's entry was loaded one step ahead: its K / V addresses do not wait on a
+            # load of this step, so the compiler's pipeliner can issue them a step ahead too
+            t, ok = _tile_tokens(nblk, v0, v_hi, seq_len, BLOCK_N, CHUNK)
+            # the next tile's entry (clamped to the split's last: a valid address, unused)
+            nblk = tl.load(i_base + (tl.minimum(v0 + BLOCK_N, v_hi - 1) // CHUNK) * sik)
         else:
-            if BLK_SCALAR:
-                # this tile's entry was loaded one step ahead: its K / V addresses do not wait on
-                # a load of this step, so the compiler's pipeliner can issue them a step ahead too
-                t, ok = _tile_tokens(nblk, v0, v_hi, seq_len, BLOCK_N, CHUNK)
-                # the next tile's entry (clamped to the split's last: a valid address, unused)
-                nblk = tl.load(i_base + (tl.minimum(v0 + BLOCK_N, v_hi - 1) // CHUNK) * sik)
-            else:
-                vt = v0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual tokens
-                in_range = vt < v_hi
-                blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
-                t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
-                ok = in_range & (blk >= 0) & (t < seq_len)
-            kt, vt_ = _load_tile(k_base, v_base, t, ok, d, d_ok, skt, skd, svt, svd, skb, svb,
-                                 tbl_ptr, b, stb, stp, PAGED, PAGE)
+            vt = v0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual tokens
+            in_range = vt < v_hi
+            blk = tl.load(i_base + (vt // CHUNK) * sik, mask=in_range, other=-1).to(tl.int64)
+            t = blk * CHUNK + vt % CHUNK  # [BLOCK_N] real token positions
+            ok = in_range & (blk >= 0) & (t < seq_len)
+        kt, vt_ = _load_tile(k_base, v_base, t, ok, d, d_ok, skt, skd, svt, svd, skb, svb,
+                             tbl_ptr, b, stb, stp, PAGED, PAGE)
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         elif DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9): same math in fp32
@@ -615,7 +586,7 @@ def _maxnreg(B: int, Hkv: int, G: int) -> int | None:
 
 def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None = None,
           G: int = 1) -> tuple[int, int, int]:
-    """(BLOCK_N, tokens of the longest split, splits) from shapes only (no device reads); at most
+    """(BLOCK_N, tokens per split, splits) from shapes only (no device reads); at most
     ``max_splits`` splits when given; G query heads a kv-head (TARGET_PROGRAMS_MANY from
     MANY_ROWS rows where G <= MANY_MAX_G)."""
     block_n = TILE_N if D <= 128 else TILE_N // 2
@@ -632,19 +603,8 @@ def _plan(B: int, Hkv: int, K: int, chunk: int, D: int, max_splits: int | None =
             continue
         break
     per_split = triton.cdiv(tiles, splits) * block_n
-    if not BALANCED_SPLITS:
-        splits = triton.cdiv(virtual, per_split)
+    splits = triton.cdiv(virtual, per_split)
     return block_n, per_split, splits
-
-
-def _layout(block_n: int, per_split: int, splits: int, virtual: int) -> tuple[int, int]:
-    """(TOK_PER_SPLIT, N_LONG) of a plan over ``virtual`` tokens: with ``BALANCED_SPLITS`` the
-    tiles dealt out as evenly as possible (N_LONG splits one tile longer), else equal splits of
-    per_split tokens."""
-    if not BALANCED_SPLITS:
-        return per_split, 0
-    q, r = divmod(triton.cdiv(virtual, block_n), splits)
-    return q * block_n, r
 
 
 def sparse_decode_attention_triton(
@@ -691,7 +651,6 @@ def sparse_decode_attention_triton(
         # fewer, longer splits whose partials the fused merge takes (not a second launch)
         block_n, per_split, splits = _plan(B, Hkv, K, chunk_size, D, max(1, FUSED_MERGE_MAX_BYTES // (G * D * 4)),
                                            G=G)
-    tok_split, n_long = _layout(block_n, per_split, splits, K * chunk_size)
     m, l, acc = _partials(B, Hq, splits, D, q.device)
     block_d = max(16, triton.next_power_of_2(D))
     paged = {}
@@ -722,19 +681,18 @@ def sparse_decode_attention_triton(
                          S_PAD=ng_pad, S_TILE=min(ng_pad, tile))
     pdl = pdl_args(q, "attention", rows=B * Hkv, max_rows=PDL_MAX_ROWS)  # few rows only (kvcomp.ops._pdl)
     scalar = SCALAR_BLOCKS and chunk_size % block_n == 0
-    prefetch_tiles = scalar and PREFETCH_TILES and per_split > block_n  # several tiles a split
     _sparse_decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, block_idx, seq_lens, m, l, acc,
-        Hkv, K, tok_split, splits, scale * math.log2(math.e),
+        Hkv, K, per_split, splits, scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_idx.stride(),
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
         **(select.kernel_args() if select is not None else {}),
-        BLK_SCALAR=scalar, PREFETCH=prefetch_tiles, **_timeline_args(B * Hkv * splits, q.device), N_LONG=n_long,
+        BLK_SCALAR=scalar, **_timeline_args(B * Hkv * splits, q.device),
         **({"maxnreg": r} if (r := _maxnreg(B, Hkv, G)) else {}),
         num_warps=WARPS,
-        num_stages=1 if prefetch_tiles else ONE_TILE_STAGES if per_split <= block_n else STAGES,
+        num_stages=ONE_TILE_STAGES if per_split <= block_n else STAGES,
     )
     if not fuse:
         hist = {} if select is None else dict(  # the prologue read it: the merge zeroes it
