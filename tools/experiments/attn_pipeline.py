@@ -74,6 +74,10 @@ VARIANTS = {
     "pdl64_all": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 64},  # the default since 3d65ea1
     "pdl16": {"kvcomp.ops._pdl:DECODE_MAX_ROWS": 16},  # before
     "attn_early": {"kvcomp.ops._pdl:EARLY_TRIGGER_MAX_ROWS": {}},  # 3d65ea1's (early at any rows)
+    # session 20: at B = 8 the 512 programs' loops end 6 us apart (static splits, one wave); 1024
+    # programs of 2 tiles run in two waves, the second dealt by the hardware to the SMs that free
+    # up first (the same splits every call: the output stays reproducible)
+    "t1024_m8k": dict(TARGET_PROGRAMS_MANY=1024, MERGE_TILE_ELEMS=8192),
 }
 
 
