@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcomp.training.collect import CapturedGQA, capture_qk, sample_positions
+from kvcomp.training.collect import CapturedGQA, captured_documents
 
 MUST_SELECT = (0, -2, -1)
 PARAMS = ("free", "rope-scale")
@@ -79,21 +79,10 @@ def collect_groups(
     """GroupSets keyed by (layer, ``"h{i}"``) over ``documents`` ([T] int64 token tensors; GQA
     models only). Query positions of document d come from the generator of
     ``collect_pairs`` (seeded with (seed, d)), the same for every layer."""
-    if n_queries < 1:
-        raise ValueError(f"n_queries must be >= 1, got {n_queries}")
     out: dict[tuple[int, str], GroupSet] = {}
-    it = documents
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(documents, desc="collect q/k", unit="doc")
-    for d, ids in enumerate(it):
-        ids = ids.view(-1)
-        if ids.numel() < 4:
-            raise ValueError(f"document {d} has {ids.numel()} tokens; need at least 4")
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + d)
-        positions = sample_positions(ids.numel(), n_queries, gen)
-        for layer, cap in capture_qk(model, ids, layers).items():
+    for positions, captured in captured_documents(model, documents, layers=layers, n_queries=n_queries,
+                                                  seed=seed, progress=progress):
+        for layer, cap in captured.items():
             if not isinstance(cap, CapturedGQA):
                 raise ValueError("the block-rank objective is for GQA models; this model is MLA")
             Hkv = cap.k.shape[0]

@@ -261,9 +261,20 @@ def collect_pairs(
     every layer, so the result does not depend on which layers a process collects."""
     if not 0.0 < pos_frac < 1.0:
         raise ValueError(f"pos_frac must be in (0, 1), got {pos_frac}")
+    pairs: dict[tuple[int, str], PairSet] = {}
+    for positions, captured in captured_documents(model, documents, layers=layers, n_queries=n_queries,
+                                                  seed=seed, progress=progress):
+        add_document_pairs(captured, pairs, positions, pos_frac=pos_frac)
+    return pairs
+
+
+def captured_documents(model, documents: list[torch.Tensor], *, layers=None, n_queries: int, seed: int,
+                       progress: bool = False):
+    """For each document d ([T] int64 token ids, T >= 4): (positions [n_queries] int64, its
+    ``capture_qk`` by layer). The positions come from a generator seeded with (seed, d), the
+    same for every layer, so a result does not depend on which layers a process collects."""
     if n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
-    pairs: dict[tuple[int, str], PairSet] = {}
     it = documents
     if progress:
         from tqdm.auto import tqdm
@@ -274,10 +285,7 @@ def collect_pairs(
         if ids.numel() < 4:
             raise ValueError(f"document {d} has {ids.numel()} tokens; need at least 4")
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + d)
-        positions = sample_positions(ids.numel(), n_queries, gen)
-        captured = capture_qk(model, ids, layers)
-        add_document_pairs(captured, pairs, positions, pos_frac=pos_frac)
-    return pairs
+        yield sample_positions(ids.numel(), n_queries, gen), capture_qk(model, ids, layers)
 
 
 def expected_positives(t: int, pos_frac: float) -> int:
