@@ -92,6 +92,29 @@ def test_group_score_forms_exact(monkeypatch, G, rows):
             kernels.block_keys_triton(q, k, lens, 1, "max", "exact_signed")
 
 
+@pytest.mark.parametrize("G", [32, 40, 64, 127])
+def test_sliced_rows_of_wide_groups(monkeypatch, G):
+    """``_sliced_rows`` with 6 and 7 planes of per-bit counts (G up to 127: what the tensor-core
+    scan takes for a verify step's G x T rows; the SIMT scan takes them here through
+    ``SLICED_MAX_BITS``): every exact form and majority gives the reference's token scores bit for
+    bit, also where every query code is equal (c_b = G, the largest count: a counter one plane
+    short would wrap it around)."""
+    from kvcomp.ops.hamming_topk.reference import token_scores_ref
+
+    monkeypatch.setattr(kernels, "SLICED_MAX_BITS", 7)
+    gen = torch.Generator().manual_seed(G)
+    W = 4
+    q = codes(1, 2 * G, W, gen=gen)
+    k = codes(1, 2, 19, W, gen=gen)
+    lens = torch.tensor([19])
+    modes = ["exact", "exact_planes"] + (["exact_signed"] if G % 2 == 0 else [])
+    for qq in (q, q[:, :1].expand(-1, 2 * G, -1).contiguous()):
+        for mode in modes + ["majority"]:
+            want = token_scores_ref(majority_codes(qq, 2) if mode == "majority" else qq, k)
+            keys = kernels.block_keys_triton(qq, k, lens, 1, "max", mode)
+            assert torch.equal(keys, want), (mode, G)
+
+
 def test_exact_form_choice():
     """Popcounts a code word: the signed planes where they are the fewest (even G >= 4)."""
     assert kernels._form(4, "exact") == (kernels.FORM_SIGNED, False, 3)
@@ -242,9 +265,9 @@ def test_mma_scan_cases():
         form, majority, _ = kernels._form(G, mode)
         return ms.mma_form_ok(W, G, form, majority, chunk, repre, weighted, contiguous)
 
-    assert all(ok(G=G) for G in (4, 6, 8, 16, 30))
+    assert all(ok(G=G) for G in (4, 6, 8, 16, 30, 32, 64, 126))  # 32 / 64: verify steps' G x T rows
     assert all(ok(chunk=c) for c in (16, 32, 64, 128, 256, 512))
-    assert not any(ok(G=G) for G in (1, 2, 3, 5, 32))  # direct form (G <= 2), odd G, > 5 planes
+    assert not any(ok(G=G) for G in (1, 2, 3, 5, 33, 128, 254))  # direct (G <= 2), odd G, > 7 planes
     assert not ok(mode="majority") and not ok(mode="exact_planes") and not ok(mode="exact_direct")
     assert not any(ok(chunk=c) for c in (1, 8, 48, 100, 192, 0, 384, 1024))
     assert not ok(W=2) and not ok(W=8) and not ok(repre="mean") and not ok(repre="lse")
@@ -255,8 +278,8 @@ def test_mma_scan_cases():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("G", [4, 8, 16])
-@pytest.mark.parametrize("chunk", [16, 32, 64, 128, 256, 512])
+@pytest.mark.parametrize("G,chunk", [(G, c) for G in (4, 8, 16) for c in (16, 32, 64, 128, 256, 512)]
+                         + [(32, 128), (32, 16), (64, 128), (126, 64)])  # verify steps: G x T rows
 def test_gpu_mma_scan(monkeypatch, G, chunk):
     """The tensor-core scan (``mma_scan``, the default for 128-bit codes and even G) against the
     SIMT scan block key for block key (keys of the real blocks; the buffers poisoned first) and

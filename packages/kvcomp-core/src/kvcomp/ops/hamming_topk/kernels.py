@@ -69,10 +69,13 @@ FORM_SIGNED = 2
 ROWS_IN_SCAN = True
 # the scan derives those rows bit-sliced (``_sliced_rows``: every thread from the whole query
 # codes, ripple-carry adders of bitwise ops), not with the cross-thread reductions of
-# ``_group_rows`` (barriers between the wait and the first popcount). G <= 31: the per-bit
-# counts in 5 planes; larger groups keep ``_group_rows``. H200, 128K, 2048 tokens, B = 1:
-# 17.7 against 18.4 us for the step (session 8)
+# ``_group_rows`` (barriers between the wait and the first popcount). H200, 128K, 2048 tokens,
+# B = 1: 17.7 against 18.4 us for the step (session 8)
 SLICED_ROWS = True
+# ... for groups whose per-bit counts c_b in [0, G] take at most this many bits (G <= 31; larger
+# groups keep ``_group_rows`` in the SIMT scan). ``_sliced_rows`` itself takes up to 7 bits
+# (G <= 127), which the tensor-core scan uses for the G x T rows of verify steps
+SLICED_MAX_BITS = 5
 # "exact" takes the signed planes (bit_length(G) popcounts a word, even G) where that is the
 # fewest; False: the choice before them (direct, or planes + popc(k))
 SIGNED_PLANES = True
@@ -202,7 +205,7 @@ def _group_rows(
 
 
 @triton.jit
-def _row_of(p0, p1, p2, p3, p4, r: tl.constexpr):
+def _row_of(p0, p1, p2, p3, p4, p5, p6, r: tl.constexpr):
     """Row r (a constexpr) of ``_sliced_rows``' planes."""
     if r == 0:
         row = p0
@@ -212,8 +215,12 @@ def _row_of(p0, p1, p2, p3, p4, r: tl.constexpr):
         row = p2
     elif r == 3:
         row = p3
-    else:
+    elif r == 4:
         row = p4
+    elif r == 5:
+        row = p5
+    else:
+        row = p6
     return row
 
 
@@ -244,9 +251,10 @@ def _sliced_rows(
     thread (w4: the word indices, a [1, 1, BLOCK_W] arange in the SIMT scan's tile layout, or
     one word a lane in the MMA scan) and the per-bit counts c_b are kept bit-sliced (plane p =
     bit p of every c_b, a code-sized word), summed by ripple-carry adders of bitwise ops.
-    -> (rows 0..4 shaped as w4, int32, only the first R meaningful (R <= 5: G <= 31); n_set:
+    -> (rows 0..6 shaped as w4, int32, only the first R meaningful (R <= 7: G <= 127); n_set:
     sum_g popc(q_g) per word, whose total ``_sliced_base`` turns into ``_group_rows``' base)."""
-    NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16)  # bits of c_b in [0, G]
+    # bits of c_b in [0, G]
+    NC: tl.constexpr = 1 + (G >= 2) + (G >= 4) + (G >= 8) + (G >= 16) + (G >= 32) + (G >= 64)
     w_ok = w4 < W
     zero = tl.zeros_like(w4)
     c0 = zero
@@ -254,6 +262,8 @@ def _sliced_rows(
     c2 = zero
     c3 = zero
     c4 = zero
+    c5 = zero
+    c6 = zero
     n_set = zero  # per word: sum over g of popc(q_g); summed, sum_b c_b
     for g in tl.static_range(G):
         qg = tl.load(q_base + g * sqh + w4 * sqw, mask=w_ok, other=0)
@@ -266,12 +276,16 @@ def _sliced_rows(
         if NC > 3:
             c3, carry = _half_add(c3, carry)
         if NC > 4:
-            c4 = c4 ^ carry
+            c4, carry = _half_add(c4, carry)
+        if NC > 5:
+            c5, carry = _half_add(c5, carry)
+        if NC > 6:
+            c6 = c6 ^ carry  # (the top bit: c_b <= G < 128 never carries out of it)
     if MAJORITY:  # bit b set iff c_b > G // 2: compare the planes with the constant, top down
         gt = zero
         eq = ~zero
         for pp in tl.static_range(NC):
-            cp = _row_of(c0, c1, c2, c3, c4, NC - 1 - pp)
+            cp = _row_of(c0, c1, c2, c3, c4, c5, c6, NC - 1 - pp)
             if ((G // 2) >> (NC - 1 - pp)) & 1:
                 eq = eq & cp
             else:
@@ -289,7 +303,11 @@ def _sliced_rows(
             c3, carry = _add_bit(~c3, carry, (K >> 3) & 1)
         if R > 4:
             c4, carry = _add_bit(~c4, carry, (K >> 4) & 1)
-    return c0, c1, c2, c3, c4, n_set
+        if R > 5:
+            c5, carry = _add_bit(~c5, carry, (K >> 5) & 1)
+        if R > 6:
+            c6, carry = _add_bit(~c6, carry, (K >> 6) & 1)
+    return c0, c1, c2, c3, c4, c5, c6, n_set
 
 
 @triton.jit
@@ -386,8 +404,8 @@ def _block_keys_kernel(
     ridx = tl.arange(0, R_PAD)[:, None]
     if ROWS_IN and not EARLY:  # the derived rows in registers, row r picked out below
         if SLICED:
-            p0, p1, p2, p3, p4, n_set = _sliced_rows(r_base, srr, srw, wv[None, None, :], G, W, R, FORM,
-                                                     MAJORITY, USE_ASM)
+            p0, p1, p2, p3, p4, p5, p6, n_set = _sliced_rows(r_base, srr, srw, wv[None, None, :], G, W, R,
+                                                             FORM, MAJORITY, USE_ASM)
             base = _sliced_base(tl.sum(tl.sum(tl.sum(n_set, 2), 1), 0), G, W, MAJORITY)
         else:
             rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
@@ -433,15 +451,15 @@ def _block_keys_kernel(
                 pdl_enter(PDL)  # (again each tile: no-op after the first)
                 if ROWS_IN:
                     if SLICED:
-                        p0, p1, p2, p3, p4, n_set = _sliced_rows(r_base, srr, srw, w3, G, W, R, FORM,
-                                                                 MAJORITY, USE_ASM)
+                        p0, p1, p2, p3, p4, p5, p6, n_set = _sliced_rows(r_base, srr, srw, w3, G, W, R,
+                                                                         FORM, MAJORITY, USE_ASM)
                         base = _sliced_base(tl.sum(tl.sum(tl.sum(n_set, 2), 1), 0), G, W, MAJORITY)
                     else:
                         rows2, base = _group_rows(r_base, srr, srw, G, W, BLOCK_W, R, R_PAD, FORM, MAJORITY)
             acc = tl.zeros([NBT, CP, BLOCK_W], dtype=tl.int32)
             for r in tl.static_range(R):
                 if ROWS_IN and SLICED:
-                    row = _row_of(p0, p1, p2, p3, p4, r)  # [1, 1, BLOCK_W]
+                    row = _row_of(p0, p1, p2, p3, p4, p5, p6, r)  # [1, 1, BLOCK_W]
                 elif ROWS_IN:
                     row = tl.sum(tl.where(ridx == r, rows2, 0), 0)[None, None, :]  # [1, 1, BLOCK_W]
                 else:
@@ -635,7 +653,7 @@ def block_keys_triton(
         K_CONTIG=k_contig, USE_ASM=not interpreting(), HAS_SCALE=k_scale is not None,
         LSE=chunk_repre == "lse", num_warps=SCAN_WARPS,
         **(select or {}), **(hist or {}), **pdl,
-        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and G.bit_length() <= 5, **qa,
+        ROWS_IN=rows_in, MAJORITY=majority, R_PAD=r_pad, EARLY=early, SLICED=SLICED_ROWS and G.bit_length() <= SLICED_MAX_BITS, **qa,
     )
     return keys
 

@@ -19,7 +19,7 @@ never leave the warp. Each program runs NWARPS warps over consecutive blocks, as
 The kernel works on 1-D tensors of one element a thread (``[NWARPS * 32]``), with the lane index
 from ``%laneid`` (opaque to Triton's contiguity analysis, so the loads stay one word a lane and
 the layout one element a thread, as the fragments need). Applies to 128-bit codes, exact mode
-with even G <= 30 (signed planes), chunk_repre "max" without per-token weights, contiguous
+with even G <= 126 (signed planes, up to 7 of the MMA's 8 columns), chunk_repre "max" without per-token weights, contiguous
 codes and chunks of 16, 32, 64, 128, 256 or 512 tokens (``mma_form_ok``); everything else, and
 the CPU interpreter, take the SIMT scan. Same keys and histogram counts as the SIMT scan, bit
 for bit (the GPU tests compare both with the reference).
@@ -36,6 +36,10 @@ from kvcomp.ops.hamming_topk.kernels import _scan_program, _sliced_base, _sliced
 
 # take the tensor-core scan where it applies (False: the SIMT scan everywhere)
 MMA_SCAN = True
+# groups of query codes whose per-bit counts take at most this many bits (7: G <= 127; the
+# planes are the B operand's columns, 8 at most). Session 20: 5 before (G <= 31), so a verify
+# step's G x T = 32 rows took the SIMT scan (B = 8, T = 8: selection 76.5 against 41.1 us at T = 4)
+MMA_MAX_BITS = 7
 MMA_WARPS = 4
 # at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS).
 # H200, 128K, 2048 tokens, B = 8 (16384 warp tiles; session 14, two runs each): 4096 (four tiles
@@ -260,12 +264,13 @@ def _block_keys_mma_kernel(
     if EARLY:
         pdl_enter(PDL)
     # the planes: this lane's word (tid) of plane gid, bit-sliced from the G query codes' word tid
-    p0, p1, p2, p3, p4, n_set = _sliced_rows(q_ptr + b * sqb + (h * G) * sqh, sqh, sqw, tid, G, 4, R,
-                                             2, False, True)
+    p0, p1, p2, p3, p4, p5, p6, n_set = _sliced_rows(q_ptr + b * sqb + (h * G) * sqh, sqh, sqw, tid, G, 4,
+                                                     R, 2, False, True)
     n_all = n_set + _shfl_xor1(n_set)
     n_all = n_all + _shfl_xor2(n_all)  # sum over the quad's 4 words
     base = _sliced_base(n_all, G, 4, False)
-    bq = tl.where(gid == 0, p0, tl.where(gid == 1, p1, tl.where(gid == 2, p2, tl.where(gid == 3, p3, p4))))
+    bq = tl.where(gid == 0, p0, tl.where(gid == 1, p1, tl.where(gid == 2, p2, tl.where(gid == 3, p3, tl.where(
+        gid == 4, p4, tl.where(gid == 5, p5, p6))))))
     bq = tl.where(gid < R, bq, 0)
     w_lo = _plane_weight(2 * tid, R)
     w_hi = _plane_weight(2 * tid + 1, R)
@@ -301,12 +306,13 @@ def _block_keys_mma_kernel(
 def mma_form_ok(W: int, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
                 weighted: bool, contiguous: bool) -> bool:
     """The scoring cases the tensor-core scan computes (module doc): W = 4 words, the signed
-    planes (form 2) of G <= 31 query codes, "max" blocks of tokens without weights (no k_scale,
+    planes (form 2) of G <= 127 query codes (at most 7 planes of the MMA's 8 columns; G x T
+    rows of a verify step), "max" blocks of tokens without weights (no k_scale,
     no "lse" query scale), codes contiguous [L, 4], chunks of 16-512 tokens that divide or are
     divided by 128 (those tested on the GPU; a larger chunk's warp tile unrolls chunk / 16 MMAs)."""
     chunk_ok = chunk_size in (16, 32, 64, 128, 256, 512)
-    return (W == 4 and form == 2 and not majority and G.bit_length() <= 5 and chunk_ok and chunk_repre == "max"
-            and not weighted and contiguous)
+    return (W == 4 and form == 2 and not majority and G.bit_length() <= MMA_MAX_BITS and chunk_ok
+            and chunk_repre == "max" and not weighted and contiguous)
 
 
 def mma_applies(k_codes: torch.Tensor, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
