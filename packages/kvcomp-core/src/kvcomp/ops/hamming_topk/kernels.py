@@ -74,7 +74,7 @@ ROWS_IN_SCAN = True
 SLICED_ROWS = True
 # ... for groups whose per-bit counts c_b in [0, G] take at most this many bits (G <= 31; larger
 # groups keep ``_group_rows`` in the SIMT scan). ``_sliced_rows`` itself takes up to 7 bits
-# (G <= 127), which the tensor-core scan uses for the G x T rows of verify steps
+# (G <= 127); the tensor-core scan uses it for the G x T rows of verify steps (``MMA_MAX_G``)
 SLICED_MAX_BITS = 5
 # "exact" takes the signed planes (bit_length(G) popcounts a word, even G) where that is the
 # fewest; False: the choice before them (direct, or planes + popc(k))

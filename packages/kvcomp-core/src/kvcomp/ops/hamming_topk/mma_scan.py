@@ -19,7 +19,7 @@ never leave the warp. Each program runs NWARPS warps over consecutive blocks, as
 The kernel works on 1-D tensors of one element a thread (``[NWARPS * 32]``), with the lane index
 from ``%laneid`` (opaque to Triton's contiguity analysis, so the loads stay one word a lane and
 the layout one element a thread, as the fragments need). Applies to 128-bit codes, exact mode
-with even G <= 126 (signed planes, up to 7 of the MMA's 8 columns), chunk_repre "max" without per-token weights, contiguous
+with even G <= 64 (signed planes, up to 7 of the MMA's 8 columns), chunk_repre "max" without per-token weights, contiguous
 codes and chunks of 16, 32, 64, 128, 256 or 512 tokens (``mma_form_ok``); everything else, and
 the CPU interpreter, take the SIMT scan. Same keys and histogram counts as the SIMT scan, bit
 for bit (the GPU tests compare both with the reference).
@@ -36,10 +36,11 @@ from kvcomp.ops.hamming_topk.kernels import _scan_program, _sliced_base, _sliced
 
 # take the tensor-core scan where it applies (False: the SIMT scan everywhere)
 MMA_SCAN = True
-# groups of query codes whose per-bit counts take at most this many bits (7: G <= 127; the
-# planes are the B operand's columns, 8 at most). Session 20: 5 before (G <= 31), so a verify
-# step's G x T = 32 rows took the SIMT scan (B = 8, T = 8: selection 76.5 against 41.1 us at T = 4)
-MMA_MAX_BITS = 7
+# groups of at most this many query codes (signed planes of G <= 127 fit the B operand's 8
+# columns; 64 is what the GPU tests run: a group's codes are an unrolled loop of G loads). Session
+# 20: 31 before, so a verify step's G x T = 32 rows took the SIMT scan. H200, 128K, B = 8,
+# Qwen3-8B, T = 8: selection 76.5 -> 49.0 us, verify step 128.9 -> 91.1 us (decode.md)
+MMA_MAX_G = 64
 MMA_WARPS = 4
 # at least this many programs; above, several warp tiles a program (as kernels.TARGET_PROGRAMS).
 # H200, 128K, 2048 tokens, B = 8 (16384 warp tiles; session 14, two runs each): 4096 (four tiles
@@ -306,12 +307,12 @@ def _block_keys_mma_kernel(
 def mma_form_ok(W: int, G: int, form: int, majority: bool, chunk_size: int, chunk_repre: str,
                 weighted: bool, contiguous: bool) -> bool:
     """The scoring cases the tensor-core scan computes (module doc): W = 4 words, the signed
-    planes (form 2) of G <= 127 query codes (at most 7 planes of the MMA's 8 columns; G x T
-    rows of a verify step), "max" blocks of tokens without weights (no k_scale,
+    planes (form 2) of G <= ``MMA_MAX_G`` query codes (64; G x T rows of a verify step), "max"
+    blocks of tokens without weights (no k_scale,
     no "lse" query scale), codes contiguous [L, 4], chunks of 16-512 tokens that divide or are
     divided by 128 (those tested on the GPU; a larger chunk's warp tile unrolls chunk / 16 MMAs)."""
     chunk_ok = chunk_size in (16, 32, 64, 128, 256, 512)
-    return (W == 4 and form == 2 and not majority and G.bit_length() <= MMA_MAX_BITS and chunk_ok
+    return (W == 4 and form == 2 and not majority and G <= MMA_MAX_G and chunk_ok
             and chunk_repre == "max" and not weighted and contiguous)
 
 
