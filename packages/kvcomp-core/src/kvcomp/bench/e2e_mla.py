@@ -33,9 +33,8 @@ dense decode (logits, relative error within the larger of 1e-2 and 3x the gap be
 math and default backends on the same model); (2) graph replay equals the eager step over
 several teacher-forced steps, for the decoders the run times (``--methods``): kvcomp sparse and
 all-blocks within 1e-3 relative and the same argmax; transformers' dense (not deterministic run
-to run) the same argmax or a gap within the larger of 1e-2 and 3x that of two eager runs
-(both recorded). The
-checks are ``kvcomp bench e2e``'s (``e2e.verify_decoders``).
+to run) the same argmax or a gap within the larger of 1e-2 and 3x that of two eager runs (both
+recorded). The checks are ``kvcomp bench e2e``'s (``e2e.verify_decoders``).
 
 Run: ``python -m kvcomp.bench.e2e_mla [--json PATH] ...`` (``--tiny``: a toy config on the CPU).
 """
