@@ -450,13 +450,15 @@ def check_mma_scan_kernel():
     """The tensor-core scan (``mma_scan``) for sm_90 through ptxas: 1-bit AND-POPC MMAs, one per
     16 tokens, and no barrier (a block's reduction stays in its warp), for the chunk sizes and
     options it takes; with EARLY and FIRST_EARLY, the first warp tile's 16 key-code loads a
-    lane (and the length) are issued before the PDL wait."""
+    lane (and the length) are issued before the PDL wait. G up to ``MMA_MAX_G`` (64)."""
     ms = importlib.import_module("kvcomp.ops.hamming_topk.mma_scan")
     i32 = "i32"
     for chunk, hist, early, G, R, first in ((128, False, False, 4, 3, True), (128, True, True, 8, 4, True),
                                             (16, True, True, 4, 3, True), (64, True, True, 4, 3, False),
                                             (256, False, False, 16, 5, True), (512, True, True, 4, 3, True),
-                                            (32, True, False, 8, 4, True)):
+                                            (32, True, False, 8, 4, True),
+                                            # a verify step's G x T rows: 6 / 7 planes of counts
+                                            (128, True, True, 32, 6, True), (16, False, False, 64, 7, True)):
         args = dict(q_ptr="*i32", k_ptr="*i32", len_ptr="*i32", key_ptr="*i32", Hkv=i32, NB_OUT=i32,
                     BLOCKS_PER_PROG=i32, sqb=i32, sqh=i32, sqw=1, skb=i32, skh=i32, G=G, R=R, CHUNK=chunk,
                     NWARPS=4, must_ptr="*i32", hist_ptr="*i32", HIST=hist, M=2, KMIN=-512, NBINS=1024, KSTEP=2,
