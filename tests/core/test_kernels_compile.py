@@ -119,7 +119,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
         SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, BLK_SCALAR=False,
-        tline_ptr="*i64", TLINE=False,
+        tline_ptr="*i64", TLINE=False, TLINE_COLS=16,
     )
     if t_q > 1:
         args.update(G=4 * t_q, G_PAD=max(16, 4 * t_q))
@@ -161,13 +161,13 @@ def check_sparse_decode_attention_kernels():
                        num_warps=4, num_stages=2).asm["ptx"]
     atoms = [ln for ln in ptx.splitlines() if "atom." in ln and "acq_rel" in ln]
     assert len(atoms) >= 2, atoms
-    # the timeline hook (TIMELINE): five %globaltimer reads and the %smid, fused (one and two
-    # levels) and unfused (four: no ticket); without it none is compiled in
+    # the timeline hook (TIMELINE): six %globaltimer reads (the PDL wait's included) and the %smid,
+    # fused (one and two levels) and unfused (five: no ticket); without it none is compiled in
     for base in (_split_args(True, 1), _split_args(False, 1), dict(_split_args(True, 1), TWO_LEVEL=True),
                  dict(_split_args(True, 1, pdl=True, sel=True), CHUNK=128, BLK_SCALAR=True, EARLY=True)):
         ptx = compile_sm90(ak._sparse_decode_split_kernel, dict(base, TLINE=True), num_warps=4,
                            num_stages=2).asm["ptx"]
-        assert ptx.count("%globaltimer") == 5 - (not base["FUSED"]) and "%smid" in ptx, ptx.count("%globaltimer")
+        assert ptx.count("%globaltimer") == 6 - (not base["FUSED"]) and "%smid" in ptx, ptx.count("%globaltimer")
     assert "%globaltimer" not in compile_sm90(ak._sparse_decode_split_kernel, _split_args(True, 1), num_warps=4,
                                               num_stages=2).asm["ptx"]
     # the selection in the prologue of split programs whose merge is its own launch

@@ -245,8 +245,9 @@ def test_timeline_hook_is_checked(monkeypatch):
 @pytest.mark.parametrize("B,G,K,fused", [(8, 4, 16, True), (1, 4, 103, True), (2, 8, 40, False)])
 def test_gpu_timeline_records_every_program(monkeypatch, B, G, K, fused):
     """With the TIMELINE hook the output is bit for bit the same; every program writes its row:
-    increasing timestamps within the launch, an SM id, the tiles of its share, and (fused) exactly
-    one program per (sequence, kv-head) draws the last ticket."""
+    increasing timestamps within the launch (the PDL wait's inside the prologue), an SM id, the
+    tiles of its share, and (fused) exactly one program per (sequence, kv-head) draws the last
+    ticket."""
     gen = torch.Generator().manual_seed(700 + B + K)
     Hkv, D, L, chunk = 8, 128, 32768, 128
     monkeypatch.setattr(kernels, "FUSED_MERGE", fused)
@@ -258,7 +259,7 @@ def test_gpu_timeline_records_every_program(monkeypatch, B, G, K, fused):
     want = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk)
     block_n, per_split, splits = kernels._plan(B, Hkv, K, chunk, D, G=G)
     n = B * Hkv * splits
-    tline = torch.full((n + 5, 8), -7, dtype=torch.int64, device="cuda")
+    tline = torch.full((n + 5, kernels.TIMELINE_COLS), -7, dtype=torch.int64, device="cuda")
     monkeypatch.setattr(kernels, "TIMELINE", tline)
     got = sparse_decode_attention(q, k, v, idx, lens, chunk_size=chunk)
     assert torch.equal(got, want)
@@ -266,6 +267,8 @@ def test_gpu_timeline_records_every_program(monkeypatch, B, G, K, fused):
     assert (t[n:] == -7).all()  # nothing past the launch's programs
     t = t[:n]
     assert (t[:, 0] > 0).all() and (t[:, :5].diff(dim=1) >= 0).all()
+    assert ((t[:, 8] >= t[:, 0]) & (t[:, 8] <= t[:, 1])).all()  # after the PDL wait: in the prologue
+    assert (t[:, 9:] == -7).all()  # spare columns untouched
     assert int(t[:, 4].max() - t[:, 0].min()) < 10**8  # one launch: well under 0.1 s
     sm = t[:, 5]
     assert ((sm >= 0) & (sm < torch.cuda.get_device_properties(0).multi_processor_count)).all()

@@ -6,9 +6,9 @@ does not scale with the bytes).
     python tools/experiments/attn_timeline.py [--cases b8_16,b1_103] [--steps 8:qwen3-8b:2048]
         [--variants default,pdl64] [--json PATH]
 
-Each program of ``_sparse_decode_split_kernel`` records %globaltimer at its start, after its
-prologue, after its last tile, after its merge ticket and at its end, and its SM
-(``kernels.TIMELINE``, module doc). The calls run as ``kvcomp bench decode`` times them: a CUDA
+Each program of ``_sparse_decode_split_kernel`` records %globaltimer at its start, after its PDL
+wait (``decode_step``: the scan is done), after its prologue, after its last tile, after its
+merge ticket and at its end, and its SM (``kernels.TIMELINE``, module doc). The calls run as ``kvcomp bench decode`` times them: a CUDA
 graph of back-to-back calls over input sets that do not fit L2 (attn_pipeline.py's cases; with
 ``--steps``, ``decode_step`` on the bench's sets, where the prologue runs the selection), each
 call with its own timeline buffer, replayed after a warm-up. Per launch (medians over the
@@ -17,7 +17,10 @@ launches of the last replay):
 * span: first program start to last program end; gap: this launch's first start minus the
   previous launch's last end (launch latency inside a graph);
 * ramp: when the programs start (p50 / p90 / max after the first);
-* prologue, loop (per program), and loop per tile;
+* prologue, loop (per program), and loop per tile; the prologue split at the PDL wait: wait
+  (start -> the wait's end: the predecessor's drain and the grid dependency's release), sel
+  (the wait's end -> the loop: with ``decode_step``, stage 2 of the selection), and when the
+  first program's wait ended;
 * ticket: the store of the partials, the barrier and the gpu-scope atomic (loop end -> ticket);
   merge: the last program's merge (ticket -> end);
 * drain: the last end minus the time by which 90% of the programs had ended;
@@ -49,11 +52,12 @@ def _pct(xs, p):
 
 
 def analyse(t: torch.Tensor) -> dict:
-    """One launch's timeline rows [programs, 8] (int64, ns) -> summary in microseconds. Rows that
+    """One launch's timeline rows [programs, TIMELINE_COLS] (int64, ns) -> summary in microseconds. Rows that
     no program wrote (still zero: a knob such as FUSED_MERGE_FIT planned fewer splits than
     ``_plan`` alone) are left out."""
     t = t[t[:, 0] > 0].double()
     start, pro, loop, ticket, end = (t[:, i] for i in range(5))
+    wait = t[:, 8]
     sm, tk, tiles = t[:, 5].long(), t[:, 6].long(), t[:, 7]
     t0, t1 = float(start.min()), float(end.max())
     us = 1e-3
@@ -80,6 +84,10 @@ def analyse(t: torch.Tensor) -> dict:
         programs=int(t.shape[0]), sms_used=int(sm.unique().numel()), span_us=(t1 - t0) * us,
         ramp_p50_us=_pct(rel.tolist(), 50), ramp_p90_us=_pct(rel.tolist(), 90), ramp_max_us=float(rel.max()),
         prologue_p50_us=float((pro - start).median()) * us,
+        # the prologue in two: start -> after the PDL wait, then (decode_step) the selection
+        wait_p50_us=float((wait - start).median()) * us, sel_p50_us=float((pro - wait).median()) * us,
+        sel_max_us=float((pro - wait).max()) * us,
+        first_wait_end_us=float(wait.min() - t0) * us,
         loop_p50_us=float((loop - pro).median()) * us, loop_max_us=float((loop - pro).max()) * us,
         loop_per_tile_p50_us=float(((loop - pro) / tiles.clamp(min=1)).median()) * us,
         ticket_p50_us=float((ticket - loop).median()) * us, ticket_max_us=float((ticket - loop).max()) * us,
@@ -123,7 +131,7 @@ def timeline(calls, programs: int, kv_bytes: int, copy: float, reps: int) -> dic
 
     ak = importlib.import_module(AK)
     calls = calls * max(1, -(-8 // len(calls)))
-    bufs = [torch.zeros(programs, 8, dtype=torch.int64, device="cuda") for _ in calls]
+    bufs = [torch.zeros(programs, ak.TIMELINE_COLS, dtype=torch.int64, device="cuda") for _ in calls]
     us_off = cuda_time_us(calls, reps=reps)
     g = _graph(calls, bufs, ak)
     for _ in range(200):  # clocks up (~0.2 s of replays), then the replay that is read
@@ -141,7 +149,7 @@ def timeline(calls, programs: int, kv_bytes: int, copy: float, reps: int) -> dic
         rows[i]["gap_us"] = (float(bufs[i][:, 0].min()) - float(bufs[i - 1][:, 4].max())) * 1e-3
     keys = dict.fromkeys(k for r in rows for k in r)
     summ: dict = {k: statistics.median(r[k] for r in rows if k in r) for k in keys}
-    summ["raw_last_launch"] = bufs[-1].cpu().tolist()  # [programs, 8] for offline analysis
+    summ["raw_last_launch"] = bufs[-1][:, :9].cpu().tolist()  # [programs, 9] for offline analysis
     summ.update(us_hook_off=us_off, us_hook_on=statistics.median(times),
                 pct_copy_span=100 * kv_bytes / (summ["span_us"] * 1e-6) / (copy * 1e9),
                 pct_copy_call=100 * kv_bytes / (us_off * 1e-6) / (copy * 1e9))
@@ -184,6 +192,7 @@ def run_step(B: int, model: str, budget: str, copy: float, reps: int, gen) -> di
 
 
 COLS = ["us_hook_off", "us_hook_on", "span_us", "gap_us", "ramp_p90_us", "ramp_max_us", "prologue_p50_us",
+        "wait_p50_us", "sel_p50_us", "sel_max_us", "first_wait_end_us",
         "loop_p50_us", "loop_max_us", "loop_per_tile_p50_us", "ticket_p50_us", "merge_p50_us", "merge_max_us",
         "drain_us", "sm_busy", "pct_copy_span", "pct_copy_call"]
 

@@ -105,13 +105,15 @@ MANY_MAXNREG = 128
 PDL_MAX_ROWS = None
 # tests set this to fill the split buffers with NaN first, so that an unwritten entry shows
 POISON_SCRATCH = False
-# profiling hook (CUDA only, off: None): an int64 tensor [>= programs, 8] on the device. Each split
-# program of the next launches then records its row (pid * SPLITS + split) of it: the
+# profiling hook (CUDA only, off: None): an int64 tensor [>= programs, TIMELINE_COLS] on the device.
+# Each split program of the next launches then records its row (pid * SPLITS + split) of it: the
 # %globaltimer (ns) at its start, before its loop (after the prologue: the query, the selection
 # with SEL), after its last tile's softmax update, after its ticket (fused merge) and at its end;
-# its SM (%smid), its ticket (-1 unfused) and its tiles. The outputs are unchanged;
-# tools/experiments/attn_timeline.py reads it (where the launch's time goes)
+# its SM (%smid), its ticket (-1 unfused), its tiles, and the %globaltimer right after its PDL
+# wait (column 8; with EARLY after the query's loads, else before them). The
+# outputs are unchanged; tools/experiments/attn_timeline.py reads it (where the launch's time goes)
 TIMELINE = None
+TIMELINE_COLS = 16
 # merge the splits inside the split kernel (last program of each row, module doc) instead of a
 # second launch; False keeps the two-kernel path (benchmarks time both)
 FUSED_MERGE = True
@@ -179,7 +181,7 @@ def _sparse_decode_split_kernel(
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
     BLK_SCALAR: tl.constexpr = False,
-    tline_ptr=None, TLINE: tl.constexpr = False,
+    tline_ptr=None, TLINE: tl.constexpr = False, TLINE_COLS: tl.constexpr = 16,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
     r % T_Q), query t being the sequence's token seq_len - T_Q + t: it attends to tokens below
@@ -199,6 +201,8 @@ def _sparse_decode_split_kernel(
         t_start = _globaltimer(tl.program_id(1))
     if not EARLY:
         pdl_enter(PDL)
+        if TLINE:
+            t_wait = _globaltimer(tl.program_id(1))
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -225,6 +229,8 @@ def _sparse_decode_split_kernel(
     v_hi = tl.minimum(v_lo + TOK_PER_SPLIT, K_ENT * CHUNK)
     if EARLY:  # the selection is the previous launch's: wait for it now
         pdl_enter(PDL)
+        if TLINE:
+            t_wait = _globaltimer(split)
     if SEL:  # this program's share of block_idx from the scan's keys and histogram
         if SEL_KB_TENSOR:
             kb = tl.load(sel_kb_ptr + b).to(tl.int64)
@@ -333,7 +339,7 @@ def _sparse_decode_split_kernel(
             t_ticket = t_loop
             tk = -1
         t_end = _globaltimer(tk + (merged != 0.0).to(tl.int32))
-        tb = tline_ptr + (pid * SPLITS + split) * 8
+        tb = tline_ptr + (pid * SPLITS + split) * TLINE_COLS
         tl.store(tb, t_start)
         tl.store(tb + 1, t_pro)
         tl.store(tb + 2, t_loop)
@@ -342,6 +348,7 @@ def _sparse_decode_split_kernel(
         tl.store(tb + 5, _smid(tk).to(tl.int64))
         tl.store(tb + 6, tk.to(tl.int64))
         tl.store(tb + 7, ((v_hi - v_lo + BLOCK_N - 1) // BLOCK_N).to(tl.int64))
+        tl.store(tb + 8, t_wait)
 
 
 @triton.jit
@@ -563,12 +570,13 @@ def _timeline_args(programs: int, device: torch.device) -> dict:
         raise ValueError("sparse_decode_attention kernels.TIMELINE: the timer reads need a CUDA GPU "
                          "(not the Triton interpreter); set TIMELINE = None")
     if (not isinstance(tline, torch.Tensor) or tline.dtype != torch.int64 or tline.device != device
-            or not tline.is_contiguous() or tline.numel() < programs * 8):
+            or not tline.is_contiguous() or tline.numel() < programs * TIMELINE_COLS):
         raise ValueError(f"sparse_decode_attention kernels.TIMELINE must be a contiguous int64 tensor "
-                         f"on {device} of at least {programs} x 8 elements (this launch's programs), got "
+                         f"on {device} of at least {programs} x {TIMELINE_COLS} elements (this launch's "
+                         f"programs), got "
                          f"{getattr(tline, 'dtype', type(tline))} {tuple(getattr(tline, 'shape', ()))} "
                          f"on {getattr(tline, 'device', '?')}")
-    return dict(tline_ptr=tline, TLINE=True)
+    return dict(tline_ptr=tline, TLINE=True, TLINE_COLS=TIMELINE_COLS)
 
 
 def _many(B: int, Hkv: int, G: int) -> bool:
