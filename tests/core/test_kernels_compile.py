@@ -118,7 +118,7 @@ def _split_args(fused: bool, t_q: int, pdl: bool = False, sel: bool = False, sin
         gticket_ptr="*i32", GROUP=i32, NG=i32, TWO_LEVEL=False, L1_PAD=8, L1_TILE=8, T_Q=t_q, PDL=pdl, EARLY=False,
         sel_key_ptr="*i32", sel_hist_ptr="*i32", sel_must_ptr="*i32", sel_kb_ptr="*i32", SEL_NB=i32,
         SEL_KB=i32, SEL=sel, SEL_M=3, SEL_BLOCK=1024, SEL_SINGLE=single, SEL_KB_TENSOR=False,
-        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, BLK_SCALAR=False,
+        SEL_KMIN=-512, SEL_NBINS=256, SEL_KSTEP=2, SEL_PAD=4, BLK_SCALAR=False,
         tline_ptr="*i64", TLINE=False, TLINE_COLS=16,
     )
     if t_q > 1:

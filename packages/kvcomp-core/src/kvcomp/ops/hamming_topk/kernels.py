@@ -535,7 +535,7 @@ def _block_keys_kernel(
                 kb = KB_CONST + tl.zeros([], dtype=tl.int64)
             if HIST:  # the histogram stage 2 (every program's counts are in: acq_rel ticket)
                 _select_row_hist(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,
-                                 seq_len.to(tl.int64), kb, K, hist_ptr + pid * NBINS, CHUNK, M,
+                                 seq_len.to(tl.int64), kb, K, hist_ptr + pid * NBINS, NB_OUT, CHUNK, M,
                                  SEL_BLOCK, SINGLE, KMIN, NBINS, True, KSTEP, 0, K, True)
             else:
                 _select_row(key_ptr + pid * NB_OUT, out_ptr + b * sob + h * soh, must_ptr,

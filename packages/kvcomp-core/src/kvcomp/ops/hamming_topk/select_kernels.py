@@ -66,7 +66,7 @@ def _select_kernel(
         kb = KB_CONST + tl.zeros([], dtype=tl.int64)  # KB_CONST may be specialised to 1
     if HIST and COMPACT:
         _select_row_hist(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb,
-                         K, hist_ptr + pid * NBINS, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS, False, KSTEP,
+                         K, hist_ptr + pid * NBINS, NB_IN, CHUNK, M, BLOCK, SINGLE, KMIN, NBINS, False, KSTEP,
                          0, K, True, COARSE)
     elif HIST:
         _select_row(key_ptr + pid * NB_IN, out_ptr + b * sob + h * soh, must_ptr, seq_len, kb, K,
@@ -102,54 +102,83 @@ def _unpack2(x, WIDE: tl.constexpr):
 
 @triton.jit
 def _must_entry(must_ptr, n, jm: tl.constexpr):
-    """(block, counts) of must-select entry jm in a row of n blocks: negative entries count from
-    the end; it counts when inside [0, n) and not named by an earlier entry (a block named twice
-    counts once)."""
-    mj = tl.load(must_ptr + jm).to(tl.int64)
+    """(block, counts) of must-select entry jm in a row of n blocks (in n's integer type):
+    negative entries count from the end; it counts when inside [0, n) and not named by an
+    earlier entry (a block named twice counts once)."""
+    mj = tl.load(must_ptr + jm).to(n.dtype)
     pj = tl.where(mj >= 0, mj, n + mj)
     take = (pj >= 0) & (pj < n)
     for im in tl.static_range(jm):
-        mi = tl.load(must_ptr + im).to(tl.int64)
+        mi = tl.load(must_ptr + im).to(n.dtype)
         pi = tl.where(mi >= 0, mi, n + mi)
         take = take & (pi != pj)
     return pj, take
 
 
 @triton.jit
+def _row_keys32(key_row, must_ptr, start, n, nb_row, M: tl.constexpr, BLOCK: tl.constexpr, CG: tl.constexpr):
+    """``_row_keys`` in int32 (the histogram path's keys and counts fit it): keys of blocks
+    [start, start + BLOCK) of one row with n blocks (int32), whether each is must-select, whether
+    it is real. Must-select keys are left as they are (the caller keeps those blocks anyway).
+    The loads are masked by the row's buffer length nb_row, not by n: a bound the JIT knows to
+    be a multiple of 16 keeps whole vectors in or out, so the keys load 16 bytes at a time (the
+    keys past n are read and not used)."""
+    idx = start + tl.arange(0, BLOCK)
+    real = idx < n
+    if CG:
+        key = tl.load(key_row + idx, mask=idx < nb_row, other=0, cache_modifier=".cg")
+    else:
+        key = tl.load(key_row + idx, mask=idx < nb_row, other=0)
+    must = tl.zeros([BLOCK], dtype=tl.int1)
+    for j in tl.static_range(M):
+        m = tl.load(must_ptr + j)
+        must = must | (idx == tl.where(m >= 0, m, n + m))
+    return key, must & real, real
+
+
+@triton.jit
 def _select_row_hist(
-    key_row, out_row, must_ptr, seq_len, kb, K, hist_row,
+    key_row, out_row, must_ptr, seq_len, kb, K, hist_row, nb_row,
     CHUNK: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
     KMIN: tl.constexpr, NBINS: tl.constexpr, CG: tl.constexpr, KSTEP: tl.constexpr,
-    slot_lo, slot_hi, ZERO: tl.constexpr, COARSE: tl.constexpr = False,
+    slot_lo, slot_hi, ZERO: tl.constexpr, COARSE: tl.constexpr = False, PAD: tl.constexpr = 0,
 ):
     """Selection of one (b, kv-head) row from its block keys and the histogram of its other
     (not must-select) keys that the scan filled. Writes output slots [slot_lo, slot_hi) only
     (of [0, K): the whole row, or one attention program's share, ``sparse_decode_attention``'s
     selection in the prologue). ZERO: zeroes the histogram for the next launch (else the
     caller does, once every reader is done). CG: keys and histogram read through L2 only
-    (written by other programs of the same launch).
+    (written by other programs of the same launch). nb_row: the length of the row's key buffer
+    (>= its blocks). PAD: the -1 padding's tile (a power of two
+    at least slot_hi - slot_lo saves the BLOCK-wide one; 0: BLOCK).
     Two scans and one reduction in a chain: the threshold T and the number of other keys above
     it from one suffix sum of the histogram, then every kept block's output slot from one
     prefix sum over the keys that counts (ties at T, keys above T or must-select) at once.
     Same selection as ``_select_row`` and the reference (ties at T: lowest index first).
     COARSE: a bin holds KSTEP consecutive key values, several of them distinct (scores too wide
     for one bin a value, MLA's): T's bin only bounds T, a binary search over that bin's values
-    (log2(KSTEP) rounds over the bin's keys) finds it."""
-    n = (seq_len + CHUNK - 1) // CHUNK
+    (log2(KSTEP) rounds over the bin's keys) finds it.
+    Counts, keys and block indices are int32 (keys are at most G x BITS in magnitude) and keys
+    are compared with a bin's bounds, not divided into bins: the prologue of every attention
+    program runs this, several programs an SM at once, so its instruction count is its time
+    (session 21: ~1,190 SASS instructions a thread before, int64 and a division a key)."""
+    n = ((seq_len + CHUNK - 1) // CHUNK).to(tl.int32)
+    kb = kb.to(tl.int32)
     if SINGLE:  # issued first: these loads overlap the histogram's
-        key1, must1, real1 = _row_keys(key_row, must_ptr, 0, n, 0, M, BLOCK, CG)
-    n_must = tl.zeros([], dtype=tl.int64)  # distinct must-select blocks inside [0, n)
+        key1, must1, real1 = _row_keys32(key_row, must_ptr, 0, n, nb_row, M, BLOCK, CG)
+    n_must = tl.zeros([], dtype=tl.int32)  # distinct must-select blocks inside [0, n)
     for jm in tl.static_range(M):
         pj, take = _must_entry(must_ptr, n, jm)
-        n_must += take.to(tl.int64)
+        n_must += take.to(tl.int32)
     count = tl.minimum(tl.minimum(n, tl.maximum(kb, n_must)), K)
     need = count - n_must  # taken from the other blocks, best keys first
     jb = tl.arange(0, NBINS)
-    # [NBINS]: #(other keys == KMIN + KSTEP (NBINS - 1 - jb)), then zeroed for the next launch once
-    # every thread's reads are done (barrier): without it one thread could clear a bin another
-    # has not read yet (seen on the H200 when the zeroing went in index order; a layout that
-    # replicates elements over threads would do the same), a race the interpreter cannot show
-    hist_ptrs = hist_row + (NBINS - 1 - jb)
+    # [NBINS]: #(other keys in bin jb: [KMIN + KSTEP jb, KMIN + KSTEP (jb + 1))), then zeroed for
+    # the next launch once every thread's reads are done (barrier): without it one thread could
+    # clear a bin another has not read yet (seen on the H200 when the zeroing went in index
+    # order; a layout that replicates elements over threads would do the same), a race the
+    # interpreter cannot show. Read in ascending order (16-byte loads)
+    hist_ptrs = hist_row + jb
     if CG:
         hist = tl.load(hist_ptrs, cache_modifier=".cg")
     else:
@@ -157,42 +186,45 @@ def _select_row_hist(
     if ZERO:
         tl.debug_barrier()
         tl.store(hist_ptrs, tl.zeros([NBINS], dtype=tl.int32))
-    at_least = tl.cumsum(hist, 0)  # [NBINS] #(other keys >= the bin's key), bins from the top
+    at_least = tl.cumsum(hist, 0, reverse=True)  # [NBINS] #(other keys >= the bin's key)
     above = at_least - hist  # #(other keys > the bin's key)
     # T's bin is the one where the count first reaches `need` (exactly one when need > 0)
     hit = (at_least >= need) & (above < need)
     # (bin, count) in one int32 when the row is one tile: bins < HIST_MAX_BINS, counts < BLOCK < 2^15
     t_bin, n_above = _unpack2(tl.sum(tl.where(hit, _pack2(jb, above, not SINGLE), 0), 0), not SINGLE)
-    # T's bin (else above every bin); keys are compared by bin: a row's keys are congruent mod
-    # KSTEP (``_hist_args``), so a bin holds one distinct key and bins order keys as keys do
-    thr = tl.where(need > 0, NBINS - 1 - t_bin, NBINS)
-    need_ties = tl.where(need > 0, need - n_above, 0)  # keys == T to keep
-    vthr = tl.zeros([], dtype=tl.int64)
+    # T's bin (else above every bin); a row's keys are congruent mod KSTEP (``_hist_args``), so
+    # a bin holds one distinct key and bins order keys as keys do: a key's bin is above T's iff
+    # the key reaches T's bin's upper bound (no division a key)
+    thr = tl.where(need > 0, t_bin.to(tl.int32), NBINS)
+    need_ties = tl.where(need > 0, need - n_above.to(tl.int32), 0)  # keys in T's bin to keep
+    b_lo = KMIN + thr * KSTEP  # T's bin: keys in [b_lo, b_hi); above every key when need == 0
+    b_hi = b_lo + KSTEP
+    vthr = b_lo
     if COARSE:  # T = the largest value in T's bin with #(the bin's other keys >= T) >= need_ties
-        lo = tl.where(need > 0, KMIN + thr.to(tl.int64) * KSTEP, 0)  # the invariant holds at lo
-        hi = tl.where(need > 0, lo + KSTEP - 1, 0)
+        lo = b_lo  # the invariant holds at lo; with need == 0 above every key, no round
+        hi = tl.where(need > 0, b_hi - 1, b_lo)
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
-            ge = tl.zeros([], dtype=tl.int64)
+            ge = tl.zeros([], dtype=tl.int32)
             for start in range(0, n, BLOCK):
                 if SINGLE:
                     key, must, real = key1, must1, real1
                 else:
-                    key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
-                cand = real & ~must & ((key - KMIN) // KSTEP == thr) & (key >= mid)
-                ge += tl.sum(cand.to(tl.int64), 0)
+                    key, must, real = _row_keys32(key_row, must_ptr, start, n, nb_row, M, BLOCK, CG)
+                cand = real & ~must & (key >= b_lo) & (key < b_hi) & (key >= mid)
+                ge += tl.sum(cand.to(tl.int32), 0)
             if ge >= need_ties:
                 lo = mid
             else:
                 hi = mid - 1
         vthr = lo
-        n_gt = tl.zeros([], dtype=tl.int64)
+        n_gt = tl.zeros([], dtype=tl.int32)
         for start in range(0, n, BLOCK):
             if SINGLE:
                 key, must, real = key1, must1, real1
             else:
-                key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
-            n_gt += tl.sum((real & ~must & ((key - KMIN) // KSTEP == thr) & (key > vthr)).to(tl.int64), 0)
+                key, must, real = _row_keys32(key_row, must_ptr, start, n, nb_row, M, BLOCK, CG)
+            n_gt += tl.sum((real & ~must & (key > vthr) & (key < b_hi)).to(tl.int32), 0)
         need_ties = tl.where(need > 0, need_ties - n_gt, 0)
 
     # compaction: slot of a kept block = #(kept before it) = #(gt before) + min(#(ties before),
@@ -204,27 +236,25 @@ def _select_row_hist(
         if SINGLE:
             key, must, real = key1, must1, real1
         else:
-            key, must, real = _row_keys(key_row, must_ptr, start, n, 0, M, BLOCK, CG)
-        kbin = (key - KMIN) // KSTEP
+            key, must, real = _row_keys32(key_row, must_ptr, start, n, nb_row, M, BLOCK, CG)
         if COARSE:
-            cand = real & ~must & (kbin == thr)
-            gt = real & (must | (kbin > thr) | (cand & (key > vthr)))
-            tie = cand & (key == vthr)
+            gt = real & (must | (key >= b_hi) | (~must & (key > vthr)))
+            tie = real & ~must & (key == vthr)
         else:
-            gt = real & (must | (kbin > thr))
-            tie = real & ~must & (kbin == thr)
+            gt = real & (must | (key >= b_hi))
+            tie = real & ~must & (key >= b_lo) & (key < b_hi)
         v = _pack2(tie, gt, not SINGLE)
         ties_b, gt_b = _unpack2(carry + tl.cumsum(v, 0) - v, not SINGLE)
         keep = gt | (tie & (ties_b < need_ties))
         slot = gt_b + tl.minimum(ties_b, need_ties)
         idx = start + tl.arange(0, BLOCK)
-        mine = (slot >= slot_lo) & (slot < slot_hi)
-        tl.store(out_row + slot, idx.to(tl.int32), mask=keep & mine)
+        tl.store(out_row + slot, idx, mask=keep & (slot >= slot_lo) & (slot < slot_hi))
         if not SINGLE:
             carry += tl.sum(v, 0)
-    for start in range(slot_lo, slot_hi, BLOCK):  # -1 padding after the kept ones
-        jo = start + tl.arange(0, BLOCK)
-        tl.store(out_row + jo, tl.full([BLOCK], -1, dtype=tl.int32), mask=(jo >= count) & (jo < slot_hi))
+    PADW: tl.constexpr = BLOCK if PAD == 0 else PAD
+    for start in range(slot_lo, slot_hi, PADW):  # -1 padding after the kept ones
+        jo = start + tl.arange(0, PADW)
+        tl.store(out_row + jo, tl.full([PADW], -1, dtype=tl.int32), mask=(jo >= count) & (jo < slot_hi))
 
 
 @triton.jit

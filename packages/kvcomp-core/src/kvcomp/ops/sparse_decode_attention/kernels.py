@@ -180,7 +180,7 @@ def _sparse_decode_split_kernel(
     SEL: tl.constexpr = False, SEL_M: tl.constexpr = 0, SEL_BLOCK: tl.constexpr = 16,
     SEL_SINGLE: tl.constexpr = True, SEL_KB_TENSOR: tl.constexpr = False,
     SEL_KMIN: tl.constexpr = 0, SEL_NBINS: tl.constexpr = 1, SEL_KSTEP: tl.constexpr = 1,
-    BLK_SCALAR: tl.constexpr = False,
+    SEL_PAD: tl.constexpr = 0, BLK_SCALAR: tl.constexpr = False,
     tline_ptr=None, TLINE: tl.constexpr = False, TLINE_COLS: tl.constexpr = 16,
 ):
     """With T_Q > 1 the G rows of a kv-head are G / T_Q query heads x T_Q queries (row r is query
@@ -239,9 +239,9 @@ def _sparse_decode_split_kernel(
         # the entries of this split's virtual tokens; a block cut by a split boundary (CHUNK not
         # dividing a split) is written by both of its splits, with the same value
         _select_row_hist(sel_key_ptr + pid * SEL_NB, i_base, sel_must_ptr, seq_len, kb, K_ENT,
-                         sel_hist_ptr + pid * SEL_NBINS, CHUNK, SEL_M, SEL_BLOCK, SEL_SINGLE,
+                         sel_hist_ptr + pid * SEL_NBINS, SEL_NB, CHUNK, SEL_M, SEL_BLOCK, SEL_SINGLE,
                          SEL_KMIN, SEL_NBINS, False, SEL_KSTEP,
-                         v_lo // CHUNK, (v_hi + CHUNK - 1) // CHUNK, False)
+                         v_lo // CHUNK, (v_hi + CHUNK - 1) // CHUNK, False, False, SEL_PAD)
         tl.debug_barrier()  # the share's stores before any thread reads them below
     if TLINE:
         t_pro = _globaltimer(split)
@@ -696,7 +696,9 @@ def sparse_decode_attention_triton(
         G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=block_n, CHUNK=chunk_size, IEEE=q.dtype == torch.float32, DOT_F32=interpreting(),
         **paged, **fused, T_Q=_t_q, **pdl, EARLY=bool(pdl) and prefetch,
-        **(select.kernel_args() if select is not None else {}),
+        # (the prologue selection's share: at most per_split / chunk + 1 blocks, cut at both ends)
+        **(dict(select.kernel_args(), SEL_PAD=triton.next_power_of_2(triton.cdiv(per_split, chunk_size) + 1))
+           if select is not None else {}),
         BLK_SCALAR=scalar, **_timeline_args(B * Hkv * splits, q.device),
         **({"maxnreg": r} if (r := _maxnreg(B, Hkv, G)) else {}),
         num_warps=WARPS,
