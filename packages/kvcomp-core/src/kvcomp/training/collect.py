@@ -272,7 +272,8 @@ def captured_documents(model, documents: list[torch.Tensor], *, layers=None, n_q
                        progress: bool = False):
     """For each document d ([T] int64 token ids, T >= 4): (positions [n_queries] int64, its
     ``capture_qk`` by layer). The positions come from a generator seeded with (seed, d), the
-    same for every layer, so a result does not depend on which layers a process collects."""
+    same for every layer, so a result does not depend on which layers a process collects.
+    n_queries is checked at the call, before any document is read."""
     if n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
     it = documents
@@ -280,12 +281,16 @@ def captured_documents(model, documents: list[torch.Tensor], *, layers=None, n_q
         from tqdm.auto import tqdm
 
         it = tqdm(documents, desc="collect q/k", unit="doc")
-    for d, ids in enumerate(it):
-        ids = ids.view(-1)
-        if ids.numel() < 4:
-            raise ValueError(f"document {d} has {ids.numel()} tokens; need at least 4")
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + d)
-        yield sample_positions(ids.numel(), n_queries, gen), capture_qk(model, ids, layers)
+
+    def each():
+        for d, ids in enumerate(it):
+            ids = ids.view(-1)
+            if ids.numel() < 4:
+                raise ValueError(f"document {d} has {ids.numel()} tokens; need at least 4")
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + d)
+            yield sample_positions(ids.numel(), n_queries, gen), capture_qk(model, ids, layers)
+
+    return each()
 
 
 def expected_positives(t: int, pos_frac: float) -> int:

@@ -19,8 +19,9 @@ never leave the warp. Each program runs NWARPS warps over consecutive blocks, as
 The kernel works on 1-D tensors of one element a thread (``[NWARPS * 32]``), with the lane index
 from ``%laneid`` (opaque to Triton's contiguity analysis, so the loads stay one word a lane and
 the layout one element a thread, as the fragments need). Applies to 128-bit codes, exact mode
-with even G <= 64 (signed planes, up to 7 of the MMA's 8 columns), chunk_repre "max" without per-token weights, contiguous
-codes and chunks of 16, 32, 64, 128, 256 or 512 tokens (``mma_form_ok``); everything else, and
+with even G <= 64 (signed planes, up to 7 of the MMA's 8 columns), chunk_repre "max" without
+per-token weights, contiguous codes and chunks of 16, 32, 64, 128, 256 or 512 tokens
+(``mma_form_ok``); everything else, and
 the CPU interpreter, take the SIMT scan. Same keys and histogram counts as the SIMT scan, bit
 for bit (the GPU tests compare both with the reference).
 """
@@ -308,9 +309,9 @@ def mma_form_ok(W: int, G: int, form: int, majority: bool, chunk_size: int, chun
                 weighted: bool, contiguous: bool) -> bool:
     """The scoring cases the tensor-core scan computes (module doc): W = 4 words, the signed
     planes (form 2) of G <= ``MMA_MAX_G`` query codes (64; G x T rows of a verify step), "max"
-    blocks of tokens without weights (no k_scale,
-    no "lse" query scale), codes contiguous [L, 4], chunks of 16-512 tokens that divide or are
-    divided by 128 (those tested on the GPU; a larger chunk's warp tile unrolls chunk / 16 MMAs)."""
+    blocks of tokens without weights (no k_scale, no "lse" query scale), codes contiguous [L, 4],
+    chunks of 16-512 tokens that divide or are divided by 128 (those tested on the GPU; a larger
+    chunk's warp tile unrolls chunk / 16 MMAs)."""
     chunk_ok = chunk_size in (16, 32, 64, 128, 256, 512)
     return (W == 4 and form == 2 and not majority and G <= MMA_MAX_G and chunk_ok
             and chunk_repre == "max" and not weighted and contiguous)
