@@ -230,6 +230,12 @@ LATENCY_VARIANTS = {
     "attn_t128": {AK: dict(TILE_N=128)},
     # the fused merge up to 128 KB of partials (G = 8 x 32 splits: 21.5 against 19.9 us)
     "attn_fuse128": {AK: dict(FUSED_MERGE_MAX_BYTES=128 << 10)},
+    # the split count at B = 1 with large selections (10%: 26 splits of 4 128-token tiles, 208
+    # programs on 8 rows): one program an SM (15 splits of 7 tiles; G = 8's partials then fit
+    # the fused merge), or 35 splits of 3 with the fused merge up to 128 KB. Session 22, 128K,
+    # 10%, Qwen3-8B / 32B: 37.3 / 38.5 and 31.9 / 33.0 against 30.8 / 31.5 us (decode.md)
+    "attn_t132": {AK: dict(TARGET_PROGRAMS=132)},
+    "attn_t396_f128": {AK: dict(TARGET_PROGRAMS=396, FUSED_MERGE_MAX_BYTES=128 << 10)},
     # the query encode's one-row programs on 2 / 4 warps (1 since session 13: 17.5 / 19.7 us
     # against 17.9 / 19.9 with 4, Qwen3-8B / 32B)
     "enc_w2": {"kvcomp.ops.hash_encode.kernels": dict(ROW_KERNEL_WARPS=2)},
