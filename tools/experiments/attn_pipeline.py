@@ -78,6 +78,16 @@ VARIANTS = {
     # programs of 2 tiles run in two waves, the second dealt by the hardware to the SMs that free
     # up first (the same splits every call: the output stays reproducible)
     "t1024_m8k": dict(TARGET_PROGRAMS_MANY=1024, MERGE_TILE_ELEMS=8192),
+    # session 22: the same one wave with finer work: programs of 2 warps (128 registers: 8 an SM,
+    # 21.5 KB of shared memory each at 32-token tiles), 1024 of them at B = 8 (16 splits of 4
+    # 32-token tiles a row), so that the loops' ends spread over half the work a program; the
+    # merge's step at the 2-warp equivalent of 4096 elements (m2k), or 512 programs of 8 tiles.
+    # Call 5 (decode.md "Session 22"), us, default / w2_n32_t1024 / _m2k / w2_n32: G = 8, B = 8
+    # 23.35 / 26.86 / 26.13 / 24.35; G = 4 22.69 / 23.71 / 23.36 / 23.43; B = 4 13.97 / 15.94 /
+    # 15.80 / 14.94; decode_step Qwen3-32B 63.28 / 69.62 / 68.69: slower everywhere
+    "w2_n32_t1024": dict(WARPS=2, TILE_N=32, TARGET_PROGRAMS_MANY=1024),
+    "w2_n32_t1024_m2k": dict(WARPS=2, TILE_N=32, TARGET_PROGRAMS_MANY=1024, MERGE_TILE_ELEMS=2048),
+    "w2_n32": dict(WARPS=2, TILE_N=32),
 }
 
 
