@@ -91,7 +91,10 @@ SCALAR_BLOCKS = True
 # the next tile's K / V prefetched into registers during each step (B = 8 23.23 -> 51.77 us,
 # spills at the register cap; B = 1 10% 21.14 -> 43.05), and a row's tiles dealt out evenly over
 # more splits (B = 1 10%: 264 / 256 programs on every SM, 20.97 -> 22.28 / 21.33 us: the loop
-# is bound by the aggregate bandwidth, not by the busiest SM's tiles)
+# is bound by the aggregate bandwidth, not by the busiest SM's tiles). Timed and not adopted
+# (session 22): half the work a program in one wave at B = 8, 1024 programs of 2 warps on
+# 32-token tiles (WARPS = 2, TILE_N = 32, TARGET_PROGRAMS_MANY = 1024): G = 8 23.35 -> 26.1 us,
+# G = 4 22.69 -> 23.4 (tools/experiments/attn_pipeline.py, decode.md "Session 22")
 # a register cap for the split kernel (ptxas maxnreg; None: the compiler's choice), for tuning
 MAXNREG = None
 # ... and this cap where the plan aims at TARGET_PROGRAMS_MANY: 4 programs of 4 warps an SM
