@@ -52,3 +52,21 @@ def test_e2e_mla_needs_a_gpu_or_tiny(capsys):
     assert e2e_mla.main(["--steps", "1"]) == 1
     assert "--tiny" in capsys.readouterr().out
     assert e2e_mla.main(["--tiny", "--methods", "kvcomp,sparse"]) == 2
+
+
+def test_bench_e2e_model_switch_runs_the_mla_bench(tmp_path, capsys):
+    """``kvcomp bench e2e --model deepseek-v3`` is this bench (the issue's one command for both
+    models); the fused decoder does not cover MLA layers, so --fuse is refused by name."""
+    from kvcomp.cli import main
+
+    out = tmp_path / "via_e2e.json"
+    assert main(["bench", "e2e", "--model", "deepseek-v3", *TINY, "--batches", "1", "--prefill-ctx", "0",
+                 "--methods", "kvcomp,dense_kv", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["bench"] == "e2e_mla" and data["verify"]["all_blocks_vs_dense"]["ok"]
+    assert {(r["method"], r["batch"]) for r in data["rows"]} == {("kvcomp", 1), ("dense_kv", 1)}
+    assert data["model_config"]["first_k_dense_replace"] == 3
+    table = capsys.readouterr().out.split("| ctx |")[-1]
+    assert "| 160 | 1 |" in table and "nan" not in table  # no dense run: its column reads "-"
+    assert main(["bench", "e2e", "--model", "deepseek-v3", "--tiny", "--fuse"]) == 2
+    assert "--fuse applies to --model qwen3-8b only" in capsys.readouterr().out

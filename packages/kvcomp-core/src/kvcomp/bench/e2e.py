@@ -23,6 +23,9 @@ Speedups are quoted against both dense baselines. Prefill time and the share of 
 hashing keys are measured on a real prefill of ``--prefill-ctx`` tokens (dense_kv against
 kvcomp: the same static storage, the difference is the hashing).
 
+``--model deepseek-v3`` runs the same protocol on a 4-layer DeepSeek-V3-shaped (MLA) model
+instead (``kvcomp.bench.e2e_mla``, from the kvcomp-deepseek package's adapter).
+
 Verified first, or no speedup is printed: (1) kvcomp with every block selected equals dense
 sdpa (logits, relative error within tolerance: the larger of 1e-2 and 3x the gap between
 sdpa's default and math backends); (2) graph replay equals the eager step over several
@@ -83,9 +86,15 @@ def add_run_arguments(p: argparse.ArgumentParser, *, tiny_help: str, contexts: s
     p.add_argument("--plot", metavar="PNG", help="also draw decode speedup against context (matplotlib)")
 
 
+MODELS = ("qwen3-8b", "deepseek-v3")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, tiny_help="a 4-layer toy model at small contexts (CPU smoke test of the whole bench)",
-                      contexts="1024,32768,65536,131072", steps=256)
+                      contexts="1024,32768,65536,131072 (deepseek-v3: 32768,65536,131072)", steps=256)
+    p.add_argument("--model", choices=MODELS, default="qwen3-8b",
+                   help="qwen3-8b (default): the Qwen3-8B-shaped GQA model; deepseek-v3: the 4-layer "
+                        "DeepSeek-V3-shaped MLA model (kvcomp.bench.e2e_mla, needs kvcomp-deepseek)")
     p.add_argument("--fuse", nargs="?", const="all", choices=tuple(FUSE), default=None,
                    help="run decode steps through kvcomp.fusion.FusedDecode (the same model, so every "
                         "decoder gets it): 'all' (default: norms, RoPE, merged projections as gemv, "
@@ -561,6 +570,13 @@ def measure_rows(measure_fn, model, graphs, rows_todo, methods, args, dev: str, 
 def run(args: argparse.Namespace) -> int:
     from kvcomp.graphs import DecodeGraphs
 
+    if getattr(args, "model", "qwen3-8b") == "deepseek-v3" and not args.replot:
+        if args.fuse:
+            print("--fuse applies to --model qwen3-8b only (the fused decoder does not cover MLA layers)")
+            return 2
+        from kvcomp.bench import e2e_mla
+
+        return e2e_mla.run(args)
     if args.replot:
         if not args.plot:
             print("--replot needs --plot PNG")

@@ -36,12 +36,15 @@ all-blocks within 1e-3 relative and the same argmax; transformers' dense (not de
 to run) the same argmax or a gap within the larger of 1e-2 and 3x that of two eager runs (both
 recorded). The checks are ``kvcomp bench e2e``'s (``e2e.verify_decoders``).
 
-Run: ``python -m kvcomp.bench.e2e_mla [--json PATH] ...`` (``--tiny``: a toy config on the CPU).
+Run: ``kvcomp bench e2e --model deepseek-v3 [--json PATH] ...`` (256 steps by default), ``kvcomp
+bench e2e_mla ...`` or ``python -m kvcomp.bench.e2e_mla ...`` (64 by default); ``--tiny``: a toy
+config on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -233,10 +236,12 @@ def _table(data: dict) -> None:
             r = by.get((c, b, m))
             return fmt.format(r[key]) if r and key in r else "-"
 
+        def x(key, sp=sp):  # a baseline the run left out (--methods): "-", not "nanx"
+            return f"{sp[key]:.2f}x" if key in sp and math.isfinite(sp[key]) else "-"
+
         print(f"| {c} | {b} | {cell('kvcomp')} | {cell('dense')} | {cell('dense_kv')} | "
-              f"{cell('kvcomp', 'tokens_per_s', '{:.1f}')} | {sp.get('vs_dense', float('nan')):.2f}x | "
-              f"{sp.get('vs_dense_kv', float('nan')):.2f}x | {cell('kvcomp', 'peak_gb', '{:.1f}')} / "
-              f"{cell('dense', 'peak_gb', '{:.1f}')} |")
+              f"{cell('kvcomp', 'tokens_per_s', '{:.1f}')} | {x('vs_dense')} | {x('vs_dense_kv')} | "
+              f"{cell('kvcomp', 'peak_gb', '{:.1f}')} / {cell('dense', 'peak_gb', '{:.1f}')} |")
 
 
 def run(args: argparse.Namespace) -> int:
